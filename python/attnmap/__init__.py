@@ -39,7 +39,30 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "AttnmapError": ("attnmap._native", "AttnmapError"),
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [
+    "AttentionMap",
+    "AttnmapError",
+    "Config",
+    "Layout",
+    "Recorder",
+    "__version__",
+    "analysis",
+    "attention_sums",
+    "capture",
+    "figures",
+    "open_store",
+    "reference",
+    "render",
+    "rollout",
+    "sdpa_with_lse",
+    "space_time_rollout",
+    "summarize",
+    "temporal_locality",
+    "temporal_rollout",
+    "token_map",
+    "token_mask",
+    "tokens",
+]
 
 
 def __getattr__(name: str) -> Any:

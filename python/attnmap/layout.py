@@ -13,8 +13,9 @@ tokens and a video token's index inside the grid is ``f * H * W + h * W + w``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 Kind = Literal["joint", "self", "cross"]
 
@@ -33,7 +34,7 @@ def _positive_grid(grid: tuple[int, int, int]) -> tuple[int, int, int]:
         raise ValueError(f"grid must be a tuple (F, H, W) of positive ints, got {grid!r}") from exc
     if len(values) != 3 or any(g < 1 for g in values):
         raise ValueError(f"grid must be a tuple (F, H, W) of positive ints, got {grid!r}")
-    return values  # type: ignore[return-value]
+    return (values[0], values[1], values[2])
 
 
 def _count(name: str, value: int, minimum: int) -> int:
@@ -157,13 +158,14 @@ class Layout:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> Layout:
+    def from_dict(cls, data: Mapping[str, Any]) -> Layout:
+        """Rebuild a layout from :meth:`to_dict`'s output (as stored in a store's metadata)."""
         kind = data.get("kind")
-        grid = tuple(data.get("grid", ()))  # type: ignore[arg-type]
+        grid = tuple(int(g) for g in data.get("grid", ()))
         if kind == "joint":
-            return cls.joint(int(data["text"]), grid, bool(data.get("text_first", True)))  # type: ignore[arg-type, call-overload]
+            return cls.joint(int(data["text"]), grid, bool(data.get("text_first", True)))  # type: ignore[arg-type]
         if kind == "self":
-            return cls.self_attn(grid, int(data.get("prefix", 0)))  # type: ignore[arg-type, call-overload]
+            return cls.self_attn(grid, int(data.get("prefix", 0)))  # type: ignore[arg-type]
         if kind == "cross":
-            return cls.cross(grid, int(data["text"]), int(data.get("prefix", 0)))  # type: ignore[arg-type, call-overload]
+            return cls.cross(grid, int(data["text"]), int(data.get("prefix", 0)))  # type: ignore[arg-type]
         raise ValueError(f"layout kind must be 'joint', 'self' or 'cross', got {kind!r}")
