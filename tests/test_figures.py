@@ -1,0 +1,91 @@
+"""Figures: each writes a valid PNG or SVG that shows the data (colours checked against matplotlib)."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+from PIL import Image
+
+from attnmap import figures
+
+
+def _png(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB"))
+
+
+def _has_colour(pixels: np.ndarray, rgb: np.ndarray, tol: int = 2) -> bool:
+    return bool((np.abs(pixels.astype(int) - rgb.astype(int)).max(axis=-1) <= tol).any())
+
+
+def _cmap(name: str, x: float) -> np.ndarray:
+    return np.asarray(matplotlib.colormaps[name](x, bytes=True))[:3]
+
+
+def test_temporal_matrix_png_shows_the_colormap_ends(tmp_path: Path) -> None:
+    out = figures.temporal_matrix(np.eye(5), tmp_path / "m.png", colormap="viridis")
+    pixels = _png(out)
+    assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+    assert _has_colour(pixels, _cmap("viridis", 1.0))
+    assert _has_colour(pixels, _cmap("viridis", 0.0))
+    assert not _has_colour(pixels, _cmap("magma", 0.5), tol=0)
+
+
+def test_svg_output_is_valid_xml(tmp_path: Path) -> None:
+    out = figures.text_attention(
+        np.random.default_rng(0).random((4, 4)), tmp_path / "t.svg", labels=list("abcd")
+    )
+    root = ET.parse(out).getroot()
+    assert root.tag.endswith("svg")
+    assert "d" in out.read_text() and not list(tmp_path.glob(".*"))  # no temp file left behind
+
+
+def test_temporal_comparison_and_locality_and_colorbar(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    series = {"kiss": rng.random((4, 3, 5, 6)), "flowers": rng.random((4, 3, 5, 6))}
+    paths = [
+        figures.temporal_comparison(series, tmp_path / "cmp.png", steps=[0, 10, 20, 30], title="two words"),
+        figures.head_locality(rng.random((3, 4)), tmp_path / "loc.png", blocks=[0, 5, 9]),
+        figures.colorbar(tmp_path / "bar.png", colormap="hot", vmin=0.0, vmax=2.0),
+    ]
+    for path in paths:
+        assert _png(path).std() > 0
+    assert _has_colour(_png(paths[2]), _cmap("hot", 1.0))
+
+
+def test_rollout_frames_overlays_each_frame(tmp_path: Path) -> None:
+    frames = np.zeros((6, 32, 48, 3), dtype=np.uint8)
+    maps = np.zeros((6, 4, 6))
+    maps[:, 1, 1] = 1.0
+    out = figures.rollout_frames(frames, maps, tmp_path / "r.png", alpha=1.0, colormap="gray", max_frames=3)
+    pixels = _png(out)
+    assert _has_colour(pixels, np.array([255, 255, 255]))  # the hot cell, drawn at full opacity
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda p: figures.temporal_matrix(np.ones((2, 3)), p / "a.png"), "matrix must be square"),
+        (lambda p: figures.temporal_matrix(np.eye(2), p / "a.jpg"), "path must end in .png or .svg"),
+        (lambda p: figures.temporal_matrix(np.eye(2), p / "a.png", colormap="nope"), "colormap must be"),
+        (lambda p: figures.temporal_comparison({}, p / "a.png"), "series must map at least one word"),
+        (
+            lambda p: figures.temporal_comparison({"a": np.ones((2, 3)), "b": np.ones((3, 3))}, p / "a.png"),
+            "same number of steps",
+        ),
+        (lambda p: figures.text_attention(np.eye(3), p / "a.png", labels=["x"]), "labels must name the 3"),
+        (
+            lambda p: figures.rollout_frames(np.zeros((2, 4, 4, 3)), np.ones((2, 2, 2)), p / "a.png"),
+            "frames must be uint8",
+        ),
+        (lambda p: figures.colorbar(p / "a.png", vmin=1.0, vmax=1.0), "vmin < vmax"),
+    ],
+)
+def test_bad_input_names_the_argument(tmp_path: Path, call, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=message):
+        call(tmp_path)
