@@ -1,0 +1,349 @@
+"""The attention store: round trips, atomicity, crash safety, run separation, path safety, corruption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+
+from attnmap.store import (
+    AGGREGATED_FILE,
+    METADATA_FILE,
+    StoreError,
+    StoreWriter,
+    downsample_spatial,
+    open_store,
+    step_filename,
+    video_dirname,
+)
+
+META = {
+    "model": "tiny",
+    "prompt": "a (cat) and a (dog)",
+    "targets": {"dog": [5], "cat": [2]},
+    "grid": [2, 3, 4],
+}
+
+
+def _maps(rng: np.random.Generator, grid: tuple[int, int, int] = (2, 3, 4)) -> dict[str, np.ndarray]:
+    f = grid[0]
+    return {
+        "token/cat": rng.random(grid).astype(np.float32),
+        "token/dog": rng.random(grid).astype(np.float32),
+        "token/cat/block1": rng.random(grid).astype(np.float32),
+        "temporal": rng.random((f, f)).astype(np.float32),
+        "text": rng.random((7, 7)).astype(np.float32),
+    }
+
+
+def _write_run(root: Path, video_id: str, steps: int = 3, **kw: object) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    written = []
+    w = StoreWriter(root, video_id, META, **kw)  # type: ignore[arg-type]
+    for s in range(steps):
+        maps = _maps(rng)
+        w.write_step(s, maps)
+        written.append(maps)
+    w.close()
+    return written
+
+
+# -- round trips --------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,tol", [("float32", 0.0), ("float16", 1e-3)])
+def test_round_trip_steps_and_aggregated(tmp_path: Path, dtype: str, tol: float) -> None:
+    written = _write_run(tmp_path, "prompt_001_vid_001", dtype=dtype)
+    store = open_store(tmp_path)
+    assert store.videos() == ["prompt_001_vid_001"]
+    assert store.tokens("prompt_001_vid_001") == ["dog", "cat"]  # the order of the metadata's targets
+    assert store.steps("prompt_001_vid_001") == [0, 1, 2]
+    m = store.load_step("prompt_001_vid_001", "cat", 1)
+    assert m.map.dtype == np.float32 and m.map.shape == (2, 3, 4)
+    np.testing.assert_allclose(m.map, written[1]["token/cat"], atol=tol, rtol=0)
+    assert m.metadata["step"] == 1 and m.metadata["token"] == "cat"
+    assert m.metadata["video"]["prompt"] == META["prompt"] and m.metadata["stored_dtype"] == dtype
+    allsteps = store.load_all_steps("prompt_001_vid_001", "dog")
+    assert [a.metadata["step"] for a in allsteps] == [0, 1, 2]
+    for a, w in zip(allsteps, written):
+        np.testing.assert_allclose(a.map, w["token/dog"], atol=tol, rtol=0)
+    agg = store.aggregated("prompt_001_vid_001", "cat")
+    expect = np.mean([w["token/cat"] for w in written], axis=0)
+    np.testing.assert_allclose(agg.map, expect, atol=2 * tol + 1e-7, rtol=0)
+    assert agg.metadata["steps"] == [0, 1, 2] and agg.metadata["rebuilt"] is False
+    block = store.load_step("prompt_001_vid_001", "cat", 2, block=1)
+    np.testing.assert_allclose(block.map, written[2]["token/cat/block1"], atol=tol, rtol=0)
+    # generic loader
+    np.testing.assert_allclose(
+        store.load("prompt_001_vid_001", "temporal", 0), written[0]["temporal"], atol=tol
+    )
+    np.testing.assert_allclose(
+        store.load("prompt_001_vid_001", "text"),
+        np.mean([w["text"] for w in written], axis=0),
+        atol=2 * tol + 1e-7,
+    )
+    meta = store.metadata("prompt_001_vid_001")
+    assert meta["complete"] is True and meta["steps_written"] == [0, 1, 2]
+    assert meta["dtype"] == dtype and meta["schema_version"] == 1 and meta["model"] == "tiny"
+    assert len(meta["run_id"]) == 32
+
+
+def test_files_are_plain_safetensors_and_json(tmp_path: Path) -> None:
+    written = _write_run(tmp_path, "v", steps=1)
+    d = tmp_path / video_dirname("v")
+    assert sorted(p.name for p in d.iterdir()) == sorted([METADATA_FILE, AGGREGATED_FILE, step_filename(0)])
+    # read with the safetensors library itself (independent reader)
+    loaded = safetensors.numpy.load_file(d / step_filename(0))
+    assert loaded["token/cat"].dtype == np.float16
+    np.testing.assert_allclose(loaded["token/cat"], written[0]["token/cat"], atol=1e-3)
+    json.loads((d / METADATA_FILE).read_text())
+
+
+def test_torch_tensors_and_per_head_maps(tmp_path: Path) -> None:
+    per_head = torch.rand(3, 2, 3, 4)
+    with StoreWriter(tmp_path, "v", {}, dtype="float32") as w:
+        w.write_step(0, {"token/cat": per_head, "temporal": torch.rand(3, 2, 2)})
+    store = open_store(tmp_path)
+    np.testing.assert_allclose(store.load_step("v", "cat", 0).map, per_head.mean(0).numpy(), rtol=1e-6)
+    assert store.load("v", "token/cat", 0).shape == (3, 2, 3, 4)
+    assert store.load("v", "temporal", 0).shape == (3, 2, 2)
+
+
+def test_downsample_is_block_mean(tmp_path: Path) -> None:
+    x = torch.rand(2, 5, 7)
+    with StoreWriter(tmp_path, "v", {}, dtype="float32", downsample=2) as w:
+        w.write_step(0, {"token/cat": x, "text": torch.rand(5, 5)})
+    store = open_store(tmp_path)
+    got = store.load_step("v", "cat", 0).map
+    # reference: torch avg_pool2d with ceil_mode and no padding counts only the real cells
+    ref = torch.nn.functional.avg_pool2d(x[:, None], 2, ceil_mode=True)[:, 0].numpy()
+    assert got.shape == (2, 3, 4)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    assert store.load("v", "text", 0).shape == (5, 5)  # only token maps are downsampled
+    assert store.metadata("v")["downsample"] == 2
+    np.testing.assert_array_equal(downsample_spatial(x.numpy(), 1), x.numpy())
+
+
+def test_close_with_given_aggregated(tmp_path: Path) -> None:
+    w = StoreWriter(tmp_path, "v", {}, dtype="float32")
+    w.write_step(0, {"token/cat": np.zeros((1, 2, 2))})
+    w.close(aggregated={"token/cat": np.full((1, 2, 2), 7.0)})
+    assert open_store(tmp_path).aggregated("v", "cat").map.max() == 7.0
+
+
+# -- runs ---------------------------------------------------------------------------------------
+def test_second_run_replaces_first_and_never_mixes(tmp_path: Path) -> None:
+    _write_run(tmp_path, "v", steps=5)
+    w = StoreWriter(tmp_path, "v", META, dtype="float32")
+    w.write_step(0, {"token/cat": np.full((2, 3, 4), 9.0)})
+    store = open_store(tmp_path)
+    assert store.steps("v") == [0]  # steps 1..4 of the old run are gone
+    assert store.load_step("v", "cat", 0).map.max() == 9.0
+    agg = store.aggregated("v", "cat")  # not closed yet: rebuilt from the new run only
+    assert agg.metadata["rebuilt"] is True and agg.map.max() == 9.0
+    w.close()
+
+
+def test_stale_file_of_old_run_is_ignored(tmp_path: Path) -> None:
+    """A file of an older run left behind (crash during clean-up) is never read as the current run."""
+    _write_run(tmp_path, "v", steps=2)
+    d = tmp_path / video_dirname("v")
+    stale = (d / step_filename(1)).read_bytes()
+    w = StoreWriter(tmp_path, "v", META)
+    w.write_step(0, _maps(np.random.default_rng(1)))
+    (d / step_filename(1)).write_bytes(stale)  # as if clean-up had not happened
+    store = open_store(tmp_path)
+    assert store.steps("v") == [0]
+    with pytest.raises(StoreError, match=r"step_000001\.safetensors belongs to run"):
+        store.load_step("v", "cat", 1)
+
+
+def test_overwrite_false_raises_and_keeps_old(tmp_path: Path) -> None:
+    written = _write_run(tmp_path, "v", steps=2, dtype="float32")
+    with pytest.raises(FileExistsError, match="already exists"):
+        StoreWriter(tmp_path, "v", META, overwrite=False)
+    np.testing.assert_array_equal(open_store(tmp_path).load_step("v", "cat", 1).map, written[1]["token/cat"])
+
+
+def test_bad_new_run_keeps_old_run(tmp_path: Path) -> None:
+    written = _write_run(tmp_path, "v", steps=2, dtype="float32")
+    with pytest.raises(ValueError, match="JSON-safe"):
+        StoreWriter(tmp_path, "v", {"bad": object()})
+    with pytest.raises(ValueError, match="reserved"):
+        StoreWriter(tmp_path, "v", {"run_id": "x"})
+    store = open_store(tmp_path)
+    assert store.steps("v") == [0, 1]
+    np.testing.assert_array_equal(store.load_step("v", "cat", 0).map, written[0]["token/cat"])
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    sys.path.insert(0, {python!r})
+    from attnmap.store import StoreWriter
+    w = StoreWriter({root!r}, "killed", {{"prompt": "p"}}, dtype="float32")
+    for s in range(1000):
+        w.write_step(s, {{"token/cat": np.full((2, 8, 8), float(s)), "temporal": np.full((2, 2), float(s))}})
+        print(s, flush=True)
+        time.sleep(0.005)
+    """
+)
+
+
+def test_sigkill_mid_run_leaves_finished_steps_and_rebuilds_aggregated(tmp_path: Path) -> None:
+    python_dir = str(Path(__file__).resolve().parents[1] / "python")
+    code = _CHILD.format(python=python_dir, root=str(tmp_path))
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if int(line) >= 12:
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    store = open_store(tmp_path)
+    steps = store.steps("killed")
+    assert steps == list(range(len(steps))) and len(steps) >= 13
+    assert not store.is_complete("killed")
+    for s in steps:  # every finished step loads intact
+        assert np.all(store.load_step("killed", "cat", s).map == s)
+    agg = store.aggregated("killed", "cat")
+    assert agg.metadata["rebuilt"] is True
+    np.testing.assert_allclose(agg.map, np.mean(steps))
+    path = store.rebuild_aggregated("killed")
+    assert path.name == AGGREGATED_FILE
+    np.testing.assert_allclose(store.aggregated("killed", "cat").map, np.mean(steps))
+    np.testing.assert_allclose(store.load("killed", "temporal"), np.mean(steps))
+    # no temp files are mistaken for steps
+    assert all(not p.name.startswith("step_") or p.suffix == ".safetensors" for p in (path.parent).iterdir())
+
+
+# -- names and paths ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "video_id", ["../x", "/", "..", ".", "a/../../b", "x" * 5000, "é vidéo 1", "C:\\evil", "-"]
+)
+def test_video_id_never_escapes_root(tmp_path: Path, video_id: str) -> None:
+    root = tmp_path / "root"
+    name = video_dirname(video_id)
+    assert name and "/" not in name and "\\" not in name and name not in (".", "..") and len(name) <= 120
+    with StoreWriter(root, video_id, {}) as w:
+        w.write_step(0, {"token/../../etc": np.ones((1, 2, 2)), "token/a/b": np.ones((1, 2, 2))})
+    assert [p.name for p in root.iterdir()] == [name]
+    assert [p.name for p in tmp_path.iterdir()] == ["root"]
+    store = open_store(root)
+    assert store.videos() == [video_id]
+    assert store.tokens(video_id) == ["../../etc", "a/b"]
+    assert store.load_step(video_id, "../../etc", 0).map.shape == (1, 2, 2)
+
+
+def test_dirnames_unique_and_recognisable() -> None:
+    ids = ["a/b", "a_b", "a\\b", "a b", "x" * 200, "x" * 201, "a_b-0123456789abcdef"]
+    names = [video_dirname(v) for v in ids]
+    assert len(set(names)) == len(names)
+    assert names[1] == "a_b" and names[0].startswith("a_b-")
+
+
+def test_nul_and_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="NUL"):
+        StoreWriter(tmp_path, "a\x00b", {})
+    with pytest.raises(ValueError, match="video_id must be a non-empty str"):
+        StoreWriter(tmp_path, "", {})
+    with pytest.raises(ValueError, match="dtype must be"):
+        StoreWriter(tmp_path, "v", {}, dtype="int8")
+    with pytest.raises(ValueError, match="downsample must be"):
+        StoreWriter(tmp_path, "v", {}, downsample=0)
+    w = StoreWriter(tmp_path, "v", {})
+    with pytest.raises(ValueError, match="NUL"):
+        w.write_step(0, {"token/a\x00": np.ones((1, 1, 1))})
+    with pytest.raises(ValueError, match="step must be an int >= 0"):
+        w.write_step(-1, {"token/a": np.ones((1, 1, 1))})
+    with pytest.raises(ValueError, match="float16's range"):
+        w.write_step(0, {"token/a": np.full((1, 1, 1), 1e6)})
+    w.write_step(0, {"token/a": np.ones((1, 1, 1))})
+    with pytest.raises(ValueError, match="already written"):
+        w.write_step(0, {"token/a": np.ones((1, 1, 1))})
+    with pytest.raises(ValueError, match="has shape"):
+        w.write_step(1, {"token/a": np.ones((1, 2, 1))})
+    store = open_store(tmp_path)
+    with pytest.raises(KeyError, match="not in the store"):
+        store.metadata("nope")
+    with pytest.raises(KeyError, match="'token/zzz' is not in"):
+        store.load_step("v", "zzz", 0)
+    with pytest.raises(FileNotFoundError):
+        open_store(tmp_path / "missing")
+
+
+# -- corruption ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "huge_header"])
+def test_corrupt_step_names_file_and_rest_loads(tmp_path: Path, damage: str) -> None:
+    written = _write_run(tmp_path, "v", steps=3, dtype="float32")
+    _write_run(tmp_path, "other", steps=1)
+    path = tmp_path / video_dirname("v") / step_filename(1)
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) - 10])
+    elif damage == "garbage":
+        path.write_bytes(data[:8] + b"\xff" * (len(data) - 8))
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        path.write_bytes((2**40).to_bytes(8, "little") + data[8:])
+    store = open_store(tmp_path)
+    with pytest.raises(StoreError, match=r"step_000001\.safetensors"):
+        store.load_step("v", "cat", 1)
+    assert isinstance(StoreError("x"), OSError)
+    np.testing.assert_array_equal(store.load_step("v", "cat", 2).map, written[2]["token/cat"])
+    assert store.aggregated("v", "cat").map.shape == (2, 3, 4)
+    assert store.videos() == ["other", "v"]
+    assert store.load_step("other", "dog", 0).map.shape == (2, 3, 4)
+
+
+def test_corrupt_metadata_warns_and_others_load(tmp_path: Path) -> None:
+    _write_run(tmp_path, "good", steps=1)
+    _write_run(tmp_path, "bad", steps=1)
+    meta = tmp_path / video_dirname("bad") / METADATA_FILE
+    meta.write_text("{not json")
+    store = open_store(tmp_path)
+    with pytest.warns(UserWarning, match=r"bad/metadata\.json"):
+        assert store.videos() == ["good"]
+    with pytest.raises(StoreError, match=r"metadata\.json"):
+        store.metadata("bad")
+
+
+def test_write_is_atomic_when_encoding_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure while writing a step leaves the previous steps intact and no temp file behind."""
+    _write_run(tmp_path, "v", steps=0)
+    w = StoreWriter(tmp_path, "v", {}, dtype="float32")
+    w.write_step(0, {"token/cat": np.ones((1, 2, 2))})
+
+    def boom(fd: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        w.write_step(1, {"token/cat": np.ones((1, 2, 2))})
+    monkeypatch.undo()
+    d = tmp_path / video_dirname("v")
+    assert sorted(p.name for p in d.iterdir()) == [METADATA_FILE, step_filename(0)]
+    assert open_store(tmp_path).steps("v") == [0]
+
+
+def test_header_cache_sees_rewrites(tmp_path: Path) -> None:
+    store_root = tmp_path
+    _write_run(store_root, "v", steps=1, dtype="float32")
+    store = open_store(store_root)
+    first = store.load_step("v", "cat", 0).map.copy()
+    time.sleep(0.01)
+    w = StoreWriter(store_root, "v", META, dtype="float32")
+    w.write_step(0, {"token/cat": np.full((2, 3, 4), 3.0)})
+    assert not np.array_equal(first, store.load_step("v", "cat", 0).map)
+    assert store.load_step("v", "cat", 0).map.max() == 3.0
