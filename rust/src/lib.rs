@@ -1,13 +1,236 @@
-#[cfg(feature = "python")]
-use pyo3::prelude::*;
+//! attnmap's render core: normalise -> resize -> colormap -> blend, fused per output pixel.
+//!
+//! The modules are plain Rust on `ndarray` views and know nothing of Python; this file only binds
+//! them as `attnmap._native` (feature `python`). Every binding releases the GIL while it works.
+
+pub mod blend;
+pub mod colormap;
+mod colormap_tables;
+pub mod error;
+pub mod normalize;
+pub mod render;
+pub mod resize;
+
+pub use error::{Error, Result};
 
 #[cfg(feature = "python")]
-pyo3::create_exception!(attnmap._native, AttnmapError, pyo3::exceptions::PyValueError);
+mod bindings {
+    use ndarray::{Array2, Array4, ArrayViewD, IxDyn};
+    use numpy::{
+        IntoPyArray, PyArray2, PyArray3, PyArray4, PyArrayDyn, PyReadonlyArray3, PyReadonlyArrayDyn,
+    };
+    use pyo3::exceptions::PyOSError;
+    use pyo3::prelude::*;
 
-#[cfg(feature = "python")]
-#[pymodule]
-fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("AttnmapError", m.py().get_type::<AttnmapError>())?;
-    Ok(())
+    use crate::blend::{Alpha, Outline};
+    use crate::error::Error;
+    use crate::normalize::{Mode, Params};
+    use crate::render::{Background, Style};
+    use crate::resize::{Plan, Time};
+
+    pyo3::create_exception!(
+        attnmap._native,
+        AttnmapError,
+        pyo3::exceptions::PyValueError,
+        "Bad input to attnmap's render core; a ValueError subclass."
+    );
+
+    impl From<Error> for PyErr {
+        fn from(e: Error) -> Self {
+            match e {
+                Error::Io(_) => PyOSError::new_err(e.to_string()),
+                _ => AttnmapError::new_err(e.to_string()),
+            }
+        }
+    }
+
+    fn time(num_frames: Option<usize>, temporal_stride: Option<usize>) -> PyResult<Time> {
+        match (num_frames, temporal_stride) {
+            (Some(_), Some(_)) => Err(Error::invalid(
+                "num_frames",
+                "give num_frames or temporal_stride, not both",
+            )
+            .into()),
+            (Some(n), None) => Ok(Time::Frames(n)),
+            (None, Some(s)) => Ok(Time::Stride(s)),
+            (None, None) => Ok(Time::Same),
+        }
+    }
+
+    /// Normalise maps (F, h, w) float32 to [0, 1] float32.
+    #[pyfunction]
+    #[pyo3(signature = (maps, *, mode="global", vmin=None, vmax=None, percentile=(1.0, 99.0), gamma=1.0))]
+    fn normalize<'py>(
+        py: Python<'py>,
+        maps: PyReadonlyArray3<'py, f32>,
+        mode: &str,
+        vmin: Option<f64>,
+        vmax: Option<f64>,
+        percentile: (f64, f64),
+        gamma: f64,
+    ) -> PyResult<Bound<'py, PyArray3<f32>>> {
+        let params = Params {
+            mode: Mode::parse(mode, percentile)?,
+            vmin,
+            vmax,
+            gamma,
+        };
+        let view = maps.as_array();
+        let out = py.detach(|| crate::normalize::normalize(view, &params))?;
+        Ok(out.into_pyarray(py))
+    }
+
+    /// Resize maps (F, h, w) float32 to (T, H, W) float32: bilinear in space, linear or by stride in time.
+    #[pyfunction]
+    #[pyo3(signature = (maps, *, size, num_frames=None, temporal_stride=None))]
+    fn resize<'py>(
+        py: Python<'py>,
+        maps: PyReadonlyArray3<'py, f32>,
+        size: (usize, usize),
+        num_frames: Option<usize>,
+        temporal_stride: Option<usize>,
+    ) -> PyResult<Bound<'py, PyArray3<f32>>> {
+        let time = time(num_frames, temporal_stride)?;
+        let view = maps.as_array();
+        let out = py.detach(|| crate::resize::resize(view, size, time))?;
+        Ok(out.into_pyarray(py))
+    }
+
+    /// Render frames start..stop of normalised maps (F, h, w) into (n, H, W, 3) uint8.
+    #[pyfunction]
+    #[pyo3(signature = (maps, *, size, num_frames=None, temporal_stride=None, start=0, stop=None,
+                        colormap="hot", background=None, alpha=0.6, alpha_mode="constant",
+                        outline=None, outline_color=(255, 255, 255)))]
+    #[allow(clippy::too_many_arguments)]
+    fn render<'py>(
+        py: Python<'py>,
+        maps: PyReadonlyArray3<'py, f32>,
+        size: (usize, usize),
+        num_frames: Option<usize>,
+        temporal_stride: Option<usize>,
+        start: usize,
+        stop: Option<usize>,
+        colormap: &str,
+        background: Option<PyReadonlyArrayDyn<'py, u8>>,
+        alpha: f64,
+        alpha_mode: &str,
+        outline: Option<f64>,
+        outline_color: (u8, u8, u8),
+    ) -> PyResult<Bound<'py, PyArray4<u8>>> {
+        let view = maps.as_array();
+        let plan = Plan::new(view.dim(), size, time(num_frames, temporal_stride)?)?;
+        let stop = stop.unwrap_or(plan.frames());
+        if start > stop {
+            return Err(Error::invalid(
+                "start",
+                format!("expected start <= stop, got {start} > {stop}"),
+            )
+            .into());
+        }
+        let style = Style {
+            table: crate::colormap::table(colormap)?,
+            alpha: Alpha::parse(alpha_mode, alpha)?,
+            outline: outline
+                .map(|t| Outline::new(t, [outline_color.0, outline_color.1, outline_color.2]))
+                .transpose()?,
+        };
+        let (oh, ow) = plan.size();
+        let bg_view = background.as_ref().map(|b| b.as_array());
+        let bg = match &bg_view {
+            None => None,
+            Some(b) => Some(background_frames(b, stop - start, (oh, ow))?),
+        };
+        let out = py.detach(|| -> crate::Result<Array4<u8>> {
+            let owned;
+            let bg = match &bg {
+                None => None,
+                Some((view, frames)) => {
+                    owned = view.as_standard_layout();
+                    Some(Background {
+                        data: owned.as_slice().expect("standard layout"),
+                        frames: *frames,
+                    })
+                }
+            };
+            let mut buf = vec![0u8; (stop - start) * oh * ow * 3];
+            crate::render::render(view, &plan, start..stop, bg, &style, &mut buf)?;
+            Ok(Array4::from_shape_vec((stop - start, oh, ow, 3), buf)
+                .expect("buffer sized to the shape"))
+        })?;
+        Ok(out.into_pyarray(py))
+    }
+
+    /// Check a background's shape: (n, H, W, 3) for n frames or a still (H, W, 3).
+    fn background_frames<'a>(
+        b: &ArrayViewD<'a, u8>,
+        n: usize,
+        (oh, ow): (usize, usize),
+    ) -> PyResult<(ArrayViewD<'a, u8>, usize)> {
+        let shape = b.shape();
+        let ok = match shape {
+            [t, h, w, 3] => (*t == n || *t == 1) && *h == oh && *w == ow,
+            [h, w, 3] => *h == oh && *w == ow,
+            _ => false,
+        };
+        if !ok {
+            return Err(Error::invalid(
+                "background",
+                format!("expected uint8 ({n}, {oh}, {ow}, 3) frames or one ({oh}, {ow}, 3) image, got shape {shape:?}"),
+            )
+            .into());
+        }
+        let frames = if shape.len() == 4 { shape[0] } else { 1 };
+        Ok((b.clone(), frames))
+    }
+
+    /// Colour values in [0, 1] (any shape) with a colormap: uint8 (..., 3).
+    #[pyfunction]
+    #[pyo3(signature = (values, colormap="hot"))]
+    fn colorize<'py>(
+        py: Python<'py>,
+        values: PyReadonlyArrayDyn<'py, f32>,
+        colormap: &str,
+    ) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
+        let table = crate::colormap::table(colormap)?;
+        let view = values.as_array();
+        let out = py.detach(|| {
+            let flat = view.as_standard_layout();
+            let flat = flat.as_slice().expect("standard layout");
+            let mut buf = vec![0u8; flat.len() * 3];
+            crate::colormap::colorize(flat, table, &mut buf);
+            let mut shape = view.shape().to_vec();
+            shape.push(3);
+            ndarray::Array::from_shape_vec(IxDyn(&shape), buf).expect("buffer sized to the shape")
+        });
+        Ok(out.into_pyarray(py))
+    }
+
+    /// The (256, 3) uint8 table of a colormap.
+    #[pyfunction]
+    fn colormap_table<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyArray2<u8>>> {
+        let table = crate::colormap::table(name)?;
+        let flat: Vec<u8> = table.iter().flatten().copied().collect();
+        Ok(Array2::from_shape_vec((256, 3), flat)
+            .expect("256 x 3")
+            .into_pyarray(py))
+    }
+
+    /// Names of the built-in colormaps.
+    #[pyfunction]
+    fn colormap_names() -> Vec<&'static str> {
+        crate::colormap::names()
+    }
+
+    #[pymodule]
+    fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        m.add("AttnmapError", m.py().get_type::<AttnmapError>())?;
+        m.add_function(wrap_pyfunction!(normalize, m)?)?;
+        m.add_function(wrap_pyfunction!(resize, m)?)?;
+        m.add_function(wrap_pyfunction!(render, m)?)?;
+        m.add_function(wrap_pyfunction!(colorize, m)?)?;
+        m.add_function(wrap_pyfunction!(colormap_table, m)?)?;
+        m.add_function(wrap_pyfunction!(colormap_names, m)?)?;
+        Ok(())
+    }
 }

@@ -1,0 +1,254 @@
+//! Resizing: bilinear in space (torch `interpolate(mode="bilinear", align_corners=False)`) and, in
+//! time, linear to a number of frames or piecewise by a VAE temporal stride.
+
+use ndarray::{Array3, ArrayView2, ArrayView3, Axis as NdAxis};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Linear interpolation along one axis: output `i` is `(1 - w[i]) * src[i0[i]] + w[i] * src[i1[i]]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Taps {
+    pub i0: Vec<usize>,
+    pub i1: Vec<usize>,
+    pub w: Vec<f32>,
+}
+
+impl Taps {
+    /// torch's `align_corners=False` linear taps from `n_in` to `n_out` samples.
+    pub fn linear(n_in: usize, n_out: usize) -> Self {
+        let scale = n_in as f32 / n_out as f32;
+        let mut taps = Taps {
+            i0: Vec::with_capacity(n_out),
+            i1: Vec::with_capacity(n_out),
+            w: Vec::with_capacity(n_out),
+        };
+        for i in 0..n_out {
+            let src = (scale * (i as f32 + 0.5) - 0.5).max(0.0);
+            let i0 = (src as usize).min(n_in - 1);
+            let i1 = (i0 + 1).min(n_in - 1);
+            taps.i0.push(i0);
+            taps.i1.push(i1);
+            taps.w.push(if i1 > i0 { src - i0 as f32 } else { 0.0 });
+        }
+        taps
+    }
+
+    /// VAE stride taps: output frame 0 is latent frame 0, latent frame j > 0 covers output frames
+    /// `(j - 1) * stride + 1 ..= j * stride`, so `n_in` latent frames give `1 + (n_in - 1) * stride`.
+    pub fn stride(n_in: usize, stride: usize) -> Self {
+        let n_out = 1 + (n_in - 1) * stride;
+        let i0: Vec<usize> = (0..n_out).map(|t| t.div_ceil(stride)).collect();
+        Taps {
+            i1: i0.clone(),
+            i0,
+            w: vec![0.0; n_out],
+        }
+    }
+
+    /// Number of output samples.
+    pub fn len(&self) -> usize {
+        self.w.len()
+    }
+
+    /// Whether there are no output samples.
+    pub fn is_empty(&self) -> bool {
+        self.w.is_empty()
+    }
+}
+
+/// How latent frames become video frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Time {
+    /// One output frame per input frame.
+    Same,
+    /// Linear interpolation (align_corners=False) to this many frames.
+    Frames(usize),
+    /// The VAE temporal stride (see [`Taps::stride`]).
+    Stride(usize),
+}
+
+/// The output geometry: frame taps, row taps, column taps.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub t: Taps,
+    pub y: Taps,
+    pub x: Taps,
+    /// Input (h, w).
+    pub src: (usize, usize),
+}
+
+impl Plan {
+    /// Plan a resize of (F, h, w) maps to `size` = (H, W) and `time` frames.
+    pub fn new(shape: (usize, usize, usize), size: (usize, usize), time: Time) -> Result<Self> {
+        let (f, h, w) = shape;
+        if f == 0 || h == 0 || w == 0 {
+            return Err(Error::invalid(
+                "maps",
+                format!("expected a non-empty (F, h, w) map, got ({f}, {h}, {w})"),
+            ));
+        }
+        if size.0 == 0 || size.1 == 0 {
+            return Err(Error::invalid(
+                "size",
+                format!("expected a positive (H, W), got {size:?}"),
+            ));
+        }
+        let t = match time {
+            Time::Same => Taps::linear(f, f),
+            Time::Frames(0) => {
+                return Err(Error::invalid(
+                    "num_frames",
+                    "expected a positive number of frames, got 0",
+                ))
+            }
+            Time::Frames(n) => Taps::linear(f, n),
+            Time::Stride(0) => {
+                return Err(Error::invalid(
+                    "temporal_stride",
+                    "expected a positive stride, got 0",
+                ))
+            }
+            Time::Stride(s) => Taps::stride(f, s),
+        };
+        Ok(Plan {
+            t,
+            y: Taps::linear(h, size.0),
+            x: Taps::linear(w, size.1),
+            src: (h, w),
+        })
+    }
+
+    /// Number of output frames.
+    pub fn frames(&self) -> usize {
+        self.t.len()
+    }
+
+    /// Output (H, W).
+    pub fn size(&self) -> (usize, usize) {
+        (self.y.len(), self.x.len())
+    }
+
+    /// Output frame `t` interpolated in time and across columns only: (h, W) values, row-major.
+    /// Rows of the final frame are then `(1 - wy) * rows[y0] + wy * rows[y1]` (see [`lerp_rows`]).
+    pub fn column_pass(&self, maps: ArrayView3<f32>, t: usize) -> Vec<f32> {
+        let (h, w) = self.src;
+        let out_w = self.x.len();
+        let (f0, f1, wt) = (self.t.i0[t], self.t.i1[t], self.t.w[t]);
+        let a = maps.index_axis(NdAxis(0), f0);
+        let b = maps.index_axis(NdAxis(0), f1);
+        let mut mixed = vec![0.0f32; w];
+        let mut out = vec![0.0f32; h * out_w];
+        for y in 0..h {
+            mix_row(a, b, y, wt, &mut mixed);
+            let row = &mut out[y * out_w..(y + 1) * out_w];
+            for (o, ((&i0, &i1), &wx)) in row
+                .iter_mut()
+                .zip(self.x.i0.iter().zip(&self.x.i1).zip(&self.x.w))
+            {
+                *o = (1.0 - wx) * mixed[i0] + wx * mixed[i1];
+            }
+        }
+        out
+    }
+}
+
+fn mix_row(a: ArrayView2<f32>, b: ArrayView2<f32>, y: usize, wt: f32, out: &mut [f32]) {
+    let ra = a.row(y);
+    let rb = b.row(y);
+    for ((o, &va), &vb) in out.iter_mut().zip(ra.iter()).zip(rb.iter()) {
+        *o = if wt == 0.0 {
+            va
+        } else {
+            (1.0 - wt) * va + wt * vb
+        };
+    }
+}
+
+/// Row `y` of an output frame from its column pass (h, W): writes W values into `out`.
+#[inline]
+pub fn lerp_rows(cols: &[f32], plan: &Plan, y: usize, out: &mut [f32]) {
+    let out_w = plan.x.len();
+    let (y0, y1, wy) = (plan.y.i0[y], plan.y.i1[y], plan.y.w[y]);
+    let a = &cols[y0 * out_w..(y0 + 1) * out_w];
+    let b = &cols[y1 * out_w..(y1 + 1) * out_w];
+    for ((o, &va), &vb) in out.iter_mut().zip(a).zip(b) {
+        *o = (1.0 - wy) * va + wy * vb;
+    }
+}
+
+/// Resize `maps` (F, h, w) to (T, H, W) floats: bilinear in space, `time` in time.
+pub fn resize(maps: ArrayView3<f32>, size: (usize, usize), time: Time) -> Result<Array3<f32>> {
+    let plan = Plan::new(maps.dim(), size, time)?;
+    let (oh, ow) = plan.size();
+    let mut out = Array3::<f32>::zeros((plan.frames(), oh, ow));
+    let data = out.as_slice_mut().expect("fresh arrays are contiguous");
+    data.par_chunks_mut(oh * ow)
+        .enumerate()
+        .for_each(|(t, frame)| {
+            let cols = plan.column_pass(maps, t);
+            for (y, row) in frame.chunks_exact_mut(ow).enumerate() {
+                lerp_rows(&cols, &plan, y, row);
+            }
+        });
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    #[test]
+    fn linear_taps_match_torch_align_corners_false() {
+        // torch: interpolate(arange(2.)[None, None], size=4, mode="linear") == [0, .25, .75, 1]
+        let m = array![[[0.0f32, 1.0]]];
+        let r = resize(m.view(), (1, 4), Time::Same).unwrap();
+        assert_eq!(r.as_slice().unwrap(), &[0.0, 0.25, 0.75, 1.0]);
+        // downsampling 4 -> 2 averages pairs
+        let m = array![[[0.0f32, 1.0, 2.0, 3.0]]];
+        let r = resize(m.view(), (1, 2), Time::Same).unwrap();
+        assert_eq!(r.as_slice().unwrap(), &[0.5, 2.5]);
+    }
+
+    #[test]
+    fn identity_size_is_a_copy() {
+        let m = array![[[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]]];
+        let r = resize(m.view(), (2, 3), Time::Same).unwrap();
+        assert_eq!(r, m);
+    }
+
+    #[test]
+    fn stride_maps_21_latents_to_81_frames() {
+        let taps = Taps::stride(21, 4);
+        assert_eq!(taps.len(), 81);
+        assert_eq!(taps.i0[0], 0);
+        assert_eq!(&taps.i0[1..5], &[1, 1, 1, 1]);
+        assert_eq!(taps.i0[5], 2);
+        assert_eq!(taps.i0[80], 20);
+    }
+
+    #[test]
+    fn time_linear_interpolates_frames() {
+        let m = array![[[0.0f32]], [[1.0]]];
+        let r = resize(m.view(), (1, 1), Time::Frames(4)).unwrap();
+        assert_eq!(r.as_slice().unwrap(), &[0.0, 0.25, 0.75, 1.0]);
+    }
+
+    #[test]
+    fn zero_sizes_are_rejected() {
+        let m = array![[[0.0f32]]];
+        assert!(resize(m.view(), (0, 3), Time::Same)
+            .unwrap_err()
+            .to_string()
+            .starts_with("size:"));
+        assert!(resize(m.view(), (1, 1), Time::Stride(0))
+            .unwrap_err()
+            .to_string()
+            .starts_with("temporal_stride:"));
+        assert!(resize(m.view(), (1, 1), Time::Frames(0))
+            .unwrap_err()
+            .to_string()
+            .starts_with("num_frames:"));
+    }
+}
