@@ -1,0 +1,292 @@
+"""attention_sums: every backend against attnmap.reference on random and adversarial inputs.
+
+The Triton kernel runs on CUDA when present, else on the CPU under TRITON_INTERPRET=1 (set here
+before attnmap.kernels is imported) at small sizes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from attnmap import ops, reference
+from attnmap.layout import Layout
+
+CUDA = torch.cuda.is_available()
+TRITON_DEVICE = "cuda" if CUDA else "cpu"
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton missing (or not interpretable here)")
+
+TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-3}
+
+LAYOUTS = {
+    "joint-text-first": Layout.joint(text=5, grid=(3, 2, 3)),
+    "joint-video-first": Layout.joint(text=5, grid=(3, 2, 3), text_first=False),
+    "self-prefix": Layout.self_attn(grid=(2, 3, 3), prefix=2),
+    "self-one-frame": Layout.self_attn(grid=(1, 4, 5)),
+    "cross": Layout.cross(grid=(2, 2, 3), text=9),
+    "cross-prefix": Layout.cross(grid=(1, 3, 3), text=6, prefix=1),
+}
+
+
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float) -> None:
+    """Max error relative to the largest reference value; reports where it is worst."""
+    assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert out.dtype == torch.float32, f"{name}: dtype {out.dtype}"
+    assert not out.isnan().any(), f"{name}: NaN in output"
+    ref, out = ref.double().cpu(), out.double().cpu()
+    err = (ref - out).abs()
+    scale = max(float(ref.abs().max()), 1e-30)
+    worst = err.argmax()
+    idx = tuple(int(i) for i in torch.unravel_index(worst, err.shape)) if err.numel() else ()
+    rms = float(err.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)) if err.numel() else 0.0
+    assert float(err.max()) <= ratio * scale, (
+        f"{name}: max error {float(err.max()):.3g} > {ratio:g} x {scale:.3g} at {idx}, rms ratio {rms:.3g}"
+    )
+
+
+def _inputs(
+    lay: Layout,
+    *,
+    heads: int = 2,
+    kv_heads: int = 2,
+    d: int = 32,
+    batch: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, lay.num_queries, d, generator=g) * 1.5
+    k = torch.randn(batch, kv_heads, lay.num_keys, d, generator=g) * 1.5
+    return q.to(device=device, dtype=dtype), k.to(device=device, dtype=dtype)
+
+
+def _all(lay: Layout) -> tuple[str, ...]:
+    return tuple(r for r in ops.REDUCTIONS if lay.supports(r))
+
+
+def _check(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lay: Layout,
+    backend: str,
+    reductions: tuple[str, ...],
+    ratio: float,
+    **kw: object,
+) -> dict[str, torch.Tensor]:
+    out = ops.attention_sums(q, k, lay, reductions, backend=backend, **kw)  # type: ignore[arg-type]
+    ref = reference.attention_sums(q, k, lay, reductions, **kw)  # type: ignore[arg-type]
+    assert set(out) == set(reductions)
+    for name in reductions:
+        assert out[name].device == q.device
+        assert_close(f"{backend}/{name}", ref[name], out[name], ratio)
+    return out
+
+
+# -- torch streaming backend ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of a few rows so that every test crosses block boundaries."""
+    monkeypatch.setattr(ops, "TORCH_BLOCK_ENTRIES", 2 * 2 * 7 * 40)
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["mean", "per_head"])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_torch_layouts(name: str, per_head: bool, tiny_blocks: None) -> None:
+    lay = LAYOUTS[name]
+    q, k = _inputs(lay, seed=hash(name) % 1000)
+    probe = torch.tensor([0, lay.num_queries - 1, 3])
+    _check(q, k, lay, "torch", _all(lay), 1e-4, per_head=per_head, probe=probe)
+
+
+@pytest.mark.parametrize("d", [32, 64, 80, 96, 128])
+def test_torch_head_dims_and_gqa(d: int, tiny_blocks: None) -> None:
+    lay = LAYOUTS["joint-text-first"]
+    q, k = _inputs(lay, heads=6, kv_heads=2, d=d, seed=d)
+    _check(q, k, lay, "torch", ("cross", "temporal", "received"), 1e-4, scale=0.2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_torch_half_inputs(dtype: torch.dtype, tiny_blocks: None) -> None:
+    lay = LAYOUTS["self-prefix"]
+    q, k = _inputs(lay, dtype=dtype)
+    _check(q, k, lay, "torch", ("temporal", "received", "full"), TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "mask_shape", ["bool-BN", "bool-B11N", "bool-BH1N", "add-BN", "add-B11N", "add-BH1N", "bool-1N"]
+)
+def test_torch_masks(mask_shape: str, tiny_blocks: None) -> None:
+    lay = LAYOUTS["cross"]
+    q, k = _inputs(lay, seed=11)
+    _check_masked(q, k, lay, "torch", mask_shape)
+
+
+def _mask(mask_shape: str, batch: int, heads: int, n: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    keep = torch.rand(batch, heads, 1, n, generator=g) > 0.4
+    keep[0, :, :, -3:] = False  # padded tail, as for umT5 text
+    keep[-1] = False  # one batch element with every key masked: zero, never NaN
+    kind, shape = mask_shape.split("-")
+    m: torch.Tensor = keep if kind == "bool" else torch.where(keep, 0.0, -10000.0)
+    if kind == "add":
+        m = m + torch.rand(m.shape, generator=g)  # a real bias, not only 0 / -1e4
+    if shape == "BN":
+        m = m[:, 0, 0]
+    elif shape == "B11N":
+        m = m[:, :1]
+    elif shape == "1N":
+        m = m[:1, 0, 0]
+    return m.to(device)
+
+
+def _check_masked(q: torch.Tensor, k: torch.Tensor, lay: Layout, backend: str, mask_shape: str) -> None:
+    b, h, n = q.shape[0], q.shape[1], k.shape[2]
+    mask = _mask(mask_shape, b, h, n, q.device)
+    out = _check(q, k, lay, backend, ("cross", "received"), 1e-4, key_padding_mask=mask)
+    if mask.dtype == torch.bool and mask_shape != "bool-1N":
+        assert torch.equal(out["cross"][-1].cpu(), torch.zeros_like(out["cross"][-1].cpu()))
+
+
+def test_torch_huge_logits_stay_exact(tiny_blocks: None) -> None:
+    # integer q and k: q k^T is exact in fp32, scale 1/8 too; logits ~1e4 apart by small integers
+    lay = LAYOUTS["self-prefix"]
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-3, 4, (1, 2, lay.num_queries, 64), generator=g).float()
+    q[..., 0] = 400.0
+    k = torch.randint(-3, 4, (1, 2, lay.num_keys, 64), generator=g).float()
+    k[..., 0] = 200.0
+    out = _check(q, k, lay, "torch", ("temporal", "received", "full"), 1e-4)
+    assert float(out["full"].max()) > 0.01
+
+
+def test_torch_lse_one_pass(tiny_blocks: None) -> None:
+    lay = LAYOUTS["joint-video-first"]
+    q, k = _inputs(lay, heads=4, kv_heads=2, seed=8)
+    keep = torch.rand(2, lay.num_keys, generator=torch.Generator().manual_seed(1)) > 0.3
+    keep[1] = False
+    bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    logits = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.25 + bias[:, None, None, :]
+    lse = torch.logsumexp(logits, dim=-1)  # -inf on fully masked rows
+    out = ops.attention_sums(
+        q,
+        k,
+        lay,
+        _all(lay),
+        scale=0.25,
+        key_padding_mask=keep,
+        lse=lse,
+        probe=torch.tensor([1]),
+        backend="torch",
+    )
+    ref = reference.attention_sums(
+        q, k, lay, _all(lay), scale=0.25, key_padding_mask=keep, probe=torch.tensor([1])
+    )
+    for name in ref:
+        assert_close(name, ref[name], out[name], 1e-4)
+
+
+def test_torch_strided_inputs(tiny_blocks: None) -> None:
+    # q and k as SDPA sees them after a transpose from [B, N, H, D]: non-contiguous
+    lay = LAYOUTS["joint-text-first"]
+    q, k = _inputs(lay, heads=2, seed=9)
+    qs, ks = q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not qs.is_contiguous()
+    a = ops.attention_sums(qs, ks, lay, ("cross", "temporal"), backend="torch")
+    b = reference.attention_sums(q, k, lay, ("cross", "temporal"))
+    for name in a:
+        assert_close(name, b[name], a[name], 1e-4)
+
+
+def test_default_backend_on_cpu_is_torch() -> None:
+    lay = LAYOUTS["cross"]
+    q, k = _inputs(lay)
+    a = ops.attention_sums(q, k, lay, ("cross",))
+    b = ops.attention_sums(q, k, lay, ("cross",), backend="torch")
+    assert torch.equal(a["cross"], b["cross"])
+
+
+def test_backend_and_probe_errors() -> None:
+    lay = LAYOUTS["cross"]
+    q, k = _inputs(lay)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.attention_sums(q, k, lay, ("cross",), backend="cuda")
+    with pytest.raises(ValueError, match="'probe' is not in reductions"):
+        ops.attention_sums(q, k, lay, ("cross",), probe=torch.tensor([0]))
+    with pytest.raises(ValueError, match="probe must be a 1-D integer tensor"):
+        ops.attention_sums(q, k, lay, ("probe",), probe=torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="key_padding_mask must be bool"):
+        ops.attention_sums(q, k, lay, ("cross",), key_padding_mask=torch.ones(2, 9, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"layout must be an attnmap\.Layout"):
+        ops.attention_sums(q, k, "cross", ("cross",))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="scale must be a finite float"):
+        ops.attention_sums(q, k, lay, ("cross",), scale=float("inf"))
+    kk = k.clone()
+    kk[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="k contains NaN"):
+        ops.attention_sums(q, kk, lay, ("cross",))
+
+
+# -- sdpa_with_lse -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if CUDA else [])])
+def test_sdpa_with_lse(mask_kind: str, device: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 64, generator=g).to(device) for n in (20, 24, 24))
+    dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if device == "cuda" else [])
+    for dtype in dtypes:
+        qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+        keep = torch.rand(2, 1, 1, 24, generator=g).to(device) > 0.3
+        mask: Optional[torch.Tensor] = {
+            "none": None,
+            "bool": keep,
+            "additive": torch.where(keep, 0.0, -1000.0).to(dtype),
+        }[mask_kind]
+        out, lse = ops.sdpa_with_lse(qd, kd, vd, attn_mask=mask, scale=0.1)
+        expected = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=0.1)
+        assert torch.equal(out, expected), "sdpa_with_lse must give SDPA's output bit for bit"
+        assert lse is not None and lse.shape == (2, 3, 20) and lse.dtype == torch.float32
+        bias = (
+            0.0 if mask is None else torch.zeros(keep.shape, device=device).masked_fill(~keep, float("-inf"))
+        )
+        if mask_kind == "additive":
+            bias = mask.float()  # type: ignore[union-attr]
+        logits = (qd.float() @ kd.float().transpose(-1, -2)) * 0.1 + bias
+        torch.testing.assert_close(
+            lse,
+            torch.logsumexp(logits, -1),
+            rtol=2e-3 if dtype != torch.float32 else 1e-5,
+            atol=2e-3 if dtype != torch.float32 else 1e-5,
+        )
+        # the one-pass mode of attention_sums with that lse matches the two-pass one
+        lay = Layout.cross(grid=(1, 4, 5), text=24)
+        a = ops.attention_sums(
+            qd, kd, lay, ("cross", "received"), scale=0.1, key_padding_mask=mask, lse=lse, backend="torch"
+        )
+        b = reference.attention_sums(qd, kd, lay, ("cross", "received"), scale=0.1, key_padding_mask=mask)
+        for name in a:
+            assert_close(name, b[name], a[name], TOL[dtype])
+
+
+def test_sdpa_with_lse_falls_back_without_lse() -> None:
+    q = torch.randn(1, 4, 8, 12)  # D not a multiple of 8: SDPA pads it, so no lse here
+    k = v = torch.randn(1, 4, 8, 12)
+    out, lse = ops.sdpa_with_lse(q, k, v)
+    assert lse is None
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))

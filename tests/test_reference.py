@@ -1,0 +1,143 @@
+"""attnmap.reference, the oracle, against torch's own SDPA and hand-written loops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnmap import reference
+from attnmap.layout import Layout
+from attnmap.ops import FULL_LIMIT
+
+
+def _qk(lay: Layout, heads: int = 2, kv_heads: int = 2, d: int = 32, batch: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, lay.num_queries, d, generator=g)
+    k = torch.randn(batch, kv_heads, lay.num_keys, d, generator=g)
+    return q, k
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=lambda h: f"Hk{h}")
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "bool_b11n", "additive_bh1n"])
+def test_full_times_v_is_sdpa(kv_heads: int, mask_kind: str) -> None:
+    lay = Layout.joint(text=5, grid=(2, 3, 4))
+    q, k = _qk(lay, heads=4, kv_heads=kv_heads, seed=1)
+    v = torch.randn_like(k)
+    n = lay.num_keys
+    keep = torch.rand(2, n, generator=torch.Generator().manual_seed(2)) > 0.3
+    keep[:, 0] = True
+    masks = {
+        "none": (None, None),
+        "bool": (keep, keep[:, None, None, :]),
+        "additive": (torch.where(keep, 0.0, -10000.0), torch.where(keep, 0.0, -10000.0)[:, None, None, :]),
+        "bool_b11n": (keep[:, None, None, :], keep[:, None, None, :]),
+        "additive_bh1n": (
+            torch.randn(2, 4, 1, n) - 3.0 * (~keep[:, None, None, :]),
+            None,
+        ),
+    }
+    mask, sdpa_mask = masks[mask_kind]
+    if mask_kind == "additive_bh1n":
+        sdpa_mask = mask
+    out = reference.attention_sums(q, k, lay, ("full",), per_head=True, key_padding_mask=mask, scale=0.3)
+    p = out["full"]
+    expected = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=sdpa_mask, scale=0.3, enable_gqa=kv_heads != 4
+    )
+    torch.testing.assert_close(p @ v.repeat_interleave(4 // kv_heads, dim=1), expected, rtol=1e-5, atol=1e-5)
+    mean = reference.attention_sums(q, k, lay, ("full",), key_padding_mask=mask, scale=0.3)["full"]
+    torch.testing.assert_close(mean, p.mean(dim=1))
+
+
+def test_temporal_by_loops() -> None:
+    lay = Layout.self_attn(grid=(3, 2, 2), prefix=2)
+    q, k = _qk(lay, seed=3)
+    out = reference.attention_sums(q, k, lay, ("temporal", "full"), per_head=True)
+    p = out["full"]
+    expected = torch.zeros(2, 2, 3, 3)
+    for i in range(3):
+        for j in range(3):
+            rows = [2 + i * 4 + t for t in range(4)]
+            cols = [2 + j * 4 + t for t in range(4)]
+            expected[:, :, i, j] = p[:, :, rows][:, :, :, cols].sum(-1).mean(-1)
+    torch.testing.assert_close(out["temporal"], expected)
+    # with no prefix the rows of temporal sum to one
+    lay0 = Layout.self_attn(grid=(3, 2, 2))
+    q0, k0 = _qk(lay0, seed=4)
+    t = reference.attention_sums(q0, k0, lay0, ("temporal",))["temporal"]
+    torch.testing.assert_close(t.sum(-1), torch.ones(2, 3))
+
+
+def test_cross_text_received_probe_slices() -> None:
+    lay = Layout.joint(text=3, grid=(1, 2, 3), text_first=False)
+    q, k = _qk(lay, seed=5)
+    out = reference.attention_sums(
+        q, k, lay, ("cross", "text", "received", "probe", "full"), probe=torch.tensor([7, 0])
+    )
+    p = out["full"]
+    torch.testing.assert_close(out["cross"], p[:, 0:6, 6:9])
+    torch.testing.assert_close(out["text"], p[:, 6:9, 6:9])
+    torch.testing.assert_close(out["received"], p.mean(1))
+    torch.testing.assert_close(out["probe"], p[:, [7, 0]])
+    torch.testing.assert_close(out["received"].sum(-1), torch.ones(2))
+
+
+def test_fully_masked_rows_are_zero() -> None:
+    lay = Layout.cross(grid=(1, 2, 2), text=4)
+    q, k = _qk(lay, seed=6)
+    keep = torch.ones(2, 4, dtype=torch.bool)
+    keep[1] = False
+    out = reference.attention_sums(q, k, lay, ("cross", "received"), key_padding_mask=keep)
+    assert not out["cross"].isnan().any()
+    assert torch.equal(out["cross"][1], torch.zeros(4, 4))
+    torch.testing.assert_close(out["cross"][0].sum(-1), torch.ones(4))
+
+
+def test_lse_gives_the_same_p() -> None:
+    lay = Layout.self_attn(grid=(2, 2, 2))
+    q, k = _qk(lay, seed=7)
+    lse = torch.logsumexp((q @ k.transpose(-1, -2)) * 32**-0.5, dim=-1)
+    a = reference.attention_sums(q, k, lay, ("temporal", "received"))
+    b = reference.attention_sums(q, k, lay, ("temporal", "received"), lse=lse)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name])
+
+
+def test_errors_name_the_argument() -> None:
+    lay = Layout.self_attn(grid=(2, 2, 2))
+    q, k = _qk(lay)
+    with pytest.raises(ValueError, match="reductions must name at least one"):
+        reference.attention_sums(q, k, lay, ())
+    with pytest.raises(ValueError, match=r"'cross' is not defined for Layout\.self_attn"):
+        reference.attention_sums(q, k, lay, ("cross",))
+    with pytest.raises(ValueError, match=r"layout Layout\.self_attn.* expects 8 queries"):
+        reference.attention_sums(q[:, :, :7], k[:, :, :7], lay, ("temporal",))
+    with pytest.raises(ValueError, match="same dtype"):
+        reference.attention_sums(q, k.half(), lay, ("temporal",))
+    with pytest.raises(ValueError, match="does not match q"):
+        reference.attention_sums(q, k[..., :16], lay, ("temporal",))
+    with pytest.raises(ValueError, match=r"probe indices must lie in \[0, 8\)"):
+        reference.attention_sums(q, k, lay, ("probe",), probe=torch.tensor([8]))
+    with pytest.raises(ValueError, match="needs probe="):
+        reference.attention_sums(q, k, lay, ("probe",))
+    bad = q.clone()
+    bad[0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="q contains NaN"):
+        reference.attention_sums(bad, k, lay, ("temporal",))
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        reference.attention_sums(
+            q, k, lay, ("temporal",), key_padding_mask=torch.ones(2, 1, 8, dtype=torch.bool)
+        )
+    with pytest.raises(ValueError, match=r"lse must have shape \[B, H, Nq\]"):
+        reference.attention_sums(q, k, lay, ("temporal",), lse=torch.zeros(2, 2, 7))
+
+
+def test_full_is_refused_above_the_limit() -> None:
+    side = math.isqrt(FULL_LIMIT) + 1
+    lay = Layout.self_attn(grid=(1, 1, side))
+    q = torch.zeros(1, 1, side, 1).expand(1, 1, side, 32)
+    with pytest.raises(ValueError, match=r"'full' would hold .* Use 'cross', 'temporal'"):
+        reference.attention_sums(q, q, lay, ("full",))
