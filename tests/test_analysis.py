@@ -1,0 +1,218 @@
+"""Analysis: hand-computed small cases for token maps, normalisation, masks, frame matrices, locality, summaries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from attnmap.analysis import (
+    classify_heads,
+    frame_matrix,
+    load_token_map,
+    normalize,
+    summarize,
+    temporal_locality,
+    text_self_attention,
+    token_map,
+    token_mask,
+    top_frames,
+    top_regions,
+    write_summary,
+)
+from attnmap.store import StoreWriter, open_store
+
+
+def test_normalize_by_hand() -> None:
+    x = np.array([[[1.0, 3.0]], [[5.0, 5.0]]])  # (F=2, H=1, W=2)
+    np.testing.assert_allclose(normalize(x, "minmax"), [[[0.0, 0.5]], [[1.0, 1.0]]])
+    np.testing.assert_allclose(
+        normalize(x, "minmax_frame"), [[[0.0, 1.0]], [[0.0, 0.0]]]
+    )  # constant frame -> 0
+    np.testing.assert_allclose(normalize(x, "max"), [[[0.2, 0.6]], [[1.0, 1.0]]])
+    np.testing.assert_allclose(normalize(x, "sum"), [[[1 / 14, 3 / 14]], [[5 / 14, 5 / 14]]], rtol=1e-6)
+    np.testing.assert_array_equal(normalize(torch.ones(2, 2, 2), "minmax"), np.zeros((2, 2, 2)))
+    assert normalize(x, "none").dtype == np.float32
+    with pytest.raises(ValueError, match="method must be one of"):
+        normalize(x, "l2")  # type: ignore[arg-type]
+
+
+def test_token_mask_threshold_and_top_fraction_by_hand() -> None:
+    x = np.array([[[0.0, 1.0], [2.0, 4.0]]])  # minmax -> 0, .25, .5, 1
+    np.testing.assert_array_equal(token_mask(x, threshold=0.3), [[[False, False], [True, True]]])
+    np.testing.assert_array_equal(
+        token_mask(x, threshold=0.5), [[[False, False], [False, True]]]
+    )  # strictly >
+    np.testing.assert_array_equal(token_mask(x, top_fraction=0.25), [[[False, False], [False, True]]])
+    np.testing.assert_array_equal(token_mask(x, top_fraction=0.5), [[[False, False], [True, True]]])
+    np.testing.assert_array_equal(
+        token_mask(x, top_fraction=0.3), [[[False, False], [True, True]]]
+    )  # ceil(1.2)
+    # ties: the earlier position wins
+    np.testing.assert_array_equal(token_mask(np.ones((1, 1, 3)), top_fraction=0.33), [[[True, False, False]]])
+    # per frame: each frame keeps its own top
+    y = np.array([[[1.0, 2.0]], [[10.0, 0.0]]])
+    np.testing.assert_array_equal(
+        token_mask(y, top_fraction=0.5, per_frame=True), [[[False, True]], [[True, False]]]
+    )
+    np.testing.assert_array_equal(token_mask(y, top_fraction=0.5), [[[False, True]], [[True, False]]])
+    np.testing.assert_array_equal(token_mask(y, top_fraction=0.25), [[[False, False]], [[True, False]]])
+    with pytest.raises(ValueError, match="exactly one"):
+        token_mask(x)
+    with pytest.raises(ValueError, match="exactly one"):
+        token_mask(x, threshold=0.1, top_fraction=0.1)
+    with pytest.raises(ValueError, match=r"top_fraction must be in \(0, 1\]"):
+        token_mask(x, top_fraction=0.0)
+
+
+def test_token_map_by_hand() -> None:
+    # 1 CLS-like prefix row, grid (F=2, H=1, W=2) -> 4 video rows, 3 text columns
+    cross = np.array(
+        [
+            [9.0, 9.0, 9.0],  # prefix, dropped
+            [0.1, 0.2, 0.7],
+            [0.3, 0.3, 0.4],
+            [0.5, 0.1, 0.4],
+            [0.0, 0.6, 0.4],
+        ]
+    )
+    got = token_map(cross, [1, 2], (2, 1, 2), prefix=1)
+    np.testing.assert_allclose(got, [[[0.9, 0.7]], [[0.5, 1.0]]], rtol=1e-6)
+    got = token_map(cross, [1, 2], (2, 1, 2), prefix=1, combine="mean")
+    np.testing.assert_allclose(got, [[[0.45, 0.35]], [[0.25, 0.5]]], rtol=1e-6)
+    # leading dims (steps, heads) are averaged
+    stack = torch.from_numpy(np.stack([cross, 3 * cross]))
+    np.testing.assert_allclose(
+        token_map(stack, [0], (2, 1, 2), prefix=1), [[[0.2, 0.6]], [[1.0, 0.0]]], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        token_map(cross, [0], (2, 1, 2), prefix=1, normalize_by="minmax"),
+        [[[0.2, 0.6]], [[1.0, 0.0]]],
+        rtol=1e-6,
+    )
+    with pytest.raises(ValueError, match="cross must be"):
+        token_map(cross, [0], (2, 2, 2))
+    with pytest.raises(ValueError, match="token_indices must be"):
+        token_map(cross, [3], (2, 1, 2), prefix=1)
+
+
+def test_frame_matrix_by_hand_and_against_torch() -> None:
+    # grid (F=2, H=1, W=2): tokens f0:{0,1}, f1:{2,3}
+    a = np.array(
+        [
+            [0.5, 0.5, 0.0, 0.0],
+            [0.2, 0.2, 0.3, 0.3],
+            [0.1, 0.0, 0.9, 0.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
+    np.testing.assert_allclose(frame_matrix(a, (2, 1, 2)), [[0.7, 0.3], [0.05, 0.95]], rtol=1e-6)
+    # reference: a loop over random softmax maps with a CLS prefix
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(2, 3, 1 + 12, 1 + 12), -1)
+    got = frame_matrix(p, (3, 2, 2), prefix=1)
+    ref = torch.zeros(2, 3, 3, 3, dtype=torch.float64)
+    v = p[..., 1:, 1:].double()
+    for i in range(3):
+        for j in range(3):
+            ref[..., i, j] = v[..., i * 4 : (i + 1) * 4, j * 4 : (j + 1) * 4].sum(-1).mean(-1)
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5)
+    with pytest.raises(ValueError, match="attn must be"):
+        frame_matrix(a, (2, 2, 2))
+
+
+def test_temporal_locality_by_hand() -> None:
+    spatial = np.eye(3)
+    even = np.full((3, 3), 1 / 3)
+    t = np.stack([spatial, even, np.array([[0.5, 0.5, 0], [0, 1, 0], [0.2, 0.2, 0.6]])])
+    np.testing.assert_allclose(temporal_locality(t), [1.0, 1 / 3, (0.5 + 1 + 0.6) / 3], rtol=1e-6)
+    # rows that also send mass to text: relative divides by the frame mass
+    part = np.array([[0.4, 0.1], [0.0, 0.5]])
+    np.testing.assert_allclose(temporal_locality(part), 0.9, rtol=1e-6)
+    np.testing.assert_allclose(temporal_locality(part, relative=False), 0.45, rtol=1e-6)
+    # cut = 1/3 + margin * 2/3: 0.667 at the default margin, 0.733 at margin 0.6; the third head has 0.7
+    np.testing.assert_array_equal(classify_heads(temporal_locality(t), 3), ["spatial", "temporal", "spatial"])
+    np.testing.assert_array_equal(
+        classify_heads(temporal_locality(t), 3, margin=0.6), ["spatial", "temporal", "temporal"]
+    )
+    with pytest.raises(ValueError, match=r"\[\.\.\., F, F\]"):
+        temporal_locality(np.ones((2, 3)))
+
+
+def test_text_self_attention_by_hand() -> None:
+    # joint layout: text first (2 tokens) then 2 video tokens; two heads
+    h0 = np.array([[0.5, 0.3, 0.1, 0.1], [0.2, 0.2, 0.3, 0.3], [0, 0, 1, 0], [0, 0, 0, 1]])
+    h1 = np.array([[0.1, 0.1, 0.4, 0.4], [0.0, 0.6, 0.2, 0.2], [0, 0, 1, 0], [0, 0, 0, 1]])
+    both = np.stack([h0, h1])
+    np.testing.assert_allclose(text_self_attention(both, slice(0, 2)), [[0.3, 0.2], [0.1, 0.4]], rtol=1e-6)
+    np.testing.assert_allclose(
+        text_self_attention(both, [0, 1], renormalize=True), [[0.6, 0.4], [0.2, 0.8]], rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="text must select"):
+        text_self_attention(both, [7])
+
+
+def test_top_frames_and_regions_by_hand() -> None:
+    m = np.zeros((3, 2, 2))
+    m[1, 0, 1] = 3.0
+    m[2, 1, 0] = 1.0
+    m[2, 1, 1] = 0.5
+    frames = top_frames(m, 2)
+    assert frames == [{"frame": 1, "share": 3 / 4.5}, {"frame": 2, "share": 1.5 / 4.5}]
+    reg = top_regions(m, 2, mask_top_fraction=3 / 12)
+    assert reg["peaks"] == [
+        {"frame": 1, "row": 0, "col": 1, "value": 3.0},
+        {"frame": 2, "row": 1, "col": 0, "value": 1.0},
+    ]
+    assert reg["box"] == {"frames": [1, 2], "rows": [0, 1], "cols": [0, 1]}
+
+
+def _small_store(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    meta = {"model": "tiny", "prompt": "a (cat)", "targets": {"cat": [1, 2]}, "grid": [3, 2, 2]}
+    with StoreWriter(root, "v", meta, dtype="float32") as w:
+        for s in range(2):
+            cat = np.zeros((3, 2, 2))
+            cat[2, 1, 1] = 1.0 + s
+            cat[0, 0, 0] = 0.5
+            w.write_step(
+                s,
+                {
+                    "token/cat": cat,
+                    "token/cat/block0": cat * 2,
+                    "token/cat/block1": cat * 0,
+                    "temporal": np.eye(3),
+                    "temporal/block0": np.stack([np.eye(3), np.full((3, 3), 1 / 3)]),  # per head
+                    "temporal/block1": np.stack([np.eye(3), np.eye(3)]),
+                    "text": rng.random((4, 4)),
+                },
+            )
+
+
+def test_load_token_map_over_steps_and_blocks(tmp_path: Path) -> None:
+    _small_store(tmp_path)
+    store = open_store(tmp_path)
+    agg = load_token_map(store, "v", "cat")
+    assert agg[2, 1, 1] == pytest.approx(1.5) and agg[0, 0, 0] == pytest.approx(0.5)
+    assert load_token_map(store, "v", "cat", steps=[1])[2, 1, 1] == pytest.approx(2.0)
+    assert load_token_map(store, "v", "cat", steps=[1], combine="mean")[2, 1, 1] == pytest.approx(1.0)
+    # blocks 0 and 1 over both steps: mean of (2, 4) and (0, 0) at the peak
+    assert load_token_map(store, "v", "cat", blocks=[0, 1])[2, 1, 1] == pytest.approx(1.5)
+    assert load_token_map(store, "v", "cat", blocks=[0], steps=[0])[2, 1, 1] == pytest.approx(2.0)
+    np.testing.assert_allclose(load_token_map(store, "v", "cat", normalize_by="max").max(), 1.0)
+
+
+def test_summarize_and_write(tmp_path: Path) -> None:
+    _small_store(tmp_path / "maps")
+    store = open_store(tmp_path / "maps")
+    s = summarize(store, "v", k=1)
+    assert s["video_id"] == "v" and s["model"] == "tiny" and s["steps"] == [0, 1]
+    assert s["tokens"]["cat"]["frames"] == [{"frame": 2, "share": pytest.approx(1.5 / 2.0)}]
+    assert s["tokens"]["cat"]["peaks"][0] == {"frame": 2, "row": 1, "col": 1, "value": 1.5}
+    assert s["temporal_locality"]["blocks"] == {"0": [1.0, pytest.approx(1 / 3)], "1": [1.0, 1.0]}
+    assert s["temporal_locality"]["mean"] == 1.0
+    out = write_summary(store, "v", tmp_path / "out" / "summary.json", k=1)
+    assert json.loads(out.read_text())["tokens"]["cat"]["frames"][0]["frame"] == 2
