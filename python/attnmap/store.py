@@ -701,13 +701,30 @@ class Store:
         return AttentionMap(arr, self._map_meta(video_id, token, name, step, [step], str(path)))
 
     def load_all_steps(self, video_id: str, token: str, *, block: Optional[int] = None) -> list[AttentionMap]:
-        """The maps of one word at every finished step of the current run, in step order."""
+        """The maps of one word at every finished step of the current run, in step order (a
+        corrupt step file raises StoreError naming it)."""
         name = self._token_name(token, block)
         d = self._dir(video_id)
+        meta = self._video_meta(video_id)
+        video = json.loads(json.dumps(meta))  # one copy shared by the maps of this call
+        files = []
+        with os.scandir(d) as it:
+            for e in it:
+                m = _STEP_RE.match(e.name)
+                if m:
+                    files.append((int(m.group(1)), Path(e.path)))
         out = []
-        for s in self.steps(video_id):
-            if name in self._header(d / step_filename(s)).entries:
-                out.append(self.load_step(video_id, token, s, block=block))
+        for step, path in sorted(files):
+            header = self._header(path)
+            if header.metadata.get("run_id") != meta["run_id"] or name not in header.entries:
+                continue
+            arr = self._as_map(_read_tensor(header, name).astype(np.float32, copy=False), name)
+            info = {"video_id": video_id, "token": token, "name": name, "step": step, "steps": [step]}
+            out.append(
+                AttentionMap(
+                    arr, {**info, "stored_dtype": meta.get("dtype"), "file": str(path), "video": video}
+                )
+            )
         if not out:
             raise KeyError(f"token {token!r} has no step maps in video {video_id!r}")
         return out
