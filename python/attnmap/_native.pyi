@@ -1,0 +1,45 @@
+"""Type stubs for attnmap._native, the Rust render core (see rust/src/lib.rs)."""
+
+from typing import Optional
+
+import numpy as np
+
+__version__: str
+
+class AttnmapError(ValueError):
+    """Bad input to attnmap's render core; a ValueError subclass."""
+
+def normalize(
+    maps: np.ndarray,
+    *,
+    mode: str = "global",
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
+    percentile: tuple[float, float] = (1.0, 99.0),
+    gamma: float = 1.0,
+) -> np.ndarray: ...
+def resize(
+    maps: np.ndarray,
+    *,
+    size: tuple[int, int],
+    num_frames: Optional[int] = None,
+    temporal_stride: Optional[int] = None,
+) -> np.ndarray: ...
+def render(
+    maps: np.ndarray,
+    *,
+    size: tuple[int, int],
+    num_frames: Optional[int] = None,
+    temporal_stride: Optional[int] = None,
+    start: int = 0,
+    stop: Optional[int] = None,
+    colormap: str = "hot",
+    background: Optional[np.ndarray] = None,
+    alpha: float = 0.6,
+    alpha_mode: str = "constant",
+    outline: Optional[float] = None,
+    outline_color: tuple[int, int, int] = (255, 255, 255),
+) -> np.ndarray: ...
+def colorize(values: np.ndarray, colormap: str = "hot") -> np.ndarray: ...
+def colormap_table(name: str) -> np.ndarray: ...
+def colormap_names() -> list[str]: ...
