@@ -261,3 +261,46 @@ def test_temporal_rollout_heads_and_leading_dims() -> None:
         np.testing.assert_allclose(got[q], ref, rtol=1e-5)
     with pytest.raises(ValueError, match="must be"):
         temporal_rollout([np.ones((2, 3))])
+
+
+# -- through attnmap.capture and the store ------------------------------------------------------
+@pytest.mark.parametrize("builder", [videomae, vjepa2], ids=["videomae", "vjepa2"])
+def test_rollout_through_capture_and_store(builder: object, tmp_path: object) -> None:
+    import attnmap
+
+    model, kwargs = builder()  # type: ignore[operator]  # SDPA: no attention weights from the model
+    with attnmap.capture(model, reductions=("full",), per_block=True, store=tmp_path, video_id="clip") as rec:
+        with torch.no_grad():
+            model(**kwargs)
+    eager, _ = builder(attn="eager")  # type: ignore[operator]  # same seed: same weights and input
+    with torch.no_grad():
+        ref = rollout(list(eager(**kwargs, output_attentions=True).attentions), cls_index=None)
+    captured = [rec.get("full", block=b) for b in rec.blocks]
+    torch.testing.assert_close(rollout(captured, cls_index=None), ref, rtol=1e-4, atol=1e-5)
+    store = attnmap.open_store(tmp_path)
+    stored = [store.load("clip", f"full/block{b}", 0)[None] for b in store.metadata("clip")["blocks"]]
+    np.testing.assert_allclose(rollout(stored, cls_index=None), ref.numpy(), atol=2e-3)  # float16 storage
+
+
+def test_space_time_rollout_through_capture() -> None:
+    import attnmap
+
+    model, kwargs = timesformer()
+    space: list[torch.Tensor] = []
+    time: list[torch.Tensor] = []
+    hooks = []
+    for name, module in model.named_modules():
+        if name.endswith("temporal_attention.attention.attn_drop"):
+            hooks.append(module.register_forward_hook(lambda m, i, o: time.append(o.detach())))
+        elif name.endswith(".attention.attention.attn_drop"):
+            hooks.append(module.register_forward_hook(lambda m, i, o: space.append(o.detach())))
+    with attnmap.capture(model, reductions=("full",), per_block=True) as rec:
+        with torch.no_grad():
+            model(**kwargs)
+    for h in hooks:
+        h.remove()
+    cap_space = [rec.get("full/space", block=b).flatten(0, 1) for b in rec.blocks]  # [B*F, 1+HW, 1+HW]
+    cap_time = [rec.get("full/time", block=b).flatten(0, 1) for b in rec.blocks]  # [B*HW, F, F]
+    got = space_time_rollout(cap_space, cap_time, num_frames=4)
+    torch.testing.assert_close(got, space_time_rollout(space, time, num_frames=4), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[0], _seed002_reference(space, time, 4).float(), rtol=1e-5, atol=1e-6)

@@ -293,7 +293,8 @@ def downsample_spatial(x: np.ndarray, factor: int) -> np.ndarray:
 
 
 def _is_token_name(name: str) -> bool:
-    return name.startswith("token/")
+    """``token/...`` maps, also those of another guidance branch (``uncond/token/...``)."""
+    return name.startswith("token/") or name.startswith("uncond/token/")
 
 
 def token_of(name: str) -> Optional[tuple[str, Optional[int]]]:
