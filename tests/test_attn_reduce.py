@@ -95,45 +95,54 @@ def _check(
     return out
 
 
-# -- torch streaming backend ---------------------------------------------------------------------
+# -- every streaming backend against the reference ----------------------------------------------
+
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
 
 
-@pytest.fixture
-def tiny_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Blocks of a few rows so that every test crosses block boundaries."""
-    monkeypatch.setattr(ops, "TORCH_BLOCK_ENTRIES", 2 * 2 * 7 * 40)
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
+    """(backend, device) with small blocks, so that every test crosses block boundaries."""
+    name = request.param
+    if name == "torch":
+        monkeypatch.setattr(ops, "TORCH_BLOCK_ENTRIES", 2 * 2 * 7 * 40)
+        return name, "cpu"
+    from attnmap.kernels import attn_reduce
+
+    monkeypatch.setattr(attn_reduce, "_blocks", lambda dtype, d: (16, 16, 4))
+    return name, TRITON_DEVICE
 
 
 @pytest.mark.parametrize("per_head", [False, True], ids=["mean", "per_head"])
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_torch_layouts(name: str, per_head: bool, tiny_blocks: None) -> None:
+def test_layouts(name: str, per_head: bool, backend: tuple[str, str]) -> None:
     lay = LAYOUTS[name]
-    q, k = _inputs(lay, seed=hash(name) % 1000)
+    q, k = _inputs(lay, seed=len(name), device=backend[1])
     probe = torch.tensor([0, lay.num_queries - 1, 3])
-    _check(q, k, lay, "torch", _all(lay), 1e-4, per_head=per_head, probe=probe)
+    _check(q, k, lay, backend[0], _all(lay), 1e-4, per_head=per_head, probe=probe)
 
 
 @pytest.mark.parametrize("d", [32, 64, 80, 96, 128])
-def test_torch_head_dims_and_gqa(d: int, tiny_blocks: None) -> None:
+def test_head_dims_and_gqa(d: int, backend: tuple[str, str]) -> None:
     lay = LAYOUTS["joint-text-first"]
-    q, k = _inputs(lay, heads=6, kv_heads=2, d=d, seed=d)
-    _check(q, k, lay, "torch", ("cross", "temporal", "received"), 1e-4, scale=0.2)
+    q, k = _inputs(lay, heads=6, kv_heads=2, d=d, seed=d, device=backend[1])
+    _check(q, k, lay, backend[0], ("cross", "temporal", "received"), 1e-4, scale=0.2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_torch_half_inputs(dtype: torch.dtype, tiny_blocks: None) -> None:
+def test_half_inputs(dtype: torch.dtype, backend: tuple[str, str]) -> None:
     lay = LAYOUTS["self-prefix"]
-    q, k = _inputs(lay, dtype=dtype)
-    _check(q, k, lay, "torch", ("temporal", "received", "full"), TOL[dtype])
+    q, k = _inputs(lay, dtype=dtype, device=backend[1])
+    _check(q, k, lay, backend[0], ("temporal", "received", "full"), TOL[dtype])
 
 
 @pytest.mark.parametrize(
     "mask_shape", ["bool-BN", "bool-B11N", "bool-BH1N", "add-BN", "add-B11N", "add-BH1N", "bool-1N"]
 )
-def test_torch_masks(mask_shape: str, tiny_blocks: None) -> None:
+def test_masks(mask_shape: str, backend: tuple[str, str]) -> None:
     lay = LAYOUTS["cross"]
-    q, k = _inputs(lay, seed=11)
-    _check_masked(q, k, lay, "torch", mask_shape)
+    q, k = _inputs(lay, seed=11, device=backend[1])
+    _check_masked(q, k, lay, backend[0], mask_shape)
 
 
 def _mask(mask_shape: str, batch: int, heads: int, n: int, device: torch.device) -> torch.Tensor:
@@ -162,7 +171,7 @@ def _check_masked(q: torch.Tensor, k: torch.Tensor, lay: Layout, backend: str, m
         assert torch.equal(out["cross"][-1].cpu(), torch.zeros_like(out["cross"][-1].cpu()))
 
 
-def test_torch_huge_logits_stay_exact(tiny_blocks: None) -> None:
+def test_huge_logits_stay_exact(backend: tuple[str, str]) -> None:
     # integer q and k: q k^T is exact in fp32, scale 1/8 too; logits ~1e4 apart by small integers
     lay = LAYOUTS["self-prefix"]
     g = torch.Generator().manual_seed(3)
@@ -170,11 +179,11 @@ def test_torch_huge_logits_stay_exact(tiny_blocks: None) -> None:
     q[..., 0] = 400.0
     k = torch.randint(-3, 4, (1, 2, lay.num_keys, 64), generator=g).float()
     k[..., 0] = 200.0
-    out = _check(q, k, lay, "torch", ("temporal", "received", "full"), 1e-4)
+    out = _check(q.to(backend[1]), k.to(backend[1]), lay, backend[0], ("temporal", "received", "full"), 1e-4)
     assert float(out["full"].max()) > 0.01
 
 
-def test_torch_lse_one_pass(tiny_blocks: None) -> None:
+def test_lse_one_pass(backend: tuple[str, str]) -> None:
     lay = LAYOUTS["joint-video-first"]
     q, k = _inputs(lay, heads=4, kv_heads=2, seed=8)
     keep = torch.rand(2, lay.num_keys, generator=torch.Generator().manual_seed(1)) > 0.3
@@ -182,34 +191,62 @@ def test_torch_lse_one_pass(tiny_blocks: None) -> None:
     bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
     logits = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.25 + bias[:, None, None, :]
     lse = torch.logsumexp(logits, dim=-1)  # -inf on fully masked rows
+    dev = backend[1]
+    probe = torch.tensor([1])
     out = ops.attention_sums(
-        q,
-        k,
+        q.to(dev),
+        k.to(dev),
         lay,
         _all(lay),
         scale=0.25,
-        key_padding_mask=keep,
-        lse=lse,
-        probe=torch.tensor([1]),
-        backend="torch",
+        key_padding_mask=keep.to(dev),
+        lse=lse.to(dev),
+        probe=probe,
+        backend=backend[0],
     )
-    ref = reference.attention_sums(
-        q, k, lay, _all(lay), scale=0.25, key_padding_mask=keep, probe=torch.tensor([1])
-    )
+    ref = reference.attention_sums(q, k, lay, _all(lay), scale=0.25, key_padding_mask=keep, probe=probe)
     for name in ref:
         assert_close(name, ref[name], out[name], 1e-4)
 
 
-def test_torch_strided_inputs(tiny_blocks: None) -> None:
+def test_strided_inputs(backend: tuple[str, str]) -> None:
     # q and k as SDPA sees them after a transpose from [B, N, H, D]: non-contiguous
     lay = LAYOUTS["joint-text-first"]
-    q, k = _inputs(lay, heads=2, seed=9)
+    q, k = _inputs(lay, heads=2, seed=9, device=backend[1])
     qs, ks = q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2)
     assert not qs.is_contiguous()
-    a = ops.attention_sums(qs, ks, lay, ("cross", "temporal"), backend="torch")
+    a = ops.attention_sums(qs, ks, lay, ("cross", "temporal"), backend=backend[0])
     b = reference.attention_sums(q, k, lay, ("cross", "temporal"))
     for name in a:
         assert_close(name, b[name], a[name], 1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("groups", [2, 3])
+def test_triton_head_groups_and_many_blocks(groups: int) -> None:
+    """Heads split over output slots, 3 x 3 query/key blocks, frames straddling block edges."""
+    from attnmap.kernels.attn_reduce import attn_reduce
+
+    lay = Layout.self_attn(grid=(3, 3, 5), prefix=1)  # 46 tokens: blocks of 16 cut frames of 15
+    q, k = _inputs(lay, heads=6, kv_heads=3, seed=groups, device=TRITON_DEVICE)
+    call = ops.prepare_call(q, k, lay, ("temporal", "received", "full"))
+    out = ops.finish(call, attn_reduce(call, block_m=16, block_n=16, head_groups=groups))
+    ref = reference.attention_sums(q, k, lay, ("temporal", "received", "full"))
+    for name in ref:
+        assert_close(name, ref[name], out[name], 1e-4)
+
+
+@needs_triton
+def test_triton_rejects_bad_tiles() -> None:
+    from attnmap.kernels.attn_reduce import attn_reduce
+
+    lay = LAYOUTS["cross"]
+    q, k = _inputs(lay, device=TRITON_DEVICE)
+    call = ops.prepare_call(q, k, lay, ("cross",))
+    with pytest.raises(ValueError, match="block_m must be a power of two"):
+        attn_reduce(call, block_m=24)
+    with pytest.raises(ValueError, match="head_groups must divide"):
+        attn_reduce(call, head_groups=3)
 
 
 def test_default_backend_on_cpu_is_torch() -> None:

@@ -1,0 +1,419 @@
+# mypy: disable-error-code="no-untyped-def"
+"""Fused attention reduction: softmax(q k^T) formed tile by tile and reduced on chip, never stored.
+
+Two kernels and their launcher :func:`attn_reduce`:
+
+- ``_attn_stats_kernel`` (pass 1, skipped when the caller has the rows' logsumexp): one program per
+  (query block, batch, head) runs over every key block and keeps the row max ``m`` and the sum of
+  ``exp(s - m)`` on chip; it writes ``shift = m`` and ``inv = 1 / sum`` per row. Keeping the exact
+  max (not ``m + log(sum)``) keeps P exact for huge logits.
+- ``_attn_reduce_kernel`` (pass 2): one program per (query block, batch, head group) walks the key
+  blocks of the needed columns; for each it recomputes the logit tile of every head of its group,
+  forms ``P = exp(s - shift) * inv`` and sums the heads in registers. Then, per tile: the dense
+  columns (``cross``/``text``/``full``) are stored once (no atomics: the program owns those rows),
+  the column sums (``received``) take one atomic per key, and the (query frame, key frame) sums
+  (``temporal``) take one scalar atomic per pair of frames the tile touches. Head groups other than
+  one (for parallelism, or one group per head with ``per_head``) write separate slots that the
+  launcher sums.
+
+The plain fp32 torch twin is :mod:`attnmap.reference`. Under ``TRITON_INTERPRET=1`` (set before this
+module is imported) the kernels run on CPU tensors; there the tiles are upcast to fp32 before
+``tl.dot`` because the interpreter's bf16 dot is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from attnmap.ops import AttentionCall, probe_rows
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _scores(
+    q_base,
+    k_base,
+    bias_base,
+    offs_m,
+    offs_n,
+    offs_d,
+    stride_qm,
+    stride_qd,
+    stride_kn,
+    stride_kd,
+    stride_bn,
+    Nq,
+    Nk,
+    D,
+    scale,
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """The logit tile ``scale * q k^T + bias`` [BLOCK_M, BLOCK_N] in fp32; -inf past the last key."""
+    q = tl.load(
+        q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
+        mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    kt = tl.load(
+        k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd,
+        mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D),
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+        kt = kt.to(tl.float32)
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee")
+    else:
+        s = tl.dot(q, kt)
+    s = s * scale
+    if HAS_BIAS:
+        bias = tl.load(bias_base + offs_n.to(tl.int64) * stride_bn, mask=offs_n < Nk, other=0.0)
+        s = s + bias[None, :]
+    return tl.where(offs_n[None, :] < Nk, s, float("-inf"))
+
+
+@triton.jit
+def _attn_stats_kernel(
+    Q,
+    K,
+    Bias,
+    Shift,
+    Inv,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_bb,
+    stride_bh,
+    stride_bn,
+    H,
+    GROUP,
+    Nq,
+    Nk,
+    D,
+    scale,
+    row_lo,
+    row_hi,
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    hk = (h // GROUP).to(tl.int64)
+    offs_m = row_lo + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = Q + b * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b * stride_kb + hk * stride_kh
+    bias_base = Bias + b * stride_bb + h.to(tl.int64) * stride_bh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for n0 in range(0, Nk, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        s = _scores(
+            q_base, k_base, bias_base, offs_m, offs_n, offs_d, stride_qm, stride_qd, stride_kn, stride_kd,
+            stride_bn, Nq, Nk, D, scale, HAS_BIAS, IEEE, UPCAST,
+        )  # fmt: skip
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: nothing to rescale
+        alpha = tl.exp(m_i - m_use)
+        p = tl.exp(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    alive = l_i > 0.0
+    shift = tl.where(alive, m_i, float("inf"))  # every key masked: P = exp(s - inf) = 0
+    inv = tl.where(alive, 1.0 / tl.where(alive, l_i, 1.0), 0.0)
+    out = pid_bh.to(tl.int64) * Nq + offs_m
+    ok = offs_m < row_hi
+    tl.store(Shift + out, shift, mask=ok)
+    tl.store(Inv + out, inv, mask=ok)
+
+
+@triton.jit
+def _attn_reduce_kernel(
+    Q,
+    K,
+    Bias,
+    Shift,
+    Inv,
+    Dense,
+    Received,
+    Temporal,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_bb,
+    stride_bh,
+    stride_bn,
+    stride_db,
+    stride_dg,
+    stride_dm,
+    H,
+    GROUP,
+    G,
+    HEADS_PER_PROG,
+    Nq,
+    Nk,
+    D,
+    scale,
+    row_lo,
+    row_hi,
+    k_lo,
+    k_hi,
+    dense_c_lo,
+    dense_c_hi,
+    vq_lo,
+    vk_lo,
+    Nv,
+    HW,
+    F,
+    HAS_BIAS: tl.constexpr,
+    USE_INV: tl.constexpr,
+    DENSE: tl.constexpr,
+    RECEIVED: tl.constexpr,
+    TEMPORAL: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16)
+    pid_m = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // G
+    g = pid_bg % G
+    b64 = b.to(tl.int64)
+    m0 = row_lo + pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < row_hi
+    slot = b64 * G + g  # the [B, G] slot of this program's outputs
+    # query frame of each row (-1: not a video query) and the frames this block touches
+    qv = offs_m - vq_lo
+    q_frame = tl.where(row_ok & (qv >= 0) & (qv < Nv), qv // HW, -1)
+    qf_first = (tl.maximum(m0, vq_lo) - vq_lo) // HW
+    qf_last = (tl.minimum(tl.minimum(m0 + BLOCK_M, row_hi), vq_lo + Nv) - 1 - vq_lo) // HW
+    for n0 in range(k_lo, k_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for j in range(0, HEADS_PER_PROG):
+            h = g * HEADS_PER_PROG + j
+            h64 = h.to(tl.int64)
+            hk = (h // GROUP).to(tl.int64)
+            s = _scores(
+                Q + b64 * stride_qb + h64 * stride_qh, K + b64 * stride_kb + hk * stride_kh,
+                Bias + b64 * stride_bb + h64 * stride_bh, offs_m, offs_n, offs_d, stride_qm, stride_qd,
+                stride_kn, stride_kd, stride_bn, Nq, Nk, D, scale, HAS_BIAS, IEEE, UPCAST,
+            )  # fmt: skip
+            stats = (b64 * H + h64) * Nq + offs_m
+            shift = tl.load(Shift + stats, mask=row_ok, other=float("inf"))
+            p = tl.exp(s - shift[:, None])
+            if USE_INV:
+                inv = tl.load(Inv + stats, mask=row_ok, other=0.0)
+                p = p * inv[:, None]
+            acc += p
+        acc = tl.where(row_ok[:, None], acc, 0.0)
+        if DENSE:
+            cols_ok = (offs_n >= dense_c_lo) & (offs_n < dense_c_hi)
+            ptr = (
+                Dense
+                + b64 * stride_db
+                + g.to(tl.int64) * stride_dg
+                + (offs_m - row_lo)[:, None].to(tl.int64) * stride_dm
+                + (offs_n - dense_c_lo)[None, :]
+            )
+            tl.store(ptr, acc, mask=row_ok[:, None] & cols_ok[None, :])
+        if RECEIVED:
+            tl.atomic_add(Received + slot * Nk + offs_n, tl.sum(acc, 0), mask=offs_n < Nk)
+        if TEMPORAL:
+            kv = offs_n - vk_lo
+            k_frame = tl.where((kv >= 0) & (kv < Nv) & (offs_n < Nk), kv // HW, -1)
+            kf_first = (tl.maximum(n0, vk_lo) - vk_lo) // HW
+            kf_last = (tl.minimum(tl.minimum(n0 + BLOCK_N, Nk), vk_lo + Nv) - 1 - vk_lo) // HW
+            for fj in range(kf_first, kf_last + 1):
+                seg = tl.sum(tl.where(k_frame[None, :] == fj, acc, 0.0), 1)
+                for fi in range(qf_first, qf_last + 1):
+                    mass = tl.sum(tl.where(q_frame == fi, seg, 0.0), 0)
+                    tl.atomic_add(Temporal + (slot * F + fi) * F + fj, mass)
+
+
+def _pow2(n: int, low: int) -> int:
+    return max(low, triton.next_power_of_2(n))
+
+
+def _blocks(dtype: torch.dtype, d: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for a dtype and head dim."""
+    if INTERPRET:
+        return 32, 32, 4
+    if dtype == torch.float32:
+        return 64, 32, 4
+    if d > 128:
+        return 64, 32, 4
+    return 128, 64, 8
+
+
+def _head_groups(call: AttentionCall, m_blocks: int) -> int:
+    """Split the heads into groups (separate output slots) until the grid fills the GPU twice."""
+    h = call.heads
+    if call.per_head:
+        return h
+    if INTERPRET or not call.q.is_cuda:
+        return 1
+    target = 2 * torch.cuda.get_device_properties(call.q.device).multi_processor_count
+    for g in range(1, h + 1):
+        if h % g == 0 and m_blocks * call.batch * g >= target:
+            return g
+    return h
+
+
+def attn_reduce(
+    call: AttentionCall,
+    *,
+    block_m: Optional[int] = None,
+    block_n: Optional[int] = None,
+    head_groups: Optional[int] = None,
+) -> dict[str, torch.Tensor]:
+    """Launch the kernels for one validated call (see :func:`attnmap.ops.prepare_call`).
+
+    Args:
+        call: q ``[B, H, Nq, D]``, k ``[B, Hk, Nk, D]`` (any strides), layout, reductions, mask, lse.
+        block_m, block_n: tile sizes (powers of two >= 16); chosen from dtype and D when None.
+        head_groups: output slots the heads are split into (a divisor of H; H with ``per_head``).
+
+    Returns:
+        raw sums ``[B, Hs, ...]`` per reduction (Hs = H with ``per_head``, else 1 = summed over
+        heads; ``temporal`` summed over the rows of the query frame, ``received`` over all rows), as
+        :func:`attnmap.ops.finish` takes them.
+    """
+    q, k, lay = call.q, call.k, call.layout
+    b, h, nq, d = (int(s) for s in q.shape)
+    nk = call.num_keys
+    if not (q.is_cuda or INTERPRET):
+        raise ValueError(
+            f"q must be a CUDA tensor for the Triton kernel (or set TRITON_INTERPRET=1), got {q.device}"
+        )
+    if d > 256:
+        raise ValueError(f"q and k: head dim D must be at most 256 for the Triton kernel, got {d}")
+    wanted = set(call.reductions)
+    dev, f32 = q.device, torch.float32
+    bm_default, bn_default, warps = _blocks(q.dtype, d)
+    bm, bn = block_m or bm_default, block_n or bn_default
+    for name, value in (("block_m", bm), ("block_n", bn)):
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    bd = _pow2(d, 16)
+    ieee = q.dtype == torch.float32
+    upcast = INTERPRET
+
+    # which rows, key columns and dense columns the requested reductions need
+    row_lo, row_hi = call.row_range()
+    if wanted & {"received", "full"}:
+        k_lo, k_hi = 0, nk
+    else:
+        spans = []
+        if wanted & {"cross", "text"} and lay.text_k is not None:
+            spans.append(lay.text_k)
+        if "temporal" in wanted and lay.video_k is not None:
+            spans.append(lay.video_k)
+        k_lo, k_hi = (min(s.start for s in spans), max(s.stop for s in spans)) if spans else (0, 0)
+    if "full" in wanted:
+        c_lo, c_hi = 0, nk
+    elif wanted & {"cross", "text"} and lay.text_k is not None:
+        c_lo, c_hi = lay.text_k.start, lay.text_k.stop
+    else:
+        c_lo, c_hi = 0, 0
+    dense = c_hi > c_lo
+
+    m_blocks = triton.cdiv(max(row_hi - row_lo, 0), bm)
+    groups = head_groups or _head_groups(call, m_blocks)
+    if groups < 1 or h % groups:
+        raise ValueError(f"head_groups must divide the {h} heads, got {groups}")
+    per_prog = h // groups
+
+    bias = call.bias if call.bias is not None else torch.zeros(1, 1, 1, dtype=f32, device=dev)
+    bias_strides = (bias.stride(0), bias.stride(1) if bias.shape[1] > 1 else 0, bias.stride(2))
+    if call.lse is not None:
+        shift = torch.where(torch.isneginf(call.lse), torch.full_like(call.lse, float("inf")), call.lse)
+        shift = shift.contiguous()
+        inv = shift  # unused (USE_INV is off)
+    else:
+        shift = torch.full((b, h, nq), float("inf"), dtype=f32, device=dev)
+        inv = torch.zeros((b, h, nq), dtype=f32, device=dev)
+        if m_blocks:
+            _attn_stats_kernel[(m_blocks, b * h)](
+                q, k, bias, shift, inv, *q.stride(), *k.stride(), *bias_strides,
+                h, h // call.kv_heads, nq, nk, d, call.scale, row_lo, row_hi,
+                HAS_BIAS=call.bias is not None, IEEE=ieee, UPCAST=upcast,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
+            )  # fmt: skip
+
+    rows = max(row_hi - row_lo, 0)
+    dense_buf = torch.zeros((b, groups, rows, c_hi - c_lo) if dense else (1, 1, 1, 1), dtype=f32, device=dev)
+    received = torch.zeros((b, groups, nk) if "received" in wanted else (1,), dtype=f32, device=dev)
+    frames = lay.frames
+    temporal = torch.zeros(
+        (b, groups, frames, frames) if "temporal" in wanted else (1,), dtype=f32, device=dev
+    )
+    if m_blocks and k_hi > k_lo:
+        vk = lay.video_k if lay.video_k is not None else slice(0, 0)
+        _attn_reduce_kernel[(m_blocks, b * groups)](
+            q, k, bias, shift, inv, dense_buf, received, temporal,
+            *q.stride(), *k.stride(), *bias_strides,
+            dense_buf.stride(0), dense_buf.stride(1), dense_buf.stride(2),
+            h, h // call.kv_heads, groups, per_prog, nq, nk, d, call.scale,
+            row_lo, row_hi, k_lo, k_hi, c_lo, c_hi,
+            lay.video_q.start, vk.start, lay.num_video, lay.frame_tokens, frames,
+            HAS_BIAS=call.bias is not None, USE_INV=call.lse is None, DENSE=dense,
+            RECEIVED="received" in wanted, TEMPORAL="temporal" in wanted, IEEE=ieee, UPCAST=upcast,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
+        )  # fmt: skip
+
+    def slots(t: torch.Tensor) -> torch.Tensor:
+        """[B, G, ...] group slots -> [B, Hs, ...]: per head as is, else summed."""
+        return t if call.per_head else t.sum(dim=1, keepdim=True)
+
+    sums: dict[str, torch.Tensor] = {}
+    dense_sum = slots(dense_buf)
+    if "cross" in wanted:
+        vq, tk = lay.video_q, lay.text_k
+        assert tk is not None
+        sums["cross"] = dense_sum[
+            :, :, vq.start - row_lo : vq.stop - row_lo, tk.start - c_lo : tk.stop - c_lo
+        ]
+    if "text" in wanted:
+        tq, tk = lay.text_q, lay.text_k
+        assert tq is not None and tk is not None
+        sums["text"] = dense_sum[:, :, tq.start - row_lo : tq.stop - row_lo, tk.start - c_lo : tk.stop - c_lo]
+    if "full" in wanted:
+        sums["full"] = dense_sum
+    if "received" in wanted:
+        sums["received"] = slots(received)
+    if "temporal" in wanted:
+        sums["temporal"] = slots(temporal)
+    if "probe" in wanted:
+        sums["probe"] = probe_rows(call, k.to(f32).transpose(-1, -2))
+    return {name: t.contiguous() for name, t in sums.items()}
