@@ -1,0 +1,695 @@
+"""Render a store's maps to videos: one token, a grid of tokens, one video's every token, a whole store.
+
+The kinds of output (all streamed in chunks through :func:`attnmap.render.iter_frames`, so memory stays
+bounded, then encoded by :func:`attnmap.render.write_video`):
+
+- the step evolution: each diffusion step's map (mean over latent frames) in turn, with
+  ``interpolation_steps`` blended frames between consecutive steps (:func:`render_token`, ``mode="steps"``);
+- the aggregated map following the video's own frames: latent frames mapped to video frames by the VAE
+  temporal stride, or onto the original video's frames; a map with one frame is held as a still for
+  ``static_duration`` seconds (``mode="aggregated"``);
+- the overlay of either on the original video (``original_video=``), with an optional outline of the
+  thresholded mask;
+- a grid of several tokens side by side with their words (:func:`render_grid`);
+- a colour bar and labels of the token, step and time drawn into the frames.
+
+:func:`render_video` is what capture calls at the end of a video when ``auto_generate_per_video`` is set:
+it writes ``<video_id>_<token>_attention.<fmt>`` and, when an original video is known,
+``<video_id>_<token>_overlay.<fmt>`` for every token. :func:`render_store` does it for every video.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from attnmap.config import VisualizationParams
+    from attnmap.store import Store
+
+PathLike = Union[str, "os.PathLike[str]"]
+Mode = Literal["aggregated", "steps"]
+NORMALIZE = ("global", "frame", "percentile")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mkv", ".mov")
+_CHUNK = 16
+_MIN_SIDE = 256  # a map with no known video size is scaled up to at least this many pixels high
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """How a rendered attention video looks.
+
+    Attributes:
+        colormap: a colormap of :func:`attnmap.render.colormap_names`.
+        fps: frames per second of the output.
+        alpha: heatmap opacity over the original video, in [0, 1].
+        normalize: ``"global"`` (min-max over the whole video), ``"frame"`` (per frame) or ``"percentile"``
+            (clip to the 1st-99th percentile).
+        threshold: None, or a level in (0, 1) of the min-max normalised map whose mask outline is drawn.
+        interpolation_steps: blended frames between consecutive steps of a step-evolution video.
+        static_duration: seconds a one-frame map is held.
+        colorbar: draw a colour bar at the right edge.
+        labels: draw the token, step and time into the frames.
+        timestamp: add the time of each frame to the label.
+        video_format: container used when the output name has no suffix (mp4, webm, gif, mkv, mov).
+    """
+
+    colormap: str = "hot"
+    fps: int = 10
+    alpha: float = 0.6
+    normalize: str = "global"
+    threshold: Optional[float] = None
+    interpolation_steps: int = 2
+    static_duration: float = 3.0
+    colorbar: bool = True
+    labels: bool = True
+    timestamp: bool = False
+    video_format: str = "mp4"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.alpha) <= 1.0:
+            raise ValueError(f"overlay alpha must be in [0, 1], got {self.alpha}")
+        if isinstance(self.fps, bool) or int(self.fps) != self.fps or self.fps < 1:
+            raise ValueError(f"fps must be an int >= 1, got {self.fps!r}")
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}")
+        if self.threshold is not None and not 0.0 < float(self.threshold) < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if int(self.interpolation_steps) != self.interpolation_steps or self.interpolation_steps < 0:
+            raise ValueError(f"interpolation_steps must be an int >= 0, got {self.interpolation_steps!r}")
+        if not self.static_duration > 0:
+            raise ValueError(f"static_duration must be > 0 seconds, got {self.static_duration}")
+        if "." + str(self.video_format).lower() not in VIDEO_SUFFIXES:
+            names = ", ".join(s[1:] for s in VIDEO_SUFFIXES)
+            raise ValueError(f"video_format must be one of {names}, got {self.video_format!r}")
+
+    @classmethod
+    def from_params(cls, params: Optional[VisualizationParams] = None, **overrides: Any) -> RenderOptions:
+        """Options from the config's ``visualization_params`` (any object with its attributes), then
+        ``overrides``."""
+        base: dict[str, Any] = {}
+        if params is not None:
+            pairs = {
+                "colormap": "colormap",
+                "fps": "fps",
+                "alpha": "overlay_alpha",
+                "interpolation_steps": "interpolation_steps",
+                "static_duration": "static_duration",
+                "colorbar": "include_colorbar",
+                "video_format": "video_format",
+            }
+            base = {
+                mine: getattr(params, theirs) for mine, theirs in pairs.items() if hasattr(params, theirs)
+            }
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+
+def safe_name(name: str) -> str:
+    """A word or video id as a file-name part: runs of anything but letters, digits, ``-`` and ``.`` become
+    ``_`` (a leading dot too), at most 80 characters."""
+    out = re.sub(r"[^A-Za-z0-9.-]+", "_", str(name)).strip("_")
+    out = re.sub(r"^\.+", "_", out)[:80]
+    return out or "_"
+
+
+def output_path(out_dir: PathLike, video_id: str, token: str, kind: str, video_format: str = "mp4") -> Path:
+    """``<out_dir>/<video_id>_<token>_<kind>.<video_format>`` with both names made safe."""
+    return Path(out_dir) / f"{safe_name(video_id)}_{safe_name(token)}_{kind}.{video_format.lower()}"
+
+
+# -- what to draw ------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """One token's maps and how they map to output frames."""
+
+    maps: np.ndarray  # [M, h, w] float32
+    num_frames: Optional[int]  # output frames (linear in time), or None with a stride
+    temporal_stride: Optional[int]
+    labels: list[str]  # one label per output frame
+    background: Optional[np.ndarray]  # [T, H, W, 3] uint8, T = output frames
+    vmin: Optional[float]
+    vmax: Optional[float]
+
+    @property
+    def frames(self) -> int:
+        return len(self.labels)
+
+
+def _video_meta(store: Store, video_id: str) -> dict[str, Any]:
+    meta = store.metadata(video_id)
+    video = meta.get("video")
+    return video if isinstance(video, dict) else {}
+
+
+def _vae_stride(store: Store, video_id: str) -> Optional[int]:
+    stride = store.metadata(video_id).get("vae_stride")
+    if isinstance(stride, (list, tuple)) and stride and int(stride[0]) >= 1:
+        return int(stride[0])
+    return None
+
+
+def output_size(store: Store, video_id: str, map_hw: tuple[int, int]) -> tuple[int, int]:
+    """The frame size (H, W) of a video's renders: the generated video's size from the metadata, else the
+    map scaled up to at least 256 pixels high; both rounded up to even (what H.264 needs)."""
+    video = _video_meta(store, video_id)
+    try:
+        height, width = int(video["height"]), int(video["width"])
+    except (KeyError, TypeError, ValueError):
+        scale = max(1, math.ceil(_MIN_SIDE / max(1, map_hw[0])))
+        height, width = map_hw[0] * scale, map_hw[1] * scale
+    return height + height % 2, width + width % 2
+
+
+def known_original(store: Store, video_id: str) -> Optional[Path]:
+    """The original (generated) video recorded in the metadata (``video.path``, relative paths taken from
+    the store root), when it exists on disk."""
+    meta = store.metadata(video_id)
+    video = meta.get("video")
+    video = video if isinstance(video, dict) else {}
+    for value in (video.get("path"), meta.get("video_path"), meta.get("original_video")):
+        if isinstance(value, str) and value:
+            path = Path(value)
+            path = path if path.is_absolute() else Path(store.root) / path
+            if path.is_file():
+                return path
+    return None
+
+
+def _range(maps: np.ndarray, normalize: str) -> tuple[Optional[float], Optional[float], str]:
+    """vmin, vmax and the render normalisation, computed on the small maps."""
+    finite = maps[np.isfinite(maps)]
+    if normalize == "frame" or finite.size == 0:
+        return None, None, "frame" if normalize == "frame" else "global"
+    if normalize == "percentile":
+        lo, hi = np.percentile(finite, [1.0, 99.0])
+    else:
+        lo, hi = finite.min(), finite.max()
+    lo, hi = float(lo), float(hi)
+    if hi <= lo:
+        hi = lo + 1.0  # a constant map: shown as its lowest colour
+    return lo, hi, "fixed"
+
+
+def _select_steps(available: list[int], steps: Optional[Sequence[int]], video_id: str) -> list[int]:
+    if steps is None:
+        return available
+    missing = [s for s in steps if s not in available]
+    if missing:
+        raise ValueError(f"steps {missing} are not stored for video {video_id!r}; it has steps {available}")
+    return list(steps)
+
+
+def _load_background(path: PathLike, frames: Optional[int] = None) -> tuple[np.ndarray, float]:
+    import attnmap.render as render
+
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"original video {str(path)!r} does not exist")
+    video, fps = render.read_video(source)
+    if video.shape[0] == 0:
+        raise ValueError(f"original video {str(path)!r} has no frames")
+    if frames is not None and frames != video.shape[0]:
+        idx = np.linspace(0, video.shape[0] - 1, frames).round().astype(np.int64)
+        video = video[idx]
+    return video, fps
+
+
+def _even(video: np.ndarray) -> np.ndarray:
+    h, w = video.shape[1:3]
+    return video[:, : h - h % 2, : w - w % 2] if (h % 2 or w % 2) else video
+
+
+def plan_token(
+    store: Store,
+    video_id: str,
+    token: str,
+    *,
+    options: RenderOptions,
+    mode: Mode = "aggregated",
+    steps: Optional[Sequence[int]] = None,
+    original_video: Optional[PathLike] = None,
+) -> tuple[_Plan, tuple[int, int]]:
+    """Load one token's maps and decide the output frames (see the module docstring)."""
+    if mode not in ("aggregated", "steps"):
+        raise ValueError(f"mode must be 'aggregated' or 'steps', got {mode!r}")
+    tokens = store.tokens(video_id)
+    if token not in tokens:
+        raise KeyError(f"token {token!r} is not stored for video {video_id!r}; it has {tokens}")
+    fps = options.fps
+    if mode == "steps":
+        available = [m.metadata["step"] for m in store.load_all_steps(video_id, token)]
+        chosen = _select_steps(available, steps, video_id)
+        per_step = np.stack([store.load_step(video_id, token, s).map.mean(axis=0) for s in chosen])
+        k = options.interpolation_steps
+        if len(chosen) > 1 and k > 0:
+            weights = np.arange(1, k + 1, dtype=np.float32) / (k + 1)
+            parts = []
+            for a, b in zip(per_step[:-1], per_step[1:]):
+                parts.append(a[None])
+                parts.append(a[None] * (1 - weights[:, None, None]) + b[None] * weights[:, None, None])
+            parts.append(per_step[-1:])
+            maps = np.concatenate(parts).astype(np.float32)
+            owners = [chosen[i // (k + 1)] for i in range(maps.shape[0])]
+        else:
+            maps, owners = per_step.astype(np.float32), list(chosen)
+        labels = [f"{token} | step {s} ({chosen.index(s) + 1}/{len(chosen)})" for s in owners]
+        num_frames: Optional[int] = maps.shape[0]
+        stride = None
+    else:
+        if steps is not None:
+            chosen = _select_steps(
+                [m.metadata["step"] for m in store.load_all_steps(video_id, token)], steps, video_id
+            )
+            maps = np.mean([store.load_step(video_id, token, s).map for s in chosen], axis=0).astype(
+                np.float32
+            )
+            what = f"mean of steps {chosen[0]}..{chosen[-1]}" if len(chosen) > 1 else f"step {chosen[0]}"
+        else:
+            maps = store.aggregated(video_id, token).map.astype(np.float32)
+            what = "mean of steps"
+        labels = []
+        stride = None
+        num_frames = None
+        if maps.shape[0] == 1:
+            num_frames = max(1, round(options.static_duration * fps))
+        else:
+            meta_frames = _video_meta(store, video_id).get("frames")
+            stride = _vae_stride(store, video_id)
+            if (
+                isinstance(meta_frames, int)
+                and meta_frames > 0
+                and (stride is None or meta_frames != 1 + (maps.shape[0] - 1) * stride)
+            ):
+                num_frames, stride = meta_frames, None
+            elif stride is None:
+                num_frames = maps.shape[0]
+        total = num_frames if num_frames is not None else 1 + (maps.shape[0] - 1) * int(stride or 1)
+        labels = [f"{token} | {what}" for _ in range(total)]
+
+    background = None
+    if original_video is not None:
+        if mode == "aggregated" and maps.shape[0] > 1:
+            background, _ = _load_background(original_video)
+            num_frames, stride = background.shape[0], None
+            labels = [labels[0]] * background.shape[0]
+        else:
+            background, _ = _load_background(original_video, len(labels))
+        background = _even(background)
+        size = (background.shape[1], background.shape[2])
+    else:
+        size = output_size(store, video_id, (maps.shape[1], maps.shape[2]))
+    if options.timestamp:
+        labels = [f"{label} | t={i / fps:.2f}s" for i, label in enumerate(labels)]
+    vmin, vmax, _ = _range(maps, options.normalize)
+    if options.colorbar and vmin is not None and vmax is not None:
+        labels = [f"{label} | scale {vmin:.3g}..{vmax:.3g}" for label in labels]
+    return _Plan(maps, num_frames, stride, labels, background, vmin, vmax), size
+
+
+# -- drawing -----------------------------------------------------------------------------------
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def draw_label(frame: np.ndarray, text: str, *, corner: tuple[int, int] = (0, 0)) -> None:
+    """Draw ``text`` in white on a dark box into ``frame`` ``[H, W, 3]`` uint8, in place."""
+    from PIL import Image, ImageDraw
+
+    height, width = frame.shape[:2]
+    size = max(9, min(height, width) // 18)
+    font = _font(size)
+    y0, x0 = corner
+    box_h = min(height - y0, size + 8)
+    box_w = min(width - x0, int(size * 0.62 * len(text)) + 12)
+    if box_h <= 0 or box_w <= 0:
+        return
+    region = frame[y0 : y0 + box_h, x0 : x0 + box_w]
+    image = Image.fromarray(np.ascontiguousarray(region) // 3)
+    ImageDraw.Draw(image).text((5, 3), text, fill=(255, 255, 255), font=font)
+    region[...] = np.asarray(image)
+
+
+def colorbar_strip(height: int, width: int, colormap: str) -> np.ndarray:
+    """A vertical colour bar ``[H', w, 3]`` uint8 (high values on top) to paste at a frame's right edge:
+    ``w = max(6, width // 40)`` wide and 80% of ``height`` high."""
+    import attnmap.render as render
+
+    bar_w = max(6, width // 40)
+    bar_h = max(2, int(height * 0.8))
+    ramp = np.linspace(1.0, 0.0, bar_h, dtype=np.float32)[:, None].repeat(2, axis=1)
+    return render.frames(ramp, size=(bar_h, bar_w), colormap=colormap, normalize="fixed", vmin=0.0, vmax=1.0)[
+        0
+    ]
+
+
+def _paste_colorbar(frame: np.ndarray, strip: np.ndarray) -> None:
+    height, width = frame.shape[:2]
+    top = (height - strip.shape[0]) // 2
+    left = width - strip.shape[1] - max(2, width // 100)
+    if left < 0:
+        return
+    frame[top : top + strip.shape[0], left : left + strip.shape[1]] = strip
+
+
+def _chunks(plan: _Plan, size: tuple[int, int], options: RenderOptions) -> Iterator[np.ndarray]:
+    import attnmap.render as render
+
+    _, _, how = _range(plan.maps, options.normalize)
+    kwargs: dict[str, Any] = {
+        "size": size,
+        "colormap": options.colormap,
+        "normalize": how,
+        "chunk": _CHUNK,
+    }
+    if how == "fixed":
+        kwargs.update(vmin=plan.vmin, vmax=plan.vmax)
+    if plan.temporal_stride is not None:
+        kwargs["temporal_stride"] = plan.temporal_stride
+    else:
+        kwargs["num_frames"] = plan.frames
+    if plan.background is not None:
+        kwargs.update(background=plan.background, alpha=options.alpha)
+    if options.threshold is not None:
+        kwargs["outline"] = options.threshold
+    yield from render.iter_frames(plan.maps, **kwargs)
+
+
+def _decorate(
+    chunks: Iterable[np.ndarray],
+    labels: Sequence[str],
+    strip: Optional[np.ndarray],
+    draw: bool,
+    progress: Any,
+) -> Iterator[np.ndarray]:
+    index = 0
+    for chunk in chunks:
+        if draw:
+            for frame in chunk:
+                draw_label(frame, labels[min(index, len(labels) - 1)])
+                index += 1
+        else:
+            index += chunk.shape[0]
+        if strip is not None:
+            for frame in chunk:
+                _paste_colorbar(frame, strip)
+        if progress is not None:
+            progress.update(chunk.shape[0])
+        yield chunk
+
+
+def _progress(total: int, desc: str, quiet: bool) -> Any:
+    if quiet:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="frame", file=sys.stderr, leave=False)
+
+
+def _target(output: PathLike, options: RenderOptions) -> Path:
+    out = Path(output)
+    if out.suffix.lower() not in VIDEO_SUFFIXES:
+        if out.suffix:
+            names = ", ".join(VIDEO_SUFFIXES)
+            raise ValueError(f"output must end in one of {names}, got {str(output)!r}")
+        out = out.with_suffix("." + options.video_format.lower())
+    return out
+
+
+def _write(chunks: Iterable[np.ndarray], out: Path, fps: int) -> Path:
+    import attnmap.render as render
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(render.write_video(chunks, out, fps=fps))
+
+
+def render_token(
+    store: Store,
+    video_id: str,
+    token: str,
+    output: PathLike,
+    *,
+    options: Optional[RenderOptions] = None,
+    mode: Mode = "aggregated",
+    steps: Optional[Sequence[int]] = None,
+    original_video: Optional[PathLike] = None,
+    quiet: bool = True,
+) -> Path:
+    """Render one token of a stored video to a video file.
+
+    Args:
+        store: an opened store (:func:`attnmap.open_store`).
+        video_id: the video.
+        token: one of ``store.tokens(video_id)``.
+        output: the video file (``.mp4``, ``.webm``, ``.gif``, ``.mkv``, ``.avi``; no suffix: the options'
+            ``video_format``).
+        options: how it looks (:class:`RenderOptions`).
+        mode: ``"aggregated"`` (the step mean following the video's frames) or ``"steps"`` (the step
+            evolution).
+        steps: the steps to use (default: all stored).
+        original_video: a video file to overlay the heatmap on.
+        quiet: no progress bar on stderr.
+
+    Returns:
+        The path written.
+    """
+    options = options or RenderOptions()
+    out = _target(output, options)
+    plan, size = plan_token(
+        store, video_id, token, options=options, mode=mode, steps=steps, original_video=original_video
+    )
+    strip = colorbar_strip(size[0], size[1], options.colormap) if options.colorbar else None
+    bar = _progress(plan.frames, f"{video_id}/{token}", quiet)
+    try:
+        return _write(
+            _decorate(_chunks(plan, size, options), plan.labels, strip, options.labels, bar), out, options.fps
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def render_grid(
+    store: Store,
+    video_id: str,
+    tokens: Sequence[str],
+    output: PathLike,
+    *,
+    options: Optional[RenderOptions] = None,
+    mode: Mode = "aggregated",
+    steps: Optional[Sequence[int]] = None,
+    original_video: Optional[PathLike] = None,
+    max_width: int = 1920,
+    quiet: bool = True,
+) -> Path:
+    """Render several tokens side by side, each panel labelled with its word (each normalised on its own).
+
+    Args:
+        store: an opened store.
+        video_id: the video.
+        tokens: two or more stored words (one works too).
+        output: the video file.
+        options: how it looks; the colour bar is drawn once, at the right.
+        mode: as in :func:`render_token`.
+        steps: as in :func:`render_token`.
+        original_video: overlay every panel on this video.
+        max_width: panels are scaled down so that the grid is at most this wide.
+        quiet: no progress bar.
+
+    Returns:
+        The path written.
+    """
+    options = options or RenderOptions()
+    if not tokens:
+        raise ValueError("tokens must name at least one stored word, got none")
+    out = _target(output, options)
+    plans = [
+        plan_token(store, video_id, t, options=options, mode=mode, steps=steps, original_video=original_video)
+        for t in tokens
+    ]
+    height, width = plans[0][1]
+    scale = min(1.0, max_width / (width * len(tokens)))
+    panel = (max(2, int(height * scale) // 2 * 2), max(2, int(width * scale) // 2 * 2))
+    frames = plans[0][0].frames
+    for plan, _ in plans:
+        if plan.background is not None and plan.background.shape[1:3] != panel:
+            plan.background = _resize_frames(plan.background, panel)
+    streams = [_chunks(replace(p, labels=p.labels[:frames]), panel, options) for p, _ in plans]
+
+    def grid_chunks() -> Iterator[np.ndarray]:
+        index = 0
+        for parts in zip(*streams):
+            n = min(p.shape[0] for p in parts)
+            tiles = [np.ascontiguousarray(p[:n]) for p in parts]
+            if options.labels:
+                for (plan, _), tile in zip(plans, tiles):
+                    for i, frame in enumerate(tile):
+                        draw_label(frame, plan.labels[min(index + i, len(plan.labels) - 1)])
+            index += n
+            yield np.concatenate(tiles, axis=2)
+
+    strip = colorbar_strip(panel[0], panel[1], options.colormap) if options.colorbar else None
+    bar = _progress(frames, f"{video_id} grid", quiet)
+    try:
+        return _write(_decorate(grid_chunks(), [], strip, False, bar), out, options.fps)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _resize_frames(video: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of uint8 frames ``[T, H, W, 3]`` to ``size`` (for grid panels)."""
+    rows = (np.arange(size[0]) * video.shape[1] / size[0]).astype(np.int64)
+    cols = (np.arange(size[1]) * video.shape[2] / size[1]).astype(np.int64)
+    return np.ascontiguousarray(video[:, rows][:, :, cols])
+
+
+def render_video(
+    root: PathLike,
+    video_id: str,
+    out_dir: PathLike,
+    params: Optional[VisualizationParams] = None,
+    *,
+    original_video: Optional[PathLike] = None,
+    tokens: Optional[Sequence[str]] = None,
+    quiet: bool = True,
+) -> list[Path]:
+    """Render every token of one stored video into ``out_dir``.
+
+    Writes ``<video_id>_<token>_attention.<fmt>`` (the step-aggregated map following the video's frames)
+    and, when an original video is known (``original_video`` or the metadata's ``video.path``),
+    ``<video_id>_<token>_overlay.<fmt>``. This is what capture runs at the end of each video with
+    ``auto_generate_per_video``.
+
+    Args:
+        root: the store root.
+        video_id: the video.
+        out_dir: the output folder (made if missing).
+        params: the config's ``visualization_params`` (default: its defaults).
+        original_video: the generated video to overlay on.
+        tokens: the words to render (default: every stored word).
+        quiet: no progress bars.
+
+    Returns:
+        The paths written, attention then overlay for each token.
+    """
+    from attnmap.store import open_store
+
+    store = open_store(root)
+    options = RenderOptions.from_params(params)
+    original = Path(original_video) if original_video is not None else known_original(store, video_id)
+    if original is not None and not original.is_file():
+        raise FileNotFoundError(f"original video {str(original)!r} does not exist")
+    words = list(tokens) if tokens is not None else store.tokens(video_id)
+    written = []
+    for word in words:
+        target = output_path(out_dir, video_id, word, "attention", options.video_format)
+        written.append(render_token(store, video_id, word, target, options=options, quiet=quiet))
+        if original is not None:
+            target = output_path(out_dir, video_id, word, "overlay", options.video_format)
+            written.append(
+                render_token(
+                    store, video_id, word, target, options=options, original_video=original, quiet=quiet
+                )
+            )
+    return written
+
+
+def render_store(
+    root: PathLike,
+    params: Optional[VisualizationParams] = None,
+    *,
+    out_dir: Optional[PathLike] = None,
+    quiet: bool = True,
+) -> dict[str, list[Path]]:
+    """Render every video of a store (:func:`render_video` for each; what ``auto_generate_videos`` runs at
+    the end of a batch).
+
+    Args:
+        root: the store root.
+        params: the config's ``visualization_params``.
+        out_dir: the output folder; default ``<root's parent>/attention_videos``.
+        quiet: no progress bars.
+
+    Returns:
+        video id -> the paths written for it.
+    """
+    from attnmap.store import open_store
+
+    store = open_store(root)
+    target = Path(out_dir) if out_dir is not None else Path(root).resolve().parent / "attention_videos"
+    return {
+        video_id: render_video(root, video_id, target, params, quiet=quiet) for video_id in store.videos()
+    }
+
+
+def render_figures(
+    store: Store,
+    video_id: str,
+    out_dir: PathLike,
+    *,
+    fmt: str = "png",
+    tokens: Optional[Sequence[str]] = None,
+) -> list[Path]:
+    """Draw every figure the stored maps of one video allow into ``out_dir`` (see :mod:`attnmap.figures`):
+    tokens over steps and frames, the F x F temporal matrix, the per-head temporal locality (per block when
+    stored per block) and the text self-attention (with the metadata's ``text_tokens`` as labels).
+
+    Returns:
+        The paths written.
+    """
+    import attnmap.figures as figures
+    from attnmap.analysis import temporal_locality
+
+    if fmt not in ("png", "svg"):
+        raise ValueError(f"fmt must be 'png' or 'svg', got {fmt!r}")
+    out = Path(out_dir)
+    stem = safe_name(video_id)
+    stored = store.tokens(video_id)
+    words = list(tokens) if tokens else stored
+    unknown = [w for w in words if w not in stored]
+    if unknown:
+        raise KeyError(f"token {unknown[0]!r} is not stored for video {video_id!r}; it has {stored}")
+    written: list[Path] = []
+    steps = store.steps(video_id)
+    if words and steps:
+        series = {w: np.stack([m.map for m in store.load_all_steps(video_id, w)]) for w in words}
+        title = f"{video_id}: tokens over steps and frames"
+        written.append(
+            figures.temporal_comparison(series, out / f"{stem}_tokens.{fmt}", steps=steps, title=title)
+        )
+    names = store.names(video_id)
+    if "temporal" in names:
+        temporal = store.load(video_id, "temporal")
+        if temporal.ndim == 3:  # per head [H, F, F]
+            written.append(figures.head_locality(temporal_locality(temporal), out / f"{stem}_locality.{fmt}"))
+            temporal = temporal.mean(axis=0)
+        written.append(figures.temporal_matrix(temporal, out / f"{stem}_temporal.{fmt}"))
+    blocks = sorted(int(n.rsplit("block", 1)[1]) for n in names if re.fullmatch(r"temporal/block\d+", n))
+    per_block = [store.load(video_id, f"temporal/block{b}") for b in blocks]
+    if per_block and all(t.ndim == 3 for t in per_block):
+        locality = np.stack([temporal_locality(t) for t in per_block])
+        path = out / f"{stem}_locality_blocks.{fmt}"
+        written.append(figures.head_locality(locality, path, blocks=blocks))
+    if "text" in names:
+        text = store.load(video_id, "text")
+        text = text.mean(axis=0) if text.ndim == 3 else text
+        labels = store.metadata(video_id).get("text_tokens")
+        labels = labels if isinstance(labels, list) and len(labels) == text.shape[0] else None
+        written.append(figures.text_attention(text, out / f"{stem}_text.{fmt}", labels=labels))
+    if not written:
+        raise ValueError(f"video {video_id!r} has no maps to draw figures from")
+    return written
