@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+STORAGE_DTYPES = ("float16", "float32")
 STORAGE_FORMATS = ("numpy", "torch", "safetensors")
 VIDEO_FORMATS = ("mp4", "webm", "gif", "avi", "mkv")
 
@@ -129,7 +129,7 @@ class Config:
         storage_format: kept for compatibility with seed configs (the store always writes
             safetensors; "numpy"/"torch" name the same maps).
         compress_attention: compress the stored tensors when the store supports it.
-        storage_dtype: dtype of stored maps (float16, bfloat16, float32).
+        storage_dtype: dtype of stored maps (float16 or float32).
         store_per_head: keep a map per head (H as the first dim) instead of the head mean.
         store_per_block: keep ``<name>/block<b>`` maps beside the block means.
         store_aggregated_attention: write the step-averaged maps when a video completes.

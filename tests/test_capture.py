@@ -1,0 +1,477 @@
+"""attnmap.capture on tiny real models: output unchanged, maps equal eager softmax maps, steps, CFG
+branches, targets, stores, errors and clean-up."""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any, Callable, Optional
+
+import pytest
+import torch
+
+import attnmap
+from attnmap import Config, Layout
+from attnmap.store import open_store
+from tiny_models import (
+    cogvideox,
+    cogvideox_pipeline,
+    hunyuan,
+    ltx,
+    timesformer,
+    timm_vit,
+    tokenizer,
+    videomae,
+    vjepa2,
+    wan,
+    wan_pipeline,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+
+SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+# -- an independent eager reference: record q, k of each SDPA call of named modules ---------------
+class SdpaLog(torch.overrides.TorchFunctionMode):
+    """Records (module name, q, k, mask, scale) of SDPA calls made inside the named modules."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, torch.Tensor, torch.Tensor, Any, Any]] = []
+        self.active: list[str] = []
+        self.handles = []
+        mods = dict(model.named_modules())
+        for name in names:
+            m = mods[name]
+            self.handles.append(m.register_forward_pre_hook(lambda mod, a, n=name: self.active.append(n)))
+            self.handles.append(m.register_forward_hook(self._pop))
+
+    def _pop(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self.active.pop()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is SDPA and self.active:
+            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+            call = {**dict(zip(names, args)), **kwargs}
+            self.calls.append(
+                (self.active[-1], call["query"], call["key"], call.get("attn_mask"), call.get("scale"))
+            )
+        return func(*args, **kwargs)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def eager_probs(q: torch.Tensor, k: torch.Tensor, mask: Any, scale: Optional[float]) -> torch.Tensor:
+    """softmax(scale q k^T + mask) in fp32, [B, H, Nq, Nk]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        else:
+            logits = logits + mask.double()
+    return torch.softmax(logits, dim=-1).float()
+
+
+def maps_of(p: torch.Tensor, lay: Layout) -> dict[str, torch.Tensor]:
+    """Expected head-mean cross/temporal/text maps of probabilities p [B, H, Nq, Nk]."""
+    out = {}
+    f, hw = lay.frames, lay.frame_tokens
+    if lay.text_k is not None:
+        out["cross"] = p[:, :, lay.video_q, lay.text_k].mean(1)
+    if lay.video_k is not None:
+        pv = p[:, :, lay.video_q, lay.video_k]
+        out["temporal"] = pv.reshape(*pv.shape[:2], f, hw, f, hw).sum(-1).mean(3).mean(1)
+    if lay.kind == "joint":
+        out["text"] = p[:, :, lay.text_q, lay.text_k].mean(1)
+    return out
+
+
+def close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float = 2e-6) -> None:
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = (got - want).abs().max().item()
+    assert err <= atol, f"{name}: max abs error {err:.3g} > {atol}"
+
+
+def run(model: torch.nn.Module, kwargs: dict[str, Any]) -> Any:
+    with torch.no_grad():
+        out = model(**kwargs)
+    if isinstance(out, tuple):
+        return out[0]
+    return out if isinstance(out, torch.Tensor) else out.last_hidden_state
+
+
+# -- diffusers models: the sites, their layouts and block numbers, per family --------------------
+GRID = (3, 4, 4)
+DIFFUSERS: dict[str, tuple[Callable[..., Any], dict[str, tuple[int, Layout]]]] = {
+    "wan": (
+        wan,
+        {
+            "blocks.0.attn1": (0, Layout.self_attn(GRID)),
+            "blocks.0.attn2": (0, Layout.cross(GRID, text=16)),
+            "blocks.1.attn1": (1, Layout.self_attn(GRID)),
+            "blocks.1.attn2": (1, Layout.cross(GRID, text=16)),
+        },
+    ),
+    "cogvideox": (
+        cogvideox,
+        {f"transformer_blocks.{i}.attn1": (i, Layout.joint(16, GRID, text_first=True)) for i in range(2)},
+    ),
+    "hunyuan": (
+        hunyuan,
+        {
+            **{
+                f"transformer_blocks.{i}.attn": (i, Layout.joint(12, GRID, text_first=False))
+                for i in range(2)
+            },
+            **{
+                f"single_transformer_blocks.{i}.attn": (2 + i, Layout.joint(12, GRID, text_first=False))
+                for i in range(2)
+            },
+        },
+    ),
+    "ltx": (
+        ltx,
+        {
+            **{f"transformer_blocks.{i}.attn1": (i, Layout.self_attn((3, 8, 8))) for i in range(2)},
+            **{f"transformer_blocks.{i}.attn2": (i, Layout.cross((3, 8, 8), text=12)) for i in range(2)},
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(DIFFUSERS))
+def test_diffusers_maps_equal_eager_softmax_per_block(family: str) -> None:
+    build, sites = DIFFUSERS[family]
+    model, kwargs = build()
+    plain = run(model, kwargs)
+    log = SdpaLog(model, list(sites))
+    with attnmap.capture(model, reductions=("cross", "temporal", "text"), per_block=True) as rec, log:
+        captured = run(model, kwargs)
+    log.close()
+    assert torch.equal(plain, captured), "capture changed the model output"
+    assert len(log.calls) == len(sites)
+    assert rec.blocks == sorted({b for b, _ in sites.values()})
+    per_block: dict[tuple[str, int], list[torch.Tensor]] = {}
+    for name, q, k, mask, scale in log.calls:
+        block, lay = sites[name]
+        for red, value in maps_of(eager_probs(q, k, mask, scale), lay).items():
+            per_block.setdefault((red, block), []).append(value)
+    for (red, block), values in per_block.items():
+        want = torch.stack(values).mean(0)
+        close(f"{family} {red} block {block}", rec.get(red, block=block), want)
+    # the block mean
+    for red in {r for r, _ in per_block}:
+        blocks = sorted(b for r, b in per_block if r == red)
+        want = torch.stack([torch.stack(per_block[(red, b)]).mean(0) for b in blocks]).mean(0)
+        close(f"{family} {red} mean", rec.get(red), want)
+
+
+def test_hunyuan_key_padding_mask_excludes_padded_text() -> None:
+    model, kwargs = hunyuan()
+    with attnmap.capture(model, reductions=("cross",)) as rec:
+        run(model, kwargs)
+    cross = rec.get("cross")  # [1, 48, 12]; text tokens 9..11 are masked out
+    assert torch.all(cross[..., 9:] == 0)
+    assert cross[..., :9].sum() > 0
+
+
+def test_wan_zero_padded_text_reports_padding_mass_and_keeps_real_tokens() -> None:
+    model, kwargs = wan(text_len=16)
+    kwargs["encoder_hidden_states"][:, 10:] = 0  # 10 real tokens, zero-padded to 16 like umT5's 512
+    log = SdpaLog(model, ["blocks.0.attn2", "blocks.1.attn2"])
+    with attnmap.capture(model, reductions=("cross",)) as rec, log:
+        run(model, kwargs)
+    log.close()
+    probs = torch.stack([eager_probs(q, k, m, s).mean(1) for _, q, k, m, s in log.calls]).mean(
+        0
+    )  # [1, 48, 16]
+    close("cross real tokens", rec.get("cross"), probs[..., :10])
+    close("padding mass", rec.get("padding"), probs[..., 10:].sum(-1).reshape(1, *GRID))
+
+
+# -- transformers and timm: against eager attention probabilities ------------------------------
+@pytest.mark.parametrize("build", [vjepa2, videomae], ids=["vjepa2", "videomae"])
+def test_transformers_maps_equal_output_attentions(build: Callable[..., Any]) -> None:
+    model, kwargs = build(attn="sdpa")
+    eager, _ = build(attn="eager")
+    plain = run(model, kwargs)
+    with attnmap.capture(model, reductions=("temporal", "received"), per_block=True) as rec:
+        captured = run(model, kwargs)
+    assert torch.equal(plain, captured)
+    with torch.no_grad():
+        eager_out = eager(**kwargs, output_attentions=True)
+    probs = eager_out.attentions[:2]  # the encoder's layers (VJEPA2 appends the predictor's)
+    lay = Layout.self_attn((2, 4, 4))
+    assert rec.blocks == [0, 1]
+    for block, p in enumerate(probs):
+        close(f"temporal block {block}", rec.get("temporal", block=block), maps_of(p, lay)["temporal"], 1e-5)
+        close(f"received block {block}", rec.get("received", block=block), p.mean(2).mean(1), 1e-5)
+
+
+def test_timesformer_space_and_time_attention_from_eager_softmax() -> None:
+    model, kwargs = timesformer()
+    plain = run(model, kwargs)
+    # time attention, recomputed from the temporal attention module's own input and weights
+    times: list[torch.Tensor] = []
+
+    def time_probs(mod: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0]
+        qkv = mod.qkv(x).reshape(x.shape[0], x.shape[1], 3, mod.num_heads, -1).permute(2, 0, 3, 1, 4)
+        times.append(torch.softmax(qkv[0] @ qkv[1].transpose(-2, -1) * mod.scale, dim=-1))
+
+    hooks = [
+        layer.temporal_attention.attention.register_forward_pre_hook(time_probs)
+        for layer in model.encoder.layer
+    ]
+    with attnmap.capture(model, reductions=("temporal",), per_block=True) as rec:
+        captured = run(model, kwargs)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(plain, captured)
+    with torch.no_grad():
+        space = model(**kwargs, output_attentions=True).attentions  # [B*F, heads, 17, 17] per layer
+    for block in range(2):
+        want_space = space[block].mean(1).reshape(1, 4, 17, 17)
+        close(f"space block {block}", rec.get("full/space", block=block), want_space)
+        want_time = times[block].mean(1).reshape(1, 16, 4, 4)  # patches in (h, w) order
+        close(f"time block {block}", rec.get("full/time", block=block), want_time)
+        close(f"temporal block {block}", rec.get("temporal", block=block), want_time.mean(1))
+
+
+def test_timm_vit_with_cls_prefix() -> None:
+    model, kwargs = timm_vit()
+    plain = run(model, kwargs)
+    probs: list[torch.Tensor] = []
+    with attnmap.capture(model, reductions=("received", "full"), per_block=True) as rec:
+        captured = run(model, kwargs)
+    assert torch.equal(plain, captured)
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+        blk.attn.attn_drop.register_forward_pre_hook(lambda m, a: probs.append(a[0]))
+    with torch.no_grad():
+        model(**kwargs)
+    assert rec.metadata["layout"] == Layout.self_attn((1, 4, 4), prefix=1).to_dict()
+    for block, p in enumerate(probs):
+        close(f"full block {block}", rec.get("full", block=block), p.mean(1), 1e-5)
+
+
+# -- steps, targets, branches, pipelines -------------------------------------------------------
+def test_steps_are_kept_apart_and_averaged_and_selected() -> None:
+    model, kwargs = cogvideox()
+    inputs = [torch.randn_like(kwargs["hidden_states"]) for _ in range(3)]
+    log = SdpaLog(model, ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"])
+    lay = Layout.joint(16, GRID)
+    with attnmap.capture(model, reductions=("temporal",), steps=[0, 2], blocks=[1]) as rec, log:
+        for x in inputs:
+            run(model, {**kwargs, "hidden_states": x})
+            rec.step()
+    log.close()
+    assert rec.steps == [0, 2] and rec.blocks == [1]
+    want = [
+        maps_of(eager_probs(q, k, m, s), lay)["temporal"]
+        for n, q, k, m, s in log.calls
+        if n.endswith("1.attn1")
+    ]
+    close("step 0", rec.get("temporal", step=0), want[0])
+    close("step 2", rec.get("temporal", step=2), want[2])
+    close("mean over steps", rec.get("temporal"), (want[0] + want[2]) / 2)
+    with pytest.raises(ValueError, match="no map 'temporal' recorded for step=1"):
+        rec.get("temporal", step=1)
+
+
+def test_targets_by_index_give_token_maps_without_the_full_cross_map() -> None:
+    model, kwargs = wan()
+    log = SdpaLog(model, ["blocks.0.attn2", "blocks.1.attn2"])
+    with attnmap.capture(model, targets={"red": [1], "ball": [2, 3]}) as rec, log:
+        run(model, kwargs)
+    log.close()
+    cross = torch.stack([eager_probs(q, k, m, s).mean(1) for _, q, k, m, s in log.calls]).mean(0)
+    assert rec.tokens == ["red", "ball"]
+    close("red", rec.get("cross", token="red"), cross[..., 1].reshape(1, *GRID))
+    close("ball", rec.get("token/ball"), cross[..., 2:4].sum(-1).reshape(1, *GRID))
+    assert "cross" not in rec.names
+
+
+def test_wan_pipeline_cfg_steps_and_prompt_targets(tmp_path: Any) -> None:
+    pipe = wan_pipeline()
+    sites = ["blocks.0.attn2", "blocks.1.attn2"]
+    log = SdpaLog(pipe.transformer, sites)
+    rec = attnmap.capture(
+        pipe, prompt="a (red) ball and a (dog)", branch="both", store=tmp_path, video_id="v0"
+    )
+    assert rec.prompt == "a red ball and a dog"
+    assert rec.targets == {"red": [1], "dog": [5]}
+    with rec, log:
+        pipe(
+            rec.prompt, num_frames=9, height=32, width=32, num_inference_steps=2, guidance_scale=5.0,
+            callback_on_step_end=rec.callback, output_type="pt",
+        )  # fmt: skip
+    log.close()
+    assert rec.steps == [0, 1]
+    assert len(log.calls) == 2 * 2 * 2  # steps x branches (separate forwards, cond first) x blocks
+    for step in range(2):
+        for j, branch in enumerate(("cond", "uncond")):
+            calls = log.calls[4 * step + 2 * j : 4 * step + 2 * j + 2]
+            cross = torch.stack([eager_probs(q, k, m, s).mean(1) for _, q, k, m, s in calls]).mean(0)
+            want = cross[..., 1].reshape(1, 3, 2, 2)
+            close(f"red step {step} {branch}", rec.get("token/red", step=step, branch=branch), want)
+    store = open_store(tmp_path)
+    assert store.steps("v0") == [0, 1] and store.is_complete("v0")
+    stored = torch.from_numpy(store.load("v0", "token/red", step=1))
+    close("stored red", stored, rec.get("token/red", step=1)[0], 1e-3)
+    assert "uncond/token/red" in store.names("v0", step=0)
+    meta = store.metadata("v0")
+    assert meta["targets"] == {"red": [1], "dog": [5]} and meta["grid"] == [3, 2, 2]
+
+
+def test_cogvideox_pipeline_batched_cfg_keeps_the_cond_half() -> None:
+    pipe = cogvideox_pipeline()
+    log = SdpaLog(pipe.transformer, ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"])
+    with attnmap.capture(pipe, prompt="the (dog) runs", reductions=("cross", "temporal")) as rec, log:
+        pipe(
+            rec.prompt, num_frames=9, height=32, width=32, num_inference_steps=2, guidance_scale=5.0,
+            max_sequence_length=16, callback_on_step_end=rec.callback, output_type="pt",
+        )  # fmt: skip
+    log.close()
+    assert rec.steps == [0, 1]
+    lay = Layout.joint(16, (3, 2, 2))
+    for step in range(2):
+        calls = log.calls[2 * step : 2 * step + 2]
+        assert calls[0][1].shape[0] == 2  # batched [uncond, cond]
+        maps = [maps_of(eager_probs(q, k, m, s)[1:], lay) for _, q, k, m, s in calls]
+        want = torch.stack([m["cross"][..., 1] for m in maps]).mean(0).reshape(1, 3, 2, 2)
+        close(f"dog step {step}", rec.get("token/dog", step=step), want)
+        want_t = torch.stack([m["temporal"] for m in maps]).mean(0)
+        close(f"temporal step {step}", rec.get("temporal", step=step), want_t)
+
+
+def test_pipeline_output_is_unchanged_by_capture() -> None:
+    pipe = wan_pipeline()
+    args = {"num_frames": 9, "height": 32, "width": 32, "num_inference_steps": 2, "output_type": "pt"}
+    plain = pipe("a red ball", generator=torch.Generator().manual_seed(0), **args).frames
+    with attnmap.capture(pipe, targets=["ball"], prompt="a red ball") as rec:
+        captured = pipe(
+            "a red ball",
+            generator=torch.Generator().manual_seed(0),
+            callback_on_step_end=rec.callback,
+            **args,
+        ).frames
+    assert torch.equal(plain, captured)
+    assert rec.blocks == [0, 1]  # the text encoder's attention is not counted
+
+
+# -- store, config, auto-render ----------------------------------------------------------------
+def test_save_writes_every_step_and_the_aggregate(tmp_path: Any) -> None:
+    model, kwargs = wan()
+    with attnmap.capture(
+        model, targets={"red": [1]}, reductions=("cross", "temporal"), per_block=True
+    ) as rec:
+        for _ in range(2):
+            run(model, {**kwargs, "hidden_states": torch.randn_like(kwargs["hidden_states"])})
+            rec.step()
+    rec.save(tmp_path, "vid")
+    store = open_store(tmp_path)
+    assert store.steps("vid") == [0, 1]
+    assert {"token/red", "token/red/block0", "token/red/block1", "temporal", "temporal/block1"} <= set(
+        store.names("vid", step=0)
+    )
+    close(
+        "block 1",
+        torch.from_numpy(store.load("vid", "temporal/block1", step=0)),
+        rec.get("temporal", step=0, block=1)[0],
+        1e-3,
+    )
+    close("aggregate", torch.from_numpy(store.load("vid", "token/red")), rec.get("token/red")[0], 1e-3)
+
+
+def test_config_auto_renders_each_video_into_its_folder(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[Any, ...]] = []
+    fake = types.ModuleType("attnmap.autorender")
+    fake.render_video = lambda root, vid, out, params: calls.append(("video", root, vid, out, params)) or []  # type: ignore[attr-defined]
+    fake.render_store = lambda root, params: calls.append(("store", root, params)) or {}  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "attnmap.autorender", fake)
+    cfg = Config.from_dict(
+        {"auto_generate_per_video": True, "auto_generate_videos": True, "storage_dtype": "float32"}
+    )
+    model, kwargs = wan()
+    with attnmap.capture(model, targets={"red": [1]}, store=tmp_path, video_id="clip 1", config=cfg):
+        run(model, kwargs)
+    from attnmap.store import video_dirname
+
+    assert calls[0] == (
+        "video",
+        tmp_path,
+        "clip 1",
+        tmp_path / video_dirname("clip 1") / "attention_videos",
+        cfg.visualization_params,
+    )
+    assert calls[1] == ("store", tmp_path, cfg.visualization_params)
+    assert open_store(tmp_path).is_complete("clip 1")
+
+
+# -- errors and clean-up -----------------------------------------------------------------------
+def test_bad_input_is_refused_before_the_run() -> None:
+    model, _ = wan()
+    with pytest.raises(ValueError, match="target word 'cat' is not in the prompt"):
+        attnmap.capture(model, prompt="a red ball", targets=["cat"], tokenizer=tokenizer())
+    with pytest.raises(ValueError, match="has no attention module"):
+        attnmap.capture(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="reductions \\['fancy'\\] are unknown"):
+        attnmap.capture(model, reductions=("fancy",))
+    with pytest.raises(ValueError, match="branch must be one of"):
+        attnmap.capture(model, branch="left")
+    with pytest.raises(ValueError, match="store= needs video_id="):
+        attnmap.capture(model, store="x")
+
+
+def test_a_layout_that_does_not_fit_warns_with_the_module_name() -> None:
+    model, kwargs = videomae()
+    with pytest.warns(UserWarning) as caught:
+        with attnmap.capture(model, layout=Layout.self_attn((1, 3, 3))) as rec:
+            run(model, kwargs)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2  # once per module, not once per call
+    assert "module 'encoder.layer.0.attention.attention'" in messages[0]
+    assert "expects 9 queries and 9 keys, the call has 32 and 32" in messages[0]
+    assert rec.steps == []
+
+
+def test_explicit_layout_on_an_unknown_module() -> None:
+    class Attn(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = x.unflatten(-1, (2, 4)).transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q).transpose(1, 2).flatten(2)
+
+    model = torch.nn.Sequential(Attn(), Attn())
+    x = torch.randn(1, 8, 8)
+    lay = Layout.self_attn((2, 2, 2))
+    with attnmap.capture(model, layout=lay, reductions=("temporal",), per_block=True) as rec:
+        with torch.no_grad():
+            out = model(x)
+    q0 = x.unflatten(-1, (2, 4)).transpose(1, 2)
+    close("block 0", rec.get("temporal", block=0), maps_of(eager_probs(q0, q0, None, None), lay)["temporal"])
+    assert rec.blocks == [0, 1] and torch.equal(out, model(x))
+
+
+def test_hooks_and_mode_are_removed_on_exit_and_on_error_and_nesting_is_safe() -> None:
+    model, kwargs = wan()
+    sites = [model.blocks[0].attn1, model.blocks[1].attn2]
+    stack_depth = torch._C._len_torch_function_stack()
+    with pytest.raises(RuntimeError, match="boom"):
+        with attnmap.capture(model):
+            raise RuntimeError("boom")
+    with attnmap.capture(model, reductions=("temporal",)) as outer:
+        with attnmap.capture(model, reductions=("temporal",)) as inner:
+            run(model, kwargs)
+    close("nested", inner.get("temporal"), outer.get("temporal"), 0)
+    assert torch._C._len_torch_function_stack() == stack_depth
+    for m in sites:
+        assert not m._forward_hooks and not m._forward_pre_hooks
+    assert not model._forward_pre_hooks and "cache_context" not in model.__dict__
