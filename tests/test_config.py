@@ -1,0 +1,126 @@
+"""attnmap.Config: seed 001's attention_analysis block, defaults, and errors that list valid keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from attnmap import Config
+from attnmap.config import VisualizationParams
+
+# every key that seed 001 shows in its attention_analysis examples
+SEED_001 = """
+model: wan-1.3b
+attention_analysis:
+  store_attention: true
+  storage_format: "numpy"      # numpy, torch
+  compress_attention: true     # Use .npz compression
+  storage_dtype: "float32"     # Storage precision
+  store_per_head: false        # Average across attention heads
+  store_per_block: true        # Average across transformer blocks
+  store_aggregated_attention: true
+  aggregated_storage_format: "numpy"
+  auto_generate_videos: true
+  auto_generate_per_video: true
+  spatial_downsample_factor: 2
+  visualization_params:
+    figsize: [16, 10]
+    colormap: "viridis"
+    overlay_alpha: 0.5
+    static_duration: 2.5
+    fps: 15
+    interpolation_steps: 3
+    include_colorbar: false
+    video_format: "webm"
+"""
+
+
+def test_from_yaml_reads_every_key_of_the_seed_block(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(SEED_001)
+    cfg = Config.from_yaml(path)
+    assert cfg == Config(
+        store_attention=True,
+        storage_format="numpy",
+        compress_attention=True,
+        storage_dtype="float32",
+        store_per_head=False,
+        store_per_block=True,
+        store_aggregated_attention=True,
+        aggregated_storage_format="numpy",
+        auto_generate_videos=True,
+        auto_generate_per_video=True,
+        spatial_downsample_factor=2,
+        visualization_params=VisualizationParams(
+            figsize=(16.0, 10.0),
+            colormap="viridis",
+            overlay_alpha=0.5,
+            static_duration=2.5,
+            fps=15,
+            interpolation_steps=3,
+            include_colorbar=False,
+            video_format="webm",
+        ),
+    )
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_missing_keys_take_defaults() -> None:
+    cfg = Config.from_dict({"visualization_params": {"colormap": "hot"}})
+    assert cfg.store_attention and not cfg.store_per_block and cfg.storage_dtype == "float16"
+    assert cfg.visualization_params == VisualizationParams()
+    assert cfg.visualization_params.figsize == (12.0, 8.0) and cfg.visualization_params.fps == 10
+    assert Config.from_dict({}) == Config()
+
+
+def test_unknown_keys_are_errors_that_list_the_valid_ones() -> None:
+    with pytest.raises(ValueError) as err:
+        Config.from_dict({"store_attention": True, "store_attn": True})
+    assert str(err.value) == (
+        "unknown key(s) ['store_attn'] in attention_analysis; valid keys are: store_attention, storage_format, "
+        "compress_attention, storage_dtype, store_per_head, store_per_block, store_aggregated_attention, "
+        "aggregated_storage_format, auto_generate_videos, auto_generate_per_video, spatial_downsample_factor, "
+        "visualization_params"
+    )
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['fsp'\] in attention_analysis.visualization_params; "
+                       r"valid keys are: figsize, colormap, overlay_alpha, static_duration, fps, "
+                       r"interpolation_steps, include_colorbar, video_format"):  # fmt: skip
+        Config.from_dict({"visualization_params": {"fsp": 3}})
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"storage_dtype": "int8"}, "storage_dtype must be one of float16, float32; got 'int8'"),
+        ({"store_per_head": "yes"}, "store_per_head must be true or false, got 'yes'"),
+        ({"spatial_downsample_factor": 0}, "spatial_downsample_factor must be >= 1, got 0"),
+        ({"spatial_downsample_factor": 1.5}, "spatial_downsample_factor must be an integer >= 1, got 1.5"),
+        ({"visualization_params": {"overlay_alpha": 1.5}}, "overlay_alpha must be in \\[0, 1\\], got 1.5"),
+        ({"visualization_params": {"fps": 0}}, "fps must be >= 1, got 0"),
+        (
+            {"visualization_params": {"figsize": [12]}},
+            "figsize must be \\[width, height\\] of positive numbers",
+        ),
+        ({"visualization_params": {"video_format": "mov"}}, "video_format must be one of mp4, webm"),
+    ],
+)
+def test_bad_values_name_the_key(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Config.from_dict(data)
+
+
+def test_from_yaml_errors(tmp_path: Path) -> None:
+    with pytest.raises(OSError, match="cannot read config file"):
+        Config.from_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("attention_analysis: [unclosed\n")
+    with pytest.raises(ValueError, match="is not valid YAML"):
+        Config.from_yaml(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="must hold a mapping, got list"):
+        Config.from_yaml(listing)
+    block_only = tmp_path / "block.yaml"
+    block_only.write_text("store_per_head: true\n")
+    assert Config.from_yaml(block_only).store_per_head
