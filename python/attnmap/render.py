@@ -272,6 +272,8 @@ def iter_frames(
         out_size = (bg.shape[-3], bg.shape[-2]) if bg is not None else (normed.shape[1], normed.shape[2])
     if not 0.0 <= alpha <= 1.0:
         raise AttnmapError(f"alpha: expected a value in [0, 1], got {alpha}")
+    r, g, b = (int(c) for c in outline_color)
+    rgb = (r, g, b)
     _native.colormap_table(colormap)  # fail on an unknown name before the first chunk is asked for
 
     def chunks() -> Iterator[np.ndarray]:
@@ -290,7 +292,7 @@ def iter_frames(
                 alpha=float(alpha),
                 alpha_mode=alpha_mode,
                 outline=None if outline is None else float(outline),
-                outline_color=tuple(int(c) for c in outline_color),
+                outline_color=rgb,
             )
 
     return chunks()

@@ -1,0 +1,206 @@
+"""attnmap._native against independent references: torch interpolate, matplotlib, numpy."""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from matplotlib import colormaps
+
+from attnmap import _native
+from attnmap._native import AttnmapError
+
+REQUIRED = ["hot", "jet", "viridis", "inferno", "magma", "plasma", "turbo", "gray", "coolwarm", "RdBu_r"]
+
+
+def torch_resize(maps: np.ndarray, size: tuple[int, int], frames: int | None = None) -> np.ndarray:
+    x = torch.from_numpy(maps)[None]
+    if frames is None:
+        return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)[0].numpy()
+    out = torch.nn.functional.interpolate(
+        x[None], size=(frames, *size), mode="trilinear", align_corners=False
+    )
+    return out[0, 0].numpy()
+
+
+def test_error_is_a_value_error() -> None:
+    assert issubclass(AttnmapError, ValueError)
+
+
+@pytest.mark.parametrize("name", _native.colormap_names())
+def test_colormap_table_equals_matplotlib_at_every_level(name: str) -> None:
+    want = np.asarray(colormaps[name](np.arange(256), bytes=True))[:, :3]
+    np.testing.assert_array_equal(_native.colormap_table(name), want)
+
+
+def test_required_colormaps_exist() -> None:
+    assert set(REQUIRED) <= set(_native.colormap_names())
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_colorize_quantises_floats_like_matplotlib(name: str) -> None:
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.random(4000), np.arange(257) / 256, np.nextafter(np.arange(1, 257) / 256, 0)])
+    x = x.astype(np.float32)
+    want = np.asarray(colormaps[name](x, bytes=True))[:, :3]
+    np.testing.assert_array_equal(_native.colorize(x, name), want)
+
+
+def test_unknown_colormap_lists_valid_names() -> None:
+    with pytest.raises(
+        AttnmapError, match=r'colormap: unknown colormap "nope"; expected one of hot, jet, viridis'
+    ):
+        _native.colormap_table("nope")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    f=st.integers(1, 3),
+    h=st.integers(1, 17),
+    w=st.integers(1, 17),
+    oh=st.integers(1, 40),
+    ow=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_resize_matches_torch_bilinear(f: int, h: int, w: int, oh: int, ow: int, seed: int) -> None:
+    maps = np.random.default_rng(seed).standard_normal((f, h, w)).astype(np.float32)
+    got = _native.resize(maps, size=(oh, ow))
+    np.testing.assert_allclose(got, torch_resize(maps, (oh, ow)), atol=1e-5, rtol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(f=st.integers(1, 6), t=st.integers(1, 20), oh=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_time_linear_matches_torch_trilinear(f: int, t: int, oh: int, seed: int) -> None:
+    maps = np.random.default_rng(seed).random((f, 5, 7)).astype(np.float32)
+    got = _native.resize(maps, size=(oh, 9), num_frames=t)
+    np.testing.assert_allclose(got, torch_resize(maps, (oh, 9), frames=t), atol=1e-5, rtol=0)
+
+
+def test_wan_shape_matches_torch() -> None:
+    maps = np.random.default_rng(1).random((21, 30, 52)).astype(np.float32)
+    got = _native.resize(maps[:3], size=(480, 832))
+    np.testing.assert_allclose(got, torch_resize(maps[:3], (480, 832)), atol=1e-5, rtol=0)
+
+
+def test_temporal_stride_repeats_latent_frames() -> None:
+    maps = np.arange(21, dtype=np.float32).reshape(21, 1, 1)
+    got = _native.resize(maps, size=(1, 1), temporal_stride=4)[:, 0, 0]
+    assert got.shape == (81,)
+    want = np.concatenate([[0.0], np.repeat(np.arange(1, 21), 4)])
+    np.testing.assert_array_equal(got, want)
+
+
+def np_normalize(maps: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    x = np.where(np.isfinite(maps), maps, np.nan).astype(np.float64)
+    span = hi - lo
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = np.clip((x - lo) / np.where(span > 0, span, 1), 0, 1)
+    t = np.where(span > 0, t, 0)
+    return np.nan_to_num(t, nan=0.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), f=st.integers(1, 4), bad=st.booleans())
+def test_normalize_modes_match_numpy(seed: int, f: int, bad: bool) -> None:
+    rng = np.random.default_rng(seed)
+    maps = (rng.standard_normal((f, 6, 5)) * 10).astype(np.float32)
+    if bad:
+        maps.flat[rng.integers(0, maps.size, 4)] = [np.nan, np.inf, -np.inf, np.nan]
+    finite = np.where(np.isfinite(maps), maps, np.nan)
+    cases = {
+        "global": (np.nanmin(finite), np.nanmax(finite)),
+        "frame": (
+            np.nanmin(finite, axis=(1, 2), keepdims=True),
+            np.nanmax(finite, axis=(1, 2), keepdims=True),
+        ),
+        "percentile": tuple(np.nanpercentile(finite.astype(np.float64), [1, 99])),
+    }
+    for mode, (lo, hi) in cases.items():
+        got = _native.normalize(maps, mode=mode)
+        assert not np.isnan(got).any()
+        np.testing.assert_allclose(
+            got, np_normalize(maps, np.asarray(lo), np.asarray(hi)), atol=1e-6, err_msg=mode
+        )
+    got = _native.normalize(maps, mode="fixed", vmin=-5.0, vmax=5.0, gamma=0.5)
+    np.testing.assert_allclose(got, np_normalize(maps, np.asarray(-5.0), np.asarray(5.0)) ** 0.5, atol=1e-6)
+
+
+def test_constant_map_gives_zeros() -> None:
+    for mode in ("global", "frame", "percentile"):
+        assert not _native.normalize(np.full((2, 3, 3), 7.0, np.float32), mode=mode).any()
+
+
+def test_strided_input_is_read_without_a_copy_and_correctly() -> None:
+    base = np.random.default_rng(2).random((4, 8, 10)).astype(np.float32)
+    view = base[::2, :, ::-1]
+    np.testing.assert_allclose(
+        _native.resize(view, size=(5, 6)), torch_resize(view.copy(), (5, 6)), atol=1e-5
+    )
+
+
+def test_render_equals_resize_then_matplotlib_then_blend() -> None:
+    rng = np.random.default_rng(3)
+    maps = rng.random((3, 7, 9)).astype(np.float32)
+    bg = rng.integers(0, 256, (5, 20, 30, 3), dtype=np.uint8)
+    got = _native.render(maps, size=(20, 30), num_frames=5, colormap="viridis", background=bg, alpha=0.4)
+    heat = torch_resize(maps, (20, 30), frames=5)
+    color = np.asarray(colormaps["viridis"](heat, bytes=True))[..., :3].astype(np.float64)
+    want = np.floor(bg * 0.6 + color * 0.4 + 0.5)
+    diff = np.abs(got.astype(np.float64) - want)
+    # heat within 1e-5 of torch may sit across a level boundary in a few pixels; the blend rounds alike
+    assert diff.max() <= 1 or (diff > 1).mean() < 1e-3
+    assert (diff == 0).mean() > 0.99
+
+
+def test_render_attention_alpha_shows_the_background_where_attention_is_low() -> None:
+    maps = np.zeros((1, 4, 4), np.float32)
+    maps[0, :2] = 1.0
+    bg = np.full((4, 4, 3), 50, np.uint8)
+    got = _native.render(maps, size=(4, 4), background=bg, alpha=1.0, alpha_mode="attention", colormap="gray")
+    np.testing.assert_array_equal(got[0, 2:], bg[2:])
+    np.testing.assert_array_equal(got[0, :2], 255)
+    assert matplotlib.colormaps["gray"](1.0, bytes=True)[0] == 255
+
+
+def test_render_outline_marks_the_mask_border() -> None:
+    maps = np.zeros((1, 9, 9), np.float32)
+    maps[0, 2:7, 2:7] = 1.0
+    got = _native.render(maps, size=(9, 9), colormap="gray", outline=0.5, outline_color=(0, 255, 0))
+    green = (got[0] == [0, 255, 0]).all(-1)
+    inside = np.zeros((9, 9), bool)
+    inside[2:7, 2:7] = True
+    interior = np.zeros((9, 9), bool)
+    interior[3:6, 3:6] = True
+    np.testing.assert_array_equal(green, inside & ~interior)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"alpha": 1.5}, "alpha: expected a value in [0, 1], got 1.5"),
+        ({"alpha_mode": "linear"}, 'alpha_mode: expected "constant" or "attention", got "linear"'),
+        ({"num_frames": 3, "temporal_stride": 4}, "num_frames: give num_frames or temporal_stride, not both"),
+        ({"start": 2, "stop": 1}, "start: expected start <= stop, got 2 > 1"),
+        ({"background": np.zeros((2, 2, 3), np.uint8)}, "background: expected uint8 (1, 4, 4, 3) frames"),
+        ({"outline": 3.0}, "outline: expected a threshold in [0, 1], got 3"),
+    ],
+)
+def test_render_rejects_bad_arguments_by_name(kwargs: dict, message: str) -> None:
+    with pytest.raises(AttnmapError) as info:
+        _native.render(np.zeros((1, 2, 2), np.float32), size=(4, 4), **kwargs)
+    assert str(info.value).startswith(message)
+
+
+def test_normalize_rejects_bad_arguments_by_name() -> None:
+    maps = np.zeros((1, 2, 2), np.float32)
+    with pytest.raises(
+        AttnmapError, match=r'^normalize: expected "global", "frame", "percentile" or "fixed"'
+    ):
+        _native.normalize(maps, mode="minmax")
+    with pytest.raises(AttnmapError, match=r'^vmin: normalize="fixed" needs both vmin and vmax'):
+        _native.normalize(maps, mode="fixed", vmax=1.0)
+    with pytest.raises(AttnmapError, match=r"^percentile: expected 0 <= lo < hi <= 100"):
+        _native.normalize(maps, mode="percentile", percentile=(50.0, 10.0))

@@ -1,0 +1,186 @@
+"""attnmap.render: the Python API over _native, and video files decoded back with PyAV."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import av
+import numpy as np
+import pytest
+import torch
+from matplotlib import colormaps
+
+from attnmap import render
+from attnmap._native import AttnmapError
+
+
+def reference_frames(maps: np.ndarray, size: tuple[int, int], frames: int, cmap: str) -> np.ndarray:
+    """numpy global min-max -> torch trilinear -> matplotlib colormap."""
+    t = (maps - maps.min()) / (maps.max() - maps.min())
+    x = torch.from_numpy(t.astype(np.float32))[None, None]
+    heat = torch.nn.functional.interpolate(x, size=(frames, *size), mode="trilinear", align_corners=False)[
+        0, 0
+    ]
+    return np.asarray(colormaps[cmap](heat.numpy(), bytes=True))[..., :3]
+
+
+def test_frames_match_the_reference_pipeline() -> None:
+    maps = np.random.default_rng(0).random((4, 6, 10)).astype(np.float64)  # float64 is accepted
+    got = render.frames(maps, size=(24, 40), num_frames=7, colormap="inferno")
+    want = reference_frames(maps, (24, 40), 7, "inferno")
+    assert got.shape == (7, 24, 40, 3) and got.dtype == np.uint8
+    # a heat value within 1e-5 of torch's may fall on the other side of a level boundary
+    assert (got == want).all(-1).mean() > 0.995
+
+
+def test_two_dimensional_map_and_torch_tensor() -> None:
+    m = torch.rand(5, 8, dtype=torch.float16)
+    got = render.frames(m, colormap="gray")
+    assert got.shape == (1, 5, 8, 3)
+    np.testing.assert_array_equal(got, render.frames(m.float().numpy()[None], colormap="gray"))
+
+
+def test_iter_frames_chunks_equal_frames() -> None:
+    rng = np.random.default_rng(1)
+    maps = rng.random((5, 6, 7)).astype(np.float32)
+    bg = rng.integers(0, 256, (17, 12, 14, 3), dtype=np.uint8)
+    kw = dict(
+        temporal_stride=4, normalize="frame", background=bg, alpha=0.7, alpha_mode="attention", outline=0.6
+    )
+    whole = render.frames(maps, **kw)
+    parts = list(render.iter_frames(maps, chunk=5, **kw))
+    assert [p.shape[0] for p in parts] == [5, 5, 5, 2]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    assert whole.shape == (17, 12, 14, 3)
+
+
+def test_fixed_range_is_not_rescaled() -> None:
+    maps = np.full((1, 2, 2), 0.25, np.float32)
+    got = render.frames(maps, normalize="fixed", vmin=0.0, vmax=1.0, colormap="viridis")
+    want = np.asarray(colormaps["viridis"](np.float32(0.25), bytes=True))[:3]
+    assert (got == want).all()
+
+
+def test_colorbar_helpers() -> None:
+    assert render.colormap_table("turbo").shape == (256, 3)
+    strip = render.colorize(np.linspace(0, 1, 300)[None].repeat(4, 0), "plasma")
+    assert strip.shape == (4, 300, 3)
+    np.testing.assert_array_equal(strip[0, -1], render.colormap_table("plasma")[255])
+    assert "RdBu_r" in render.colormap_names()
+    assert render.num_output_frames(21, temporal_stride=4) == 81
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        ((np.zeros((2, 2), np.int32),), {}, "maps: expected a float array"),
+        ((np.zeros((1, 1, 2, 2), np.float32),), {}, "maps: expected a non-empty float array of shape"),
+        (
+            (np.zeros((2, 2), np.float32),),
+            {"background": np.zeros((2, 2, 3), np.float32)},
+            "background: expected uint8",
+        ),
+        (
+            (np.zeros((2, 2, 2), np.float32),),
+            {"background": np.zeros((3, 2, 2, 3), np.uint8)},
+            "background: expected 2 frames",
+        ),
+        (
+            (np.zeros((2, 2), np.float32),),
+            {"size": (4, 4), "background": np.zeros((2, 2, 3), np.uint8)},
+            "background: expected frames of size (4, 4)",
+        ),
+        ((np.zeros((2, 2), np.float32),), {"alpha": -0.1}, "alpha: expected a value in [0, 1]"),
+        (
+            (np.zeros((2, 2), np.float32),),
+            {"colormap": "Hot"},
+            'colormap: unknown colormap "Hot"; expected one of hot',
+        ),
+        ((np.zeros((2, 2), np.float32),), {"normalize": "minmax"}, "normalize: expected one of"),
+        ((np.zeros((2, 2), np.float32),), {"size": (0, 3)}, "size: expected positive (H, W)"),
+    ],
+)
+def test_bad_input_names_the_argument(args: tuple, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        render.frames(*args, **kwargs)
+    assert isinstance(info.value, AttnmapError)
+    assert str(info.value).startswith(message)
+
+
+def smooth_video(t: int, h: int, w: int) -> np.ndarray:
+    """Flat colour blocks that survive lossy coding: the round trip checks colours."""
+    maps = np.zeros((t, 4, 4), np.float32)
+    for i in range(t):
+        maps[i, :, (i // 4) % 4] = 0.5
+        maps[i, i % 4, :] = 1.0  # 16 distinct frames before repeating
+    return render.frames(maps, size=(h, w), colormap="viridis", normalize="fixed", vmin=0.0, vmax=1.0)
+
+
+@pytest.mark.parametrize(("suffix", "tol"), [(".mp4", 6.0), (".webm", 6.0), (".gif", 3.0)])
+def test_write_read_round_trip(tmp_path: pathlib.Path, suffix: str, tol: float) -> None:
+    video = smooth_video(12, 64, 96)
+    path = render.write_video(iter([video[:5], video[5:]]), tmp_path / f"clip{suffix}", fps=8)
+    assert path == tmp_path / f"clip{suffix}" and os.listdir(tmp_path) == [path.name]
+    frames, fps = render.read_video(path)
+    assert frames.shape == video.shape
+    assert fps == pytest.approx(8 if suffix != ".gif" else 100 / 12, rel=1e-6)
+    err = np.abs(frames.astype(int) - video.astype(int))
+    assert err.mean() <= tol, f"mean abs error {err.mean():.2f}"
+    # every decoded frame is nearest to the frame it encodes (order and content survive)
+    dist = np.abs(frames[:, None].astype(int) - video[None].astype(int)).mean(axis=(2, 3, 4))
+    np.testing.assert_array_equal(dist.argmin(1), np.arange(len(video)))
+    with av.open(str(path)) as c:
+        assert (
+            c.streams.video[0].codec_context.name
+            in {".mp4": ("h264",), ".webm": ("vp9", "libvpx-vp9"), ".gif": ("gif",)}[suffix]
+        )
+
+
+def test_odd_sizes_are_padded_for_yuv420p(tmp_path: pathlib.Path) -> None:
+    video = smooth_video(3, 31, 45)
+    frames, _ = render.read_video(render.write_video(video, tmp_path / "odd.mp4"))
+    assert frames.shape == (3, 32, 46, 3)
+    assert np.abs(frames[:, :31, :45].astype(int) - video.astype(int)).mean() <= 8
+    # the padding repeats the edge row and column
+    assert np.abs(frames[:, 31, :45].astype(int) - video[:, 30].astype(int)).mean() <= 8
+    assert np.abs(frames[:, :31, 45].astype(int) - video[:, :, 44].astype(int)).mean() <= 8
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path: pathlib.Path) -> None:
+    video = smooth_video(4, 16, 16)
+
+    def chunks():  # type: ignore[no-untyped-def]
+        yield video[:2]
+        yield video[:2, :8]  # a chunk of the wrong size
+
+    with pytest.raises(AttnmapError, match=r"^frames: every frame must be \(16, 16\)"):
+        render.write_video(chunks(), tmp_path / "bad.mp4")
+    assert os.listdir(tmp_path) == []
+    target = tmp_path / "keep.mp4"
+    target.write_bytes(b"old")
+    with pytest.raises(AttnmapError, match=r"^frames: expected uint8"):
+        render.write_video(video.astype(np.float32), target)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["keep.mp4"]
+
+
+def test_unwritable_paths_are_os_errors(tmp_path: pathlib.Path) -> None:
+    video = smooth_video(2, 16, 16)
+    with pytest.raises(FileNotFoundError, match=r"^path: cannot write"):
+        render.write_video(video, tmp_path / "missing" / "a.mp4")
+    with pytest.raises(AttnmapError, match=r"^path: expected a suffix in"):
+        render.write_video(video, tmp_path / "a.avi2")
+    with pytest.raises(FileNotFoundError, match=r"^path: no video file"):
+        render.read_video(tmp_path / "none.mp4")
+
+
+def test_write_video_streams_from_iter_frames(tmp_path: pathlib.Path) -> None:
+    maps = np.random.default_rng(2).random((3, 5, 5)).astype(np.float32)
+    path = render.write_video(
+        render.iter_frames(maps, size=(32, 32), temporal_stride=4, chunk=2), tmp_path / "s.mp4"
+    )
+    frames, fps = render.read_video(path)
+    assert frames.shape == (9, 32, 32, 3) and fps == 16
+    chunks = list(render.iter_video(path, chunk=4))
+    assert [c.shape[0] for c in chunks] == [4, 4, 1]
+    np.testing.assert_array_equal(np.concatenate(chunks), frames)
