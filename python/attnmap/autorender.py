@@ -115,9 +115,9 @@ class RenderOptions:
 
 def safe_name(name: str) -> str:
     """A word or video id as a file-name part: runs of anything but letters, digits, ``-`` and ``.`` become
-    ``_`` (a leading dot too), at most 80 characters."""
-    out = re.sub(r"[^A-Za-z0-9.-]+", "_", str(name)).strip("_")
-    out = re.sub(r"^\.+", "_", out)[:80]
+    ``_``, leading dots and ``_`` are dropped, at most 80 characters."""
+    out = re.sub(r"[^A-Za-z0-9.-]+", "_", str(name))
+    out = re.sub(r"^[._]+", "", out).rstrip("_")[:80]
     return out or "_"
 
 
