@@ -69,6 +69,10 @@ pub fn render(
     if n == 0 {
         return Ok(());
     }
+    let premul = match style.alpha {
+        Alpha::Constant(a) => Some(premultiply(style.table, a)),
+        Alpha::Attention(_) => None,
+    };
     let cols: Vec<Vec<f32>> = frames
         .clone()
         .into_par_iter()
@@ -85,9 +89,9 @@ pub fn render(
             &bg.data[start..start + ow * 3]
         });
         match bg_row {
-            Some(bg) => match style.alpha {
-                Alpha::Constant(a) => blend_constant(&v, bg, style.table, a, row),
-                alpha => {
+            Some(bg) => match (style.alpha, &premul) {
+                (Alpha::Constant(a), Some(p)) => blend_constant(&v, bg, p, 1.0 - a, row),
+                (alpha, _) => {
                     for ((px, b), &x) in row.chunks_exact_mut(3).zip(bg.chunks_exact(3)).zip(&v) {
                         over(b, &style.table[level(x)], alpha.at(x), px);
                     }
@@ -102,9 +106,8 @@ pub fn render(
     Ok(())
 }
 
-/// Constant-alpha blend of one row with the colour premultiplied per level.
-fn blend_constant(v: &[f32], bg: &[u8], table: &Table, a: f32, row: &mut [u8]) {
-    let keep = 1.0 - a;
+/// Every level's colour times `a`, plus the 0.5 that rounds the blend.
+fn premultiply(table: &Table, a: f32) -> [[f32; 3]; 256] {
     let mut premul = [[0.0f32; 3]; 256];
     for (p, c) in premul.iter_mut().zip(table) {
         *p = [
@@ -113,6 +116,11 @@ fn blend_constant(v: &[f32], bg: &[u8], table: &Table, a: f32, row: &mut [u8]) {
             c[2] as f32 * a + 0.5,
         ];
     }
+    premul
+}
+
+/// Constant-alpha blend of one row: `bg * keep + premul[level]`, the same rounding as [`over`].
+fn blend_constant(v: &[f32], bg: &[u8], premul: &[[f32; 3]; 256], keep: f32, row: &mut [u8]) {
     for ((px, b), &x) in row.chunks_exact_mut(3).zip(bg.chunks_exact(3)).zip(v) {
         let p = &premul[level(x)];
         px[0] = (b[0] as f32 * keep + p[0]) as u8;

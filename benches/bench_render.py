@@ -1,0 +1,163 @@
+"""Render benchmark: 81 frames of 480x832 from a (21, 30, 52) map over a background video.
+
+Providers in one group: the Rust path (``attnmap.render.frames``), a vectorised baseline (torch
+interpolate + matplotlib colormap + numpy blend) and a matplotlib figure per frame (imshow + alpha, as
+the source documents do; timed on a few frames and extrapolated per frame). A second group times
+render + libx264 encode against the encode alone. Plain pytest smoke-runs small sizes; the full size
+runs with ``pytest benches/bench_render.py --benchmark-enable``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from matplotlib import colormaps
+
+from attnmap import render
+
+
+def sizes(request: pytest.FixtureRequest) -> tuple[tuple[int, int, int], tuple[int, int], int]:
+    if request.config.getoption("benchmark_disable") and not request.config.getoption("benchmark_enable"):
+        return (5, 6, 8), (48, 80), 4  # smoke: 17 frames
+    return (21, 30, 52), (480, 832), 4  # 81 frames of 480x832
+
+
+def make_inputs(request: pytest.FixtureRequest) -> dict[str, Any]:
+    (f, h, w), (oh, ow), stride = sizes(request)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:h, 0:w]
+    maps = np.stack([np.exp(-((yy - h / 2) ** 2 + (xx - w * (i + 1) / (f + 1)) ** 2) / 20) for i in range(f)])
+    maps = (maps + 0.05 * rng.random(maps.shape)).astype(np.float32)
+    t = 1 + (f - 1) * stride
+    gy, gx = np.mgrid[0:oh, 0:ow]
+    bg = np.empty((t, oh, ow, 3), np.uint8)
+    for i in range(t):  # a smooth moving scene, the kind of frame a video model makes
+        bg[i, ..., 0] = (gx + 3 * i) % 256
+        bg[i, ..., 1] = (gy * 255 // oh).astype(np.uint8)
+        bg[i, ..., 2] = 128
+    return {"maps": maps, "size": (oh, ow), "stride": stride, "background": bg, "frames": t}
+
+
+def rust(x: dict[str, Any]) -> np.ndarray:
+    return render.frames(
+        x["maps"],
+        size=x["size"],
+        temporal_stride=x["stride"],
+        background=x["background"],
+        colormap="inferno",
+        alpha=0.6,
+    )
+
+
+def vectorised(x: dict[str, Any]) -> np.ndarray:
+    maps = torch.from_numpy(x["maps"])
+    maps = (maps - maps.min()) / (maps.max() - maps.min())
+    idx = torch.cat(
+        [torch.zeros(1, dtype=torch.long), torch.arange(1, maps.shape[0]).repeat_interleave(x["stride"])]
+    )
+    heat = torch.nn.functional.interpolate(
+        maps[idx][:, None], size=x["size"], mode="bilinear", align_corners=False
+    )
+    color = colormaps["inferno"](heat[:, 0].numpy(), bytes=True)[..., :3]
+    return (x["background"] * 0.4 + color * 0.6 + 0.5).astype(np.uint8)
+
+
+def figure_per_frame(x: dict[str, Any], n: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    maps = x["maps"]
+    oh, ow = x["size"]
+    for t in range(n):
+        latent = 0 if t == 0 else (t - 1) // x["stride"] + 1
+        fig = plt.figure(figsize=(ow / 100, oh / 100), dpi=100)
+        ax = fig.add_axes((0, 0, 1, 1))
+        ax.imshow(x["background"][t])
+        ax.imshow(maps[latent], cmap="inferno", alpha=0.6, extent=(0, ow, oh, 0), interpolation="bilinear")
+        ax.axis("off")
+        fig.canvas.draw()
+        np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+        plt.close(fig)
+
+
+def per_frame_seconds(fn: Any, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@pytest.mark.benchmark(group="render")
+@pytest.mark.parametrize("provider", ["rust", "vectorised", "matplotlib_figure"])
+def test_render(benchmark: Any, request: pytest.FixtureRequest, provider: str) -> None:
+    x = make_inputs(request)
+    ours, ref = rust(x), vectorised(x)
+    assert ours.shape == (x["frames"], *x["size"], 3)
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1 or (ours == ref).all(-1).mean() > 0.999
+    if provider == "rust":
+        benchmark(rust, x)
+        frames = x["frames"]
+    elif provider == "vectorised":
+        benchmark(vectorised, x)
+        frames = x["frames"]
+    else:
+        frames = 3
+        benchmark.pedantic(figure_per_frame, args=(x, frames), rounds=1, iterations=1)
+    if benchmark.stats is not None:
+        benchmark.extra_info["frames_per_s"] = frames / benchmark.stats["min"]
+
+
+def test_render_ratios(request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]) -> None:
+    """Frames/s of every provider in one run, and the Rust speed-up over the vectorised baseline."""
+    x = make_inputs(request)
+    np.testing.assert_array_equal(rust(x).shape, vectorised(x).shape)
+    t_rust = per_frame_seconds(lambda: rust(x)) / x["frames"]
+    t_vec = per_frame_seconds(lambda: vectorised(x)) / x["frames"]
+    t_fig = per_frame_seconds(lambda: figure_per_frame(x, 3), repeat=1) / 3
+    with capsys.disabled():
+        print(
+            f"\nrender {x['frames']}x{x['size']}: rust {1 / t_rust:.0f} frames/s, vectorised {1 / t_vec:.0f} frames/s "
+            f"({t_vec / t_rust:.1f}x), matplotlib figure {1 / t_fig:.1f} frames/s ({t_fig / t_rust:.0f}x)"
+        )
+    assert t_rust < t_vec
+
+
+def test_render_plus_encode_vs_encode(
+    request: pytest.FixtureRequest, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Render streamed into libx264 on the encoder thread versus encoding pre-rendered frames."""
+    x = make_inputs(request)
+    video = rust(x)
+
+    def encode_only() -> None:
+        render.write_video(video, tmp_path / "enc.mp4")
+
+    def render_and_encode() -> None:
+        chunks = render.iter_frames(
+            x["maps"],
+            size=x["size"],
+            temporal_stride=x["stride"],
+            background=x["background"],
+            colormap="inferno",
+        )
+        render.write_video(chunks, tmp_path / "both.mp4")
+
+    t_enc = per_frame_seconds(encode_only, repeat=2)
+    t_both = per_frame_seconds(render_and_encode, repeat=2)
+    decoded, _ = render.read_video(tmp_path / "both.mp4")
+    assert decoded.shape == video.shape
+    assert np.abs(decoded.astype(int) - video.astype(int)).mean() < 6
+    with capsys.disabled():
+        print(
+            f"\nencode {x['frames']} frames: {x['frames'] / t_enc:.0f} frames/s alone, "
+            f"{x['frames'] / t_both:.0f} frames/s with rendering ({t_both / t_enc:.2f}x the encode alone)"
+        )
