@@ -475,3 +475,45 @@ def test_hooks_and_mode_are_removed_on_exit_and_on_error_and_nesting_is_safe() -
     for m in sites:
         assert not m._forward_hooks and not m._forward_pre_hooks
     assert not model._forward_pre_hooks and "cache_context" not in model.__dict__
+
+
+def test_wan_i2v_image_context_is_kept_apart_from_the_text() -> None:
+    model, kwargs = wan(i2v=True)
+    log = SdpaLog(model, ["blocks.0.attn2", "blocks.1.attn2"])
+    with attnmap.capture(model, reductions=("cross",), targets={"red": [1]}, keep_cross=True) as rec, log:
+        run(model, kwargs)
+    log.close()
+    assert [k.shape[2] for _, _, k, _, _ in log.calls] == [6, 512, 6, 512]  # image call first, then text
+    image = torch.stack([eager_probs(q, k, m, s).mean(1) for _, q, k, m, s in log.calls[0::2]]).mean(0)
+    text = torch.stack([eager_probs(q, k, m, s).mean(1) for _, q, k, m, s in log.calls[1::2]]).mean(0)
+    close("image cross", rec.get("image/cross"), image)
+    close("text cross", rec.get("cross"), text)
+    close("red", rec.get("token/red"), text[..., 1].reshape(1, *GRID))
+
+
+def test_per_head_keeps_heads_after_the_batch_dim() -> None:
+    model, kwargs = cogvideox()
+    log = SdpaLog(model, ["transformer_blocks.0.attn1"])
+    with attnmap.capture(model, reductions=("temporal", "text"), per_head=True, blocks=[0]) as rec, log:
+        run(model, kwargs)
+    log.close()
+    _, q, k, m, s = log.calls[0]
+    p = eager_probs(q, k, m, s)  # [1, 2, 64, 64], text first
+    pv = p[:, :, 16:, 16:].reshape(1, 2, 3, 16, 3, 16).sum(-1).mean(3)
+    close("temporal per head", rec.get("temporal"), pv)
+    close("text per head", rec.get("text"), p[:, :, :16, :16])
+
+
+def test_memory_holds_only_the_per_step_maps_on_the_cpu() -> None:
+    model, kwargs = wan()
+    with attnmap.capture(model, targets={"red": [1], "ball": [2]}) as rec:
+        sizes = []
+        for _ in range(3):
+            run(model, kwargs)
+            rec.step()
+            sizes.append(rec.nbytes)
+    # per step: two token maps [1, 3, 4, 4] and temporal [1, 3, 3], float32; nothing else grows
+    one_step = (2 * 48 + 9) * 4
+    assert sizes == [one_step, 2 * one_step, 3 * one_step]
+    assert rec.names == ["temporal", "token/ball", "token/red"]
+    assert all(slot[0].device.type == "cpu" for acc in rec._maps.values() for slot in acc.values())

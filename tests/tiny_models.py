@@ -24,15 +24,21 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def wan(seed: int = 0, *, text_len: int = 16) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """diffusers WanTransformer3DModel: 2 blocks, 2 heads of 16; grid (3, 4, 4), text 16."""
+def wan(seed: int = 0, *, text_len: int = 16, i2v: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """diffusers WanTransformer3DModel: 2 blocks, 2 heads of 16; grid (3, 4, 4), text 16.
+
+    ``i2v``: the image-to-video variant, with 6 image-context tokens (its attention processor
+    takes the text as the last 512 context tokens, so the text is 512 long).
+    """
     from diffusers import WanTransformer3DModel
 
     _seed(seed)
+    extra: dict[str, Any] = {"image_dim": 24, "added_kv_proj_dim": 32} if i2v else {}
+    text_len = 512 if i2v else text_len
     model = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
         text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, **extra,
     ).eval()  # fmt: skip
     kwargs = {
         "hidden_states": torch.randn(1, 4, 3, 8, 8),
@@ -40,6 +46,8 @@ def wan(seed: int = 0, *, text_len: int = 16) -> tuple[torch.nn.Module, dict[str
         "encoder_hidden_states": torch.randn(1, text_len, 32),
         "return_dict": False,
     }
+    if i2v:
+        kwargs["encoder_hidden_states_image"] = torch.randn(1, 6, 24)
     return model, kwargs
 
 

@@ -557,6 +557,13 @@ class Recorder:
         return list(self.targets)
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of the maps held (per step, per kept block and branch)."""
+        return sum(
+            slot[0].numel() * slot[0].element_size() for acc in self._maps.values() for slot in acc.values()
+        )
+
+    @property
     def names(self) -> list[str]:
         """The recorded map names (without branch or block)."""
         return sorted({name for acc in self._maps.values() for (_, name, _) in acc})

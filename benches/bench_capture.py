@@ -1,0 +1,153 @@
+"""Capture overhead on a Wan-shaped transformer: a few denoising forwards with capture of
+cross + temporal on every block (two target tokens) against the same forwards without capture.
+
+Sizes: plain pytest smoke-runs a 2-block toy; ``--benchmark-enable`` runs the Wan 2.1 1.3B shape
+(30 blocks, 12 heads of 128, 480p: grid (21, 30, 52) = 32,760 tokens, text padded to 512, bf16)
+on CUDA, and a scaled-down Wan (4 blocks, 4 heads of 32, grid (5, 12, 16)) on a CPU.
+
+    pytest benches/bench_capture.py -s --benchmark-enable
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import pytest
+import torch
+
+import attnmap
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+
+STEPS = 2
+CUDA = torch.cuda.is_available()
+
+
+def wan_shape(
+    request: pytest.FixtureRequest,
+) -> tuple[str, dict[str, Any], tuple[int, ...], int, torch.dtype]:
+    """(label, WanTransformer3DModel kwargs, latent shape [B, C, F, H, W], text length, dtype)."""
+    cfg_opt = request.config.getoption
+    if cfg_opt("benchmark_disable") and not cfg_opt("benchmark_enable"):
+        cfg = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=32,
+                   freq_dim=32, ffn_dim=64, num_layers=2)  # fmt: skip
+        return "smoke", cfg, (1, 4, 3, 8, 8), 16, torch.float32
+    if CUDA:
+        cfg = dict(num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+                   freq_dim=256, ffn_dim=8960, num_layers=30)  # fmt: skip
+        return "wan1.3b-480p", cfg, (1, 16, 21, 60, 104), 512, torch.bfloat16
+    cfg = dict(num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=4, text_dim=64,
+               freq_dim=32, ffn_dim=256, num_layers=4)  # fmt: skip
+    return "cpu-scaled", cfg, (1, 4, 5, 24, 32), 64, torch.float32
+
+
+@pytest.fixture(scope="module")
+def setup(request: pytest.FixtureRequest) -> dict[str, Any]:
+    from diffusers import WanTransformer3DModel
+
+    label, cfg, shape, text_len, dtype = wan_shape(request)
+    device = "cuda" if CUDA else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2), cross_attn_norm=True, qk_norm="rms_norm_across_heads", **cfg
+        )
+    model = (model if dtype == torch.float32 else model.to(dtype)).eval()
+    text = torch.zeros(1, text_len, cfg["text_dim"], device=device, dtype=dtype)
+    text[:, :12] = torch.randn(
+        1, 12, cfg["text_dim"], device=device, dtype=dtype
+    )  # 12 real tokens, zero pads
+    kwargs = {
+        "hidden_states": torch.randn(shape, device=device, dtype=dtype),
+        "timestep": torch.tensor([500], device=device),
+        "encoder_hidden_states": text,
+        "return_dict": False,
+    }
+    return {"label": label, "model": model, "kwargs": kwargs, "device": device}
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def plain_run(s: dict[str, Any]) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            for _ in range(STEPS):
+                out = s["model"](**s["kwargs"])[0]
+        sync()
+        return out
+
+    return run
+
+
+def captured_run(s: dict[str, Any], keep: list[Any]) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with attnmap.capture(s["model"], targets={"cat": [3], "dog": [5, 6]}) as rec, torch.no_grad():
+            for _ in range(STEPS):
+                out = s["model"](**s["kwargs"])[0]
+                rec.step()
+        sync()
+        keep[:] = [rec]
+        return out
+
+    return run
+
+
+def best_of(fn: Callable[[], Any], n: int) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def peak_bytes(fn: Callable[[], Any]) -> int:
+    if not CUDA:
+        return 0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@pytest.mark.benchmark(group="capture")
+def test_capture_overhead(benchmark: Any, setup: dict[str, Any]) -> None:
+    keep: list[Any] = []
+    plain, captured = plain_run(setup), captured_run(setup, keep)
+    # correctness first: the output is bit-identical and the maps are probabilities
+    want = plain()
+    got = captured()
+    assert torch.equal(want, got), "capture changed the model output"
+    rec = keep[0]
+    assert rec.steps == list(range(STEPS))
+    temporal = rec.get("temporal")  # each query frame's attention over key frames sums to 1
+    assert torch.allclose(temporal.sum(-1), torch.ones_like(temporal.sum(-1)), atol=2e-3)
+    token_mass = rec.get("token/cat") + rec.get("token/dog") + rec.get("padding")
+    assert bool((token_mass <= 1 + 1e-3).all()) and bool((token_mass > 0).all())
+
+    rounds = 1 if setup["label"] == "smoke" else 3
+    t_plain = best_of(plain, rounds)
+    benchmark.pedantic(captured, rounds=rounds, iterations=1, warmup_rounds=0)
+    t_capture = best_of(captured, rounds)
+    m_plain, m_capture = peak_bytes(plain), peak_bytes(captured)
+    kept = sum(
+        rec.get(n, step=s).numel() * 4 for s in rec.steps for n in rec.names
+    )  # bytes of per-step maps held
+    info = {
+        "size": setup["label"],
+        "device": setup["device"],
+        "plain_s": t_plain,
+        "capture_s": t_capture,
+        "ratio": t_capture / t_plain,
+        "peak_plain_MiB": m_plain / 2**20,
+        "peak_capture_MiB": m_capture / 2**20,
+        "extra_MiB": (m_capture - m_plain) / 2**20,
+        "kept_maps_MiB": kept / 2**20,
+    }
+    benchmark.extra_info.update(info)
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
