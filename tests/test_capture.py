@@ -517,3 +517,12 @@ def test_memory_holds_only_the_per_step_maps_on_the_cpu() -> None:
     assert sizes == [one_step, 2 * one_step, 3 * one_step]
     assert rec.names == ["temporal", "token/ball", "token/red"]
     assert all(slot[0].device.type == "cpu" for acc in rec._maps.values() for slot in acc.values())
+
+
+def test_a_pipeline_given_the_marked_prompt_warns_that_targets_may_not_match() -> None:
+    pipe = wan_pipeline()
+    args = {"num_frames": 9, "height": 32, "width": 32, "num_inference_steps": 1, "output_type": "pt"}
+    with pytest.warns(UserWarning, match=r"never saw the tokens of 'a red ball'.*pass rec.prompt"):
+        with attnmap.capture(pipe, prompt="a (red) ball") as rec:
+            pipe("a (red) ball with a dog", **args)
+    assert rec.targets == {"red": [1]}

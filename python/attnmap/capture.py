@@ -152,6 +152,12 @@ class Recorder:
         if tokenizer is None and self._pipe is not None:
             tokenizer = getattr(self._pipe, "tokenizer", None)
         self.prompt, self.targets = resolve(targets, prompt, tokenizer)
+        # the target tokens as the pipeline's text encoder should see them (checked during the run)
+        self._expected_ids: Optional[list[int]] = None
+        if self._pipe is not None and tokenizer is not None and self.prompt is not None and self.targets:
+            with contextlib.suppress(Exception):
+                self._expected_ids = list(tokenizer(self.prompt, add_special_tokens=True)["input_ids"])
+        self._prompt_seen: Optional[bool] = None
         self.reductions = tuple(dict.fromkeys(reductions))
         self.per_block, self.per_head, self.branch = bool(per_block), bool(per_head), branch
         self.keep_cross = bool(keep_cross) or not self.targets
@@ -232,6 +238,9 @@ class Recorder:
                         site.module.register_forward_hook(self._make_pop(site), always_call=True)
                     )
                 self._wrap_cache_context(spec.core)
+            encoder = getattr(self._pipe, "text_encoder", None)
+            if self._expected_ids is not None and isinstance(encoder, torch.nn.Module):
+                self._handles.append(encoder.register_forward_pre_hook(self._check_prompt, with_kwargs=True))
             self._mode = _Mode(self)
             self._mode.__enter__()
         except BaseException:
@@ -241,6 +250,13 @@ class Recorder:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self._teardown()
+        if exc_type is None and self._prompt_seen is False:
+            warnings.warn(
+                f"attnmap.capture: the pipeline's text encoder never saw the tokens of {self.prompt!r}, so the "
+                f"target indices {self.targets} may point at other tokens; pass rec.prompt (the prompt "
+                "without the target parentheses) to the pipeline",
+                stacklevel=2,
+            )
         if exc_type is None:
             self._finish_step()
             self._close_store()
@@ -287,6 +303,16 @@ class Recorder:
         self._restore.append(restore)
 
     # -- hooks -------------------------------------------------------------------------------
+    def _check_prompt(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Did some row of the text encoder's ``input_ids`` start with the clean prompt's tokens?"""
+        ids = args[0] if args else kwargs.get("input_ids")
+        expected = self._expected_ids
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not expected or self._prompt_seen:
+            return
+        n = len(expected)
+        want = torch.tensor(expected, device=ids.device, dtype=ids.dtype)
+        self._prompt_seen = ids.shape[1] >= n and bool((ids[:, :n] == want).all(dim=1).any())
+
     def _make_core_hook(self, spec: models.ModelSpec) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             self._spec = spec
