@@ -429,11 +429,17 @@ def _target(output: PathLike, options: RenderOptions) -> Path:
     return out
 
 
+#: libx264 settings of the renders: "ultrafast" encodes ~5x faster than the default "medium" at crf 18
+#: (files about 2x larger); heatmaps, smooth maps over a video, lose nothing visible.
+X264_OPTIONS = {"preset": "ultrafast"}
+
+
 def _write(chunks: Iterable[np.ndarray], out: Path, fps: int) -> Path:
     import attnmap.render as render
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(render.write_video(chunks, out, fps=fps))
+    options = X264_OPTIONS if out.suffix.lower() in (".mp4", ".mkv", ".mov") else None
+    return Path(render.write_video(chunks, out, fps=fps, options=options))
 
 
 def render_token(
