@@ -243,6 +243,23 @@ def test_timesformer_space_and_time_attention_from_eager_softmax() -> None:
         close(f"temporal block {block}", rec.get("temporal", block=block), want_time.mean(1))
 
 
+def test_timesformer_divided_attention_feeds_space_time_rollout() -> None:
+    from attnmap.rollout import space_time_rollout
+
+    model, kwargs = timesformer()
+    with attnmap.capture(model, per_block=True, per_head=True) as rec:
+        run(model, kwargs)
+    space, time = rec.divided_attention()
+    assert [tuple(t.shape) for t in space] == [(4, 2, 17, 17)] * 2
+    assert [tuple(t.shape) for t in time] == [(16, 2, 4, 4)] * 2
+    with torch.no_grad():
+        eager_space = model(**kwargs, output_attentions=True).attentions
+    for got, want in zip(space, eager_space):
+        close("space per head", got, want)
+    rolled = space_time_rollout(space, time, num_frames=4)
+    assert rolled.shape == (1, 17, 4, 17, 4)
+
+
 def test_timm_vit_with_cls_prefix() -> None:
     model, kwargs = timm_vit()
     plain = run(model, kwargs)

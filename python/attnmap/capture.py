@@ -429,7 +429,8 @@ class Recorder:
         if not ok:
             self._warn(site, mask)
             return
-        if self._inputs.batch is not None and b != self._inputs.batch and len(self._rows) > 1:
+        split = len(self._rows) > 1 or self._rows[0][1] != slice(None)
+        if split and self._inputs.batch is not None and b != self._inputs.batch:
             self._warn(site, f"batch {b} differs from the model's batch {self._inputs.batch}")
             return
         image = site.role == "cross" and getattr(site.module, "add_k_proj", None) is not None and index == 0
@@ -641,6 +642,33 @@ class Recorder:
                 f"recorded names: {self.names}, steps: {self.steps}, blocks: {self.blocks}"
             )
         return values[0].to("cpu") if len(values) == 1 else torch.stack(values).mean(0).cpu()
+
+    def divided_attention(
+        self, *, step: Optional[int] = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """TimeSformer's space and time attention per block, shaped for
+        :func:`attnmap.rollout.space_time_rollout` (needs ``per_block=True``).
+
+        Args:
+            step: a recorded step; None: the mean over steps.
+
+        Returns:
+            ``(space, time)``: per block, ``[B*F, (H,) 1+HW, 1+HW]`` and ``[B*HW, (H,) F, F]``.
+
+        Example:
+            >>> space, time = rec.divided_attention()  # doctest: +SKIP
+            >>> attnmap.space_time_rollout(space, time, num_frames=8)  # doctest: +SKIP
+        """
+        if not self.per_block:
+            raise ValueError("divided_attention needs capture(..., per_block=True)")
+        out: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        for kind, maps in zip(("space", "time"), out):
+            for block in self.blocks:
+                value = self.get(f"full/{kind}", step=step, block=block)  # [B, (H,) F or HW, n, n]
+                if self.per_head:
+                    value = value.transpose(1, 2)
+                maps.append(value.flatten(0, 1))
+        return out
 
     def _step_maps(self, step: int, row: int) -> dict[str, torch.Tensor]:
         """The maps of one step for one batch row, named as the store expects."""
