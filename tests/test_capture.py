@@ -344,6 +344,8 @@ def test_wan_pipeline_cfg_steps_and_prompt_targets(tmp_path: Any) -> None:
     assert "uncond/token/red" in store.names("v0", step=0)
     meta = store.metadata("v0")
     assert meta["targets"] == {"red": [1], "dog": [5]} and meta["grid"] == [3, 2, 2]
+    assert meta["video"] == {"fps": None, "frames": 9, "height": 32, "width": 32}  # what the pipeline made
+    assert meta["vae_stride"] == [4, 8, 8] and meta["patch_size"] == [1, 2, 2] and meta["branch"] == "both"
 
 
 def test_cogvideox_pipeline_batched_cfg_keeps_the_cond_half() -> None:

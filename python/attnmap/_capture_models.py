@@ -111,6 +111,13 @@ def _real_text(ehs: Any) -> Optional[list[int]]:
     return [int(v) for v in (nonzero * pos).amax(dim=1).tolist()]
 
 
+def _pixels(latent: tuple[int, ...], stride: list[int]) -> dict[str, Any]:
+    """Pixel size of a latent (F, H, W) through a causal video VAE of ``stride`` [t, h, w] (read
+    when the forward runs, so a pipeline's own VAE factors, set on the spec, take effect)."""
+    f, h, w = latent
+    return {"frames": (f - 1) * stride[0] + 1, "height": h * stride[1], "width": w * stride[2]}
+
+
 def _wan(core: Any) -> ModelSpec:
     patch = _tuple3(core.config.patch_size)
 
@@ -119,11 +126,12 @@ def _wan(core: Any) -> ModelSpec:
         if s is None or len(s) != 5:
             return InputInfo()
         grid = (s[2] // patch[0], s[3] // patch[1], s[4] // patch[2])
-        video = {"frames": (s[2] - 1) * 4 + 1, "height": s[3] * 8, "width": s[4] * 8}
-        return InputInfo(grid, s[0], _real_text(a.get("encoder_hidden_states")), video)
+        return InputInfo(grid, s[0], _real_text(a.get("encoder_hidden_states")), _pixels(s[2:], stride))
 
+    # Wan 2.2 TI2V-5B's VAE (48 latent channels) compresses 16x in space, the others 8x
+    stride = [4, 16, 16] if int(core.config.in_channels) == 48 else [4, 8, 8]
     sites = _sites(core, [(r"^blocks\.(\d+)\.attn1$", "self"), (r"^blocks\.(\d+)\.attn2$", "cross")])
-    return ModelSpec("wan", core, sites, inputs, patch_size=list(patch), vae_stride=[4, 8, 8])
+    return ModelSpec("wan", core, sites, inputs, patch_size=list(patch), vae_stride=stride)
 
 
 def _cogvideox(core: Any) -> ModelSpec:
@@ -135,11 +143,11 @@ def _cogvideox(core: Any) -> ModelSpec:
         s = _shape(a.get("hidden_states"))  # (B, F, C, H, W)
         if s is None or len(s) != 5:
             return InputInfo()
-        video = {"frames": (s[1] - 1) * ratio + 1, "height": s[3] * 8, "width": s[4] * 8}
-        return InputInfo((s[1] // pt, s[3] // p, s[4] // p), s[0], None, video)
+        return InputInfo((s[1] // pt, s[3] // p, s[4] // p), s[0], None, _pixels((s[1], s[3], s[4]), stride))
 
+    stride = [ratio, 8, 8]
     sites = _sites(core, [(r"^transformer_blocks\.(\d+)\.attn1$", "joint")])
-    return ModelSpec("cogvideox", core, sites, inputs, True, 0, [pt, p, p], [ratio, 8, 8])
+    return ModelSpec("cogvideox", core, sites, inputs, True, 0, [pt, p, p], stride)
 
 
 def _hunyuan(core: Any) -> ModelSpec:
@@ -150,8 +158,9 @@ def _hunyuan(core: Any) -> ModelSpec:
         s = _shape(a.get("hidden_states"))  # (B, C, F, H, W)
         if s is None or len(s) != 5:
             return InputInfo()
-        video = {"frames": (s[2] - 1) * 4 + 1, "height": s[3] * 8, "width": s[4] * 8}
-        return InputInfo((s[2] // pt, s[3] // p, s[4] // p), s[0], None, video)
+        return InputInfo((s[2] // pt, s[3] // p, s[4] // p), s[0], None, _pixels(s[2:], stride))
+
+    stride = [4, 8, 8]
 
     sites = _sites(
         core,
@@ -160,7 +169,7 @@ def _hunyuan(core: Any) -> ModelSpec:
             (r"^single_transformer_blocks\.(\d+)\.attn$", "joint"),
         ],
     )
-    return ModelSpec("hunyuanvideo", core, sites, inputs, False, 0, [pt, p, p], [4, 8, 8])
+    return ModelSpec("hunyuanvideo", core, sites, inputs, False, 0, [pt, p, p], stride)
 
 
 def _ltx(core: Any) -> ModelSpec:
@@ -172,14 +181,16 @@ def _ltx(core: Any) -> ModelSpec:
         s = _shape(a.get("hidden_states"))
         if f is None or h is None or w is None or s is None:
             return InputInfo()
-        video = {"frames": (int(f) - 1) * 8 + 1, "height": int(h) * 32, "width": int(w) * 32}
+        video = _pixels((int(f), int(h), int(w)), stride)
         return InputInfo((int(f) // pt, int(h) // p, int(w) // p), s[0], None, video)
+
+    stride = [8, 32, 32]
 
     sites = _sites(
         core,
         [(r"^transformer_blocks\.(\d+)\.attn1$", "self"), (r"^transformer_blocks\.(\d+)\.attn2$", "cross")],
     )
-    return ModelSpec("ltxvideo", core, sites, inputs, True, 0, [pt, p, p], [8, 32, 32])
+    return ModelSpec("ltxvideo", core, sites, inputs, True, 0, [pt, p, p], stride)
 
 
 def _tubelets(key: str, tubelet: int, patch: int) -> Callable[[dict[str, Any]], InputInfo]:

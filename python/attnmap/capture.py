@@ -202,6 +202,12 @@ class Recorder:
                 raise ValueError(
                     f"layout names modules {missing} that are not attention modules of the model"
                 )
+        if self._pipe is not None:  # the pipeline's own VAE factors (Wan, LTX name them so)
+            t = getattr(self._pipe, "vae_scale_factor_temporal", None)
+            hw = getattr(self._pipe, "vae_scale_factor_spatial", None)
+            for sp in specs:
+                if isinstance(t, int) and isinstance(hw, int) and sp.vae_stride is not None:
+                    sp.vae_stride[:] = [t, hw, hw]
         self._specs = specs
         self._spec = specs[0]
         self.model_name = type(self._spec.core).__name__
