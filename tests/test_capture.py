@@ -545,3 +545,27 @@ def test_a_pipeline_given_the_marked_prompt_warns_that_targets_may_not_match() -
         with attnmap.capture(pipe, prompt="a (red) ball") as rec:
             pipe("a (red) ball with a dog", **args)
     assert rec.targets == {"red": [1]}
+
+
+def test_a_forward_that_fails_inside_attention_leaves_the_capture_usable() -> None:
+    model, kwargs = wan()
+    attn = model.blocks[1].attn2
+    processor = attn.processor
+
+    def boom(*args: Any, **kw: Any) -> None:
+        raise RuntimeError("boom")
+
+    with attnmap.capture(model, reductions=("temporal",)) as rec:
+        attn.processor = boom
+        with pytest.raises(RuntimeError, match="boom"):
+            run(model, kwargs)  # fails inside a watched attention module
+        attn.processor = processor
+        assert not rec._stack
+        rec.step()
+        run(model, kwargs)
+    with attnmap.capture(model, reductions=("temporal",)) as again:  # repeated use
+        run(model, kwargs)
+    close("after a failed forward", rec.get("temporal", step=1), again.get("temporal"), 0)
+    with pytest.raises(RuntimeError, match="already open"):
+        with again, again:
+            pass
