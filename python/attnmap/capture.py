@@ -847,6 +847,18 @@ def capture(
 
     Raises:
         ValueError: a target word not in the prompt, a model with no known attention, a bad argument.
+        A call whose shapes fit no layout is skipped with one warning naming the module.
+
+    Example:
+        >>> with attnmap.capture(pipe, prompt="A romantic (kiss) with (flowers)",
+        ...                      store="attention_maps", video_id="prompt_001_vid_001") as rec:  # doctest: +SKIP
+        ...     pipe(rec.prompt, num_frames=81, callback_on_step_end=rec.callback)
+        >>> rec.get("token/kiss", step=0).shape  # [B, F, H, W] latent tokens  # doctest: +SKIP
+        torch.Size([1, 21, 30, 52])
+        >>> with attnmap.capture(videomae, reductions=("temporal",), per_block=True) as rec:  # doctest: +SKIP
+        ...     videomae(pixel_values)
+        >>> rec.get("temporal", block=3).shape  # doctest: +SKIP
+        torch.Size([1, 8, 8])
     """
     return Recorder(
         model,
