@@ -569,3 +569,16 @@ def test_a_forward_that_fails_inside_attention_leaves_the_capture_usable() -> No
     with pytest.raises(RuntimeError, match="already open"):
         with again, again:
             pass
+
+
+def test_config_without_aggregated_maps_keeps_only_the_steps(tmp_path: Any) -> None:
+    cfg = Config.from_dict({"store_aggregated_attention": False, "store_per_block": True})
+    model, kwargs = wan()
+    with attnmap.capture(model, targets={"red": [1]}, store=tmp_path, video_id="v", config=cfg) as rec:
+        run(model, kwargs)
+    store = open_store(tmp_path)
+    assert store.is_complete("v") and store.steps("v") == [0]
+    assert "token/red/block1" in store.names("v", step=0)  # store_per_block from the config
+    assert rec.per_block
+    with pytest.raises(KeyError, match="token/red"):
+        store.load("v", "token/red")

@@ -742,9 +742,10 @@ class Recorder:
     def _close_store(self) -> None:
         if self._store is None or not self._writers:
             return
-        for writer in self._writers.values():
-            writer.close()
         cfg = self.config
+        for writer in self._writers.values():
+            # store_aggregated_attention: false leaves the aggregate empty (the steps stay loadable)
+            writer.close(None if cfg is None or cfg.store_aggregated_attention else {})
         if cfg is None:
             return
         from attnmap.store import video_dirname
