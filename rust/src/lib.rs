@@ -15,9 +15,10 @@ pub use error::{Error, Result};
 
 #[cfg(feature = "python")]
 mod bindings {
-    use ndarray::{Array2, Array4, ArrayViewD, IxDyn};
+    use ndarray::{Array2, ArrayViewD, IxDyn};
     use numpy::{
-        IntoPyArray, PyArray2, PyArray3, PyArray4, PyArrayDyn, PyReadonlyArray3, PyReadonlyArrayDyn,
+        IntoPyArray, PyArray2, PyArray3, PyArray4, PyArrayDyn, PyArrayMethods, PyReadonlyArray3,
+        PyReadonlyArrayDyn,
     };
     use pyo3::exceptions::PyOSError;
     use pyo3::prelude::*;
@@ -140,7 +141,12 @@ mod bindings {
             None => None,
             Some(b) => Some(background_frames(b, stop - start, (oh, ow))?),
         };
-        let out = py.detach(|| -> crate::Result<Array4<u8>> {
+        let n = stop - start;
+        // numpy's allocator (huge pages for big arrays) without a zeroing pass: `render` writes
+        // every byte before Python can see the array, and an error drops it unseen.
+        let out = unsafe { PyArray4::<u8>::new(py, [n, oh, ow, 3], false) };
+        let buf = unsafe { out.as_slice_mut() }.expect("fresh arrays are contiguous");
+        py.detach(|| -> crate::Result<()> {
             let owned;
             let bg = match &bg {
                 None => None,
@@ -152,12 +158,9 @@ mod bindings {
                     })
                 }
             };
-            let mut buf = vec![0u8; (stop - start) * oh * ow * 3];
-            crate::render::render(view, &plan, start..stop, bg, &style, &mut buf)?;
-            Ok(Array4::from_shape_vec((stop - start, oh, ow, 3), buf)
-                .expect("buffer sized to the shape"))
+            crate::render::render(view, &plan, start..stop, bg, &style, buf)
         })?;
-        Ok(out.into_pyarray(py))
+        Ok(out)
     }
 
     /// Check a background's shape: (n, H, W, 3) for n frames or a still (H, W, 3).

@@ -6,8 +6,8 @@ use std::ops::Range;
 use ndarray::ArrayView3;
 use rayon::prelude::*;
 
-use crate::blend::{over, Alpha, Outline};
-use crate::colormap::{level, Table};
+use crate::blend::{Alpha, Outline};
+use crate::colormap::Table;
 use crate::error::{Error, Result};
 use crate::resize::{lerp_rows, Plan};
 
@@ -26,8 +26,21 @@ pub struct Background<'a> {
     pub frames: usize,
 }
 
+/// Levels live in "level space": the normalised value times 256, so a level is `floor(s)` clamped to
+/// 0..=255. Scaling by a power of two commutes with every rounding of the lerps, so resizing the
+/// scaled map gives exactly 256 times what resizing the map gives: the same levels, one multiply less.
+const LEVELS: f32 = 256.0;
+
+/// Output rows a rayon task renders at least (about 16k pixels per task at 832 columns).
+const TASK_PIXELS: usize = 16 * 1024;
+
 /// Render output frames `frames` of `plan` from normalised `maps` (F, h, w) into `out`
 /// ((frames.len(), H, W, 3) bytes). Without a background the frames are the colormap alone.
+///
+/// Every byte of `out` is written, so it may start out uninitialised garbage (numpy's `empty`).
+/// The work: one column pass (h, W) per distinct output frame (frames that share their latent frame
+/// share it), then every output row is a lerp of two of its rows, quantised to levels and blended;
+/// rayon splits the rows of all frames into tasks of about [`TASK_PIXELS`] pixels.
 pub fn render(
     maps: ArrayView3<f32>,
     plan: &Plan,
@@ -66,44 +79,180 @@ pub fn render(
             ));
         }
     }
+    let (Alpha::Constant(a) | Alpha::Attention(a)) = style.alpha;
+    if !(0.0..=1.0).contains(&a) {
+        return Err(Error::invalid(
+            "alpha",
+            format!("expected a value in [0, 1], got {a}"),
+        ));
+    }
     if n == 0 {
         return Ok(());
     }
-    let premul = match style.alpha {
-        Alpha::Constant(a) => Some(premultiply(style.table, a)),
-        Alpha::Attention(_) => None,
-    };
-    let cols: Vec<Vec<f32>> = frames
-        .clone()
-        .into_par_iter()
-        .map(|t| plan.column_pass(maps, t))
-        .collect();
-    out.par_chunks_mut(ow * 3).enumerate().for_each(|(r, row)| {
-        let (i, y) = (r / oh, r % oh);
-        let cols = &cols[i];
-        let mut v = vec![0.0f32; ow];
-        lerp_rows(cols, plan, y, &mut v);
-        let bg_row = background.map(|bg| {
-            let f = if bg.frames == 1 { 0 } else { i };
-            let start = (f * oh + y) * ow * 3;
-            &bg.data[start..start + ow * 3]
-        });
-        match bg_row {
-            Some(bg) => match (style.alpha, &premul) {
-                (Alpha::Constant(a), Some(p)) => blend_constant(&v, bg, p, 1.0 - a, row),
-                (alpha, _) => {
-                    for ((px, b), &x) in row.chunks_exact_mut(3).zip(bg.chunks_exact(3)).zip(&v) {
-                        over(b, &style.table[level(x)], alpha.at(x), px);
+    let (slot, cols) = level_columns(maps, plan, frames);
+    let ink = background.map(|_| Ink::new(style));
+    let outline = style.outline.map(|o| Outline {
+        threshold: o.threshold * LEVELS,
+        ..o
+    });
+    let needs_values = outline.is_some() || matches!(ink, Some(Ink::Attention { .. }));
+    out.par_chunks_mut(ow * 3)
+        .enumerate()
+        .with_min_len((TASK_PIXELS / ow).max(1))
+        .for_each_init(
+            || Scratch::new(ow),
+            |s, (r, row)| {
+                let (i, y) = (r / oh, r % oh);
+                let cols = &cols[slot[i]];
+                if needs_values {
+                    lerp_rows(cols, plan, y, &mut s.values);
+                    levels_of(&s.values, &mut s.levels);
+                } else {
+                    lerp_levels(cols, plan, y, &mut s.levels);
+                }
+                let bg_row = background.map(|bg| {
+                    let f = if bg.frames == 1 { 0 } else { i };
+                    let start = (f * oh + y) * ow * 3;
+                    &bg.data[start..start + ow * 3]
+                });
+                match (&ink, bg_row) {
+                    (Some(Ink::Constant { colors, keep }), Some(bg)) => {
+                        blend_constant(&s.levels, bg, colors, *keep, &mut s.mix, row)
                     }
+                    (Some(Ink::Attention { colors, alpha }), Some(bg)) => {
+                        blend_attention(s, bg, colors, *alpha, row)
+                    }
+                    _ => colorize_levels(&s.levels, style.table, row),
+                }
+                if let Some(outline) = &outline {
+                    draw_outline(cols, plan, y, outline, s, row);
                 }
             },
-            None => crate::colormap::colorize(&v, style.table, row),
-        }
-        if let Some(outline) = style.outline {
-            draw_outline(cols, plan, y, &v, &outline, row);
-        }
-    });
+        );
     Ok(())
+}
+
+/// The colours blended over a background, prepared once per call.
+enum Ink {
+    /// Constant alpha: each level's colour times alpha plus the 0.5 that rounds the blend, and
+    /// `keep = 1 - alpha`, the background's weight.
+    Constant { colors: [[f32; 3]; 256], keep: f32 },
+    /// Alpha that grows with attention (`alpha * value`): each level's colour as floats.
+    Attention { colors: [[f32; 3]; 256], alpha: f32 },
+}
+
+impl Ink {
+    fn new(style: &Style) -> Self {
+        match style.alpha {
+            Alpha::Constant(a) => Ink::Constant {
+                colors: premultiply(style.table, a),
+                keep: 1.0 - a,
+            },
+            Alpha::Attention(alpha) => Ink::Attention {
+                colors: style.table.map(|c| c.map(f32::from)),
+                alpha,
+            },
+        }
+    }
+}
+
+/// Per-task row buffers, so no row allocates.
+struct Scratch {
+    /// The row's values in level space (W), when alpha or the outline needs them.
+    values: Vec<f32>,
+    /// The row's colormap levels (W).
+    levels: Vec<u8>,
+    /// The ink of every channel of the row (3W).
+    mix: Vec<f32>,
+    /// The alpha of every channel of the row (3W), attention alpha only.
+    alphas: Vec<f32>,
+    /// The rows above and below (W each), for the outline.
+    up: Vec<f32>,
+    down: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(ow: usize) -> Self {
+        Scratch {
+            values: vec![0.0; ow],
+            levels: vec![0; ow],
+            mix: vec![0.0; ow * 3],
+            alphas: vec![0.0; ow * 3],
+            up: vec![0.0; ow],
+            down: vec![0.0; ow],
+        }
+    }
+}
+
+/// The column pass of every distinct frame of `frames`, in level space, and each frame's slot in it.
+/// Consecutive output frames with the same time taps (a VAE stride repeats each latent frame) share one.
+fn level_columns(
+    maps: ArrayView3<f32>,
+    plan: &Plan,
+    frames: Range<usize>,
+) -> (Vec<usize>, Vec<Vec<f32>>) {
+    let key = |t: usize| (plan.t.i0[t], plan.t.i1[t], plan.t.w[t].to_bits());
+    let mut firsts: Vec<usize> = Vec::new();
+    let mut slot = Vec::with_capacity(frames.len());
+    for t in frames {
+        if firsts.last().map(|&f| key(f)) != Some(key(t)) {
+            firsts.push(t);
+        }
+        slot.push(firsts.len() - 1);
+    }
+    let cols = firsts
+        .par_iter()
+        .map(|&t| {
+            let mut c = plan.column_pass(maps, t);
+            c.iter_mut().for_each(|v| *v *= LEVELS);
+            c
+        })
+        .collect();
+    (slot, cols)
+}
+
+/// The level of a level-space value: `floor(s)` clamped to 0..=255, NaN to 0; the same as
+/// [`crate::colormap::level`] of `s / 256`, in a form that vectorises.
+#[inline(always)]
+fn level_of(s: f32) -> u8 {
+    // Selects rather than `clamp`: a NaN fails `s > 0` and becomes 0.
+    let s = if s > 0.0 { s } else { 0.0 };
+    floor_byte(if s < 255.0 { s } else { 255.0 })
+}
+
+/// `floor(x)` for `x` in [0, 256). A plain float-to-int cast checks for NaN and saturates, one lane at
+/// a time; this one compiles to packed truncating conversions.
+#[inline(always)]
+fn floor_byte(x: f32) -> u8 {
+    debug_assert!((0.0..256.0).contains(&x), "{x} outside [0, 256)");
+    // SAFETY: every caller passes a finite value in [0, 256) (a clamped level, or a blend of bytes
+    // with weights in [0, 1] that `render` checked), which truncates to an i32 without overflow.
+    unsafe { x.to_int_unchecked::<i32>() as u8 }
+}
+
+/// Levels of a row of level-space values.
+fn levels_of(values: &[f32], levels: &mut [u8]) {
+    for (l, &s) in levels.iter_mut().zip(values) {
+        *l = level_of(s);
+    }
+}
+
+/// Levels of output row `y`, straight from the two column-pass rows it lerps (see [`lerp_rows`]).
+fn lerp_levels(cols: &[f32], plan: &Plan, y: usize, levels: &mut [u8]) {
+    let ow = plan.x.len();
+    let (y0, y1, wy) = (plan.y.i0[y], plan.y.i1[y], plan.y.w[y]);
+    let a = &cols[y0 * ow..(y0 + 1) * ow];
+    let b = &cols[y1 * ow..(y1 + 1) * ow];
+    for ((l, &va), &vb) in levels.iter_mut().zip(a).zip(b) {
+        *l = level_of((1.0 - wy) * va + wy * vb);
+    }
+}
+
+/// Without a background: the colormap's bytes of every level.
+fn colorize_levels(levels: &[u8], table: &Table, row: &mut [u8]) {
+    for (px, &l) in row.chunks_exact_mut(3).zip(levels) {
+        px.copy_from_slice(&table[l as usize]);
+    }
 }
 
 /// Every level's colour times `a`, plus the 0.5 that rounds the blend.
@@ -119,35 +268,83 @@ fn premultiply(table: &Table, a: f32) -> [[f32; 3]; 256] {
     premul
 }
 
-/// Constant-alpha blend of one row: `bg * keep + premul[level]`, the same rounding as [`over`].
-fn blend_constant(v: &[f32], bg: &[u8], premul: &[[f32; 3]; 256], keep: f32, row: &mut [u8]) {
-    for ((px, b), &x) in row.chunks_exact_mut(3).zip(bg.chunks_exact(3)).zip(v) {
-        let p = &premul[level(x)];
-        px[0] = (b[0] as f32 * keep + p[0]) as u8;
-        px[1] = (b[1] as f32 * keep + p[1]) as u8;
-        px[2] = (b[2] as f32 * keep + p[2]) as u8;
+/// Constant-alpha blend of one row: `bg * keep + colors[level]`, the same rounding as [`crate::blend::over`].
+/// The colours are gathered into `mix` first, so the blend itself is one straight vector loop.
+fn blend_constant(
+    levels: &[u8],
+    bg: &[u8],
+    colors: &[[f32; 3]; 256],
+    keep: f32,
+    mix: &mut [f32],
+    row: &mut [u8],
+) {
+    for (m, &l) in mix.chunks_exact_mut(3).zip(levels) {
+        m.copy_from_slice(&colors[l as usize]);
+    }
+    for ((o, &b), &m) in row.iter_mut().zip(bg).zip(mix.iter()) {
+        // bg * (1 - alpha) + colour * alpha + 0.5 lies in [0.5, 255.5].
+        *o = floor_byte(b as f32 * keep + m);
     }
 }
 
-/// Paint the outline colour over the mask border pixels of row `y` (values `v`).
-fn draw_outline(cols: &[f32], plan: &Plan, y: usize, v: &[f32], outline: &Outline, row: &mut [u8]) {
+/// Attention-alpha blend of one row (levels and level-space values in `s`): [`crate::blend::over`] with the
+/// opacity `alpha * value`, bit for bit.
+fn blend_attention(
+    s: &mut Scratch,
+    bg: &[u8],
+    colors: &[[f32; 3]; 256],
+    alpha: f32,
+    row: &mut [u8],
+) {
+    for (((m, a), &l), &v) in s
+        .mix
+        .chunks_exact_mut(3)
+        .zip(s.alphas.chunks_exact_mut(3))
+        .zip(&s.levels)
+        .zip(&s.values)
+    {
+        m.copy_from_slice(&colors[l as usize]);
+        // Dividing by 256 is exact: the value the plain resize gives. This is `Alpha::at`, with NaN
+        // (the minimum) giving 0 where `clamp` would keep it.
+        let v = v * (1.0 / LEVELS);
+        a.fill(alpha * if v > 0.0 { v.min(1.0) } else { 0.0 });
+    }
+    for (((o, &b), &c), &a) in row
+        .iter_mut()
+        .zip(bg)
+        .zip(s.mix.iter())
+        .zip(s.alphas.iter())
+    {
+        *o = floor_byte(b as f32 * (1.0 - a) + c * a + 0.5);
+    }
+}
+
+/// Paint the outline colour over the mask border pixels of row `y` (level-space values in
+/// `s.values`, `outline.threshold` in level space too).
+fn draw_outline(
+    cols: &[f32],
+    plan: &Plan,
+    y: usize,
+    outline: &Outline,
+    s: &mut Scratch,
+    row: &mut [u8],
+) {
     let (oh, ow) = plan.size();
-    let mut up = vec![0.0f32; ow];
-    let mut down = vec![0.0f32; ow];
+    let v = &s.values;
     if y > 0 {
-        lerp_rows(cols, plan, y - 1, &mut up);
+        lerp_rows(cols, plan, y - 1, &mut s.up);
     } else {
-        up.copy_from_slice(v);
+        s.up.copy_from_slice(v);
     }
     if y + 1 < oh {
-        lerp_rows(cols, plan, y + 1, &mut down);
+        lerp_rows(cols, plan, y + 1, &mut s.down);
     } else {
-        down.copy_from_slice(v);
+        s.down.copy_from_slice(v);
     }
     for x in 0..ow {
         let left = if x > 0 { v[x - 1] } else { v[x] };
         let right = if x + 1 < ow { v[x + 1] } else { v[x] };
-        if outline.on_edge(v[x], [up[x], down[x], left, right]) {
+        if outline.on_edge(v[x], [s.up[x], s.down[x], left, right]) {
             row[x * 3..x * 3 + 3].copy_from_slice(&outline.color);
         }
     }
@@ -156,7 +353,8 @@ fn draw_outline(cols: &[f32], plan: &Plan, y: usize, v: &[f32], outline: &Outlin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::colormap::table;
+    use crate::blend::over;
+    use crate::colormap::{level, table};
     use crate::resize::{resize, Time};
     use ndarray::{array, Array3};
 
