@@ -166,7 +166,7 @@ fn mix_row(a: ArrayView2<f32>, b: ArrayView2<f32>, y: usize, wt: f32, out: &mut 
 }
 
 /// Row `y` of an output frame from its column pass (h, W): writes W values into `out`.
-#[inline]
+#[inline(always)]
 pub fn lerp_rows(cols: &[f32], plan: &Plan, y: usize, out: &mut [f32]) {
     let out_w = plan.x.len();
     let (y0, y1, wy) = (plan.y.i0[y], plan.y.i1[y], plan.y.w[y]);
