@@ -10,7 +10,8 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# torch first and pinned, so the resolver never swaps it for another build.
-python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
+# torch is pinned for every pip call (maturin's too), so no dependency swaps it for another build.
+export PIP_CONSTRAINT="$PWD/scripts/constraints.txt"
+python -c "import torch" 2>/dev/null || pip install -q torch
 pip install -q "maturin>=1.5,<2"
 maturin develop --release --extras "${ATTNMAP_EXTRAS:-triton,models,dev}"
