@@ -144,13 +144,19 @@ DIFFUSERS: dict[str, tuple[Callable[..., Any], dict[str, tuple[int, Layout]]]] =
 }
 
 
+@pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass", "one-pass"])
 @pytest.mark.parametrize("family", sorted(DIFFUSERS))
-def test_diffusers_maps_equal_eager_softmax_per_block(family: str) -> None:
+def test_diffusers_maps_equal_eager_softmax_per_block(family: str, one_pass: bool) -> None:
     build, sites = DIFFUSERS[family]
     model, kwargs = build()
     plain = run(model, kwargs)
     log = SdpaLog(model, list(sites))
-    with attnmap.capture(model, reductions=("cross", "temporal", "text"), per_block=True) as rec, log:
+    with (
+        attnmap.capture(
+            model, reductions=("cross", "temporal", "text"), per_block=True, one_pass=one_pass
+        ) as rec,
+        log,
+    ):
         captured = run(model, kwargs)
     log.close()
     assert torch.equal(plain, captured), "capture changed the model output"
@@ -195,12 +201,15 @@ def test_wan_zero_padded_text_reports_padding_mass_and_keeps_real_tokens() -> No
 
 
 # -- transformers and timm: against eager attention probabilities ------------------------------
+@pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass", "one-pass"])
 @pytest.mark.parametrize("build", [vjepa2, videomae], ids=["vjepa2", "videomae"])
-def test_transformers_maps_equal_output_attentions(build: Callable[..., Any]) -> None:
+def test_transformers_maps_equal_output_attentions(build: Callable[..., Any], one_pass: bool) -> None:
     model, kwargs = build(attn="sdpa")
     eager, _ = build(attn="eager")
     plain = run(model, kwargs)
-    with attnmap.capture(model, reductions=("temporal", "received"), per_block=True) as rec:
+    with attnmap.capture(
+        model, reductions=("temporal", "received"), per_block=True, one_pass=one_pass
+    ) as rec:
         captured = run(model, kwargs)
     assert torch.equal(plain, captured)
     with torch.no_grad():

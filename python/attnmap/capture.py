@@ -94,13 +94,20 @@ class _Mode(TorchFunctionMode):
         kwargs: Optional[dict[str, Any]] = None,
     ) -> Any:
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         rec = self.recorder
-        if rec._stack:
-            if func is _SDPA:
-                rec._on_sdpa(rec._stack[-1], _bind_sdpa(args, kwargs))
-            elif rec._spec.eager_softmax and func in _SOFTMAX and isinstance(out, torch.Tensor):
-                rec._on_probs(rec._stack[-1], out)
+        if func is _SDPA and rec._stack:
+            call = _bind_sdpa(args, kwargs)
+            site = rec._stack[-1]
+            lse: Optional[torch.Tensor] = None
+            if rec.one_pass and rec._recording(site):
+                out, lse = rec._forward_with_lse(call)
+            else:
+                out = func(*args, **kwargs)
+            rec._on_sdpa(site, call, lse)
+            return out
+        out = func(*args, **kwargs)
+        if rec._stack and rec._spec.eager_softmax and func in _SOFTMAX and isinstance(out, torch.Tensor):
+            rec._on_probs(rec._stack[-1], out)
         return out
 
 
@@ -134,6 +141,7 @@ class Recorder:
         keep_cross: bool = False,
         metadata: Optional[Mapping[str, Any]] = None,
         backend: str = "auto",
+        one_pass: bool = False,
     ) -> None:
         self._pipe, denoisers = _split_pipeline(model)
         if isinstance(reductions, str):
@@ -162,6 +170,7 @@ class Recorder:
         self.per_block, self.per_head, self.branch = bool(per_block), bool(per_head), branch
         self.keep_cross = bool(keep_cross) or not self.targets
         self.backend = backend
+        self.one_pass = bool(one_pass)
         self._blocks = None if blocks is None else {int(b) for b in blocks}
         self._steps = None if steps is None else {int(s) for s in steps}
         if store is not None and video_id is None:
@@ -413,7 +422,28 @@ class Recorder:
         return f"role {site.role!r} needs an explicit layout"
 
     # -- the reductions ----------------------------------------------------------------------
-    def _on_sdpa(self, site: models.Site, call: dict[str, Any]) -> None:
+    @staticmethod
+    def _forward_with_lse(call: dict[str, Any]) -> tuple[Any, Optional[torch.Tensor]]:
+        """The attention forward through the kernel SDPA itself picks, plus the rows' logsumexp."""
+        from attnmap.ops import sdpa_with_lse
+
+        q, k, v = call.get("query"), call.get("key"), call.get("value")
+        if not (
+            isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+        ) or not (q.dim() == k.dim() == v.dim() == 4):
+            return _SDPA(**call), None
+        return sdpa_with_lse(
+            q,
+            k,
+            v,
+            attn_mask=call.get("attn_mask"),
+            scale=call.get("scale"),
+            is_causal=bool(call.get("is_causal")),
+            dropout_p=float(call.get("dropout_p") or 0.0),
+            enable_gqa=bool(call.get("enable_gqa", False)),
+        )
+
+    def _on_sdpa(self, site: models.Site, call: dict[str, Any], lse: Optional[torch.Tensor] = None) -> None:
         index = site.calls
         site.calls += 1
         if not self._recording(site):
@@ -458,6 +488,7 @@ class Recorder:
                 per_head=self.per_head,
                 scale=call.get("scale"),
                 key_padding_mask=None if mask is None else mask[sel],
+                lse=None if lse is None else lse[sel],
                 backend=self.backend,
             )
             if len(self._rows) == 1:
@@ -820,6 +851,7 @@ def capture(
     keep_cross: bool = False,
     metadata: Optional[Mapping[str, Any]] = None,
     backend: str = "auto",
+    one_pass: bool = False,
 ) -> Recorder:
     """Record attention maps of ``model`` while the returned context is open.
 
@@ -842,6 +874,9 @@ def capture(
         keep_cross: keep the full cross map ``cross`` ``[Nv, Nt]`` also when there are targets.
         metadata: extra JSON-safe metadata (e.g. ``{"video": {"fps": 16}}``).
         backend: the reduction backend of :func:`attnmap.ops.attention_sums`.
+        one_pass: run each recorded attention call through :func:`attnmap.ops.sdpa_with_lse` (the
+            kernel SDPA itself picks, through its aten op that also returns the logsumexp) and reduce
+            in one pass instead of two. Where torch offers no such op for a call, SDPA runs as usual.
 
     Returns:
         a :class:`Recorder`, to use as a context manager.
@@ -879,6 +914,7 @@ def capture(
         keep_cross=keep_cross,
         metadata=metadata,
         backend=backend,
+        one_pass=one_pass,
     )
 
 
