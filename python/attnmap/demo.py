@@ -446,7 +446,7 @@ def run(output: Path, *, quiet: bool = False, log: Optional[Log] = None, wan: bo
         scores[word] = iou(mask, truth[word])
         colour = OBJECTS[word][0]
         verdict = "ok" if scores[word] >= IOU_TARGET else "LOW"
-        say(f"  {colour} {word:<9} IoU {scores[word]:.3f}  {verdict}")
+        say(f"  {colour + ' ' + word:<16} IoU {scores[word]:.3f}  {verdict}")
 
     videos = out / "videos"
     options = autorender.RenderOptions(colormap="jet", fps=video.fps, alpha=0.5, threshold=0.5)
