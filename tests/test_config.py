@@ -66,6 +66,32 @@ def test_from_yaml_reads_every_key_of_the_seed_block(tmp_path: Path) -> None:
     assert Config.from_dict(cfg.to_dict()) == cfg
 
 
+# the first block of seed 001, verbatim but for the blank line's trailing spaces
+SEED_001_TOP = """
+attention_analysis:
+  store_attention: true
+  store_aggregated_attention: true  # NEW: Store step-averaged attention maps
+  auto_generate_videos: true        # NEW: Automatically generate videos after batch completion
+  auto_generate_per_video: true     # NEW: Generate videos immediately after each video completes
+
+  visualization_params:
+    figsize: [12, 8]
+    colormap: "hot"
+    overlay_alpha: 0.6
+    static_duration: 3.0
+    fps: 10
+    interpolation_steps: 2
+"""
+
+
+def test_from_yaml_reads_the_seed_top_block_with_defaults_for_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "top.yaml"
+    path.write_text(SEED_001_TOP)
+    cfg = Config.from_yaml(path)
+    assert cfg == Config(auto_generate_videos=True, auto_generate_per_video=True)
+    assert cfg.visualization_params.video_format == "mp4" and cfg.visualization_params.include_colorbar
+
+
 def test_missing_keys_take_defaults() -> None:
     cfg = Config.from_dict({"visualization_params": {"colormap": "hot"}})
     assert cfg.store_attention and not cfg.store_per_block and cfg.storage_dtype == "float16"
@@ -103,6 +129,10 @@ def test_unknown_keys_are_errors_that_list_the_valid_ones() -> None:
             "figsize must be \\[width, height\\] of positive numbers",
         ),
         ({"visualization_params": {"video_format": "mov"}}, "video_format must be one of mp4, webm"),
+        (  # the renderer cannot write avi: the error lists what it can
+            {"visualization_params": {"video_format": "avi"}},
+            "attention_analysis.visualization_params.video_format must be one of mp4, webm, gif, mkv; got 'avi'",
+        ),
     ],
 )
 def test_bad_values_name_the_key(data: dict[str, object], message: str) -> None:

@@ -14,7 +14,8 @@ from typing import Any, Mapping, Union
 
 STORAGE_DTYPES = ("float16", "float32")
 STORAGE_FORMATS = ("numpy", "torch", "safetensors")
-VIDEO_FORMATS = ("mp4", "webm", "gif", "avi", "mkv")
+#: containers attnmap.render.write_video writes that the seed configs use
+VIDEO_FORMATS = ("mp4", "webm", "gif", "mkv")
 
 
 def _check_keys(data: Mapping[str, Any], valid: tuple[str, ...], where: str) -> None:
@@ -59,7 +60,7 @@ class VisualizationParams:
         fps: frames per second of the rendered videos.
         interpolation_steps: frames blended between consecutive steps (0: none).
         include_colorbar: draw the attention scale.
-        video_format: container of the rendered videos (mp4, webm, gif, avi, mkv).
+        video_format: container of the rendered videos (mp4, webm, gif, mkv).
     """
 
     figsize: tuple[float, float] = (12.0, 8.0)
