@@ -304,3 +304,25 @@ def test_space_time_rollout_through_capture() -> None:
     got = space_time_rollout(cap_space, cap_time, num_frames=4)
     torch.testing.assert_close(got, space_time_rollout(space, time, num_frames=4), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[0], _seed002_reference(space, time, 4).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_attnmap_rollout_is_callable_whatever_was_imported_first() -> None:
+    """``attnmap.rollout`` stays callable after the submodule ``attnmap.rollout`` was imported
+    (e.g. through ``attnmap.space_time_rollout``), which binds the module over the function."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import numpy as np, attnmap\n"
+        "attnmap.space_time_rollout\n"
+        "import attnmap.rollout\n"
+        "a = np.array([[[0.5, 0.5], [0.2, 0.8]]])\n"
+        "print(attnmap.rollout([a], head_fusion='mean', discard_ratio=0.0, start_layer=0).tolist())\n"
+    )
+    python_dir = str(Path(__file__).resolve().parents[1] / "python")
+    env = {**os.environ, "PYTHONPATH": python_dir}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    np.testing.assert_allclose(json.loads(out.stdout), [[[0.75, 0.25], [0.1, 0.9]]], rtol=1e-6)

@@ -347,3 +347,72 @@ def test_header_cache_sees_rewrites(tmp_path: Path) -> None:
     w.write_step(0, {"token/cat": np.full((2, 3, 4), 3.0)})
     assert not np.array_equal(first, store.load_step("v", "cat", 0).map)
     assert store.load_step("v", "cat", 0).map.max() == 3.0
+
+
+# -- what capture writes ------------------------------------------------------------------------
+def test_capture_metadata_has_every_key_and_the_final_steps(tmp_path: Path) -> None:
+    """metadata.json of a real capture: the issue's keys, and ``steps`` = every written step (the
+    writer opens at the end of step 0, when capture's own list says [0])."""
+    import attnmap
+    from tiny_models import wan
+
+    model, kwargs = wan()
+    with attnmap.capture(
+        model, prompt="a red ball", targets={"red": [1]}, store=tmp_path, video_id="v", per_block=True
+    ) as rec:
+        for s in range(3):
+            if s:
+                rec.step()
+            with torch.no_grad():
+                model(**kwargs)
+    store = open_store(tmp_path)
+    meta = store.metadata("v")
+    for key in ("schema_version", "attnmap_version", "model", "prompt", "targets", "layout", "grid"):
+        assert meta[key] is not None, key
+    for key in ("patch_size", "vae_stride", "video", "blocks", "dtype", "aggregation", "created", "finished"):
+        assert key in meta, key
+    assert meta["schema_version"] == 1 and meta["attnmap_version"] == attnmap.__version__
+    assert meta["targets"] == {"red": [1]} and meta["grid"] == [3, 4, 4] and meta["blocks"] == [0, 1]
+    assert meta["steps"] == meta["steps_written"] == [0, 1, 2] == store.steps("v")
+    assert meta["dtype"] == "float16" and meta["aggregation"]["steps"] == "mean over the written steps"
+    assert meta["patch_size"] == [1, 2, 2] and set(meta["video"]) >= {"fps"}
+    assert store.tokens("v") == ["red"]
+    maps = store.load_all_steps("v", "red")
+    assert [m.metadata["step"] for m in maps] == [0, 1, 2] and maps[0].map.shape == (3, 4, 4)
+    assert maps[0].map.dtype == np.float32
+    mean = np.mean([m.map for m in maps], axis=0)
+    np.testing.assert_allclose(store.aggregated("v", "red").map, mean, atol=1e-3)
+    per_block = [store.load_step("v", "red", 2, block=b).map for b in (0, 1)]
+    np.testing.assert_allclose(np.mean(per_block, axis=0), maps[2].map, atol=2e-3)
+
+
+def test_empty_aggregated_lists_tokens_and_says_why(tmp_path: Path) -> None:
+    """``close({})`` (store_aggregated_attention: false): the tokens of the steps are listed, the
+    aggregated map is refused with the reason, and rebuild_aggregated writes it."""
+    w = StoreWriter(tmp_path, "v", META, dtype="float32")
+    w.write_step(0, {"token/cat": np.full((1, 2, 2), 1.0)})
+    w.write_step(1, {"token/cat": np.full((1, 2, 2), 3.0)})
+    w.close({})
+    store = open_store(tmp_path)
+    assert store.tokens("v") == ["cat"] and store.names("v") == ["token/cat"]
+    assert store.metadata("v")["aggregation"]["steps"] == "not stored (mean over the steps on load)"
+    with pytest.raises(KeyError, match="stored no aggregated maps"):
+        store.aggregated("v", "cat")
+    store.rebuild_aggregated("v")
+    np.testing.assert_array_equal(store.aggregated("v", "cat").map, np.full((1, 2, 2), 2.0))
+
+
+def test_aggregated_of_an_older_run_is_never_used(tmp_path: Path) -> None:
+    """A run killed before ``close`` over an older complete run: the old aggregated file (had it
+    survived) is ignored and the aggregate comes from the new run's steps only."""
+    _write_run(tmp_path, "v", steps=2, dtype="float32")
+    d = tmp_path / video_dirname("v")
+    old_agg = (d / AGGREGATED_FILE).read_bytes()
+    w = StoreWriter(tmp_path, "v", META, dtype="float32")
+    w.write_step(0, {"token/cat": np.full((2, 3, 4), 5.0)})
+    (d / AGGREGATED_FILE).write_bytes(old_agg)  # as if the unlink of the old file never happened
+    store = open_store(tmp_path)
+    agg = store.aggregated("v", "cat")
+    assert agg.metadata["rebuilt"] is True and agg.metadata["steps"] == [0]
+    np.testing.assert_array_equal(agg.map, np.full((2, 3, 4), 5.0))
+    assert store.tokens("v") == ["cat"]

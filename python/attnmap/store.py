@@ -315,6 +315,16 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def _aggregation(steps: str, downsample: int) -> dict[str, Any]:
+    """The ``aggregation`` metadata: how each stored value was reduced (the capture contract)."""
+    return {
+        "steps": steps,
+        "token_maps": "sub-tokens summed; mean over blocks and heads (token/<word>/block<b>: one block)",
+        "maps": "mean over blocks (<name>/block<b>: one block); per-head maps keep H first",
+        "spatial_downsample": f"mean over {downsample}x{downsample} latent cells",
+    }
+
+
 class StoreWriter:
     """Writes one video's maps: each step as soon as it is complete, then the aggregated maps.
 
@@ -373,7 +383,7 @@ class StoreWriter:
             "run_id": self.run_id,
             "dtype": dtype,
             "downsample": downsample,
-            "aggregation": "mean over the written steps (of the stored values)",
+            "aggregation": _aggregation("mean over the written steps", downsample),
             "created": _now(),
             "complete": False,
         }
@@ -476,13 +486,21 @@ class StoreWriter:
         if aggregated is None:
             agg = {name: (s / self._counts[name]).astype(self._np_dtype) for name, s in self._sums.items()}
             counts = dict(self._counts)
-            how = "mean over steps"
+            how = "mean over the written steps"
         else:
             agg = {_check_name(n): self._prepare(n, v) for n, v in aggregated.items()}
             counts = {}
-            how = "given by the caller"
-        _write_aggregated(self.path, agg, self.run_id, sorted(self._steps), counts, how)
-        self.metadata.update(complete=True, finished=_now(), steps_written=sorted(self._steps))
+            how = "given by the caller" if agg else "not stored (mean over the steps on load)"
+        steps = sorted(self._steps)
+        _write_aggregated(self.path, agg, self.run_id, steps, counts, how)
+        # the caller's "steps" was a snapshot taken when the writer opened; the store knows them all
+        self.metadata.update(
+            complete=True,
+            finished=_now(),
+            steps=steps,
+            steps_written=steps,
+            aggregation=_aggregation(how, self.downsample),
+        )
         atomic_write(self.path / METADATA_FILE, json.dumps(self.metadata, indent=1).encode("utf-8"))
         self._closed = True
 
@@ -534,8 +552,8 @@ class Store:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"store root {self.root} is not a directory")
-        self._headers: dict[Path, tuple[float, int, _Header]] = {}
-        self._metas: dict[Path, tuple[float, int, dict[str, Any]]] = {}
+        self._headers: dict[Path, tuple[tuple[int, int, int], _Header]] = {}
+        self._metas: dict[Path, tuple[tuple[int, int, int], dict[str, Any]]] = {}
 
     # -- helpers ----------------------------------------------------------------------------
     def _dir(self, video_id: str) -> Path:
@@ -549,11 +567,12 @@ class Store:
             st = path.stat()
         except FileNotFoundError:
             raise StoreError(f"Store file {path} does not exist") from None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
         cached = self._headers.get(path)
-        if cached and cached[0] == st.st_mtime and cached[1] == st.st_size:
-            return cached[2]
+        if cached and cached[0] == key:
+            return cached[1]
         header = _read_header(path)
-        self._headers[path] = (st.st_mtime, st.st_size, header)
+        self._headers[path] = (key, header)
         return header
 
     def _current(self, video_id: str, path: Path) -> _Header:
@@ -563,6 +582,18 @@ class Store:
             raise StoreError(
                 f"Store file {path} belongs to run {header.metadata.get('run_id')!r}, not the current run {run!r}"
             )
+        return header
+
+    def _agg_header(self, video_id: str) -> Optional[_Header]:
+        """The current run's aggregated file, or None when it is missing or left by an older run
+        (the run died before ``close``): the aggregated maps then come from the finished steps.
+        An empty file means the run chose not to store them."""
+        path = self._dir(video_id) / AGGREGATED_FILE
+        if not path.is_file():
+            return None
+        header = self._header(path)
+        if header.metadata.get("run_id") != self._video_meta(video_id)["run_id"]:
+            return None
         return header
 
     # -- listing ----------------------------------------------------------------------------
@@ -583,15 +614,16 @@ class Store:
     def _load_metadata(self, path: Path) -> dict[str, Any]:
         try:
             st = path.stat()
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
             cached = self._metas.get(path)
-            if cached and cached[0] == st.st_mtime and cached[1] == st.st_size:
-                return cached[2]
+            if cached and cached[0] == key:
+                return cached[1]
             meta = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise StoreError(f"Corrupt store file {path}: {exc}") from None
         if not isinstance(meta, dict) or not isinstance(meta.get("video_id"), str) or "run_id" not in meta:
             raise StoreError(f"Corrupt store file {path}: not an attnmap video metadata object")
-        self._metas[path] = (st.st_mtime, st.st_size, meta)
+        self._metas[path] = (key, meta)
         return meta
 
     def metadata(self, video_id: str) -> dict[str, Any]:
@@ -623,12 +655,12 @@ class Store:
 
     def names(self, video_id: str, step: Optional[int] = None) -> list[str]:
         """Map names of one step (``step=None``: of the aggregated maps, or the union over steps
-        when they are missing)."""
+        when the run has no aggregated file or stored an empty one)."""
         if step is not None:
             return sorted(self._current(video_id, self._dir(video_id) / step_filename(step)).entries)
-        agg = self._dir(video_id) / AGGREGATED_FILE
-        if agg.is_file():
-            return sorted(self._current(video_id, agg).entries)
+        agg = self._agg_header(video_id)
+        if agg is not None and agg.entries:
+            return sorted(agg.entries)
         names: set[str] = set()
         for s in self.steps(video_id):
             names.update(self._header(self._dir(video_id) / step_filename(s)).entries)
@@ -666,8 +698,13 @@ class Store:
     def _load_aggregated(self, video_id: str, name: str) -> tuple[np.ndarray, dict[str, Any]]:
         d = self._dir(video_id)
         path = d / AGGREGATED_FILE
-        if path.is_file():
-            header = self._current(video_id, path)
+        header = self._agg_header(video_id)
+        if header is not None:
+            if not header.entries:
+                raise KeyError(
+                    f"map {name!r}: the run stored no aggregated maps in {path} (store_aggregated_attention"
+                    " false); use load_all_steps, or rebuild_aggregated to write the mean over the steps"
+                )
             if name not in header.entries:
                 raise KeyError(f"map {name!r} is not in {path}; it has {sorted(header.entries)}")
             info = {
