@@ -170,26 +170,27 @@ def test_top_frames_and_regions_by_hand() -> None:
     assert reg["box"] == {"frames": [1, 2], "rows": [0, 1], "cols": [0, 1]}
 
 
-def _small_store(root: Path) -> None:
+def _small_store(root: Path, *, aggregated: bool = True) -> None:
     rng = np.random.default_rng(0)
     meta = {"model": "tiny", "prompt": "a (cat)", "targets": {"cat": [1, 2]}, "grid": [3, 2, 2]}
-    with StoreWriter(root, "v", meta, dtype="float32") as w:
-        for s in range(2):
-            cat = np.zeros((3, 2, 2))
-            cat[2, 1, 1] = 1.0 + s
-            cat[0, 0, 0] = 0.5
-            w.write_step(
-                s,
-                {
-                    "token/cat": cat,
-                    "token/cat/block0": cat * 2,
-                    "token/cat/block1": cat * 0,
-                    "temporal": np.eye(3),
-                    "temporal/block0": np.stack([np.eye(3), np.full((3, 3), 1 / 3)]),  # per head
-                    "temporal/block1": np.stack([np.eye(3), np.eye(3)]),
-                    "text": rng.random((4, 4)),
-                },
-            )
+    w = StoreWriter(root, "v", meta, dtype="float32")
+    for s in range(2):
+        cat = np.zeros((3, 2, 2))
+        cat[2, 1, 1] = 1.0 + s
+        cat[0, 0, 0] = 0.5
+        w.write_step(
+            s,
+            {
+                "token/cat": cat,
+                "token/cat/block0": cat * 2,
+                "token/cat/block1": cat * 0,
+                "temporal": np.eye(3),
+                "temporal/block0": np.stack([np.eye(3), np.full((3, 3), 1 / 3)]),  # per head
+                "temporal/block1": np.stack([np.eye(3), np.eye(3)]),
+                "text": rng.random((4, 4)),
+            },
+        )
+    w.close(None if aggregated else {})  # {}: store_aggregated_attention false
 
 
 def test_load_token_map_over_steps_and_blocks(tmp_path: Path) -> None:
@@ -216,3 +217,15 @@ def test_summarize_and_write(tmp_path: Path) -> None:
     assert s["temporal_locality"]["mean"] == 1.0
     out = write_summary(store, "v", tmp_path / "out" / "summary.json", k=1)
     assert json.loads(out.read_text())["tokens"]["cat"]["frames"][0]["frame"] == 2
+
+
+def test_summary_and_token_map_without_stored_aggregated_maps(tmp_path: Path) -> None:
+    """A run that stored no aggregated maps: the same summary and maps, from the mean of the steps."""
+    _small_store(tmp_path / "with")
+    _small_store(tmp_path / "without", aggregated=False)
+    with_agg, without = open_store(tmp_path / "with"), open_store(tmp_path / "without")
+    with pytest.raises(KeyError):
+        without.load("v", "token/cat")
+    assert summarize(without, "v", k=2) == summarize(with_agg, "v", k=2)
+    np.testing.assert_array_equal(load_token_map(without, "v", "cat"), load_token_map(with_agg, "v", "cat"))
+    assert load_token_map(without, "v", "cat")[2, 1, 1] == pytest.approx(1.5)

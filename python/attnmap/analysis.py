@@ -160,6 +160,19 @@ def token_map(
     return normalize(m, normalize_by)
 
 
+def _aggregated(store: Store, video_id: str, name: str) -> np.ndarray:
+    """The step-aggregated map ``name``; the mean over the finished steps when the run stored no
+    aggregated maps (``store_aggregated_attention: false``)."""
+    try:
+        return store.load(video_id, name)
+    except KeyError:
+        steps = [s for s in store.steps(video_id) if name in store.names(video_id, s)]
+        if not steps:
+            raise
+        total = np.sum([store.load(video_id, name, s) for s in steps], axis=0, dtype=np.float64)
+        return np.asarray(total / len(steps), dtype=np.float32)
+
+
 def load_token_map(
     store: Store,
     video_id: str,
@@ -194,7 +207,7 @@ def load_token_map(
     maps = []
     for name in names:
         if steps is None and blocks is None:
-            maps.append(store.load(video_id, name))
+            maps.append(_aggregated(store, video_id, name))
         else:
             chosen = store.steps(video_id) if steps is None else [int(s) for s in steps]
             if not chosen:
@@ -361,18 +374,19 @@ def summarize(store: Store, video_id: str, *, k: int = 3, mask_top_fraction: flo
     meta = store.metadata(video_id)
     tokens: dict[str, Any] = {}
     for word in store.tokens(video_id):
-        m = store.aggregated(video_id, word).map
+        m = _aggregated(store, video_id, f"token/{word}")
+        m = m.mean(0) if m.ndim == 4 else m  # per-head [H, F, H, W]
         tokens[word] = {"frames": top_frames(m, k), **top_regions(m, k, mask_top_fraction=mask_top_fraction)}
     names = store.names(video_id)
     blocks: dict[str, Any] = {}
     for name in names:
         hit = _BLOCK.match(name)
         if hit:
-            loc = temporal_locality(store.load(video_id, name))
+            loc = temporal_locality(_aggregated(store, video_id, name))
             blocks[hit.group(1)] = loc.tolist() if loc.ndim else float(loc)
     mean = None
     if "temporal" in names:
-        mean = float(np.mean(temporal_locality(store.load(video_id, "temporal"))))
+        mean = float(np.mean(temporal_locality(_aggregated(store, video_id, "temporal"))))
     ordered = {b: blocks[b] for b in sorted(blocks, key=int)}
     return {
         "video_id": video_id,
