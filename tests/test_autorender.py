@@ -171,3 +171,36 @@ def test_bad_token_and_missing_original(store_root: Path, tmp_path: Path) -> Non
 def test_safe_names() -> None:
     assert autorender.safe_name("../a b/c") == "a_b_c"
     assert autorender.output_path("d", "v/1", "x y", "overlay").name == "v_1_x_y_overlay.mp4"
+
+
+def test_draw_label_equals_pillow_drawing_the_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cached glyph mask blended in numpy against Pillow drawing onto the darkened box itself."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(1)
+    frame = rng.integers(0, 256, (90, 160, 3), dtype=np.uint8)
+    text = "cat | step 3 (2/5)"
+    size = max(9, 90 // 18)
+    box_h, box_w = size + 8, min(160, int(size * 0.62 * len(text)) + 12)
+    region = Image.fromarray(frame[:box_h, :box_w] // 3)
+    ImageDraw.Draw(region).text((5, 3), text, fill=(255, 255, 255), font=ImageFont.load_default(size=size))
+    expected = frame.copy()
+    expected[:box_h, :box_w] = np.asarray(region)
+    for _ in range(2):  # the second call draws from the cache
+        drawn = frame.copy()
+        autorender.draw_label(drawn, text)
+        assert np.abs(drawn.astype(int) - expected.astype(int)).max() <= 1
+    assert (drawn[:box_h, :box_w] > 200).all(axis=-1).sum() > 20  # white glyph pixels exist
+    np.testing.assert_array_equal(drawn[box_h:], frame[box_h:])  # nothing drawn outside the box
+
+
+def test_render_video_decodes_the_original_once(store_root: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import attnmap.render as render
+
+    calls = []
+    read = render.read_video
+    monkeypatch.setattr(render, "read_video", lambda path: calls.append(path) or read(path))
+    paths = autorender.render_video(store_root, "vid 1", tmp_path / "out", None)
+    assert len(paths) == 4 and len(calls) == 1
+    overlay, _ = decode(tmp_path / "out" / "vid_1_dog_overlay.mp4")
+    assert overlay.shape == (9, 32, 48, 3)

@@ -204,3 +204,29 @@ def test_normalize_rejects_bad_arguments_by_name() -> None:
         _native.normalize(maps, mode="fixed", vmax=1.0)
     with pytest.raises(AttnmapError, match=r"^percentile: expected 0 <= lo < hi <= 100"):
         _native.normalize(maps, mode="percentile", percentile=(50.0, 10.0))
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 6), st.integers(0, 2**32 - 1))
+def test_rgb_to_yuv420_matches_swscale(n: int, hh: int, hw: int, seed: int) -> None:
+    """The encoder's colour conversion against FFmpeg's own (PyAV reformat, BT.601 limited range)."""
+    import av
+
+    rng = np.random.default_rng(seed)
+    h, w = 2 * hh, 2 * hw
+    # smooth content, as heatmaps and video are (chroma is a 2x2 mean here and a filter in swscale)
+    base = rng.integers(0, 256, (n, 1, 1, 3))
+    ramp = np.linspace(0, 24, h * w).reshape(1, h, w, 1)
+    rgb = np.clip(base + ramp, 0, 255).astype(np.uint8)
+    out = _native.rgb_to_yuv420(rgb)
+    assert out.shape == (n, h * 3 // 2, w) and out.dtype == np.uint8
+    for frame, planes in zip(rgb, out):
+        ref = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p").to_ndarray()
+        diff = np.abs(planes.astype(int) - ref.astype(int))
+        assert diff[:h].max() <= 1, diff[:h].max()  # luma
+        assert diff[h:].max() <= 2, diff[h:].max()  # chroma
+
+
+def test_rgb_to_yuv420_rejects_odd_sizes_by_name() -> None:
+    with pytest.raises(AttnmapError, match=r"^frames: expected uint8 \(n, H, W, 3\) with H and W even"):
+        _native.rgb_to_yuv420(np.zeros((1, 3, 4, 3), np.uint8))

@@ -20,11 +20,13 @@ it writes ``<video_id>_<token>_attention.<fmt>`` and, when an original video is 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
@@ -40,6 +42,7 @@ Mode = Literal["aggregated", "steps"]
 NORMALIZE = ("global", "frame", "percentile")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mkv", ".mov")
 _CHUNK = 16
+_WORKERS = 2  # renders of one video encoded at the same time (render_video)
 _MIN_SIDE = 256  # a map with no known video size is scaled up to at least this many pixels high
 
 
@@ -208,19 +211,39 @@ def _select_steps(available: list[int], steps: Optional[Sequence[int]], video_id
     return list(steps)
 
 
-def _load_background(path: PathLike, frames: Optional[int] = None) -> tuple[np.ndarray, float]:
+Original = Union[PathLike, np.ndarray]  # a video file, or its frames [T, H, W, 3] uint8 already decoded
+
+
+def load_original(path: PathLike) -> np.ndarray:
+    """Decode an original video once, to share between the renders of several tokens.
+
+    Returns:
+        [T, H, W, 3] uint8.
+    """
     import attnmap.render as render
 
     source = Path(path)
     if not source.is_file():
         raise FileNotFoundError(f"original video {str(path)!r} does not exist")
-    video, fps = render.read_video(source)
+    video, _ = render.read_video(source)
     if video.shape[0] == 0:
         raise ValueError(f"original video {str(path)!r} has no frames")
+    return video
+
+
+def _load_background(original: Original, frames: Optional[int] = None) -> np.ndarray:
+    if isinstance(original, np.ndarray):
+        video = original
+        if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3 or video.shape[0] == 0:
+            raise ValueError(
+                f"original_video: expected a file or uint8 frames (T, H, W, 3), got {video.dtype} {video.shape}"
+            )
+    else:
+        video = load_original(original)
     if frames is not None and frames != video.shape[0]:
         idx = np.linspace(0, video.shape[0] - 1, frames).round().astype(np.int64)
         video = video[idx]
-    return video, fps
+    return video
 
 
 def _even(video: np.ndarray) -> np.ndarray:
@@ -236,7 +259,7 @@ def plan_token(
     options: RenderOptions,
     mode: Mode = "aggregated",
     steps: Optional[Sequence[int]] = None,
-    original_video: Optional[PathLike] = None,
+    original_video: Optional[Original] = None,
 ) -> tuple[_Plan, tuple[int, int]]:
     """Load one token's maps and decide the output frames (see the module docstring)."""
     if mode not in ("aggregated", "steps"):
@@ -298,11 +321,11 @@ def plan_token(
     background = None
     if original_video is not None:
         if mode == "aggregated" and maps.shape[0] > 1:
-            background, _ = _load_background(original_video)
+            background = _load_background(original_video)
             num_frames, stride = background.shape[0], None
             labels = [labels[0]] * background.shape[0]
         else:
-            background, _ = _load_background(original_video, len(labels))
+            background = _load_background(original_video, len(labels))
         background = _even(background)
         size = (background.shape[1], background.shape[2])
     else:
@@ -316,6 +339,7 @@ def plan_token(
 
 
 # -- drawing -----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
 def _font(size: int) -> Any:
     from PIL import ImageFont
 
@@ -325,22 +349,35 @@ def _font(size: int) -> Any:
         return ImageFont.load_default()
 
 
-def draw_label(frame: np.ndarray, text: str, *, corner: tuple[int, int] = (0, 0)) -> None:
-    """Draw ``text`` in white on a dark box into ``frame`` ``[H, W, 3]`` uint8, in place."""
+@functools.lru_cache(maxsize=256)
+def _label_mask(text: str, size: int, box_h: int, box_w: int) -> np.ndarray:
+    """The coverage [box_h, box_w] uint8 of ``text`` drawn at (5, 3) in a font of ``size`` pixels: drawn
+    once per text, since most frames of a video repeat their label."""
     from PIL import Image, ImageDraw
 
+    image = Image.new("L", (box_w, box_h), 0)
+    ImageDraw.Draw(image).text((5, 3), text, fill=255, font=_font(size))
+    mask = np.asarray(image)
+    mask.flags.writeable = False
+    return mask
+
+
+def draw_label(frame: np.ndarray, text: str, *, corner: tuple[int, int] = (0, 0)) -> None:
+    """Draw ``text`` in white on a dark box (the frame at a third of its brightness) into ``frame``
+    ``[H, W, 3]`` uint8, in place."""
     height, width = frame.shape[:2]
     size = max(9, min(height, width) // 18)
-    font = _font(size)
     y0, x0 = corner
     box_h = min(height - y0, size + 8)
     box_w = min(width - x0, int(size * 0.62 * len(text)) + 12)
     if box_h <= 0 or box_w <= 0:
         return
+    mask = _label_mask(text, size, box_h, box_w)[..., None].astype(np.uint16)
     region = frame[y0 : y0 + box_h, x0 : x0 + box_w]
-    image = Image.fromarray(np.ascontiguousarray(region) // 3)
-    ImageDraw.Draw(image).text((5, 3), text, fill=(255, 255, 255), font=font)
-    region[...] = np.asarray(image)
+    dark = region // 3
+    # white over the darkened box by the glyph coverage, rounded as Pillow blends a mask
+    tmp = (255 - dark) * mask + 128
+    region[...] = dark + (((tmp >> 8) + tmp) >> 8).astype(np.uint8)
 
 
 def colorbar_strip(height: int, width: int, colormap: str) -> np.ndarray:
@@ -451,7 +488,7 @@ def render_token(
     options: Optional[RenderOptions] = None,
     mode: Mode = "aggregated",
     steps: Optional[Sequence[int]] = None,
-    original_video: Optional[PathLike] = None,
+    original_video: Optional[Original] = None,
     quiet: bool = True,
 ) -> Path:
     """Render one token of a stored video to a video file.
@@ -466,7 +503,8 @@ def render_token(
         mode: ``"aggregated"`` (the step mean following the video's frames) or ``"steps"`` (the step
             evolution).
         steps: the steps to use (default: all stored).
-        original_video: a video file to overlay the heatmap on.
+        original_video: a video file to overlay the heatmap on, or its decoded frames
+            (:func:`load_original`).
         quiet: no progress bar on stderr.
 
     Returns:
@@ -497,7 +535,7 @@ def render_grid(
     options: Optional[RenderOptions] = None,
     mode: Mode = "aggregated",
     steps: Optional[Sequence[int]] = None,
-    original_video: Optional[PathLike] = None,
+    original_video: Optional[Original] = None,
     max_width: int = 1920,
     quiet: bool = True,
 ) -> Path:
@@ -522,6 +560,8 @@ def render_grid(
     if not tokens:
         raise ValueError("tokens must name at least one stored word, got none")
     out = _target(output, options)
+    if original_video is not None and not isinstance(original_video, np.ndarray):
+        original_video = load_original(original_video)  # decoded once for every panel
     plans = [
         plan_token(store, video_id, t, options=options, mode=mode, steps=steps, original_video=original_video)
         for t in tokens
@@ -600,18 +640,24 @@ def render_video(
     if original is not None and not original.is_file():
         raise FileNotFoundError(f"original video {str(original)!r} does not exist")
     words = list(tokens) if tokens is not None else store.tokens(video_id)
-    written = []
+    background = load_original(original) if original is not None and words else None  # decoded once
+    jobs: list[tuple[str, Path, Optional[np.ndarray]]] = []
     for word in words:
-        target = output_path(out_dir, video_id, word, "attention", options.video_format)
-        written.append(render_token(store, video_id, word, target, options=options, quiet=quiet))
-        if original is not None:
+        jobs.append((word, output_path(out_dir, video_id, word, "attention", options.video_format), None))
+        if background is not None:
             target = output_path(out_dir, video_id, word, "overlay", options.video_format)
-            written.append(
-                render_token(
-                    store, video_id, word, target, options=options, original_video=original, quiet=quiet
-                )
-            )
-    return written
+            jobs.append((word, target, background))
+
+    def run(job: tuple[str, Path, Optional[np.ndarray]]) -> Path:
+        word, target, original_frames = job
+        return render_token(
+            store, video_id, word, target, options=options, original_video=original_frames, quiet=quiet
+        )
+
+    # Two renders at a time: the Rust render, the colour conversion and libx264 all release the GIL, and
+    # one render alone leaves a core idle while its encoder waits on its producer (and back).
+    with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        return list(pool.map(run, jobs))
 
 
 def render_store(

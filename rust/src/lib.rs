@@ -10,6 +10,7 @@ pub mod error;
 pub mod normalize;
 pub mod render;
 pub mod resize;
+pub mod yuv;
 
 pub use error::{Error, Result};
 
@@ -18,7 +19,7 @@ mod bindings {
     use ndarray::{Array2, ArrayViewD, IxDyn};
     use numpy::{
         IntoPyArray, PyArray2, PyArray3, PyArray4, PyArrayDyn, PyArrayMethods, PyReadonlyArray3,
-        PyReadonlyArrayDyn,
+        PyReadonlyArray4, PyReadonlyArrayDyn,
     };
     use pyo3::exceptions::PyOSError;
     use pyo3::prelude::*;
@@ -218,6 +219,34 @@ mod bindings {
             .into_pyarray(py))
     }
 
+    /// RGB frames (n, H, W, 3) uint8, H and W even, to I420 frames (n, H * 3 / 2, W) uint8: the Y plane,
+    /// then Cb and Cr (BT.601 limited range, chroma the mean of each 2x2 block), as PyAV's yuv420p takes.
+    #[pyfunction]
+    fn rgb_to_yuv420<'py>(
+        py: Python<'py>,
+        frames: PyReadonlyArray4<'py, u8>,
+    ) -> PyResult<Bound<'py, PyArray3<u8>>> {
+        let view = frames.as_array();
+        let (n, h, w, c) = view.dim();
+        if c != 3 || !h.is_multiple_of(2) || !w.is_multiple_of(2) || h == 0 || w == 0 {
+            return Err(Error::invalid(
+                "frames",
+                format!(
+                    "expected uint8 (n, H, W, 3) with H and W even and positive, got shape {:?}",
+                    view.shape()
+                ),
+            )
+            .into());
+        }
+        let out = unsafe { PyArray3::<u8>::new(py, [n, h * 3 / 2, w], false) };
+        let buf = unsafe { out.as_slice_mut() }.expect("fresh arrays are contiguous");
+        py.detach(|| {
+            let owned = view.as_standard_layout();
+            crate::yuv::rgb_to_i420(owned.as_slice().expect("standard layout"), n, h, w, buf)
+        })?;
+        Ok(out)
+    }
+
     /// Names of the built-in colormaps.
     #[pyfunction]
     fn colormap_names() -> Vec<&'static str> {
@@ -234,6 +263,7 @@ mod bindings {
         m.add_function(wrap_pyfunction!(colorize, m)?)?;
         m.add_function(wrap_pyfunction!(colormap_table, m)?)?;
         m.add_function(wrap_pyfunction!(colormap_names, m)?)?;
+        m.add_function(wrap_pyfunction!(rgb_to_yuv420, m)?)?;
         Ok(())
     }
 }
