@@ -591,3 +591,99 @@ def test_config_without_aggregated_maps_keeps_only_the_steps(tmp_path: Any) -> N
     assert rec.per_block
     with pytest.raises(KeyError, match="token/red"):
         store.load("v", "token/red")
+
+
+def test_cogvideox_pipeline_uncond_branch_keeps_the_uncond_half_and_the_video_size() -> None:
+    pipe = cogvideox_pipeline()
+    log = SdpaLog(pipe.transformer, ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"])
+    with (
+        attnmap.capture(pipe, prompt="the (dog) runs", reductions=("temporal",), branch="uncond") as rec,
+        log,
+    ):
+        pipe(
+            rec.prompt, num_frames=9, height=32, width=32, num_inference_steps=2, guidance_scale=5.0,
+            max_sequence_length=16, callback_on_step_end=rec.callback, output_type="pt",
+        )  # fmt: skip
+    log.close()
+    lay = Layout.joint(16, (3, 2, 2))
+    for step in range(2):
+        calls = log.calls[2 * step : 2 * step + 2]
+        probs = [eager_probs(q, k, m, s) for _, q, k, m, s in calls]  # batched [uncond, cond]
+        uncond = torch.stack([maps_of(p[:1], lay)["temporal"] for p in probs]).mean(0)
+        cond = torch.stack([maps_of(p[1:], lay)["temporal"] for p in probs]).mean(0)
+        close(f"uncond temporal step {step}", rec.get("temporal", step=step), uncond)
+        assert (uncond - cond).abs().max() > 1e-4  # the halves differ, so the test tells them apart
+    with pytest.raises(
+        ValueError, match="no map 'temporal' recorded for step=None, block=None, branch='cond'"
+    ):
+        rec.get("temporal", branch="cond")  # only the uncond branch was kept
+    # the pixel size the latents decode to, through the pipeline's VAE strides
+    assert rec.metadata["video"] == {"fps": None, "frames": 9, "height": 32, "width": 32}
+
+
+def test_blocks_steps_and_layout_names_are_checked_before_the_run() -> None:
+    model, _ = wan()
+    with pytest.raises(
+        ValueError, match=r"blocks \[2, 7\] are not blocks of the model; its attention blocks are 0..1"
+    ):
+        attnmap.capture(model, blocks=[0, 2, 7])
+    with pytest.raises(ValueError, match="steps must be indices >= 0 \\(or None for all\\), got -1"):
+        attnmap.capture(model, steps=[0, -1])
+    with pytest.raises(ValueError, match="blocks must be indices >= 0 \\(or None for all\\), got 'x'"):
+        attnmap.capture(model, blocks=["x"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"layout names modules \['blocks.9.attn1'\] that are not attention"):
+        attnmap.capture(model, layout={"blocks.9.attn1": Layout.self_attn(GRID)})
+    with pytest.raises(ValueError, match=r"layout\['blocks.0.attn1'\] must be an attnmap.Layout, got str"):
+        attnmap.capture(model, layout={"blocks.0.attn1": "self"})  # type: ignore[dict-item]
+    assert attnmap.capture(model, blocks=range(2), steps=3)._steps == {3}
+
+
+def test_one_video_id_per_batch_row(tmp_path: Any) -> None:
+    model, kwargs = wan()
+    kwargs = {
+        **kwargs,
+        "hidden_states": torch.randn(2, 4, 3, 8, 8),
+        "encoder_hidden_states": torch.randn(2, 16, 32),
+        "timestep": torch.tensor([500, 500]),
+    }
+    with attnmap.capture(model, targets={"red": [1]}, store=tmp_path, video_id=["a", "b"]) as rec:
+        run(model, kwargs)
+    store = open_store(tmp_path)
+    for row, vid in enumerate(("a", "b")):
+        stored = torch.from_numpy(store.load(vid, "token/red", step=0))
+        close(f"row {row}", stored, rec.get("token/red")[row], 1e-3)
+    assert not torch.allclose(rec.get("token/red")[0], rec.get("token/red")[1])
+    with pytest.raises(ValueError, match=r"video_id gives 1 id\(s\) \['c'\] but the model ran 2 video\(s\)"):
+        with attnmap.capture(model, targets={"red": [1]}, store=tmp_path, video_id="c"):
+            run(model, kwargs)
+    rec.save(tmp_path / "saved", video_id="b", batch_index=1)
+    close("saved row 1", torch.from_numpy(open_store(tmp_path / "saved").load("b", "token/red", step=0)),
+          rec.get("token/red")[1], 1e-3)  # fmt: skip
+    with pytest.raises(ValueError, match=r"batch_index must be an int in \[0, 2\)"):
+        rec.save(tmp_path / "saved", video_id="c", batch_index=2)
+
+
+def test_metadata_video_path_lets_auto_render_overlay_the_exported_video(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from attnmap.autorender import known_original
+
+    found: list[Any] = []
+    fake = types.ModuleType("attnmap.autorender")
+    fake.render_video = lambda root, vid, out, params: (
+        found.append(known_original(open_store(root), vid)) or []
+    )  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "attnmap.autorender", fake)
+    pipe = wan_pipeline()
+    cfg = Config.from_dict({"auto_generate_per_video": True})
+    meta = {"video": {"path": "videos/v0.mp4", "fps": 16}}
+    with attnmap.capture(
+        pipe, prompt="a (red) ball", store=tmp_path, video_id="v0", config=cfg, metadata=meta
+    ) as rec:
+        pipe(rec.prompt, num_frames=9, height=32, width=32, num_inference_steps=1, output_type="pt",
+             callback_on_step_end=rec.callback)  # fmt: skip
+        (tmp_path / "videos").mkdir()
+        (tmp_path / "videos" / "v0.mp4").write_bytes(b"exported inside the with block")
+    assert found == [tmp_path / "videos" / "v0.mp4"]
+    video = open_store(tmp_path).metadata("v0")["video"]
+    assert video == {"fps": 16, "frames": 9, "height": 32, "width": 32, "path": "videos/v0.mp4"}

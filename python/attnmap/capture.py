@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import operator
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -171,8 +172,8 @@ class Recorder:
         self.keep_cross = bool(keep_cross) or not self.targets
         self.backend = backend
         self.one_pass = bool(one_pass)
-        self._blocks = None if blocks is None else {int(b) for b in blocks}
-        self._steps = None if steps is None else {int(s) for s in steps}
+        self._blocks = _indices("blocks", blocks)
+        self._steps = _indices("steps", steps)
         if store is not None and video_id is None:
             raise ValueError("store= needs video_id= (a str, or one per batch row)")
         self._store = None if store is None else Path(store)
@@ -217,6 +218,13 @@ class Recorder:
             for sp in specs:
                 if isinstance(t, int) and isinstance(hw, int) and sp.vae_stride is not None:
                     sp.vae_stride[:] = [t, hw, hw]
+        if self._blocks is not None:
+            known = sorted({site.block for sp in specs for site in sp.sites})
+            unknown = sorted(self._blocks - set(known))
+            if unknown:
+                raise ValueError(
+                    f"blocks {unknown} are not blocks of the model; its attention blocks are {known[0]}..{known[-1]}"
+                )
         self._specs = specs
         self._spec = specs[0]
         self.model_name = type(self._spec.core).__name__
@@ -600,6 +608,12 @@ class Recorder:
         for slot in acc.values():
             slot[0] = slot[0].to("cpu")
         if self._store is not None and (self.config is None or self.config.store_attention):
+            rows = next(iter(acc.values()))[0].shape[0]
+            if len(self._video_ids) != rows:
+                raise ValueError(
+                    f"video_id gives {len(self._video_ids)} id(s) {self._video_ids} but the model ran "
+                    f"{rows} video(s) per branch; pass one id per video"
+                )
             for row, vid in enumerate(self._video_ids):
                 self._writer(vid).write_step(self._step, self._step_maps(self._step, row))
         self._written.add(self._step)
@@ -802,6 +816,9 @@ class Recorder:
 
         Returns:
             the store root.
+
+        Raises:
+            ValueError: a bad ``video_id`` or ``batch_index``, or nothing was recorded.
         """
         from attnmap.store import StoreWriter
 
@@ -809,6 +826,11 @@ class Recorder:
             raise ValueError(f"video_id must be a non-empty str, got {video_id!r}")
         if not self.steps:
             raise ValueError("nothing was recorded: run the model inside the capture context first")
+        rows = next(iter(self._maps[self.steps[0]].values()))[0].shape[0]
+        if isinstance(batch_index, bool) or not isinstance(batch_index, int) or not 0 <= batch_index < rows:
+            raise ValueError(
+                f"batch_index must be an int in [0, {rows}) (the recorded videos), got {batch_index!r}"
+            )
         cfg = self.config or Config()
         root = Path(path)
         with StoreWriter(
@@ -816,7 +838,27 @@ class Recorder:
         ) as writer:
             for step in self.steps:
                 writer.write_step(step, self._step_maps(step, batch_index))
+            # store_aggregated_attention: false leaves the aggregate empty, as for store=
+            writer.close(None if cfg.store_aggregated_attention else {})
         return root
+
+
+def _indices(name: str, values: Optional[Iterable[int]]) -> Optional[set[int]]:
+    """``blocks=`` / ``steps=`` as a set of indices >= 0 (None: all)."""
+    if values is None:
+        return None
+    if isinstance(values, int):
+        values = [values]
+    out = set()
+    for v in values:
+        try:
+            index = -1 if isinstance(v, bool) else operator.index(v)
+        except TypeError:
+            index = -1
+        if index < 0:
+            raise ValueError(f"{name} must be indices >= 0 (or None for all), got {v!r}")
+        out.add(index)
+    return out
 
 
 def _split_pipeline(model: Any) -> tuple[Any, list[torch.nn.Module]]:
@@ -872,7 +914,14 @@ def capture(
         store, video_id: write each step to this store as it completes (one id per batch row).
         config: an :class:`attnmap.Config`: per head/block, storage dtype, downsampling, auto-render.
         keep_cross: keep the full cross map ``cross`` ``[Nv, Nt]`` also when there are targets.
-        metadata: extra JSON-safe metadata (e.g. ``{"video": {"fps": 16}}``).
+        metadata: extra JSON-safe metadata, merged over what capture records. Capture fills
+            ``video`` ``{frames, height, width}`` with the pixel size the model's latents decode to
+            (a pipeline's own VAE strides where it names them, else the family's), and leaves
+            ``fps`` None: the pipeline does not know it. Auto-render overlays the maps on the
+            generated video only when ``video.path`` names it (relative to the store root, or
+            absolute) and the file exists when the context closes: pass
+            ``metadata={"video": {"path": "videos/v0.mp4", "fps": 16}}`` and export the video
+            inside the ``with`` block.
         backend: the reduction backend of :func:`attnmap.ops.attention_sums`.
         one_pass: run each recorded attention call through :func:`attnmap.ops.sdpa_with_lse` (the
             kernel SDPA itself picks, through its aten op that also returns the logsumexp) and reduce
