@@ -416,3 +416,24 @@ def test_aggregated_of_an_older_run_is_never_used(tmp_path: Path) -> None:
     assert agg.metadata["rebuilt"] is True and agg.metadata["steps"] == [0]
     np.testing.assert_array_equal(agg.map, np.full((2, 3, 4), 5.0))
     assert store.tokens("v") == ["cat"]
+
+
+def test_guidance_branches(tmp_path: Path) -> None:
+    """``uncond/token/<word>`` maps (capture's branch="both" or "uncond") are the same words."""
+    cond, uncond = np.full((1, 2, 2), 1.0), np.full((1, 2, 2), 2.0)
+    with StoreWriter(tmp_path, "both", {"branch": "both"}, dtype="float32") as w:
+        w.write_step(
+            0, {"token/red": cond, "uncond/token/red": uncond, "uncond/token/red/block1": 3 * uncond}
+        )
+    with StoreWriter(tmp_path, "un", {"branch": "uncond"}, dtype="float32") as w:
+        w.write_step(0, {"uncond/token/red": uncond})
+    store = open_store(tmp_path)
+    assert store.tokens("both") == ["red"] and store.tokens("un") == ["red"]
+    np.testing.assert_array_equal(store.load_step("both", "red", 0).map, cond)
+    np.testing.assert_array_equal(store.load_step("both", "red", 0, branch="uncond").map, uncond)
+    np.testing.assert_array_equal(store.aggregated("both", "red", block=1, branch="uncond").map, 3 * uncond)
+    np.testing.assert_array_equal(store.load_step("un", "red", 0).map, uncond)  # the recorded branch
+    np.testing.assert_array_equal(store.load_all_steps("un", "red")[0].map, uncond)
+    assert store.map_name("both", "red", block=1, branch="uncond") == "uncond/token/red/block1"
+    with pytest.raises(ValueError, match="branch must be 'cond', 'uncond' or None"):
+        store.load_step("both", "red", 0, branch="neg")

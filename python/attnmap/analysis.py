@@ -201,7 +201,11 @@ def load_token_map(
     """
     if combine not in ("sum", "mean"):
         raise ValueError(f"combine must be 'sum' or 'mean', got {combine!r}")
-    names = [f"token/{word}"] if blocks is None else [f"token/{word}/block{int(b)}" for b in blocks]
+    names = (
+        [store.map_name(video_id, word)]
+        if blocks is None
+        else [store.map_name(video_id, word, block=int(b)) for b in blocks]
+    )
     if not names:
         raise ValueError("blocks must name at least one block")
     maps = []
@@ -374,7 +378,7 @@ def summarize(store: Store, video_id: str, *, k: int = 3, mask_top_fraction: flo
     meta = store.metadata(video_id)
     tokens: dict[str, Any] = {}
     for word in store.tokens(video_id):
-        m = _aggregated(store, video_id, f"token/{word}")
+        m = _aggregated(store, video_id, store.map_name(video_id, word))
         m = m.mean(0) if m.ndim == 4 else m  # per-head [H, F, H, W]
         tokens[word] = {"frames": top_frames(m, k), **top_regions(m, k, mask_top_fraction=mask_top_fraction)}
     names = store.names(video_id)

@@ -298,10 +298,11 @@ def _is_token_name(name: str) -> bool:
 
 
 def token_of(name: str) -> Optional[tuple[str, Optional[int]]]:
-    """``("cat", None)`` for ``"token/cat"``, ``("cat", 3)`` for ``"token/cat/block3"``, else None."""
+    """``("cat", None)`` for ``"token/cat"`` (or ``"uncond/token/cat"``), ``("cat", 3)`` for
+    ``"token/cat/block3"``, else None."""
     if not _is_token_name(name):
         return None
-    rest = name[len("token/") :]
+    rest = name.split("token/", 1)[1]
     m = _BLOCK_RE.match(rest)
     if m:
         return m.group(1), int(m.group(2))
@@ -720,9 +721,26 @@ class Store:
         mean = (np.asarray(total) / len(steps)).astype(_DTYPES[self._video_meta(video_id)["dtype"]])
         return mean.astype(np.float32), {"file": None, "steps": steps, "rebuilt": True}
 
-    def _token_name(self, token: str, block: Optional[int]) -> str:
+    def map_name(
+        self, video_id: str, token: str, *, block: Optional[int] = None, branch: Optional[str] = None
+    ) -> str:
+        """The stored name of a word's map: ``token/<word>``, ``token/<word>/block<b>``, with an
+        ``uncond/`` prefix for the unconditional guidance branch.
+
+        Args:
+            video_id: the video.
+            token: a word of :meth:`tokens`.
+            block: one block's map (stored with per_block), or None for the mean over blocks.
+            branch: ``"cond"`` or ``"uncond"``; None: the branch the video recorded (``"cond"``
+                when it recorded both).
+        """
         _check_name(token, "token")
-        return f"token/{token}" if block is None else f"token/{token}/block{int(block)}"
+        if branch is None:
+            branch = "uncond" if self._video_meta(video_id).get("branch") == "uncond" else "cond"
+        if branch not in ("cond", "uncond"):
+            raise ValueError(f"branch must be 'cond', 'uncond' or None, got {branch!r}")
+        name = f"token/{token}" if block is None else f"token/{token}/block{int(block)}"
+        return name if branch == "cond" else f"uncond/{name}"
 
     def _as_map(self, arr: np.ndarray, name: str) -> np.ndarray:
         if arr.ndim == 4:  # per-head [heads, F, H, W]: mean over heads
@@ -731,17 +749,27 @@ class Store:
             raise StoreError(f"token map {name!r} has shape {arr.shape}, expected [F, H, W]")
         return arr
 
-    def load_step(self, video_id: str, token: str, step: int, *, block: Optional[int] = None) -> AttentionMap:
-        """The ``[F, H, W]`` map of one word at one step (``block``: one block's map, when stored)."""
-        name = self._token_name(token, block)
+    def load_step(
+        self,
+        video_id: str,
+        token: str,
+        step: int,
+        *,
+        block: Optional[int] = None,
+        branch: Optional[str] = None,
+    ) -> AttentionMap:
+        """The ``[F, H, W]`` map of one word at one step (``block``, ``branch``: see :meth:`map_name`)."""
+        name = self.map_name(video_id, token, block=block, branch=branch)
         arr = self._as_map(self.load(video_id, name, _check_step(step)), name)
         path = self._dir(video_id) / step_filename(step)
         return AttentionMap(arr, self._map_meta(video_id, token, name, step, [step], str(path)))
 
-    def load_all_steps(self, video_id: str, token: str, *, block: Optional[int] = None) -> list[AttentionMap]:
+    def load_all_steps(
+        self, video_id: str, token: str, *, block: Optional[int] = None, branch: Optional[str] = None
+    ) -> list[AttentionMap]:
         """The maps of one word at every finished step of the current run, in step order (a
-        corrupt step file raises StoreError naming it)."""
-        name = self._token_name(token, block)
+        corrupt step file raises StoreError naming it; ``block``, ``branch``: see :meth:`map_name`)."""
+        name = self.map_name(video_id, token, block=block, branch=branch)
         d = self._dir(video_id)
         meta = self._video_meta(video_id)
         video = json.loads(json.dumps(meta))  # one copy shared by the maps of this call
@@ -767,10 +795,13 @@ class Store:
             raise KeyError(f"token {token!r} has no step maps in video {video_id!r}")
         return out
 
-    def aggregated(self, video_id: str, token: str, *, block: Optional[int] = None) -> AttentionMap:
+    def aggregated(
+        self, video_id: str, token: str, *, block: Optional[int] = None, branch: Optional[str] = None
+    ) -> AttentionMap:
         """The step-aggregated ``[F, H, W]`` map of one word (rebuilt from the finished steps when
-        the run died before writing it; ``metadata["rebuilt"]`` says so)."""
-        name = self._token_name(token, block)
+        the run died before writing it; ``metadata["rebuilt"]`` says so; ``block``, ``branch``:
+        see :meth:`map_name`)."""
+        name = self.map_name(video_id, token, block=block, branch=branch)
         arr, info = self._load_aggregated(video_id, name)
         meta = self._map_meta(video_id, token, name, None, info["steps"], info["file"])
         meta["rebuilt"] = info["rebuilt"]
