@@ -122,7 +122,7 @@ def test_layouts(name: str, per_head: bool, backend: tuple[str, str]) -> None:
     _check(q, k, lay, backend[0], _all(lay), 1e-4, per_head=per_head, probe=probe)
 
 
-@pytest.mark.parametrize("d", [32, 64, 80, 96, 128])
+@pytest.mark.parametrize("d", [32, 64, 80, 96, 128, 256])
 def test_head_dims_and_gqa(d: int, backend: tuple[str, str]) -> None:
     lay = LAYOUTS["joint-text-first"]
     q, k = _inputs(lay, heads=6, kv_heads=2, d=d, seed=d, device=backend[1])
@@ -276,6 +276,84 @@ def test_backend_and_probe_errors() -> None:
     kk[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="k contains NaN"):
         ops.attention_sums(q, kk, lay, ("cross",))
+
+
+@pytest.mark.parametrize("where", ["q-text-row", "q-video-row", "k", "k-inf"])
+def test_nan_or_inf_in_q_or_k_is_refused(where: str, backend: tuple[str, str]) -> None:
+    # row 0 of this layout is a text query that cross/temporal never read: refused all the same
+    lay = LAYOUTS["joint-text-first"]
+    q, k = _inputs(lay, device=backend[1])
+    bad = float("inf") if where == "k-inf" else float("nan")
+    if where.startswith("q"):
+        q[1, 1, 0 if where == "q-text-row" else 7, 3] = bad
+    else:
+        k[0, 1, 4, 0] = bad
+    name = where[0]
+    for b in (backend[0], "reference"):
+        with pytest.raises(ValueError, match=f"^{name} contains NaN or inf"):
+            ops.attention_sums(q, k, lay, ("cross", "temporal"), backend=b)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the interpreter's tl.max
+def test_check_finite_off_gives_nan_never_silent_zeros(backend: tuple[str, str]) -> None:
+    lay = LAYOUTS["joint-text-first"]
+    q, k = _inputs(lay, device=backend[1])
+    q[0, 1, lay.video_q.start + 2, 5] = float("nan")  # one video query row of batch 0, head 1
+    k[1, 0, 0, 0] = float("nan")  # one key of batch 1: every row of head 0 is NaN
+    names = ("cross", "temporal", "received")
+    out = ops.attention_sums(q, k, lay, names, backend=backend[0], check_finite=False, per_head=True)
+    ref = reference.attention_sums(q, k, lay, names, check_finite=False, per_head=True)
+    for name in names:
+        got, want = out[name].cpu(), ref[name]
+        assert torch.equal(got.isnan(), want.isnan()), (
+            f"{name}: NaN where the reference has none or vice versa"
+        )
+        assert got[1, 0].isnan().all() and not got[1, 1].isnan().any()
+        assert_close(name, want[0, 0], got[0, 0], 1e-4)  # the clean head is untouched
+    assert out["cross"][0, 1, 2].isnan().all() and not out["cross"][0, 1, 3].isnan().any()
+
+
+def test_finite_inputs_whose_sum_overflows_are_accepted() -> None:
+    # the cheap finiteness test sums q; a sum that overflows falls back to the exact test
+    lay = LAYOUTS["self-prefix"]
+    q, k = _inputs(lay)
+    q[..., 0], k[..., 0] = 1e37, 1e-37  # sum(q) = inf, every logit finite
+    assert not torch.isfinite(q.sum())
+    _check(q, k, lay, "torch", ("temporal", "received"), 1e-4)
+
+
+@needs_triton
+def test_triton_refuses_a_grid_beyond_the_cuda_limit() -> None:
+    from attnmap.kernels.attn_reduce import attn_reduce
+
+    lay = Layout.self_attn(grid=(1, 1, 1))
+    q = torch.zeros(1, 1, 1, 32, device=TRITON_DEVICE).expand(1, 65536, 1, 32)
+    call = ops.prepare_call(q, q, lay, ("temporal",))
+    with pytest.raises(ValueError, match="batch x heads = 65536 exceeds the Triton grid limit 65535"):
+        attn_reduce(call)
+
+
+def test_capture_warns_once_per_step_naming_the_module_with_nan() -> None:
+    import attnmap
+
+    class Attn(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = x.unflatten(-1, (2, 4)).transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q).transpose(1, 2).flatten(2)
+
+    model = torch.nn.Sequential(Attn(), Attn())
+    x = torch.randn(1, 8, 8)
+    x[0, 3, 0] = float("nan")  # reaches the first module's q and k; its output carries NaN onwards
+    with pytest.warns(UserWarning) as caught:
+        with attnmap.capture(model, layout=Layout.self_attn((2, 2, 2)), reductions=("temporal",)) as rec:
+            with torch.no_grad():
+                model(x)
+            rec.step()
+            model(torch.randn(1, 8, 8))  # a clean step: no warning
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "step 0" in messages[0] and "module(s) '0', '1' got NaN or inf" in messages[0]
+    assert rec.get("temporal", step=0).isnan().any() and not rec.get("temporal", step=1).isnan().any()
 
 
 # -- sdpa_with_lse -------------------------------------------------------------------------------

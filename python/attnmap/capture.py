@@ -243,6 +243,7 @@ class Recorder:
         self._writers: dict[str, Any] = {}
         self._layouts: dict[str, dict[str, Any]] = {}
         self._seen_blocks: set[int] = set()
+        self._nonfinite: dict[str, torch.Tensor] = {}  # module name -> a NaN flag on its device, per step
         self._active = False
 
     # -- the context -------------------------------------------------------------------------
@@ -498,7 +499,11 @@ class Recorder:
                 key_padding_mask=None if mask is None else mask[sel],
                 lse=None if lse is None else lse[sel],
                 backend=self.backend,
+                check_finite=False,  # no device sync per call: NaN is flagged on the device instead
             )
+            bad = torch.stack([t.isnan().any() for t in out.values()]).any()
+            seen = self._nonfinite.get(site.name)
+            self._nonfinite[site.name] = bad if seen is None else seen | bad
             if len(self._rows) == 1:
                 self._add_call(site, layout, out, self._rows[0][0], prefix, sel)
             else:
@@ -601,7 +606,19 @@ class Recorder:
     def current_step(self) -> int:
         return self._step
 
+    def _warn_nonfinite(self) -> None:
+        """One warning per step naming the modules whose maps got NaN (NaN or inf in q or k)."""
+        flags, self._nonfinite = self._nonfinite, {}
+        bad = [name for name, flag in flags.items() if bool(flag)]
+        if bad:
+            warnings.warn(
+                f"attnmap.capture: step {self._step}: the attention of module(s) {', '.join(map(repr, bad))} "
+                "got NaN or inf in its query or key; the maps of that step are NaN",
+                stacklevel=4,
+            )
+
     def _finish_step(self) -> None:
+        self._warn_nonfinite()
         acc = self._maps.get(self._step)
         if not acc or self._step in self._written:
             return

@@ -115,10 +115,25 @@ def _check_qk(q: object, k: object) -> tuple[torch.Tensor, torch.Tensor]:
             f"k {tuple(k.shape)} does not match q {tuple(q.shape)}: expected the same batch and head dim, "
             "and q heads a multiple of k heads (grouped-query attention)"
         )
-    for name, t in (("q", q), ("k", k)):
-        if t.numel() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or inf; attention maps of such inputs are meaningless")
     return q, k
+
+
+def _check_finite(q: torch.Tensor, k: torch.Tensor) -> None:
+    """ValueError naming q or k if it holds NaN or inf.
+
+    One fp32 sum per tensor and one device sync: a sum is finite exactly when every element is,
+    unless finite values overflow it (then the exact per-element test decides). That reads q and k
+    once, about 10x faster on the CPU than ``isfinite(t).all()``, which also writes a bool copy.
+    """
+    sums = torch.stack([q.sum(dtype=torch.float32), k.sum(dtype=torch.float32)])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for name, t in (("q", q), ("k", k)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"{name} contains NaN or inf; attention maps of such inputs are meaningless "
+                "(check_finite=False skips this test and its device sync; the maps then hold NaN)"
+            )
 
 
 def _check_reductions(reductions: Reductions, layout: Layout) -> tuple[str, ...]:
@@ -133,7 +148,7 @@ def _check_reductions(reductions: Reductions, layout: Layout) -> tuple[str, ...]
     return tuple(name for name in REDUCTIONS if name in names)
 
 
-def _check_mask(mask: object, q: torch.Tensor, num_keys: int) -> Optional[torch.Tensor]:
+def _check_mask(mask: object, q: torch.Tensor, num_keys: int, check_finite: bool) -> Optional[torch.Tensor]:
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
@@ -159,7 +174,7 @@ def _check_mask(mask: object, q: torch.Tensor, num_keys: int) -> Optional[torch.
         bias = torch.zeros(flat.shape, dtype=torch.float32, device=q.device).masked_fill_(~flat, -math.inf)
     elif flat.is_floating_point():
         bias = flat.to(torch.float32)
-        if bool(torch.isnan(bias).any()) or bool((bias == math.inf).any()):
+        if check_finite and bool((torch.isnan(bias) | (bias == math.inf)).any()):
             raise ValueError("key_padding_mask (an additive bias) must not contain NaN or +inf")
     else:
         raise ValueError(
@@ -190,7 +205,7 @@ def _check_probe(
     return idx.to(device=device, dtype=torch.long)
 
 
-def _check_lse(lse: object, q: torch.Tensor) -> Optional[torch.Tensor]:
+def _check_lse(lse: object, q: torch.Tensor, check_finite: bool) -> Optional[torch.Tensor]:
     if lse is None:
         return None
     if not isinstance(lse, torch.Tensor) or not lse.is_floating_point():
@@ -199,7 +214,7 @@ def _check_lse(lse: object, q: torch.Tensor) -> Optional[torch.Tensor]:
     if tuple(lse.shape) != expected:
         raise ValueError(f"lse must have shape [B, H, Nq] = {expected}, got {tuple(lse.shape)}")
     lse = lse.to(device=q.device, dtype=torch.float32)
-    if bool(torch.isnan(lse).any()):
+    if check_finite and bool(torch.isnan(lse).any()):
         raise ValueError("lse contains NaN")
     return lse
 
@@ -215,6 +230,7 @@ def prepare_call(
     key_padding_mask: Optional[torch.Tensor] = None,
     probe: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
+    check_finite: bool = True,
 ) -> AttentionCall:
     """Validate the arguments of :func:`attention_sums` (ValueError naming the argument)."""
     if not isinstance(layout, Layout):
@@ -222,6 +238,8 @@ def prepare_call(
     q, k = _check_qk(q, k)
     b, h, nq, d = (int(s) for s in q.shape)
     nk = int(k.shape[2])
+    if check_finite:
+        _check_finite(q, k)
     layout.check(nq, nk, argument="layout")
     names = _check_reductions(reductions, layout)
     if scale is None:
@@ -242,9 +260,9 @@ def prepare_call(
         reductions=names,
         per_head=bool(per_head),
         scale=float(scale),
-        bias=_check_mask(key_padding_mask, q, nk),
+        bias=_check_mask(key_padding_mask, q, nk, check_finite),
         probe=_check_probe(probe, "probe" in names, nq, q.device),
-        lse=_check_lse(lse, q),
+        lse=_check_lse(lse, q, check_finite),
     )
 
 
@@ -294,7 +312,8 @@ def block_probs(call: AttentionCall, rows: Union[slice, torch.Tensor], kt: torch
     top = s.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).min)
     s.sub_(top).exp_()
     total = s.sum(dim=-1, keepdim=True)
-    inv = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
+    # zero only where every key is masked; a NaN row (NaN in q or k) stays NaN, never silently 0
+    inv = torch.where(total == 0, torch.zeros_like(total), 1.0 / total)
     return s.mul_(inv)
 
 
@@ -392,6 +411,7 @@ def attention_sums(
     probe: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    check_finite: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Reduce the attention probabilities of one call into small maps, never holding [Nq, Nk] per head.
 
@@ -416,6 +436,10 @@ def attention_sums(
             Its precision is that of lse (about ``|lse| * 6e-8`` absolute in the exponent).
         backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"triton"``, ``"torch"`` or
             ``"reference"``.
+        check_finite: raise ValueError when q or k holds NaN or inf (or lse NaN, or the mask NaN
+            or +inf). The test costs one device sync; with False it is skipped and such inputs give
+            NaN in the outputs (never silent zeros), for callers that check their maps later, as
+            :func:`attnmap.capture` does once per step.
 
     Returns:
         dict from reduction name to a float32 tensor on q's device.
@@ -437,6 +461,7 @@ def attention_sums(
         key_padding_mask=key_padding_mask,
         probe=probe,
         lse=lse,
+        check_finite=check_finite,
     )
     chosen = _resolve_backend(backend, call.q)
     with torch.no_grad():
@@ -534,15 +559,13 @@ def sdpa_with_lse(
             ]
         elif q.is_cuda and choice == 2:
             bias = _float_mask(attn_mask, q.dtype)
-            if bias is not None:  # SDPA aligns the bias' last dim to 16 elements, then slices it back
+            if bias is not None:
+                # as SDPA does: align the bias' rows to 16 elements (pad, slice back) while it is
+                # still small, then broadcast it as a view; never a [B, H, Nq, Nk] copy
                 nk = bias.shape[-1]
-                pad = (-nk) % 16
-                shape = (q.shape[0], q.shape[1], q.shape[2], nk)
-                bias = (
-                    torch.nn.functional.pad(bias.expand(shape), (0, pad))[..., :nk]
-                    if pad
-                    else bias.expand(shape)
-                )
+                if any(st % 16 for st in bias.stride()[:-1]) or bias.stride(-1) != 1:
+                    bias = torch.nn.functional.pad(bias, (0, (-nk) % 16 or 16))[..., :nk]
+                bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], nk)
             out, lse = aten._scaled_dot_product_efficient_attention(
                 q, k, v, bias, True, 0.0, is_causal, scale=scale
             )[:2]

@@ -69,6 +69,7 @@ def attention_sums(
     key_padding_mask: Optional[torch.Tensor] = None,
     probe: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
+    check_finite: bool = True,
 ) -> dict[str, torch.Tensor]:
     """:func:`attnmap.ops.attention_sums`, computed by materialising P (O(B H Nq Nk) memory).
 
@@ -90,6 +91,7 @@ def attention_sums(
         key_padding_mask=key_padding_mask,
         probe=probe,
         lse=lse,
+        check_finite=check_finite,
     )
     with torch.no_grad():
         return sums_of(call)

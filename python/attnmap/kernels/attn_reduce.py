@@ -33,22 +33,32 @@ import triton.language as tl
 from attnmap.ops import AttentionCall, probe_rows
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_GRID_Y = 65535  # CUDA's limit on grid dims y and z
+
+
+@triton.jit
+def _load_q(q_base, offs_m, offs_d, stride_qm, stride_qd, Nq, D, UPCAST: tl.constexpr):
+    """The query tile [BLOCK_M, BLOCK_D] (zero past the last row and past D)."""
+    q = tl.load(
+        q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :].to(tl.int64) * stride_qd,
+        mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    return q
 
 
 @triton.jit
 def _scores(
-    q_base,
+    q,
     k_base,
     bias_base,
-    offs_m,
     offs_n,
     offs_d,
-    stride_qm,
-    stride_qd,
     stride_kn,
     stride_kd,
     stride_bn,
-    Nq,
     Nk,
     D,
     scale,
@@ -56,19 +66,14 @@ def _scores(
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """The logit tile ``scale * q k^T + bias`` [BLOCK_M, BLOCK_N] in fp32; -inf past the last key."""
-    q = tl.load(
-        q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
-        mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D),
-        other=0.0,
-    )
+    """The logit tile ``scale * q k^T + bias`` [BLOCK_M, BLOCK_N] in fp32 (natural-log units, the
+    ones of SDPA's logsumexp); -inf past the last key."""
     kt = tl.load(
-        k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd,
+        k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None].to(tl.int64) * stride_kd,
         mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D),
         other=0.0,
     )
     if UPCAST:
-        q = q.to(tl.float32)
         kt = kt.to(tl.float32)
     if IEEE:
         s = tl.dot(q, kt, input_precision="ieee")
@@ -114,6 +119,7 @@ def _attn_stats_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -124,13 +130,14 @@ def _attn_stats_kernel(
     q_base = Q + b * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b * stride_kb + hk * stride_kh
     bias_base = Bias + b * stride_bb + h.to(tl.int64) * stride_bh
+    q = _load_q(q_base, offs_m, offs_d, stride_qm, stride_qd, Nq, D, UPCAST)  # once, not per key block
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for n0 in range(0, Nk, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         s = _scores(
-            q_base, k_base, bias_base, offs_m, offs_n, offs_d, stride_qm, stride_qd, stride_kn, stride_kd,
-            stride_bn, Nq, Nk, D, scale, HAS_BIAS, IEEE, UPCAST,
+            q, k_base, bias_base, offs_n, offs_d, stride_kn, stride_kd, stride_bn, Nk, D, scale,
+            HAS_BIAS, IEEE, UPCAST,
         )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: nothing to rescale
@@ -138,8 +145,10 @@ def _attn_stats_kernel(
         p = tl.exp(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-    alive = l_i > 0.0
-    shift = tl.where(alive, m_i, float("inf"))  # every key masked: P = exp(s - inf) = 0
+    # every key masked (l_i == 0): P = exp(s - inf) = 0. A NaN logit (NaN in q or k) leaves l_i NaN,
+    # which must stay alive so that the row's P is NaN, never a silent zero
+    alive = l_i != 0.0
+    shift = tl.where(alive, m_i, float("inf"))
     inv = tl.where(alive, 1.0 / tl.where(alive, l_i, 1.0), 0.0)
     out = pid_bh.to(tl.int64) * Nq + offs_m
     ok = offs_m < row_hi
@@ -201,7 +210,7 @@ def _attn_reduce_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16)
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = pid_bg // G
@@ -224,10 +233,14 @@ def _attn_reduce_kernel(
             h = g * HEADS_PER_PROG + j
             h64 = h.to(tl.int64)
             hk = (h // GROUP).to(tl.int64)
+            # q is reloaded per key block (an L2 hit): the tiles of every head of the group would not
+            # fit in registers at once
+            q = _load_q(
+                Q + b64 * stride_qb + h64 * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, D, UPCAST
+            )
             s = _scores(
-                Q + b64 * stride_qb + h64 * stride_qh, K + b64 * stride_kb + hk * stride_kh,
-                Bias + b64 * stride_bb + h64 * stride_bh, offs_m, offs_n, offs_d, stride_qm, stride_qd,
-                stride_kn, stride_kd, stride_bn, Nq, Nk, D, scale, HAS_BIAS, IEEE, UPCAST,
+                q, K + b64 * stride_kb + hk * stride_kh, Bias + b64 * stride_bb + h64 * stride_bh, offs_n,
+                offs_d, stride_kn, stride_kd, stride_bn, Nk, D, scale, HAS_BIAS, IEEE, UPCAST,
             )  # fmt: skip
             stats = (b64 * H + h64) * Nq + offs_m
             shift = tl.load(Shift + stats, mask=row_ok, other=float("inf"))
@@ -266,11 +279,18 @@ def _pow2(n: int, low: int) -> int:
 
 
 def _blocks(dtype: torch.dtype, d: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for a dtype and head dim."""
+    """(BLOCK_M, BLOCK_N, num_warps) for a dtype and head dim.
+
+    A fixed table, not ``triton.autotune``: the output slots are sized from BLOCK_M (see
+    :func:`_head_groups`) before the launch, the atomics would need ``reset_to_zero`` between trial
+    runs, and each new (Nq, Nk) of a model (text length) would retune. The tiles keep the q tile plus
+    the pipelined k tiles within the shared memory of an A100/H100: 32 KiB for q at D = 256 in bf16
+    or D = 128 in fp32, smaller blocks for fp32 at D = 256.
+    """
     if INTERPRET:
         return 32, 32, 4
     if dtype == torch.float32:
-        return 64, 32, 4
+        return (32, 32, 4) if d > 128 else (64, 32, 4)
     if d > 128:
         return 64, 32, 4
     return 128, 64, 8
@@ -352,6 +372,10 @@ def attn_reduce(
     groups = head_groups or _head_groups(call, m_blocks)
     if groups < 1 or h % groups:
         raise ValueError(f"head_groups must divide the {h} heads, got {groups}")
+    if b * h > _GRID_Y:  # grid axis 1 carries (batch, head); axis 0 (query blocks) has 2**31 - 1
+        raise ValueError(
+            f"q: batch x heads = {b * h} exceeds the Triton grid limit {_GRID_Y}; split the batch"
+        )
     per_prog = h // groups
 
     bias = call.bias if call.bias is not None else torch.zeros(1, 1, 1, dtype=f32, device=dev)
