@@ -74,6 +74,31 @@ def test_find_gathers_every_sub_token_of_a_split_word() -> None:
     assert got == {"red": [2], "flowers": [4, 5]}
 
 
+def sentencepiece() -> Any:
+    """A T5/UMT5-like Unigram tokenizer with Metaspace: offsets of '▁word' tokens include the space
+    before the word, 'kiss' comes as '▁' 'kiss', 'flowers' as '▁flow' 'ers'; appends </s>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<pad>", "</s>", "<unk>", "▁a", "▁", "kiss", "▁flow", "ers", "▁romantic", "▁with", "▁Kiss"]
+    scores = [0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -2.0, -2.0, -1.0, -1.0, -1.0]
+    tok = Tokenizer(models.Unigram(list(zip(pieces, scores)), unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def test_find_with_sentencepiece_offsets_skips_the_lone_space_piece() -> None:
+    tok = sentencepiece()
+    prompt = "a romantic (kiss) with (flowers) and a Kiss"
+    got = find(prompt, tok)
+    pieces = tok.convert_ids_to_tokens(tok(parse_targets(prompt)[0])["input_ids"])
+    assert pieces[2:7] == ["▁", "kiss", "▁with", "▁flow", "ers"] and pieces[10] == "▁Kiss"
+    assert got == {"kiss": [3, 10], "flowers": [5, 6]}  # not the lone '▁' (2); 'Kiss' matches by case
+
+
 def test_find_without_offsets_matches_the_word_token_ids() -> None:
     class Slow:
         """A whitespace tokenizer without character offsets (like a slow tokenizer)."""
