@@ -282,7 +282,7 @@ def test_rollout_through_capture_and_store(builder: object, tmp_path: object) ->
     np.testing.assert_allclose(rollout(stored, cls_index=None), ref.numpy(), atol=2e-3)  # float16 storage
 
 
-def test_space_time_rollout_through_capture() -> None:
+def test_space_time_rollout_through_capture(tmp_path: object) -> None:
     import attnmap
 
     model, kwargs = timesformer()
@@ -294,7 +294,7 @@ def test_space_time_rollout_through_capture() -> None:
             hooks.append(module.register_forward_hook(lambda m, i, o: time.append(o.detach())))
         elif name.endswith(".attention.attention.attn_drop"):
             hooks.append(module.register_forward_hook(lambda m, i, o: space.append(o.detach())))
-    with attnmap.capture(model, reductions=("full",), per_block=True) as rec:
+    with attnmap.capture(model, reductions=("full",), per_block=True, store=tmp_path, video_id="ts") as rec:
         with torch.no_grad():
             model(**kwargs)
     for h in hooks:
@@ -304,6 +304,17 @@ def test_space_time_rollout_through_capture() -> None:
     got = space_time_rollout(cap_space, cap_time, num_frames=4)
     torch.testing.assert_close(got, space_time_rollout(space, time, num_frames=4), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[0], _seed002_reference(space, time, 4).float(), rtol=1e-5, atol=1e-6)
+    # and from the store (float16): [F, 1+HW, 1+HW] and [HW, F, F] per block of the one video
+    store = attnmap.open_store(tmp_path)
+    meta = store.metadata("ts")
+    blocks, frames = meta["blocks"], meta["grid"][0]
+    stored = space_time_rollout(
+        [store.load("ts", f"full/space/block{b}", 0) for b in blocks],
+        [store.load("ts", f"full/time/block{b}", 0) for b in blocks],
+        num_frames=frames,
+    )
+    np.testing.assert_allclose(stored, got.numpy(), atol=2e-3)
+    np.testing.assert_allclose(cls_space_time_map(stored), cls_space_time_map(got).numpy(), atol=2e-3)
 
 
 def test_attnmap_rollout_is_callable_whatever_was_imported_first() -> None:
