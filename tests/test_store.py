@@ -362,7 +362,9 @@ def test_capture_metadata_has_every_key_and_the_final_steps(tmp_path: Path) -> N
     ) as rec:
         for s in range(3):
             if s:
-                rec.step()
+                rec.step()  # step s - 1 is complete: its file is on disk, loadable, before the run ends
+                assert open_store(tmp_path).steps("v") == list(range(s))
+                assert open_store(tmp_path).load_step("v", "red", s - 1).map.shape == (3, 4, 4)
             with torch.no_grad():
                 model(**kwargs)
     store = open_store(tmp_path)
@@ -437,3 +439,29 @@ def test_guidance_branches(tmp_path: Path) -> None:
     assert store.map_name("both", "red", block=1, branch="uncond") == "uncond/token/red/block1"
     with pytest.raises(ValueError, match="branch must be 'cond', 'uncond' or None"):
         store.load_step("both", "red", 0, branch="neg")
+
+
+def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every read path with pickle (and torch.load, numpy's allow_pickle) made to fail."""
+    import pickle
+
+    _write_run(tmp_path, "v", steps=2)
+    w = StoreWriter(tmp_path, "crashed", META)
+    w.write_step(0, _maps(np.random.default_rng(1)))  # no close: aggregated rebuilt on load
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the store unpickled")
+
+    for obj, name in [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")]:
+        monkeypatch.setattr(obj, name, refuse)
+    monkeypatch.setattr(np, "load", refuse)
+    store = open_store(tmp_path)
+    for vid in store.videos():
+        store.metadata(vid)
+        for word in store.tokens(vid):
+            store.load_all_steps(vid, word)
+            store.load_step(vid, word, 0)
+            store.aggregated(vid, word)
+        store.load(vid, "temporal")
+    store.rebuild_aggregated("crashed")
+    assert store.aggregated("crashed", "cat").metadata["rebuilt"] is False
