@@ -337,3 +337,21 @@ def test_attnmap_rollout_is_callable_whatever_was_imported_first() -> None:
     env = {**os.environ, "PYTHONPATH": python_dir}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     np.testing.assert_allclose(json.loads(out.stdout), [[[0.75, 0.25], [0.1, 0.9]]], rtol=1e-6)
+
+
+def test_products_stay_on_the_input_device() -> None:
+    """Torch inputs are rolled out where they live (checked on the shape-only "meta" device, the
+    stand-in for CUDA here), numpy inputs on the CPU."""
+    a = torch.rand(1, 2, 4, 4, device="meta")
+    assert rollout([a, a]).device.type == "meta"
+    assert temporal_rollout([a, a]).device.type == "meta"
+    space, time = torch.rand(2, 5, 5, device="meta"), torch.rand(4, 2, 2, device="meta")
+    rolled = space_time_rollout([space], [time], num_frames=2)
+    assert rolled.device.type == "meta" and rolled.shape == (1, 5, 2, 5, 2)
+    assert cls_space_time_map(rolled).device.type == "meta"
+    # a numpy layer after a torch one joins it on the torch layer's device
+    got = rollout([torch.eye(3)[None], np.full((1, 3, 3), 1 / 3)])
+    assert isinstance(got, torch.Tensor)
+    # A1' = (I + I) / 2 = I; A2' = (J/3 + I) / 2: 2/3 on the diagonal, 1/6 off it
+    want = torch.full((1, 3, 3), 1 / 6) + torch.eye(3) / 2
+    torch.testing.assert_close(got, want)

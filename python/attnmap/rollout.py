@@ -5,7 +5,8 @@ A' = (A + I) normalised by rows, and the layers are multiplied with later layers
 R = A'_L ... A'_{s+1} A'_s. Row i of R says how much each input token flows into token i.
 
 Functions take torch tensors or numpy arrays and return the same kind (float32); the products
-run in float64.
+run in float64, on the device of the first torch input (CPU for numpy, and for MPS, which has no
+float64).
 """
 
 from __future__ import annotations
@@ -22,14 +23,23 @@ HeadFusion = Literal["mean", "max", "min"]
 ArrayLike = Any  # torch.Tensor or numpy array
 
 
-def _as_tensor(x: ArrayLike, name: str) -> torch.Tensor:
+def _device(maps: Sequence[ArrayLike]) -> torch.device:
+    """Where the products run: the first map's device when it is a torch tensor (not MPS)."""
+    first = maps[0] if len(maps) else None
+    if isinstance(first, torch.Tensor) and first.device.type != "mps":
+        return first.device
+    return torch.device("cpu")
+
+
+def _as_tensor(x: ArrayLike, name: str, device: torch.device) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
-        t = x.detach().to("cpu")
+        t = x.detach().to(device)
     else:
         try:
             t = torch.from_numpy(np.asarray(x))
         except TypeError as exc:
             raise ValueError(f"{name} must be a torch tensor or numpy array, got {type(x).__name__}") from exc
+        t = t.to(device)
     if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
         raise ValueError(f"{name} must hold floats, got dtype {t.dtype}")
     return t.to(torch.float64)
@@ -60,7 +70,7 @@ def _fuse(a: torch.Tensor, head_fusion: str, name: str) -> torch.Tensor:
 def _residual_normalise(a: torch.Tensor) -> torch.Tensor:
     """A' = (A + I) divided by its row sums."""
     n = a.shape[-1]
-    a = a + torch.eye(n, dtype=a.dtype)
+    a = a + torch.eye(n, dtype=a.dtype, device=a.device)
     return a / a.sum(dim=-1, keepdim=True)
 
 
@@ -123,11 +133,12 @@ def rollout(
         >>> mask = r[0, 0, 1:].reshape(14, 14)
     """
     _check_layers(attentions, start_layer)
+    device = _device(attentions)
     if not 0.0 <= float(discard_ratio) < 1.0:
         raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio!r}")
     result: Optional[torch.Tensor] = None
     for i, layer in enumerate(attentions):
-        a = _fuse(_as_tensor(layer, f"attentions[{i}]"), head_fusion, f"attentions[{i}]")
+        a = _fuse(_as_tensor(layer, f"attentions[{i}]", device), head_fusion, f"attentions[{i}]")
         if a.shape[-1] != a.shape[-2] or (result is not None and a.shape != result.shape):
             raise ValueError(
                 f"attentions[{i}] must be square and match the other layers, got {tuple(a.shape)}"
@@ -173,6 +184,7 @@ def space_time_rollout(
         (p, t). :func:`cls_space_time_map` turns it into the CLS map ``[B, T, S]``.
     """
     _check_layers(space, start_layer)
+    device = _device(space)
     if len(time) != len(space):
         raise ValueError(f"space and time must have one map per block, got {len(space)} and {len(time)}")
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
@@ -180,8 +192,8 @@ def space_time_rollout(
     t_ = num_frames
     result: Optional[torch.Tensor] = None
     for i, (s_map, t_map) in enumerate(zip(space, time)):
-        s = _fuse(_as_tensor(s_map, f"space[{i}]"), head_fusion, f"space[{i}]")
-        tm = _fuse(_as_tensor(t_map, f"time[{i}]"), head_fusion, f"time[{i}]")
+        s = _fuse(_as_tensor(s_map, f"space[{i}]", device), head_fusion, f"space[{i}]")
+        tm = _fuse(_as_tensor(t_map, f"time[{i}]", device), head_fusion, f"time[{i}]")
         bt, p, p2 = s.shape
         if p != p2 or bt % t_:
             raise ValueError(f"space[{i}] must be [B*T, 1+S, 1+S] with T={t_}, got {tuple(s.shape)}")
@@ -194,7 +206,7 @@ def space_time_rollout(
             continue
         s = _residual_normalise(s).reshape(b, t_, p, p)  # [b, t, p, k]
         tm = tm.reshape(b, p - 1, t_, t_)
-        eye = torch.eye(t_, dtype=tm.dtype).expand(b, 1, t_, t_)
+        eye = torch.eye(t_, dtype=tm.dtype, device=device).expand(b, 1, t_, t_)
         tm = _residual_normalise(torch.cat([eye, tm], dim=1))  # [b, k, t, q]; the CLS rows are I
         w = torch.einsum("btpk,bktq->bptkq", s, tm)
         w[:, 0] = w[:, 0].mean(dim=1, keepdim=True)  # the CLS is averaged over frames
@@ -215,7 +227,7 @@ def cls_space_time_map(rolled: ArrayLike) -> ArrayLike:
     Returns:
         ``[B, T, S]`` float32 (S = P - 1 patches, row-major); reshape to ``[B, T, h, w]``.
     """
-    r = _as_tensor(rolled, "rolled")
+    r = _as_tensor(rolled, "rolled", _device([rolled]))
     if r.ndim != 5:
         raise ValueError(f"rolled must have shape [B, P, T, P, T], got {tuple(r.shape)}")
     cls = r[:, 0].mean(dim=1)[:, 1:]  # [B, S, T]
@@ -246,9 +258,10 @@ def temporal_rollout(
         ``[..., T, T]`` float32: entry (i, j) is how much frame j flows into frame i.
     """
     _check_layers(attentions, start_layer)
+    device = _device(attentions)
     result: Optional[torch.Tensor] = None
     for i, layer in enumerate(attentions):
-        a = _as_tensor(layer, f"attentions[{i}]")
+        a = _as_tensor(layer, f"attentions[{i}]", device)
         if a.ndim < 2 or a.ndim > 4 or a.shape[-1] != a.shape[-2]:
             raise ValueError(
                 f"attentions[{i}] must be [T, T], [B, T, T] or [B, H, T, T], got {tuple(a.shape)}"
@@ -261,7 +274,7 @@ def temporal_rollout(
         if i < start_layer:
             continue
         if residual:
-            a = a + torch.eye(a.shape[-1], dtype=a.dtype)
+            a = a + torch.eye(a.shape[-1], dtype=a.dtype, device=device)
         sums = a.sum(dim=-1, keepdim=True)
         a = a / torch.where(sums == 0, torch.ones_like(sums), sums)
         result = a if result is None else a @ result
