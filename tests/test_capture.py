@@ -687,3 +687,42 @@ def test_metadata_video_path_lets_auto_render_overlay_the_exported_video(
     assert found == [tmp_path / "videos" / "v0.mp4"]
     video = open_store(tmp_path).metadata("v0")["video"]
     assert video == {"fps": 16, "frames": 9, "height": 32, "width": 32, "path": "videos/v0.mp4"}
+
+
+@pytest.mark.parametrize(("outer_one_pass", "inner_one_pass"), [(False, True), (True, False), (True, True)])
+def test_nested_captures_both_record_in_either_mode(
+    outer_one_pass: bool, inner_one_pass: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import attnmap.ops
+
+    one_pass_calls: list[int] = []
+    sdpa_with_lse = attnmap.ops.sdpa_with_lse
+    monkeypatch.setattr(
+        attnmap.ops, "sdpa_with_lse", lambda *a, **k: one_pass_calls.append(1) or sdpa_with_lse(*a, **k)
+    )
+    model, kwargs = wan()
+    plain = run(model, kwargs)
+    lay = Layout.self_attn(GRID)
+    log = SdpaLog(model, ["blocks.0.attn1", "blocks.1.attn1"])
+    with (
+        attnmap.capture(model, reductions=("temporal",), one_pass=outer_one_pass) as outer,
+        attnmap.capture(model, reductions=("temporal",), one_pass=inner_one_pass) as inner,
+        log,
+    ):
+        captured = run(model, kwargs)
+    log.close()
+    assert torch.equal(plain, captured)
+    # only the outermost capture may take the one-pass path (what it calls is no SDPA call to those below)
+    assert len(one_pass_calls) == (4 if outer_one_pass else 0)  # attn1 and attn2 of 2 blocks
+    want = torch.stack(
+        [maps_of(eager_probs(q, k, m, s), lay)["temporal"] for _, q, k, m, s in log.calls]
+    ).mean(0)
+    close("outer", outer.get("temporal"), want)
+    close("inner", inner.get("temporal"), want)
+    # a user's mode entered before a one-pass capture still sees the SDPA calls
+    below = SdpaLog(model, ["blocks.0.attn1", "blocks.1.attn1"])
+    with below, attnmap.capture(model, reductions=("temporal",), one_pass=True) as rec:
+        run(model, kwargs)
+    below.close()
+    assert len(below.calls) == 2 and len(one_pass_calls) == (4 if outer_one_pass else 0)
+    close("below", rec.get("temporal"), want)

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+from torch.utils._device import DeviceContext
 
 from attnmap import _capture_models as models
 from attnmap.config import Config
@@ -86,6 +87,9 @@ class _Mode(TorchFunctionMode):
     def __init__(self, recorder: Recorder) -> None:
         super().__init__()
         self.recorder = recorder
+        # one_pass calls an aten op that the modes below this one would not see as SDPA: only when
+        # there are none (an outer capture, a user's mode; torch.device contexts do not care)
+        self.alone = all(isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
 
     def __torch_function__(
         self,
@@ -100,7 +104,7 @@ class _Mode(TorchFunctionMode):
             call = _bind_sdpa(args, kwargs)
             site = rec._stack[-1]
             lse: Optional[torch.Tensor] = None
-            if rec.one_pass and rec._recording(site):
+            if rec.one_pass and self.alone and rec._recording(site):
                 out, lse = rec._forward_with_lse(call)
             else:
                 out = func(*args, **kwargs)
@@ -924,7 +928,8 @@ def capture(
         prompt: the prompt; ``rec.prompt`` is it without the target parentheses (pass that to the model).
         tokenizer: maps words to tokens (a pipeline's own tokenizer by default).
         layout: one Layout for every attention module, or ``{module name: Layout}``; None: inferred.
-        blocks: the blocks to record (the model's numbering from 0); None: all.
+        blocks: the blocks to record (the model's numbering from 0; HunyuanVideo's single-stream
+            blocks are numbered after its dual-stream ones); None: all.
         steps: the steps to record; None: all. ``rec.callback`` / ``rec.step()`` advance the step.
         per_block: keep ``<name>/block<b>`` maps too; per_head: keep heads (H after the batch dim).
         branch: classifier-free guidance branch: ``"cond"``, ``"uncond"`` or ``"both"``.
@@ -943,6 +948,8 @@ def capture(
         one_pass: run each recorded attention call through :func:`attnmap.ops.sdpa_with_lse` (the
             kernel SDPA itself picks, through its aten op that also returns the logsumexp) and reduce
             in one pass instead of two. Where torch offers no such op for a call, SDPA runs as usual.
+            A capture opened inside another capture, or inside any torch function mode other than
+            ``torch.device``, runs SDPA as usual (two passes), so that the outer one still sees the call.
 
     Returns:
         a :class:`Recorder`, to use as a context manager.
