@@ -122,6 +122,12 @@ def test_frame_matrix_by_hand_and_against_torch() -> None:
     np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5)
     with pytest.raises(ValueError, match="attn must be"):
         frame_matrix(a, (2, 2, 2))
+    # a joint layout with the text after the video: the same matrix from the video slice
+    joint = torch.softmax(torch.randn(2, 12 + 3, 12 + 3), -1)  # 12 video tokens, then 3 text tokens
+    want = frame_matrix(joint[:, :12, :12], (3, 2, 2))
+    np.testing.assert_allclose(frame_matrix(joint, (3, 2, 2), video=slice(0, 12)), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="video must be a slice of F\\*H\\*W = 12 positions"):
+        frame_matrix(joint, (3, 2, 2), video=slice(0, 11))
 
 
 def test_temporal_locality_by_hand() -> None:

@@ -231,27 +231,44 @@ def load_token_map(
 # ------------------------------------------------------------------------------------------
 # temporal matrices and text self-attention
 # ------------------------------------------------------------------------------------------
-def frame_matrix(attn: ArrayLike, grid: Sequence[int], *, prefix: int = 0) -> np.ndarray:
+def frame_matrix(
+    attn: ArrayLike, grid: Sequence[int], *, prefix: int = 0, video: Optional[slice] = None
+) -> np.ndarray:
     """The F x F frame matrix of a full attention map over video tokens.
 
     Entry (i, j) is the attention mass from frame i's query tokens to frame j's key tokens,
     averaged over the query tokens of frame i (the ``temporal`` reduction of attnmap).
 
     Args:
-        attn: ``[..., N, N]`` attention probabilities (rows sum to 1); ``prefix`` tokens (CLS,
-            registers) first, then F*H*W video tokens, position f*H*W + h*W + w.
+        attn: ``[..., N, N]`` attention probabilities (rows sum to 1); the F*H*W video tokens at
+            ``video``, position f*H*W + h*W + w within it.
         grid: (F, H, W).
-        prefix: leading non-video tokens (dropped as queries and as keys).
+        prefix: leading non-video tokens (CLS, registers, text first) when ``video`` is None.
+        video: the video tokens' positions, e.g. ``Layout.video_q`` of a joint layout with the
+            text after the video; None: ``prefix`` to the end. Other tokens are dropped as
+            queries and as keys.
 
     Returns:
         ``[..., F, F]`` float32.
+
+    Example:
+        >>> lay = Layout.joint(text=226, grid=(13, 30, 45), text_first=True)
+        >>> frame_matrix(probs, lay.grid, video=lay.video_q)  # probs [B, H, N, N]
     """
     a = _np(attn, "attn")
     f, h, w = (int(g) for g in grid)
     nv = f * h * w
-    if a.ndim < 2 or a.shape[-1] != a.shape[-2] or a.shape[-1] != prefix + nv:
-        raise ValueError(f"attn must be [..., N, N] with N = {prefix} + F*H*W = {prefix + nv}, got {a.shape}")
-    v = a[..., prefix:, prefix:]
+    if video is None:
+        if a.ndim < 2 or a.shape[-1] != a.shape[-2] or a.shape[-1] != prefix + nv:
+            raise ValueError(
+                f"attn must be [..., N, N] with N = {prefix} + F*H*W = {prefix + nv}, got {a.shape}"
+            )
+        video = slice(prefix, prefix + nv)
+    if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"attn must be [..., N, N], got {a.shape}")
+    if not isinstance(video, slice) or len(range(a.shape[-1])[video]) != nv:
+        raise ValueError(f"video must be a slice of F*H*W = {nv} positions < {a.shape[-1]}, got {video!r}")
+    v = a[..., video, video]
     v = v.reshape(*v.shape[:-2], f, h * w, f, h * w)
     return v.sum(-1).mean(-2).astype(np.float32)
 
