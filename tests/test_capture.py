@@ -391,6 +391,12 @@ def test_pipeline_output_is_unchanged_by_capture() -> None:
         ).frames
     assert torch.equal(plain, captured)
     assert rec.blocks == [0, 1]  # the text encoder's attention is not counted
+    # CFG is on (guidance 5): by default only the conditional forwards are kept
+    assert rec.branch == "cond" and rec.steps == [0, 1]
+    with pytest.raises(
+        ValueError, match="no map 'token/ball' recorded for step=None, block=None, branch='uncond'"
+    ):
+        rec.get("token/ball", branch="uncond")
 
 
 # -- store, config, auto-render ----------------------------------------------------------------
