@@ -146,6 +146,14 @@ def test_all_list_and_figures(store: Path, tmp_path: Path) -> None:
         (["--video-id", "vid 1", "--colormap", "nope"], "Error: --colormap 'nope' is unknown; valid names:"),
         (["--video-id", "vid 1", "--steps", "x"], "Error: --steps must be numbers"),
         (["--video-id", "vid 1", "--token", "cat", "--steps", "7"], "Error: steps [7] are not stored"),
+        (["--video-id", "vid 1", "--normalize", "minmax"], "Error: normalize must be one of global, frame"),
+        (["--video-id", "vid 1", "--threshold", "2"], "Error: threshold must be in (0, 1), got 2.0"),
+        (["--video-id", "vid 1", "--fps", "0"], "Error: fps must be an int >= 1, got 0"),
+        (
+            ["--video-id", "vid 1", "--video-format", "avi"],
+            "Error: video_format must be one of mp4, webm, gif",
+        ),
+        (["--video-id", "vid 1", "--interpolation-steps", "-1"], "Error: interpolation_steps must be an int"),
     ],
 )
 def test_bad_arguments_one_line(store: Path, tmp_path: Path, args: list[str], message: str) -> None:
@@ -189,3 +197,14 @@ def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
     )
     assert unknown.returncode != 0 and "Traceback" not in unknown.stderr
     assert unknown.stderr.strip().splitlines() == ["Error: No such option: --bogus"]
+
+
+def test_unmakeable_output_folder_is_one_line(store: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "sub" / "cat.mp4"
+    result = invoke(
+        "video", "--attention-dir", store, "--video-id", "vid 1", "--token", "cat", "--output", out
+    )
+    assert result.exit_code == 1  # type: ignore[attr-defined]
+    lines = result.stderr.strip().splitlines()  # type: ignore[attr-defined]
+    assert len(lines) == 1 and lines[0].startswith("Error: output: cannot make the folder"), lines

@@ -89,3 +89,30 @@ def test_rollout_frames_overlays_each_frame(tmp_path: Path) -> None:
 def test_bad_input_names_the_argument(tmp_path: Path, call, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=message):
         call(tmp_path)
+
+
+_RNG = np.random.default_rng(3)
+FIGURES = {
+    "temporal_comparison": lambda p: figures.temporal_comparison(
+        {"cat": _RNG.random((3, 2, 4, 4)), "dog": _RNG.random((3, 2, 4, 4))}, p, steps=[0, 1, 2]
+    ),
+    "temporal_matrix": lambda p: figures.temporal_matrix(_RNG.random((5, 5)), p),
+    "text_attention": lambda p: figures.text_attention(_RNG.random((3, 3)), p, labels=["a", "cat", "b"]),
+    "head_locality": lambda p: figures.head_locality(_RNG.random((2, 4)), p, blocks=[0, 1]),
+    "rollout_frames": lambda p: figures.rollout_frames(
+        _RNG.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8), _RNG.random((3, 4, 4)), p
+    ),
+    "colorbar": lambda p: figures.colorbar(p),
+}
+
+
+@pytest.mark.parametrize("fmt", ["png", "svg"])
+@pytest.mark.parametrize("kind", sorted(FIGURES))
+def test_every_figure_kind_writes_png_and_svg(tmp_path: Path, kind: str, fmt: str) -> None:
+    out = FIGURES[kind](tmp_path / f"{kind}.{fmt}")
+    assert out == tmp_path / f"{kind}.{fmt}"
+    if fmt == "png":
+        assert _png(out).std() > 0  # a drawn image, not a blank canvas
+    else:
+        assert ET.parse(out).getroot().tag.endswith("svg")
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]

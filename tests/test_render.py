@@ -99,6 +99,13 @@ def test_colorbar_helpers() -> None:
         ),
         ((np.zeros((2, 2), np.float32),), {"normalize": "minmax"}, "normalize: expected one of"),
         ((np.zeros((2, 2), np.float32),), {"size": (0, 3)}, "size: expected positive (H, W)"),
+        ((np.zeros((2, 2), np.float32),), {"percentile": (1,)}, "percentile: expected (lo, hi) in 0..100"),
+        ((np.zeros((2, 2), np.float32),), {"size": (200_000, 3)}, "size: expected at most 131072 pixels"),
+        (
+            (np.zeros((2, 2, 2), np.float32),),
+            {"num_frames": 10**10},
+            "num_frames: expected at most 16777216 output frames",
+        ),
     ],
 )
 def test_bad_input_names_the_argument(args: tuple, kwargs: dict, message: str) -> None:
@@ -184,3 +191,40 @@ def test_write_video_streams_from_iter_frames(tmp_path: pathlib.Path) -> None:
     chunks = list(render.iter_video(path, chunk=4))
     assert [c.shape[0] for c in chunks] == [4, 4, 1]
     np.testing.assert_array_equal(np.concatenate(chunks), frames)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"crf": -5}, "crf: expected an integer in 0..51 for libx264"),
+        ({"crf": 60}, "crf: expected an integer in 0..51 for libx264"),
+        ({"codec": "nonexistent"}, "codec: 'nonexistent' is not an encoder"),
+    ],
+)
+def test_bad_encoder_arguments_name_the_argument(tmp_path: pathlib.Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(AttnmapError) as info:
+        render.write_video(np.zeros((2, 4, 4, 3), np.uint8), tmp_path / "x.mp4", **kwargs)
+    assert str(info.value).startswith(message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_video_holds_a_bounded_number_of_chunks(tmp_path: pathlib.Path) -> None:
+    """A long render streams: at any time only the queue's chunks plus those in hand are alive."""
+    import gc
+    import weakref
+
+    refs: list[weakref.ref] = []
+    peak = 0
+
+    def chunks():  # type: ignore[no-untyped-def]
+        nonlocal peak
+        for i in range(120):
+            gc.collect()
+            peak = max(peak, sum(r() is not None for r in refs))
+            chunk = np.full((2, 16, 16, 3), i, np.uint8)
+            refs.append(weakref.ref(chunk))
+            yield chunk
+
+    path = render.write_video(chunks(), tmp_path / "long.mp4")
+    assert render.read_video(path)[0].shape == (240, 16, 16, 3)
+    assert peak <= render._QUEUE_CHUNKS + 3, peak

@@ -471,10 +471,16 @@ def _target(output: PathLike, options: RenderOptions) -> Path:
 X264_OPTIONS = {"preset": "ultrafast"}
 
 
+def _make_parent(out: Path) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"output: cannot make the folder {str(out.parent)!r}: {e.strerror or e}") from None
+
+
 def _write(chunks: Iterable[np.ndarray], out: Path, fps: int) -> Path:
     import attnmap.render as render
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     options = X264_OPTIONS if out.suffix.lower() in (".mp4", ".mkv", ".mov") else None
     return Path(render.write_video(chunks, out, fps=fps, options=options))
 
@@ -516,6 +522,7 @@ def render_token(
         store, video_id, token, options=options, mode=mode, steps=steps, original_video=original_video
     )
     strip = colorbar_strip(size[0], size[1], options.colormap) if options.colorbar else None
+    _make_parent(out)
     bar = _progress(plan.frames, f"{video_id}/{token}", quiet)
     try:
         return _write(
@@ -588,6 +595,7 @@ def render_grid(
             yield np.concatenate(tiles, axis=2)
 
     strip = colorbar_strip(panel[0], panel[1], options.colormap) if options.colorbar else None
+    _make_parent(out)
     bar = _progress(frames, f"{video_id} grid", quiet)
     try:
         return _write(_decorate(grid_chunks(), [], strip, False, bar), out, options.fps)

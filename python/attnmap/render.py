@@ -171,7 +171,10 @@ def normalize(
         raise AttnmapError(
             f"normalize: expected one of {', '.join(map(repr, _NORMALIZE_MODES))}, got {mode!r}"
         )
-    lo, hi = percentile
+    try:
+        lo, hi = (float(p) for p in percentile)
+    except (TypeError, ValueError):
+        raise AttnmapError(f"percentile: expected (lo, hi) in 0..100, got {percentile!r}") from None
     return _native.normalize(
         _as_maps(maps),
         mode=mode,
@@ -475,6 +478,18 @@ class _Encoder:
                 continue
 
 
+_MAX_CRF = {"libx264": 51, "libvpx-vp9": 63}  # 8-bit libx264's crf range, and vp9's
+
+
+def _check_codec(codec: str) -> None:
+    import av
+
+    try:
+        av.codec.Codec(codec, "w")
+    except Exception:  # av's UnknownCodecError, or a decoder-only name
+        raise AttnmapError(f"codec: {codec!r} is not an encoder this FFmpeg build has") from None
+
+
 def write_video(
     frames: Any,
     path: PathLike,
@@ -515,6 +530,10 @@ def write_video(
         raise PermissionError(f"path: cannot write {str(out)!r}: folder {str(parent)!r} is not writable")
     fmt, default_codec, pix_fmt = _CONTAINERS[suffix]
     codec = codec or default_codec
+    _check_codec(codec)
+    top = _MAX_CRF.get(codec, 63)
+    if crf is not None and (isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= top):
+        raise AttnmapError(f"crf: expected an integer in 0..{top} for {codec} (lower is better), got {crf!r}")
     opts = {k: str(v) for k, v in (options or {}).items()}
     quality = crf if crf is not None else _DEFAULT_CRF.get(codec)
     if quality is not None and codec in _DEFAULT_CRF:

@@ -143,9 +143,8 @@ mod bindings {
             Some(b) => Some(background_frames(b, stop - start, (oh, ow))?),
         };
         let n = stop - start;
-        // numpy's allocator (huge pages for big arrays) without a zeroing pass: `render` writes
-        // every byte before Python can see the array, and an error drops it unseen.
-        let out = unsafe { PyArray4::<u8>::new(py, [n, oh, ow, 3], false) };
+        // `render` writes every byte before Python can see the array, and an error drops it unseen.
+        let out = empty(py, (n, oh, ow, 3))?.cast_into::<PyArray4<u8>>()?;
         let buf = unsafe { out.as_slice_mut() }.expect("fresh arrays are contiguous");
         py.detach(|| -> crate::Result<()> {
             let owned;
@@ -162,6 +161,12 @@ mod bindings {
             crate::render::render(view, &plan, start..stop, bg, &style, buf)
         })?;
         Ok(out)
+    }
+
+    /// `numpy.empty(shape, uint8)`: numpy's allocator (huge pages for big arrays) without a zeroing
+    /// pass, and a `MemoryError` where an allocation in Rust would abort the process.
+    fn empty<'py>(py: Python<'py>, shape: impl IntoPyObject<'py>) -> PyResult<Bound<'py, PyAny>> {
+        py.import("numpy")?.call_method1("empty", (shape, "uint8"))
     }
 
     /// Check a background's shape: (n, H, W, 3) for n frames or a still (H, W, 3).
@@ -238,7 +243,7 @@ mod bindings {
             )
             .into());
         }
-        let out = unsafe { PyArray3::<u8>::new(py, [n, h * 3 / 2, w], false) };
+        let out = empty(py, (n, h * 3 / 2, w))?.cast_into::<PyArray3<u8>>()?;
         let buf = unsafe { out.as_slice_mut() }.expect("fresh arrays are contiguous");
         py.detach(|| {
             let owned = view.as_standard_layout();

@@ -78,6 +78,11 @@ pub struct Plan {
     pub src: (usize, usize),
 }
 
+/// The largest output side, in pixels (16 times 8K): beyond it a size is a mistake, not a video.
+pub const MAX_SIDE: usize = 1 << 17;
+/// The most output frames a plan may have.
+pub const MAX_FRAMES: usize = 1 << 24;
+
 impl Plan {
     /// Plan a resize of (F, h, w) maps to `size` = (H, W) and `time` frames.
     pub fn new(shape: (usize, usize, usize), size: (usize, usize), time: Time) -> Result<Self> {
@@ -92,6 +97,30 @@ impl Plan {
             return Err(Error::invalid(
                 "size",
                 format!("expected a positive (H, W), got {size:?}"),
+            ));
+        }
+        if size.0 > MAX_SIDE || size.1 > MAX_SIDE {
+            return Err(Error::invalid(
+                "size",
+                format!("expected at most {MAX_SIDE} pixels a side, got {size:?}"),
+            ));
+        }
+        let frames = match time {
+            Time::Same => Some(f),
+            Time::Frames(n) => Some(n),
+            Time::Stride(s) => s.checked_mul(f - 1).and_then(|n| n.checked_add(1)),
+        };
+        if frames.is_none_or(|n| n > MAX_FRAMES) {
+            let arg = if matches!(time, Time::Stride(_)) {
+                "temporal_stride"
+            } else {
+                "num_frames"
+            };
+            return Err(Error::invalid(
+                arg,
+                format!(
+                    "expected at most {MAX_FRAMES} output frames, got {time:?} for {f} map frames"
+                ),
             ));
         }
         let t = match time {
@@ -181,7 +210,19 @@ pub fn lerp_rows(cols: &[f32], plan: &Plan, y: usize, out: &mut [f32]) {
 pub fn resize(maps: ArrayView3<f32>, size: (usize, usize), time: Time) -> Result<Array3<f32>> {
     let plan = Plan::new(maps.dim(), size, time)?;
     let (oh, ow) = plan.size();
-    let mut out = Array3::<f32>::zeros((plan.frames(), oh, ow));
+    let len = plan.frames() * oh * ow; // at most 2^58: no overflow on 64-bit targets
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(len).map_err(|_| {
+        Error::invalid(
+            "size",
+            format!(
+                "cannot allocate {len} floats for {} frames of {oh} x {ow}",
+                plan.frames()
+            ),
+        )
+    })?;
+    buf.resize(len, 0.0f32);
+    let mut out = Array3::from_shape_vec((plan.frames(), oh, ow), buf).expect("sized to the shape");
     let data = out.as_slice_mut().expect("fresh arrays are contiguous");
     data.par_chunks_mut(oh * ow)
         .enumerate()
@@ -209,6 +250,24 @@ mod tests {
         let m = array![[[0.0f32, 1.0, 2.0, 3.0]]];
         let r = resize(m.view(), (1, 2), Time::Same).unwrap();
         assert_eq!(r.as_slice().unwrap(), &[0.5, 2.5]);
+    }
+
+    #[test]
+    fn absurd_sizes_are_errors_not_aborts() {
+        let m = ndarray::Array3::<f32>::zeros((3, 2, 2));
+        let e = resize(m.view(), (MAX_SIDE + 1, 4), Time::Same).unwrap_err();
+        assert!(e.to_string().starts_with("size: expected at most"), "{e}");
+        let e = Plan::new((3, 2, 2), (4, 4), Time::Frames(MAX_FRAMES + 1)).unwrap_err();
+        assert!(
+            e.to_string().starts_with("num_frames: expected at most"),
+            "{e}"
+        );
+        let e = Plan::new((3, 2, 2), (4, 4), Time::Stride(usize::MAX)).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("temporal_stride: expected at most"),
+            "{e}"
+        );
     }
 
     #[test]
