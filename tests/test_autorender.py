@@ -204,3 +204,26 @@ def test_render_video_decodes_the_original_once(store_root: Path, tmp_path: Path
     assert len(paths) == 4 and len(calls) == 1
     overlay, _ = decode(tmp_path / "out" / "vid_1_dog_overlay.mp4")
     assert overlay.shape == (9, 32, 48, 3)
+
+
+def test_a_render_video_stopped_early_keeps_finished_renders(
+    store_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    render_token = autorender.render_token
+    started: list[str] = []
+
+    def failing(store, video_id, word, target, **kwargs):  # type: ignore[no-untyped-def]
+        started.append(Path(target).name)
+        if len(started) == 3:
+            raise KeyboardInterrupt  # stopped during the third render
+        return render_token(store, video_id, word, target, **kwargs)
+
+    monkeypatch.setattr(autorender, "render_token", failing)
+    monkeypatch.setattr(autorender, "_WORKERS", 1)
+    with pytest.raises(KeyboardInterrupt):
+        autorender.render_video(store_root, "vid 1", tmp_path / "out", None)
+    assert started == ["vid_1_cat_attention.mp4", "vid_1_cat_overlay.mp4", "vid_1_dog_attention.mp4"]
+    kept = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert kept == ["vid_1_cat_attention.mp4", "vid_1_cat_overlay.mp4"]  # no temp files, nothing else
+    for name in kept:
+        assert decode(tmp_path / "out" / name)[0].shape == (9, 32, 48, 3)

@@ -25,6 +25,7 @@ import math
 import os
 import re
 import sys
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -656,16 +657,32 @@ def render_video(
             target = output_path(out_dir, video_id, word, "overlay", options.video_format)
             jobs.append((word, target, background))
 
-    def run(job: tuple[str, Path, Optional[np.ndarray]]) -> Path:
+    stopped = threading.Event()  # set by the first failure (or Ctrl-C): no render starts after it
+
+    def run(job: tuple[str, Path, Optional[np.ndarray]]) -> Optional[Path]:
         word, target, original_frames = job
-        return render_token(
-            store, video_id, word, target, options=options, original_video=original_frames, quiet=quiet
-        )
+        if stopped.is_set():
+            return None
+        try:
+            return render_token(
+                store, video_id, word, target, options=options, original_video=original_frames, quiet=quiet
+            )
+        except BaseException:
+            stopped.set()
+            raise
 
     # Two renders at a time: the Rust render, the colour conversion and libx264 all release the GIL, and
-    # one render alone leaves a core idle while its encoder waits on its producer (and back).
-    with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-        return list(pool.map(run, jobs))
+    # one render alone leaves a core idle while its encoder waits on its producer (and back). A failure
+    # stops the renders not yet started; finished ones stay, each written atomically.
+    pool = ThreadPoolExecutor(max_workers=_WORKERS)
+    try:
+        futures = [pool.submit(run, job) for job in jobs]
+        return [path for future in futures if (path := future.result()) is not None]
+    except BaseException:
+        stopped.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def render_store(
