@@ -553,7 +553,7 @@ class Store:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"store root {self.root} is not a directory")
-        self._headers: dict[Path, tuple[tuple[int, int, int], _Header]] = {}
+        self._headers: dict[str, tuple[tuple[int, int, int], _Header]] = {}
         self._metas: dict[Path, tuple[tuple[int, int, int], dict[str, Any]]] = {}
 
     # -- helpers ----------------------------------------------------------------------------
@@ -563,16 +563,18 @@ class Store:
             raise KeyError(f"video {video_id!r} is not in the store at {self.root}")
         return path
 
-    def _header(self, path: Path) -> _Header:
+    def _header(self, path: Union[str, Path]) -> _Header:
+        """The parsed header of ``path``, cached until the file is replaced (new inode, mtime or size)."""
+        path = os.fspath(path)
         try:
-            st = path.stat()
+            st = os.stat(path)
         except FileNotFoundError:
             raise StoreError(f"Store file {path} does not exist") from None
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         cached = self._headers.get(path)
         if cached and cached[0] == key:
             return cached[1]
-        header = _read_header(path)
+        header = _read_header(Path(path))
         self._headers[path] = (key, header)
         return header
 
@@ -778,7 +780,7 @@ class Store:
             for e in it:
                 m = _STEP_RE.match(e.name)
                 if m:
-                    files.append((int(m.group(1)), Path(e.path)))
+                    files.append((int(m.group(1)), e.path))
         out = []
         for step, path in sorted(files):
             header = self._header(path)
@@ -787,9 +789,7 @@ class Store:
             arr = self._as_map(_read_tensor(header, name).astype(np.float32, copy=False), name)
             info = {"video_id": video_id, "token": token, "name": name, "step": step, "steps": [step]}
             out.append(
-                AttentionMap(
-                    arr, {**info, "stored_dtype": meta.get("dtype"), "file": str(path), "video": video}
-                )
+                AttentionMap(arr, {**info, "stored_dtype": meta.get("dtype"), "file": path, "video": video})
             )
         if not out:
             raise KeyError(f"token {token!r} has no step maps in video {video_id!r}")
