@@ -147,7 +147,7 @@ def test_capture_overhead(benchmark: Any, setup: dict[str, Any], one_pass: bool)
                 f"one-pass {name}: max abs error {err:.3g}"
             )
 
-    rounds = 1 if setup["label"] == "smoke" else 5
+    rounds = 1 if setup["label"] == "smoke" else 7
     benchmark.pedantic(captured, rounds=rounds, iterations=1, warmup_rounds=0)
     t_plain, t_capture = best_of([plain, captured], rounds)
     m_plain, m_capture = peak_bytes(plain), peak_bytes(captured)
