@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnmap.ops import AttentionCall, probe_rows
+from attnmap.ops import AttentionCall, keys_t, probe_rows
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _GRID_Y = 65535  # CUDA's limit on grid dims y and z
@@ -439,5 +439,5 @@ def attn_reduce(
     if "temporal" in wanted:
         sums["temporal"] = slots(temporal)
     if "probe" in wanted:
-        sums["probe"] = probe_rows(call, k.to(f32).transpose(-1, -2))
+        sums["probe"] = probe_rows(call, keys_t(call))
     return {name: t.contiguous() for name, t in sums.items()}
