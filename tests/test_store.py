@@ -465,3 +465,25 @@ def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         store.load(vid, "temporal")
     store.rebuild_aggregated("crashed")
     assert store.aggregated("crashed", "cat").metadata["rebuilt"] is False
+
+
+def test_corrupt_step_of_a_crashed_run_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    """No aggregated file (the run was killed) and one step corrupt: the steps, tokens and the
+    rebuilt aggregate come from the intact steps, with a warning naming the file."""
+    w = StoreWriter(tmp_path, "v", META, dtype="float32")
+    for s in range(3):
+        w.write_step(s, {"token/cat": np.full((1, 2, 2), float(s))})
+    bad = tmp_path / video_dirname("v") / step_filename(1)
+    bad.write_bytes(bad.read_bytes()[:20])
+    store = open_store(tmp_path)
+    with pytest.warns(UserWarning, match=r"step_000001\.safetensors.*step 1 is skipped"):
+        assert store.steps("v") == [0, 2]
+    with pytest.warns(UserWarning, match=r"step_000001\.safetensors"):
+        assert store.tokens("v") == ["cat"]
+    with pytest.warns(UserWarning, match=r"step_000001\.safetensors"):
+        agg = store.aggregated("v", "cat")
+    assert agg.metadata["steps"] == [0, 2]
+    np.testing.assert_array_equal(agg.map, np.full((1, 2, 2), 1.0))
+    with pytest.raises(StoreError, match=r"step_000001\.safetensors"):
+        store.load_all_steps("v", "cat")
+    np.testing.assert_array_equal(store.load_step("v", "cat", 2).map, np.full((1, 2, 2), 2.0))

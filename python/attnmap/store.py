@@ -641,14 +641,22 @@ class Store:
         return meta
 
     def steps(self, video_id: str) -> list[int]:
-        """Steps of the current run whose files are present, sorted (files of an older run are
-        skipped; a corrupt file raises StoreError naming it)."""
+        """Steps of the current run whose files are present, sorted. Files of an older run are
+        skipped, and so is a corrupt file, with a warning naming it (loading that step raises
+        StoreError)."""
         d = self._dir(video_id)
         run = self._video_meta(video_id)["run_id"]
         out = []
         for p in d.iterdir():
             m = _STEP_RE.match(p.name)
-            if m and self._header(p).metadata.get("run_id") == run:
+            if not m:
+                continue
+            try:
+                header = self._header(p)
+            except StoreError as exc:
+                warnings.warn(f"{exc}; step {int(m.group(1))} is skipped", stacklevel=2)
+                continue
+            if header.metadata.get("run_id") == run:
                 out.append(int(m.group(1)))
         return sorted(out)
 
