@@ -477,6 +477,10 @@ class StoreWriter:
     def close(self, aggregated: Optional[Mapping[str, ArrayLike]] = None) -> None:
         """Write the step-aggregated maps and mark the video complete.
 
+        metadata.json then gets ``steps`` and ``steps_written`` (the steps written, sorted: the
+        caller's ``steps`` was a snapshot from when the writer opened), ``finished`` and
+        ``aggregation`` (how the aggregated maps were made).
+
         Args:
             aggregated: ``{name: array}`` to store as the aggregated maps; None stores the mean
                 over the written steps of each map (of the stored values, so
