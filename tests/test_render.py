@@ -210,7 +210,6 @@ def test_bad_encoder_arguments_name_the_argument(tmp_path: pathlib.Path, kwargs:
 
 def test_write_video_holds_a_bounded_number_of_chunks(tmp_path: pathlib.Path) -> None:
     """A long render streams: at any time only the queue's chunks plus those in hand are alive."""
-    import gc
     import weakref
 
     refs: list[weakref.ref] = []
@@ -219,7 +218,6 @@ def test_write_video_holds_a_bounded_number_of_chunks(tmp_path: pathlib.Path) ->
     def chunks():  # type: ignore[no-untyped-def]
         nonlocal peak
         for i in range(120):
-            gc.collect()
             peak = max(peak, sum(r() is not None for r in refs))
             chunk = np.full((2, 16, 16, 3), i, np.uint8)
             refs.append(weakref.ref(chunk))
