@@ -145,5 +145,5 @@ def test_cli_overlay_vs_matplotlib(benchmark, request, tmp_path: Path) -> None: 
         f"matplotlib per-frame {per_frame_mpl * 1000:.0f} ms/frame -> {baseline:.1f} s extrapolated; "
         f"speedup {baseline / ours:.1f}x"
     )
-    # the 10x target is reported (benches/README.md), not asserted: on the shared 2-core machine the ratio
-    # moves with the load of the other jobs
+    if full:  # the target (measured 16-22x on the loaded 2-core machine, benches/README.md)
+        assert baseline / ours >= 10, f"attnmap-render is {baseline / ours:.1f}x the per-frame script"
