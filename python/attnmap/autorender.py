@@ -340,6 +340,9 @@ def plan_token(
 
 
 # -- drawing -----------------------------------------------------------------------------------
+_FONT_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=8)
 def _font(size: int) -> Any:
     from PIL import ImageFont
@@ -357,7 +360,8 @@ def _label_mask(text: str, size: int, box_h: int, box_w: int) -> np.ndarray:
     from PIL import Image, ImageDraw
 
     image = Image.new("L", (box_w, box_h), 0)
-    ImageDraw.Draw(image).text((5, 3), text, fill=255, font=_font(size))
+    with _FONT_LOCK:  # one FreeType face is shared by the renders running at the same time
+        ImageDraw.Draw(image).text((5, 3), text, fill=255, font=_font(size))
     mask = np.asarray(image)
     mask.flags.writeable = False
     return mask
@@ -504,7 +508,7 @@ def render_token(
         store: an opened store (:func:`attnmap.open_store`).
         video_id: the video.
         token: one of ``store.tokens(video_id)``.
-        output: the video file (``.mp4``, ``.webm``, ``.gif``, ``.mkv``, ``.avi``; no suffix: the options'
+        output: the video file (``.mp4``, ``.webm``, ``.gif``, ``.mkv``, ``.mov``; no suffix: the options'
             ``video_format``).
         options: how it looks (:class:`RenderOptions`).
         mode: ``"aggregated"`` (the step mean following the video's frames) or ``"steps"`` (the step
@@ -627,7 +631,8 @@ def render_video(
     Writes ``<video_id>_<token>_attention.<fmt>`` (the step-aggregated map following the video's frames)
     and, when an original video is known (``original_video`` or the metadata's ``video.path``),
     ``<video_id>_<token>_overlay.<fmt>``. This is what capture runs at the end of each video with
-    ``auto_generate_per_video``.
+    ``auto_generate_per_video``. The original video is decoded once; two renders run at a time; a
+    failure stops the renders not yet started, and every finished file stays.
 
     Args:
         root: the store root.
