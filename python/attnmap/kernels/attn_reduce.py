@@ -283,9 +283,10 @@ def _blocks(dtype: torch.dtype, d: int) -> tuple[int, int, int]:
 
     A fixed table, not ``triton.autotune``: the output slots are sized from BLOCK_M (see
     :func:`_head_groups`) before the launch, the atomics would need ``reset_to_zero`` between trial
-    runs, and each new (Nq, Nk) of a model (text length) would retune. The tiles keep the q tile plus
-    the pipelined k tiles within the shared memory of an A100/H100: 32 KiB for q at D = 256 in bf16
-    or D = 128 in fp32, smaller blocks for fp32 at D = 256.
+    runs, and each new (Nq, Nk) of a model (text length) would retune. Shared memory of the reduce
+    kernel compiled for sm_80/sm_90 (``triton.compile``, no GPU needed): 48 KiB for half inputs (128 x 64
+    tiles at D <= 128, 64 x 32 at D = 256), 96 KiB for fp32 64 x 32 at D = 128, and 128 KiB for fp32
+    32 x 32 at D = 256 (64 x 32 there would need 192 KiB, more than an A100's 163 KiB); no spills.
     """
     if INTERPRET:
         return 32, 32, 4
