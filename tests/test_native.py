@@ -216,7 +216,8 @@ def test_rgb_to_yuv420_matches_swscale(n: int, hh: int, hw: int, seed: int) -> N
     h, w = 2 * hh, 2 * hw
     # smooth content, as heatmaps and video are (chroma is a 2x2 mean here and a filter in swscale)
     base = rng.integers(0, 256, (n, 1, 1, 3))
-    ramp = np.linspace(0, 24, h * w).reshape(1, h, w, 1)
+    yy, xx = np.mgrid[0:h, 0:w]
+    ramp = (2 * yy + xx)[None, :, :, None]  # a gentle slope: a 2x2 block spans 3 levels
     rgb = np.clip(base + ramp, 0, 255).astype(np.uint8)
     out = _native.rgb_to_yuv420(rgb)
     assert out.shape == (n, h * 3 // 2, w) and out.dtype == np.uint8
