@@ -494,6 +494,25 @@ def test_explicit_layout_on_an_unknown_module() -> None:
     assert rec.blocks == [0, 1] and torch.equal(out, model(x))
 
 
+def test_explicit_layout_on_a_bare_attention_module() -> None:
+    class SelfAttention(torch.nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, k)
+
+    lay = Layout.cross((2, 2, 2), text=5)
+    q, k = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 5, 8)
+    with attnmap.capture(SelfAttention(), layout=lay, targets={"cat": [1, 2]}) as unwatched:
+        SelfAttention()(q, k)  # another instance's call is not recorded
+    assert unwatched.steps == []
+    model = SelfAttention()
+    with attnmap.capture(model, layout=lay, targets={"cat": [1, 2]}, keep_cross=True) as rec:
+        model(q, k)
+    cross = eager_probs(q, k, None, None).mean(1)
+    close("cross", rec.get("cross"), cross)
+    close("cat", rec.get("token/cat"), cross[..., 1:3].sum(-1).reshape(1, 2, 2, 2))
+    assert rec.blocks == [0]
+
+
 def test_hooks_and_mode_are_removed_on_exit_and_on_error_and_nesting_is_safe() -> None:
     model, kwargs = wan()
     sites = [model.blocks[0].attn1, model.blocks[1].attn2]

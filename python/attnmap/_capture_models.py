@@ -284,11 +284,12 @@ _BLOCK_NAME = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
 def generic(model: torch.nn.Module) -> ModelSpec:
-    """Every module whose class name says attention, for a model with an explicit layout; the block
-    is the first list index in the module's name (0 when it has none)."""
+    """Every module whose class name says attention (the model itself included, named ``<root>``), for
+    a model with an explicit layout; the block is the first list index in the module's name (0 when it
+    has none). A call inside nested ones counts for the innermost."""
     sites = []
     for name, module in model.named_modules():
-        if name and _ATTN_NAME.search(type(module).__name__):
+        if _ATTN_NAME.search(type(module).__name__):
             m = _BLOCK_NAME.search(name)
-            sites.append(Site(name, module, int(m.group(1)) if m else 0, "any"))
+            sites.append(Site(name or "<root>", module, int(m.group(1)) if m else 0, "any"))
     return ModelSpec("generic", model, sites, prefix=None)
