@@ -26,14 +26,23 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "tokens": ("attnmap.tokens", None),
     "open_store": ("attnmap.store", "open_store"),
     "AttentionMap": ("attnmap.store", "AttentionMap"),
+    "Store": ("attnmap.store", "Store"),
+    "StoreWriter": ("attnmap.store", "StoreWriter"),
+    "StoreError": ("attnmap.store", "StoreError"),
     "analysis": ("attnmap.analysis", None),
     "token_map": ("attnmap.analysis", "token_map"),
     "token_mask": ("attnmap.analysis", "token_mask"),
     "temporal_locality": ("attnmap.analysis", "temporal_locality"),
     "summarize": ("attnmap.analysis", "summarize"),
+    "write_summary": ("attnmap.analysis", "write_summary"),
+    "load_token_map": ("attnmap.analysis", "load_token_map"),
+    "frame_matrix": ("attnmap.analysis", "frame_matrix"),
+    "text_self_attention": ("attnmap.analysis", "text_self_attention"),
+    "classify_heads": ("attnmap.analysis", "classify_heads"),
     "rollout": ("attnmap.rollout", "rollout"),
     "space_time_rollout": ("attnmap.rollout", "space_time_rollout"),
     "temporal_rollout": ("attnmap.rollout", "temporal_rollout"),
+    "cls_space_time_map": ("attnmap.rollout", "cls_space_time_map"),
     "render": ("attnmap.render", None),
     "figures": ("attnmap.figures", None),
     "AttnmapError": ("attnmap._native", "AttnmapError"),
@@ -45,11 +54,18 @@ __all__ = [
     "Config",
     "Layout",
     "Recorder",
+    "Store",
+    "StoreError",
+    "StoreWriter",
     "__version__",
     "analysis",
     "attention_sums",
     "capture",
+    "classify_heads",
+    "cls_space_time_map",
     "figures",
+    "frame_matrix",
+    "load_token_map",
     "open_store",
     "reference",
     "render",
@@ -59,9 +75,11 @@ __all__ = [
     "summarize",
     "temporal_locality",
     "temporal_rollout",
+    "text_self_attention",
     "token_map",
     "token_mask",
     "tokens",
+    "write_summary",
 ]
 
 
@@ -83,10 +101,20 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from attnmap import analysis, figures, reference, render, tokens
     from attnmap._native import AttnmapError
-    from attnmap.analysis import summarize, temporal_locality, token_map, token_mask
+    from attnmap.analysis import (
+        classify_heads,
+        frame_matrix,
+        load_token_map,
+        summarize,
+        temporal_locality,
+        text_self_attention,
+        token_map,
+        token_mask,
+        write_summary,
+    )
     from attnmap.capture import Recorder, capture
     from attnmap.config import Config
     from attnmap.layout import Layout
     from attnmap.ops import attention_sums, sdpa_with_lse
-    from attnmap.rollout import rollout, space_time_rollout, temporal_rollout
-    from attnmap.store import AttentionMap, open_store
+    from attnmap.rollout import cls_space_time_map, rollout, space_time_rollout, temporal_rollout
+    from attnmap.store import AttentionMap, Store, StoreError, StoreWriter, open_store

@@ -42,6 +42,7 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._device import DeviceContext
 
 from attnmap import _capture_models as models
+from attnmap._callable import make_module_callable
 from attnmap.config import Config
 from attnmap.layout import Layout
 from attnmap.tokens import Targets, resolve
@@ -992,3 +993,5 @@ def capture(
 
 
 __all__ = ["REDUCTIONS", "Recorder", "capture"]
+
+make_module_callable(__name__, capture)

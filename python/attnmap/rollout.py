@@ -11,13 +11,13 @@ float64).
 
 from __future__ import annotations
 
-import sys
-import types
 from collections.abc import Sequence
 from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
+
+from attnmap._callable import make_module_callable
 
 HeadFusion = Literal["mean", "max", "min"]
 ArrayLike = Any  # torch.Tensor or numpy array
@@ -282,27 +282,4 @@ def temporal_rollout(
     return _like(result, attentions)
 
 
-class _CallableModule(types.ModuleType):
-    """Importing ``attnmap.rollout`` (the module) binds it as the package attribute ``rollout``,
-    over the function of the same name; calling the module runs :func:`rollout`, so
-    ``attnmap.rollout(attentions)`` works whichever was imported first."""
-
-    def __call__(
-        self,
-        attentions: Sequence[ArrayLike],
-        *,
-        head_fusion: HeadFusion = "mean",
-        discard_ratio: float = 0.0,
-        start_layer: int = 0,
-        cls_index: Optional[int] = 0,
-    ) -> ArrayLike:
-        return rollout(
-            attentions,
-            head_fusion=head_fusion,
-            discard_ratio=discard_ratio,
-            start_layer=start_layer,
-            cls_index=cls_index,
-        )
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_module_callable(__name__, rollout)
