@@ -12,10 +12,11 @@ cargo fmt --check
 cargo clippy --all-targets -q -- -D warnings
 cargo clippy --all-targets --features python -q -- -D warnings
 cargo test -q
-echo "== ruff / mypy"
+echo "== ruff / mypy / stubtest"
 ruff check python tests benches scripts
 ruff format --check python tests benches scripts
 mypy
+python -m mypy.stubtest attnmap._native
 echo "== pytest"
 export TRITON_INTERPRET=${TRITON_INTERPRET:-1}
 pytest "$@"

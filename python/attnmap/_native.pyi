@@ -5,6 +5,17 @@ from typing import Optional
 import numpy as np
 
 __version__: str
+__all__ = [
+    "AttnmapError",
+    "__version__",
+    "colorize",
+    "colormap_names",
+    "colormap_table",
+    "normalize",
+    "render",
+    "resize",
+    "rgb_to_yuv420",
+]
 
 class AttnmapError(ValueError):
     """Bad input to attnmap's render core; a ValueError subclass."""
@@ -15,7 +26,7 @@ def normalize(
     mode: str = "global",
     vmin: Optional[float] = None,
     vmax: Optional[float] = None,
-    percentile: tuple[float, float] = (1.0, 99.0),
+    percentile: tuple[float, float] = ...,  # (1.0, 99.0)
     gamma: float = 1.0,
 ) -> np.ndarray: ...
 def resize(
@@ -38,7 +49,7 @@ def render(
     alpha: float = 0.6,
     alpha_mode: str = "constant",
     outline: Optional[float] = None,
-    outline_color: tuple[int, int, int] = (255, 255, 255),
+    outline_color: tuple[int, int, int] = ...,  # (255, 255, 255)
 ) -> np.ndarray: ...
 def colorize(values: np.ndarray, colormap: str = "hot") -> np.ndarray: ...
 def colormap_table(name: str) -> np.ndarray: ...
