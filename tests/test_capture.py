@@ -477,12 +477,15 @@ def test_a_layout_that_does_not_fit_warns_with_the_module_name() -> None:
     assert rec.steps == []
 
 
-def test_explicit_layout_on_an_unknown_module() -> None:
-    class Attn(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            q = x.unflatten(-1, (2, 4)).transpose(1, 2)
-            return torch.nn.functional.scaled_dot_product_attention(q, q, q).transpose(1, 2).flatten(2)
+class Attn(torch.nn.Module):
+    """An attention module attnmap knows nothing about: 2 heads of 4 over [B, N, 8] tokens."""
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = x.unflatten(-1, (2, 4)).transpose(1, 2)
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q).transpose(1, 2).flatten(2)
+
+
+def test_explicit_layout_on_an_unknown_module() -> None:
     model = torch.nn.Sequential(Attn(), Attn())
     x = torch.randn(1, 8, 8)
     lay = Layout.self_attn((2, 2, 2))
@@ -492,6 +495,22 @@ def test_explicit_layout_on_an_unknown_module() -> None:
     q0 = x.unflatten(-1, (2, 4)).transpose(1, 2)
     close("block 0", rec.get("temporal", block=0), maps_of(eager_probs(q0, q0, None, None), lay)["temporal"])
     assert rec.blocks == [0, 1] and torch.equal(out, model(x))
+
+
+def test_capture_warns_once_per_step_naming_the_module_with_nan() -> None:
+    model = torch.nn.Sequential(Attn(), Attn())
+    x = torch.randn(1, 8, 8)
+    x[0, 3, 0] = float("nan")  # reaches the first module's q and k; its output carries NaN onwards
+    with pytest.warns(UserWarning) as caught:
+        with attnmap.capture(model, layout=Layout.self_attn((2, 2, 2)), reductions=("temporal",)) as rec:
+            with torch.no_grad():
+                model(x)
+            rec.step()
+            model(torch.randn(1, 8, 8))  # a clean step: no warning
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "step 0" in messages[0] and "module(s) '0', '1' got NaN or inf" in messages[0]
+    assert rec.get("temporal", step=0).isnan().any() and not rec.get("temporal", step=1).isnan().any()
 
 
 def test_explicit_layout_on_a_bare_attention_module() -> None:
