@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import numpy as np
 
+from attnmap._io import atomic_write
+
 if TYPE_CHECKING:  # pragma: no cover
     from attnmap.store import Store
 
@@ -422,8 +424,6 @@ def summarize(store: Store, video_id: str, *, k: int = 3, mask_top_fraction: flo
 
 def write_summary(store: Store, video_id: str, path: Union[str, os.PathLike[str]], **kwargs: Any) -> Path:
     """Write :func:`summarize` as JSON to ``path`` atomically; returns the path."""
-    from attnmap.store import atomic_write
-
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, json.dumps(summarize(store, video_id, **kwargs), indent=1).encode("utf-8"))

@@ -14,7 +14,6 @@ figure with the Agg backend (no display needed), writes it atomically and return
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
@@ -25,6 +24,8 @@ matplotlib.use("Agg")  # no display: figures are only ever written to files
 
 import matplotlib.pyplot as plt
 import numpy as np
+
+from attnmap._io import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -53,14 +54,8 @@ def save_figure(fig: Figure, path: PathLike, *, dpi: int = 120) -> Path:
         raise ValueError(f"path must end in .png or .svg, got {str(path)!r}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
-        os.close(fd)
-        try:
+        with atomic_path(out, suffix=out.suffix) as tmp:
             fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
     finally:
         plt.close(fig)
     return out

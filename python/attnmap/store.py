@@ -41,6 +41,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from attnmap._io import atomic_write
+
 SCHEMA_VERSION = 1
 FORMAT = "attnmap"
 METADATA_FILE = "metadata.json"
@@ -138,41 +140,6 @@ def _check_step(step: Any) -> int:
 def step_filename(step: int) -> str:
     """``step_000003.safetensors`` for step 3."""
     return f"step_{_check_step(step):06d}.safetensors"
-
-
-# ------------------------------------------------------------------------------------------
-# atomic file writes
-# ------------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: Union[bytes, memoryview]) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one.
-
-    Temp file in the same folder, fsync, rename over ``path``, fsync of the folder.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 # ------------------------------------------------------------------------------------------
