@@ -42,6 +42,7 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._device import DeviceContext
 
 from attnmap import _capture_models as models
+from attnmap import ops
 from attnmap._callable import make_module_callable
 from attnmap.config import Config
 from attnmap.layout import Layout
@@ -439,14 +440,12 @@ class Recorder:
     @staticmethod
     def _forward_with_lse(call: dict[str, Any]) -> tuple[Any, Optional[torch.Tensor]]:
         """The attention forward through the kernel SDPA itself picks, plus the rows' logsumexp."""
-        from attnmap.ops import sdpa_with_lse
-
         q, k, v = call.get("query"), call.get("key"), call.get("value")
         if not (
             isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
         ) or not (q.dim() == k.dim() == v.dim() == 4):
             return _SDPA(**call), None
-        return sdpa_with_lse(
+        return ops.sdpa_with_lse(
             q,
             k,
             v,
@@ -488,13 +487,13 @@ class Recorder:
         wanted = [r for r in self.reductions if layout.supports(r)]
         if not wanted:
             return
-        self._layouts.setdefault(prefix + layout.kind, layout.to_dict())
-        from attnmap.ops import attention_sums
+        if prefix + layout.kind not in self._layouts:
+            self._layouts[prefix + layout.kind] = layout.to_dict()
 
         # one branch: reduce only its rows; two (batched CFG): reduce all rows once, then split
         sel = self._rows[0][1] if len(self._rows) == 1 else slice(None)
         with torch.no_grad():
-            out = attention_sums(
+            out = ops.attention_sums(
                 q.detach()[sel],
                 k.detach()[sel],
                 layout,
