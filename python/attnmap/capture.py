@@ -173,6 +173,7 @@ class Recorder:
             with contextlib.suppress(Exception):
                 self._expected_ids = list(tokenizer(self.prompt, add_special_tokens=True)["input_ids"])
         self._prompt_seen: Optional[bool] = None
+        self._target_indices: dict[torch.device, list[tuple[str, int, torch.Tensor]]] = {}
         self.reductions = tuple(dict.fromkeys(reductions))
         self.per_block, self.per_head, self.branch = bool(per_block), bool(per_head), branch
         self.keep_cross = bool(keep_cross) or not self.targets
@@ -514,6 +515,15 @@ class Recorder:
                 for branch, rows in self._rows:
                     self._add_call(site, layout, {n: t[rows] for n, t in out.items()}, branch, prefix, rows)
 
+    def _target_index(self, device: torch.device) -> list[tuple[str, int, torch.Tensor]]:
+        """``(word, its largest token index, its token indices on device)`` per target, made once per
+        device (indexing with a list would copy it to the device on every call)."""
+        found = self._target_indices.get(device)
+        if found is None:
+            found = [(w, max(i), torch.tensor(i, device=device)) for w, i in self.targets.items()]
+            self._target_indices[device] = found
+        return found
+
     def _add_call(
         self,
         site: models.Site,
@@ -540,10 +550,10 @@ class Recorder:
             if prefix:
                 maps["cross"] = value
                 continue
-            for word, idx in self.targets.items():
-                if max(idx) >= value.shape[-1]:
+            for word, last, idx in self._target_index(value.device):
+                if last >= value.shape[-1]:
                     self._warn(
-                        site, f"target {word!r} has token index {max(idx)} >= {value.shape[-1]} text tokens"
+                        site, f"target {word!r} has token index {last} >= {value.shape[-1]} text tokens"
                     )
                     continue
                 maps[f"token/{word}"] = value[..., idx].sum(-1).unflatten(-1, grid)
