@@ -290,14 +290,6 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
-def threshold_mask(token_map: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """The ``thres`` mask of seed 000: min-max normalise the whole ``[F, H, W]`` map, keep >= threshold."""
-    lo, hi = float(token_map.min()), float(token_map.max())
-    if hi <= lo:
-        return np.zeros(token_map.shape, dtype=bool)
-    return (token_map - lo) / (hi - lo) >= threshold
-
-
 def true_latent_masks(video: SyntheticVideo) -> dict[str, np.ndarray]:
     """Each word's true mask on the latent grid: tokens more than half covered by the shape."""
     return {
