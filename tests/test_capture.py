@@ -323,6 +323,21 @@ def test_targets_by_index_give_token_maps_without_the_full_cross_map() -> None:
     assert "cross" not in rec.names
 
 
+def test_a_target_past_the_text_tokens_is_skipped_with_one_warning_per_module() -> None:
+    model, kwargs = wan()  # 16 text tokens
+    with (
+        pytest.warns(UserWarning) as caught,
+        attnmap.capture(model, targets={"red": [1], "far": [3, 16]}) as rec,
+    ):
+        run(model, kwargs)
+    assert sorted(str(w.message) for w in caught) == [
+        f"attnmap.capture: skipping the attention of module 'blocks.{b}.attn2': "
+        "target 'far' has token index 16 >= 16 text tokens"
+        for b in (0, 1)
+    ]
+    assert "token/red" in rec.names and "token/far" not in rec.names
+
+
 def test_wan_pipeline_cfg_steps_and_prompt_targets(tmp_path: Any) -> None:
     pipe = wan_pipeline()
     sites = ["blocks.0.attn2", "blocks.1.attn2"]
