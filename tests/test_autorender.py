@@ -194,16 +194,70 @@ def test_draw_label_equals_pillow_drawing_the_text(monkeypatch: pytest.MonkeyPat
     np.testing.assert_array_equal(drawn[box_h:], frame[box_h:])  # nothing drawn outside the box
 
 
-def test_render_video_decodes_the_original_once(store_root: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_render_video_streams_the_original(store_root: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """No render decodes the whole original: each overlay streams it chunk by chunk with iter_video."""
     import attnmap.render as render
 
-    calls = []
-    read = render.read_video
-    monkeypatch.setattr(render, "read_video", lambda path: calls.append(path) or read(path))
+    streamed = []
+    iter_video = render.iter_video
+    monkeypatch.setattr(render, "read_video", lambda path: pytest.fail("the original was decoded whole"))
+    monkeypatch.setattr(
+        render, "iter_video", lambda path, chunk: streamed.append(path) or iter_video(path, chunk)
+    )
     paths = autorender.render_video(store_root, "vid 1", tmp_path / "out", None)
-    assert len(paths) == 4 and len(calls) == 1
+    assert len(paths) == 4 and len(streamed) == 2  # one decode per overlay
     overlay, _ = decode(tmp_path / "out" / "vid_1_dog_overlay.mp4")
     assert overlay.shape == (9, 32, 48, 3)
+
+
+def test_streamed_original_picks_the_frames_evenly(tmp_path: Path) -> None:
+    """The original's frames, picked by nearest index for another frame count, cropped to even and scaled,
+    against numpy indexing of the whole decoded video."""
+    import attnmap.render as render
+
+    rng = np.random.default_rng(2)
+    video = rng.integers(0, 256, (37, 16, 24, 3), dtype=np.uint8)
+    path = render.write_video(video, tmp_path / "v.mp4", crf=0)
+    whole, _ = render.read_video(path)
+    odd = rng.integers(0, 256, (37, 15, 23, 3), dtype=np.uint8)
+    for source, frames in ((path, whole), (odd, odd[:, :14, :22])):
+        original = autorender._Original.open(source)
+        assert (original.frames, original.size) == (37, frames.shape[1:3])
+        for count in (1, 5, 37, 80):
+            picks = np.linspace(0, 36, count).round().astype(int)
+            got = np.concatenate(list(original.chunks(count)))
+            np.testing.assert_array_equal(got, frames[picks])
+        scaled = np.concatenate(list(original.chunks(9, (8, 12))))
+        rows, cols = np.arange(8) * frames.shape[1] // 8, np.arange(12) * frames.shape[2] // 12
+        picked = frames[np.linspace(0, 36, 9).round().astype(int)]
+        np.testing.assert_array_equal(scaled, picked[:, rows][:, :, cols])
+    # a decoder that gives fewer frames than the container counts: the last frame is held
+    short = autorender._Original(odd, 40, (14, 22))
+    got = np.concatenate(list(short.chunks(40)))
+    picks = np.minimum(np.linspace(0, 39, 40).round().astype(int), 36)
+    np.testing.assert_array_equal(got, odd[picks, :14, :22])
+
+
+def test_overlay_memory_stays_below_the_original(store_root: Path, tmp_path: Path) -> None:
+    """An overlay of a 480-frame original never holds it: the traced peak (numpy's arrays, the decoded
+    chunks and the render's outputs) stays well below the original's bytes (measured: about a quarter,
+    the encoder's queue and the chunks in hand; holding the decoded original alone would exceed it)."""
+    import tracemalloc
+
+    original = make_original(tmp_path / "long.mp4", frames=480)
+    whole = 480 * 32 * 48 * 3
+    store = open_store(store_root)
+    options = autorender.RenderOptions(labels=False, colorbar=False)
+    tracemalloc.start()
+    try:
+        out = autorender.render_token(
+            store, "vid 1", "cat", tmp_path / "o.mp4", options=options, original_video=original
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert decode(out)[0].shape == (480, 32, 48, 3)
+    assert peak < whole / 2, f"peak {peak} bytes for a {whole}-byte original"
 
 
 def test_a_render_video_stopped_early_keeps_finished_renders(

@@ -226,3 +226,112 @@ def test_write_video_holds_a_bounded_number_of_chunks(tmp_path: pathlib.Path) ->
     path = render.write_video(chunks(), tmp_path / "long.mp4")
     assert render.read_video(path)[0].shape == (240, 16, 16, 3)
     assert peak <= render._QUEUE_CHUNKS + 3, peak
+
+
+def test_streamed_background_equals_the_array_background() -> None:
+    """Chunks of any length (and single frames) are re-chunked to the output chunks, bit for bit."""
+    rng = np.random.default_rng(3)
+    maps = rng.random((5, 6, 7)).astype(np.float32)
+    bg = rng.integers(0, 256, (17, 12, 14, 3), dtype=np.uint8)
+    kw = dict(temporal_stride=4, normalize="frame", alpha=0.7, alpha_mode="attention", outline=0.6)
+    whole = render.frames(maps, background=bg, **kw)
+
+    def pieces(sizes: list[int]):  # type: ignore[no-untyped-def]
+        start = 0
+        for n in sizes:
+            yield bg[start] if n == 0 else bg[start : start + n]  # 0: one (H, W, 3) frame
+            start += max(n, 1)
+
+    for sizes in ([17], [3] * 5 + [2], [0] * 17, [16, 1], [4, 0, 0, 12]):
+        parts = list(render.iter_frames(maps, background=pieces(sizes), chunk=5, **kw))
+        assert [p.shape[0] for p in parts] == [5, 5, 5, 2]
+        np.testing.assert_array_equal(np.concatenate(parts), whole)
+    np.testing.assert_array_equal(render.frames(maps, background=pieces([6, 11]), **kw), whole)
+
+
+def test_iter_video_as_background_equals_read_video(tmp_path: pathlib.Path) -> None:
+    video = smooth_video(11, 32, 48)
+    path = render.write_video(video, tmp_path / "bg.mp4")
+    maps = np.random.default_rng(4).random((3, 4, 6)).astype(np.float32)
+    decoded, _ = render.read_video(path)
+    assert render.probe_video(path) == (11, (32, 48), 16.0)
+    want = render.frames(maps, num_frames=11, background=decoded, alpha=0.5)
+    got = np.concatenate(
+        list(
+            render.iter_frames(maps, num_frames=11, background=render.iter_video(path, 4), alpha=0.5, chunk=3)
+        )
+    )
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "frame_hw", "message"),
+    [
+        ([4, 4], (12, 14), "background: expected 9 frames (one per output frame), got 8"),
+        ([], (12, 14), "background: expected 9 frames (one per output frame), got 0"),
+        ([4, 4, 2], (12, 14), "background: expected 9 frames (one per output frame), got more"),
+        ([9, 1], (12, 14), "background: expected 9 frames (one per output frame), got more"),
+        ([9], (12, 15), "background: expected frames of size (12, 14) (the output size), got a chunk"),
+    ],
+)
+def test_streamed_background_with_wrong_frames(sizes: list[int], frame_hw: tuple, message: str) -> None:
+    maps = np.zeros((3, 4, 4), np.float32)
+    chunks = (np.zeros((n, *frame_hw, 3), np.uint8) for n in sizes)
+    with pytest.raises(AttnmapError) as info:
+        list(render.iter_frames(maps, size=(12, 14), temporal_stride=4, background=chunks, chunk=4))
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_streamed_background_bad_chunks_name_the_argument(tmp_path: pathlib.Path) -> None:
+    maps = np.zeros((2, 4, 4), np.float32)
+    with pytest.raises(
+        AttnmapError, match=r"^background: expected uint8 RGB frame chunks, got dtype float32"
+    ):
+        render.frames(maps, background=iter([np.zeros((2, 4, 4, 3), np.float32)]))
+    with pytest.raises(AttnmapError, match=r"^background: expected chunks of shape \(t, H, W, 3\)"):
+        render.frames(maps, background=iter([np.zeros((2, 4, 4), np.uint8)]))
+    # the size comes from the first chunk when none is given; a later chunk must keep it
+    with pytest.raises(AttnmapError, match=r"^background: expected frames of size \(4, 4\)"):
+        render.frames(
+            maps, background=iter([np.zeros((1, 4, 4, 3), np.uint8), np.zeros((1, 4, 6, 3), np.uint8)])
+        )
+    # a stream that runs short mid-render leaves no video behind
+    short = iter([np.zeros((3, 16, 16, 3), np.uint8)])
+    with pytest.raises(AttnmapError, match=r"^background: expected 5 frames"):
+        render.write_video(
+            render.iter_frames(maps, num_frames=5, background=short, chunk=2), tmp_path / "x.mp4"
+        )
+    assert os.listdir(tmp_path) == []
+
+
+def test_streamed_background_holds_a_bounded_number_of_chunks() -> None:
+    """A long background streams: the render holds at most the source chunk in hand and one run."""
+    import weakref
+
+    refs: list[weakref.ref] = []
+    peak = 0
+
+    def chunks():  # type: ignore[no-untyped-def]
+        nonlocal peak
+        for i in range(100):
+            peak = max(peak, sum(r() is not None for r in refs))
+            chunk = np.full((3, 8, 8, 3), i, np.uint8)
+            refs.append(weakref.ref(chunk))
+            yield chunk
+
+    maps = np.random.default_rng(5).random((2, 4, 4)).astype(np.float32)
+    closed = False
+
+    def source():  # type: ignore[no-untyped-def]
+        nonlocal closed
+        try:
+            yield from chunks()
+        finally:
+            closed = True
+
+    count = 0
+    for out in render.iter_frames(maps, num_frames=300, background=source(), alpha=0.0, chunk=4):
+        assert (out == (np.arange(count, count + out.shape[0]) // 3)[:, None, None, None]).all()
+        count += out.shape[0]
+    assert count == 300 and closed
+    assert peak <= 2, peak

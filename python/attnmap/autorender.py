@@ -1,7 +1,7 @@
 """Render a store's maps to videos: one token, a grid of tokens, one video's every token, a whole store.
 
-The kinds of output (all streamed in chunks through :func:`attnmap.render.iter_frames`, so memory stays
-bounded, then encoded by :func:`attnmap.render.write_video`):
+The kinds of output (all streamed in chunks through :func:`attnmap.render.iter_frames`, the original video
+decoded chunk by chunk in step, so memory stays bounded, then encoded by :func:`attnmap.render.write_video`):
 
 - the step evolution: each diffusion step's map (mean over latent frames) in turn, with
   ``interpolation_steps`` blended frames between consecutive steps (:func:`render_token`, ``mode="steps"``);
@@ -26,7 +26,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -139,7 +139,7 @@ class _Plan:
     num_frames: Optional[int]  # output frames (linear in time), or None with a stride
     temporal_stride: Optional[int]
     labels: list[str]  # one label per output frame
-    background: Optional[np.ndarray]  # [T, H, W, 3] uint8, T = output frames
+    background: Optional[_Original]  # streamed, one frame per output frame
     vmin: Optional[float]
     vmax: Optional[float]
 
@@ -216,7 +216,8 @@ Original = Union[PathLike, np.ndarray]  # a video file, or its frames [T, H, W, 
 
 
 def load_original(path: PathLike) -> np.ndarray:
-    """Decode an original video once, to share between the renders of several tokens.
+    """Decode a whole original video into memory (the renders stream a file themselves; frames decoded
+    here can still be passed as ``original_video``).
 
     Returns:
         [T, H, W, 3] uint8.
@@ -232,24 +233,78 @@ def load_original(path: PathLike) -> np.ndarray:
     return video
 
 
-def _load_background(original: Original, frames: Optional[int] = None) -> np.ndarray:
-    if isinstance(original, np.ndarray):
-        video = original
-        if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3 or video.shape[0] == 0:
-            raise ValueError(
-                f"original_video: expected a file or uint8 frames (T, H, W, 3), got {video.dtype} {video.shape}"
-            )
-    else:
-        video = load_original(original)
-    if frames is not None and frames != video.shape[0]:
-        idx = np.linspace(0, video.shape[0] - 1, frames).round().astype(np.int64)
-        video = video[idx]
-    return video
+@dataclass(frozen=True)
+class _Original:
+    """An original video to overlay on, streamed chunk by chunk: a file is decoded anew by each render
+    (sharing one decode between renders would hold its frames), frames in hand are sliced."""
 
+    source: Union[Path, np.ndarray]
+    frames: int  # T, its frame count
+    size: tuple[int, int]  # (H, W) of the renders: the video's size cropped to even
 
-def _even(video: np.ndarray) -> np.ndarray:
-    h, w = video.shape[1:3]
-    return video[:, : h - h % 2, : w - w % 2] if (h % 2 or w % 2) else video
+    @classmethod
+    def open(cls, original: Original) -> _Original:
+        """Check an original video and read its frame count and size (a file is probed, not decoded)."""
+        import attnmap.render as render
+
+        if isinstance(original, np.ndarray):
+            video = original
+            if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3 or video.shape[0] == 0:
+                raise ValueError(
+                    f"original_video: expected a file or uint8 frames (T, H, W, 3), got {video.dtype} "
+                    f"{video.shape}"
+                )
+            frames, (height, width) = video.shape[0], video.shape[1:3]
+            source: Union[Path, np.ndarray] = video
+        else:
+            source = Path(original)
+            if not source.is_file():
+                raise FileNotFoundError(f"original video {str(original)!r} does not exist")
+            frames, (height, width), _ = render.probe_video(source)
+            if frames == 0:
+                raise ValueError(f"original video {str(original)!r} has no frames")
+        return cls(source, frames, (height - height % 2, width - width % 2))
+
+    def _decoded(self) -> Generator[np.ndarray, None, None]:
+        import attnmap.render as render
+
+        if isinstance(self.source, np.ndarray):
+            for start in range(0, self.frames, _CHUNK):
+                yield self.source[start : start + _CHUNK]
+            return
+        decoded = render.iter_video(self.source, _CHUNK)
+        try:
+            yield from decoded
+        finally:
+            decoded.close()
+
+    def chunks(self, count: int, size: Optional[tuple[int, int]] = None) -> Iterator[np.ndarray]:
+        """``count`` frames [t, H, W, 3] uint8 in chunks: the video's frames picked evenly (nearest, so a
+        longer output repeats frames and a shorter one skips some), cropped to even and, for a ``size``
+        other than :attr:`size`, scaled to it (nearest)."""
+        height, width = self.size
+        picks = np.linspace(0, self.frames - 1, count).round().astype(np.int64)
+        served = 0
+        last: Optional[np.ndarray] = None
+        offset = 0
+        decoded = self._decoded()
+        try:
+            for part in decoded:
+                stop = int(np.searchsorted(picks, offset + part.shape[0]))
+                if stop > served:
+                    out = part[picks[served:stop] - offset, :height, :width]
+                    yield out if size is None or size == self.size else _resize_frames(out, size)
+                    served = stop
+                offset += part.shape[0]
+                last = part[-1:, :height, :width]
+                if served == count:
+                    return
+        finally:
+            decoded.close()
+        # a decoder gave fewer frames than the container counts: hold the last one
+        if last is not None and served < count:
+            tail = np.repeat(last, count - served, axis=0)
+            yield tail if size is None or size == self.size else _resize_frames(tail, size)
 
 
 def plan_token(
@@ -321,14 +376,11 @@ def plan_token(
 
     background = None
     if original_video is not None:
-        if mode == "aggregated" and maps.shape[0] > 1:
-            background = _load_background(original_video)
-            num_frames, stride = background.shape[0], None
-            labels = [labels[0]] * background.shape[0]
-        else:
-            background = _load_background(original_video, len(labels))
-        background = _even(background)
-        size = (background.shape[1], background.shape[2])
+        background = _Original.open(original_video)
+        if mode == "aggregated" and maps.shape[0] > 1:  # the map follows the video's own frames
+            num_frames, stride = background.frames, None
+            labels = [labels[0]] * background.frames
+        size = background.size
     else:
         size = output_size(store, video_id, (maps.shape[1], maps.shape[2]))
     if options.timestamp:
@@ -424,7 +476,7 @@ def _chunks(plan: _Plan, size: tuple[int, int], options: RenderOptions) -> Itera
     else:
         kwargs["num_frames"] = plan.frames
     if plan.background is not None:
-        kwargs.update(background=plan.background, alpha=options.alpha)
+        kwargs.update(background=plan.background.chunks(plan.frames, size), alpha=options.alpha)
     if options.threshold is not None:
         kwargs["outline"] = options.threshold
     yield from render.iter_frames(plan.maps, **kwargs)
@@ -514,8 +566,8 @@ def render_token(
         mode: ``"aggregated"`` (the step mean following the video's frames) or ``"steps"`` (the step
             evolution).
         steps: the steps to use (default: all stored).
-        original_video: a video file to overlay the heatmap on, or its decoded frames
-            (:func:`load_original`).
+        original_video: a video file to overlay the heatmap on (decoded chunk by chunk as the render
+            goes), or its frames [T, H, W, 3] uint8 in hand (:func:`load_original`).
         quiet: no progress bar on stderr.
 
     Returns:
@@ -572,8 +624,6 @@ def render_grid(
     if not tokens:
         raise ValueError("tokens must name at least one stored word, got none")
     out = _target(output, options)
-    if original_video is not None and not isinstance(original_video, np.ndarray):
-        original_video = load_original(original_video)  # decoded once for every panel
     plans = [
         plan_token(store, video_id, t, options=options, mode=mode, steps=steps, original_video=original_video)
         for t in tokens
@@ -582,9 +632,6 @@ def render_grid(
     scale = min(1.0, max_width / (width * len(tokens)))
     panel = (max(2, int(height * scale) // 2 * 2), max(2, int(width * scale) // 2 * 2))
     frames = plans[0][0].frames
-    for plan, _ in plans:
-        if plan.background is not None and plan.background.shape[1:3] != panel:
-            plan.background = _resize_frames(plan.background, panel)
     streams = [_chunks(replace(p, labels=p.labels[:frames]), panel, options) for p, _ in plans]
 
     def grid_chunks() -> Iterator[np.ndarray]:
@@ -631,8 +678,9 @@ def render_video(
     Writes ``<video_id>_<token>_attention.<fmt>`` (the step-aggregated map following the video's frames)
     and, when an original video is known (``original_video`` or the metadata's ``video.path``),
     ``<video_id>_<token>_overlay.<fmt>``. This is what capture runs at the end of each video with
-    ``auto_generate_per_video``. The original video is decoded once; two renders run at a time; a
-    failure stops the renders not yet started, and every finished file stays.
+    ``auto_generate_per_video``. Each overlay streams the original video, decoding it chunk by chunk as
+    it renders, so no render holds the whole video; two renders run at a time; a failure stops the renders
+    not yet started, and every finished file stays.
 
     Args:
         root: the store root.
@@ -654,17 +702,16 @@ def render_video(
     if original is not None and not original.is_file():
         raise FileNotFoundError(f"original video {str(original)!r} does not exist")
     words = list(tokens) if tokens is not None else store.tokens(video_id)
-    background = load_original(original) if original is not None and words else None  # decoded once
-    jobs: list[tuple[str, Path, Optional[np.ndarray]]] = []
+    jobs: list[tuple[str, Path, Optional[Path]]] = []
     for word in words:
         jobs.append((word, output_path(out_dir, video_id, word, "attention", options.video_format), None))
-        if background is not None:
+        if original is not None:
             target = output_path(out_dir, video_id, word, "overlay", options.video_format)
-            jobs.append((word, target, background))
+            jobs.append((word, target, original))
 
     stopped = threading.Event()  # set by the first failure (or Ctrl-C): no render starts after it
 
-    def run(job: tuple[str, Path, Optional[np.ndarray]]) -> Optional[Path]:
+    def run(job: tuple[str, Path, Optional[Path]]) -> Optional[Path]:
         word, target, original_frames = job
         if stopped.is_set():
             return None

@@ -22,7 +22,7 @@ import pathlib
 import queue
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -40,6 +40,7 @@ __all__ = [
     "iter_video",
     "normalize",
     "num_output_frames",
+    "probe_video",
     "read_video",
     "resize",
     "write_video",
@@ -236,6 +237,81 @@ def _check_background(background: Any, frames: int, size: Optional[tuple[int, in
     return bg
 
 
+def _is_stream(background: Any) -> bool:
+    """Whether a background is an iterable of frame chunks (a generator, ``iter_video``) rather than an
+    array: arrays, tensors (``__array__``), lists and tuples are arrays."""
+    return (
+        isinstance(background, Iterable)
+        and not isinstance(background, (np.ndarray, list, tuple))
+        and not hasattr(background, "__array__")
+    )
+
+
+class _BackgroundStream:
+    """Background frames taken from an iterable of uint8 [t, H, W, 3] chunks (or [H, W, 3] frames) in runs
+    of any length, so that a decoded video feeds the render chunk by chunk: at most one source chunk is
+    held besides the run being handed out. The first chunk is read at once (it fixes the size when the
+    render has none); ``finish`` checks that the source has no frames beyond ``total``."""
+
+    def __init__(self, source: Iterable[Any], total: int, size: Optional[tuple[int, int]]) -> None:
+        self.source = iter(source)
+        self.total, self.size, self.seen = total, size, 0
+        self.pending = self._next()  # frames read but not handed out yet
+        if self.pending is None:
+            raise AttnmapError(f"background: expected {total} frames (one per output frame), got 0")
+        self.size = (self.pending.shape[1], self.pending.shape[2])
+
+    def _next(self) -> Optional[np.ndarray]:
+        for part in self.source:
+            arr = np.asarray(part)
+            if arr.dtype != np.uint8:
+                raise AttnmapError(f"background: expected uint8 RGB frame chunks, got dtype {arr.dtype}")
+            arr = arr[None] if arr.ndim == 3 else arr
+            if arr.ndim != 4 or arr.shape[-1] != 3:
+                raise AttnmapError(
+                    f"background: expected chunks of shape (t, H, W, 3) or frames (H, W, 3), got {arr.shape}"
+                )
+            if self.size is not None and arr.shape[1:3] != self.size:
+                raise AttnmapError(
+                    f"background: expected frames of size {self.size} (the output size), "
+                    f"got a chunk of shape {arr.shape}"
+                )
+            self.seen += arr.shape[0]
+            if self.seen > self.total:
+                raise AttnmapError(
+                    f"background: expected {self.total} frames (one per output frame), got more"
+                )
+            if arr.shape[0]:
+                return arr
+        return None
+
+    def take(self, n: int) -> np.ndarray:
+        """The next ``n`` frames [n, H, W, 3] (a view when one source chunk holds them)."""
+        parts: list[np.ndarray] = []
+        while n:
+            if self.pending is None:
+                self.pending = self._next()
+                if self.pending is None:
+                    raise AttnmapError(
+                        f"background: expected {self.total} frames (one per output frame), got {self.seen}"
+                    )
+            part, rest = self.pending[:n], self.pending[n:]
+            parts.append(part)
+            n -= part.shape[0]
+            self.pending = rest if rest.shape[0] else None
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def finish(self) -> None:
+        """Check that the source is exhausted (``_next`` raises on any frame beyond ``total``)."""
+        if self.pending is not None or self._next() is not None:
+            raise AttnmapError(f"background: expected {self.total} frames (one per output frame), got more")
+
+    def close(self) -> None:
+        close = getattr(self.source, "close", None)
+        if callable(close):
+            close()
+
+
 def iter_frames(
     maps: Any,
     *,
@@ -262,6 +338,11 @@ def iter_frames(
     Args:
         chunk: frames per yielded array.
 
+    ``background`` may also be an iterable of uint8 [t, H, W, 3] chunks (any t) or [H, W, 3] frames, e.g.
+    ``iter_video(path)``: it is read in step with the output chunks (re-chunked as needed), so a video
+    overlaid on the heatmap is never held whole. It must hold exactly one frame per output frame; the
+    first chunk is read by this call, and the iterator is closed when the render ends.
+
     Returns:
         an iterator of [t, H, W, 3] uint8 arrays (t <= chunk), in order, covering every output frame.
     """
@@ -270,33 +351,49 @@ def iter_frames(
     normed = _normalize(maps, mode=normalize, vmin=vmin, vmax=vmax, percentile=percentile, gamma=gamma)
     total = num_output_frames(normed.shape[0], num_frames, temporal_stride)
     out_size = None if size is None else _check_size(size)
-    bg = None if background is None else _check_background(background, total, out_size)
-    if out_size is None:
-        out_size = (bg.shape[-3], bg.shape[-2]) if bg is not None else (normed.shape[1], normed.shape[2])
     if not 0.0 <= alpha <= 1.0:
         raise AttnmapError(f"alpha: expected a value in [0, 1], got {alpha}")
     r, g, b = (int(c) for c in outline_color)
     rgb = (r, g, b)
     _native.colormap_table(colormap)  # fail on an unknown name before the first chunk is asked for
+    bg: Optional[np.ndarray] = None
+    stream: Optional[_BackgroundStream] = None
+    if _is_stream(background):
+        stream = _BackgroundStream(background, total, out_size)
+        out_size = out_size or stream.size
+    elif background is not None:
+        bg = _check_background(background, total, out_size)
+        out_size = out_size or (bg.shape[-3], bg.shape[-2])
+    shape = out_size or (normed.shape[1], normed.shape[2])
 
     def chunks() -> Iterator[np.ndarray]:
-        for start in range(0, total, chunk):
-            stop = min(start + chunk, total)
-            part = bg if bg is None or bg.ndim == 3 else bg[start:stop]
-            yield _native.render(
-                normed,
-                size=out_size,
-                num_frames=num_frames,
-                temporal_stride=temporal_stride,
-                start=start,
-                stop=stop,
-                colormap=colormap,
-                background=part,
-                alpha=float(alpha),
-                alpha_mode=alpha_mode,
-                outline=None if outline is None else float(outline),
-                outline_color=rgb,
-            )
+        try:
+            for start in range(0, total, chunk):
+                stop = min(start + chunk, total)
+                part = bg if bg is None or bg.ndim == 3 else bg[start:stop]
+                if stream is not None:
+                    part = stream.take(stop - start)
+                out = _native.render(
+                    normed,
+                    size=shape,
+                    num_frames=num_frames,
+                    temporal_stride=temporal_stride,
+                    start=start,
+                    stop=stop,
+                    colormap=colormap,
+                    background=part,
+                    alpha=float(alpha),
+                    alpha_mode=alpha_mode,
+                    outline=None if outline is None else float(outline),
+                    outline_color=rgb,
+                )
+                del part  # not held while the consumer works on the chunk
+                yield out
+            if stream is not None:
+                stream.finish()
+        finally:
+            if stream is not None:
+                stream.close()
 
     return chunks()
 
@@ -332,8 +429,9 @@ def frames(
         vmax: upper bound (required with "fixed").
         percentile: (lo, hi) percentiles for "percentile".
         gamma: ``t ** gamma`` after normalising.
-        background: uint8 [T, H, W, 3] with T the output frame count, or one [H, W, 3] image;
-            None renders the colormap alone.
+        background: uint8 [T, H, W, 3] with T the output frame count, or one [H, W, 3] image, or an
+            iterable of [t, H, W, 3] chunks holding T frames in all (e.g. ``iter_video(path)``; see
+            :func:`iter_frames`); None renders the colormap alone.
         alpha: heat opacity in [0, 1] over the background.
         alpha_mode: "constant", or "attention" (opacity ``alpha * value``: low attention shows the frame).
         outline: a threshold in [0, 1] on the normalised value; draws the border of that mask.
@@ -592,7 +690,7 @@ def _fps(stream: Any) -> float:
     return float(rate) if rate else 0.0
 
 
-def iter_video(path: PathLike, chunk: int = 16) -> Iterator[np.ndarray]:
+def iter_video(path: PathLike, chunk: int = 16) -> Generator[np.ndarray, None, None]:
     """Decode a video chunk by chunk (bounded memory), e.g. as a background source.
 
     Args:
@@ -604,7 +702,7 @@ def iter_video(path: PathLike, chunk: int = 16) -> Iterator[np.ndarray]:
     """
     container = _open_video(path)
 
-    def gen() -> Iterator[np.ndarray]:
+    def gen() -> Generator[np.ndarray, None, None]:
         try:
             buf: list[np.ndarray] = []
             for frame in container.decode(video=0):
@@ -618,6 +716,26 @@ def iter_video(path: PathLike, chunk: int = 16) -> Iterator[np.ndarray]:
             container.close()
 
     return gen()
+
+
+def probe_video(path: PathLike) -> tuple[int, tuple[int, int], float]:
+    """A video's frame count, frame size and rate without decoding it (the count is that of the
+    container's frame packets, skipping those marked to be discarded).
+
+    Args:
+        path: a video file PyAV can read.
+
+    Returns:
+        (frames T, (H, W), fps): what ``read_video`` would give as ``frames.shape[:3]`` and fps.
+    """
+    container = _open_video(path)
+    try:
+        stream = container.streams.video[0]
+        size = (int(stream.codec_context.height), int(stream.codec_context.width))
+        count = sum(1 for p in container.demux(stream) if p.size and not p.is_discard)
+        return count, size, _fps(stream)
+    finally:
+        container.close()
 
 
 def read_video(path: PathLike) -> tuple[np.ndarray, float]:
