@@ -292,7 +292,11 @@ class _Original:
             for part in decoded:
                 stop = int(np.searchsorted(picks, offset + part.shape[0]))
                 if stop > served:
-                    out = part[picks[served:stop] - offset, :height, :width]
+                    first, last_pick = int(picks[served]) - offset, int(picks[stop - 1]) - offset
+                    if last_pick - first == stop - served - 1:  # consecutive frames (T in, T out): a view
+                        out = part[first : last_pick + 1, :height, :width]
+                    else:
+                        out = part[picks[served:stop] - offset, :height, :width]
                     yield out if size is None or size == self.size else _resize_frames(out, size)
                     served = stop
                 offset += part.shape[0]

@@ -256,7 +256,11 @@ class _BackgroundStream:
     def __init__(self, source: Iterable[Any], total: int, size: Optional[tuple[int, int]]) -> None:
         self.source = iter(source)
         self.total, self.size, self.seen = total, size, 0
-        self.pending = self._next()  # frames read but not handed out yet
+        try:
+            self.pending = self._next()  # frames read but not handed out yet
+        except BaseException:
+            self.close()
+            raise
         if self.pending is None:
             raise AttnmapError(f"background: expected {total} frames (one per output frame), got 0")
         self.size = (self.pending.shape[1], self.pending.shape[2])
