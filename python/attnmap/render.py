@@ -21,13 +21,13 @@ import os
 import pathlib
 import queue
 import threading
-import uuid
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
 import numpy as np
 
 from attnmap import _native
+from attnmap._io import atomic_path
 from attnmap._native import AttnmapError
 
 __all__ = [
@@ -642,34 +642,34 @@ def write_video(
         opts.setdefault("crf", str(int(quality)))
         if codec == "libvpx-vp9":
             opts.setdefault("b", "0")
-    tmp = parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}"
-    encoder = _Encoder(tmp, fmt, codec, pix_fmt, float(fps), opts)
     size: Optional[tuple[int, int]] = None
-    try:
-        for chunk in _chunks(frames):
-            if chunk.dtype != np.uint8 or chunk.ndim != 4 or chunk.shape[-1] != 3:
-                raise AttnmapError(
-                    f"frames: expected uint8 (t, H, W, 3) chunks, got dtype {chunk.dtype} shape {chunk.shape}"
-                )
+    with atomic_path(out, suffix=suffix) as tmp:
+        encoder = _Encoder(tmp, fmt, codec, pix_fmt, float(fps), opts)
+        try:
+            for chunk in _chunks(frames):
+                if chunk.dtype != np.uint8 or chunk.ndim != 4 or chunk.shape[-1] != 3:
+                    raise AttnmapError(
+                        f"frames: expected uint8 (t, H, W, 3) chunks, got dtype {chunk.dtype} shape {chunk.shape}"
+                    )
+                if size is None:
+                    size = (chunk.shape[1], chunk.shape[2])
+                elif chunk.shape[1:3] != size:
+                    raise AttnmapError(
+                        f"frames: every frame must be {size}, got a chunk of {chunk.shape[1:3]}"
+                    )
+                if chunk.shape[0]:
+                    encoder.put(chunk)
             if size is None:
-                size = (chunk.shape[1], chunk.shape[2])
-            elif chunk.shape[1:3] != size:
-                raise AttnmapError(f"frames: every frame must be {size}, got a chunk of {chunk.shape[1:3]}")
-            if chunk.shape[0]:
-                encoder.put(chunk)
-        if size is None:
-            raise AttnmapError("frames: expected at least one frame, got none")
-        encoder.put(None)
-        encoder.thread.join()
-        if encoder.error is not None:
-            raise encoder.error
-        os.replace(tmp, out)
-    except BaseException:
-        if encoder.thread.is_alive():
-            encoder.queue.put(None)
+                raise AttnmapError("frames: expected at least one frame, got none")
+            encoder.put(None)
             encoder.thread.join()
-        tmp.unlink(missing_ok=True)
-        raise
+            if encoder.error is not None:
+                raise encoder.error
+        except BaseException:
+            if encoder.thread.is_alive():
+                encoder.queue.put(None)
+                encoder.thread.join()
+            raise
     return out
 
 
