@@ -208,24 +208,30 @@ def test_bad_encoder_arguments_name_the_argument(tmp_path: pathlib.Path, kwargs:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_write_video_holds_a_bounded_number_of_chunks(tmp_path: pathlib.Path) -> None:
-    """A long render streams: at any time only the queue's chunks plus those in hand are alive."""
-    import weakref
+class TrackedChunks:
+    """Yields ``count`` uint8 chunks of ``shape`` (chunk i filled with i) and records ``peak``, the most
+    earlier chunks still alive when the next one is asked for: what a streaming consumer holds."""
 
-    refs: list[weakref.ref] = []
-    peak = 0
+    def __init__(self, count: int, shape: tuple[int, ...]) -> None:
+        self.count, self.shape, self.peak = count, shape, 0
 
-    def chunks():  # type: ignore[no-untyped-def]
-        nonlocal peak
-        for i in range(120):
-            peak = max(peak, sum(r() is not None for r in refs))
-            chunk = np.full((2, 16, 16, 3), i, np.uint8)
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        import weakref
+
+        refs: list[weakref.ref] = []
+        for i in range(self.count):
+            self.peak = max(self.peak, sum(r() is not None for r in refs))
+            chunk = np.full(self.shape, i, np.uint8)
             refs.append(weakref.ref(chunk))
             yield chunk
 
-    path = render.write_video(chunks(), tmp_path / "long.mp4")
+
+def test_write_video_holds_a_bounded_number_of_chunks(tmp_path: pathlib.Path) -> None:
+    """A long render streams: at any time only the queue's chunks plus those in hand are alive."""
+    chunks = TrackedChunks(120, (2, 16, 16, 3))
+    path = render.write_video(iter(chunks), tmp_path / "long.mp4")
     assert render.read_video(path)[0].shape == (240, 16, 16, 3)
-    assert peak <= render._QUEUE_CHUNKS + 3, peak
+    assert chunks.peak <= render._QUEUE_CHUNKS + 3, chunks.peak
 
 
 def test_streamed_background_equals_the_array_background() -> None:
@@ -306,26 +312,14 @@ def test_streamed_background_bad_chunks_name_the_argument(tmp_path: pathlib.Path
 
 def test_streamed_background_holds_a_bounded_number_of_chunks() -> None:
     """A long background streams: the render holds at most the source chunk in hand and one run."""
-    import weakref
-
-    refs: list[weakref.ref] = []
-    peak = 0
-
-    def chunks():  # type: ignore[no-untyped-def]
-        nonlocal peak
-        for i in range(100):
-            peak = max(peak, sum(r() is not None for r in refs))
-            chunk = np.full((3, 8, 8, 3), i, np.uint8)
-            refs.append(weakref.ref(chunk))
-            yield chunk
-
+    chunks = TrackedChunks(100, (3, 8, 8, 3))
     maps = np.random.default_rng(5).random((2, 4, 4)).astype(np.float32)
     closed = False
 
     def source():  # type: ignore[no-untyped-def]
         nonlocal closed
         try:
-            yield from chunks()
+            yield from chunks
         finally:
             closed = True
 
@@ -334,4 +328,4 @@ def test_streamed_background_holds_a_bounded_number_of_chunks() -> None:
         assert (out == (np.arange(count, count + out.shape[0]) // 3)[:, None, None, None]).all()
         count += out.shape[0]
     assert count == 300 and closed
-    assert peak <= 2, peak
+    assert chunks.peak <= 2, chunks.peak

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -198,9 +201,9 @@ def test_space_time_batch_of_two_is_two_batches_of_one() -> None:
         np.testing.assert_allclose(both[b], one[0], rtol=1e-6)
 
 
-def test_space_time_on_timesformer() -> None:
-    """Hook the attention probabilities of transformers' TimeSformer (as seed 002 hooks attn_drop)."""
-    model, kwargs = timesformer()
+@contextlib.contextmanager
+def _divided_probs(model: torch.nn.Module) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """TimeSformer's (space, time) attention probabilities per block, hooked at attn_drop (as seed 002)."""
     space: list[torch.Tensor] = []
     time: list[torch.Tensor] = []
     hooks = []
@@ -209,10 +212,18 @@ def test_space_time_on_timesformer() -> None:
             hooks.append(module.register_forward_hook(lambda m, i, o: time.append(o.detach())))
         elif name.endswith(".attention.attention.attn_drop"):
             hooks.append(module.register_forward_hook(lambda m, i, o: space.append(o.detach())))
-    with torch.no_grad():
+    try:
+        yield space, time
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_space_time_on_timesformer() -> None:
+    """Hook the attention probabilities of transformers' TimeSformer (as seed 002 hooks attn_drop)."""
+    model, kwargs = timesformer()
+    with _divided_probs(model) as (space, time), torch.no_grad():
         out = model(**kwargs, output_attentions=True)
-    for h in hooks:
-        h.remove()
     assert len(space) == len(time) == 2
     assert space[0].shape == (4, 2, 17, 17) and time[0].shape == (16, 2, 4, 4)
     for a, b in zip(space, out.attentions):  # the hooked spatial maps are the model's own
@@ -286,19 +297,12 @@ def test_space_time_rollout_through_capture(tmp_path: object) -> None:
     import attnmap
 
     model, kwargs = timesformer()
-    space: list[torch.Tensor] = []
-    time: list[torch.Tensor] = []
-    hooks = []
-    for name, module in model.named_modules():
-        if name.endswith("temporal_attention.attention.attn_drop"):
-            hooks.append(module.register_forward_hook(lambda m, i, o: time.append(o.detach())))
-        elif name.endswith(".attention.attention.attn_drop"):
-            hooks.append(module.register_forward_hook(lambda m, i, o: space.append(o.detach())))
-    with attnmap.capture(model, reductions=("full",), per_block=True, store=tmp_path, video_id="ts") as rec:
-        with torch.no_grad():
-            model(**kwargs)
-    for h in hooks:
-        h.remove()
+    with _divided_probs(model) as (space, time):
+        with attnmap.capture(
+            model, reductions=("full",), per_block=True, store=tmp_path, video_id="ts"
+        ) as rec:
+            with torch.no_grad():
+                model(**kwargs)
     cap_space = [rec.get("full/space", block=b).flatten(0, 1) for b in rec.blocks]  # [B*F, 1+HW, 1+HW]
     cap_time = [rec.get("full/time", block=b).flatten(0, 1) for b in rec.blocks]  # [B*HW, F, F]
     got = space_time_rollout(cap_space, cap_time, num_frames=4)
