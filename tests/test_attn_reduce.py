@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,16 +98,21 @@ def _check(
 
 # -- every streaming backend against the reference ----------------------------------------------
 
-BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+BACKENDS = ["torch", "torch-blocks", pytest.param("triton", marks=needs_triton)]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
-    """(backend, device) with small blocks, so that every test crosses block boundaries."""
+    """(backend, device) with small blocks, so that every test crosses block boundaries.
+
+    ``torch`` forms cross/temporal/text in the native kernel (``attnmap._native.attention_groups``)
+    and the rest in blocks; ``torch-blocks`` forms everything in blocks."""
     name = request.param
-    if name == "torch":
+    if name.startswith("torch"):
         monkeypatch.setattr(ops, "TORCH_BLOCK_ENTRIES", 2 * 2 * 7 * 40)
-        return name, "cpu"
+        if name == "torch-blocks":
+            monkeypatch.setattr(ops, "GROUPED", frozenset())
+        return "torch", "cpu"
     from attnmap.kernels import attn_reduce
 
     monkeypatch.setattr(attn_reduce, "_blocks", lambda dtype, d: (16, 16, 4))
@@ -219,6 +225,112 @@ def test_strided_inputs(backend: tuple[str, str]) -> None:
     b = reference.attention_sums(q, k, lay, ("cross", "temporal"))
     for name in a:
         assert_close(name, b[name], a[name], 1e-4)
+
+
+# -- the native grouped path: cross, temporal and text of CPU tensors (attnmap._native) -----------
+
+GROUPED_LAYOUTS = {
+    **LAYOUTS,
+    # crosses the kernel's row chunks (64), key blocks (256) and frame/text boundaries inside tiles
+    "joint-large": Layout.joint(text=21, grid=(3, 10, 12)),
+    "cross-wide": Layout.cross(grid=(2, 8, 9), text=70),
+}
+
+
+def _grouped(lay: Layout) -> tuple[str, ...]:
+    return tuple(r for r in ("cross", "temporal", "text") if lay.supports(r))
+
+
+@pytest.fixture
+def native_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The shapes of q that reached ``attnmap._native.attention_groups`` (a spy on the real one)."""
+    from attnmap import _native
+
+    seen: list[tuple[int, ...]] = []
+    real = _native.attention_groups
+
+    def spy(q: np.ndarray, *args: object, **kwargs: object) -> np.ndarray:
+        seen.append(tuple(q.shape))
+        return real(q, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_native, "attention_groups", spy)
+    return seen
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["mean", "per_head"])
+@pytest.mark.parametrize("name", list(GROUPED_LAYOUTS))
+def test_grouped_path_against_reference(
+    name: str, per_head: bool, native_calls: list[tuple[int, ...]]
+) -> None:
+    lay = GROUPED_LAYOUTS[name]
+    q, k = _inputs(lay, heads=4, kv_heads=2, d=48, seed=len(name))
+    _check(q, k, lay, "torch", _grouped(lay), 1e-4, per_head=per_head, scale=0.3)
+    for one in _grouped(lay):  # each alone: text columns only, frame columns only
+        _check(q, k, lay, "torch", (one,), 1e-4, per_head=per_head)
+    assert len(native_calls) == 1 + len(_grouped(lay))
+
+
+@pytest.mark.parametrize("mask_shape", ["bool-BN", "bool-BH1N", "add-B11N", "add-BH1N", "bool-1N"])
+@pytest.mark.parametrize("name", ["joint-video-first", "cross-wide"])
+def test_grouped_path_masks(name: str, mask_shape: str, native_calls: list[tuple[int, ...]]) -> None:
+    lay = GROUPED_LAYOUTS[name]
+    q, k = _inputs(lay, heads=3, kv_heads=3, seed=12)
+    mask = _mask(mask_shape, q.shape[0], q.shape[1], k.shape[2], q.device)
+    # additive masks put a whole batch element near -1e4, where fp32 logits are rounded to ~1e-3: the
+    # reference (matmul, then + bias) and the kernel (fused products) round differently there
+    tol = 2e-3 if mask_shape.startswith("add") else 1e-4
+    out = _check(q, k, lay, "torch", _grouped(lay), tol, key_padding_mask=mask, per_head=True)
+    if mask.dtype == torch.bool and mask_shape != "bool-1N":  # batch element 1: every key masked
+        for t in out.values():
+            assert torch.equal(t[-1], torch.zeros_like(t[-1]))
+    assert native_calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_grouped_path_half_and_strided_inputs(
+    dtype: torch.dtype, native_calls: list[tuple[int, ...]]
+) -> None:
+    lay = GROUPED_LAYOUTS["joint-large"]
+    q, k = _inputs(lay, heads=2, d=64, seed=13, dtype=dtype)
+    qs, ks = q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2)
+    out = ops.attention_sums(qs, ks, lay, _grouped(lay), backend="torch")
+    ref = reference.attention_sums(q, k, lay, _grouped(lay))
+    for name in ref:
+        assert_close(name, ref[name], out[name], TOL[dtype])
+    assert native_calls
+
+
+def test_grouped_path_gives_nan_rows_never_silent_zeros(native_calls: list[tuple[int, ...]]) -> None:
+    lay = GROUPED_LAYOUTS["joint-text-first"]
+    q, k = _inputs(lay)
+    q[0, 1, lay.video_q.start + 2, 5] = float("nan")  # one video query row of batch 0, head 1
+    k[1, 0, 0, 0] = float("nan")  # one key of batch 1: every row of head 0 is NaN
+    names = _grouped(lay)
+    out = ops.attention_sums(q, k, lay, names, backend="torch", check_finite=False, per_head=True)
+    ref = reference.attention_sums(q, k, lay, names, check_finite=False, per_head=True)
+    for name in names:
+        assert torch.equal(out[name].isnan(), ref[name].isnan()), name
+        assert_close(name, ref[name][0, 0], out[name][0, 0], 1e-4)
+    assert out["cross"][0, 1, 2].isnan().all() and not out["cross"][0, 1, 3].isnan().any()
+    assert native_calls
+
+
+def test_native_attention_groups_names_bad_arguments() -> None:
+    from attnmap import _native
+
+    q = np.zeros((1, 2, 4, 8), np.float32)
+    k = np.zeros((1, 2, 5, 8), np.float32)
+    cols = np.arange(5, dtype=np.int64)
+    with pytest.raises(ValueError, match=r"^columns: expected values in -1\.\.3"):
+        _native.attention_groups(q, k, cols, 3, scale=1.0)
+    with pytest.raises(ValueError, match=r"^columns: expected one column per key \(5\)"):
+        _native.attention_groups(q, k, cols[:4], 5, scale=1.0)
+    with pytest.raises(ValueError, match=r"^k: expected \[B, Hk, Nk, D\]"):
+        _native.attention_groups(q, np.zeros((1, 3, 5, 8), np.float32), cols, 5, scale=1.0)
+    with pytest.raises(ValueError, match=r"^bias: expected \[B, 1 or H, Nk\]"):
+        _native.attention_groups(q, k, cols, 5, scale=1.0, bias=np.zeros((1, 2, 4), np.float32))
+    with pytest.raises(ValueError, match=r"^scale: expected a finite number"):
+        _native.attention_groups(q, k, cols, 5, scale=float("nan"))
 
 
 @needs_triton

@@ -1,4 +1,4 @@
-"""Type stubs for attnmap._native, the Rust render core (see rust/src/lib.rs)."""
+"""Type stubs for attnmap._native, the Rust core: rendering and the CPU attention kernel (rust/src/lib.rs)."""
 
 from typing import Optional
 
@@ -8,6 +8,7 @@ __version__: str
 __all__ = [
     "AttnmapError",
     "__version__",
+    "attention_groups",
     "colorize",
     "colormap_names",
     "colormap_table",
@@ -55,3 +56,13 @@ def colorize(values: np.ndarray, colormap: str = "hot") -> np.ndarray: ...
 def colormap_table(name: str) -> np.ndarray: ...
 def colormap_names() -> list[str]: ...
 def rgb_to_yuv420(frames: np.ndarray) -> np.ndarray: ...
+def attention_groups(
+    q: np.ndarray,
+    k: np.ndarray,
+    columns: np.ndarray,
+    num_columns: int,
+    *,
+    scale: float,
+    bias: Optional[np.ndarray] = None,
+    per_head: bool = False,
+) -> np.ndarray: ...

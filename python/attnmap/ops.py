@@ -6,7 +6,10 @@ small maps (see the module map in DEVELOPERS.md). Three backends share one contr
 
 - ``"triton"``: the fused kernel of :mod:`attnmap.kernels.attn_reduce` (CUDA, or CPU under
   ``TRITON_INTERPRET=1``); imported lazily, so ``TRITON_INTERPRET`` can be set before that import.
-- ``"torch"``: streams blocks of query rows, all heads at once (matmul-bound); extra memory is
+- ``"torch"``: on the CPU, ``cross``, ``temporal`` and ``text`` come from the Rust kernel
+  ``attnmap._native.attention_groups`` (each row's P summed into one column per text key and one
+  per frame, with an online softmax; O(rows x columns) memory). Other reductions, and every
+  reduction on other devices, stream blocks of query rows, all heads at once; extra memory
   O(rows per block x Nk), never O(Nq x Nk).
 - ``"reference"``: :mod:`attnmap.reference`, which materialises P (the oracle of the tests).
 
@@ -15,12 +18,14 @@ small maps (see the module map in DEVELOPERS.md). Three backends share one contr
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from attnmap.layout import Layout
@@ -31,6 +36,8 @@ REDUCTIONS: tuple[str, ...] = ("cross", "temporal", "text", "received", "probe",
 FULL_LIMIT = 2**26
 #: Entries of the fp32 logit block the torch backend works on at a time (B * H * rows * Nk).
 TORCH_BLOCK_ENTRIES = 2**22
+#: Reductions the torch backend forms on the CPU in the native extension (:func:`_native_sums`).
+GROUPED = frozenset({"cross", "temporal", "text"})
 BACKENDS = ("auto", "triton", "torch", "reference")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -390,6 +397,63 @@ def _torch_sums(call: AttentionCall, block_rows: Optional[int] = None) -> dict[s
     return sums
 
 
+# -- CPU: grouped sums in the native extension -------------------------------------------------
+
+
+def _native_serves(call: AttentionCall) -> bool:
+    return call.q.device.type == "cpu" and set(call.reductions) <= GROUPED
+
+
+@functools.lru_cache(maxsize=16)
+def _key_columns(lay: Layout, text: bool, frames: bool) -> np.ndarray:
+    """Each key's column for :func:`attnmap._native.attention_groups`: text key ``t`` -> ``t`` (with
+    ``text``), a video key of frame ``f`` -> ``f`` after the text columns (with ``frames``), else -1."""
+    cols = np.full(lay.num_keys, -1, dtype=np.int64)
+    if text and lay.text_k is not None:
+        cols[lay.text_k] = np.arange(lay.text)
+    if frames and lay.video_k is not None:
+        first = lay.text if text else 0
+        cols[lay.video_k] = first + np.arange(lay.num_video) // lay.frame_tokens
+    cols.flags.writeable = False
+    return cols
+
+
+def _cpu_array(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).numpy()
+
+
+def _native_sums(call: AttentionCall) -> dict[str, torch.Tensor]:
+    """``cross``, ``temporal`` and ``text`` as raw sums (see :func:`finish`) from the Rust kernel:
+    each row's P summed into one column per text key and one per frame, in one pass over the keys
+    with an online softmax (a q k^T product and an exp per key; no block of P in memory)."""
+    from attnmap import _native
+
+    lay, wanted = call.layout, set(call.reductions)
+    text, frames = bool(wanted & {"cross", "text"}), "temporal" in wanted
+    cols = _key_columns(lay, text, frames)
+    lo, hi = call.row_range()
+    out = _native.attention_groups(
+        _cpu_array(call.q[:, :, lo:hi]),
+        _cpu_array(call.k),
+        cols,
+        (lay.text if text else 0) + (lay.frames if frames else 0),
+        scale=call.scale,
+        bias=None if call.bias is None else _cpu_array(call.bias),
+        per_head=call.per_head,
+    )
+    rows = torch.from_numpy(out)  # [B, Hs, hi - lo, C]
+    t = lay.text if text else 0
+    sums: dict[str, torch.Tensor] = {}
+    video = rows[:, :, lay.video_q.start - lo : lay.video_q.stop - lo]
+    if "cross" in wanted:
+        sums["cross"] = video[..., :t]
+    if frames:
+        sums["temporal"] = video[..., t:].unflatten(2, (lay.frames, lay.frame_tokens)).sum(dim=3)
+    if "text" in wanted and lay.text_q is not None:
+        sums["text"] = rows[:, :, lay.text_q.start - lo : lay.text_q.stop - lo, :t]
+    return sums
+
+
 # -- dispatch -------------------------------------------------------------------------------------
 
 
@@ -486,6 +550,8 @@ def attention_sums(
             from attnmap.kernels.attn_reduce import attn_reduce
 
             return finish(call, attn_reduce(call))
+        if _native_serves(call):
+            return finish(call, _native_sums(call))
         return finish(call, _torch_sums(call))
 
 

@@ -1,4 +1,6 @@
-//! attnmap's render core: normalise -> resize -> colormap -> blend, fused per output pixel.
+//! attnmap's native core: the render path (normalise -> resize -> colormap -> blend, fused per
+//! output pixel) and, in [`groups`], the CPU kernel that sums attention probabilities into key
+//! groups (cross and temporal maps) without the N x N map.
 //!
 //! The modules are plain Rust on `ndarray` views and know nothing of Python; this file only binds
 //! them as `attnmap._native` (feature `python`). Every binding releases the GIL while it works.
@@ -7,6 +9,7 @@ pub mod blend;
 pub mod colormap;
 mod colormap_tables;
 pub mod error;
+pub mod groups;
 pub mod normalize;
 pub mod render;
 pub mod resize;
@@ -18,8 +21,8 @@ pub use error::{Error, Result};
 mod bindings {
     use ndarray::{Array2, ArrayViewD, IxDyn};
     use numpy::{
-        IntoPyArray, PyArray2, PyArray3, PyArray4, PyArrayDyn, PyArrayMethods, PyReadonlyArray3,
-        PyReadonlyArray4, PyReadonlyArrayDyn,
+        IntoPyArray, PyArray2, PyArray3, PyArray4, PyArrayDyn, PyArrayMethods, PyReadonlyArray1,
+        PyReadonlyArray3, PyReadonlyArray4, PyReadonlyArrayDyn,
     };
     use pyo3::exceptions::PyOSError;
     use pyo3::prelude::*;
@@ -252,6 +255,34 @@ mod bindings {
         Ok(out)
     }
 
+    /// Attention probabilities summed into key groups, per query row: q (B, H, R, D) and k (B, Hk, Nk, D)
+    /// float32, columns (Nk,) int64 (each key's column in 0..num_columns, or -1), bias (B, 1 or H, Nk)
+    /// additive float32 or None. Returns (B, H or 1, R, num_columns) float32.
+    #[pyfunction]
+    #[pyo3(signature = (q, k, columns, num_columns, *, scale, bias=None, per_head=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn attention_groups<'py>(
+        py: Python<'py>,
+        q: PyReadonlyArray4<'py, f32>,
+        k: PyReadonlyArray4<'py, f32>,
+        columns: PyReadonlyArray1<'py, i64>,
+        num_columns: usize,
+        scale: f64,
+        bias: Option<PyReadonlyArray3<'py, f32>>,
+        per_head: bool,
+    ) -> PyResult<Bound<'py, PyArray4<f32>>> {
+        let groups = crate::groups::Groups::new(columns.as_array(), num_columns)?;
+        let problem = crate::groups::Problem {
+            q: q.as_array(),
+            k: k.as_array(),
+            bias: bias.as_ref().map(|b| b.as_array()),
+            scale: scale as f32,
+            per_head,
+        };
+        let out = py.detach(|| crate::groups::grouped_sums(&problem, &groups))?;
+        Ok(out.into_pyarray(py))
+    }
+
     /// Names of the built-in colormaps.
     #[pyfunction]
     fn colormap_names() -> Vec<&'static str> {
@@ -269,6 +300,7 @@ mod bindings {
         m.add_function(wrap_pyfunction!(colormap_table, m)?)?;
         m.add_function(wrap_pyfunction!(colormap_names, m)?)?;
         m.add_function(wrap_pyfunction!(rgb_to_yuv420, m)?)?;
+        m.add_function(wrap_pyfunction!(attention_groups, m)?)?;
         Ok(())
     }
 }
