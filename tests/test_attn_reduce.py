@@ -6,6 +6,7 @@ before attnmap.kernels is imported) at small sizes.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -227,6 +228,33 @@ def test_strided_inputs(backend: tuple[str, str]) -> None:
         assert_close(name, b[name], a[name], 1e-4)
 
 
+@pytest.mark.parametrize("per_head", [False, True], ids=["mean", "per_head"])
+@pytest.mark.parametrize("name", ["joint-video-first", "cross", "cross-prefix"])
+def test_text_groups_sum_their_columns(name: str, per_head: bool, backend: tuple[str, str]) -> None:
+    lay = LAYOUTS[name]
+    q, k = _inputs(lay, heads=4, kv_heads=2, seed=21, device=backend[1])
+    # a word of two sub-tokens, one overlapping it, a single token, and the padded tail
+    groups = [[1, 2], [2], [0], list(range(3, lay.text))]
+    names = tuple(r for r in ("cross", "text", "temporal") if lay.supports(r))
+    out = ops.attention_sums(q, k, lay, names, backend=backend[0], per_head=per_head, text_groups=groups)
+    full = reference.attention_sums(q.cpu(), k.cpu(), lay, names, per_head=per_head)
+    for n in names:
+        want = full[n] if n != "cross" else torch.stack([full[n][..., g].sum(-1) for g in groups], -1)
+        assert_close(n, want, out[n], 1e-4)
+
+
+def test_text_groups_are_checked() -> None:
+    lay = LAYOUTS["cross"]
+    q, k = _inputs(lay)
+    for bad in ([], [[]], [[0, 9]], [[-1]], "ab", [[0.5]], [[True]]):
+        with pytest.raises(ValueError, match=r"^text_groups must be a sequence of non-empty sequences"):
+            ops.attention_sums(q, k, lay, ("cross",), text_groups=bad)  # type: ignore[arg-type]
+    lay = LAYOUTS["self-prefix"]
+    q, k = _inputs(lay)
+    with pytest.raises(ValueError, match=r"^text_groups: layout .* has no text keys"):
+        ops.attention_sums(q, k, lay, ("temporal",), text_groups=[[0]])
+
+
 # -- the native grouped path: cross, temporal and text of CPU tensors (attnmap._native) -----------
 
 GROUPED_LAYOUTS = {
@@ -331,6 +359,31 @@ def test_native_attention_groups_names_bad_arguments() -> None:
         _native.attention_groups(q, k, cols, 5, scale=1.0, bias=np.zeros((1, 2, 4), np.float32))
     with pytest.raises(ValueError, match=r"^scale: expected a finite number"):
         _native.attention_groups(q, k, cols, 5, scale=float("nan"))
+    with pytest.raises(ValueError, match=r"^num_columns: the output \[B, Hs, R, C\]"):
+        _native.attention_groups(q, k, np.zeros(5, np.int64), 2**61, scale=1.0)
+
+
+def test_zero_head_dim_is_refused() -> None:
+    lay = LAYOUTS["cross"]
+    q, k = torch.zeros(1, 2, lay.num_queries, 0), torch.zeros(1, 2, lay.num_keys, 0)
+    for b in ("torch", "reference"):
+        with pytest.raises(ValueError, match=r"^q must have a head dim D >= 1"):
+            ops.attention_sums(q, k, lay, ("cross",), backend=b, scale=1.0)
+
+
+def test_grouped_reductions_with_lse_read_it(native_calls: list[tuple[int, ...]]) -> None:
+    # a caller's lse defines P = exp(logit - lse): the block path honours it (here a shifted one)
+    lay = GROUPED_LAYOUTS["joint-large"]
+    q, k = _inputs(lay, seed=14)
+    lse = torch.logsumexp((q @ k.transpose(-1, -2)) * 32**-0.5, dim=-1)
+    names = _grouped(lay)
+    right = ops.attention_sums(q, k, lay, names, lse=lse, backend="torch")
+    shifted = ops.attention_sums(q, k, lay, names, lse=lse + math.log(2.0), backend="torch")
+    ref = reference.attention_sums(q, k, lay, names)
+    for name in names:
+        assert_close(name, ref[name], right[name], 1e-4)
+        assert_close(name, ref[name] / 2, shifted[name], 1e-4)
+    assert not native_calls
 
 
 @needs_triton

@@ -493,6 +493,7 @@ class Recorder:
 
         # one branch: reduce only its rows; two (batched CFG): reduce all rows once, then split
         sel = self._rows[0][1] if len(self._rows) == 1 else slice(None)
+        groups = self._text_groups(site, layout, prefix) if "cross" in wanted else None
         with torch.no_grad():
             out = ops.attention_sums(
                 q.detach()[sel],
@@ -502,10 +503,17 @@ class Recorder:
                 per_head=self.per_head,
                 scale=call.get("scale"),
                 key_padding_mask=None if mask is None else mask[sel],
-                lse=None if lse is None else lse[sel],
+                # on the CPU the grouped kernel forms each row's softmax itself, faster than
+                # the block path that would read lse
+                lse=None if lse is None or q.device.type == "cpu" else lse[sel],
                 backend=self.backend,
                 check_finite=False,  # no device sync per call: NaN is flagged on the device instead
+                text_groups=None if groups is None else groups[0],
             )
+            if groups is not None:  # the cross map arrives as one column per kept map
+                cross = out.pop("cross")
+                for col, name in enumerate(groups[1]):
+                    out[name] = cross[..., col].unflatten(-1, layout.grid)
             bad = torch.stack([t.isnan().any() for t in out.values()]).any()
             seen = self._nonfinite.get(site.name)
             self._nonfinite[site.name] = bad if seen is None else seen | bad
@@ -514,6 +522,41 @@ class Recorder:
             else:
                 for branch, rows in self._rows:
                     self._add_call(site, layout, {n: t[rows] for n, t in out.items()}, branch, prefix, rows)
+
+    def _real_text(self, rows: slice) -> Optional[int]:
+        """The real (unpadded) text length of these batch rows, if the inputs tell it."""
+        if self._inputs.text_len is None:
+            return None
+        lens = self._inputs.text_len[rows]
+        return max(lens) if lens else None
+
+    def _text_groups(
+        self, site: models.Site, layout: Layout, prefix: str
+    ) -> Optional[tuple[list[list[int]], list[str]]]:
+        """With targets and no full cross map to keep: each target's text keys and the padded tail as
+        ``attention_sums``'s ``text_groups``, and the map each column becomes, so that the call
+        reduces into those few columns instead of every text key. None: reduce the full map."""
+        if self.keep_cross or prefix:
+            return None
+        groups: list[list[int]] = []
+        names: list[str] = []
+        for word, indices in self.targets.items():
+            if max(indices) >= layout.text:
+                self._warn(
+                    site, f"target {word!r} has token index {max(indices)} >= {layout.text} text tokens"
+                )
+                continue
+            groups.append(list(indices))
+            names.append(f"token/{word}")
+        if layout.kind == "cross":
+            reals = {self._real_text(rows) for _, rows in self._rows}
+            if len(reals) != 1:
+                return None  # branches with different text lengths: each finds its padding below
+            real = reals.pop()
+            if real is not None and 0 < real < layout.text:
+                groups.append(list(range(real, layout.text)))
+                names.append("padding")
+        return (groups, names) if groups else None
 
     def _target_index(self, device: torch.device) -> list[tuple[str, int, torch.Tensor]]:
         """``(word, its largest token index, its token indices on device)`` per target, made once per
@@ -536,14 +579,16 @@ class Recorder:
         grid = layout.grid
         maps: dict[str, torch.Tensor] = {}
         for name, value in out.items():
+            if name.startswith("token/") or name == "padding":  # from text groups (_text_groups)
+                maps[name] = value
+                continue
             if name != "cross":
                 # a cross call's received/full maps are over text keys: kept apart from self-attention's
                 maps[f"{name}/text" if layout.kind == "cross" and not prefix else name] = value
                 continue
             real = value.shape[-1]
             if not prefix and layout.kind == "cross" and self._inputs.text_len is not None:
-                lens = self._inputs.text_len[rows]
-                real = max(lens) if lens else real
+                real = self._real_text(rows) or real
                 if 0 < real < value.shape[-1]:
                     pad = value[..., real:].sum(-1)
                     maps["padding"] = pad.unflatten(-1, grid)

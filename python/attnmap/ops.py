@@ -49,7 +49,8 @@ class AttentionCall:
     """One validated call of :func:`attention_sums` (shared by every backend).
 
     ``bias`` is the key padding mask as an additive fp32 bias ``[B, Hm, Nk]`` with ``Hm`` 1 or H
-    (``-inf`` for excluded keys); ``lse`` the caller's logsumexp ``[B, H, Nq]`` in fp32.
+    (``-inf`` for excluded keys); ``lse`` the caller's logsumexp ``[B, H, Nq]`` in fp32;
+    ``text_groups`` the text-key positions summed into each column of ``cross``.
     """
 
     q: torch.Tensor
@@ -61,6 +62,7 @@ class AttentionCall:
     bias: Optional[torch.Tensor]
     probe: Optional[torch.Tensor]
     lse: Optional[torch.Tensor]
+    text_groups: Optional[tuple[tuple[int, ...], ...]] = None
 
     @property
     def batch(self) -> int:
@@ -110,6 +112,8 @@ def _check_qk(q: object, k: object) -> tuple[torch.Tensor, torch.Tensor]:
             raise ValueError(f"{name} must be 4-D [B, H, N, D] (the SDPA layout), got shape {tuple(t.shape)}")
         if t.dtype not in _FLOATS:
             raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.shape[3] == 0:
+            raise ValueError(f"{name} must have a head dim D >= 1, got shape {tuple(t.shape)}")
     assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
     if q.dtype != k.dtype:
         raise ValueError(f"q and k must have the same dtype, got q {q.dtype} and k {k.dtype}")
@@ -226,6 +230,35 @@ def _check_lse(lse: object, q: torch.Tensor, check_finite: bool) -> Optional[tor
     return lse
 
 
+def _check_text_groups(groups: object, layout: Layout) -> Optional[tuple[tuple[int, ...], ...]]:
+    if groups is None:
+        return None
+    if layout.text_k is None:
+        raise ValueError(f"text_groups: layout {layout} has no text keys to group")
+    bad = ValueError(
+        f"text_groups must be a sequence of non-empty sequences of text positions in [0, {layout.text}), "
+        f"got {groups!r}"
+    )
+    if isinstance(groups, (str, bytes, torch.Tensor)) or not isinstance(groups, Sequence) or not groups:
+        raise bad
+    out = []
+    for g in groups:
+        if isinstance(g, (str, bytes)) or not isinstance(g, Sequence) or not g:
+            raise bad
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layout.text for i in g):
+            raise bad
+        out.append(tuple(int(i) for i in g))
+    return tuple(out)
+
+
+def group_text(call: AttentionCall, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``cross`` with one column per text group (the sum of its keys' columns)."""
+    if call.text_groups is not None and "cross" in out:
+        t = out["cross"]
+        out["cross"] = torch.stack([t[..., list(g)].sum(dim=-1) for g in call.text_groups], dim=-1)
+    return out
+
+
 def prepare_call(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -238,6 +271,7 @@ def prepare_call(
     probe: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
     check_finite: bool = True,
+    text_groups: Optional[Sequence[Sequence[int]]] = None,
 ) -> AttentionCall:
     """Validate the arguments of :func:`attention_sums` (ValueError naming the argument)."""
     if not isinstance(layout, Layout):
@@ -270,6 +304,7 @@ def prepare_call(
         bias=_check_mask(key_padding_mask, q, nk, check_finite),
         probe=_check_probe(probe, "probe" in names, nq, q.device),
         lse=_check_lse(lse, q, check_finite),
+        text_groups=_check_text_groups(text_groups, layout),
     )
 
 
@@ -401,28 +436,49 @@ def _torch_sums(call: AttentionCall, block_rows: Optional[int] = None) -> dict[s
 
 
 def _native_serves(call: AttentionCall) -> bool:
-    return call.q.device.type == "cpu" and set(call.reductions) <= GROUPED
+    # the kernel forms each row's softmax itself; a caller's lse is honoured by the block path
+    return call.q.device.type == "cpu" and set(call.reductions) <= GROUPED and call.lse is None
 
 
 @functools.lru_cache(maxsize=16)
-def _key_columns(lay: Layout, text: bool, frames: bool) -> np.ndarray:
-    """Each key's column for :func:`attnmap._native.attention_groups`: text key ``t`` -> ``t`` (with
-    ``text``), a video key of frame ``f`` -> ``f`` after the text columns (with ``frames``), else -1."""
+def _key_columns(
+    lay: Layout, text: bool, frames: bool, groups: Optional[tuple[tuple[int, ...], ...]]
+) -> tuple[np.ndarray, int, Optional[torch.Tensor]]:
+    """Each key's column for :func:`attnmap._native.attention_groups` (-1: none), the number of text
+    columns, and the 0/1 matrix ``[text columns, groups]`` that turns them into text groups.
+
+    Text keys get a column each (with ``text``), or, with ``groups``, one column per *atom*: the keys
+    that belong to the same set of groups, so that overlapping groups still give each key one
+    column. Video keys of frame ``f`` get column ``f`` after the text columns (with ``frames``).
+    """
     cols = np.full(lay.num_keys, -1, dtype=np.int64)
+    ntext, merge = 0, None
     if text and lay.text_k is not None:
-        cols[lay.text_k] = np.arange(lay.text)
+        if groups is None:
+            cols[lay.text_k] = np.arange(lay.text)
+            ntext = lay.text
+        else:
+            member = np.zeros((lay.text, len(groups)), dtype=bool)
+            for g, keys in enumerate(groups):
+                member[list(keys), g] = True
+            atoms, inverse = np.unique(member, axis=0, return_inverse=True)
+            atom_of = np.asarray(inverse).reshape(-1)
+            used = np.asarray(atoms.any(axis=1))  # the atom of keys in no group is no column
+            ids = np.cumsum(used) - 1
+            cols[lay.text_k] = np.where(used[atom_of], ids[atom_of], -1)
+            ntext = int(used.sum())
+            merge = torch.from_numpy(atoms[used].astype(np.float32))
     if frames and lay.video_k is not None:
-        first = lay.text if text else 0
-        cols[lay.video_k] = first + np.arange(lay.num_video) // lay.frame_tokens
+        cols[lay.video_k] = ntext + np.arange(lay.num_video) // lay.frame_tokens
     cols.flags.writeable = False
-    return cols
+    return cols, ntext, merge
 
 
 def _cpu_array(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).numpy()
 
 
-def _native_sums(call: AttentionCall) -> dict[str, torch.Tensor]:
+def _native_sums(call: AttentionCall, grouped: bool = True) -> dict[str, torch.Tensor]:
     """``cross``, ``temporal`` and ``text`` as raw sums (see :func:`finish`) from the Rust kernel:
     each row's P summed into one column per text key and one per frame, in one pass over the keys
     with an online softmax (a q k^T product and an exp per key; no block of P in memory)."""
@@ -430,27 +486,27 @@ def _native_sums(call: AttentionCall) -> dict[str, torch.Tensor]:
 
     lay, wanted = call.layout, set(call.reductions)
     text, frames = bool(wanted & {"cross", "text"}), "temporal" in wanted
-    cols = _key_columns(lay, text, frames)
+    cols, t, merge = _key_columns(lay, text, frames, call.text_groups if grouped else None)
     lo, hi = call.row_range()
     out = _native.attention_groups(
         _cpu_array(call.q[:, :, lo:hi]),
         _cpu_array(call.k),
         cols,
-        (lay.text if text else 0) + (lay.frames if frames else 0),
+        t + (lay.frames if frames else 0),
         scale=call.scale,
         bias=None if call.bias is None else _cpu_array(call.bias),
         per_head=call.per_head,
     )
     rows = torch.from_numpy(out)  # [B, Hs, hi - lo, C]
-    t = lay.text if text else 0
     sums: dict[str, torch.Tensor] = {}
     video = rows[:, :, lay.video_q.start - lo : lay.video_q.stop - lo]
     if "cross" in wanted:
-        sums["cross"] = video[..., :t]
+        sums["cross"] = video[..., :t].contiguous() if merge is None else video[..., :t] @ merge
     if frames:
         sums["temporal"] = video[..., t:].unflatten(2, (lay.frames, lay.frame_tokens)).sum(dim=3)
     if "text" in wanted and lay.text_q is not None:
-        sums["text"] = rows[:, :, lay.text_q.start - lo : lay.text_q.stop - lo, :t]
+        assert merge is None
+        sums["text"] = rows[:, :, lay.text_q.start - lo : lay.text_q.stop - lo, :t].contiguous()
     return sums
 
 
@@ -489,6 +545,7 @@ def attention_sums(
     lse: Optional[torch.Tensor] = None,
     backend: str = "auto",
     check_finite: bool = True,
+    text_groups: Optional[Sequence[Sequence[int]]] = None,
 ) -> dict[str, torch.Tensor]:
     """Reduce the attention probabilities of one call into small maps, never holding [Nq, Nk] per head.
 
@@ -517,6 +574,10 @@ def attention_sums(
             or +inf). The test costs one device sync; with False it is skipped and such inputs give
             NaN in the outputs (never silent zeros), for callers that check their maps later, as
             :func:`attnmap.capture` does once per step.
+        text_groups: sequences of text positions (0 = the first text key); ``cross`` then has one
+            column per group, the attention summed over its keys (a word of several sub-tokens, the
+            padded tail of the text), instead of one per text key. Groups may overlap. ``text``
+            keeps every text key.
 
     Returns:
         dict from reduction name to a float32 tensor on q's device.
@@ -539,20 +600,23 @@ def attention_sums(
         probe=probe,
         lse=lse,
         check_finite=check_finite,
+        text_groups=text_groups,
     )
     chosen = _resolve_backend(backend, call.q)
     with torch.no_grad():
         if chosen == "reference":
             from attnmap import reference
 
-            return reference.sums_of(call)
+            return group_text(call, reference.sums_of(call))
         if chosen == "triton":
             from attnmap.kernels.attn_reduce import attn_reduce
 
-            return finish(call, attn_reduce(call))
+            return group_text(call, finish(call, attn_reduce(call)))
         if _native_serves(call):
-            return finish(call, _native_sums(call))
-        return finish(call, _torch_sums(call))
+            if call.text_groups is not None and "text" in call.reductions:  # text needs every key
+                return group_text(call, finish(call, _native_sums(call, grouped=False)))
+            return finish(call, _native_sums(call))  # the groups formed in the kernel
+        return group_text(call, finish(call, _torch_sums(call)))
 
 
 # -- attention forward with logsumexp --------------------------------------------------------------

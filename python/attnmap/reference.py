@@ -8,12 +8,13 @@ slices it. It is what every backend is tested against; use it on small inputs on
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
 
 from attnmap.layout import Layout
-from attnmap.ops import AttentionCall, Reductions, prepare_call
+from attnmap.ops import AttentionCall, Reductions, group_text, prepare_call
 
 
 def probabilities(call: AttentionCall) -> torch.Tensor:
@@ -70,6 +71,7 @@ def attention_sums(
     probe: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
     check_finite: bool = True,
+    text_groups: Optional[Sequence[Sequence[int]]] = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`attnmap.ops.attention_sums`, computed by materialising P (O(B H Nq Nk) memory).
 
@@ -92,6 +94,7 @@ def attention_sums(
         probe=probe,
         lse=lse,
         check_finite=check_finite,
+        text_groups=text_groups,
     )
     with torch.no_grad():
-        return sums_of(call)
+        return group_text(call, sums_of(call))

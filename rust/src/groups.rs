@@ -134,6 +134,21 @@ impl Problem<'_> {
                 ));
             }
         }
+        let (_, _, r, _) = self.q.dim();
+        let hs = if self.per_head { h } else { 1 };
+        let entries = [b, hs, r, groups.num_columns]
+            .iter()
+            .try_fold(1usize, |acc, &x| acc.checked_mul(x))
+            .and_then(|n| n.checked_mul(std::mem::size_of::<f32>()));
+        if entries.is_none_or(|bytes| bytes > isize::MAX as usize) {
+            return Err(Error::invalid(
+                "num_columns",
+                format!(
+                    "the output [B, Hs, R, C] = [{b}, {hs}, {r}, {}] is too large",
+                    groups.num_columns
+                ),
+            ));
+        }
         if !self.scale.is_finite() {
             return Err(Error::invalid(
                 "scale",
@@ -451,7 +466,8 @@ mod avx2 {
             let s0 = _mm256_add_ps(row[0], b0);
             let s1 = _mm256_add_ps(row[1], b1);
             // The row max is raised only when a logit passes it by more than SLACK (or is NaN), so
-            // most tiles skip the horizontal max: exp(logit - max) stays below e^SLACK.
+            // most tiles skip the horizontal max: exp(logit - max) stays below e^(2 SLACK) (the
+            // bar max + SLACK is rounded in fp32), far from overflow.
             let bar = _mm256_set1_ps(st.max[i] + super::SLACK);
             let over = _mm256_or_ps(
                 _mm256_cmp_ps::<_CMP_NLE_UQ>(s0, bar),
@@ -811,6 +827,14 @@ mod tests {
             .slice(ndarray::s![0, 1, .., ..])
             .iter()
             .all(|x| x.is_nan()));
+        let plain = run(&p, &groups, false).unwrap(); // the plain build flags the same rows
+        assert!(plain
+            .iter()
+            .zip(out.iter())
+            .all(|(a, b)| a.is_nan() == b.is_nan()));
+        let huge = Groups::new(Array1::from(vec![0i64; nk]).view(), 1usize << 61).unwrap();
+        let e = grouped_sums(&p, &huge).err().unwrap().to_string();
+        assert!(e.starts_with("num_columns: the output"), "{e}");
     }
 
     #[test]
