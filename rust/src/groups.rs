@@ -21,10 +21,10 @@ use crate::error::{Error, Result};
 
 /// Keys per micro tile (two AVX2 vectors).
 const NR: usize = 16;
-/// Query rows per micro tile: `MR * NR / 8` accumulators stay in registers.
-const MR: usize = 4;
-/// Query rows per task.
-const ROW_CHUNK: usize = 64;
+/// Query rows per micro tile: `MR * NR / 8` = 12 accumulators stay in registers (of 16).
+const MR: usize = 6;
+/// Query rows per task (a multiple of `MR`).
+const ROW_CHUNK: usize = 60;
 /// Keys walked per pass over a task's rows (a multiple of `NR`), so that their packed copy stays in
 /// the L2 cache while every row of the task uses it.
 const KEY_BLOCK: usize = 256;
