@@ -138,7 +138,7 @@ def test_cpu_torch_backend(benchmark: Any, request: pytest.FixtureRequest, size:
         if "received" in out:
             torch.testing.assert_close(out["received"].sum(-1), torch.ones(1), rtol=1e-4, atol=0)
 
-    reps = 3 if n <= 4096 else 1
+    reps = 3 if n <= 4096 else 2  # best of 2 at 16,384: one slow round on a shared machine is not the method
     t_sdpa = _best(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), reps)
     t_ours = _best(ours, reps)
     t_ref = _best(lambda: reference.attention_sums(q, k, lay, reductions), reps) if fits else float("nan")
