@@ -357,14 +357,7 @@ impl Work<'_, '_> {
                 bad |= x.is_nan() | (*x == f32::INFINITY);
             }
             st.bad[i] |= bad;
-            let top = max16(srow);
-            let acc = &mut st.acc[i * c..(i + 1) * c];
-            if top > st.max[i] {
-                let shrink = (st.max[i] - top).exp();
-                st.sum[i] *= shrink;
-                acc.iter_mut().for_each(|a| *a *= shrink);
-                st.max[i] = top;
-            }
+            st.raise_max(i, c, max16(srow));
             if st.max[i] == f32::NEG_INFINITY {
                 continue; // every key so far excluded
             }
@@ -375,6 +368,7 @@ impl Work<'_, '_> {
             }
             let total = sum16(&e);
             st.sum[i] += total;
+            let acc = &mut st.acc[i * c..(i + 1) * c];
             match tile {
                 Tile::Skip => {}
                 Tile::Sum(col) => acc[col] += total,
@@ -382,15 +376,33 @@ impl Work<'_, '_> {
                     .iter_mut()
                     .zip(&e)
                     .for_each(|(a, &v)| *a += v),
-                Tile::Mixed => {
-                    let cols = &self.groups.columns[t * NR..(t + 1) * NR];
-                    for (&col, &v) in cols.iter().zip(&e) {
-                        if col >= 0 {
-                            acc[col as usize] += v;
-                        }
-                    }
-                }
+                Tile::Mixed => scatter(acc, &self.groups.columns[t * NR..(t + 1) * NR], &e),
             }
+        }
+    }
+}
+
+impl Rows {
+    /// Raise row `i`'s running max to `top` if that is higher, rescaling its sums to the new max.
+    #[inline(always)]
+    fn raise_max(&mut self, i: usize, c: usize, top: f32) {
+        if top > self.max[i] {
+            let shrink = (self.max[i] - top).exp();
+            self.sum[i] *= shrink;
+            self.acc[i * c..(i + 1) * c]
+                .iter_mut()
+                .for_each(|a| *a *= shrink);
+            self.max[i] = top;
+        }
+    }
+}
+
+/// Add a tile's exponentials to a row's columns key by key (a `Mixed` tile).
+#[inline(always)]
+fn scatter(acc: &mut [f32], cols: &[i64], e: &[f32; NR]) {
+    for (&col, &v) in cols.iter().zip(e) {
+        if col >= 0 {
+            acc[col as usize] += v;
         }
     }
 }
@@ -473,7 +485,6 @@ mod avx2 {
                 _mm256_cmp_ps::<_CMP_NLE_UQ>(s0, bar),
                 _mm256_cmp_ps::<_CMP_NLE_UQ>(s1, bar),
             );
-            let acc_row = &mut st.acc[i * c..(i + 1) * c];
             if _mm256_movemask_ps(over) != 0 {
                 let bad = _mm256_or_ps(
                     _mm256_or_ps(
@@ -486,13 +497,7 @@ mod avx2 {
                     ),
                 );
                 st.bad[i] |= _mm256_movemask_ps(bad) != 0;
-                let top = unsafe { hmax(_mm256_max_ps(s0, s1)) };
-                if top > st.max[i] {
-                    let shrink = (st.max[i] - top).exp();
-                    st.sum[i] *= shrink;
-                    acc_row.iter_mut().for_each(|a| *a *= shrink);
-                    st.max[i] = top;
-                }
+                st.raise_max(i, c, unsafe { hmax(_mm256_max_ps(s0, s1)) });
             }
             if st.max[i] == f32::NEG_INFINITY {
                 continue; // every key so far excluded
@@ -502,6 +507,7 @@ mod avx2 {
             let e1 = unsafe { exp_small(_mm256_sub_ps(s1, m)) };
             let total = unsafe { hsum(_mm256_add_ps(e0, e1)) };
             st.sum[i] += total;
+            let acc_row = &mut st.acc[i * c..(i + 1) * c];
             match tile {
                 Tile::Skip => {}
                 Tile::Sum(col) => acc_row[col] += total,
@@ -520,14 +526,22 @@ mod avx2 {
                         _mm256_storeu_ps(e.as_mut_ptr(), e0);
                         _mm256_storeu_ps(e.as_mut_ptr().add(8), e1);
                     }
-                    let cols = &work.groups.columns[t * NR..(t + 1) * NR];
-                    for (&col, &v) in cols.iter().zip(&e) {
-                        if col >= 0 {
-                            acc_row[col as usize] += v;
-                        }
-                    }
+                    super::scatter(acc_row, &work.groups.columns[t * NR..(t + 1) * NR], &e);
                 }
             }
+        }
+    }
+
+    /// The 8 lanes of `x` folded into one with `op` (a lane-wise max or sum), pairing halves.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA (inlined into such a function).
+    #[inline(always)]
+    unsafe fn fold8(x: __m256, op: impl Fn(__m128, __m128) -> __m128) -> f32 {
+        unsafe {
+            let m = op(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x));
+            let m = op(m, _mm_movehl_ps(m, m));
+            _mm_cvtss_f32(op(m, _mm_movehdup_ps(m)))
         }
     }
 
@@ -535,24 +549,14 @@ mod avx2 {
     /// The CPU must have AVX2 and FMA (inlined into such a function).
     #[inline(always)]
     unsafe fn hmax(x: __m256) -> f32 {
-        unsafe {
-            let m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x));
-            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-            let m = _mm_max_ss(m, _mm_movehdup_ps(m));
-            _mm_cvtss_f32(m)
-        }
+        unsafe { fold8(x, |a, b| _mm_max_ps(a, b)) }
     }
 
     /// # Safety
     /// The CPU must have AVX2 and FMA (inlined into such a function).
     #[inline(always)]
     unsafe fn hsum(x: __m256) -> f32 {
-        unsafe {
-            let s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-            _mm_cvtss_f32(s)
-        }
+        unsafe { fold8(x, |a, b| _mm_add_ps(a, b)) }
     }
 
     /// [`exp_small`] on a slice of 8 values (for the tests).
