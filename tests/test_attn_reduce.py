@@ -234,7 +234,7 @@ def test_text_groups_sum_their_columns(name: str, per_head: bool, backend: tuple
     lay = LAYOUTS[name]
     q, k = _inputs(lay, heads=4, kv_heads=2, seed=21, device=backend[1])
     # a word of two sub-tokens, one overlapping it, a single token, and the padded tail
-    groups = [[1, 2], [2], [0], list(range(3, lay.text))]
+    groups = [[1, 2], [2], [np.int64(0)], list(range(3, lay.text))]  # numpy integers count too
     names = tuple(r for r in ("cross", "text", "temporal") if lay.supports(r))
     out = ops.attention_sums(q, k, lay, names, backend=backend[0], per_head=per_head, text_groups=groups)
     full = reference.attention_sums(q.cpu(), k.cpu(), lay, names, per_head=per_head)

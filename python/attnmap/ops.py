@@ -245,7 +245,9 @@ def _check_text_groups(groups: object, layout: Layout) -> Optional[tuple[tuple[i
     for g in groups:
         if isinstance(g, (str, bytes)) or not isinstance(g, Sequence) or not g:
             raise bad
-        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layout.text for i in g):
+        if not all(
+            isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i < layout.text for i in g
+        ):
             raise bad
         out.append(tuple(int(i) for i in g))
     return tuple(out)
