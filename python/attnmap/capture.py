@@ -493,7 +493,10 @@ class Recorder:
 
         # one branch: reduce only its rows; two (batched CFG): reduce all rows once, then split
         sel = self._rows[0][1] if len(self._rows) == 1 else slice(None)
-        groups = self._text_groups(site, layout, prefix) if "cross" in wanted else None
+        # the CPU kernel reduces into just the kept columns; elsewhere the full cross map is as cheap
+        cpu = q.device.type == "cpu"
+        groups = self._text_groups(site, layout, prefix) if cpu and "cross" in wanted else None
+        grouped = cpu and set(wanted) <= ops.GROUPED  # the CPU kernel forms the softmax itself
         with torch.no_grad():
             out = ops.attention_sums(
                 q.detach()[sel],
@@ -503,9 +506,7 @@ class Recorder:
                 per_head=self.per_head,
                 scale=call.get("scale"),
                 key_padding_mask=None if mask is None else mask[sel],
-                # on the CPU the grouped kernel forms each row's softmax itself, faster than
-                # the block path that would read lse
-                lse=None if lse is None or q.device.type == "cpu" else lse[sel],
+                lse=None if lse is None or grouped else lse[sel],
                 backend=self.backend,
                 check_finite=False,  # no device sync per call: NaN is flagged on the device instead
                 text_groups=None if groups is None else groups[0],
@@ -588,7 +589,8 @@ class Recorder:
                 continue
             real = value.shape[-1]
             if not prefix and layout.kind == "cross" and self._inputs.text_len is not None:
-                real = self._real_text(rows) or real
+                known = self._real_text(rows)
+                real = real if known is None else known
                 if 0 < real < value.shape[-1]:
                     pad = value[..., real:].sum(-1)
                     maps["padding"] = pad.unflatten(-1, grid)
@@ -1005,6 +1007,8 @@ def capture(
             in one pass instead of two. Where torch offers no such op for a call, SDPA runs as usual.
             A capture opened inside another capture, or inside any torch function mode other than
             ``torch.device``, runs SDPA as usual (two passes), so that the outer one still sees the call.
+            It saves time on CUDA; on the CPU, cross/temporal/text come from a kernel that forms the
+            softmax itself, so there it only changes the aten entry point of the model's call.
 
     Returns:
         a :class:`Recorder`, to use as a context manager.

@@ -249,7 +249,7 @@ def _check_text_groups(groups: object, layout: Layout) -> Optional[tuple[tuple[i
             isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i < layout.text for i in g
         ):
             raise bad
-        out.append(tuple(int(i) for i in g))
+        out.append(tuple(sorted({int(i) for i in g})))  # a key counts once in its group
     return tuple(out)
 
 
@@ -469,7 +469,7 @@ def _key_columns(
             ids = np.cumsum(used) - 1
             cols[lay.text_k] = np.where(used[atom_of], ids[atom_of], -1)
             ntext = int(used.sum())
-            merge = torch.from_numpy(atoms[used].astype(np.float32))
+            merge = torch.from_numpy(atoms[used].astype(np.float32))  # cached: never mutate
     if frames and lay.video_k is not None:
         cols[lay.video_k] = ntext + np.arange(lay.num_video) // lay.frame_tokens
     cols.flags.writeable = False
@@ -578,8 +578,8 @@ def attention_sums(
             :func:`attnmap.capture` does once per step.
         text_groups: sequences of text positions (0 = the first text key); ``cross`` then has one
             column per group, the attention summed over its keys (a word of several sub-tokens, the
-            padded tail of the text), instead of one per text key. Groups may overlap. ``text``
-            keeps every text key.
+            padded tail of the text), instead of one per text key. Groups may overlap; a key
+            listed twice in one group counts once. ``text`` keeps every text key.
 
     Returns:
         dict from reduction name to a float32 tensor on q's device.
