@@ -17,13 +17,13 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
 
+from _timing import best_wall
 from attnmap import ops, reference
 from attnmap.layout import Layout
 
@@ -38,13 +38,8 @@ def _enabled(request: pytest.FixtureRequest) -> bool:
 
 
 def _best(fn: Callable[[], object], reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    fn()  # warm-up
+    return best_wall(fn, reps)
 
 
 def _cpu_layout(n: int) -> Layout:

@@ -19,13 +19,13 @@ Python costs weigh more: ``ATTNMAP_BENCH_CPU_TOY=1`` still runs it.)
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Callable
 
 import pytest
 import torch
 
 import attnmap
+from _timing import best_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -108,21 +108,6 @@ def captured_run(s: dict[str, Any], keep: list[Any], one_pass: bool) -> Callable
         return out
 
     return run
-
-
-def best_of(fns: list[Callable[[], Any]], n: int) -> tuple[list[float], list[float]]:
-    """The best wall time and the best process CPU time of each function over ``n`` rounds, the
-    functions interleaved in each round so that a load spike on a shared machine hits them alike
-    (CPU time is what other processes on a busy machine disturb least)."""
-    wall = [float("inf")] * len(fns)
-    cpu = [float("inf")] * len(fns)
-    for _ in range(n):
-        for i, fn in enumerate(fns):
-            t, c = time.perf_counter(), time.process_time()
-            fn()
-            wall[i] = min(wall[i], time.perf_counter() - t)
-            cpu[i] = min(cpu[i], time.process_time() - c)
-    return wall, cpu
 
 
 def peak_bytes(fn: Callable[[], Any]) -> int:

@@ -7,25 +7,16 @@ from __future__ import annotations
 
 import json
 import struct
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 
+from _timing import best_wall
 from attnmap.store import AGGREGATED_FILE, StoreWriter, open_store, step_filename, video_dirname
 
 WORDS = ("kiss", "flowers")
-
-
-def _best(fn: Callable[[], Any], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _offsets(path: Path, name: str) -> tuple[int, int, str]:
@@ -80,7 +71,7 @@ def test_load_one_token_all_steps(benchmark: Any, tmp_path: Path, dtype: str) ->
     np.testing.assert_allclose(agg.map, np.mean(written, axis=0), atol=2 * tol + 1e-6)
 
     repeat = 3 if benchmark.disabled else 15
-    t_ours, t_np = _best(ours, repeat), _best(numpy_read, repeat)
+    t_ours, t_np = best_wall(ours, repeat), best_wall(numpy_read, repeat)
     ratio = t_ours / t_np
     step_bytes = files[0].stat().st_size
     benchmark.extra_info.update(
