@@ -24,8 +24,9 @@ import pytest
 import torch
 
 from _timing import best_wall
-from attnmap import ops, reference
+from attnmap import reduce as ops
 from attnmap.layout import Layout
+from attnmap.reduce import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADS, DIM = 4, 64
@@ -48,7 +49,8 @@ def _cpu_layout(n: int) -> Layout:
 
 _PEAK_SCRIPT = """
 import json, sys, torch
-from attnmap import ops, reference
+from attnmap import reduce as ops
+from attnmap.reduce import reference
 from attnmap.layout import Layout
 method, n, heads, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 names = tuple(sys.argv[5].split(","))
@@ -57,7 +59,7 @@ lay = Layout.self_attn(grid=(16, 16, n // 256))
 q, k, v = (torch.randn(1, heads, n, dim) for _ in range(3))
 small = Layout.self_attn(grid=(1, 4, 4))
 qs = torch.randn(1, heads, 16, dim)
-ops.attention_sums(qs, qs, small, names, backend="torch")
+ops.attention_sums(qs, qs, small, names, backend="auto")
 reference.attention_sums(qs, qs, small, names)
 torch.nn.functional.scaled_dot_product_attention(qs, qs, qs)
 def status(key):
@@ -67,7 +69,7 @@ def status(key):
 open("/proc/self/clear_refs", "w").write("5")  # reset the RSS high-water mark (VmHWM) to VmRSS
 base = status("VmRSS")
 if method == "torch":
-    ops.attention_sums(q, k, lay, names, backend="torch")
+    ops.attention_sums(q, k, lay, names, backend="auto")
 elif method == "reference":
     reference.attention_sums(q, k, lay, names)
 else:
@@ -120,7 +122,7 @@ def test_cpu_torch_backend(benchmark: Any, request: pytest.FixtureRequest, size:
     reductions = CPU_PATHS[path]
 
     def ours() -> dict[str, torch.Tensor]:
-        return ops.attention_sums(q, k, lay, reductions, backend="torch")
+        return ops.attention_sums(q, k, lay, reductions, backend="auto")
 
     out = ours()
     fits = HEADS * n * n * 4 <= 2**30
@@ -229,7 +231,7 @@ def test_gpu_model_shapes(benchmark: Any, request: pytest.FixtureRequest, case: 
     ours = ops.attention_sums(q, k, lay, reductions)
     ours_lse = ops.attention_sums(q, k, lay, reductions, lse=lse)
     check = reference.attention_sums if n <= 4096 else None
-    base = (check or (lambda *a, **kw: ops.attention_sums(*a, **kw, backend="torch")))(q, k, lay, reductions)
+    base = (check or (lambda *a, **kw: ops.attention_sums(*a, **kw, backend="auto")))(q, k, lay, reductions)
     for name in reductions:
         for got in (ours[name], ours_lse[name]):
             scale = float(base[name].abs().max())

@@ -2,7 +2,7 @@
 cross + temporal on every block (two target tokens) against the same forwards without capture,
 for both reduction modes: ``two-pass`` (the model's own SDPA call untouched, attnmap recomputes the
 row statistics) and ``one-pass`` (``one_pass=True``: the recorded calls run through
-:func:`attnmap.ops.sdpa_with_lse` and the reduction reuses their logsumexp).
+:func:`attnmap.reduce.sdpa_with_lse` and the reduction reuses their logsumexp).
 
 Sizes: plain pytest smoke-runs a 2-block toy; ``--benchmark-enable`` runs the Wan 2.1 1.3B shape
 (30 blocks, 12 heads of 128, 480p: grid (21, 30, 52) = 32,760 tokens, text padded to 512, bf16)

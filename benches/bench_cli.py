@@ -23,8 +23,8 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 
-from attnmap import autorender
-from attnmap.render import write_video
+from attnmap.render import videos as autorender
+from attnmap.render.codec import write_video
 from attnmap.store import StoreWriter, open_store
 
 TOKENS = ("cat", "dog", "flowers")

@@ -28,20 +28,18 @@ from attnmap.store import StoreWriter, open_store
 
 def test_normalize_by_hand() -> None:
     x = np.array([[[1.0, 3.0]], [[5.0, 5.0]]])  # (F=2, H=1, W=2)
-    np.testing.assert_allclose(normalize(x, "minmax"), [[[0.0, 0.5]], [[1.0, 1.0]]])
-    np.testing.assert_allclose(
-        normalize(x, "minmax_frame"), [[[0.0, 1.0]], [[0.0, 0.0]]]
-    )  # constant frame -> 0
+    np.testing.assert_allclose(normalize(x, "global"), [[[0.0, 0.5]], [[1.0, 1.0]]])
+    np.testing.assert_allclose(normalize(x, "frame"), [[[0.0, 1.0]], [[0.0, 0.0]]])  # constant frame -> 0
     np.testing.assert_allclose(normalize(x, "max"), [[[0.2, 0.6]], [[1.0, 1.0]]])
     np.testing.assert_allclose(normalize(x, "sum"), [[[1 / 14, 3 / 14]], [[5 / 14, 5 / 14]]], rtol=1e-6)
-    np.testing.assert_array_equal(normalize(torch.ones(2, 2, 2), "minmax"), np.zeros((2, 2, 2)))
+    np.testing.assert_array_equal(normalize(torch.ones(2, 2, 2), "global"), np.zeros((2, 2, 2)))
     assert normalize(x, "none").dtype == np.float32
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match="normalize: expected one of global, frame, percentile"):
         normalize(x, "l2")  # type: ignore[arg-type]
 
 
 def test_token_mask_threshold_and_top_fraction_by_hand() -> None:
-    x = np.array([[[0.0, 1.0], [2.0, 4.0]]])  # minmax -> 0, .25, .5, 1
+    x = np.array([[[0.0, 1.0], [2.0, 4.0]]])  # global -> 0, .25, .5, 1
     np.testing.assert_array_equal(token_mask(x, threshold=0.3), [[[False, False], [True, True]]])
     np.testing.assert_array_equal(
         token_mask(x, threshold=0.5), [[[False, False], [False, True]]]
@@ -89,7 +87,7 @@ def test_token_map_by_hand() -> None:
         token_map(stack, [0], (2, 1, 2), prefix=1), [[[0.2, 0.6]], [[1.0, 0.0]]], rtol=1e-6
     )
     np.testing.assert_allclose(
-        token_map(cross, [0], (2, 1, 2), prefix=1, normalize_by="minmax"),
+        token_map(cross, [0], (2, 1, 2), prefix=1, normalize_by="global"),
         [[[0.2, 0.6]], [[1.0, 0.0]]],
         rtol=1e-6,
     )

@@ -9,8 +9,8 @@ import matplotlib
 import numpy as np
 import pytest
 
-from attnmap import autorender
-from attnmap.config import VisualizationParams
+from attnmap.render import videos as autorender
+from attnmap.render.options import RenderOptions
 from attnmap.store import StoreWriter, open_store
 
 VIDEO = {"height": 32, "width": 48, "fps": 8, "frames": 9}
@@ -70,7 +70,7 @@ def store_root(tmp_path: Path) -> Path:
 
 
 def test_render_video_writes_attention_and_overlay(store_root: Path, tmp_path: Path) -> None:
-    params = VisualizationParams(colormap="hot", fps=12)
+    params = RenderOptions(colormap="hot", fps=12)
     paths = autorender.render_video(store_root, "vid 1", tmp_path / "out", params)
     names = sorted(p.name for p in paths)
     assert names == [
@@ -93,7 +93,7 @@ def test_render_video_writes_attention_and_overlay(store_root: Path, tmp_path: P
 
 def test_hot_token_colour_without_labels(store_root: Path, tmp_path: Path) -> None:
     store = open_store(store_root)
-    options = autorender.RenderOptions(colormap="viridis", labels=False, colorbar=False)
+    options = RenderOptions(colormap="viridis", labels=False, include_colorbar=False)
     out = autorender.render_token(store, "vid 1", "cat", tmp_path / "cat.mp4", options=options)
     frames, _ = decode(out)
     top = np.asarray(matplotlib.colormaps["viridis"](1.0, bytes=True)[:3], dtype=int)
@@ -104,7 +104,7 @@ def test_hot_token_colour_without_labels(store_root: Path, tmp_path: Path) -> No
 
 def test_step_evolution_frame_count_and_formats(store_root: Path, tmp_path: Path) -> None:
     store = open_store(store_root)
-    options = autorender.RenderOptions(interpolation_steps=2, fps=5)
+    options = RenderOptions(interpolation_steps=2, fps=5)
     out = autorender.render_token(
         store, "vid 1", "dog", tmp_path / "dog_steps.webm", options=options, mode="steps"
     )
@@ -117,7 +117,7 @@ def test_step_evolution_frame_count_and_formats(store_root: Path, tmp_path: Path
 def test_one_frame_map_is_a_still(tmp_path: Path) -> None:
     with StoreWriter(tmp_path / "s", "img", {"video": {"height": 16, "width": 16}}) as writer:
         writer.write_step(0, {"token/cat": np.eye(4, dtype=np.float32)[None]})
-    options = autorender.RenderOptions(static_duration=1.5, fps=4)
+    options = RenderOptions(static_duration=1.5, fps=4)
     out = autorender.render_token(
         open_store(tmp_path / "s"), "img", "cat", tmp_path / "still.mp4", options=options
     )
@@ -148,15 +148,15 @@ def test_render_store_and_figures(store_root: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"alpha": 1.5}, "overlay alpha must be in"),
-        ({"normalize": "max"}, "normalize must be one of"),
-        ({"threshold": 1.0}, "threshold must be in"),
-        ({"video_format": "avi"}, "video_format must be one of"),
+        ({"overlay_alpha": 1.5}, "overlay_alpha: expected a number <= 1.0"),
+        ({"normalize": "minmax_frame"}, "normalize: expected one of global, frame"),
+        ({"threshold": 1.5}, "threshold: expected a number <= 1.0"),
+        ({"video_format": "avi"}, "video_format: expected one of"),
     ],
 )
 def test_bad_options(changes: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        autorender.RenderOptions(**changes)  # type: ignore[arg-type]
+        RenderOptions(**changes)  # type: ignore[arg-type]
 
 
 def test_bad_token_and_missing_original(store_root: Path, tmp_path: Path) -> None:
@@ -247,7 +247,7 @@ def test_overlay_memory_stays_below_the_original(store_root: Path, tmp_path: Pat
     original = make_original(tmp_path / "long.mp4", frames=480)
     whole = 480 * 32 * 48 * 3
     store = open_store(store_root)
-    options = autorender.RenderOptions(labels=False, colorbar=False)
+    options = RenderOptions(labels=False, include_colorbar=False)
     tracemalloc.start()
     try:
         out = autorender.render_token(

@@ -253,7 +253,7 @@ def test_timesformer_space_and_time_attention_from_eager_softmax() -> None:
 
 
 def test_timesformer_divided_attention_feeds_space_time_rollout() -> None:
-    from attnmap.rollout import space_time_rollout
+    from attnmap.analysis.rollout import space_time_rollout
 
     model, kwargs = timesformer()
     with attnmap.capture(model, per_block=True, per_head=True) as rec:
@@ -442,10 +442,10 @@ def test_config_auto_renders_each_video_into_its_folder(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[tuple[Any, ...]] = []
-    fake = types.ModuleType("attnmap.autorender")
+    fake = types.ModuleType("attnmap.render.videos")
     fake.render_video = lambda root, vid, out, params: calls.append(("video", root, vid, out, params)) or []  # type: ignore[attr-defined]
     fake.render_store = lambda root, params: calls.append(("store", root, params)) or {}  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "attnmap.autorender", fake)
+    monkeypatch.setitem(sys.modules, "attnmap.render.videos", fake)
     cfg = Config.from_dict(
         {"auto_generate_per_video": True, "auto_generate_videos": True, "storage_dtype": "float32"}
     )
@@ -725,14 +725,14 @@ def test_one_video_id_per_batch_row(tmp_path: Any) -> None:
 def test_metadata_video_path_lets_auto_render_overlay_the_exported_video(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from attnmap.autorender import known_original
+    from attnmap.render.videos import known_original
 
     found: list[Any] = []
-    fake = types.ModuleType("attnmap.autorender")
+    fake = types.ModuleType("attnmap.render.videos")
     fake.render_video = lambda root, vid, out, params: (
         found.append(known_original(open_store(root), vid)) or []
     )  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "attnmap.autorender", fake)
+    monkeypatch.setitem(sys.modules, "attnmap.render.videos", fake)
     pipe = wan_pipeline()
     cfg = Config.from_dict({"auto_generate_per_video": True})
     meta = {"video": {"path": "videos/v0.mp4", "fps": 16}}
@@ -752,12 +752,12 @@ def test_metadata_video_path_lets_auto_render_overlay_the_exported_video(
 def test_nested_captures_both_record_in_either_mode(
     outer_one_pass: bool, inner_one_pass: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import attnmap.ops
+    import attnmap.reduce
 
     one_pass_calls: list[int] = []
-    sdpa_with_lse = attnmap.ops.sdpa_with_lse
+    sdpa_with_lse = attnmap.reduce.sdpa_with_lse
     monkeypatch.setattr(
-        attnmap.ops, "sdpa_with_lse", lambda *a, **k: one_pass_calls.append(1) or sdpa_with_lse(*a, **k)
+        attnmap.reduce, "sdpa_with_lse", lambda *a, **k: one_pass_calls.append(1) or sdpa_with_lse(*a, **k)
     )
     model, kwargs = wan()
     plain = run(model, kwargs)

@@ -141,19 +141,22 @@ def test_all_list_and_figures(store: Path, tmp_path: Path) -> None:
         ),
         (
             ["--video-id", "vid 1", "--overlay-alpha", "1.5"],
-            "Error: overlay alpha must be in [0, 1], got 1.5",
+            "Error: overlay_alpha: expected a number <= 1.0, got 1.5",
         ),
         (["--video-id", "vid 1", "--colormap", "nope"], "Error: --colormap 'nope' is unknown; valid names:"),
         (["--video-id", "vid 1", "--steps", "x"], "Error: --steps must be numbers"),
         (["--video-id", "vid 1", "--token", "cat", "--steps", "7"], "Error: steps [7] are not stored"),
-        (["--video-id", "vid 1", "--normalize", "minmax"], "Error: normalize must be one of global, frame"),
-        (["--video-id", "vid 1", "--threshold", "2"], "Error: threshold must be in (0, 1), got 2.0"),
-        (["--video-id", "vid 1", "--fps", "0"], "Error: fps must be an int >= 1, got 0"),
+        (["--video-id", "vid 1", "--normalize", "minmax"], "Error: normalize: expected one of global, frame"),
+        (["--video-id", "vid 1", "--threshold", "2"], "Error: threshold: expected a number <= 1.0, got 2.0"),
+        (["--video-id", "vid 1", "--fps", "0"], "Error: fps: expected a number > 0.0, got 0.0"),
         (
             ["--video-id", "vid 1", "--video-format", "avi"],
-            "Error: video_format must be one of mp4, webm, gif",
+            "Error: video_format: expected one of mp4, webm, gif",
         ),
-        (["--video-id", "vid 1", "--interpolation-steps", "-1"], "Error: interpolation_steps must be an int"),
+        (
+            ["--video-id", "vid 1", "--interpolation-steps", "-1"],
+            "Error: interpolation_steps: expected an integer >= 0",
+        ),
     ],
 )
 def test_bad_arguments_one_line(store: Path, tmp_path: Path, args: list[str], message: str) -> None:

@@ -1,4 +1,5 @@
-"""attnmap.Config: seed 001's attention_analysis block, defaults, and errors that list valid keys."""
+"""attnmap.Config: the attention_analysis block of the Wan visualisation suite's YAML, defaults, and
+errors that name the key (a key is honoured or refused, never ignored)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from attnmap import Config
-from attnmap.config import VisualizationParams
+from attnmap import AttnmapError, Config, RenderOptions
 
-# every key that seed 001 shows in its attention_analysis examples
-SEED_001 = """
+# every key that the Wan attention visualisation suite shows in its attention_analysis examples
+SUITE_CONFIG = """
 model: wan-1.3b
 attention_analysis:
   store_attention: true
@@ -36,23 +36,35 @@ attention_analysis:
 """
 
 
-def test_from_yaml_reads_every_key_of_the_seed_block(tmp_path: Path) -> None:
+def test_from_yaml_reads_every_key_and_refuses_the_formats_it_cannot_honour(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
-    path.write_text(SEED_001)
+    path.write_text(SUITE_CONFIG)
+    # numpy/torch storage would need pickle to load, and safetensors files are not compressed
+    with pytest.raises(
+        AttnmapError, match=r"^attention_analysis.storage_format: attnmap stores safetensors only"
+    ):
+        Config.from_yaml(path)
+    fixed = SUITE_CONFIG.replace('"numpy"', '"safetensors"')
+    path.write_text(fixed)
+    with pytest.raises(
+        AttnmapError, match=r"^attention_analysis.compress_attention: safetensors files are stored"
+    ):
+        Config.from_yaml(path)
+    path.write_text(fixed.replace("compress_attention: true", "compress_attention: false"))
     cfg = Config.from_yaml(path)
     assert cfg == Config(
         store_attention=True,
-        storage_format="numpy",
-        compress_attention=True,
+        storage_format="safetensors",
+        compress_attention=False,
         storage_dtype="float32",
         store_per_head=False,
         store_per_block=True,
         store_aggregated_attention=True,
-        aggregated_storage_format="numpy",
+        aggregated_storage_format="safetensors",
         auto_generate_videos=True,
         auto_generate_per_video=True,
         spatial_downsample_factor=2,
-        visualization_params=VisualizationParams(
+        visualization_params=RenderOptions(
             figsize=(16.0, 10.0),
             colormap="viridis",
             overlay_alpha=0.5,
@@ -66,8 +78,8 @@ def test_from_yaml_reads_every_key_of_the_seed_block(tmp_path: Path) -> None:
     assert Config.from_dict(cfg.to_dict()) == cfg
 
 
-# the first block of seed 001, verbatim but for the blank line's trailing spaces
-SEED_001_TOP = """
+# the suite's first example block, verbatim but for the blank line's trailing spaces
+SUITE_TOP = """
 attention_analysis:
   store_attention: true
   store_aggregated_attention: true  # NEW: Store step-averaged attention maps
@@ -84,19 +96,23 @@ attention_analysis:
 """
 
 
-def test_from_yaml_reads_the_seed_top_block_with_defaults_for_the_rest(tmp_path: Path) -> None:
+def test_from_yaml_reads_the_top_block_with_defaults_for_the_rest(tmp_path: Path) -> None:
     path = tmp_path / "top.yaml"
-    path.write_text(SEED_001_TOP)
+    path.write_text(SUITE_TOP)
     cfg = Config.from_yaml(path)
-    assert cfg == Config(auto_generate_videos=True, auto_generate_per_video=True)
+    assert cfg == Config(
+        auto_generate_videos=True,
+        auto_generate_per_video=True,
+        visualization_params=RenderOptions(figsize=(12.0, 8.0), overlay_alpha=0.6, fps=10),
+    )
     assert cfg.visualization_params.video_format == "mp4" and cfg.visualization_params.include_colorbar
 
 
 def test_missing_keys_take_defaults() -> None:
     cfg = Config.from_dict({"visualization_params": {"colormap": "hot"}})
     assert cfg.store_attention and not cfg.store_per_block and cfg.storage_dtype == "float16"
-    assert cfg.visualization_params == VisualizationParams()
-    assert cfg.visualization_params.figsize == (12.0, 8.0) and cfg.visualization_params.fps == 10
+    assert cfg.visualization_params == RenderOptions()
+    assert cfg.visualization_params.figsize is None and cfg.visualization_params.fps is None
     assert Config.from_dict({}) == Config()
 
 
@@ -110,8 +126,9 @@ def test_unknown_keys_are_errors_that_list_the_valid_ones() -> None:
         "visualization_params"
     )
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['fsp'\] in attention_analysis.visualization_params; "
-                       r"valid keys are: figsize, colormap, overlay_alpha, static_duration, fps, "
-                       r"interpolation_steps, include_colorbar, video_format"):  # fmt: skip
+                       r"valid keys are: colormap, fps, overlay_alpha, normalize, vmin, vmax, threshold, "
+                       r"interpolation_steps, static_duration, include_colorbar, labels, include_timestamp, "
+                       r"video_format, figsize"):  # fmt: skip
         Config.from_dict({"visualization_params": {"fsp": 3}})
 
 
@@ -122,16 +139,19 @@ def test_unknown_keys_are_errors_that_list_the_valid_ones() -> None:
         ({"store_per_head": "yes"}, "store_per_head must be true or false, got 'yes'"),
         ({"spatial_downsample_factor": 0}, "spatial_downsample_factor must be >= 1, got 0"),
         ({"spatial_downsample_factor": 1.5}, "spatial_downsample_factor must be an integer >= 1, got 1.5"),
-        ({"visualization_params": {"overlay_alpha": 1.5}}, "overlay_alpha must be in \\[0, 1\\], got 1.5"),
-        ({"visualization_params": {"fps": 0}}, "fps must be >= 1, got 0"),
+        (
+            {"visualization_params": {"overlay_alpha": 1.5}},
+            "^attention_analysis.visualization_params.overlay_alpha: expected a number <= 1.0, got 1.5",
+        ),
+        ({"visualization_params": {"fps": 0}}, "visualization_params.fps: expected a number > 0.0, got 0"),
         (
             {"visualization_params": {"figsize": [12]}},
-            "figsize must be \\[width, height\\] of positive numbers",
+            "visualization_params.figsize: expected \\[width, height\\] in inches",
         ),
-        ({"visualization_params": {"video_format": "mov"}}, "video_format must be one of mp4, webm"),
+        ({"visualization_params": {"normalize": "minmax"}}, "'minmax' is now called 'global'"),
         (  # the renderer cannot write avi: the error lists what it can
             {"visualization_params": {"video_format": "avi"}},
-            "attention_analysis.visualization_params.video_format must be one of mp4, webm, gif, mkv; got 'avi'",
+            "visualization_params.video_format: expected one of mp4, webm, gif, mkv, mov, got 'avi'",
         ),
     ],
 )

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from attnmap import demo
-from attnmap.analysis import token_mask
+from attnmap.analysis.maps import token_mask
 from attnmap.store import open_store
 
 

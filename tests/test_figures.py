@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnmap import figures
+from attnmap.render import figures
 
 
 def _png(path: Path) -> np.ndarray:

@@ -20,12 +20,12 @@ def test_capture_and_rollout_stay_callable_whatever_is_imported_first() -> None:
     # a fresh interpreter: importing the submodules first binds them over the package's functions
     code = (
         "import torch, attnmap\n"
-        "import attnmap.capture, attnmap.rollout\n"
+        "import attnmap.capture, attnmap.analysis.rollout\n"
         "for name in attnmap.__all__: getattr(attnmap, name)\n"
-        "assert callable(attnmap.capture) and callable(attnmap.rollout)\n"
+        "assert callable(attnmap.capture) and callable(attnmap.analysis.rollout)\n"
         "a = torch.softmax(torch.randn(1, 2, 5, 5), -1)\n"
-        "out = attnmap.rollout([a, a], head_fusion='max')\n"
-        "ref = attnmap.rollout.rollout([a, a], head_fusion='max')\n"
+        "out = attnmap.analysis.rollout([a, a], head_fusion='max')\n"
+        "ref = attnmap.analysis.rollout.rollout([a, a], head_fusion='max')\n"
         "assert torch.equal(out, ref) and out.shape == (1, 5, 5)\n"
         "try:\n"
         "    attnmap.capture(torch.nn.Linear(2, 2))\n"

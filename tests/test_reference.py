@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnmap import reference
 from attnmap.layout import Layout
-from attnmap.ops import FULL_LIMIT
+from attnmap.reduce import FULL_LIMIT, reference
 
 
 def _qk(lay: Layout, heads: int = 2, kv_heads: int = 2, d: int = 32, batch: int = 2, seed: int = 0):

@@ -13,6 +13,7 @@ from matplotlib import colormaps
 
 from attnmap import render
 from attnmap._native import AttnmapError
+from attnmap.render import codec
 
 
 def reference_frames(maps: np.ndarray, size: tuple[int, int], frames: int, cmap: str) -> np.ndarray:
@@ -231,7 +232,7 @@ def test_write_video_holds_a_bounded_number_of_chunks(tmp_path: pathlib.Path) ->
     chunks = TrackedChunks(120, (2, 16, 16, 3))
     path = render.write_video(iter(chunks), tmp_path / "long.mp4")
     assert render.read_video(path)[0].shape == (240, 16, 16, 3)
-    assert chunks.peak <= render._QUEUE_CHUNKS + 3, chunks.peak
+    assert chunks.peak <= codec._QUEUE_CHUNKS + 3, chunks.peak
 
 
 def test_streamed_background_equals_the_array_background() -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnmap.rollout import cls_space_time_map, rollout, space_time_rollout, temporal_rollout
+from attnmap.analysis.rollout import cls_space_time_map, rollout, space_time_rollout, temporal_rollout
 from tiny_models import timesformer, videomae, vjepa2
 
 
@@ -322,8 +322,8 @@ def test_space_time_rollout_through_capture(tmp_path: object) -> None:
 
 
 def test_attnmap_rollout_is_callable_whatever_was_imported_first() -> None:
-    """``attnmap.rollout`` stays callable after the submodule ``attnmap.rollout`` was imported
-    (e.g. through ``attnmap.space_time_rollout``), which binds the module over the function."""
+    """``attnmap.analysis.rollout`` stays callable after the submodule of that name was imported
+    (e.g. through ``attnmap.analysis.space_time_rollout``), which binds the module over the function."""
     import json
     import os
     import subprocess
@@ -332,10 +332,10 @@ def test_attnmap_rollout_is_callable_whatever_was_imported_first() -> None:
 
     code = (
         "import numpy as np, attnmap\n"
-        "attnmap.space_time_rollout\n"
-        "import attnmap.rollout\n"
+        "attnmap.analysis.space_time_rollout\n"
+        "import attnmap.analysis.rollout\n"
         "a = np.array([[[0.5, 0.5], [0.2, 0.8]]])\n"
-        "print(attnmap.rollout([a], head_fusion='mean', discard_ratio=0.0, start_layer=0).tolist())\n"
+        "print(attnmap.analysis.rollout([a], head_fusion='mean', discard_ratio=0.0, start_layer=0).tolist())\n"
     )
     python_dir = str(Path(__file__).resolve().parents[1] / "python")
     env = {**os.environ, "PYTHONPATH": python_dir}

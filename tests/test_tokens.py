@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from attnmap.tokens import find, parse_targets, resolve
+from attnmap.capture.tokens import find, parse_targets, resolve
 from tiny_models import tokenizer
 
 

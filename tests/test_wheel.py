@@ -24,9 +24,13 @@ def test_wheel_installs_and_imports(tmp_path: pathlib.Path) -> None:
     (wheel,) = dist.glob("attnmap-*.whl")
     assert "abi3" in wheel.name
     names = zipfile.ZipFile(wheel).namelist()
-    assert "attnmap/render.py" in names and "attnmap/_native.pyi" in names and "attnmap/py.typed" in names
+    assert (
+        "attnmap/render/heatmap.py" in names
+        and "attnmap/_native.pyi" in names
+        and "attnmap/py.typed" in names
+    )
     assert any(n.startswith("attnmap/_native") and n.endswith(".so") for n in names)
-    assert any(n.startswith("attnmap/kernels/") and n.endswith(".py") for n in names)
+    assert any(n.startswith("attnmap/reduce/kernels/") and n.endswith(".py") for n in names)
 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False)
@@ -44,7 +48,7 @@ def test_wheel_installs_and_imports(tmp_path: pathlib.Path) -> None:
         "import attnmap, attnmap._native, attnmap.render as r, numpy as np, pathlib, sys;"
         f"assert pathlib.Path(attnmap.__file__).is_relative_to({site!r}), attnmap.__file__;"
         "assert issubclass(attnmap.AttnmapError, ValueError);"
-        "import importlib.util; assert importlib.util.find_spec('attnmap.kernels') is not None;"
+        "import importlib.util; assert importlib.util.find_spec('attnmap.reduce.kernels') is not None;"
         "f = r.frames(np.random.rand(3, 4, 5).astype(np.float32), size=(8, 10), temporal_stride=2);"
         "assert f.shape == (5, 8, 10, 3) and f.dtype == np.uint8; print('ok', attnmap._native.__version__)"
     )

@@ -1,10 +1,19 @@
 """attnmap: where video transformers look.
 
-Capture attention maps from any model that calls ``scaled_dot_product_attention`` without
-materialising the N x N map, store them, analyse them and render heatmap videos.
+Capture attention maps from video transformers without materialising the N x N map, store them,
+analyse them and render them. The main verbs are here; the rest lives in its module:
 
-Names are imported lazily, so ``import attnmap`` is cheap and ``attnmap.render`` does not pull
-in torch.
+- :func:`capture` (a model or pipeline, as it runs) -> :class:`Recorder`;
+- :func:`attention_sums` (one attention call's q, k and :class:`Layout` -> small maps), with the
+  materialising oracle :mod:`attnmap.reference`; backends and ``sdpa_with_lse`` in :mod:`attnmap.reduce`;
+- :func:`open_store` (read what capture stored; writing: :mod:`attnmap.store`);
+- :func:`render_video` (a stored video's heatmap videos and overlays) with :class:`RenderOptions`;
+  frames, video files and figures in :mod:`attnmap.render`;
+- :mod:`attnmap.analysis`: token maps, masks, frame-to-frame matrices, rollout, summaries;
+- :class:`Config` (a YAML ``attention_analysis`` block) and :class:`AttnmapError`, the one error root
+  (a ``ValueError``; a store fault is its subclass :class:`attnmap.store.StoreError`, also an ``OSError``).
+
+Names load lazily: ``import attnmap`` is cheap, and ``attnmap.render`` does not pull in torch.
 """
 
 from __future__ import annotations
@@ -16,70 +25,38 @@ __version__ = "0.1.0"
 
 # public name -> (module, attribute or None for the module itself)
 _EXPORTS: dict[str, tuple[str, str | None]] = {
-    "Layout": ("attnmap.layout", "Layout"),
-    "attention_sums": ("attnmap.ops", "attention_sums"),
-    "sdpa_with_lse": ("attnmap.ops", "sdpa_with_lse"),
-    "reference": ("attnmap.reference", None),
-    "capture": ("attnmap.capture", "capture"),
+    "AttnmapError": ("attnmap.errors", "AttnmapError"),
+    "capture": ("attnmap.capture", None),  # the package, callable as the function
     "Recorder": ("attnmap.capture", "Recorder"),
     "Config": ("attnmap.config", "Config"),
-    "tokens": ("attnmap.tokens", None),
+    "Layout": ("attnmap.layout", "Layout"),
+    "attention_sums": ("attnmap.reduce", "attention_sums"),
+    "reference": ("attnmap.reduce.reference", None),
     "open_store": ("attnmap.store", "open_store"),
-    "AttentionMap": ("attnmap.store", "AttentionMap"),
-    "Store": ("attnmap.store", "Store"),
-    "StoreWriter": ("attnmap.store", "StoreWriter"),
-    "StoreError": ("attnmap.store", "StoreError"),
+    "RenderOptions": ("attnmap.render.options", "RenderOptions"),
+    "render_video": ("attnmap.render.videos", "render_video"),
     "analysis": ("attnmap.analysis", None),
-    "token_map": ("attnmap.analysis", "token_map"),
-    "token_mask": ("attnmap.analysis", "token_mask"),
-    "temporal_locality": ("attnmap.analysis", "temporal_locality"),
-    "summarize": ("attnmap.analysis", "summarize"),
-    "write_summary": ("attnmap.analysis", "write_summary"),
-    "load_token_map": ("attnmap.analysis", "load_token_map"),
-    "frame_matrix": ("attnmap.analysis", "frame_matrix"),
-    "text_self_attention": ("attnmap.analysis", "text_self_attention"),
-    "classify_heads": ("attnmap.analysis", "classify_heads"),
-    "rollout": ("attnmap.rollout", "rollout"),
-    "space_time_rollout": ("attnmap.rollout", "space_time_rollout"),
-    "temporal_rollout": ("attnmap.rollout", "temporal_rollout"),
-    "cls_space_time_map": ("attnmap.rollout", "cls_space_time_map"),
+    "reduce": ("attnmap.reduce", None),
     "render": ("attnmap.render", None),
-    "figures": ("attnmap.figures", None),
-    "AttnmapError": ("attnmap._native", "AttnmapError"),
+    "store": ("attnmap.store", None),
 }
 
 __all__ = [
-    "AttentionMap",
     "AttnmapError",
     "Config",
     "Layout",
     "Recorder",
-    "Store",
-    "StoreError",
-    "StoreWriter",
+    "RenderOptions",
     "__version__",
     "analysis",
     "attention_sums",
     "capture",
-    "classify_heads",
-    "cls_space_time_map",
-    "figures",
-    "frame_matrix",
-    "load_token_map",
     "open_store",
+    "reduce",
     "reference",
     "render",
-    "rollout",
-    "sdpa_with_lse",
-    "space_time_rollout",
-    "summarize",
-    "temporal_locality",
-    "temporal_rollout",
-    "text_self_attention",
-    "token_map",
-    "token_mask",
-    "tokens",
-    "write_summary",
+    "render_video",
+    "store",
 ]
 
 
@@ -99,22 +76,13 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from attnmap import analysis, figures, reference, render, tokens
-    from attnmap._native import AttnmapError
-    from attnmap.analysis import (
-        classify_heads,
-        frame_matrix,
-        load_token_map,
-        summarize,
-        temporal_locality,
-        text_self_attention,
-        token_map,
-        token_mask,
-        write_summary,
-    )
+    from attnmap import analysis, reduce, render, store
     from attnmap.capture import Recorder, capture
     from attnmap.config import Config
+    from attnmap.errors import AttnmapError
     from attnmap.layout import Layout
-    from attnmap.ops import attention_sums, sdpa_with_lse
-    from attnmap.rollout import cls_space_time_map, rollout, space_time_rollout, temporal_rollout
-    from attnmap.store import AttentionMap, Store, StoreError, StoreWriter, open_store
+    from attnmap.reduce import attention_sums
+    from attnmap.reduce import reference as reference
+    from attnmap.render.options import RenderOptions
+    from attnmap.render.videos import render_video
+    from attnmap.store import open_store

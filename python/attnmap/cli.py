@@ -129,7 +129,9 @@ def video(
         bool, typer.Option(help="Step-aggregated map following the video's frames, instead of the steps.")
     ] = False,
     colormap: Annotated[str, typer.Option(help="Colormap (hot, jet, viridis, inferno, turbo, ...).")] = "hot",
-    fps: Annotated[int, typer.Option(help="Output frames per second.")] = 10,
+    fps: Annotated[
+        Optional[float], typer.Option(help="Output frames per second (default: the original video's rate).")
+    ] = None,
     interpolation_steps: Annotated[int, typer.Option(help="Blended frames between steps.")] = 2,
     include_timestamp: Annotated[bool, typer.Option(help="Write each frame's time in its label.")] = False,
     video_format: Annotated[str, typer.Option(help="mp4, webm or gif, when --output has no suffix.")] = "mp4",
@@ -147,19 +149,20 @@ def video(
 ) -> None:
     """Render tokens of one stored video: the step evolution (default) or the aggregated map (--use-aggregated),
     as heatmaps or overlays on the original video, one file per token or a grid."""
-    import attnmap.autorender as autorender
+    import attnmap.render.videos as autorender
+    from attnmap.render.options import RenderOptions
 
     with _errors():
-        options = autorender.RenderOptions(
+        options = RenderOptions(
             colormap=_colormap(colormap),
             fps=fps,
-            alpha=overlay_alpha,
+            overlay_alpha=overlay_alpha,
             normalize=normalize,
             threshold=threshold,
             interpolation_steps=interpolation_steps,
-            colorbar=colorbar,
+            include_colorbar=colorbar,
             labels=labels,
-            timestamp=include_timestamp,
+            include_timestamp=include_timestamp,
             video_format=video_format,
         )
         if original_video is not None and not original_video.is_file():
@@ -215,22 +218,23 @@ def render_all(
         Optional[Path], typer.Option(help="Output folder (default: attention_videos next to the store).")
     ] = None,
     colormap: Annotated[str, typer.Option(help="Colormap.")] = "hot",
-    fps: Annotated[int, typer.Option(help="Output frames per second.")] = 10,
+    fps: Annotated[
+        Optional[float], typer.Option(help="Output frames per second (default: the original video's rate).")
+    ] = None,
     overlay_alpha: Annotated[float, typer.Option(help="Heatmap opacity on overlays, 0.0-1.0.")] = 0.6,
     video_format: Annotated[str, typer.Option(help="mp4, webm or gif.")] = "mp4",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Render every video and token of a store: <video_id>_<token>_attention.mp4 (the aggregated map following
     the video's frames) and _overlay.mp4 when the store knows the original video."""
-    import attnmap.autorender as autorender
-    from attnmap.config import VisualizationParams
+    import attnmap.render.videos as autorender
+    from attnmap.render.options import RenderOptions
 
     with _errors():
         store = _open(attention_dir)
-        params = VisualizationParams(
+        params = RenderOptions(
             colormap=_colormap(colormap), fps=fps, overlay_alpha=overlay_alpha, video_format=video_format
         )
-        autorender.RenderOptions.from_params(params)  # checks the values before any work
         target = output if output is not None else attention_dir.resolve().parent / "attention_videos"
         videos = store.videos()
         if not videos:
@@ -265,7 +269,7 @@ def figures_cmd(
 ) -> None:
     """Draw the figures of one video: tokens over steps and frames, the F x F temporal matrix, the text
     self-attention and the per-head temporal locality (those whose maps are stored)."""
-    import attnmap.autorender as autorender
+    import attnmap.render.videos as autorender
 
     with _errors():
         if fmt not in ("png", "svg"):

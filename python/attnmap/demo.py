@@ -405,9 +405,10 @@ def run(output: Path, *, quiet: bool = False, log: Optional[Log] = None, wan: bo
     Returns:
         ``{"iou": {word: IoU}, "passed": bool, "outputs": [paths], "seconds": float}``.
     """
-    import attnmap.autorender as autorender
     import attnmap.render as render
+    import attnmap.render.videos as autorender
     from attnmap.analysis import token_mask
+    from attnmap.render.options import RenderOptions
     from attnmap.store import open_store
 
     say: Log = log or print
@@ -441,7 +442,7 @@ def run(output: Path, *, quiet: bool = False, log: Optional[Log] = None, wan: bo
         say(f"  {colour + ' ' + word:<16} IoU {scores[word]:.3f}  {verdict}")
 
     videos = out / "videos"
-    options = autorender.RenderOptions(colormap="jet", fps=video.fps, alpha=0.5, threshold=0.5)
+    options = RenderOptions(colormap="jet", fps=video.fps, overlay_alpha=0.5, threshold=0.5)
     outputs = autorender.render_video(root, VIDEO_ID, videos, quiet=quiet)
     outputs.append(
         autorender.render_grid(
@@ -493,6 +494,6 @@ def replace_options(options: Any, **changes: Any) -> Any:
 
 
 def figures_colorbar(path: Path) -> Path:
-    import attnmap.figures as figures
+    import attnmap.render.figures as figures
 
     return figures.colorbar(path, colormap="jet", vmin=0.0, vmax=1.0, label="normalised attention")

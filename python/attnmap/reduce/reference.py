@@ -1,6 +1,6 @@
-"""The materialising oracle of :func:`attnmap.ops.attention_sums`: plain fp32 torch, P held whole.
+"""The materialising oracle of :func:`attnmap.attention_sums`: plain fp32 torch, P held whole.
 
-Same contract as :func:`attnmap.ops.attention_sums` (same arguments, validation and outputs), but it
+Same contract as :func:`attnmap.attention_sums` (same arguments, validation and outputs), but it
 builds P = softmax(scale * q k^T + mask) as one ``[B, H, Nq, Nk]`` tensor with ``torch.softmax`` and
 slices it. It is what every backend is tested against; use it on small inputs only.
 """
@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from attnmap.layout import Layout
-from attnmap.ops import AttentionCall, Reductions, group_text, prepare_call
+from attnmap.reduce.contract import AttentionCall, Reductions, group_text, prepare_call
 
 
 def probabilities(call: AttentionCall) -> torch.Tensor:
@@ -32,6 +32,16 @@ def probabilities(call: AttentionCall) -> torch.Tensor:
     dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
     p = torch.softmax(logits, dim=-1)
     return torch.where(dead, torch.zeros_like(p), p)
+
+
+def serves(call: AttentionCall) -> Optional[str]:
+    """Every call (on small inputs: P is held whole)."""
+    return None
+
+
+def run(call: AttentionCall) -> dict[str, torch.Tensor]:
+    """The contract's outputs of a validated call, from the materialised P."""
+    return group_text(call, sums_of(call))
 
 
 def sums_of(call: AttentionCall) -> dict[str, torch.Tensor]:
@@ -73,9 +83,9 @@ def attention_sums(
     check_finite: bool = True,
     text_groups: Optional[Sequence[Sequence[int]]] = None,
 ) -> dict[str, torch.Tensor]:
-    """:func:`attnmap.ops.attention_sums`, computed by materialising P (O(B H Nq Nk) memory).
+    """:func:`attnmap.attention_sums`, computed by materialising P (O(B H Nq Nk) memory).
 
-    Args and Returns: as :func:`attnmap.ops.attention_sums` (without ``backend``).
+    Args and Returns: as :func:`attnmap.attention_sums` (without ``backend``).
 
     Example:
         >>> lay = Layout.cross(grid=(1, 2, 2), text=3)
@@ -97,4 +107,4 @@ def attention_sums(
         text_groups=text_groups,
     )
     with torch.no_grad():
-        return group_text(call, sums_of(call))
+        return run(call)

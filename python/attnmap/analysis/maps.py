@@ -17,13 +17,12 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 import numpy as np
 
 from attnmap._io import atomic_write
+from attnmap.analysis.normalization import Normalize, normalize
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnmap.store import Store
 
 ArrayLike = Any  # torch.Tensor or numpy array
-Normalize = Literal["none", "minmax", "minmax_frame", "max", "sum"]
-_NORMALIZE = ("none", "minmax", "minmax_frame", "max", "sum")
 
 
 def _np(x: ArrayLike, name: str) -> np.ndarray:
@@ -36,46 +35,17 @@ def _np(x: ArrayLike, name: str) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------
-# normalisation and masks
+# masks
 # ------------------------------------------------------------------------------------------
-def normalize(x: ArrayLike, method: Normalize = "minmax") -> np.ndarray:
-    """Normalise a map.
-
-    Args:
-        x: ``[F, H, W]`` (or any shape; ``minmax_frame`` needs F first).
-        method: ``"none"``; ``"minmax"`` (seed 000: (x - min) / (max - min) over the whole map);
-            ``"minmax_frame"`` (the same per frame); ``"max"`` (x / max); ``"sum"`` (x / sum, a
-            distribution). A constant map (max == min, or zero sum) becomes zeros.
-
-    Returns:
-        float32 array of the same shape.
-    """
-    a = _np(x, "x")
-    if method not in _NORMALIZE:
-        raise ValueError(f"method must be one of {_NORMALIZE}, got {method!r}")
-    if method == "none" or a.size == 0:
-        return a.astype(np.float32)
-    if method in ("minmax", "minmax_frame"):
-        axes = tuple(range(1, a.ndim)) if method == "minmax_frame" else None
-        if method == "minmax_frame" and a.ndim < 2:
-            raise ValueError(f"minmax_frame needs a map [F, ...], got shape {a.shape}")
-        lo = a.min(axis=axes, keepdims=True)
-        span = a.max(axis=axes, keepdims=True) - lo
-        out = np.where(span > 0, (a - lo) / np.where(span > 0, span, 1.0), 0.0)
-        return out.astype(np.float32)
-    den = a.max() if method == "max" else a.sum()
-    return (a / den if den != 0 else np.zeros_like(a)).astype(np.float32)
-
-
 def token_mask(
     x: ArrayLike,
     *,
     threshold: Optional[float] = None,
     top_fraction: Optional[float] = None,
-    normalize_first: Normalize = "minmax",
+    normalize_first: Normalize = "global",
     per_frame: bool = False,
 ) -> np.ndarray:
-    """A boolean mask of where a token map is high (seed 000's ``thres``).
+    """A boolean mask of where a token map is high (the thresholded token masks of attention-map recorders).
 
     Exactly one rule: ``threshold`` keeps positions whose normalised value is > threshold;
     ``top_fraction`` keeps the ``ceil(top_fraction * n)`` highest positions (n = all positions,
@@ -83,10 +53,10 @@ def token_mask(
 
     Args:
         x: ``[F, H, W]`` map.
-        threshold: a value in the normalised scale (e.g. 0.5 after minmax).
+        threshold: a value in the normalised scale (e.g. 0.5 after ``global``).
         top_fraction: in (0, 1].
         normalize_first: normalisation applied before thresholding (see :func:`normalize`).
-        per_frame: apply the rule to each frame separately (normalisation too, for minmax).
+        per_frame: apply the rule to each frame separately (normalisation too, for ``global``).
 
     Returns:
         bool array of the same shape.
@@ -381,7 +351,7 @@ _BLOCK = re.compile(r"^temporal/block(\d+)$")
 
 
 def summarize(store: Store, video_id: str, *, k: int = 3, mask_top_fraction: float = 0.1) -> dict[str, Any]:
-    """A JSON-safe summary of one video (seed 003's summaries).
+    """A JSON-safe summary of one video .
 
     Args:
         store: an open store.

@@ -4,7 +4,7 @@ While the context is open, a :class:`torch.overrides.TorchFunctionMode` sees eve
 ``torch.nn.functional.scaled_dot_product_attention`` (keyword calls from diffusers, positional
 ones from transformers and timm) and module hooks say which watched attention module made it. The
 call runs exactly as before; the same q and k (after the model's norms and rotary embeddings) go
-to :func:`attnmap.ops.attention_sums`, and the small maps it returns are accumulated per
+to :func:`attnmap.attention_sums`, and the small maps it returns are accumulated per
 (branch, step, block). TimeSformer never calls SDPA: its softmax probabilities are read inside its
 attention modules, space and time kept apart.
 
@@ -41,12 +41,12 @@ import torch
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._device import DeviceContext
 
-from attnmap import _capture_models as models
-from attnmap import ops
-from attnmap._callable import make_module_callable
+from attnmap import reduce
+from attnmap.capture import models
+from attnmap.capture.tokens import Targets, resolve
 from attnmap.config import Config
 from attnmap.layout import Layout
-from attnmap.tokens import Targets, resolve
+from attnmap.reduce.native import REDUCTIONS as NATIVE_REDUCTIONS
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention
 _SOFTMAX = (torch.Tensor.softmax, torch.softmax, torch.nn.functional.softmax)
@@ -446,7 +446,7 @@ class Recorder:
             isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
         ) or not (q.dim() == k.dim() == v.dim() == 4):
             return _SDPA(**call), None
-        return ops.sdpa_with_lse(
+        return reduce.sdpa_with_lse(
             q,
             k,
             v,
@@ -496,9 +496,9 @@ class Recorder:
         # the CPU kernel reduces into just the kept columns; elsewhere the full cross map is as cheap
         cpu = q.device.type == "cpu"
         groups = self._text_groups(site, layout, prefix) if cpu and "cross" in wanted else None
-        grouped = cpu and set(wanted) <= ops.GROUPED  # the CPU kernel forms the softmax itself
+        grouped = cpu and set(wanted) <= NATIVE_REDUCTIONS  # the CPU kernel forms the softmax itself
         with torch.no_grad():
-            out = ops.attention_sums(
+            out = reduce.attention_sums(
                 q.detach()[sel],
                 k.detach()[sel],
                 layout,
@@ -874,13 +874,13 @@ class Recorder:
         from attnmap.store import video_dirname
 
         if cfg.auto_generate_per_video:
-            from attnmap.autorender import render_video
+            from attnmap.render.videos import render_video
 
             for vid in self._writers:
                 out_dir = self._store / video_dirname(vid) / "attention_videos"
                 render_video(self._store, vid, out_dir, cfg.visualization_params)
         if cfg.auto_generate_videos:
-            from attnmap.autorender import render_store
+            from attnmap.render.videos import render_store
 
             render_store(self._store, cfg.visualization_params)
 
@@ -1001,8 +1001,8 @@ def capture(
             absolute) and the file exists when the context closes: pass
             ``metadata={"video": {"path": "videos/v0.mp4", "fps": 16}}`` and export the video
             inside the ``with`` block.
-        backend: the reduction backend of :func:`attnmap.ops.attention_sums`.
-        one_pass: run each recorded attention call through :func:`attnmap.ops.sdpa_with_lse` (the
+        backend: the reduction backend of :func:`attnmap.attention_sums`.
+        one_pass: run each recorded attention call through :func:`attnmap.reduce.sdpa_with_lse` (the
             kernel SDPA itself picks, through its aten op that also returns the logsumexp) and reduce
             in one pass instead of two. Where torch offers no such op for a call, SDPA runs as usual.
             A capture opened inside another capture, or inside any torch function mode other than
@@ -1051,5 +1051,3 @@ def capture(
 
 
 __all__ = ["REDUCTIONS", "Recorder", "capture"]
-
-make_module_callable(__name__, capture)

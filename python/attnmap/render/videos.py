@@ -34,87 +34,17 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import numpy as np
 
+from attnmap.render.options import DEFAULT_FPS, RenderOptions
+
 if TYPE_CHECKING:  # pragma: no cover
-    from attnmap.config import VisualizationParams
     from attnmap.store import Store
 
 PathLike = Union[str, "os.PathLike[str]"]
 Mode = Literal["aggregated", "steps"]
-NORMALIZE = ("global", "frame", "percentile")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mkv", ".mov")
 _CHUNK = 16
 _WORKERS = 2  # renders of one video encoded at the same time (render_video)
 _MIN_SIDE = 256  # a map with no known video size is scaled up to at least this many pixels high
-
-
-@dataclass(frozen=True)
-class RenderOptions:
-    """How a rendered attention video looks.
-
-    Attributes:
-        colormap: a colormap of :func:`attnmap.render.colormap_names`.
-        fps: frames per second of the output.
-        alpha: heatmap opacity over the original video, in [0, 1].
-        normalize: ``"global"`` (min-max over the whole video), ``"frame"`` (per frame) or ``"percentile"``
-            (clip to the 1st-99th percentile).
-        threshold: None, or a level in (0, 1) of the min-max normalised map whose mask outline is drawn.
-        interpolation_steps: blended frames between consecutive steps of a step-evolution video.
-        static_duration: seconds a one-frame map is held.
-        colorbar: draw a colour bar at the right edge.
-        labels: draw the token, step and time into the frames.
-        timestamp: add the time of each frame to the label.
-        video_format: container used when the output name has no suffix (mp4, webm, gif, mkv, mov).
-    """
-
-    colormap: str = "hot"
-    fps: int = 10
-    alpha: float = 0.6
-    normalize: str = "global"
-    threshold: Optional[float] = None
-    interpolation_steps: int = 2
-    static_duration: float = 3.0
-    colorbar: bool = True
-    labels: bool = True
-    timestamp: bool = False
-    video_format: str = "mp4"
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= float(self.alpha) <= 1.0:
-            raise ValueError(f"overlay alpha must be in [0, 1], got {self.alpha}")
-        if isinstance(self.fps, bool) or int(self.fps) != self.fps or self.fps < 1:
-            raise ValueError(f"fps must be an int >= 1, got {self.fps!r}")
-        if self.normalize not in NORMALIZE:
-            raise ValueError(f"normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}")
-        if self.threshold is not None and not 0.0 < float(self.threshold) < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
-        if int(self.interpolation_steps) != self.interpolation_steps or self.interpolation_steps < 0:
-            raise ValueError(f"interpolation_steps must be an int >= 0, got {self.interpolation_steps!r}")
-        if not self.static_duration > 0:
-            raise ValueError(f"static_duration must be > 0 seconds, got {self.static_duration}")
-        if "." + str(self.video_format).lower() not in VIDEO_SUFFIXES:
-            names = ", ".join(s[1:] for s in VIDEO_SUFFIXES)
-            raise ValueError(f"video_format must be one of {names}, got {self.video_format!r}")
-
-    @classmethod
-    def from_params(cls, params: Optional[VisualizationParams] = None, **overrides: Any) -> RenderOptions:
-        """Options from the config's ``visualization_params`` (any object with its attributes), then
-        ``overrides``."""
-        base: dict[str, Any] = {}
-        if params is not None:
-            pairs = {
-                "colormap": "colormap",
-                "fps": "fps",
-                "alpha": "overlay_alpha",
-                "interpolation_steps": "interpolation_steps",
-                "static_duration": "static_duration",
-                "colorbar": "include_colorbar",
-                "video_format": "video_format",
-            }
-            base = {
-                mine: getattr(params, theirs) for mine, theirs in pairs.items() if hasattr(params, theirs)
-            }
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**base)
 
 
 def safe_name(name: str) -> str:
@@ -142,6 +72,7 @@ class _Plan:
     background: Optional[_Original]  # streamed, one frame per output frame
     vmin: Optional[float]
     vmax: Optional[float]
+    fps: float  # frames per second of the output
 
     @property
     def frames(self) -> int:
@@ -203,6 +134,18 @@ def _range(maps: np.ndarray, normalize: str) -> tuple[Optional[float], Optional[
     return lo, hi, "fixed"
 
 
+def _fps(options: RenderOptions, store: Store, video_id: str, original: Optional[_Original]) -> float:
+    """The output frame rate: the options', else the original video's, else the metadata's, else 10."""
+    if options.fps is not None:
+        return float(options.fps)
+    if original is not None and original.fps:
+        return float(original.fps)
+    rate = _video_meta(store, video_id).get("fps")
+    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
+        return float(rate)
+    return float(DEFAULT_FPS)
+
+
 def _select_steps(available: list[int], steps: Optional[Sequence[int]], video_id: str) -> list[int]:
     if steps is None:
         return available
@@ -241,6 +184,7 @@ class _Original:
     source: Union[Path, np.ndarray]
     frames: int  # T, its frame count
     size: tuple[int, int]  # (H, W) of the renders: the video's size cropped to even
+    fps: Optional[float] = None  # its frame rate, when the file says
 
     @classmethod
     def open(cls, original: Original) -> _Original:
@@ -256,14 +200,16 @@ class _Original:
                 )
             frames, (height, width) = video.shape[0], video.shape[1:3]
             source: Union[Path, np.ndarray] = video
+            fps = None
         else:
             source = Path(original)
             if not source.is_file():
                 raise FileNotFoundError(f"original video {str(original)!r} does not exist")
-            frames, (height, width), _ = render.probe_video(source)
+            frames, (height, width), rate = render.probe_video(source)
+            fps = rate if rate > 0 else None
             if frames == 0:
                 raise ValueError(f"original video {str(original)!r} has no frames")
-        return cls(source, frames, (height - height % 2, width - width % 2))
+        return cls(source, frames, (height - height % 2, width - width % 2), fps)
 
     def _decoded(self) -> Generator[np.ndarray, None, None]:
         import attnmap.render as render
@@ -327,7 +273,8 @@ def plan_token(
     tokens = store.tokens(video_id)
     if token not in tokens:
         raise KeyError(f"token {token!r} is not stored for video {video_id!r}; it has {tokens}")
-    fps = options.fps
+    background = None if original_video is None else _Original.open(original_video)
+    fps = _fps(options, store, video_id, background)
     if mode == "steps":
         available = [m.metadata["step"] for m in store.load_all_steps(video_id, token)]
         chosen = _select_steps(available, steps, video_id)
@@ -378,21 +325,19 @@ def plan_token(
         total = num_frames if num_frames is not None else 1 + (maps.shape[0] - 1) * int(stride or 1)
         labels = [f"{token} | {what}" for _ in range(total)]
 
-    background = None
-    if original_video is not None:
-        background = _Original.open(original_video)
+    if background is not None:
         if mode == "aggregated" and maps.shape[0] > 1:  # the map follows the video's own frames
             num_frames, stride = background.frames, None
             labels = [labels[0]] * background.frames
         size = background.size
     else:
         size = output_size(store, video_id, (maps.shape[1], maps.shape[2]))
-    if options.timestamp:
+    if options.include_timestamp:
         labels = [f"{label} | t={i / fps:.2f}s" for i, label in enumerate(labels)]
     vmin, vmax, _ = _range(maps, options.normalize)
-    if options.colorbar and vmin is not None and vmax is not None:
+    if options.include_colorbar and vmin is not None and vmax is not None:
         labels = [f"{label} | scale {vmin:.3g}..{vmax:.3g}" for label in labels]
-    return _Plan(maps, num_frames, stride, labels, background, vmin, vmax), size
+    return _Plan(maps, num_frames, stride, labels, background, vmin, vmax, fps), size
 
 
 # -- drawing -----------------------------------------------------------------------------------
@@ -480,7 +425,7 @@ def _chunks(plan: _Plan, size: tuple[int, int], options: RenderOptions) -> Itera
     else:
         kwargs["num_frames"] = plan.frames
     if plan.background is not None:
-        kwargs.update(background=plan.background.chunks(plan.frames, size), alpha=options.alpha)
+        kwargs.update(background=plan.background.chunks(plan.frames, size), alpha=options.overlay_alpha)
     if options.threshold is not None:
         kwargs["outline"] = options.threshold
     yield from render.iter_frames(plan.maps, **kwargs)
@@ -539,7 +484,7 @@ def _make_parent(out: Path) -> None:
         raise OSError(f"output: cannot make the folder {str(out.parent)!r}: {e.strerror or e}") from None
 
 
-def _write(chunks: Iterable[np.ndarray], out: Path, fps: int) -> Path:
+def _write(chunks: Iterable[np.ndarray], out: Path, fps: float) -> Path:
     import attnmap.render as render
 
     options = X264_OPTIONS if out.suffix.lower() in (".mp4", ".mkv", ".mov") else None
@@ -582,12 +527,12 @@ def render_token(
     plan, size = plan_token(
         store, video_id, token, options=options, mode=mode, steps=steps, original_video=original_video
     )
-    strip = colorbar_strip(size[0], size[1], options.colormap) if options.colorbar else None
+    strip = colorbar_strip(size[0], size[1], options.colormap) if options.include_colorbar else None
     _make_parent(out)
     bar = _progress(plan.frames, f"{video_id}/{token}", quiet)
     try:
         return _write(
-            _decorate(_chunks(plan, size, options), plan.labels, strip, options.labels, bar), out, options.fps
+            _decorate(_chunks(plan, size, options), plan.labels, strip, options.labels, bar), out, plan.fps
         )
     finally:
         if bar is not None:
@@ -650,11 +595,11 @@ def render_grid(
             index += n
             yield np.concatenate(tiles, axis=2)
 
-    strip = colorbar_strip(panel[0], panel[1], options.colormap) if options.colorbar else None
+    strip = colorbar_strip(panel[0], panel[1], options.colormap) if options.include_colorbar else None
     _make_parent(out)
     bar = _progress(frames, f"{video_id} grid", quiet)
     try:
-        return _write(_decorate(grid_chunks(), [], strip, False, bar), out, options.fps)
+        return _write(_decorate(grid_chunks(), [], strip, False, bar), out, plans[0][0].fps)
     finally:
         if bar is not None:
             bar.close()
@@ -671,7 +616,7 @@ def render_video(
     root: PathLike,
     video_id: str,
     out_dir: PathLike,
-    params: Optional[VisualizationParams] = None,
+    options: Optional[RenderOptions] = None,
     *,
     original_video: Optional[PathLike] = None,
     tokens: Optional[Sequence[str]] = None,
@@ -690,7 +635,7 @@ def render_video(
         root: the store root.
         video_id: the video.
         out_dir: the output folder (made if missing).
-        params: the config's ``visualization_params`` (default: its defaults).
+        options: how the renders look (a config's ``visualization_params``; default: the defaults).
         original_video: the generated video to overlay on.
         tokens: the words to render (default: every stored word).
         quiet: no progress bars.
@@ -701,7 +646,7 @@ def render_video(
     from attnmap.store import open_store
 
     store = open_store(root)
-    options = RenderOptions.from_params(params)
+    options = options or RenderOptions()
     original = Path(original_video) if original_video is not None else known_original(store, video_id)
     if original is not None and not original.is_file():
         raise FileNotFoundError(f"original video {str(original)!r} does not exist")
@@ -743,7 +688,7 @@ def render_video(
 
 def render_store(
     root: PathLike,
-    params: Optional[VisualizationParams] = None,
+    options: Optional[RenderOptions] = None,
     *,
     out_dir: Optional[PathLike] = None,
     quiet: bool = True,
@@ -753,7 +698,7 @@ def render_store(
 
     Args:
         root: the store root.
-        params: the config's ``visualization_params``.
+        options: how the renders look.
         out_dir: the output folder; default ``<root's parent>/attention_videos``.
         quiet: no progress bars.
 
@@ -765,7 +710,7 @@ def render_store(
     store = open_store(root)
     target = Path(out_dir) if out_dir is not None else Path(root).resolve().parent / "attention_videos"
     return {
-        video_id: render_video(root, video_id, target, params, quiet=quiet) for video_id in store.videos()
+        video_id: render_video(root, video_id, target, options, quiet=quiet) for video_id in store.videos()
     }
 
 
@@ -784,8 +729,8 @@ def render_figures(
     Returns:
         The paths written.
     """
-    import attnmap.figures as figures
-    from attnmap.analysis import temporal_locality
+    import attnmap.render.figures as figures
+    from attnmap.analysis.maps import temporal_locality
 
     if fmt not in ("png", "svg"):
         raise ValueError(f"fmt must be 'png' or 'svg', got {fmt!r}")

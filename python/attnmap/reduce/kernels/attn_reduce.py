@@ -16,7 +16,8 @@ Two kernels and their launcher :func:`attn_reduce`:
   one (for parallelism, or one group per head with ``per_head``) write separate slots that the
   launcher sums.
 
-The plain fp32 torch twin is :mod:`attnmap.reference`. Under ``TRITON_INTERPRET=1`` (set before this
+The plain fp32 torch twin is :mod:`attnmap.reduce.reference`; :mod:`attnmap.reduce.triton` turns an
+``attention_sums`` call into the launcher's arguments. Under ``TRITON_INTERPRET=1`` (set before this
 module is imported) the kernels run on CPU tensors; there the tiles are upcast to fp32 before
 ``tl.dot`` because the interpreter's bf16 dot is wrong.
 """
@@ -30,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnmap.ops import AttentionCall, keys_t, probe_rows
+from attnmap.errors import AttnmapError
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _GRID_Y = 65535  # CUDA's limit on grid dims y and z
@@ -297,148 +298,131 @@ def _blocks(dtype: torch.dtype, d: int) -> tuple[int, int, int]:
     return 128, 64, 8
 
 
-def _head_groups(call: AttentionCall, m_blocks: int) -> int:
+def _head_groups(q: torch.Tensor, per_head: bool, m_blocks: int) -> int:
     """Split the heads into groups (separate output slots) until the grid fills the GPU twice."""
-    h = call.heads
-    if call.per_head:
+    b, h = int(q.shape[0]), int(q.shape[1])
+    if per_head:
         return h
-    if INTERPRET or not call.q.is_cuda:
+    if INTERPRET or not q.is_cuda:
         return 1
-    target = 2 * torch.cuda.get_device_properties(call.q.device).multi_processor_count
+    target = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count
     for g in range(1, h + 1):
-        if h % g == 0 and m_blocks * call.batch * g >= target:
+        if h % g == 0 and m_blocks * b * g >= target:
             return g
     return h
 
 
 def attn_reduce(
-    call: AttentionCall,
+    q: torch.Tensor,
+    k: torch.Tensor,
     *,
+    scale: float,
+    rows: tuple[int, int],
+    keys: tuple[int, int],
+    dense: tuple[int, int] = (0, 0),
+    received: bool = False,
+    temporal: Optional[tuple[int, int, int, int, int]] = None,
+    bias: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+    per_head: bool = False,
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
     head_groups: Optional[int] = None,
-) -> dict[str, torch.Tensor]:
-    """Launch the kernels for one validated call (see :func:`attnmap.ops.prepare_call`).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reduce softmax(scale * q k^T + bias) over query rows ``rows`` without storing it.
 
     Args:
-        call: q ``[B, H, Nq, D]``, k ``[B, Hk, Nk, D]`` (any strides), layout, reductions, mask, lse.
+        q: ``[B, H, Nq, D]`` and k: ``[B, Hk, Nk, D]`` (any strides; fp32, fp16 or bf16; H % Hk == 0).
+        scale: the logit scale.
+        rows: the query rows ``[lo, hi)`` to reduce; each row's softmax is over every key.
+        keys: the key columns ``[lo, hi)`` the reductions read (the row statistics use every key).
+        dense: the key columns ``[lo, hi)`` of P stored densely (empty: none).
+        received: sum P over the rows into one value per key.
+        temporal: ``(vq_lo, vk_lo, Nv, HW, F)``: sum P over (query frame, key frame) pairs of the
+            video tokens at query positions ``vq_lo..vq_lo+Nv`` and key positions ``vk_lo..``.
+        bias: additive fp32 key bias ``[B, 1 or H, Nk]`` (``-inf`` excludes a key), or None.
+        lse: ``[B, H, Nq]`` fp32 logsumexp of each row; the statistics pass is then skipped.
+        per_head: keep heads apart (Hs = H), else sum them (Hs = 1).
         block_m, block_n: tile sizes (powers of two >= 16); chosen from dtype and D when None.
         head_groups: output slots the heads are split into (a divisor of H; H with ``per_head``).
 
     Returns:
-        raw sums ``[B, Hs, ...]`` per reduction (Hs = H with ``per_head``, else 1 = summed over
-        heads; ``temporal`` summed over the rows of the query frame, ``received`` over all rows), as
-        :func:`attnmap.ops.finish` takes them.
+        ``(dense [B, Hs, hi - lo, dense columns], received [B, Hs, Nk], temporal [B, Hs, F, F])``
+        raw sums in fp32 (placeholders of one element for what was not asked).
     """
-    q, k, lay = call.q, call.k, call.layout
     b, h, nq, d = (int(s) for s in q.shape)
-    nk = call.num_keys
+    nk = int(k.shape[2])
+    hk = int(k.shape[1])
     if not (q.is_cuda or INTERPRET):
-        raise ValueError(
+        raise AttnmapError(
             f"q must be a CUDA tensor for the Triton kernel (or set TRITON_INTERPRET=1), got {q.device}"
         )
     if d > 256:
-        raise ValueError(f"q and k: head dim D must be at most 256 for the Triton kernel, got {d}")
-    wanted = set(call.reductions)
+        raise AttnmapError(f"q and k: head dim D must be at most 256 for the Triton kernel, got {d}")
     dev, f32 = q.device, torch.float32
     bm_default, bn_default, warps = _blocks(q.dtype, d)
     bm, bn = block_m or bm_default, block_n or bn_default
     for name, value in (("block_m", bm), ("block_n", bn)):
         if value < 16 or value & (value - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+            raise AttnmapError(f"{name} must be a power of two >= 16, got {value}")
     bd = _pow2(d, 16)
     ieee = q.dtype == torch.float32
     upcast = INTERPRET
-
-    # which rows, key columns and dense columns the requested reductions need
-    row_lo, row_hi = call.row_range()
-    if wanted & {"received", "full"}:
-        k_lo, k_hi = 0, nk
-    else:
-        spans = []
-        if wanted & {"cross", "text"} and lay.text_k is not None:
-            spans.append(lay.text_k)
-        if "temporal" in wanted and lay.video_k is not None:
-            spans.append(lay.video_k)
-        k_lo, k_hi = (min(s.start for s in spans), max(s.stop for s in spans)) if spans else (0, 0)
-    if "full" in wanted:
-        c_lo, c_hi = 0, nk
-    elif wanted & {"cross", "text"} and lay.text_k is not None:
-        c_lo, c_hi = lay.text_k.start, lay.text_k.stop
-    else:
-        c_lo, c_hi = 0, 0
-    dense = c_hi > c_lo
+    row_lo, row_hi = rows
+    k_lo, k_hi = keys
+    c_lo, c_hi = dense
+    has_dense = c_hi > c_lo
 
     m_blocks = triton.cdiv(max(row_hi - row_lo, 0), bm)
-    groups = head_groups or _head_groups(call, m_blocks)
+    groups = head_groups or _head_groups(q, per_head, m_blocks)
     if groups < 1 or h % groups:
-        raise ValueError(f"head_groups must divide the {h} heads, got {groups}")
+        raise AttnmapError(f"head_groups must divide the {h} heads, got {groups}")
     if b * h > _GRID_Y:  # grid axis 1 carries (batch, head); axis 0 (query blocks) has 2**31 - 1
-        raise ValueError(
+        raise AttnmapError(
             f"q: batch x heads = {b * h} exceeds the Triton grid limit {_GRID_Y}; split the batch"
         )
     per_prog = h // groups
 
-    bias = call.bias if call.bias is not None else torch.zeros(1, 1, 1, dtype=f32, device=dev)
-    bias_strides = (bias.stride(0), bias.stride(1) if bias.shape[1] > 1 else 0, bias.stride(2))
-    if call.lse is not None:
-        shift = torch.where(torch.isneginf(call.lse), torch.full_like(call.lse, float("inf")), call.lse)
-        shift = shift.contiguous()
+    bias_t = bias if bias is not None else torch.zeros(1, 1, 1, dtype=f32, device=dev)
+    bias_strides = (bias_t.stride(0), bias_t.stride(1) if bias_t.shape[1] > 1 else 0, bias_t.stride(2))
+    if lse is not None:
+        shift = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).contiguous()
         inv = shift  # unused (USE_INV is off)
     else:
         shift = torch.full((b, h, nq), float("inf"), dtype=f32, device=dev)
         inv = torch.zeros((b, h, nq), dtype=f32, device=dev)
         if m_blocks:
             _attn_stats_kernel[(m_blocks, b * h)](
-                q, k, bias, shift, inv, *q.stride(), *k.stride(), *bias_strides,
-                h, h // call.kv_heads, nq, nk, d, call.scale, row_lo, row_hi,
-                HAS_BIAS=call.bias is not None, IEEE=ieee, UPCAST=upcast,
+                q, k, bias_t, shift, inv, *q.stride(), *k.stride(), *bias_strides,
+                h, h // hk, nq, nk, d, scale, row_lo, row_hi,
+                HAS_BIAS=bias is not None, IEEE=ieee, UPCAST=upcast,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
             )  # fmt: skip
 
-    rows = max(row_hi - row_lo, 0)
-    dense_buf = torch.zeros((b, groups, rows, c_hi - c_lo) if dense else (1, 1, 1, 1), dtype=f32, device=dev)
-    received = torch.zeros((b, groups, nk) if "received" in wanted else (1,), dtype=f32, device=dev)
-    frames = lay.frames
-    temporal = torch.zeros(
-        (b, groups, frames, frames) if "temporal" in wanted else (1,), dtype=f32, device=dev
+    n_rows = max(row_hi - row_lo, 0)
+    dense_buf = torch.zeros(
+        (b, groups, n_rows, c_hi - c_lo) if has_dense else (1, 1, 1, 1), dtype=f32, device=dev
+    )
+    received_buf = torch.zeros((b, groups, nk) if received else (1,), dtype=f32, device=dev)
+    vq_lo, vk_lo, nv, hw, frames = temporal if temporal is not None else (0, 0, 0, 1, 1)
+    temporal_buf = torch.zeros(
+        (b, groups, frames, frames) if temporal is not None else (1,), dtype=f32, device=dev
     )
     if m_blocks and k_hi > k_lo:
-        vk = lay.video_k if lay.video_k is not None else slice(0, 0)
         _attn_reduce_kernel[(m_blocks, b * groups)](
-            q, k, bias, shift, inv, dense_buf, received, temporal,
+            q, k, bias_t, shift, inv, dense_buf, received_buf, temporal_buf,
             *q.stride(), *k.stride(), *bias_strides,
             dense_buf.stride(0), dense_buf.stride(1), dense_buf.stride(2),
-            h, h // call.kv_heads, groups, per_prog, nq, nk, d, call.scale,
+            h, h // hk, groups, per_prog, nq, nk, d, scale,
             row_lo, row_hi, k_lo, k_hi, c_lo, c_hi,
-            lay.video_q.start, vk.start, lay.num_video, lay.frame_tokens, frames,
-            HAS_BIAS=call.bias is not None, USE_INV=call.lse is None, DENSE=dense,
-            RECEIVED="received" in wanted, TEMPORAL="temporal" in wanted, IEEE=ieee, UPCAST=upcast,
+            vq_lo, vk_lo, nv, hw, frames,
+            HAS_BIAS=bias is not None, USE_INV=lse is None, DENSE=has_dense,
+            RECEIVED=received, TEMPORAL=temporal is not None, IEEE=ieee, UPCAST=upcast,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
         )  # fmt: skip
 
     def slots(t: torch.Tensor) -> torch.Tensor:
         """[B, G, ...] group slots -> [B, Hs, ...]: per head as is, else summed."""
-        return t if call.per_head else t.sum(dim=1, keepdim=True)
+        return t if per_head or t.dim() < 2 else t.sum(dim=1, keepdim=True)
 
-    sums: dict[str, torch.Tensor] = {}
-    dense_sum = slots(dense_buf)
-    if "cross" in wanted:
-        vq, tk = lay.video_q, lay.text_k
-        assert tk is not None
-        sums["cross"] = dense_sum[
-            :, :, vq.start - row_lo : vq.stop - row_lo, tk.start - c_lo : tk.stop - c_lo
-        ]
-    if "text" in wanted:
-        tq, tk = lay.text_q, lay.text_k
-        assert tq is not None and tk is not None
-        sums["text"] = dense_sum[:, :, tq.start - row_lo : tq.stop - row_lo, tk.start - c_lo : tk.stop - c_lo]
-    if "full" in wanted:
-        sums["full"] = dense_sum
-    if "received" in wanted:
-        sums["received"] = slots(received)
-    if "temporal" in wanted:
-        sums["temporal"] = slots(temporal)
-    if "probe" in wanted:
-        sums["probe"] = probe_rows(call, keys_t(call))
-    return {name: t.contiguous() for name, t in sums.items()}
+    return slots(dense_buf), slots(received_buf), slots(temporal_buf)

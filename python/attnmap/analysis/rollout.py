@@ -161,7 +161,7 @@ def space_time_rollout(
     head_fusion: HeadFusion = "mean",
     start_layer: int = 0,
 ) -> ArrayLike:
-    """Rollout of TimeSformer's divided space-time attention, with its CLS handling (seed 002).
+    """Rollout of TimeSformer's divided space-time attention, with its CLS handling.
 
     In each block, time attention (each patch p attends to itself at the T frames) runs
     before space attention (each frame's CLS copy and patches attend within the frame). On the
@@ -219,7 +219,8 @@ def space_time_rollout(
 def cls_space_time_map(rolled: ArrayLike) -> ArrayLike:
     """The CLS token's relevance of each patch at each frame, from :func:`space_time_rollout`.
 
-    The CLS rows are averaged over the query frames and its own column is dropped, as in seed 002.
+    The CLS rows are averaged over the query frames and its own column is dropped, as the divided
+    space-time rollout of TimeSformer does.
 
     Args:
         rolled: ``[B, P, T, P, T]`` rollout.
@@ -241,7 +242,7 @@ def temporal_rollout(
     residual: bool = True,
     start_layer: int = 0,
 ) -> ArrayLike:
-    """Temporal rollout across refiner layers of a tracker (seed 003), or across the blocks' F x F
+    """Temporal rollout across refiner layers of a video tracker, or across the blocks' F x F
     temporal maps of a video model.
 
     Each layer's frame-to-frame attention is fused over heads, (with ``residual``) mixed with the

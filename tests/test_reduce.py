@@ -7,27 +7,17 @@ before attnmap.kernels is imported) at small sizes.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import numpy as np
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from attnmap import ops, reference
+from attnmap import reduce as ops
 from attnmap.layout import Layout
+from attnmap.reduce import reference
+from conftest import CUDA, HAS_TRITON, TRITON_DEVICE, assert_close, make_qk, reduce_with
 
-CUDA = torch.cuda.is_available()
-TRITON_DEVICE = "cuda" if CUDA else "cpu"
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
-except ImportError:  # pragma: no cover
-    HAS_TRITON = False
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton missing (or not interpretable here)")
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-3}
@@ -40,39 +30,6 @@ LAYOUTS = {
     "cross": Layout.cross(grid=(2, 2, 3), text=9),
     "cross-prefix": Layout.cross(grid=(1, 3, 3), text=6, prefix=1),
 }
-
-
-def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float) -> None:
-    """Max error relative to the largest reference value; reports where it is worst."""
-    assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
-    assert out.dtype == torch.float32, f"{name}: dtype {out.dtype}"
-    assert not out.isnan().any(), f"{name}: NaN in output"
-    ref, out = ref.double().cpu(), out.double().cpu()
-    err = (ref - out).abs()
-    scale = max(float(ref.abs().max()), 1e-30)
-    worst = err.argmax()
-    idx = tuple(int(i) for i in torch.unravel_index(worst, err.shape)) if err.numel() else ()
-    rms = float(err.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)) if err.numel() else 0.0
-    assert float(err.max()) <= ratio * scale, (
-        f"{name}: max error {float(err.max()):.3g} > {ratio:g} x {scale:.3g} at {idx}, rms ratio {rms:.3g}"
-    )
-
-
-def _inputs(
-    lay: Layout,
-    *,
-    heads: int = 2,
-    kv_heads: int = 2,
-    d: int = 32,
-    batch: int = 2,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, heads, lay.num_queries, d, generator=g) * 1.5
-    k = torch.randn(batch, kv_heads, lay.num_keys, d, generator=g) * 1.5
-    return q.to(device=device, dtype=dtype), k.to(device=device, dtype=dtype)
 
 
 def _all(lay: Layout) -> tuple[str, ...]:
@@ -88,7 +45,7 @@ def _check(
     ratio: float,
     **kw: object,
 ) -> dict[str, torch.Tensor]:
-    out = ops.attention_sums(q, k, lay, reductions, backend=backend, **kw)  # type: ignore[arg-type]
+    out = reduce_with(backend, q, k, lay, reductions, **kw)
     ref = reference.attention_sums(q, k, lay, reductions, **kw)  # type: ignore[arg-type]
     assert set(out) == set(reductions)
     for name in reductions:
@@ -99,32 +56,23 @@ def _check(
 
 # -- every streaming backend against the reference ----------------------------------------------
 
-BACKENDS = ["torch", "torch-blocks", pytest.param("triton", marks=needs_triton)]
+BACKENDS = ["auto", "blocks", pytest.param("triton", marks=needs_triton)]
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
-    """(backend, device) with small blocks, so that every test crosses block boundaries.
-
-    ``torch`` forms cross/temporal/text in the native kernel (``attnmap._native.attention_groups``)
-    and the rest in blocks; ``torch-blocks`` forms everything in blocks."""
+def backend(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(backend, device): ``auto`` (on the CPU the native kernel for cross/temporal/text, blocks for the
+    rest), ``blocks`` and ``triton`` with small tiles (``conftest.SMALL_TILES``), so that every test
+    crosses block boundaries."""
     name = request.param
-    if name.startswith("torch"):
-        monkeypatch.setattr(ops, "TORCH_BLOCK_ENTRIES", 2 * 2 * 7 * 40)
-        if name == "torch-blocks":
-            monkeypatch.setattr(ops, "GROUPED", frozenset())
-        return "torch", "cpu"
-    from attnmap.kernels import attn_reduce
-
-    monkeypatch.setattr(attn_reduce, "_blocks", lambda dtype, d: (16, 16, 4))
-    return name, TRITON_DEVICE
+    return name, TRITON_DEVICE if name == "triton" else "cpu"
 
 
 @pytest.mark.parametrize("per_head", [False, True], ids=["mean", "per_head"])
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layouts(name: str, per_head: bool, backend: tuple[str, str]) -> None:
     lay = LAYOUTS[name]
-    q, k = _inputs(lay, seed=len(name), device=backend[1])
+    q, k = make_qk(lay, seed=len(name), device=backend[1])
     probe = torch.tensor([0, lay.num_queries - 1, 3])
     _check(q, k, lay, backend[0], _all(lay), 1e-4, per_head=per_head, probe=probe)
 
@@ -132,14 +80,14 @@ def test_layouts(name: str, per_head: bool, backend: tuple[str, str]) -> None:
 @pytest.mark.parametrize("d", [32, 64, 80, 96, 128, 256])
 def test_head_dims_and_gqa(d: int, backend: tuple[str, str]) -> None:
     lay = LAYOUTS["joint-text-first"]
-    q, k = _inputs(lay, heads=6, kv_heads=2, d=d, seed=d, device=backend[1])
+    q, k = make_qk(lay, heads=6, kv_heads=2, d=d, seed=d, device=backend[1])
     _check(q, k, lay, backend[0], ("cross", "temporal", "received"), 1e-4, scale=0.2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_inputs(dtype: torch.dtype, backend: tuple[str, str]) -> None:
     lay = LAYOUTS["self-prefix"]
-    q, k = _inputs(lay, dtype=dtype, device=backend[1])
+    q, k = make_qk(lay, dtype=dtype, device=backend[1])
     _check(q, k, lay, backend[0], ("temporal", "received", "full"), TOL[dtype])
 
 
@@ -148,7 +96,7 @@ def test_half_inputs(dtype: torch.dtype, backend: tuple[str, str]) -> None:
 )
 def test_masks(mask_shape: str, backend: tuple[str, str]) -> None:
     lay = LAYOUTS["cross"]
-    q, k = _inputs(lay, seed=11, device=backend[1])
+    q, k = make_qk(lay, seed=11, device=backend[1])
     _check_masked(q, k, lay, backend[0], mask_shape)
 
 
@@ -192,7 +140,7 @@ def test_huge_logits_stay_exact(backend: tuple[str, str]) -> None:
 
 def test_lse_one_pass(backend: tuple[str, str]) -> None:
     lay = LAYOUTS["joint-video-first"]
-    q, k = _inputs(lay, heads=4, kv_heads=2, seed=8)
+    q, k = make_qk(lay, heads=4, kv_heads=2, seed=8)
     keep = torch.rand(2, lay.num_keys, generator=torch.Generator().manual_seed(1)) > 0.3
     keep[1] = False
     bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
@@ -200,7 +148,8 @@ def test_lse_one_pass(backend: tuple[str, str]) -> None:
     lse = torch.logsumexp(logits, dim=-1)  # -inf on fully masked rows
     dev = backend[1]
     probe = torch.tensor([1])
-    out = ops.attention_sums(
+    out = reduce_with(
+        backend[0],
         q.to(dev),
         k.to(dev),
         lay,
@@ -209,7 +158,6 @@ def test_lse_one_pass(backend: tuple[str, str]) -> None:
         key_padding_mask=keep.to(dev),
         lse=lse.to(dev),
         probe=probe,
-        backend=backend[0],
     )
     ref = reference.attention_sums(q, k, lay, _all(lay), scale=0.25, key_padding_mask=keep, probe=probe)
     for name in ref:
@@ -219,10 +167,10 @@ def test_lse_one_pass(backend: tuple[str, str]) -> None:
 def test_strided_inputs(backend: tuple[str, str]) -> None:
     # q and k as SDPA sees them after a transpose from [B, N, H, D]: non-contiguous
     lay = LAYOUTS["joint-text-first"]
-    q, k = _inputs(lay, heads=2, seed=9, device=backend[1])
+    q, k = make_qk(lay, heads=2, seed=9, device=backend[1])
     qs, ks = q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2)
     assert not qs.is_contiguous()
-    a = ops.attention_sums(qs, ks, lay, ("cross", "temporal"), backend=backend[0])
+    a = reduce_with(backend[0], qs, ks, lay, ("cross", "temporal"))
     b = reference.attention_sums(q, k, lay, ("cross", "temporal"))
     for name in a:
         assert_close(name, b[name], a[name], 1e-4)
@@ -232,12 +180,12 @@ def test_strided_inputs(backend: tuple[str, str]) -> None:
 @pytest.mark.parametrize("name", ["joint-video-first", "cross", "cross-prefix"])
 def test_text_groups_sum_their_columns(name: str, per_head: bool, backend: tuple[str, str]) -> None:
     lay = LAYOUTS[name]
-    q, k = _inputs(lay, heads=4, kv_heads=2, seed=21, device=backend[1])
+    q, k = make_qk(lay, heads=4, kv_heads=2, seed=21, device=backend[1])
     # a word of two sub-tokens, one overlapping it, a single token, and the padded tail
     # numpy integers count too; a key listed twice in a group counts once
     groups = [[1, 2, 1], [2], [np.int64(0)], list(range(3, lay.text))]
     names = tuple(r for r in ("cross", "text", "temporal") if lay.supports(r))
-    out = ops.attention_sums(q, k, lay, names, backend=backend[0], per_head=per_head, text_groups=groups)
+    out = reduce_with(backend[0], q, k, lay, names, per_head=per_head, text_groups=groups)
     full = reference.attention_sums(q.cpu(), k.cpu(), lay, names, per_head=per_head)
     for n in names:
         sets = [sorted(set(g)) for g in groups]
@@ -247,12 +195,12 @@ def test_text_groups_sum_their_columns(name: str, per_head: bool, backend: tuple
 
 def test_text_groups_are_checked() -> None:
     lay = LAYOUTS["cross"]
-    q, k = _inputs(lay)
+    q, k = make_qk(lay)
     for bad in ([], [[]], [[0, 9]], [[-1]], "ab", [[0.5]], [[True]]):
         with pytest.raises(ValueError, match=r"^text_groups must be a sequence of non-empty sequences"):
             ops.attention_sums(q, k, lay, ("cross",), text_groups=bad)  # type: ignore[arg-type]
     lay = LAYOUTS["self-prefix"]
-    q, k = _inputs(lay)
+    q, k = make_qk(lay)
     with pytest.raises(ValueError, match=r"^text_groups: layout .* has no text keys"):
         ops.attention_sums(q, k, lay, ("temporal",), text_groups=[[0]])
 
@@ -293,10 +241,10 @@ def test_grouped_path_against_reference(
     name: str, per_head: bool, native_calls: list[tuple[int, ...]]
 ) -> None:
     lay = GROUPED_LAYOUTS[name]
-    q, k = _inputs(lay, heads=4, kv_heads=2, d=48, seed=len(name))
-    _check(q, k, lay, "torch", _grouped(lay), 1e-4, per_head=per_head, scale=0.3)
+    q, k = make_qk(lay, heads=4, kv_heads=2, d=48, seed=len(name))
+    _check(q, k, lay, "auto", _grouped(lay), 1e-4, per_head=per_head, scale=0.3)
     for one in _grouped(lay):  # each alone: text columns only, frame columns only
-        _check(q, k, lay, "torch", (one,), 1e-4, per_head=per_head)
+        _check(q, k, lay, "auto", (one,), 1e-4, per_head=per_head)
     assert len(native_calls) == 1 + len(_grouped(lay))
 
 
@@ -304,12 +252,12 @@ def test_grouped_path_against_reference(
 @pytest.mark.parametrize("name", ["joint-video-first", "cross-wide"])
 def test_grouped_path_masks(name: str, mask_shape: str, native_calls: list[tuple[int, ...]]) -> None:
     lay = GROUPED_LAYOUTS[name]
-    q, k = _inputs(lay, heads=3, kv_heads=3, seed=12)
+    q, k = make_qk(lay, heads=3, kv_heads=3, seed=12)
     mask = _mask(mask_shape, q.shape[0], q.shape[1], k.shape[2], q.device)
     # additive masks put a whole batch element near -1e4, where fp32 logits are rounded to ~1e-3: the
     # reference (matmul, then + bias) and the kernel (fused products) round differently there
     tol = 2e-3 if mask_shape.startswith("add") else 1e-4
-    out = _check(q, k, lay, "torch", _grouped(lay), tol, key_padding_mask=mask, per_head=True)
+    out = _check(q, k, lay, "auto", _grouped(lay), tol, key_padding_mask=mask, per_head=True)
     if mask.dtype == torch.bool and mask_shape != "bool-1N":  # batch element 1: every key masked
         for t in out.values():
             assert torch.equal(t[-1], torch.zeros_like(t[-1]))
@@ -317,13 +265,13 @@ def test_grouped_path_masks(name: str, mask_shape: str, native_calls: list[tuple
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_grouped_path_half_and_strided_inputs(
+def test_grouped_path_half_and_stridedmake_qk(
     dtype: torch.dtype, native_calls: list[tuple[int, ...]]
 ) -> None:
     lay = GROUPED_LAYOUTS["joint-large"]
-    q, k = _inputs(lay, heads=2, d=64, seed=13, dtype=dtype)
+    q, k = make_qk(lay, heads=2, d=64, seed=13, dtype=dtype)
     qs, ks = q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2)
-    out = ops.attention_sums(qs, ks, lay, _grouped(lay), backend="torch")
+    out = ops.attention_sums(qs, ks, lay, _grouped(lay), backend="auto")
     ref = reference.attention_sums(q, k, lay, _grouped(lay))
     for name in ref:
         assert_close(name, ref[name], out[name], TOL[dtype])
@@ -332,11 +280,11 @@ def test_grouped_path_half_and_strided_inputs(
 
 def test_grouped_path_gives_nan_rows_never_silent_zeros(native_calls: list[tuple[int, ...]]) -> None:
     lay = GROUPED_LAYOUTS["joint-text-first"]
-    q, k = _inputs(lay)
+    q, k = make_qk(lay)
     q[0, 1, lay.video_q.start + 2, 5] = float("nan")  # one video query row of batch 0, head 1
     k[1, 0, 0, 0] = float("nan")  # one key of batch 1: every row of head 0 is NaN
     names = _grouped(lay)
-    out = ops.attention_sums(q, k, lay, names, backend="torch", check_finite=False, per_head=True)
+    out = ops.attention_sums(q, k, lay, names, backend="auto", check_finite=False, per_head=True)
     ref = reference.attention_sums(q, k, lay, names, check_finite=False, per_head=True)
     for name in names:
         assert torch.equal(out[name].isnan(), ref[name].isnan()), name
@@ -368,7 +316,7 @@ def test_native_attention_groups_names_bad_arguments() -> None:
 def test_zero_head_dim_is_refused() -> None:
     lay = LAYOUTS["cross"]
     q, k = torch.zeros(1, 2, lay.num_queries, 0), torch.zeros(1, 2, lay.num_keys, 0)
-    for b in ("torch", "reference"):
+    for b in ("auto", "reference"):
         with pytest.raises(ValueError, match=r"^q must have a head dim D >= 1"):
             ops.attention_sums(q, k, lay, ("cross",), backend=b, scale=1.0)
 
@@ -376,11 +324,11 @@ def test_zero_head_dim_is_refused() -> None:
 def test_grouped_reductions_with_lse_read_it(native_calls: list[tuple[int, ...]]) -> None:
     # a caller's lse defines P = exp(logit - lse): the block path honours it (here a shifted one)
     lay = GROUPED_LAYOUTS["joint-large"]
-    q, k = _inputs(lay, seed=14)
+    q, k = make_qk(lay, seed=14)
     lse = torch.logsumexp((q @ k.transpose(-1, -2)) * 32**-0.5, dim=-1)
     names = _grouped(lay)
-    right = ops.attention_sums(q, k, lay, names, lse=lse, backend="torch")
-    shifted = ops.attention_sums(q, k, lay, names, lse=lse + math.log(2.0), backend="torch")
+    right = ops.attention_sums(q, k, lay, names, lse=lse, backend="auto")
+    shifted = ops.attention_sums(q, k, lay, names, lse=lse + math.log(2.0), backend="auto")
     ref = reference.attention_sums(q, k, lay, names)
     for name in names:
         assert_close(name, ref[name], right[name], 1e-4)
@@ -392,12 +340,12 @@ def test_grouped_reductions_with_lse_read_it(native_calls: list[tuple[int, ...]]
 @pytest.mark.parametrize("groups", [2, 3])
 def test_triton_head_groups_and_many_blocks(groups: int) -> None:
     """Heads split over output slots, 3 x 3 query/key blocks, frames straddling block edges."""
-    from attnmap.kernels.attn_reduce import attn_reduce
+    from attnmap.reduce import triton
 
     lay = Layout.self_attn(grid=(3, 3, 5), prefix=1)  # 46 tokens: blocks of 16 cut frames of 15
-    q, k = _inputs(lay, heads=6, kv_heads=3, seed=groups, device=TRITON_DEVICE)
+    q, k = make_qk(lay, heads=6, kv_heads=3, seed=groups, device=TRITON_DEVICE)
     call = ops.prepare_call(q, k, lay, ("temporal", "received", "full"))
-    out = ops.finish(call, attn_reduce(call, block_m=16, block_n=16, head_groups=groups))
+    out = triton.run(call, block_m=16, block_n=16, head_groups=groups)
     ref = reference.attention_sums(q, k, lay, ("temporal", "received", "full"))
     for name in ref:
         assert_close(name, ref[name], out[name], 1e-4)
@@ -405,29 +353,34 @@ def test_triton_head_groups_and_many_blocks(groups: int) -> None:
 
 @needs_triton
 def test_triton_rejects_bad_tiles() -> None:
-    from attnmap.kernels.attn_reduce import attn_reduce
+    from attnmap.reduce import triton
 
     lay = LAYOUTS["cross"]
-    q, k = _inputs(lay, device=TRITON_DEVICE)
+    q, k = make_qk(lay, device=TRITON_DEVICE)
     call = ops.prepare_call(q, k, lay, ("cross",))
     with pytest.raises(ValueError, match="block_m must be a power of two"):
-        attn_reduce(call, block_m=24)
+        triton.run(call, block_m=24)
     with pytest.raises(ValueError, match="head_groups must divide"):
-        attn_reduce(call, head_groups=3)
+        triton.run(call, head_groups=3)
 
 
-def test_default_backend_on_cpu_is_torch() -> None:
-    lay = LAYOUTS["cross"]
-    q, k = _inputs(lay)
-    a = ops.attention_sums(q, k, lay, ("cross",))
-    b = ops.attention_sums(q, k, lay, ("cross",), backend="torch")
-    assert torch.equal(a["cross"], b["cross"])
+def test_auto_on_the_cpu_picks_native_where_it_serves_else_blocks() -> None:
+    lay = LAYOUTS["joint-text-first"]
+    q, k = make_qk(lay)
+    grouped = ops.prepare_call(q, k, lay, ("cross", "temporal"))
+    assert ops.choose("auto", grouped).__name__ == "attnmap.reduce.native"
+    other = ops.prepare_call(q, k, lay, ("cross", "received"))
+    assert ops.choose("auto", other).__name__ == "attnmap.reduce.blocks"
+    with pytest.raises(ValueError, match="backend='native' cannot reduce this call: the native kernel forms"):
+        ops.attention_sums(q, k, lay, ("cross", "received"), backend="native")
 
 
 def test_backend_and_probe_errors() -> None:
     lay = LAYOUTS["cross"]
-    q, k = _inputs(lay)
-    with pytest.raises(ValueError, match="backend must be one of"):
+    q, k = make_qk(lay)
+    with pytest.raises(
+        ValueError, match="backend must be 'auto' or one of triton, native, blocks, reference"
+    ):
         ops.attention_sums(q, k, lay, ("cross",), backend="cuda")
     with pytest.raises(ValueError, match="'probe' is not in reductions"):
         ops.attention_sums(q, k, lay, ("cross",), probe=torch.tensor([0]))
@@ -449,7 +402,7 @@ def test_backend_and_probe_errors() -> None:
 def test_nan_or_inf_in_q_or_k_is_refused(where: str, backend: tuple[str, str]) -> None:
     # row 0 of this layout is a text query that cross/temporal never read: refused all the same
     lay = LAYOUTS["joint-text-first"]
-    q, k = _inputs(lay, device=backend[1])
+    q, k = make_qk(lay, device=backend[1])
     bad = float("inf") if where == "k-inf" else float("nan")
     if where.startswith("q"):
         q[1, 1, 0 if where == "q-text-row" else 7, 3] = bad
@@ -464,11 +417,11 @@ def test_nan_or_inf_in_q_or_k_is_refused(where: str, backend: tuple[str, str]) -
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the interpreter's tl.max
 def test_check_finite_off_gives_nan_never_silent_zeros(backend: tuple[str, str]) -> None:
     lay = LAYOUTS["joint-text-first"]
-    q, k = _inputs(lay, device=backend[1])
+    q, k = make_qk(lay, device=backend[1])
     q[0, 1, lay.video_q.start + 2, 5] = float("nan")  # one video query row of batch 0, head 1
     k[1, 0, 0, 0] = float("nan")  # one key of batch 1: every row of head 0 is NaN
     names = ("cross", "temporal", "received")
-    out = ops.attention_sums(q, k, lay, names, backend=backend[0], check_finite=False, per_head=True)
+    out = reduce_with(backend[0], q, k, lay, names, check_finite=False, per_head=True)
     ref = reference.attention_sums(q, k, lay, names, check_finite=False, per_head=True)
     for name in names:
         got, want = out[name].cpu(), ref[name]
@@ -483,21 +436,21 @@ def test_check_finite_off_gives_nan_never_silent_zeros(backend: tuple[str, str])
 def test_finite_inputs_whose_sum_overflows_are_accepted() -> None:
     # the cheap finiteness test sums q; a sum that overflows falls back to the exact test
     lay = LAYOUTS["self-prefix"]
-    q, k = _inputs(lay)
+    q, k = make_qk(lay)
     q[..., 0], k[..., 0] = 1e37, 1e-37  # sum(q) = inf, every logit finite
     assert not torch.isfinite(q.sum())
-    _check(q, k, lay, "torch", ("temporal", "received"), 1e-4)
+    _check(q, k, lay, "auto", ("temporal", "received"), 1e-4)
 
 
 @needs_triton
 def test_triton_refuses_a_grid_beyond_the_cuda_limit() -> None:
-    from attnmap.kernels.attn_reduce import attn_reduce
+    from attnmap.reduce import triton
 
     lay = Layout.self_attn(grid=(1, 1, 1))
     q = torch.zeros(1, 1, 1, 32, device=TRITON_DEVICE).expand(1, 65536, 1, 32)
     call = ops.prepare_call(q, q, lay, ("temporal",))
     with pytest.raises(ValueError, match="batch x heads = 65536 exceeds the Triton grid limit 65535"):
-        attn_reduce(call)
+        triton.run(call)
 
 
 # -- sdpa_with_lse -------------------------------------------------------------------------------
@@ -536,7 +489,7 @@ def test_sdpa_with_lse(mask_kind: str, device: str) -> None:
         # the one-pass mode of attention_sums with that lse matches the two-pass one
         lay = Layout.cross(grid=(1, 4, 5), text=24)
         a = ops.attention_sums(
-            qd, kd, lay, ("cross", "received"), scale=0.1, key_padding_mask=mask, lse=lse, backend="torch"
+            qd, kd, lay, ("cross", "received"), scale=0.1, key_padding_mask=mask, lse=lse, backend="auto"
         )
         b = reference.attention_sums(qd, kd, lay, ("cross", "received"), scale=0.1, key_padding_mask=mask)
         for name in a:

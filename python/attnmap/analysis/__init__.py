@@ -1,0 +1,88 @@
+"""Analysis of captured maps: token maps, masks, frame-to-frame matrices, rollout, summaries.
+
+- :mod:`attnmap.analysis.normalization`: the one normalisation vocabulary (``global``, ``frame``, ...);
+- :mod:`attnmap.analysis.maps`: token maps, masks, temporal matrices and locality, summaries;
+- :mod:`attnmap.analysis.rollout`: attention rollout, plain, divided space-time and temporal.
+
+Names load lazily (rollout needs torch, the rest only numpy).
+
+Example:
+    >>> from attnmap import analysis
+    >>> mask = analysis.token_mask(heat, threshold=0.5)      # heat [F, H, W], min-max normalised first
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "NORMALIZE": "normalization",
+    "normalize": "normalization",
+    "token_map": "maps",
+    "token_mask": "maps",
+    "load_token_map": "maps",
+    "frame_matrix": "maps",
+    "temporal_locality": "maps",
+    "classify_heads": "maps",
+    "text_self_attention": "maps",
+    "top_frames": "maps",
+    "top_regions": "maps",
+    "summarize": "maps",
+    "write_summary": "maps",
+    "rollout": "rollout",
+    "space_time_rollout": "rollout",
+    "temporal_rollout": "rollout",
+    "cls_space_time_map": "rollout",
+}
+
+__all__ = [
+    "NORMALIZE",
+    "classify_heads",
+    "cls_space_time_map",
+    "frame_matrix",
+    "load_token_map",
+    "normalize",
+    "rollout",
+    "space_time_rollout",
+    "summarize",
+    "temporal_locality",
+    "temporal_rollout",
+    "text_self_attention",
+    "token_map",
+    "token_mask",
+    "top_frames",
+    "top_regions",
+    "write_summary",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'attnmap.analysis' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"attnmap.analysis.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from attnmap.analysis.maps import (
+        classify_heads,
+        frame_matrix,
+        load_token_map,
+        summarize,
+        temporal_locality,
+        text_self_attention,
+        token_map,
+        token_mask,
+        top_frames,
+        top_regions,
+        write_summary,
+    )
+    from attnmap.analysis.normalization import NORMALIZE, normalize
+    from attnmap.analysis.rollout import cls_space_time_map, rollout, space_time_rollout, temporal_rollout

@@ -1,1 +1,0 @@
-"""Triton kernels of attnmap (plain Triton; shipped inside the wheel as attnmap.kernels)."""

@@ -1,0 +1,154 @@
+"""Attention reductions without the N x N map: :func:`attention_sums` and :func:`sdpa_with_lse`.
+
+``attention_sums`` takes the q and k of one attention call (SDPA layout ``[B, H, N, D]``) and a
+:class:`~attnmap.layout.Layout`, forms P = softmax(scale * q k^T + mask) in fp32 and reduces it into
+small maps. The call is validated once (:mod:`attnmap.reduce.contract`, a leaf module) and handed
+to one backend, each in its own module that imports only the contract:
+
+- ``triton`` (:mod:`attnmap.reduce.triton`): the fused kernel, CUDA (or CPU under
+  ``TRITON_INTERPRET=1``);
+- ``native`` (:mod:`attnmap.reduce.native`): the Rust CPU kernel, an online softmax per row summed
+  into key columns;
+- ``blocks`` (:mod:`attnmap.reduce.blocks`): torch on any device, blocks of query rows at a time;
+- ``reference`` (:mod:`attnmap.reduce.reference`): P materialised whole, the tests' oracle.
+
+``auto`` picks the first of triton, native and blocks that serves the call.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from attnmap.errors import AttnmapError
+from attnmap.layout import Layout
+from attnmap.reduce.contract import FULL_LIMIT, REDUCTIONS, AttentionCall, Reductions, prepare_call
+from attnmap.reduce.lse import sdpa_with_lse
+
+#: backend name -> the module that implements it (``serves(call)`` and ``run(call)``).
+BACKENDS: dict[str, str] = {
+    "triton": "attnmap.reduce.triton",
+    "native": "attnmap.reduce.native",
+    "blocks": "attnmap.reduce.blocks",
+    "reference": "attnmap.reduce.reference",
+}
+_AUTO = ("triton", "native", "blocks")
+
+
+def backend(name: str) -> ModuleType:
+    """The module of a backend name of :data:`BACKENDS`."""
+    if name not in BACKENDS:
+        raise AttnmapError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}, got {name!r}")
+    return importlib.import_module(BACKENDS[name])
+
+
+def choose(name: str, call: AttentionCall) -> ModuleType:
+    """The backend module that reduces ``call``: ``name`` itself (an error when it cannot serve the
+    call, with its reason), or for ``"auto"`` the first of triton, native and blocks that can."""
+    if name == "auto":
+        for candidate in _AUTO:
+            if candidate == "triton" and not call.q.is_cuda:
+                continue  # the interpreter is chosen by name only
+            module = backend(candidate)
+            if module.serves(call) is None:
+                return module
+        raise AssertionError("the blocks backend serves every call")  # pragma: no cover
+    module = backend(name)
+    reason = module.serves(call)
+    if reason is not None:
+        raise AttnmapError(f"backend={name!r} cannot reduce this call: {reason}")
+    return module
+
+
+def attention_sums(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: Layout,
+    reductions: Reductions = ("cross", "temporal"),
+    *,
+    per_head: bool = False,
+    scale: Optional[float] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    probe: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    check_finite: bool = True,
+    text_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> dict[str, torch.Tensor]:
+    """Reduce the attention probabilities of one call into small maps, never holding [Nq, Nk] per head.
+
+    P = softmax(scale * q k^T + mask) in fp32 over every key of the row; a row whose keys are all
+    masked contributes zero.
+
+    Args:
+        q: queries ``[B, H, Nq, D]`` (fp32, fp16 or bf16; any strides).
+        k: keys ``[B, Hk, Nk, D]``, same dtype and device; ``H % Hk == 0`` (grouped-query attention:
+            query head ``h`` uses key head ``h // (H // Hk)``).
+        layout: which positions are text, video and prefix tokens; must fit ``Nq`` and ``Nk``.
+        reductions: names among ``cross`` ``[B, Nv, Nt]``, ``temporal`` ``[B, F, F]``, ``text``
+            ``[B, Nt, Nt]``, ``received`` ``[B, Nk]``, ``probe`` ``[B, Q, Nk]`` and ``full``
+            ``[B, Nq, Nk]`` (at most 2**26 entries).
+        per_head: keep heads: every output gets ``H`` after ``B``; otherwise the mean over heads.
+        scale: logit scale, default ``D ** -0.5``.
+        key_padding_mask: ``[B, Nk]``, ``[B, 1, 1, Nk]`` or ``[B, H, 1, Nk]``; bool (True = keep) or
+            an additive float bias (-inf excludes a key).
+        probe: LongTensor ``[Q]`` of query positions whose full rows ``probe`` returns.
+        lse: ``[B, H, Nq]``, the logsumexp of ``scale * q k^T + mask`` per row (natural log), e.g. from
+            :func:`sdpa_with_lse`; then P = exp(logit - lse) and the row-statistics pass is skipped.
+            Its precision is that of lse (about ``|lse| * 6e-8`` absolute in the exponent).
+        backend: a name of :data:`BACKENDS`: ``"auto"`` (Triton on CUDA; on the CPU the native
+            kernel where it serves the call; blocks otherwise), ``"triton"``, ``"native"``,
+            ``"blocks"`` or ``"reference"``. A named backend that cannot serve the call raises.
+        check_finite: raise ValueError when q or k holds NaN or inf (or lse NaN, or the mask NaN
+            or +inf). The test costs one device sync; with False it is skipped and such inputs give
+            NaN in the outputs (never silent zeros), for callers that check their maps later, as
+            :func:`attnmap.capture` does once per step.
+        text_groups: sequences of text positions (0 = the first text key); ``cross`` then has one
+            column per group, the attention summed over its keys (a word of several sub-tokens, the
+            padded tail of the text), instead of one per text key. Groups may overlap; a key
+            listed twice in one group counts once. ``text`` keeps every text key.
+
+    Returns:
+        dict from reduction name to a float32 tensor on q's device.
+
+    Example:
+        >>> lay = Layout.joint(text=3, grid=(2, 2, 2))
+        >>> q = k = torch.randn(1, 2, 11, 32)
+        >>> out = attention_sums(q, k, lay, ("temporal", "received"))
+        >>> out["temporal"].shape, out["received"].shape
+        (torch.Size([1, 2, 2]), torch.Size([1, 11]))
+    """
+    call = prepare_call(
+        q,
+        k,
+        layout,
+        reductions,
+        per_head=per_head,
+        scale=scale,
+        key_padding_mask=key_padding_mask,
+        probe=probe,
+        lse=lse,
+        check_finite=check_finite,
+        text_groups=text_groups,
+    )
+    module = choose(backend, call)
+    with torch.no_grad():
+        out: dict[str, torch.Tensor] = module.run(call)
+    return out
+
+
+__all__ = [
+    "BACKENDS",
+    "FULL_LIMIT",
+    "REDUCTIONS",
+    "AttentionCall",
+    "attention_sums",
+    "backend",
+    "choose",
+    "prepare_call",
+    "sdpa_with_lse",
+]

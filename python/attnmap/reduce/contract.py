@@ -1,0 +1,317 @@
+"""The reduction contract: one validated call of ``attention_sums`` and the finishing of its outputs.
+
+A leaf module (it imports nothing of attnmap but the layout and the error root): every backend
+imports it, and it imports no backend. :func:`prepare_call` checks the arguments (an
+:class:`~attnmap.errors.AttnmapError` naming the argument) and returns an :class:`AttentionCall`;
+a backend turns the call into *raw sums* ``[B, Hs, ...]`` (``Hs`` = H with ``per_head``, else 1:
+summed over heads; ``temporal`` summed over the query frame's rows, ``received`` over all rows),
+and :func:`finish` divides them into the contract's means.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from attnmap.errors import AttnmapError
+from attnmap.layout import Layout
+
+#: Every reduction ``attention_sums`` knows, in output order.
+REDUCTIONS: tuple[str, ...] = ("cross", "temporal", "text", "received", "probe", "full")
+#: Largest ``full`` output (entries over batch, heads and rows) that is allowed.
+FULL_LIMIT = 2**26
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+Reductions = Union[str, Sequence[str]]
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One validated call of :func:`attention_sums` (shared by every backend).
+
+    ``bias`` is the key padding mask as an additive fp32 bias ``[B, Hm, Nk]`` with ``Hm`` 1 or H
+    (``-inf`` for excluded keys); ``lse`` the caller's logsumexp ``[B, H, Nq]`` in fp32;
+    ``text_groups`` the text-key positions summed into each column of ``cross``.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    layout: Layout
+    reductions: tuple[str, ...]
+    per_head: bool
+    scale: float
+    bias: Optional[torch.Tensor]
+    probe: Optional[torch.Tensor]
+    lse: Optional[torch.Tensor]
+    text_groups: Optional[tuple[tuple[int, ...], ...]] = None
+
+    @property
+    def batch(self) -> int:
+        return int(self.q.shape[0])
+
+    @property
+    def heads(self) -> int:
+        return int(self.q.shape[1])
+
+    @property
+    def kv_heads(self) -> int:
+        return int(self.k.shape[1])
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.q.shape[2])
+
+    @property
+    def num_keys(self) -> int:
+        return int(self.k.shape[2])
+
+    @property
+    def out_heads(self) -> int:
+        """Head dimension of the raw sums: H with ``per_head``, else 1 (summed)."""
+        return self.heads if self.per_head else 1
+
+    def row_range(self) -> tuple[int, int]:
+        """The query rows ``[lo, hi)`` that some requested reduction needs (probe rows aside)."""
+        lay, wanted = self.layout, set(self.reductions)
+        if wanted & {"received", "full"}:
+            return 0, self.num_queries
+        spans = []
+        if wanted & {"cross", "temporal"}:
+            spans.append(lay.video_q)
+        if "text" in wanted and lay.text_q is not None:
+            spans.append(lay.text_q)
+        if not spans:
+            return 0, 0
+        return min(s.start for s in spans), max(s.stop for s in spans)
+
+
+def _check_qk(q: object, k: object) -> tuple[torch.Tensor, torch.Tensor]:
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor):
+            raise AttnmapError(f"{name} must be a torch.Tensor [B, H, N, D], got {type(t).__name__}")
+        if t.dim() != 4:
+            raise AttnmapError(
+                f"{name} must be 4-D [B, H, N, D] (the SDPA layout), got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in _FLOATS:
+            raise AttnmapError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.shape[3] == 0:
+            raise AttnmapError(f"{name} must have a head dim D >= 1, got shape {tuple(t.shape)}")
+    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
+    if q.dtype != k.dtype:
+        raise AttnmapError(f"q and k must have the same dtype, got q {q.dtype} and k {k.dtype}")
+    if q.device != k.device:
+        raise AttnmapError(f"q and k must be on the same device, got q on {q.device} and k on {k.device}")
+    bq, hq, _, dq = q.shape
+    bk, hk, _, dk = k.shape
+    if bq != bk or dq != dk or hk < 1 or hq % hk != 0:
+        raise AttnmapError(
+            f"k {tuple(k.shape)} does not match q {tuple(q.shape)}: expected the same batch and head dim, "
+            "and q heads a multiple of k heads (grouped-query attention)"
+        )
+    return q, k
+
+
+def _check_finite(q: torch.Tensor, k: torch.Tensor) -> None:
+    """ValueError naming q or k if it holds NaN or inf.
+
+    One fp32 sum per tensor and one device sync: a sum is finite exactly when every element is,
+    unless finite values overflow it (then the exact per-element test decides). That reads q and k
+    once, about 10x faster on the CPU than ``isfinite(t).all()``, which also writes a bool copy.
+    """
+    sums = torch.stack([q.sum(dtype=torch.float32), k.sum(dtype=torch.float32)])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for name, t in (("q", q), ("k", k)):
+        if not bool(torch.isfinite(t).all()):
+            raise AttnmapError(
+                f"{name} contains NaN or inf; attention maps of such inputs are meaningless "
+                "(check_finite=False skips this test and its device sync; the maps then hold NaN)"
+            )
+
+
+def _check_reductions(reductions: Reductions, layout: Layout) -> tuple[str, ...]:
+    names = (reductions,) if isinstance(reductions, str) else tuple(reductions)
+    if not names:
+        raise AttnmapError(f"reductions must name at least one of {REDUCTIONS}, got an empty tuple")
+    for name in names:
+        if name not in REDUCTIONS:
+            raise AttnmapError(f"reductions: unknown reduction {name!r}; expected some of {REDUCTIONS}")
+        if not layout.supports(name):
+            raise AttnmapError(f"reductions: {name!r} is not defined for {layout}")
+    return tuple(name for name in REDUCTIONS if name in names)
+
+
+def _check_mask(mask: object, q: torch.Tensor, num_keys: int, check_finite: bool) -> Optional[torch.Tensor]:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise AttnmapError(f"key_padding_mask must be a torch.Tensor, got {type(mask).__name__}")
+    b, h = int(q.shape[0]), int(q.shape[1])
+    shape = tuple(mask.shape)
+    ok_2d = len(shape) == 2 and shape[0] in (1, b) and shape[1] == num_keys
+    ok_4d = (
+        len(shape) == 4
+        and shape[0] in (1, b)
+        and shape[1] in (1, h)
+        and shape[2] == 1
+        and shape[3] == num_keys
+    )
+    if not (ok_2d or ok_4d):
+        raise AttnmapError(
+            f"key_padding_mask must have shape (B, Nk), (B, 1, 1, Nk) or (B, H, 1, Nk) = "
+            f"({b}, {num_keys}), ({b}, 1, 1, {num_keys}) or ({b}, {h}, 1, {num_keys}), got {shape}"
+        )
+    flat = mask.reshape(shape[0], 1, num_keys) if ok_2d else mask.reshape(shape[0], shape[1], num_keys)
+    flat = flat.to(q.device)
+    if flat.dtype == torch.bool:
+        bias = torch.zeros(flat.shape, dtype=torch.float32, device=q.device).masked_fill_(~flat, -math.inf)
+    elif flat.is_floating_point():
+        bias = flat.to(torch.float32)
+        if check_finite and bool((torch.isnan(bias) | (bias == math.inf)).any()):
+            raise AttnmapError("key_padding_mask (an additive bias) must not contain NaN or +inf")
+    else:
+        raise AttnmapError(
+            f"key_padding_mask must be bool (True = keep) or an additive float bias, got {flat.dtype}"
+        )
+    return bias.expand(b, bias.shape[1], num_keys).contiguous()
+
+
+def _check_probe(
+    probe: object, wanted: bool, num_queries: int, device: torch.device
+) -> Optional[torch.Tensor]:
+    if probe is None:
+        if wanted:
+            raise AttnmapError("probe: the 'probe' reduction needs probe=<LongTensor of query indices>")
+        return None
+    if not wanted:
+        raise AttnmapError("probe was given but 'probe' is not in reductions; add it or drop probe")
+    idx = probe if isinstance(probe, torch.Tensor) else torch.as_tensor(probe)
+    if idx.dtype in (torch.bool,) or idx.is_floating_point() or idx.is_complex() or idx.dim() != 1:
+        raise AttnmapError(
+            f"probe must be a 1-D integer tensor of query indices, got {idx.dtype} {tuple(idx.shape)}"
+        )
+    if idx.numel() == 0:
+        raise AttnmapError("probe must hold at least one query index")
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= num_queries:
+        raise AttnmapError(f"probe indices must lie in [0, {num_queries}), got values in [{lo}, {hi}]")
+    return idx.to(device=device, dtype=torch.long)
+
+
+def _check_lse(lse: object, q: torch.Tensor, check_finite: bool) -> Optional[torch.Tensor]:
+    if lse is None:
+        return None
+    if not isinstance(lse, torch.Tensor) or not lse.is_floating_point():
+        raise AttnmapError("lse must be a float tensor [B, H, Nq], the logsumexp of the attention forward")
+    expected = tuple(q.shape[:3])
+    if tuple(lse.shape) != expected:
+        raise AttnmapError(f"lse must have shape [B, H, Nq] = {expected}, got {tuple(lse.shape)}")
+    lse = lse.to(device=q.device, dtype=torch.float32)
+    if check_finite and bool(torch.isnan(lse).any()):
+        raise AttnmapError("lse contains NaN")
+    return lse
+
+
+def _check_text_groups(groups: object, layout: Layout) -> Optional[tuple[tuple[int, ...], ...]]:
+    if groups is None:
+        return None
+    if layout.text_k is None:
+        raise AttnmapError(f"text_groups: layout {layout} has no text keys to group")
+    bad = AttnmapError(
+        f"text_groups must be a sequence of non-empty sequences of text positions in [0, {layout.text}), "
+        f"got {groups!r}"
+    )
+    if isinstance(groups, (str, bytes, torch.Tensor)) or not isinstance(groups, Sequence) or not groups:
+        raise bad
+    out = []
+    for g in groups:
+        if isinstance(g, (str, bytes)) or not isinstance(g, Sequence) or not g:
+            raise bad
+        if not all(
+            isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i < layout.text for i in g
+        ):
+            raise bad
+        out.append(tuple(sorted({int(i) for i in g})))  # a key counts once in its group
+    return tuple(out)
+
+
+def group_text(call: AttentionCall, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``cross`` with one column per text group (the sum of its keys' columns)."""
+    if call.text_groups is not None and "cross" in out:
+        t = out["cross"]
+        out["cross"] = torch.stack([t[..., list(g)].sum(dim=-1) for g in call.text_groups], dim=-1)
+    return out
+
+
+def prepare_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: Layout,
+    reductions: Reductions = ("cross", "temporal"),
+    *,
+    per_head: bool = False,
+    scale: Optional[float] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    probe: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+    check_finite: bool = True,
+    text_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> AttentionCall:
+    """Validate the arguments of :func:`attention_sums` (ValueError naming the argument)."""
+    if not isinstance(layout, Layout):
+        raise AttnmapError(f"layout must be an attnmap.Layout, got {type(layout).__name__}")
+    q, k = _check_qk(q, k)
+    b, h, nq, d = (int(s) for s in q.shape)
+    nk = int(k.shape[2])
+    if check_finite:
+        _check_finite(q, k)
+    layout.check(nq, nk, argument="layout")
+    names = _check_reductions(reductions, layout)
+    if scale is None:
+        scale = d**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise AttnmapError(f"scale must be a finite float or None (D**-0.5), got {scale!r}")
+    if "full" in names:
+        entries = b * (h if per_head else 1) * nq * nk
+        if entries > FULL_LIMIT:
+            raise AttnmapError(
+                f"reductions: 'full' would hold {entries} entries (limit {FULL_LIMIT}); it is meant for small "
+                "maps such as ViT rollout. Use 'cross', 'temporal', 'text', 'received' or 'probe' instead"
+            )
+    return AttentionCall(
+        q=q,
+        k=k,
+        layout=layout,
+        reductions=names,
+        per_head=bool(per_head),
+        scale=float(scale),
+        bias=_check_mask(key_padding_mask, q, nk, check_finite),
+        probe=_check_probe(probe, "probe" in names, nq, q.device),
+        lse=_check_lse(lse, q, check_finite),
+        text_groups=_check_text_groups(text_groups, layout),
+    )
+
+
+def finish(call: AttentionCall, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Turn raw sums ``[B, Hs, ...]`` (summed over heads when ``Hs == 1``) into the contract's means.
+
+    ``temporal`` arrives as the sum over the query frame's rows and ``received`` as the sum over all
+    rows; both are divided here, as is the head sum.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name in call.reductions:
+        t = sums[name]
+        if name == "temporal":
+            t = t / call.layout.frame_tokens
+        elif name == "received":
+            t = t / call.num_queries
+        if not call.per_head:
+            t = t.squeeze(1) / call.heads
+        out[name] = t.to(torch.float32)
+    return out

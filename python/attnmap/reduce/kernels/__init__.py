@@ -1,0 +1,1 @@
+"""Triton kernels of attnmap (plain Triton; shipped inside the wheel as attnmap.reduce.kernels)."""

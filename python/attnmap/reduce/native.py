@@ -1,0 +1,109 @@
+"""The ``native`` backend: ``cross``, ``temporal`` and ``text`` of CPU tensors in the Rust kernel.
+
+:func:`attnmap._native.attention_groups` forms each query row's P with an online softmax (one
+q k^T product and one exp per key, no block of P in memory) and sums it into key columns: one per
+text key (or per atom of text groups) and one per frame. Memory is O(rows x columns).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import numpy as np
+import torch
+
+from attnmap.layout import Layout
+from attnmap.reduce.contract import AttentionCall, finish, group_text
+
+#: The reductions this backend forms.
+REDUCTIONS = frozenset({"cross", "temporal", "text"})
+
+
+def serves(call: AttentionCall) -> Optional[str]:
+    """None when the kernel can reduce the call, else the reason it cannot."""
+    if call.q.device.type != "cpu":
+        return f"q is on {call.q.device}, the native kernel runs on the CPU"
+    other = sorted(set(call.reductions) - REDUCTIONS)
+    if other:
+        return f"the native kernel forms {sorted(REDUCTIONS)}, not {other}"
+    if call.lse is not None:
+        return "the native kernel forms each row's softmax itself; a given lse goes to the blocks backend"
+    return None
+
+
+def run(call: AttentionCall) -> dict[str, torch.Tensor]:
+    """The contract's outputs of a validated call that :func:`serves` accepts."""
+    if call.text_groups is not None and "text" in call.reductions:  # text needs every key
+        return group_text(call, finish(call, sums(call, grouped=False)))
+    return finish(call, sums(call))  # the groups formed in the kernel
+
+
+@functools.lru_cache(maxsize=16)
+def _key_columns(
+    lay: Layout, text: bool, frames: bool, groups: Optional[tuple[tuple[int, ...], ...]]
+) -> tuple[np.ndarray, int, Optional[torch.Tensor]]:
+    """Each key's column for :func:`attnmap._native.attention_groups` (-1: none), the number of text
+    columns, and the 0/1 matrix ``[text columns, groups]`` that turns them into text groups.
+
+    Text keys get a column each (with ``text``), or, with ``groups``, one column per *atom*: the keys
+    that belong to the same set of groups, so that overlapping groups still give each key one
+    column. Video keys of frame ``f`` get column ``f`` after the text columns (with ``frames``).
+    """
+    cols = np.full(lay.num_keys, -1, dtype=np.int64)
+    ntext, merge = 0, None
+    if text and lay.text_k is not None:
+        if groups is None:
+            cols[lay.text_k] = np.arange(lay.text)
+            ntext = lay.text
+        else:
+            member = np.zeros((lay.text, len(groups)), dtype=bool)
+            for g, keys in enumerate(groups):
+                member[list(keys), g] = True
+            atoms, inverse = np.unique(member, axis=0, return_inverse=True)
+            atom_of = np.asarray(inverse).reshape(-1)
+            used = np.asarray(atoms.any(axis=1))  # the atom of keys in no group is no column
+            ids = np.cumsum(used) - 1
+            cols[lay.text_k] = np.where(used[atom_of], ids[atom_of], -1)
+            ntext = int(used.sum())
+            merge = torch.from_numpy(atoms[used].astype(np.float32))  # cached: never mutate
+    if frames and lay.video_k is not None:
+        cols[lay.video_k] = ntext + np.arange(lay.num_video) // lay.frame_tokens
+    cols.flags.writeable = False
+    return cols, ntext, merge
+
+
+def _cpu_array(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).numpy()
+
+
+def sums(call: AttentionCall, grouped: bool = True) -> dict[str, torch.Tensor]:
+    """``cross``, ``temporal`` and ``text`` as raw sums (see :func:`finish`) from the Rust kernel:
+    each row's P summed into one column per text key and one per frame, in one pass over the keys
+    with an online softmax (a q k^T product and an exp per key; no block of P in memory)."""
+    from attnmap import _native
+
+    lay, wanted = call.layout, set(call.reductions)
+    text, frames = bool(wanted & {"cross", "text"}), "temporal" in wanted
+    cols, t, merge = _key_columns(lay, text, frames, call.text_groups if grouped else None)
+    lo, hi = call.row_range()
+    out = _native.attention_groups(
+        _cpu_array(call.q[:, :, lo:hi]),
+        _cpu_array(call.k),
+        cols,
+        t + (lay.frames if frames else 0),
+        scale=call.scale,
+        bias=None if call.bias is None else _cpu_array(call.bias),
+        per_head=call.per_head,
+    )
+    rows = torch.from_numpy(out)  # [B, Hs, hi - lo, C]
+    sums: dict[str, torch.Tensor] = {}
+    video = rows[:, :, lay.video_q.start - lo : lay.video_q.stop - lo]
+    if "cross" in wanted:
+        sums["cross"] = video[..., :t].contiguous() if merge is None else video[..., :t] @ merge
+    if frames:
+        sums["temporal"] = video[..., t:].unflatten(2, (lay.frames, lay.frame_tokens)).sum(dim=3)
+    if "text" in wanted and lay.text_q is not None:
+        assert merge is None
+        sums["text"] = rows[:, :, lay.text_q.start - lo : lay.text_q.stop - lo, :t].contiguous()
+    return sums

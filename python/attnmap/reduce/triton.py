@@ -1,0 +1,105 @@
+"""The ``triton`` backend: an ``attention_sums`` call as launches of the fused kernel.
+
+The kernel (:mod:`attnmap.reduce.kernels.attn_reduce`) is imported on the first call, so that
+``TRITON_INTERPRET=1`` (the kernel on CPU tensors) can still be set before it. ``probe`` is the same
+kernel on the gathered probe rows, with every key stored densely.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+
+from attnmap.reduce.contract import AttentionCall, finish, group_text
+
+
+def serves(call: AttentionCall) -> Optional[str]:
+    """None for CUDA tensors with Triton installed (or CPU tensors under ``TRITON_INTERPRET=1``)."""
+    if not call.q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return (
+            f"the Triton kernel needs CUDA tensors (q is on {call.q.device}); set TRITON_INTERPRET=1 before "
+            "the first call to run it on the CPU"
+        )
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed (pip install attnmap[triton])"
+    if int(call.q.shape[3]) > 256:
+        return f"the Triton kernel takes head dims up to 256, q has {int(call.q.shape[3])}"
+    return None
+
+
+def run(call: AttentionCall, **tiles: Optional[int]) -> dict[str, torch.Tensor]:
+    """The contract's outputs of a validated call; ``tiles`` (``block_m``, ``block_n``,
+    ``head_groups``) go to the launcher."""
+    return group_text(call, finish(call, sums(call, **tiles)))
+
+
+def sums(call: AttentionCall, **tiles: Optional[int]) -> dict[str, torch.Tensor]:
+    """Raw sums (see :func:`attnmap.reduce.contract.finish`) from the kernel."""
+    from attnmap.reduce.kernels.attn_reduce import attn_reduce
+
+    lay, wanted = call.layout, set(call.reductions)
+    nk = call.num_keys
+    row_lo, row_hi = call.row_range()
+    if wanted & {"received", "full"}:
+        keys = (0, nk)
+    else:
+        spans = []
+        if wanted & {"cross", "text"} and lay.text_k is not None:
+            spans.append(lay.text_k)
+        if "temporal" in wanted and lay.video_k is not None:
+            spans.append(lay.video_k)
+        keys = (min(s.start for s in spans), max(s.stop for s in spans)) if spans else (0, 0)
+    if "full" in wanted:
+        dense = (0, nk)
+    elif wanted & {"cross", "text"} and lay.text_k is not None:
+        dense = (lay.text_k.start, lay.text_k.stop)
+    else:
+        dense = (0, 0)
+    temporal = None
+    if "temporal" in wanted and lay.video_k is not None:
+        temporal = (lay.video_q.start, lay.video_k.start, lay.num_video, lay.frame_tokens, lay.frames)
+    common: dict[str, Any] = {"scale": call.scale, "bias": call.bias, "per_head": call.per_head, **tiles}
+    out: dict[str, torch.Tensor] = {}
+    if wanted - {"probe"}:
+        dense_sum, received, frames = attn_reduce(
+            call.q,
+            call.k,
+            rows=(row_lo, row_hi),
+            keys=keys,
+            dense=dense,
+            received="received" in wanted,
+            temporal=temporal,
+            lse=call.lse,
+            **common,
+        )
+        c_lo = dense[0]
+        if "cross" in wanted:
+            vq, tk = lay.video_q, lay.text_k
+            assert tk is not None
+            out["cross"] = dense_sum[
+                :, :, vq.start - row_lo : vq.stop - row_lo, tk.start - c_lo : tk.stop - c_lo
+            ]
+        if "text" in wanted:
+            tq, tk = lay.text_q, lay.text_k
+            assert tq is not None and tk is not None
+            out["text"] = dense_sum[
+                :, :, tq.start - row_lo : tq.stop - row_lo, tk.start - c_lo : tk.stop - c_lo
+            ]
+        if "full" in wanted:
+            out["full"] = dense_sum
+        if "received" in wanted:
+            out["received"] = received
+        if "temporal" in wanted:
+            out["temporal"] = frames
+    if "probe" in wanted:
+        assert call.probe is not None
+        rows = call.q[:, :, call.probe]
+        lse = None if call.lse is None else call.lse[:, :, call.probe]
+        out["probe"] = attn_reduce(
+            rows, call.k, rows=(0, int(rows.shape[2])), keys=(0, nk), dense=(0, nk), lse=lse, **common
+        )[0]
+    return {name: t.contiguous() for name, t in out.items()}

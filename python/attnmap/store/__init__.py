@@ -1,0 +1,55 @@
+"""The attention store: one folder per video under a root, metadata JSON and safetensors maps.
+
+Layout on disk (``<dir>`` is the sanitised video id, see :func:`video_dirname`)::
+
+    root/<dir>/metadata.json                  video metadata + store keys (run id, schema, ...)
+    root/<dir>/step_000003.safetensors        every map of step 3 (names are keys, never paths)
+    root/<dir>/aggregated.safetensors         the step-aggregated maps (mean over steps)
+
+Every file is written atomically (temp file, fsync, rename, fsync of the folder), so a run
+killed at any moment leaves each finished step loadable. Each step file carries the run id in
+its safetensors metadata, and ``metadata.json`` names the current run: files of an older run of
+the same video id are never mixed in. A run that died before ``close`` has no aggregated file;
+:meth:`Store.aggregated` then averages the finished steps and :meth:`Store.rebuild_aggregated`
+writes the file.
+
+Loading never unpickles: headers are JSON and tensors are raw little-endian arrays.
+
+Example:
+    >>> w = StoreWriter(root, "vid 1", {"prompt": "a (cat)"})
+    >>> w.write_step(0, {"token/cat": np.ones((2, 3, 4))})
+    >>> w.close()
+    >>> open_store(root).load_step("vid 1", "cat", 0).map.shape
+    (2, 3, 4)
+"""
+
+from __future__ import annotations
+
+from attnmap.errors import StoreError
+from attnmap.store.format import (
+    AGGREGATED_FILE,
+    METADATA_FILE,
+    RESERVED_KEYS,
+    SCHEMA_VERSION,
+    downsample_spatial,
+    token_of,
+)
+from attnmap.store.naming import step_filename, video_dirname
+from attnmap.store.reader import AttentionMap, Store, open_store
+from attnmap.store.writer import StoreWriter
+
+__all__ = [
+    "AGGREGATED_FILE",
+    "METADATA_FILE",
+    "RESERVED_KEYS",
+    "SCHEMA_VERSION",
+    "AttentionMap",
+    "Store",
+    "StoreError",
+    "StoreWriter",
+    "downsample_spatial",
+    "open_store",
+    "step_filename",
+    "token_of",
+    "video_dirname",
+]

@@ -1,0 +1,248 @@
+"""Writing one video's maps: :class:`StoreWriter`."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from attnmap._io import atomic_write
+from attnmap.store.format import (
+    AGGREGATED_FILE,
+    DTYPES,
+    FORMAT,
+    FP16_MAX,
+    METADATA_FILE,
+    RESERVED_KEYS,
+    SCHEMA_VERSION,
+    STEP_RE,
+    ArrayLike,
+    downsample_spatial,
+    encode,
+    is_token_name,
+    to_numpy,
+)
+from attnmap.store.naming import check_name, check_step, check_video_id, step_filename, video_dirname
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _aggregation(steps: str, downsample: int) -> dict[str, Any]:
+    """The ``aggregation`` metadata: how each stored value was reduced (the capture contract)."""
+    return {
+        "steps": steps,
+        "token_maps": "sub-tokens summed; mean over blocks and heads (token/<word>/block<b>: one block)",
+        "maps": "mean over blocks (<name>/block<b>: one block); per-head maps keep H first",
+        "spatial_downsample": f"mean over {downsample}x{downsample} latent cells",
+    }
+
+
+class StoreWriter:
+    """Writes one video's maps: each step as soon as it is complete, then the aggregated maps.
+
+    Args:
+        root: the store root (created if missing).
+        video_id: any non-empty str; it never becomes a path outside ``root``.
+        metadata: JSON-safe dict (model, prompt, targets, layout, grid, ...), see DEVELOPERS.md.
+        dtype: ``"float16"`` or ``"float32"``: the storage dtype of every map.
+        downsample: int >= 1; token maps ``token/...`` of shape ``[..., F, H, W]`` are averaged
+            over ``downsample x downsample`` spatial blocks before storing.
+        overwrite: when the video id already exists, True replaces the old run (only after the
+            new run's metadata is written cleanly), False raises FileExistsError.
+
+    Example:
+        >>> with StoreWriter("attention_maps", "vid", {"prompt": "a (cat)"}) as w:
+        ...     w.write_step(0, {"token/cat": maps})
+    """
+
+    def __init__(
+        self,
+        root: Union[str, os.PathLike[str]],
+        video_id: str,
+        metadata: Optional[Mapping[str, Any]] = None,
+        *,
+        dtype: str = "float16",
+        downsample: int = 1,
+        overwrite: bool = True,
+    ) -> None:
+        from attnmap import __version__
+
+        self.video_id = check_video_id(video_id)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+        if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1:
+            raise ValueError(f"downsample must be an int >= 1, got {downsample!r}")
+        metadata = dict(metadata or {})
+        for key in RESERVED_KEYS:
+            if key in metadata and not (key == "video_id" and metadata[key] == video_id):
+                raise ValueError(f"metadata key {key!r} is reserved by the store; rename it")
+        self.dtype = dtype
+        self.downsample = downsample
+        self.run_id = uuid.uuid4().hex
+        self.root = Path(root)
+        self.path = self.root / video_dirname(video_id)
+        self._np_dtype = DTYPES[dtype]
+        self._sums: dict[str, np.ndarray] = {}
+        self._counts: dict[str, int] = {}
+        self._steps: list[int] = []
+        self._closed = False
+        self.metadata: dict[str, Any] = {
+            **metadata,
+            "schema_version": SCHEMA_VERSION,
+            "format": FORMAT,
+            "attnmap_version": __version__,
+            "video_id": video_id,
+            "run_id": self.run_id,
+            "dtype": dtype,
+            "downsample": downsample,
+            "aggregation": _aggregation("mean over the written steps", downsample),
+            "created": _now(),
+            "complete": False,
+        }
+        try:
+            encoded = json.dumps(self.metadata, indent=1, allow_nan=False).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"metadata must be JSON-safe (str keys, finite numbers, lists, dicts): {exc}"
+            ) from None
+
+        meta_path = self.path / METADATA_FILE
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(
+                f"video {video_id!r} already exists in the store at {self.path}; pass overwrite=True"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        old = [p for p in self.path.iterdir() if STEP_RE.match(p.name) or p.name == AGGREGATED_FILE]
+        # The commit point: once metadata.json names the new run, files of the old run are ignored.
+        atomic_write(meta_path, encoded)
+        for p in old:
+            p.unlink(missing_ok=True)
+        for p in self.path.glob(".*.tmp"):
+            p.unlink(missing_ok=True)
+
+    # -- context manager --------------------------------------------------------------------
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None and not self._closed:
+            self.close()
+
+    # -- writing ----------------------------------------------------------------------------
+    def _prepare(self, name: str, value: ArrayLike) -> np.ndarray:
+        arr = to_numpy(name, value)
+        if self.downsample > 1 and is_token_name(name):
+            if arr.ndim < 3:
+                raise ValueError(
+                    f"token map {name!r} must have shape [..., F, H, W] to downsample, got {arr.shape}"
+                )
+            arr = downsample_spatial(arr, self.downsample)
+        if self.dtype == "float16":
+            finite = arr[np.isfinite(arr)]
+            if finite.size and float(np.abs(finite).max()) > FP16_MAX:
+                raise ValueError(f"map {name!r} has values beyond float16's range; use dtype='float32'")
+        return np.ascontiguousarray(arr.astype(self._np_dtype))
+
+    def write_step(self, step: int, maps: Mapping[str, ArrayLike]) -> Path:
+        """Write every map of one step atomically to ``step_<step>.safetensors``.
+
+        Args:
+            step: int >= 0, not written before in this run.
+            maps: ``{name: array}``; names like ``token/<word>`` ``[F, H, W]``, ``temporal``
+                ``[F, F]``, ``text`` ``[Nt, Nt]``, ``<name>/block<b>``; per-head maps have H first.
+
+        Returns:
+            Path of the step file.
+        """
+        if self._closed:
+            raise ValueError("this StoreWriter is closed; open a new one to write another run")
+        step = check_step(step)
+        if step in self._steps:
+            raise ValueError(f"step {step} was already written in this run")
+        if not isinstance(maps, Mapping) or not maps:
+            raise ValueError(f"maps must be a non-empty mapping name -> array, got {type(maps).__name__}")
+        prepared = {check_name(name): self._prepare(name, value) for name, value in maps.items()}
+        for name, arr in prepared.items():
+            if name in self._sums and self._sums[name].shape != arr.shape:
+                raise ValueError(
+                    f"map {name!r} has shape {arr.shape} at step {step} but {self._sums[name].shape} before"
+                )
+        meta = {
+            "format": FORMAT,
+            "schema_version": str(SCHEMA_VERSION),
+            "run_id": self.run_id,
+            "step": str(step),
+        }
+        path = self.path / step_filename(step)
+        atomic_write(path, encode(prepared, meta))
+        for name, arr in prepared.items():
+            if name in self._sums:
+                self._sums[name] += arr
+                self._counts[name] += 1
+            else:
+                self._sums[name] = arr.astype(np.float64)
+                self._counts[name] = 1
+        self._steps.append(step)
+        return path
+
+    def close(self, aggregated: Optional[Mapping[str, ArrayLike]] = None) -> None:
+        """Write the step-aggregated maps and mark the video complete.
+
+        metadata.json then gets ``steps`` and ``steps_written`` (the steps written, sorted: the
+        caller's ``steps`` was a snapshot from when the writer opened), ``finished`` and
+        ``aggregation`` (how the aggregated maps were made).
+
+        Args:
+            aggregated: ``{name: array}`` to store as the aggregated maps; None stores the mean
+                over the written steps of each map (of the stored values, so
+                :meth:`Store.rebuild_aggregated` gives the same result after a crash).
+        """
+        if self._closed:
+            return
+        if aggregated is None:
+            agg = {name: (s / self._counts[name]).astype(self._np_dtype) for name, s in self._sums.items()}
+            counts = dict(self._counts)
+            how = "mean over the written steps"
+        else:
+            agg = {check_name(n): self._prepare(n, v) for n, v in aggregated.items()}
+            counts = {}
+            how = "given by the caller" if agg else "not stored (mean over the steps on load)"
+        steps = sorted(self._steps)
+        write_aggregated(self.path, agg, self.run_id, steps, counts, how)
+        # the caller's "steps" was a snapshot taken when the writer opened; the store knows them all
+        self.metadata.update(
+            complete=True,
+            finished=_now(),
+            steps=steps,
+            steps_written=steps,
+            aggregation=_aggregation(how, self.downsample),
+        )
+        atomic_write(self.path / METADATA_FILE, json.dumps(self.metadata, indent=1).encode("utf-8"))
+        self._closed = True
+
+
+def write_aggregated(
+    path: Path,
+    maps: Mapping[str, np.ndarray],
+    run_id: str,
+    steps: list[int],
+    counts: Mapping[str, int],
+    how: str,
+) -> None:
+    meta = {
+        "format": FORMAT,
+        "schema_version": str(SCHEMA_VERSION),
+        "run_id": run_id,
+        "steps": json.dumps(steps),
+        "counts": json.dumps(dict(counts)),
+        "aggregation": how,
+    }
+    atomic_write(path / AGGREGATED_FILE, encode(maps, meta))
