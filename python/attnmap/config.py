@@ -96,7 +96,7 @@ class Config:
         holds it under the key ``attention_analysis``); missing keys take their defaults.
 
         Raises:
-            ValueError: an unknown key (the message lists the valid ones) or a bad value.
+            AttnmapError: an unknown key (the message lists the valid ones) or a bad value.
         """
         if isinstance(data, Mapping) and set(data) == {"attention_analysis"}:
             data = data["attention_analysis"]
@@ -145,7 +145,7 @@ class Config:
 
         Raises:
             OSError: the file cannot be read.
-            ValueError: the YAML is malformed, or a key or value is invalid.
+            AttnmapError: the YAML is malformed, or a key or value is invalid.
         """
         import yaml
 

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnmap.errors import AttnmapError
+
 # word -> (colour word, RGB in [0, 1], shape)
 OBJECTS: dict[str, tuple[str, tuple[float, float, float], str]] = {
     "ball": ("red", (1.0, 0.1, 0.1), "circle"),
@@ -85,7 +87,7 @@ def make_video(frames: int = 17, height: int = 96, width: int = 128, *, seed: in
         A :class:`SyntheticVideo` with frames ``[T, H, W, 3]`` uint8 and one mask per word.
     """
     if frames < 1 or height < 32 or width < 32:
-        raise ValueError(f"frames must be >= 1 and height, width >= 32, got {frames}, {height}, {width}")
+        raise AttnmapError(f"frames must be >= 1 and height, width >= 32, got {frames}, {height}, {width}")
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     radius = 0.16 * min(height, width)
@@ -141,13 +143,13 @@ def encode(video: np.ndarray, stride: Sequence[int] = VAE_STRIDE) -> np.ndarray:
     """
     arr = np.asarray(video, dtype=np.float32)
     if arr.dtype != np.float32 or arr.ndim != 4:
-        raise ValueError(f"video must be [T, H, W, C], got shape {arr.shape}")
+        raise AttnmapError(f"video must be [T, H, W, C], got shape {arr.shape}")
     if np.asarray(video).dtype == np.uint8:
         arr = arr / 255.0
     st, sh, sw = stride
     t, h, w, c = arr.shape
     if h % sh or w % sw:
-        raise ValueError(f"video height and width must be multiples of the stride {sh}x{sw}, got {h}x{w}")
+        raise AttnmapError(f"video height and width must be multiples of the stride {sh}x{sw}, got {h}x{w}")
     pooled = arr.reshape(t, h // sh, sh, w // sw, sw, c).mean(axis=(2, 4))
     return np.stack([pooled[list(g)].mean(axis=0) for g in latent_frame_groups(t, st)])
 
@@ -168,7 +170,9 @@ class JointAttention(nn.Module):
     def __init__(self, gains: Sequence[float], localities: Sequence[float], head_dim: int = 16) -> None:
         super().__init__()
         if len(gains) != len(localities):
-            raise ValueError(f"gains and localities must have one value per head, got {gains}, {localities}")
+            raise AttnmapError(
+                f"gains and localities must have one value per head, got {gains}, {localities}"
+            )
         self.heads = len(gains)
         self.head_dim = head_dim
         c, inner = self.CHANNELS, self.heads * head_dim
@@ -285,7 +289,7 @@ def noisy_latents(clean: np.ndarray, level: float, *, seed: int) -> torch.Tensor
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two bool masks of one shape (1.0 when both are empty)."""
     if a.shape != b.shape:
-        raise ValueError(f"masks must have the same shape, got {a.shape} and {b.shape}")
+        raise AttnmapError(f"masks must have the same shape, got {a.shape} and {b.shape}")
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 

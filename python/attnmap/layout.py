@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
+from attnmap.errors import AttnmapError
+
 Kind = Literal["joint", "self", "cross"]
 
 #: Which reductions each layout kind supports.
@@ -31,15 +33,15 @@ def _positive_grid(grid: tuple[int, int, int]) -> tuple[int, int, int]:
     try:
         values = tuple(int(g) for g in grid)
     except TypeError as exc:
-        raise ValueError(f"grid must be a tuple (F, H, W) of positive ints, got {grid!r}") from exc
+        raise AttnmapError(f"grid must be a tuple (F, H, W) of positive ints, got {grid!r}") from exc
     if len(values) != 3 or any(g < 1 for g in values):
-        raise ValueError(f"grid must be a tuple (F, H, W) of positive ints, got {grid!r}")
+        raise AttnmapError(f"grid must be a tuple (F, H, W) of positive ints, got {grid!r}")
     return (values[0], values[1], values[2])
 
 
 def _count(name: str, value: int, minimum: int) -> int:
     if isinstance(value, bool) or int(value) != value or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise AttnmapError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -133,9 +135,9 @@ class Layout:
         return reduction in SUPPORTED[self.kind]
 
     def check(self, num_queries: int, num_keys: int, *, argument: str = "layout") -> None:
-        """Raise ValueError (naming ``argument``) if the layout does not fit a call's sizes."""
+        """Raise AttnmapError (naming ``argument``) if the layout does not fit a call's sizes."""
         if num_queries != self.num_queries or num_keys != self.num_keys:
-            raise ValueError(
+            raise AttnmapError(
                 f"{argument} {self} expects {self.num_queries} queries and {self.num_keys} keys, "
                 f"but the call has {num_queries} queries and {num_keys} keys"
             )
@@ -168,4 +170,4 @@ class Layout:
             return cls.self_attn(grid, int(data.get("prefix", 0)))  # type: ignore[arg-type]
         if kind == "cross":
             return cls.cross(grid, int(data["text"]), int(data.get("prefix", 0)))  # type: ignore[arg-type]
-        raise ValueError(f"layout kind must be 'joint', 'self' or 'cross', got {kind!r}")
+        raise AttnmapError(f"layout kind must be 'joint', 'self' or 'cross', got {kind!r}")

@@ -18,6 +18,7 @@ import numpy as np
 
 from attnmap._io import atomic_write
 from attnmap.analysis.normalization import Normalize, normalize
+from attnmap.errors import AttnmapError
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnmap.store import Store
@@ -30,7 +31,7 @@ def _np(x: ArrayLike, name: str) -> np.ndarray:
         x = x.detach().to("cpu").double().numpy()
     arr = np.asarray(x)
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(f"{name} must be a numeric array or tensor, got dtype {arr.dtype}")
+        raise AttnmapError(f"{name} must be a numeric array or tensor, got dtype {arr.dtype}")
     return arr.astype(np.float64, copy=False)
 
 
@@ -63,9 +64,9 @@ def token_mask(
     """
     a = _np(x, "x")
     if (threshold is None) == (top_fraction is None):
-        raise ValueError("give exactly one of threshold= or top_fraction=")
+        raise AttnmapError("give exactly one of threshold= or top_fraction=")
     if per_frame and a.ndim < 2:
-        raise ValueError(f"per_frame needs a map [F, ...], got shape {a.shape}")
+        raise AttnmapError(f"per_frame needs a map [F, ...], got shape {a.shape}")
     if per_frame:
         return np.stack(
             [
@@ -78,7 +79,7 @@ def token_mask(
         return a > float(threshold)
     assert top_fraction is not None
     if not 0.0 < float(top_fraction) <= 1.0:
-        raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction!r}")
+        raise AttnmapError(f"top_fraction must be in (0, 1], got {top_fraction!r}")
     flat = a.reshape(-1)
     k = math.ceil(float(top_fraction) * flat.size - 1e-9)
     order = np.argsort(-flat, kind="stable")[:k]
@@ -116,16 +117,16 @@ def token_map(
     a = _np(cross, "cross")
     f, h, w = (int(g) for g in grid)
     if a.ndim < 2 or a.shape[-2] - prefix != f * h * w:
-        raise ValueError(
+        raise AttnmapError(
             f"cross must be [..., {prefix}+F*H*W, Nt] with (F, H, W) = {(f, h, w)}, got {a.shape}"
         )
     idx = [int(i) for i in token_indices]
     if not idx or any(not -a.shape[-1] <= i < a.shape[-1] for i in idx):
-        raise ValueError(
+        raise AttnmapError(
             f"token_indices must be non-empty positions < {a.shape[-1]}, got {list(token_indices)}"
         )
     if combine not in ("sum", "mean"):
-        raise ValueError(f"combine must be 'sum' or 'mean', got {combine!r}")
+        raise AttnmapError(f"combine must be 'sum' or 'mean', got {combine!r}")
     cols = a[..., prefix:, idx]
     m = cols.sum(-1) if combine == "sum" else cols.mean(-1)
     m = m.reshape(-1, f * h * w).mean(0).reshape(f, h, w)
@@ -172,14 +173,14 @@ def load_token_map(
         ``[F, H, W]`` float32.
     """
     if combine not in ("sum", "mean"):
-        raise ValueError(f"combine must be 'sum' or 'mean', got {combine!r}")
+        raise AttnmapError(f"combine must be 'sum' or 'mean', got {combine!r}")
     names = (
         [store.map_name(video_id, word)]
         if blocks is None
         else [store.map_name(video_id, word, block=int(b)) for b in blocks]
     )
     if not names:
-        raise ValueError("blocks must name at least one block")
+        raise AttnmapError("blocks must name at least one block")
     maps = []
     for name in names:
         if steps is None and blocks is None:
@@ -187,13 +188,13 @@ def load_token_map(
         else:
             chosen = store.steps(video_id) if steps is None else [int(s) for s in steps]
             if not chosen:
-                raise ValueError(f"no steps to load for {word!r} of video {video_id!r}")
+                raise AttnmapError(f"no steps to load for {word!r} of video {video_id!r}")
             maps.extend(store.load(video_id, name, s) for s in chosen)
     m = np.mean([x.mean(0) if x.ndim == 4 else x for x in maps], axis=0)
     if combine == "mean":
         n = len((store.metadata(video_id).get("targets") or {}).get(word) or [])
         if n == 0:
-            raise ValueError(
+            raise AttnmapError(
                 f"combine='mean' needs the sub-token count of {word!r} in the metadata's targets"
             )
         m = m / n
@@ -232,14 +233,14 @@ def frame_matrix(
     nv = f * h * w
     if video is None:
         if a.ndim < 2 or a.shape[-1] != a.shape[-2] or a.shape[-1] != prefix + nv:
-            raise ValueError(
+            raise AttnmapError(
                 f"attn must be [..., N, N] with N = {prefix} + F*H*W = {prefix + nv}, got {a.shape}"
             )
         video = slice(prefix, prefix + nv)
     if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
-        raise ValueError(f"attn must be [..., N, N], got {a.shape}")
+        raise AttnmapError(f"attn must be [..., N, N], got {a.shape}")
     if not isinstance(video, slice) or len(range(a.shape[-1])[video]) != nv:
-        raise ValueError(f"video must be a slice of F*H*W = {nv} positions < {a.shape[-1]}, got {video!r}")
+        raise AttnmapError(f"video must be a slice of F*H*W = {nv} positions < {a.shape[-1]}, got {video!r}")
     v = a[..., video, video]
     v = v.reshape(*v.shape[:-2], f, h * w, f, h * w)
     return v.sum(-1).mean(-2).astype(np.float32)
@@ -259,7 +260,7 @@ def temporal_locality(temporal: ArrayLike, *, relative: bool = True) -> np.ndarr
     """
     t = _np(temporal, "temporal")
     if t.ndim < 2 or t.shape[-1] != t.shape[-2]:
-        raise ValueError(f"temporal must be [..., F, F], got {t.shape}")
+        raise AttnmapError(f"temporal must be [..., F, F], got {t.shape}")
     diag = np.diagonal(t, axis1=-2, axis2=-1)
     if relative:
         sums = t.sum(-1)
@@ -280,7 +281,7 @@ def classify_heads(locality: ArrayLike, num_frames: int, *, margin: float = 0.5)
     """
     loc = _np(locality, "locality")
     if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames!r}")
+        raise AttnmapError(f"num_frames must be >= 1, got {num_frames!r}")
     cut = 1.0 / num_frames + margin * (1.0 - 1.0 / num_frames)
     return np.where(loc > cut, "spatial", "temporal")
 
@@ -300,10 +301,10 @@ def text_self_attention(
     """
     a = _np(attn, "attn")
     if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
-        raise ValueError(f"attn must be [..., N, N], got {a.shape}")
+        raise AttnmapError(f"attn must be [..., N, N], got {a.shape}")
     idx = np.arange(a.shape[-1])[text] if isinstance(text, slice) else np.asarray(list(text), dtype=np.int64)
     if idx.size == 0 or idx.max() >= a.shape[-1] or idx.min() < -a.shape[-1]:
-        raise ValueError(f"text must select positions < {a.shape[-1]}, got {text!r}")
+        raise AttnmapError(f"text must select positions < {a.shape[-1]}, got {text!r}")
     t = a[..., idx[:, None], idx[None, :]].reshape(-1, idx.size, idx.size).mean(0)
     if renormalize:
         s = t.sum(-1, keepdims=True)
@@ -318,7 +319,7 @@ def top_frames(m: ArrayLike, k: int = 3) -> list[dict[str, float]]:
     """The k frames with the most mass of a ``[F, H, W]`` map, with their share of the total."""
     a = _np(m, "map")
     if a.ndim != 3:
-        raise ValueError(f"map must be [F, H, W], got {a.shape}")
+        raise AttnmapError(f"map must be [F, H, W], got {a.shape}")
     mass = a.reshape(a.shape[0], -1).sum(-1)
     total = mass.sum()
     order = np.argsort(-mass, kind="stable")[: max(0, int(k))]
@@ -334,7 +335,7 @@ def top_regions(m: ArrayLike, k: int = 3, *, mask_top_fraction: float = 0.1) -> 
     """
     a = _np(m, "map")
     if a.ndim != 3:
-        raise ValueError(f"map must be [F, H, W], got {a.shape}")
+        raise AttnmapError(f"map must be [F, H, W], got {a.shape}")
     flat = a.reshape(-1)
     order = np.argsort(-flat, kind="stable")[: max(0, int(k))]
     peaks = []

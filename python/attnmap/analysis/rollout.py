@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from attnmap._callable import make_module_callable
+from attnmap.errors import AttnmapError
 
 HeadFusion = Literal["mean", "max", "min"]
 ArrayLike = Any  # torch.Tensor or numpy array
@@ -38,10 +39,12 @@ def _as_tensor(x: ArrayLike, name: str, device: torch.device) -> torch.Tensor:
         try:
             t = torch.from_numpy(np.asarray(x))
         except TypeError as exc:
-            raise ValueError(f"{name} must be a torch tensor or numpy array, got {type(x).__name__}") from exc
+            raise AttnmapError(
+                f"{name} must be a torch tensor or numpy array, got {type(x).__name__}"
+            ) from exc
         t = t.to(device)
     if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
-        raise ValueError(f"{name} must hold floats, got dtype {t.dtype}")
+        raise AttnmapError(f"{name} must hold floats, got dtype {t.dtype}")
     return t.to(torch.float64)
 
 
@@ -57,14 +60,14 @@ def _fuse(a: torch.Tensor, head_fusion: str, name: str) -> torch.Tensor:
     if a.ndim == 3:
         return a
     if a.ndim != 4:
-        raise ValueError(f"{name} must have shape (B, H, N, N) or (B, N, N), got {tuple(a.shape)}")
+        raise AttnmapError(f"{name} must have shape (B, H, N, N) or (B, N, N), got {tuple(a.shape)}")
     if head_fusion == "mean":
         return a.mean(dim=1)
     if head_fusion == "max":
         return a.amax(dim=1)
     if head_fusion == "min":
         return a.amin(dim=1)
-    raise ValueError(f"head_fusion must be 'mean', 'max' or 'min', got {head_fusion!r}")
+    raise AttnmapError(f"head_fusion must be 'mean', 'max' or 'min', got {head_fusion!r}")
 
 
 def _residual_normalise(a: torch.Tensor) -> torch.Tensor:
@@ -76,15 +79,15 @@ def _residual_normalise(a: torch.Tensor) -> torch.Tensor:
 
 def _check_layers(attentions: Sequence[ArrayLike], start_layer: int) -> None:
     if isinstance(attentions, (torch.Tensor, np.ndarray)) or not isinstance(attentions, Sequence):
-        raise ValueError("attentions must be a sequence (list/tuple) of per-layer maps, first layer first")
+        raise AttnmapError("attentions must be a sequence (list/tuple) of per-layer maps, first layer first")
     if len(attentions) == 0:
-        raise ValueError("attentions must hold at least one layer")
+        raise AttnmapError("attentions must hold at least one layer")
     if (
         isinstance(start_layer, bool)
         or not isinstance(start_layer, int)
         or not 0 <= start_layer < len(attentions)
     ):
-        raise ValueError(f"start_layer must be an int in [0, {len(attentions)}), got {start_layer!r}")
+        raise AttnmapError(f"start_layer must be an int in [0, {len(attentions)}), got {start_layer!r}")
 
 
 def _discard(a: torch.Tensor, ratio: float, keep_column: Optional[int]) -> torch.Tensor:
@@ -135,16 +138,18 @@ def rollout(
     _check_layers(attentions, start_layer)
     device = _device(attentions)
     if not 0.0 <= float(discard_ratio) < 1.0:
-        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio!r}")
+        raise AttnmapError(f"discard_ratio must be in [0, 1), got {discard_ratio!r}")
     result: Optional[torch.Tensor] = None
     for i, layer in enumerate(attentions):
         a = _fuse(_as_tensor(layer, f"attentions[{i}]", device), head_fusion, f"attentions[{i}]")
         if a.shape[-1] != a.shape[-2] or (result is not None and a.shape != result.shape):
-            raise ValueError(
+            raise AttnmapError(
                 f"attentions[{i}] must be square and match the other layers, got {tuple(a.shape)}"
             )
         if cls_index is not None and not -a.shape[-1] <= cls_index < a.shape[-1]:
-            raise ValueError(f"cls_index must be a token position < {a.shape[-1]} or None, got {cls_index!r}")
+            raise AttnmapError(
+                f"cls_index must be a token position < {a.shape[-1]} or None, got {cls_index!r}"
+            )
         if i < start_layer:
             continue
         a = _residual_normalise(_discard(a, float(discard_ratio), cls_index))
@@ -186,9 +191,9 @@ def space_time_rollout(
     _check_layers(space, start_layer)
     device = _device(space)
     if len(time) != len(space):
-        raise ValueError(f"space and time must have one map per block, got {len(space)} and {len(time)}")
+        raise AttnmapError(f"space and time must have one map per block, got {len(space)} and {len(time)}")
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-        raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
+        raise AttnmapError(f"num_frames must be an int >= 1, got {num_frames!r}")
     t_ = num_frames
     result: Optional[torch.Tensor] = None
     for i, (s_map, t_map) in enumerate(zip(space, time)):
@@ -196,10 +201,10 @@ def space_time_rollout(
         tm = _fuse(_as_tensor(t_map, f"time[{i}]", device), head_fusion, f"time[{i}]")
         bt, p, p2 = s.shape
         if p != p2 or bt % t_:
-            raise ValueError(f"space[{i}] must be [B*T, 1+S, 1+S] with T={t_}, got {tuple(s.shape)}")
+            raise AttnmapError(f"space[{i}] must be [B*T, 1+S, 1+S] with T={t_}, got {tuple(s.shape)}")
         b = bt // t_
         if tm.shape != (b * (p - 1), t_, t_):
-            raise ValueError(
+            raise AttnmapError(
                 f"time[{i}] must be [B*S, T, T] = {(b * (p - 1), t_, t_)}, got {tuple(tm.shape)}"
             )
         if i < start_layer:
@@ -230,7 +235,7 @@ def cls_space_time_map(rolled: ArrayLike) -> ArrayLike:
     """
     r = _as_tensor(rolled, "rolled", _device([rolled]))
     if r.ndim != 5:
-        raise ValueError(f"rolled must have shape [B, P, T, P, T], got {tuple(r.shape)}")
+        raise AttnmapError(f"rolled must have shape [B, P, T, P, T], got {tuple(r.shape)}")
     cls = r[:, 0].mean(dim=1)[:, 1:]  # [B, S, T]
     return _like(cls.transpose(1, 2), [rolled])
 
@@ -264,12 +269,12 @@ def temporal_rollout(
     for i, layer in enumerate(attentions):
         a = _as_tensor(layer, f"attentions[{i}]", device)
         if a.ndim < 2 or a.ndim > 4 or a.shape[-1] != a.shape[-2]:
-            raise ValueError(
+            raise AttnmapError(
                 f"attentions[{i}] must be [T, T], [B, T, T] or [B, H, T, T], got {tuple(a.shape)}"
             )
         a = _fuse(a, head_fusion, f"attentions[{i}]") if a.ndim == 4 else a
         if result is not None and a.shape != result.shape:
-            raise ValueError(
+            raise AttnmapError(
                 f"attentions[{i}] has shape {tuple(a.shape)}, the layers before {tuple(result.shape)}"
             )
         if i < start_layer:

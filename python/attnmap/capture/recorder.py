@@ -45,6 +45,7 @@ from attnmap import reduce
 from attnmap.capture import models
 from attnmap.capture.tokens import Targets, resolve
 from attnmap.config import Config
+from attnmap.errors import AttnmapError
 from attnmap.layout import Layout
 from attnmap.reduce.native import REDUCTIONS as NATIVE_REDUCTIONS
 
@@ -155,11 +156,11 @@ class Recorder:
             reductions = (reductions,)
         bad = [r for r in reductions if r not in REDUCTIONS]
         if bad:
-            raise ValueError(f"reductions {bad} are unknown; choose among {', '.join(REDUCTIONS)}")
+            raise AttnmapError(f"reductions {bad} are unknown; choose among {', '.join(REDUCTIONS)}")
         if branch not in BRANCHES:
-            raise ValueError(f"branch must be one of {', '.join(BRANCHES)}, got {branch!r}")
+            raise AttnmapError(f"branch must be one of {', '.join(BRANCHES)}, got {branch!r}")
         if config is not None and not isinstance(config, Config):
-            raise ValueError(f"config must be an attnmap.Config, got {type(config).__name__}")
+            raise AttnmapError(f"config must be an attnmap.Config, got {type(config).__name__}")
         self.config = config
         if config is not None:
             per_block = per_block or config.store_per_block
@@ -182,7 +183,7 @@ class Recorder:
         self._blocks = _indices("blocks", blocks)
         self._steps = _indices("steps", steps)
         if store is not None and video_id is None:
-            raise ValueError("store= needs video_id= (a str, or one per batch row)")
+            raise AttnmapError("store= needs video_id= (a str, or one per batch row)")
         self._store = None if store is None else Path(store)
         self._video_ids = [video_id] if isinstance(video_id, str) else list(video_id or [])
         self._extra_meta = dict(metadata or {})
@@ -196,9 +197,11 @@ class Recorder:
             self._explicit = dict(layout)
             for name, lay in self._explicit.items():
                 if not isinstance(lay, Layout):
-                    raise ValueError(f"layout[{name!r}] must be an attnmap.Layout, got {type(lay).__name__}")
+                    raise AttnmapError(
+                        f"layout[{name!r}] must be an attnmap.Layout, got {type(lay).__name__}"
+                    )
         elif layout is not None:
-            raise ValueError(
+            raise AttnmapError(
                 f"layout must be an attnmap.Layout or a mapping module name -> Layout, got {layout!r}"
             )
         specs = []
@@ -207,7 +210,7 @@ class Recorder:
             if spec is None and layout is not None:
                 spec = models.generic(denoiser)
             if spec is None or not spec.sites:
-                raise ValueError(
+                raise AttnmapError(
                     f"model {type(denoiser).__name__} has no attention module attnmap knows how to read; "
                     "pass layout=attnmap.Layout... (applied to every module whose class name says attention)"
                 )
@@ -216,7 +219,7 @@ class Recorder:
             names = {s.name for sp in specs for s in sp.sites}
             missing = sorted(set(self._explicit) - names)
             if missing:
-                raise ValueError(
+                raise AttnmapError(
                     f"layout names modules {missing} that are not attention modules of the model"
                 )
         if self._pipe is not None:  # the pipeline's own VAE factors (Wan, LTX name them so)
@@ -229,7 +232,7 @@ class Recorder:
             known = sorted({site.block for sp in specs for site in sp.sites})
             unknown = sorted(self._blocks - set(known))
             if unknown:
-                raise ValueError(
+                raise AttnmapError(
                     f"blocks {unknown} are not blocks of the model; its attention blocks are {known[0]}..{known[-1]}"
                 )
         self._specs = specs
@@ -688,7 +691,7 @@ class Recorder:
         if self._store is not None and (self.config is None or self.config.store_attention):
             rows = next(iter(acc.values()))[0].shape[0]
             if len(self._video_ids) != rows:
-                raise ValueError(
+                raise AttnmapError(
                     f"video_id gives {len(self._video_ids)} id(s) {self._video_ids} but the model ran "
                     f"{rows} video(s) per branch; pass one id per video"
                 )
@@ -754,19 +757,19 @@ class Recorder:
             float32 CPU tensor ``[B, ...]`` (``[B, H, ...]`` with per_head), e.g. ``[B, F, H, W]`` for a token.
 
         Raises:
-            ValueError: nothing was recorded under that name, step, block or branch.
+            AttnmapError: nothing was recorded under that name, step, block or branch.
         """
         if token is not None:
             if token not in self.targets:
-                raise ValueError(f"token {token!r} is not a target; targets are {self.tokens}")
+                raise AttnmapError(f"token {token!r} is not a target; targets are {self.tokens}")
             name = f"token/{token}"
         branch = branch or ("cond" if self.branch == "both" else self.branch)
         if block is not None and not self.per_block:
-            raise ValueError("block= needs capture(..., per_block=True); maps were averaged over blocks")
+            raise AttnmapError("block= needs capture(..., per_block=True); maps were averaged over blocks")
         steps = self.steps if step is None else [int(step)]
         values = [v for s in steps if (v := self._value(s, branch, name, block)) is not None]
         if not values:
-            raise ValueError(
+            raise AttnmapError(
                 f"no map {name!r} recorded for step={step}, block={block}, branch={branch!r}; "
                 f"recorded names: {self.names}, steps: {self.steps}, blocks: {self.blocks}"
             )
@@ -789,7 +792,7 @@ class Recorder:
             >>> attnmap.space_time_rollout(space, time, num_frames=8)  # doctest: +SKIP
         """
         if not self.per_block:
-            raise ValueError("divided_attention needs capture(..., per_block=True)")
+            raise AttnmapError("divided_attention needs capture(..., per_block=True)")
         out: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         for kind, maps in zip(("space", "time"), out):
             for block in self.blocks:
@@ -896,17 +899,17 @@ class Recorder:
             the store root.
 
         Raises:
-            ValueError: a bad ``video_id`` or ``batch_index``, or nothing was recorded.
+            AttnmapError: a bad ``video_id`` or ``batch_index``, or nothing was recorded.
         """
         from attnmap.store import StoreWriter
 
         if not isinstance(video_id, str) or not video_id:
-            raise ValueError(f"video_id must be a non-empty str, got {video_id!r}")
+            raise AttnmapError(f"video_id must be a non-empty str, got {video_id!r}")
         if not self.steps:
-            raise ValueError("nothing was recorded: run the model inside the capture context first")
+            raise AttnmapError("nothing was recorded: run the model inside the capture context first")
         rows = next(iter(self._maps[self.steps[0]].values()))[0].shape[0]
         if isinstance(batch_index, bool) or not isinstance(batch_index, int) or not 0 <= batch_index < rows:
-            raise ValueError(
+            raise AttnmapError(
                 f"batch_index must be an int in [0, {rows}) (the recorded videos), got {batch_index!r}"
             )
         cfg = self.config or Config()
@@ -934,7 +937,7 @@ def _indices(name: str, values: Optional[Iterable[int]]) -> Optional[set[int]]:
         except TypeError:
             index = -1
         if index < 0:
-            raise ValueError(f"{name} must be indices >= 0 (or None for all), got {v!r}")
+            raise AttnmapError(f"{name} must be indices >= 0 (or None for all), got {v!r}")
         out.add(index)
     return out
 
@@ -946,7 +949,7 @@ def _split_pipeline(model: Any) -> tuple[Any, list[torch.nn.Module]]:
     found = [getattr(model, n, None) for n in ("transformer", "transformer_2", "unet")]
     nets = [m for m in found if isinstance(m, torch.nn.Module)]
     if not nets:
-        raise ValueError(
+        raise AttnmapError(
             f"model must be a torch.nn.Module or a diffusers pipeline with a transformer, got {type(model).__name__}"
         )
     return model, nets
@@ -1014,7 +1017,7 @@ def capture(
         a :class:`Recorder`, to use as a context manager.
 
     Raises:
-        ValueError: a target word not in the prompt, a model with no known attention, a bad argument.
+        AttnmapError: a target word not in the prompt, a model with no known attention, a bad argument.
         A call whose shapes fit no layout is skipped with one warning naming the module.
 
     Example:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from attnmap.errors import AttnmapError
+
 _MARKED = re.compile(r"\(([^()]*)\)")
 
 #: What ``targets=`` of capture accepts.
@@ -34,23 +36,23 @@ def parse_targets(prompt: str) -> tuple[str, list[str]]:
         order of first appearance, without repeats (``["red ball", "dog"]``).
 
     Raises:
-        ValueError: ``prompt`` is not a string, a marked word is empty, or parentheses are nested
+        AttnmapError: ``prompt`` is not a string, a marked word is empty, or parentheses are nested
             or unbalanced.
     """
     if not isinstance(prompt, str):
-        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        raise AttnmapError(f"prompt must be a string, got {type(prompt).__name__}")
     words: list[str] = []
     for match in _MARKED.finditer(prompt):
         word = match.group(1).strip()
         if not word:
-            raise ValueError(
+            raise AttnmapError(
                 f"prompt {prompt!r} marks an empty target '()'; put a word inside the parentheses"
             )
         if word not in words:
             words.append(word)
     clean = _MARKED.sub(lambda m: m.group(1), prompt)
     if "(" in clean or ")" in clean:
-        raise ValueError(
+        raise AttnmapError(
             f"prompt {prompt!r} has nested or unbalanced parentheses; mark each target once, as '(word)'"
         )
     return clean, words
@@ -87,7 +89,7 @@ def find(prompt: str, tokenizer: Any, words: Optional[Sequence[str]] = None) -> 
         added by the tokenizer (as the text encoder sees them).
 
     Raises:
-        ValueError: no words are given or marked, or a word is not in the prompt.
+        AttnmapError: no words are given or marked, or a word is not in the prompt.
 
     Example:
         >>> find("a (red) ball", tok)  # doctest: +SKIP
@@ -99,7 +101,7 @@ def find(prompt: str, tokenizer: Any, words: Optional[Sequence[str]] = None) -> 
     elif isinstance(words, str):
         words = [words]
     if not words:
-        raise ValueError(
+        raise AttnmapError(
             f"no target words: mark them in the prompt as '(word)' or pass words=[...]; prompt was {prompt!r}"
         )
     enc = _encode(tokenizer, clean)
@@ -113,7 +115,7 @@ def find(prompt: str, tokenizer: Any, words: Optional[Sequence[str]] = None) -> 
     out: dict[str, list[int]] = {}
     for word in words:
         if not isinstance(word, str) or not word.strip():
-            raise ValueError(f"target words must be non-empty strings, got {word!r}")
+            raise AttnmapError(f"target words must be non-empty strings, got {word!r}")
         word = word.strip()
         found: list[int] = []
         if word in specials:
@@ -128,7 +130,7 @@ def find(prompt: str, tokenizer: Any, words: Optional[Sequence[str]] = None) -> 
                 for pos in _sublist_positions(ids, sub):
                     found += range(pos, pos + len(sub))
         if not found:
-            raise ValueError(
+            raise AttnmapError(
                 f"target word {word!r} is not in the prompt {clean!r} (as tokenized by "
                 f"{type(tokenizer).__name__}); check its spelling or pass token indices"
             )
@@ -151,7 +153,7 @@ def resolve(
         ``(clean_prompt or None, {word: [indices]})``; the mapping is empty when there are no targets.
 
     Raises:
-        ValueError: bad indices, words without a prompt or tokenizer, or a word not in the prompt.
+        AttnmapError: bad indices, words without a prompt or tokenizer, or a word not in the prompt.
     """
     clean = None
     marked: list[str] = []
@@ -164,7 +166,7 @@ def resolve(
                 idx = [idx]
             values = list(idx)
             if not values or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in values):
-                raise ValueError(
+                raise AttnmapError(
                     f"targets[{word!r}] must be a non-empty list of token indices >= 0, got {idx!r}"
                 )
             out[str(word)] = sorted(set(values))
@@ -173,7 +175,7 @@ def resolve(
     if not words:
         return clean, {}
     if prompt is None or tokenizer is None:
-        raise ValueError(
+        raise AttnmapError(
             f"targets {words} need prompt= and tokenizer= to find their tokens; "
             "or pass targets as a mapping word -> token indices"
         )

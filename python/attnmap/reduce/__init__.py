@@ -103,7 +103,7 @@ def attention_sums(
         backend: a name of :data:`BACKENDS`: ``"auto"`` (Triton on CUDA; on the CPU the native
             kernel where it serves the call; blocks otherwise), ``"triton"``, ``"native"``,
             ``"blocks"`` or ``"reference"``. A named backend that cannot serve the call raises.
-        check_finite: raise ValueError when q or k holds NaN or inf (or lse NaN, or the mask NaN
+        check_finite: raise AttnmapError when q or k holds NaN or inf (or lse NaN, or the mask NaN
             or +inf). The test costs one device sync; with False it is skipped and such inputs give
             NaN in the outputs (never silent zeros), for callers that check their maps later, as
             :func:`attnmap.capture` does once per step.

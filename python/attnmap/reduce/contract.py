@@ -118,7 +118,7 @@ def _check_qk(q: object, k: object) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_finite(q: torch.Tensor, k: torch.Tensor) -> None:
-    """ValueError naming q or k if it holds NaN or inf.
+    """AttnmapError naming q or k if it holds NaN or inf.
 
     One fp32 sum per tensor and one device sync: a sum is finite exactly when every element is,
     unless finite values overflow it (then the exact per-element test decides). That reads q and k

@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from attnmap._io import atomic_path
+from attnmap.errors import AttnmapError
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -51,7 +52,7 @@ def save_figure(fig: Figure, path: PathLike, *, dpi: int = 120) -> Path:
     fmt = FORMATS.get(out.suffix.lower())
     if fmt is None:
         plt.close(fig)
-        raise ValueError(f"path must end in .png or .svg, got {str(path)!r}")
+        raise AttnmapError(f"path must end in .png or .svg, got {str(path)!r}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out, suffix=out.suffix) as tmp:
@@ -65,18 +66,18 @@ def _array(name: str, value: object, ndims: Sequence[int]) -> np.ndarray:
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a numeric array, got {type(value).__name__}") from exc
+        raise AttnmapError(f"{name} must be a numeric array, got {type(value).__name__}") from exc
     if arr.ndim not in ndims:
         want = " or ".join(f"{d}-D" for d in ndims)
-        raise ValueError(f"{name} must be {want}, got shape {arr.shape}")
+        raise AttnmapError(f"{name} must be {want}, got shape {arr.shape}")
     if arr.size == 0:
-        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
+        raise AttnmapError(f"{name} must not be empty, got shape {arr.shape}")
     return arr
 
 
 def _check_colormap(colormap: str) -> str:
     if colormap not in matplotlib.colormaps:
-        raise ValueError(f"colormap must be a matplotlib colormap name such as 'hot', got {colormap!r}")
+        raise AttnmapError(f"colormap must be a matplotlib colormap name such as 'hot', got {colormap!r}")
     return colormap
 
 
@@ -106,16 +107,16 @@ def temporal_comparison(
         >>> temporal_comparison({"kiss": maps_kiss, "flowers": maps_flowers}, "cmp.png")  # doctest: +SKIP
     """
     if not series:
-        raise ValueError("series must map at least one word to its per-step maps, got an empty mapping")
+        raise AttnmapError("series must map at least one word to its per-step maps, got an empty mapping")
     arrays = {word: _array(f"series[{word!r}]", value, (1, 2, 3, 4)) for word, value in series.items()}
     counts = {arr.shape[0] for arr in arrays.values()}
     if len(counts) != 1:
         shapes = {word: arr.shape for word, arr in arrays.items()}
-        raise ValueError(f"series must have the same number of steps for every word, got shapes {shapes}")
+        raise AttnmapError(f"series must have the same number of steps for every word, got shapes {shapes}")
     num_steps = counts.pop()
     xs = np.arange(num_steps) if steps is None else np.asarray(list(steps))
     if xs.shape != (num_steps,):
-        raise ValueError(f"steps must list {num_steps} step numbers, got {len(xs)}")
+        raise AttnmapError(f"steps must list {num_steps} step numbers, got {len(xs)}")
 
     fig, (ax_steps, ax_frames) = plt.subplots(1, 2, figsize=(11, 4))
     for word, arr in arrays.items():
@@ -172,7 +173,7 @@ def temporal_matrix(
     """
     arr = _array("matrix", matrix, (2,))
     if arr.shape[0] != arr.shape[1]:
-        raise ValueError(f"matrix must be square [F, F], got shape {arr.shape}")
+        raise AttnmapError(f"matrix must be square [F, F], got shape {arr.shape}")
     return _matrix_figure(
         arr,
         path,
@@ -205,9 +206,9 @@ def text_attention(
     """
     arr = _array("matrix", matrix, (2,))
     if arr.shape[0] != arr.shape[1]:
-        raise ValueError(f"matrix must be square [Nt, Nt], got shape {arr.shape}")
+        raise AttnmapError(f"matrix must be square [Nt, Nt], got shape {arr.shape}")
     if labels is not None and len(labels) != arr.shape[0]:
-        raise ValueError(f"labels must name the {arr.shape[0]} text tokens, got {len(labels)} labels")
+        raise AttnmapError(f"labels must name the {arr.shape[0]} text tokens, got {len(labels)} labels")
     return _matrix_figure(
         arr,
         path,
@@ -245,7 +246,7 @@ def head_locality(
         arr = arr[None, :]
     rows = list(range(arr.shape[0])) if blocks is None else list(blocks)
     if len(rows) != arr.shape[0]:
-        raise ValueError(f"blocks must list {arr.shape[0]} block numbers, got {len(rows)}")
+        raise AttnmapError(f"blocks must list {arr.shape[0]} block numbers, got {len(rows)}")
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * arr.shape[1] + 2.5), max(2.5, 0.45 * arr.shape[0] + 1.5)))
     image = ax.imshow(arr, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="mass in own frame")
@@ -293,16 +294,16 @@ def rollout_frames(
     """
     video = np.asarray(frames)
     if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8 or video.shape[0] == 0:
-        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {video.dtype} {video.shape}")
+        raise AttnmapError(f"frames must be uint8 [T, H, W, 3], got {video.dtype} {video.shape}")
     arr = _array("maps", maps, (2, 3))
     if arr.ndim == 2:
         arr = np.broadcast_to(arr, (video.shape[0], *arr.shape))
     if arr.shape[0] != video.shape[0]:
-        raise ValueError(f"maps must have one map per frame ({video.shape[0]}), got shape {arr.shape}")
+        raise AttnmapError(f"maps must have one map per frame ({video.shape[0]}), got shape {arr.shape}")
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise AttnmapError(f"alpha must be in [0, 1], got {alpha}")
     if max_frames < 1:
-        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        raise AttnmapError(f"max_frames must be >= 1, got {max_frames}")
     _check_colormap(colormap)
     picks = np.unique(np.linspace(0, video.shape[0] - 1, min(max_frames, video.shape[0])).round().astype(int))
     height, width = video.shape[1:3]
@@ -350,7 +351,7 @@ def colorbar(
     """
     _check_colormap(colormap)
     if not (np.isfinite(vmin) and np.isfinite(vmax) and vmax > vmin):
-        raise ValueError(f"vmin and vmax must be finite with vmin < vmax, got {vmin} and {vmax}")
+        raise AttnmapError(f"vmin and vmax must be finite with vmin < vmax, got {vmin} and {vmax}")
     fig, ax = plt.subplots(figsize=(5, 0.8))
     norm = matplotlib.colors.Normalize(vmin=vmin, vmax=vmax)
     fig.colorbar(

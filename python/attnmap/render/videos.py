@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import numpy as np
 
+from attnmap.errors import AttnmapError
 from attnmap.render.options import DEFAULT_FPS, RenderOptions
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -151,7 +152,7 @@ def _select_steps(available: list[int], steps: Optional[Sequence[int]], video_id
         return available
     missing = [s for s in steps if s not in available]
     if missing:
-        raise ValueError(f"steps {missing} are not stored for video {video_id!r}; it has steps {available}")
+        raise AttnmapError(f"steps {missing} are not stored for video {video_id!r}; it has steps {available}")
     return list(steps)
 
 
@@ -172,7 +173,7 @@ def load_original(path: PathLike) -> np.ndarray:
         raise FileNotFoundError(f"original video {str(path)!r} does not exist")
     video, _ = render.read_video(source)
     if video.shape[0] == 0:
-        raise ValueError(f"original video {str(path)!r} has no frames")
+        raise AttnmapError(f"original video {str(path)!r} has no frames")
     return video
 
 
@@ -194,7 +195,7 @@ class _Original:
         if isinstance(original, np.ndarray):
             video = original
             if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3 or video.shape[0] == 0:
-                raise ValueError(
+                raise AttnmapError(
                     f"original_video: expected a file or uint8 frames (T, H, W, 3), got {video.dtype} "
                     f"{video.shape}"
                 )
@@ -208,7 +209,7 @@ class _Original:
             frames, (height, width), rate = render.probe_video(source)
             fps = rate if rate > 0 else None
             if frames == 0:
-                raise ValueError(f"original video {str(original)!r} has no frames")
+                raise AttnmapError(f"original video {str(original)!r} has no frames")
         return cls(source, frames, (height - height % 2, width - width % 2), fps)
 
     def _decoded(self) -> Generator[np.ndarray, None, None]:
@@ -269,7 +270,7 @@ def plan_token(
 ) -> tuple[_Plan, tuple[int, int]]:
     """Load one token's maps and decide the output frames (see the module docstring)."""
     if mode not in ("aggregated", "steps"):
-        raise ValueError(f"mode must be 'aggregated' or 'steps', got {mode!r}")
+        raise AttnmapError(f"mode must be 'aggregated' or 'steps', got {mode!r}")
     tokens = store.tokens(video_id)
     if token not in tokens:
         raise KeyError(f"token {token!r} is not stored for video {video_id!r}; it has {tokens}")
@@ -467,7 +468,7 @@ def _target(output: PathLike, options: RenderOptions) -> Path:
     if out.suffix.lower() not in VIDEO_SUFFIXES:
         if out.suffix:
             names = ", ".join(VIDEO_SUFFIXES)
-            raise ValueError(f"output must end in one of {names}, got {str(output)!r}")
+            raise AttnmapError(f"output must end in one of {names}, got {str(output)!r}")
         out = out.with_suffix("." + options.video_format.lower())
     return out
 
@@ -571,7 +572,7 @@ def render_grid(
     """
     options = options or RenderOptions()
     if not tokens:
-        raise ValueError("tokens must name at least one stored word, got none")
+        raise AttnmapError("tokens must name at least one stored word, got none")
     out = _target(output, options)
     plans = [
         plan_token(store, video_id, t, options=options, mode=mode, steps=steps, original_video=original_video)
@@ -733,7 +734,7 @@ def render_figures(
     from attnmap.analysis.maps import temporal_locality
 
     if fmt not in ("png", "svg"):
-        raise ValueError(f"fmt must be 'png' or 'svg', got {fmt!r}")
+        raise AttnmapError(f"fmt must be 'png' or 'svg', got {fmt!r}")
     out = Path(out_dir)
     stem = safe_name(video_id)
     stored = store.tokens(video_id)
@@ -769,5 +770,5 @@ def render_figures(
         labels = labels if isinstance(labels, list) and len(labels) == text.shape[0] else None
         written.append(figures.text_attention(text, out / f"{stem}_text.{fmt}", labels=labels))
     if not written:
-        raise ValueError(f"video {video_id!r} has no maps to draw figures from")
+        raise AttnmapError(f"video {video_id!r} has no maps to draw figures from")
     return written

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from attnmap.errors import StoreError
+from attnmap.errors import AttnmapError, StoreError
 
 SCHEMA_VERSION = 1
 FORMAT = "attnmap"
@@ -141,7 +141,7 @@ def to_numpy(name: str, value: ArrayLike) -> np.ndarray:
     if arr.dtype == object or not (
         np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
     ):
-        raise ValueError(f"map {name!r} must be a numeric array or tensor, got dtype {arr.dtype}")
+        raise AttnmapError(f"map {name!r} must be a numeric array or tensor, got dtype {arr.dtype}")
     return arr
 
 

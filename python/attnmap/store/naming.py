@@ -8,14 +8,15 @@ from typing import Any
 
 import numpy as np
 
+from attnmap.errors import AttnmapError
 from attnmap.store.format import MAX_DIRNAME
 
 
 def check_video_id(video_id: Any) -> str:
     if not isinstance(video_id, str) or not video_id:
-        raise ValueError(f"video_id must be a non-empty str, got {video_id!r}")
+        raise AttnmapError(f"video_id must be a non-empty str, got {video_id!r}")
     if "\x00" in video_id:
-        raise ValueError(f"video_id must not contain NUL characters, got {video_id!r}")
+        raise AttnmapError(f"video_id must not contain NUL characters, got {video_id!r}")
     return video_id
 
 
@@ -43,17 +44,17 @@ def video_dirname(video_id: str) -> str:
 
 def check_name(name: Any, what: str = "map name") -> str:
     if not isinstance(name, str) or not name:
-        raise ValueError(f"{what} must be a non-empty str, got {name!r}")
+        raise AttnmapError(f"{what} must be a non-empty str, got {name!r}")
     if "\x00" in name:
-        raise ValueError(f"{what} must not contain NUL characters, got {name!r}")
+        raise AttnmapError(f"{what} must not contain NUL characters, got {name!r}")
     if name.startswith("__"):
-        raise ValueError(f"{what} must not start with '__' (reserved by safetensors), got {name!r}")
+        raise AttnmapError(f"{what} must not start with '__' (reserved by safetensors), got {name!r}")
     return name
 
 
 def check_step(step: Any) -> int:
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise ValueError(f"step must be an int >= 0, got {step!r}")
+        raise AttnmapError(f"step must be an int >= 0, got {step!r}")
     return int(step)
 
 

@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from attnmap.errors import StoreError
+from attnmap.errors import AttnmapError, StoreError
 from attnmap.store.format import (
     AGGREGATED_FILE,
     DTYPES,
@@ -246,7 +246,7 @@ class Store:
         if branch is None:
             branch = "uncond" if self._video_meta(video_id).get("branch") == "uncond" else "cond"
         if branch not in ("cond", "uncond"):
-            raise ValueError(f"branch must be 'cond', 'uncond' or None, got {branch!r}")
+            raise AttnmapError(f"branch must be 'cond', 'uncond' or None, got {branch!r}")
         name = f"token/{token}" if block is None else f"token/{token}/block{int(block)}"
         return name if branch == "cond" else f"uncond/{name}"
 
@@ -323,7 +323,7 @@ class Store:
         meta = self._video_meta(video_id)
         steps = self.steps(video_id)
         if not steps:
-            raise ValueError(f"video {video_id!r} has no finished step to aggregate")
+            raise AttnmapError(f"video {video_id!r} has no finished step to aggregate")
         sums: dict[str, np.ndarray] = {}
         counts: dict[str, int] = {}
         for s in steps:

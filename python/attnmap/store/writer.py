@@ -13,6 +13,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from attnmap._io import atomic_write
+from attnmap.errors import AttnmapError
 from attnmap.store.format import (
     AGGREGATED_FILE,
     DTYPES,
@@ -77,13 +78,13 @@ class StoreWriter:
 
         self.video_id = check_video_id(video_id)
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+            raise AttnmapError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
         if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1:
-            raise ValueError(f"downsample must be an int >= 1, got {downsample!r}")
+            raise AttnmapError(f"downsample must be an int >= 1, got {downsample!r}")
         metadata = dict(metadata or {})
         for key in RESERVED_KEYS:
             if key in metadata and not (key == "video_id" and metadata[key] == video_id):
-                raise ValueError(f"metadata key {key!r} is reserved by the store; rename it")
+                raise AttnmapError(f"metadata key {key!r} is reserved by the store; rename it")
         self.dtype = dtype
         self.downsample = downsample
         self.run_id = uuid.uuid4().hex
@@ -110,7 +111,7 @@ class StoreWriter:
         try:
             encoded = json.dumps(self.metadata, indent=1, allow_nan=False).encode("utf-8")
         except (TypeError, ValueError) as exc:
-            raise ValueError(
+            raise AttnmapError(
                 f"metadata must be JSON-safe (str keys, finite numbers, lists, dicts): {exc}"
             ) from None
 
@@ -141,14 +142,14 @@ class StoreWriter:
         arr = to_numpy(name, value)
         if self.downsample > 1 and is_token_name(name):
             if arr.ndim < 3:
-                raise ValueError(
+                raise AttnmapError(
                     f"token map {name!r} must have shape [..., F, H, W] to downsample, got {arr.shape}"
                 )
             arr = downsample_spatial(arr, self.downsample)
         if self.dtype == "float16":
             finite = arr[np.isfinite(arr)]
             if finite.size and float(np.abs(finite).max()) > FP16_MAX:
-                raise ValueError(f"map {name!r} has values beyond float16's range; use dtype='float32'")
+                raise AttnmapError(f"map {name!r} has values beyond float16's range; use dtype='float32'")
         return np.ascontiguousarray(arr.astype(self._np_dtype))
 
     def write_step(self, step: int, maps: Mapping[str, ArrayLike]) -> Path:
@@ -163,16 +164,16 @@ class StoreWriter:
             Path of the step file.
         """
         if self._closed:
-            raise ValueError("this StoreWriter is closed; open a new one to write another run")
+            raise AttnmapError("this StoreWriter is closed; open a new one to write another run")
         step = check_step(step)
         if step in self._steps:
-            raise ValueError(f"step {step} was already written in this run")
+            raise AttnmapError(f"step {step} was already written in this run")
         if not isinstance(maps, Mapping) or not maps:
-            raise ValueError(f"maps must be a non-empty mapping name -> array, got {type(maps).__name__}")
+            raise AttnmapError(f"maps must be a non-empty mapping name -> array, got {type(maps).__name__}")
         prepared = {check_name(name): self._prepare(name, value) for name, value in maps.items()}
         for name, arr in prepared.items():
             if name in self._sums and self._sums[name].shape != arr.shape:
-                raise ValueError(
+                raise AttnmapError(
                     f"map {name!r} has shape {arr.shape} at step {step} but {self._sums[name].shape} before"
                 )
         meta = {
