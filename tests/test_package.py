@@ -1,4 +1,5 @@
-"""The package's public names: every one resolves, and the two that share a module's name stay callable."""
+"""The package's public surface: the main verbs at the top, each the object its module defines; one
+error root; a cheap import; and the names that share a module's name stay callable."""
 
 from __future__ import annotations
 
@@ -6,14 +7,79 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+
 import attnmap
 
 PYTHON_DIR = Path(__file__).resolve().parent.parent / "python"
 
 
-def test_every_public_name_resolves() -> None:
-    for name in attnmap.__all__:
-        assert getattr(attnmap, name) is not None, name
+def test_public_names_are_the_objects_their_modules_define() -> None:
+    import attnmap.analysis
+    import attnmap.capture.recorder
+    import attnmap.config
+    import attnmap.errors
+    import attnmap.layout
+    import attnmap.reduce
+    import attnmap.reduce.reference
+    import attnmap.render
+    import attnmap.render.options
+    import attnmap.render.videos
+    import attnmap.store
+
+    expected = {
+        "AttnmapError": attnmap.errors.AttnmapError,
+        "Config": attnmap.config.Config,
+        "Layout": attnmap.layout.Layout,
+        "Recorder": attnmap.capture.recorder.Recorder,
+        "RenderOptions": attnmap.render.options.RenderOptions,
+        "analysis": attnmap.analysis,
+        "attention_sums": attnmap.reduce.attention_sums,
+        "open_store": attnmap.store.open_store,
+        "reduce": attnmap.reduce,
+        "reference": attnmap.reduce.reference,
+        "render": attnmap.render,
+        "render_video": attnmap.render.videos.render_video,
+        "store": attnmap.store,
+    }
+    assert set(attnmap.__all__) == {*expected, "capture", "__version__"}
+    for name, obj in expected.items():
+        assert getattr(attnmap, name) is obj, name
+    assert attnmap.capture.capture is attnmap.capture.recorder.capture  # the package, callable as it
+    assert attnmap.__version__ == attnmap._native.__version__
+
+
+def test_one_error_root() -> None:
+    from attnmap import _native
+    from attnmap.store import StoreError
+
+    assert attnmap.AttnmapError is _native.AttnmapError  # the Rust core raises the same class
+    assert issubclass(attnmap.AttnmapError, ValueError)
+    assert issubclass(StoreError, attnmap.AttnmapError) and issubclass(StoreError, OSError)
+    with pytest.raises(attnmap.AttnmapError, match=r"^layout must be an attnmap\.Layout"):
+        attnmap.attention_sums(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), "self", ("temporal",))  # type: ignore[arg-type]
+    with pytest.raises(attnmap.AttnmapError, match=r"^maps: expected a float array"):
+        attnmap.render.frames(np.zeros((2, 2, 2), dtype=np.int32))
+
+
+def test_import_is_cheap_and_render_needs_no_torch() -> None:
+    code = (
+        "import sys, numpy as np, attnmap, attnmap.render as r\n"
+        "r.frames(np.random.rand(2, 3, 4).astype(np.float32), size=(6, 8))\n"
+        "attnmap.open_store, attnmap.RenderOptions()\n"
+        "print(sorted(m for m in ('torch', 'matplotlib', 'av') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(PYTHON_DIR), "PATH": ""},
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_capture_and_rollout_stay_callable_whatever_is_imported_first() -> None:

@@ -135,8 +135,8 @@ def test_rollout_on_real_eager_attentions(builder: object) -> None:
 
 
 # -- divided space-time -------------------------------------------------------------------------
-def _seed002_reference(space: list[torch.Tensor], time: list[torch.Tensor], t: int) -> torch.Tensor:
-    """The code of seed 002 (yiyixuxu/TimesFormer_rolled_attention), batch 1, with j = T."""
+def _divided_rollout_reference(space: list[torch.Tensor], time: list[torch.Tensor], t: int) -> torch.Tensor:
+    """The published divided space-time rollout of TimeSformer (its loop, restated), batch 1, with j = T."""
     mats = []
     for attn_t, attn_s in zip(time, space):
         attn_t = attn_t.double().mean(dim=1)
@@ -168,13 +168,13 @@ def test_space_time_with_one_frame_is_spatial_rollout() -> None:
 
 
 @pytest.mark.parametrize("frames", [1, 3, 8])
-def test_space_time_matches_seed_002(frames: int) -> None:
+def test_space_time_matches_the_published_divided_rollout(frames: int) -> None:
     rng = np.random.default_rng(frames)
     s = 6
     space = [torch.from_numpy(_softmax_rows(rng, frames, 2, 1 + s, 1 + s)) for _ in range(3)]
     time = [torch.from_numpy(_softmax_rows(rng, s, 2, frames, frames)) for _ in range(3)]
     got = space_time_rollout(space, time, num_frames=frames)
-    ref = _seed002_reference(space, time, frames)
+    ref = _divided_rollout_reference(space, time, frames)
     torch.testing.assert_close(got[0], ref.float(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(got.sum((-2, -1)), torch.ones(1, 1 + s, frames), rtol=1e-5, atol=1e-6)
     cls = cls_space_time_map(got)
@@ -182,7 +182,7 @@ def test_space_time_matches_seed_002(frames: int) -> None:
     # start_layer drops the first block
     torch.testing.assert_close(
         space_time_rollout(space, time, num_frames=frames, start_layer=1)[0],
-        _seed002_reference(space[1:], time[1:], frames).float(),
+        _divided_rollout_reference(space[1:], time[1:], frames).float(),
         rtol=1e-5,
         atol=1e-7,
     )
@@ -203,7 +203,7 @@ def test_space_time_batch_of_two_is_two_batches_of_one() -> None:
 
 @contextlib.contextmanager
 def _divided_probs(model: torch.nn.Module) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """TimeSformer's (space, time) attention probabilities per block, hooked at attn_drop (as seed 002)."""
+    """TimeSformer's (space, time) attention probabilities per block, hooked at attn_drop (as the published divided rollout does)."""
     space: list[torch.Tensor] = []
     time: list[torch.Tensor] = []
     hooks = []
@@ -220,7 +220,7 @@ def _divided_probs(model: torch.nn.Module) -> Iterator[tuple[list[torch.Tensor],
 
 
 def test_space_time_on_timesformer() -> None:
-    """Hook the attention probabilities of transformers' TimeSformer (as seed 002 hooks attn_drop)."""
+    """Hook the attention probabilities of transformers' TimeSformer (as the published divided rollout hooks attn_drop)."""
     model, kwargs = timesformer()
     with _divided_probs(model) as (space, time), torch.no_grad():
         out = model(**kwargs, output_attentions=True)
@@ -229,7 +229,7 @@ def test_space_time_on_timesformer() -> None:
     for a, b in zip(space, out.attentions):  # the hooked spatial maps are the model's own
         torch.testing.assert_close(a, b)
     got = space_time_rollout(space, time, num_frames=4)
-    torch.testing.assert_close(got[0], _seed002_reference(space, time, 4).float(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got[0], _divided_rollout_reference(space, time, 4).float(), rtol=1e-5, atol=1e-7)
     cls = cls_space_time_map(got)
     assert cls.shape == (1, 4, 16) and bool((cls > 0).all())
 
@@ -307,7 +307,7 @@ def test_space_time_rollout_through_capture(tmp_path: object) -> None:
     cap_time = [rec.get("full/time", block=b).flatten(0, 1) for b in rec.blocks]  # [B*HW, F, F]
     got = space_time_rollout(cap_space, cap_time, num_frames=4)
     torch.testing.assert_close(got, space_time_rollout(space, time, num_frames=4), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got[0], _seed002_reference(space, time, 4).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[0], _divided_rollout_reference(space, time, 4).float(), rtol=1e-5, atol=1e-6)
     # and from the store (float16): [F, 1+HW, 1+HW] and [HW, F, F] per block of the one video
     store = attnmap.open_store(tmp_path)
     meta = store.metadata("ts")
