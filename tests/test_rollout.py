@@ -229,7 +229,9 @@ def test_space_time_on_timesformer() -> None:
     for a, b in zip(space, out.attentions):  # the hooked spatial maps are the model's own
         torch.testing.assert_close(a, b)
     got = space_time_rollout(space, time, num_frames=4)
-    torch.testing.assert_close(got[0], _divided_rollout_reference(space, time, 4).float(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        got[0], _divided_rollout_reference(space, time, 4).float(), rtol=1e-5, atol=1e-7
+    )
     cls = cls_space_time_map(got)
     assert cls.shape == (1, 4, 16) and bool((cls > 0).all())
 
@@ -307,7 +309,9 @@ def test_space_time_rollout_through_capture(tmp_path: object) -> None:
     cap_time = [rec.get("full/time", block=b).flatten(0, 1) for b in rec.blocks]  # [B*HW, F, F]
     got = space_time_rollout(cap_space, cap_time, num_frames=4)
     torch.testing.assert_close(got, space_time_rollout(space, time, num_frames=4), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got[0], _divided_rollout_reference(space, time, 4).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        got[0], _divided_rollout_reference(space, time, 4).float(), rtol=1e-5, atol=1e-6
+    )
     # and from the store (float16): [F, 1+HW, 1+HW] and [HW, F, F] per block of the one video
     store = attnmap.open_store(tmp_path)
     meta = store.metadata("ts")
