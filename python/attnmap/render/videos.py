@@ -26,7 +26,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import numpy as np
 
+from attnmap.analysis.normalization import bounds
 from attnmap.errors import AttnmapError
 from attnmap.render.options import DEFAULT_FPS, RenderOptions
 
@@ -46,6 +47,12 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mkv", ".mov")
 _CHUNK = 16
 _WORKERS = 2  # renders of one video encoded at the same time (render_video)
 _MIN_SIDE = 256  # a map with no known video size is scaled up to at least this many pixels high
+#: The most frames one render may have (over an hour at 25 fps), checked before any work starts.
+MAX_FRAMES = 100_000
+#: The largest frame side in pixels (the Rust core's limit, 16 times 8K).
+MAX_SIDE = 1 << 17
+#: The most pixels one render may have, frames x height x width (about 40,000 frames of 480 x 832).
+MAX_PIXELS = 1 << 34
 
 
 def safe_name(name: str) -> str:
@@ -80,79 +87,141 @@ class _Plan:
         return len(self.labels)
 
 
-def _video_meta(store: Store, video_id: str) -> dict[str, Any]:
-    meta = store.metadata(video_id)
+def video_info(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``video`` dict of a video's metadata (empty when missing or malformed)."""
     video = meta.get("video")
     return video if isinstance(video, dict) else {}
 
 
-def _vae_stride(store: Store, video_id: str) -> Optional[int]:
-    stride = store.metadata(video_id).get("vae_stride")
-    if isinstance(stride, (list, tuple)) and stride and int(stride[0]) >= 1:
-        return int(stride[0])
-    return None
+def _video_meta(store: Store, video_id: str) -> dict[str, Any]:
+    return video_info(store.metadata(video_id))
 
 
-def output_size(store: Store, video_id: str, map_hw: tuple[int, int]) -> tuple[int, int]:
+def vae_stride(meta: Mapping[str, Any]) -> Optional[int]:
+    """The VAE temporal stride of the metadata's ``vae_stride`` [t, h, w], or None."""
+    stride = meta.get("vae_stride")
+    return _positive_int(stride[0]) if isinstance(stride, (list, tuple)) and stride else None
+
+
+def _positive_int(value: Any) -> Optional[int]:
+    """``value`` as an int when it is an integer >= 1 (not a bool), else None."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+    return int(value) if ok else None
+
+
+def size_from_meta(meta: Mapping[str, Any], map_hw: tuple[int, int]) -> tuple[int, int]:
     """The frame size (H, W) of a video's renders: the generated video's size from the metadata, else the
     map scaled up to at least 256 pixels high; both rounded up to even (what H.264 needs)."""
-    video = _video_meta(store, video_id)
-    try:
-        height, width = int(video["height"]), int(video["width"])
-    except (KeyError, TypeError, ValueError):
+    video = video_info(meta)
+    height, width = _positive_int(video.get("height")), _positive_int(video.get("width"))
+    if height is None or width is None:
         scale = max(1, math.ceil(_MIN_SIDE / max(1, map_hw[0])))
         height, width = map_hw[0] * scale, map_hw[1] * scale
+    for key, value in (("video.height", height), ("video.width", width)):
+        if value > MAX_SIDE:
+            raise AttnmapError(f"{key}: expected at most {MAX_SIDE} pixels, got {value}")
     return height + height % 2, width + width % 2
 
 
-def known_original(store: Store, video_id: str) -> Optional[Path]:
-    """The original (generated) video recorded in the metadata (``video.path``, relative paths taken from
-    the store root), when it exists on disk."""
-    meta = store.metadata(video_id)
-    video = meta.get("video")
-    video = video if isinstance(video, dict) else {}
+def output_size(store: Store, video_id: str, map_hw: tuple[int, int]) -> tuple[int, int]:
+    """:func:`size_from_meta` of a stored video."""
+    return size_from_meta(store.metadata(video_id), map_hw)
+
+
+def original_path(meta: Mapping[str, Any], root: Optional[PathLike] = None) -> Optional[Path]:
+    """The original (generated) video recorded in the metadata (``video.path``, a relative path taken
+    from ``root``), when it exists on disk."""
+    video = video_info(meta)
     for value in (video.get("path"), meta.get("video_path"), meta.get("original_video")):
         if isinstance(value, str) and value:
             path = Path(value)
-            path = path if path.is_absolute() else Path(store.root) / path
+            path = path if path.is_absolute() or root is None else Path(root) / path
             if path.is_file():
                 return path
     return None
 
 
-def _range(maps: np.ndarray, normalize: str) -> tuple[Optional[float], Optional[float], str]:
-    """vmin, vmax and the render normalisation, computed on the small maps."""
-    finite = maps[np.isfinite(maps)]
-    if normalize == "frame" or finite.size == 0:
-        return None, None, "frame" if normalize == "frame" else "global"
-    if normalize == "percentile":
-        lo, hi = np.percentile(finite, [1.0, 99.0])
-    else:
-        lo, hi = finite.min(), finite.max()
-    lo, hi = float(lo), float(hi)
-    if hi <= lo:
-        hi = lo + 1.0  # a constant map: shown as its lowest colour
+def known_original(store: Store, video_id: str) -> Optional[Path]:
+    """The original video of a stored video (:func:`original_path`, relative to the store root)."""
+    return original_path(store.metadata(video_id), store.root)
+
+
+def map_range(
+    maps: np.ndarray, normalize: str, vmin: Optional[float] = None, vmax: Optional[float] = None
+) -> tuple[Optional[float], Optional[float], str]:
+    """The range a render shows and the normalisation it passes on, measured on the small maps: a
+    whole-map name of the vocabulary becomes ``"fixed"`` over its :func:`bounds` (a constant map: its
+    lowest colour); ``"frame"`` stays per frame (``vmin``/``vmax`` still override each frame's)."""
+    if normalize == "frame":
+        return vmin, vmax, "frame"
+    lo, hi = bounds(maps, normalize, vmin=vmin, vmax=vmax)
+    if not hi > lo:
+        hi = lo + 1.0
     return lo, hi, "fixed"
 
 
-def _fps(options: RenderOptions, store: Store, video_id: str, original: Optional[_Original]) -> float:
-    """The output frame rate: the options', else the original video's, else the metadata's, else 10."""
+def output_fps(options: RenderOptions, original_fps: Optional[float], meta: Mapping[str, Any]) -> float:
+    """The output frame rate: the options', else the original video's, else the metadata's
+    ``video.fps``, else 10."""
     if options.fps is not None:
         return float(options.fps)
-    if original is not None and original.fps:
-        return float(original.fps)
-    rate = _video_meta(store, video_id).get("fps")
-    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
+    if original_fps:
+        return float(original_fps)
+    rate = video_info(meta).get("fps")
+    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate) and rate > 0:
         return float(rate)
     return float(DEFAULT_FPS)
+
+
+def frame_plan(
+    meta: Mapping[str, Any],
+    latent_frames: int,
+    *,
+    fps: float,
+    options: RenderOptions,
+    background_frames: Optional[int] = None,
+) -> tuple[Optional[int], Optional[int]]:
+    """How the aggregated map's latent frames become output frames: ``(num_frames, temporal_stride)``,
+    one of them None. Onto an original video: its frames; a one-frame map: a still held for
+    ``static_duration`` seconds; else the VAE stride, or the metadata's ``video.frames`` when the stride
+    does not give that count. Checked against :data:`MAX_FRAMES` before any work.
+
+    Raises:
+        AttnmapError: an output frame count above the limit, naming where it came from.
+    """
+    if background_frames is not None and latent_frames > 1:
+        return _bounded(background_frames, "original video frames"), None
+    if latent_frames == 1:
+        frames = max(1, round(options.static_duration * fps))
+        return _bounded(frames, "static_duration x fps"), None
+    meta_frames = _positive_int(video_info(meta).get("frames"))
+    stride = vae_stride(meta)
+    if meta_frames is not None and (stride is None or meta_frames != 1 + (latent_frames - 1) * stride):
+        return _bounded(meta_frames, "metadata video.frames"), None
+    if stride is None:
+        return latent_frames, None
+    _bounded(1 + (latent_frames - 1) * stride, "metadata vae_stride")
+    return None, stride
+
+
+def _bounded(frames: int, what: str) -> int:
+    if frames > MAX_FRAMES:
+        raise AttnmapError(f"{what}: {frames} output frames is more than the {MAX_FRAMES} a render may have")
+    return frames
+
+
+def _fps(options: RenderOptions, store: Store, video_id: str, original: Optional[_Original]) -> float:
+    return output_fps(options, None if original is None else original.fps, store.metadata(video_id))
 
 
 def _select_steps(available: list[int], steps: Optional[Sequence[int]], video_id: str) -> list[int]:
     if steps is None:
         return available
-    missing = [s for s in steps if s not in available]
+    have = set(available)
+    missing = [s for s in steps if s not in have]
     if missing:
-        raise AttnmapError(f"steps {missing} are not stored for video {video_id!r}; it has steps {available}")
+        shown = f"{missing[:10]}" + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise AttnmapError(f"steps {shown} are not stored for video {video_id!r}; it has steps {available}")
     return list(steps)
 
 
@@ -267,20 +336,41 @@ def plan_token(
     mode: Mode = "aggregated",
     steps: Optional[Sequence[int]] = None,
     original_video: Optional[Original] = None,
+    block: Optional[int] = None,
+    head: Optional[int] = None,
+    branch: Optional[str] = None,
 ) -> tuple[_Plan, tuple[int, int]]:
-    """Load one token's maps and decide the output frames (see the module docstring)."""
+    """Load one token's maps and decide the output frames (see the module docstring).
+
+    The output's frames, size and pixels are checked against :data:`MAX_FRAMES`, :data:`MAX_SIDE` and
+    :data:`MAX_PIXELS` before a map is loaded, so an absurd request fails at once with an error naming
+    its cause.
+
+    Args:
+        block: one block's maps (stored with per_block), or None for the mean over blocks.
+        head: one head of per-head maps, or None for the mean over heads.
+        branch: ``"cond"`` or ``"uncond"`` (see :meth:`attnmap.store.Store.map_name`).
+    """
     if mode not in ("aggregated", "steps"):
         raise AttnmapError(f"mode must be 'aggregated' or 'steps', got {mode!r}")
     tokens = store.tokens(video_id)
     if token not in tokens:
         raise KeyError(f"token {token!r} is not stored for video {video_id!r}; it has {tokens}")
+    meta = store.metadata(video_id)
     background = None if original_video is None else _Original.open(original_video)
     fps = _fps(options, store, video_id, background)
+    name = store.map_name(video_id, token, block=block, branch=branch)
     if mode == "steps":
-        available = [m.metadata["step"] for m in store.load_all_steps(video_id, token)]
+        available = [s for s in store.steps(video_id) if name in store.names(video_id, s)]
+        if not available:
+            raise KeyError(f"token {token!r} has no step maps {name!r} in video {video_id!r}")
         chosen = _select_steps(available, steps, video_id)
-        per_step = np.stack([store.load_step(video_id, token, s).map.mean(axis=0) for s in chosen])
         k = options.interpolation_steps
+        total = len(chosen) + max(0, len(chosen) - 1) * k
+        _bounded(total, "--interpolation-steps / interpolation_steps")
+        per_step = np.stack(
+            [_pick_head(store.load(video_id, name, s), head, name).mean(axis=0) for s in chosen]
+        )
         if len(chosen) > 1 and k > 0:
             weights = np.arange(1, k + 1, dtype=np.float32) / (k + 1)
             parts = []
@@ -297,48 +387,60 @@ def plan_token(
         stride = None
     else:
         if steps is not None:
-            chosen = _select_steps(
-                [m.metadata["step"] for m in store.load_all_steps(video_id, token)], steps, video_id
-            )
-            maps = np.mean([store.load_step(video_id, token, s).map for s in chosen], axis=0).astype(
-                np.float32
-            )
+            chosen = _select_steps(store.steps(video_id), steps, video_id)
+            maps = np.mean([_pick_head(store.load(video_id, name, s), head, name) for s in chosen], axis=0)
             what = f"mean of steps {chosen[0]}..{chosen[-1]}" if len(chosen) > 1 else f"step {chosen[0]}"
         else:
-            maps = store.aggregated(video_id, token).map.astype(np.float32)
+            maps = _pick_head(_aggregated_map(store, video_id, name), head, name)
             what = "mean of steps"
-        labels = []
-        stride = None
-        num_frames = None
-        if maps.shape[0] == 1:
-            num_frames = max(1, round(options.static_duration * fps))
-        else:
-            meta_frames = _video_meta(store, video_id).get("frames")
-            stride = _vae_stride(store, video_id)
-            if (
-                isinstance(meta_frames, int)
-                and meta_frames > 0
-                and (stride is None or meta_frames != 1 + (maps.shape[0] - 1) * stride)
-            ):
-                num_frames, stride = meta_frames, None
-            elif stride is None:
-                num_frames = maps.shape[0]
+        maps = maps.astype(np.float32)
+        frames = None if background is None else background.frames
+        num_frames, stride = frame_plan(
+            meta, maps.shape[0], fps=fps, options=options, background_frames=frames
+        )
         total = num_frames if num_frames is not None else 1 + (maps.shape[0] - 1) * int(stride or 1)
         labels = [f"{token} | {what}" for _ in range(total)]
-
-    if background is not None:
-        if mode == "aggregated" and maps.shape[0] > 1:  # the map follows the video's own frames
-            num_frames, stride = background.frames, None
-            labels = [labels[0]] * background.frames
-        size = background.size
-    else:
-        size = output_size(store, video_id, (maps.shape[1], maps.shape[2]))
+    if block is not None:
+        labels = [f"{label} | block {block}" for label in labels]
+    if head is not None:
+        labels = [f"{label} | head {head}" for label in labels]
+    size = background.size if background is not None else size_from_meta(meta, (maps.shape[1], maps.shape[2]))
+    if len(labels) * size[0] * size[1] > MAX_PIXELS:
+        raise AttnmapError(
+            f"the render of {token!r} would have {len(labels)} frames of {size[0]} x {size[1]}: more than "
+            f"the {MAX_PIXELS} pixels a render may have"
+        )
     if options.include_timestamp:
         labels = [f"{label} | t={i / fps:.2f}s" for i, label in enumerate(labels)]
-    vmin, vmax, _ = _range(maps, options.normalize)
-    if options.include_colorbar and vmin is not None and vmax is not None:
-        labels = [f"{label} | scale {vmin:.3g}..{vmax:.3g}" for label in labels]
+    vmin, vmax, _ = map_range(maps, options.normalize, options.vmin, options.vmax)
     return _Plan(maps, num_frames, stride, labels, background, vmin, vmax, fps), size
+
+
+def _pick_head(arr: np.ndarray, head: Optional[int], name: str) -> np.ndarray:
+    """A token map [F, h, w] from a stored one: per-head [H, F, h, w] averaged, or the one ``head``."""
+    if arr.ndim == 4:
+        if head is None:
+            return arr.mean(axis=0)
+        if not 0 <= head < arr.shape[0]:
+            raise AttnmapError(f"head: expected 0..{arr.shape[0] - 1} for {name!r}, got {head}")
+        return arr[head]
+    if head is not None:
+        raise AttnmapError(f"head: {name!r} was stored without per-head maps (shape {arr.shape})")
+    if arr.ndim != 3:
+        raise AttnmapError(f"token map {name!r} has shape {arr.shape}, expected [F, H, W]")
+    return arr
+
+
+def _aggregated_map(store: Store, video_id: str, name: str) -> np.ndarray:
+    """The step-aggregated map ``name``, or the mean over the steps when the run stored none."""
+    try:
+        return store.load(video_id, name)
+    except KeyError:
+        steps = [s for s in store.steps(video_id) if name in store.names(video_id, s)]
+        if not steps:
+            raise KeyError(f"map {name!r} is not stored for video {video_id!r}") from None
+        total = np.sum([store.load(video_id, name, s) for s in steps], axis=0, dtype=np.float64)
+        return np.asarray(total / len(steps), dtype=np.float32)
 
 
 # -- drawing -----------------------------------------------------------------------------------
@@ -412,14 +514,14 @@ def _paste_colorbar(frame: np.ndarray, strip: np.ndarray) -> None:
 def _chunks(plan: _Plan, size: tuple[int, int], options: RenderOptions) -> Iterator[np.ndarray]:
     import attnmap.render as render
 
-    _, _, how = _range(plan.maps, options.normalize)
+    _, _, how = map_range(plan.maps, options.normalize, options.vmin, options.vmax)
     kwargs: dict[str, Any] = {
         "size": size,
         "colormap": options.colormap,
         "normalize": how,
         "chunk": _CHUNK,
     }
-    if how == "fixed":
+    if how == "fixed" or plan.vmin is not None or plan.vmax is not None:
         kwargs.update(vmin=plan.vmin, vmax=plan.vmax)
     if plan.temporal_stride is not None:
         kwargs["temporal_stride"] = plan.temporal_stride
