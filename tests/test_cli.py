@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from attnmap.cli import RENDER_EXAMPLES, app
-from test_autorender import decode, make_original, make_store
+from attnmap.render.videos import output_stem
+from render_builders import decode, make_original, make_store
 
 runner = CliRunner()
 
@@ -86,7 +87,8 @@ def test_video_steps_folder_and_grid(store: Path, tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     paths = [Path(p) for p in result.stdout.split()]
-    assert [p.name for p in paths] == ["vid_1_cat_steps.gif", "vid_1_dog_steps.gif"]
+    stems = [output_stem("vid 1", w) for w in ("cat", "dog")]
+    assert [p.name for p in paths] == [f"{s}_steps.gif" for s in stems]
     assert decode(paths[0])[0].shape[0] == 2 + 1
     result = runner.invoke(
         app,
@@ -109,10 +111,8 @@ def test_video_steps_folder_and_grid(store: Path, tmp_path: Path) -> None:
 def test_all_list_and_figures(store: Path, tmp_path: Path) -> None:
     result = invoke("all", store, "--output", tmp_path / "videos", "--quiet")
     assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
-    assert sorted(Path(p).name for p in result.stdout.split()) == [  # type: ignore[attr-defined]
-        "vid_1_cat_attention.mp4",
-        "vid_1_dog_attention.mp4",
-    ]
+    names = sorted(Path(p).name for p in result.stdout.split())  # type: ignore[attr-defined]
+    assert names == [f"{output_stem('vid 1', w)}_attention.mp4" for w in ("cat", "dog")]
     listing = invoke("list", store)
     assert "vid 1\tsteps 0..2 (3)\ttokens: cat, dog" in listing.stdout  # type: ignore[attr-defined]
     figs = invoke(
@@ -141,21 +141,27 @@ def test_all_list_and_figures(store: Path, tmp_path: Path) -> None:
         ),
         (
             ["--video-id", "vid 1", "--overlay-alpha", "1.5"],
-            "Error: overlay_alpha: expected a number <= 1.0, got 1.5",
+            "Error: --overlay-alpha: expected a number <= 1.0, got 1.5",
         ),
         (["--video-id", "vid 1", "--colormap", "nope"], "Error: --colormap 'nope' is unknown; valid names:"),
         (["--video-id", "vid 1", "--steps", "x"], "Error: --steps must be numbers"),
         (["--video-id", "vid 1", "--token", "cat", "--steps", "7"], "Error: steps [7] are not stored"),
-        (["--video-id", "vid 1", "--normalize", "minmax"], "Error: normalize: expected one of global, frame"),
-        (["--video-id", "vid 1", "--threshold", "2"], "Error: threshold: expected a number <= 1.0, got 2.0"),
-        (["--video-id", "vid 1", "--fps", "0"], "Error: fps: expected a number > 0.0, got 0.0"),
+        (
+            ["--video-id", "vid 1", "--normalize", "minmax"],
+            "Error: --normalize: expected one of global, frame",
+        ),
+        (
+            ["--video-id", "vid 1", "--threshold", "2"],
+            "Error: --threshold: expected a number <= 1.0, got 2.0",
+        ),
+        (["--video-id", "vid 1", "--fps", "0"], "Error: --fps: expected a number > 0.0, got 0.0"),
         (
             ["--video-id", "vid 1", "--video-format", "avi"],
-            "Error: video_format: expected one of mp4, webm, gif",
+            "Error: --video-format: expected one of mp4, webm, gif",
         ),
         (
             ["--video-id", "vid 1", "--interpolation-steps", "-1"],
-            "Error: interpolation_steps: expected an integer >= 0",
+            "Error: --interpolation-steps: expected an integer >= 0",
         ),
     ],
 )

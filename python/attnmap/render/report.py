@@ -45,6 +45,7 @@ from attnmap._io import atomic_write
 from attnmap.analysis.normalization import NORMALIZE
 from attnmap.errors import AttnmapError
 from attnmap.render.options import RenderOptions
+from attnmap.render.videos import real_text_length
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnmap.store import Store
@@ -377,24 +378,6 @@ def _stats(src: _Source, notes: list[str]) -> dict[str, Any]:
                 continue
             out[label] = {**_floats(arr), "heads": arr.ndim == STATS[base] + 1, "kind": base}
     return out
-
-
-def real_text_length(meta: dict[str, Any], stored: int) -> tuple[int, str]:
-    """How many of ``stored`` text tokens are real (not padding), and how that was known: the
-    metadata's ``text_length`` (or ``text_len``), else its ``text_tokens``, else the last target token."""
-    for key in ("text_length", "text_len"):
-        value = meta.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= stored:
-            return value, f"metadata {key}"
-    words = meta.get("text_tokens")
-    if isinstance(words, list) and 0 < len(words) <= stored:
-        return len(words), "metadata text_tokens"
-    targets = meta.get("targets")
-    if isinstance(targets, dict):
-        indices = [int(i) for v in targets.values() if isinstance(v, list) for i in v if isinstance(i, int)]
-        if indices and 0 <= max(indices) < stored:
-            return max(indices) + 1, "the last target token (the metadata has no text length)"
-    return stored, "every stored token (the metadata has no text length)"
 
 
 def _text(src: _Source) -> Optional[dict[str, Any]]:

@@ -20,13 +20,17 @@ it writes ``<video_id>_<token>_attention.<fmt>`` and, when an original video is 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import json
 import math
 import os
 import re
 import sys
 import threading
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +41,11 @@ import numpy as np
 from attnmap.analysis.normalization import bounds
 from attnmap.errors import AttnmapError
 from attnmap.render.options import DEFAULT_FPS, RenderOptions
+
+try:  # the store's public sanitiser; video_dirname gives the same guarantee
+    from attnmap.store.naming import safe_component  # type: ignore[attr-defined, unused-ignore]
+except ImportError:  # pragma: no cover - until the store exports it
+    from attnmap.store.naming import video_dirname as safe_component
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnmap.store import Store
@@ -55,17 +64,30 @@ MAX_SIDE = 1 << 17
 MAX_PIXELS = 1 << 34
 
 
-def safe_name(name: str) -> str:
-    """A word or video id as a file-name part: runs of anything but letters, digits, ``-`` and ``.`` become
-    ``_``, leading dots and ``_`` are dropped, at most 80 characters."""
-    out = re.sub(r"[^A-Za-z0-9.-]+", "_", str(name))
-    out = re.sub(r"^[._]+", "", out).rstrip("_")[:80]
-    return out or "_"
+_HASHED = re.compile(r"-[0-9a-f]{16}$")
+
+
+def output_stem(video_id: str, token: str) -> str:
+    """The file-name stem of a video's token, ``<video id>_<token>``, distinct for distinct pairs.
+
+    The pair goes through the store's hashed sanitiser. A plain pair (both parts kept as they are, no
+    ``_`` in either) gives ``<video id>_<token>``; any other (a part the sanitiser changed, or a ``_``
+    that makes the meeting point ambiguous: ``a_b`` + ``c`` and ``a`` + ``b_c``) ends in ``-`` and a
+    hash of the exact pair instead. So ``a/b``, ``a b``, ``a:b``, ``a_b`` and ids that differ after the
+    sanitiser's length limit all stay apart.
+    """
+    joined = f"{video_id}_{token}"
+    readable = safe_component(joined)
+    if readable == joined and "_" not in video_id and "_" not in token:
+        return readable
+    base = _HASHED.sub("", readable) if readable != joined else readable
+    pair = json.dumps([video_id, token], ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return f"{base}-{hashlib.sha256(pair).hexdigest()[:16]}"
 
 
 def output_path(out_dir: PathLike, video_id: str, token: str, kind: str, video_format: str = "mp4") -> Path:
-    """``<out_dir>/<video_id>_<token>_<kind>.<video_format>`` with both names made safe."""
-    return Path(out_dir) / f"{safe_name(video_id)}_{safe_name(token)}_{kind}.{video_format.lower()}"
+    """``<out_dir>/<output_stem>_<kind>.<video_format>``: distinct videos and tokens never share a file."""
+    return Path(out_dir) / f"{output_stem(video_id, token)}_{kind}.{video_format.lower()}"
 
 
 # -- what to draw ------------------------------------------------------------------------------
@@ -193,7 +215,7 @@ def frame_plan(
         return _bounded(background_frames, "original video frames"), None
     if latent_frames == 1:
         frames = max(1, round(options.static_duration * fps))
-        return _bounded(frames, "static_duration x fps"), None
+        return _bounded(frames, "static_duration"), None
     meta_frames = _positive_int(video_info(meta).get("frames"))
     stride = vae_stride(meta)
     if meta_frames is not None and (stride is None or meta_frames != 1 + (latent_frames - 1) * stride):
@@ -212,6 +234,24 @@ def _bounded(frames: int, what: str) -> int:
 
 def _fps(options: RenderOptions, store: Store, video_id: str, original: Optional[_Original]) -> float:
     return output_fps(options, None if original is None else original.fps, store.metadata(video_id))
+
+
+def real_text_length(meta: Mapping[str, Any], stored: int) -> tuple[int, str]:
+    """How many of ``stored`` text tokens are real (not padding), and how that was known: the
+    metadata's ``text_length`` (or ``text_len``), else its ``text_tokens``, else the last target token."""
+    for key in ("text_length", "text_len"):
+        value = meta.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= stored:
+            return value, f"metadata {key}"
+    words = meta.get("text_tokens")
+    if isinstance(words, list) and 0 < len(words) <= stored:
+        return len(words), "metadata text_tokens"
+    targets = meta.get("targets")
+    if isinstance(targets, dict):
+        indices = [int(i) for v in targets.values() if isinstance(v, list) for i in v if isinstance(i, int)]
+        if indices and 0 <= max(indices) < stored:
+            return max(indices) + 1, "the last target token (the metadata has no text length)"
+    return stored, "every stored token (the metadata has no text length)"
 
 
 def _select_steps(available: list[int], steps: Optional[Sequence[int]], video_id: str) -> list[int]:
@@ -367,7 +407,7 @@ def plan_token(
         chosen = _select_steps(available, steps, video_id)
         k = options.interpolation_steps
         total = len(chosen) + max(0, len(chosen) - 1) * k
-        _bounded(total, "--interpolation-steps / interpolation_steps")
+        _bounded(total, "interpolation_steps")
         per_step = np.stack(
             [_pick_head(store.load(video_id, name, s), head, name).mean(axis=0) for s in chosen]
         )
@@ -445,9 +485,12 @@ def _aggregated_map(store: Store, video_id: str, name: str) -> np.ndarray:
 
 # -- drawing -----------------------------------------------------------------------------------
 _FONT_LOCK = threading.Lock()
+#: Frames smaller than this (height, width) get no label and no colour bar: there is no room to read them.
+MIN_DECORATED = (48, 64)
+_MIN_FONT = 10
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=16)
 def _font(size: int) -> Any:
     from PIL import ImageFont
 
@@ -457,58 +500,188 @@ def _font(size: int) -> Any:
         return ImageFont.load_default()
 
 
-@functools.lru_cache(maxsize=256)
-def _label_mask(text: str, size: int, box_h: int, box_w: int) -> np.ndarray:
-    """The coverage [box_h, box_w] uint8 of ``text`` drawn at (5, 3) in a font of ``size`` pixels: drawn
-    once per text, since most frames of a video repeat their label."""
+def _text_width(text: str, size: int) -> int:
+    with _FONT_LOCK:
+        return math.ceil(_font(size).getlength(text))
+
+
+@functools.lru_cache(maxsize=512)
+def _text_mask(text: str, size: int, box_h: int, box_w: int, pad: int) -> np.ndarray:
+    """The coverage [box_h, box_w] uint8 of ``text`` in a font of ``size`` pixels, ``pad`` pixels from the
+    left and centred in height (Pillow's "lm" anchor): drawn once per text, since most frames of a video
+    repeat their label."""
     from PIL import Image, ImageDraw
 
     image = Image.new("L", (box_w, box_h), 0)
     with _FONT_LOCK:  # one FreeType face is shared by the renders running at the same time
-        ImageDraw.Draw(image).text((5, 3), text, fill=255, font=_font(size))
+        ImageDraw.Draw(image).text((pad, box_h / 2), text, fill=255, font=_font(size), anchor="lm")
     mask = np.asarray(image)
     mask.flags.writeable = False
     return mask
 
 
-def draw_label(frame: np.ndarray, text: str, *, corner: tuple[int, int] = (0, 0)) -> None:
-    """Draw ``text`` in white on a dark box (the frame at a third of its brightness) into ``frame``
-    ``[H, W, 3]`` uint8, in place."""
-    height, width = frame.shape[:2]
-    size = max(9, min(height, width) // 18)
-    y0, x0 = corner
-    box_h = min(height - y0, size + 8)
-    box_w = min(width - x0, int(size * 0.62 * len(text)) + 12)
-    if box_h <= 0 or box_w <= 0:
+def _blend_text(frame: np.ndarray, y0: int, x0: int, mask: np.ndarray) -> None:
+    """White text by ``mask`` over the frame darkened to a third, in place at (y0, x0)."""
+    h = min(mask.shape[0], frame.shape[0] - y0)
+    w = min(mask.shape[1], frame.shape[1] - x0)
+    if h <= 0 or w <= 0:
         return
-    mask = _label_mask(text, size, box_h, box_w)[..., None].astype(np.uint16)
-    region = frame[y0 : y0 + box_h, x0 : x0 + box_w]
+    region = frame[y0 : y0 + h, x0 : x0 + w]
+    cover = mask[:h, :w, None].astype(np.uint16)
     dark = region // 3
     # white over the darkened box by the glyph coverage, rounded as Pillow blends a mask
-    tmp = (255 - dark) * mask + 128
+    tmp = (255 - dark) * cover + 128
     region[...] = dark + (((tmp >> 8) + tmp) >> 8).astype(np.uint8)
 
 
-def colorbar_strip(height: int, width: int, colormap: str) -> np.ndarray:
-    """A vertical colour bar ``[H', w, 3]`` uint8 (high values on top) to paste at a frame's right edge:
-    ``w = max(6, width // 40)`` wide and 80% of ``height`` high."""
+def _fit(text: str, size: int, width: int) -> tuple[str, int]:
+    """``text`` and a font size (``size`` down to 10 pixels) whose box fits ``width``; cut with "..."
+    when even the smallest font is too wide."""
+    pad = max(3, size // 3)
+    for s in range(size, _MIN_FONT - 1, -1):
+        if _text_width(text, s) + 2 * pad <= width:
+            return text, s
+    s = _MIN_FONT
+    while len(text) > 1 and _text_width(text + "...", s) + 2 * pad > width:
+        text = text[:-1]
+    return text.rstrip() + "...", s
+
+
+def font_size(height: int, width: int) -> int:
+    """The label font of a frame: a twentieth of its short side, 10 to 28 pixels."""
+    return int(min(28, max(_MIN_FONT, round(min(height, width) / 20))))
+
+
+def draw_label(frame: np.ndarray, text: str, *, size: Optional[int] = None) -> int:
+    """Draw ``text`` in white on a dark box (the frame at a third of its brightness) at the top left of
+    ``frame`` ``[H, W, 3]`` uint8, in place: the font scaled to the frame (:func:`font_size`), shrunk or the
+    text cut so that the box fits the width.
+
+    Returns:
+        The height of the box drawn (0 when nothing fits).
+    """
+    height, width = frame.shape[:2]
+    text, size = _fit(text, size or font_size(height, width), width)
+    pad = max(3, size // 3)
+    box_h = min(height, size + 2 * pad)
+    box_w = min(width, _text_width(text, size) + 2 * pad)
+    if box_h <= 0 or box_w <= 0:
+        return 0
+    _blend_text(frame, 0, 0, _text_mask(text, size, box_h, box_w, pad))
+    return box_h
+
+
+@dataclass(frozen=True)
+class Decor:
+    """Where the label, the colour bar and its ticks go in frames of one size: the label across the top,
+    the bar below it at the right edge, its tick labels to its left, spaced so that none overlaps another.
+
+    Attributes:
+        label: the label's font size, or 0 without labels.
+        label_h: the height of the label row (the bar starts below it).
+        bar: (top, bottom, left, right) of the bar in pixels, or None without one.
+        ticks: (y, text) of each tick, top to bottom.
+        tick_font: the ticks' font size.
+    """
+
+    label: int
+    label_h: int
+    bar: Optional[tuple[int, int, int, int]]
+    ticks: tuple[tuple[int, str], ...]
+    tick_font: int
+
+
+def _tick_text(values: Sequence[float]) -> list[str]:
+    """Tick labels with as many decimals as the ticks' spacing needs (one more than its first digit), in
+    scientific notation for very large or small values; more digits until the labels differ."""
+    top = max(abs(v) for v in values)
+    spacing = min((abs(b - a) for a, b in zip(values, values[1:])), default=0.0) or top or 1.0
+    first = math.floor(math.log10(spacing))
+    scientific = top >= 1e4 or 0 < top < 1e-3
+    for extra in range(1, 6):
+        if scientific:
+            digits = max(0, math.floor(math.log10(top)) - first + extra)
+            texts = [f"{v:.{digits}e}" for v in values]
+        else:
+            texts = [f"{v:.{max(0, extra - first)}f}" for v in values]
+        if len(set(texts)) == len(texts):
+            return texts
+    return texts
+
+
+def decor_layout(
+    height: int, width: int, *, labels: bool, colorbar: bool, vrange: Optional[tuple[float, float]]
+) -> Optional[Decor]:
+    """Lay out the decorations of ``height`` x ``width`` frames (None: nothing drawn, below
+    :data:`MIN_DECORATED` or nothing asked for). ``vrange`` is the (low, high) value the bar's ends show;
+    None labels them "min" and "max" (a range per frame)."""
+    if height < MIN_DECORATED[0] or width < MIN_DECORATED[1] or not (labels or colorbar):
+        return None
+    size = font_size(height, width)
+    margin = max(2, min(height, width) // 60)
+    label_h = size + 2 * max(3, size // 3) if labels else 0
+    if not colorbar:
+        return Decor(size, label_h, None, (), 0)
+    tick_font = max(_MIN_FONT, round(size * 0.85))
+    bar_w = max(5, width // 40)
+    right = width - margin
+    top, bottom = label_h + 2 * margin, height - 2 * margin
+    if bottom - top < 2 * tick_font:
+        return Decor(size if labels else 0, label_h, None, (), 0)
+    count = int(min(5, max(2, (bottom - top) // (3 * tick_font) + 1)))
+    if vrange is None:
+        texts = ["max", "min"]
+        count = 2
+    else:
+        lo, hi = vrange
+        texts = _tick_text([hi - (hi - lo) * i / (count - 1) for i in range(count)])
+    ys = [round(top + (bottom - 1 - top) * i / (count - 1)) for i in range(count)]
+    return Decor(
+        size if labels else 0, label_h, (top, bottom, right - bar_w, right), tuple(zip(ys, texts)), tick_font
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _bar_strip(bar_h: int, bar_w: int, colormap: str) -> np.ndarray:
+    """A vertical colour bar [bar_h, bar_w, 3] uint8, high values on top, in a 1-pixel dark frame."""
     import attnmap.render as render
 
-    bar_w = max(6, width // 40)
-    bar_h = max(2, int(height * 0.8))
     ramp = np.linspace(1.0, 0.0, bar_h, dtype=np.float32)[:, None].repeat(2, axis=1)
-    return render.frames(ramp, size=(bar_h, bar_w), colormap=colormap, normalize="fixed", vmin=0.0, vmax=1.0)[
-        0
-    ]
+    strip = render.frames(
+        ramp, size=(bar_h, bar_w), colormap=colormap, normalize="fixed", vmin=0.0, vmax=1.0
+    )[0]
+    strip[[0, -1]] = 40
+    strip[:, [0, -1]] = 40
+    strip.flags.writeable = False
+    return strip
 
 
-def _paste_colorbar(frame: np.ndarray, strip: np.ndarray) -> None:
-    height, width = frame.shape[:2]
-    top = (height - strip.shape[0]) // 2
-    left = width - strip.shape[1] - max(2, width // 100)
-    if left < 0:
+def colorbar_strip(height: int, width: int, colormap: str) -> np.ndarray:
+    """The colour bar that :func:`decor_layout` places in ``height`` x ``width`` frames (with ticks),
+    ``[h, w, 3]`` uint8, high values on top."""
+    decor = decor_layout(height, width, labels=True, colorbar=True, vrange=(0.0, 1.0))
+    if decor is None or decor.bar is None:
+        raise AttnmapError(f"size: frames of {height} x {width} are too small for a colour bar")
+    top, bottom, left, right = decor.bar
+    return _bar_strip(bottom - top, right - left, colormap).copy()
+
+
+def decorate(frame: np.ndarray, decor: Decor, label: Optional[str], colormap: str) -> None:
+    """Draw the label, the colour bar and its ticks of ``decor`` into ``frame`` [H, W, 3] uint8, in place."""
+    if label and decor.label:
+        draw_label(frame, label, size=decor.label)
+    if decor.bar is None:
         return
-    frame[top : top + strip.shape[0], left : left + strip.shape[1]] = strip
+    top, bottom, left, right = decor.bar
+    frame[top:bottom, left:right] = _bar_strip(bottom - top, right - left, colormap)
+    pad = max(2, decor.tick_font // 4)
+    box_h = decor.tick_font + 2 * pad
+    for y, text in decor.ticks:
+        box_w = _text_width(text, decor.tick_font) + 2 * pad
+        x0 = max(0, left - 3 - box_w)
+        y0 = min(max(0, y - box_h // 2), frame.shape[0] - box_h)
+        _blend_text(frame, y0, x0, _text_mask(text, decor.tick_font, box_h, box_w, pad))
+        frame[y, max(0, left - 3) : left] = 255  # the tick mark
 
 
 def _chunks(plan: _Plan, size: tuple[int, int], options: RenderOptions) -> Iterator[np.ndarray]:
@@ -534,35 +707,141 @@ def _chunks(plan: _Plan, size: tuple[int, int], options: RenderOptions) -> Itera
     yield from render.iter_frames(plan.maps, **kwargs)
 
 
-def _decorate(
+def _decorated(
     chunks: Iterable[np.ndarray],
     labels: Sequence[str],
-    strip: Optional[np.ndarray],
-    draw: bool,
-    progress: Any,
+    decor: Optional[Decor],
+    colormap: str,
+    task: Optional[_Task],
 ) -> Iterator[np.ndarray]:
     index = 0
     for chunk in chunks:
-        if draw:
+        if decor is not None:
             for frame in chunk:
-                draw_label(frame, labels[min(index, len(labels) - 1)])
+                decorate(frame, decor, labels[min(index, len(labels) - 1)] if labels else None, colormap)
                 index += 1
-        else:
-            index += chunk.shape[0]
-        if strip is not None:
-            for frame in chunk:
-                _paste_colorbar(frame, strip)
-        if progress is not None:
-            progress.update(chunk.shape[0])
+        if task is not None:
+            task.advance(chunk.shape[0])
         yield chunk
 
 
-def _progress(total: int, desc: str, quiet: bool) -> Any:
-    if quiet:
-        return None
-    from tqdm.auto import tqdm
+def _plan_decor(plan: _Plan, size: tuple[int, int], options: RenderOptions) -> Optional[Decor]:
+    vrange = None if plan.vmin is None or plan.vmax is None else (plan.vmin, plan.vmax)
+    return decor_layout(
+        size[0], size[1], labels=options.labels, colorbar=options.include_colorbar, vrange=vrange
+    )
 
-    return tqdm(total=total, desc=desc, unit="frame", file=sys.stderr, leave=False)
+
+class Progress:
+    """One progress display for a whole command, shared by the renders running at the same time.
+
+    On a terminal it is one rich display with a bar per render running; otherwise (a log, a pipe) one
+    plain line when a render starts and one when it ends, written whole under a lock, so that the lines
+    of two renders never interleave. ``enabled=False`` shows nothing.
+
+    Example:
+        >>> with Progress() as progress:                                          # doctest: +SKIP
+        ...     render_video(root, "vid", "out", progress=progress)
+    """
+
+    def __init__(self, *, enabled: bool = True, stream: Any = None) -> None:
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.lock = threading.Lock()
+        self._rich: Any = None
+        isatty = getattr(self.stream, "isatty", None)
+        if enabled and callable(isatty) and isatty():
+            try:
+                from rich.console import Console
+                from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+                from rich.progress import Progress as RichProgress
+            except ImportError:  # pragma: no cover - typer brings rich
+                pass
+            else:
+                self._rich = RichProgress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeRemainingColumn(),
+                    console=Console(file=self.stream),
+                    transient=True,
+                )
+                self._rich.start()
+
+    def task(self, description: str, total: int) -> _Task:
+        """A render of ``total`` frames; advance it, then close it."""
+        return _Task(self, description, total)
+
+    def line(self, text: str) -> None:
+        """One whole line on the display's stream (above the bars on a terminal)."""
+        if not self.enabled:
+            return
+        with self.lock:
+            if self._rich is not None:
+                self._rich.console.print(text, markup=False, highlight=False)
+            else:
+                self.stream.write(text + "\n")
+                self.stream.flush()
+
+    def close(self) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+            self._rich = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _Task:
+    def __init__(self, progress: Progress, description: str, total: int) -> None:
+        self.progress, self.description, self.total, self.done = progress, description, total, 0
+        self.start = time.perf_counter()
+        self.id: Any = None
+        if progress._rich is not None:
+            with progress.lock:
+                self.id = progress._rich.add_task(description, total=total)
+        else:
+            progress.line(f"rendering {description}: {total} frames")
+
+    def advance(self, frames: int) -> None:
+        self.done += frames
+        if self.id is not None:
+            with self.progress.lock:
+                self.progress._rich.update(self.id, advance=frames)
+
+    def close(self, ok: bool = True) -> None:
+        if self.id is not None:
+            with self.progress.lock:
+                self.progress._rich.remove_task(self.id)
+            self.id = None
+        elif self.progress.enabled:
+            seconds = time.perf_counter() - self.start
+            what = "done" if ok else "FAILED"
+            self.progress.line(
+                f"{what} {self.description}: {self.done}/{self.total} frames in {seconds:.1f} s"
+            )
+
+
+@contextlib.contextmanager
+def _task(
+    progress: Optional[Progress], quiet: bool, description: str, total: int
+) -> Iterator[Optional[_Task]]:
+    """A task of ``progress``, or of a display of its own for this one render (none when quiet)."""
+    own = Progress() if progress is None and not quiet else None
+    shown = progress or own
+    task = shown.task(description, total) if shown is not None and shown.enabled else None
+    ok = False
+    try:
+        yield task
+        ok = True
+    finally:
+        if task is not None:
+            task.close(ok)
+        if own is not None:
+            own.close()
 
 
 def _target(output: PathLike, options: RenderOptions) -> Path:
@@ -587,11 +866,25 @@ def _make_parent(out: Path) -> None:
         raise OSError(f"output: cannot make the folder {str(out.parent)!r}: {e.strerror or e}") from None
 
 
-def _write(chunks: Iterable[np.ndarray], out: Path, fps: float) -> Path:
+def _write(chunks: Iterable[np.ndarray], out: Path, fps: float, frames: int) -> Path:
+    """Encode, then check that the file holds its frames: a render whose file cannot be read back (a full
+    disk, a failed close) is an error, and its file is removed."""
     import attnmap.render as render
 
     options = X264_OPTIONS if out.suffix.lower() in (".mp4", ".mkv", ".mov") else None
-    return Path(render.write_video(chunks, out, fps=fps, options=options))
+    path = Path(render.write_video(chunks, out, fps=fps, options=options))
+    try:
+        count = render.probe_video(path)[0]
+    except (OSError, ValueError) as exc:
+        count, cause = -1, f": {exc}"
+    else:
+        cause = f": it holds {count}"
+    if count != frames:
+        path.unlink(missing_ok=True)
+        raise AttnmapError(
+            f"output: the render wrote {str(path)!r} but it does not hold its {frames} frames{cause}"
+        )
+    return path
 
 
 def render_token(
@@ -604,7 +897,11 @@ def render_token(
     mode: Mode = "aggregated",
     steps: Optional[Sequence[int]] = None,
     original_video: Optional[Original] = None,
+    block: Optional[int] = None,
+    head: Optional[int] = None,
+    branch: Optional[str] = None,
     quiet: bool = True,
+    progress: Optional[Progress] = None,
 ) -> Path:
     """Render one token of a stored video to a video file.
 
@@ -620,7 +917,11 @@ def render_token(
         steps: the steps to use (default: all stored).
         original_video: a video file to overlay the heatmap on (decoded chunk by chunk as the render
             goes), or its frames [T, H, W, 3] uint8 in hand (:func:`load_original`).
-        quiet: no progress bar on stderr.
+        block: one block's maps (stored with per_block); None: the mean over blocks.
+        head: one head of per-head maps; None: the mean over heads.
+        branch: ``"cond"`` or ``"uncond"``; None: the branch the video recorded.
+        quiet: no progress display on stderr (unless ``progress`` is given).
+        progress: the command's :class:`Progress`, shared with other renders.
 
     Returns:
         The path written.
@@ -628,18 +929,22 @@ def render_token(
     options = options or RenderOptions()
     out = _target(output, options)
     plan, size = plan_token(
-        store, video_id, token, options=options, mode=mode, steps=steps, original_video=original_video
+        store,
+        video_id,
+        token,
+        options=options,
+        mode=mode,
+        steps=steps,
+        original_video=original_video,
+        block=block,
+        head=head,
+        branch=branch,
     )
-    strip = colorbar_strip(size[0], size[1], options.colormap) if options.include_colorbar else None
+    decor = _plan_decor(plan, size, options)
     _make_parent(out)
-    bar = _progress(plan.frames, f"{video_id}/{token}", quiet)
-    try:
-        return _write(
-            _decorate(_chunks(plan, size, options), plan.labels, strip, options.labels, bar), out, plan.fps
-        )
-    finally:
-        if bar is not None:
-            bar.close()
+    with _task(progress, quiet, f"{video_id}/{token} -> {out.name}", plan.frames) as task:
+        chunks = _decorated(_chunks(plan, size, options), plan.labels, decor, options.colormap, task)
+        return _write(chunks, out, plan.fps, plan.frames)
 
 
 def render_grid(
@@ -652,22 +957,31 @@ def render_grid(
     mode: Mode = "aggregated",
     steps: Optional[Sequence[int]] = None,
     original_video: Optional[Original] = None,
+    block: Optional[int] = None,
+    head: Optional[int] = None,
+    branch: Optional[str] = None,
     max_width: int = 1920,
     quiet: bool = True,
+    progress: Optional[Progress] = None,
 ) -> Path:
-    """Render several tokens side by side, each panel labelled with its word (each normalised on its own).
+    """Render several tokens side by side, each panel labelled with its word and with a colour bar of its
+    own range (each is normalised on its own).
 
     Args:
         store: an opened store.
         video_id: the video.
         tokens: two or more stored words (one works too).
         output: the video file.
-        options: how it looks; the colour bar is drawn once, at the right.
+        options: how it looks.
         mode: as in :func:`render_token`.
         steps: as in :func:`render_token`.
         original_video: overlay every panel on this video.
+        block: as in :func:`render_token`.
+        head: as in :func:`render_token`.
+        branch: as in :func:`render_token`.
         max_width: panels are scaled down so that the grid is at most this wide.
-        quiet: no progress bar.
+        quiet: no progress display.
+        progress: as in :func:`render_token`.
 
     Returns:
         The path written.
@@ -676,36 +990,126 @@ def render_grid(
     if not tokens:
         raise AttnmapError("tokens must name at least one stored word, got none")
     out = _target(output, options)
+    choice: dict[str, Any] = {"block": block, "head": head, "branch": branch}
     plans = [
-        plan_token(store, video_id, t, options=options, mode=mode, steps=steps, original_video=original_video)
+        plan_token(
+            store,
+            video_id,
+            t,
+            options=options,
+            mode=mode,
+            steps=steps,
+            original_video=original_video,
+            **choice,
+        )
         for t in tokens
     ]
     height, width = plans[0][1]
     scale = min(1.0, max_width / (width * len(tokens)))
     panel = (max(2, int(height * scale) // 2 * 2), max(2, int(width * scale) // 2 * 2))
     frames = plans[0][0].frames
-    streams = [_chunks(replace(p, labels=p.labels[:frames]), panel, options) for p, _ in plans]
+    streams = [
+        _decorated(
+            _chunks(p, panel, options), p.labels, _plan_decor(p, panel, options), options.colormap, None
+        )
+        for p, _ in plans
+    ]
 
     def grid_chunks() -> Iterator[np.ndarray]:
-        index = 0
         for parts in zip(*streams):
             n = min(p.shape[0] for p in parts)
-            tiles = [np.ascontiguousarray(p[:n]) for p in parts]
-            if options.labels:
-                for (plan, _), tile in zip(plans, tiles):
-                    for i, frame in enumerate(tile):
-                        draw_label(frame, plan.labels[min(index + i, len(plan.labels) - 1)])
-            index += n
-            yield np.concatenate(tiles, axis=2)
+            yield np.concatenate([p[:n] for p in parts], axis=2)
 
-    strip = colorbar_strip(panel[0], panel[1], options.colormap) if options.include_colorbar else None
     _make_parent(out)
-    bar = _progress(frames, f"{video_id} grid", quiet)
+    with _task(progress, quiet, f"{video_id} grid -> {out.name}", frames) as task:
+        return _write(
+            _decorated(grid_chunks(), [], None, options.colormap, task), out, plans[0][0].fps, frames
+        )
+
+
+def render_still(
+    store: Store,
+    video_id: str,
+    token: str,
+    output: PathLike,
+    *,
+    frame: Optional[int] = None,
+    options: Optional[RenderOptions] = None,
+    steps: Optional[Sequence[int]] = None,
+    original_video: Optional[Original] = None,
+    block: Optional[int] = None,
+    head: Optional[int] = None,
+    branch: Optional[str] = None,
+) -> Path:
+    """One still overlay image (PNG) of a token, with its label and colour bar: frame ``frame`` of its
+    aggregated video, exactly as the video shows it, or (``frame=None``) the map's mean over the latent
+    frames over the original's middle frame.
+
+    Args:
+        store: an opened store.
+        video_id: the video.
+        token: a stored word.
+        output: the image file (``.png``).
+        frame: an output frame (0 .. the video's frames - 1), or None for the mean over frames.
+        options: how it looks.
+        steps: the steps averaged (default: the step-aggregated map).
+        original_video: the video to overlay on (None: the colormap alone).
+        block: as in :func:`render_token`.
+        head: as in :func:`render_token`.
+        branch: as in :func:`render_token`.
+
+    Returns:
+        The path written.
+    """
+    from PIL import Image
+
+    from attnmap._io import atomic_path
+
+    options = options or RenderOptions()
+    out = Path(output)
+    if out.suffix.lower() != ".png":
+        raise AttnmapError(f"output: expected a file ending in .png, got {str(output)!r}")
+    choice: dict[str, Any] = {"block": block, "head": head, "branch": branch, "steps": steps}
+    plan, size = plan_token(store, video_id, token, options=options, original_video=original_video, **choice)
+    if frame is None:
+        background = None
+        if plan.background is not None:
+            middle = _nth(plan.background.chunks(plan.background.frames, size), plan.background.frames // 2)
+            background = _Original(middle[None], 1, size)
+        label = f"{plan.labels[0]} | mean over frames"
+        plan = replace(plan, maps=plan.maps.mean(axis=0, keepdims=True), num_frames=1, temporal_stride=None,
+                       labels=[label], background=background)  # fmt: skip
+        frame = 0
+    elif isinstance(frame, bool) or not isinstance(frame, int) or not 0 <= frame < plan.frames:
+        raise AttnmapError(f"frame: expected an output frame 0..{plan.frames - 1}, got {frame!r}")
+    image = np.ascontiguousarray(_nth(_chunks(plan, size, options), frame))
+    decor = _plan_decor(plan, size, options)
+    if decor is not None:
+        decorate(
+            image,
+            decor,
+            f"{plan.labels[frame]}" + ("" if plan.frames == 1 else f" | frame {frame}"),
+            options.colormap,
+        )
+    _make_parent(out)
+    with atomic_path(out, suffix=".png") as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+    return out
+
+
+def _nth(chunks: Iterator[np.ndarray], index: int) -> np.ndarray:
+    """Frame ``index`` of a stream of frame chunks (the stream is closed after it)."""
+    start = 0
     try:
-        return _write(_decorate(grid_chunks(), [], strip, False, bar), out, plans[0][0].fps)
+        for chunk in chunks:
+            if index < start + chunk.shape[0]:
+                return chunk[index - start]
+            start += chunk.shape[0]
     finally:
-        if bar is not None:
-            bar.close()
+        close = getattr(chunks, "close", None)
+        if callable(close):
+            close()
+    raise AttnmapError(f"frame: expected a frame below {start}, got {index}")
 
 
 def _resize_frames(video: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -724,6 +1128,8 @@ def render_video(
     original_video: Optional[PathLike] = None,
     tokens: Optional[Sequence[str]] = None,
     quiet: bool = True,
+    progress: Optional[Progress] = None,
+    on_done: Optional[Callable[[Path], None]] = None,
 ) -> list[Path]:
     """Render every token of one stored video into ``out_dir``.
 
@@ -741,7 +1147,10 @@ def render_video(
         options: how the renders look (a config's ``visualization_params``; default: the defaults).
         original_video: the generated video to overlay on.
         tokens: the words to render (default: every stored word).
-        quiet: no progress bars.
+        quiet: no progress display (unless ``progress`` is given).
+        progress: one :class:`Progress` for both render threads (default: one of this call's own).
+        on_done: called with each path as soon as its file is finished (from the render threads), so a
+            caller can report finished files even when a later render fails.
 
     Returns:
         The paths written, attention then overlay for each token.
@@ -768,16 +1177,21 @@ def render_video(
         if stopped.is_set():
             return None
         try:
-            return render_token(
-                store, video_id, word, target, options=options, original_video=original_frames, quiet=quiet
+            path = render_token(
+                store, video_id, word, target, options=options, original_video=original_frames, progress=shown
             )
         except BaseException:
             stopped.set()
             raise
+        if on_done is not None:
+            on_done(path)
+        return path
 
     # Two renders at a time: the Rust render, the colour conversion and libx264 all release the GIL, and
     # one render alone leaves a core idle while its encoder waits on its producer (and back). A failure
     # stops the renders not yet started; finished ones stay, each written atomically.
+    own = Progress(enabled=not quiet) if progress is None else None
+    shown = progress or own
     pool = ThreadPoolExecutor(max_workers=_WORKERS)
     try:
         futures = [pool.submit(run, job) for job in jobs]
@@ -787,6 +1201,8 @@ def render_video(
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        if own is not None:
+            own.close()
 
 
 def render_store(
@@ -795,6 +1211,7 @@ def render_store(
     *,
     out_dir: Optional[PathLike] = None,
     quiet: bool = True,
+    progress: Optional[Progress] = None,
 ) -> dict[str, list[Path]]:
     """Render every video of a store (:func:`render_video` for each; what ``auto_generate_videos`` runs at
     the end of a batch).
@@ -803,7 +1220,8 @@ def render_store(
         root: the store root.
         options: how the renders look.
         out_dir: the output folder; default ``<root's parent>/attention_videos``.
-        quiet: no progress bars.
+        quiet: no progress display (unless ``progress`` is given).
+        progress: one :class:`Progress` for every render.
 
     Returns:
         video id -> the paths written for it.
@@ -812,9 +1230,12 @@ def render_store(
 
     store = open_store(root)
     target = Path(out_dir) if out_dir is not None else Path(root).resolve().parent / "attention_videos"
-    return {
-        video_id: render_video(root, video_id, target, options, quiet=quiet) for video_id in store.videos()
-    }
+    with contextlib.ExitStack() as stack:
+        shown = progress or stack.enter_context(Progress(enabled=not quiet))
+        return {
+            video_id: render_video(root, video_id, target, options, progress=shown)
+            for video_id in store.videos()
+        }
 
 
 def render_figures(
@@ -838,7 +1259,7 @@ def render_figures(
     if fmt not in ("png", "svg"):
         raise AttnmapError(f"fmt must be 'png' or 'svg', got {fmt!r}")
     out = Path(out_dir)
-    stem = safe_name(video_id)
+    stem = safe_component(video_id)
     stored = store.tokens(video_id)
     words = list(tokens) if tokens else stored
     unknown = [w for w in words if w not in stored]
@@ -868,9 +1289,15 @@ def render_figures(
     if "text" in names:
         text = store.load(video_id, "text")
         text = text.mean(axis=0) if text.ndim == 3 else text
-        labels = store.metadata(video_id).get("text_tokens")
-        labels = labels if isinstance(labels, list) and len(labels) == text.shape[0] else None
-        written.append(figures.text_attention(text, out / f"{stem}_text.{fmt}", labels=labels))
+        meta = store.metadata(video_id)
+        real, how = real_text_length(meta, text.shape[-1])
+        given = meta.get("text_tokens")
+        names_of: Optional[list[str]] = None
+        if isinstance(given, list) and len(given) >= real:
+            names_of = [str(w) for w in given[:real]]
+        title = f"text self-attention: {real} real tokens of {text.shape[-1]} ({how})"
+        path = out / f"{stem}_text.{fmt}"
+        written.append(figures.text_attention(text[:real, :real], path, labels=names_of, title=title))
     if not written:
         raise AttnmapError(f"video {video_id!r} has no maps to draw figures from")
     return written

@@ -1,66 +1,19 @@
-"""Rendering a store: every output decodes with PyAV with the right frame count, size, fps and colours."""
+"""A store's maps as videos (attnmap.render.videos): every output decodes with PyAV with the right frame count,
+size, fps and colours; names never collide; labels and colour bars stay legible at any size."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-import av
 import matplotlib
 import numpy as np
 import pytest
 
 from attnmap.render import videos as autorender
 from attnmap.render.options import RenderOptions
-from attnmap.store import StoreWriter, open_store
-
-VIDEO = {"height": 32, "width": 48, "fps": 8, "frames": 9}
-
-
-def make_original(path: Path, frames: int = 9, size: tuple[int, int] = (32, 48)) -> Path:
-    """A plain grey video written with PyAV directly (independent of attnmap.render)."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=8)
-        stream.height, stream.width, stream.pix_fmt = size[0], size[1], "yuv420p"
-        for _ in range(frames):
-            frame = av.VideoFrame.from_ndarray(np.full((*size, 3), 128, np.uint8), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return path
-
-
-def make_store(root: Path, *, original: Path | None = None, steps: int = 3) -> Path:
-    """Video "vid 1": words cat and dog, latent grid (3, 4, 6), vae stride 4 (9 frames), per-head temporal
-    and text maps. cat's map is 1 in the top-left latent token of every frame and 0 elsewhere."""
-    meta = {
-        "prompt": "a (cat) and a (dog)",
-        "targets": {"cat": [1], "dog": [4]},
-        "text_tokens": ["a", "cat", "and", "a", "dog"],
-        "grid": [3, 4, 6],
-        "vae_stride": [4, 8, 8],
-        "video": dict(VIDEO, **({"path": str(original)} if original else {})),
-    }
-    rng = np.random.default_rng(0)
-    with StoreWriter(root, "vid 1", meta, dtype="float32") as writer:
-        for step in range(steps):
-            cat = np.zeros((3, 4, 6), np.float32)
-            cat[:, 0, 0] = 1.0
-            writer.write_step(
-                step,
-                {
-                    "token/cat": cat,
-                    "token/dog": rng.random((3, 4, 6)).astype(np.float32),
-                    "temporal": rng.random((2, 3, 3)).astype(np.float32),
-                    "text": rng.random((5, 5)).astype(np.float32),
-                },
-            )
-    return root
-
-
-def decode(path: Path) -> tuple[np.ndarray, float]:
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
-        return frames, float(stream.average_rate or 0)
+from attnmap.store import StoreWriter, open_store, video_dirname
+from render_builders import decode, make_original, make_store
 
 
 @pytest.fixture
@@ -72,20 +25,16 @@ def store_root(tmp_path: Path) -> Path:
 def test_render_video_writes_attention_and_overlay(store_root: Path, tmp_path: Path) -> None:
     params = RenderOptions(colormap="hot", fps=12)
     paths = autorender.render_video(store_root, "vid 1", tmp_path / "out", params)
+    cat, dog = autorender.output_stem("vid 1", "cat"), autorender.output_stem("vid 1", "dog")
     names = sorted(p.name for p in paths)
-    assert names == [
-        "vid_1_cat_attention.mp4",
-        "vid_1_cat_overlay.mp4",
-        "vid_1_dog_attention.mp4",
-        "vid_1_dog_overlay.mp4",
-    ]
-    frames, fps = decode(tmp_path / "out" / "vid_1_cat_attention.mp4")
+    assert names == sorted(f"{s}_{k}.mp4" for s in (cat, dog) for k in ("attention", "overlay"))
+    frames, fps = decode(tmp_path / "out" / f"{cat}_attention.mp4")
     assert frames.shape == (9, 32, 48, 3)  # 3 latent frames, stride 4 -> 9 frames, the video's size
     assert fps == 12
     # away from the hot top-left token the map is 0: hot's bottom colour
     bottom = np.asarray(matplotlib.colormaps["hot"](0.0, bytes=True)[:3], dtype=int)
     assert np.abs(frames[4, 20, 20].astype(int) - bottom).max() < 20
-    overlay, _ = decode(tmp_path / "out" / "vid_1_cat_overlay.mp4")
+    overlay, _ = decode(tmp_path / "out" / f"{cat}_overlay.mp4")
     assert overlay.shape == (9, 32, 48, 3)
     # alpha 0.6 of hot's bottom (black) over grey 128: about 51
     assert abs(int(overlay[4, 24, 20].mean()) - round(0.4 * 128)) < 12
@@ -137,12 +86,8 @@ def test_render_store_and_figures(store_root: Path, tmp_path: Path) -> None:
     written = autorender.render_store(store_root, out_dir=tmp_path / "all")
     assert set(written) == {"vid 1"} and len(written["vid 1"]) == 4
     figs = autorender.render_figures(open_store(store_root), "vid 1", tmp_path / "figs")
-    assert {p.name for p in figs} == {
-        "vid_1_tokens.png",
-        "vid_1_locality.png",
-        "vid_1_temporal.png",
-        "vid_1_text.png",
-    }
+    stem = video_dirname("vid 1")
+    assert {p.name for p in figs} == {f"{stem}_{n}.png" for n in ("tokens", "locality", "temporal", "text")}
 
 
 @pytest.mark.parametrize(
@@ -168,27 +113,35 @@ def test_bad_token_and_missing_original(store_root: Path, tmp_path: Path) -> Non
     assert not (tmp_path / "x.mp4").exists()
 
 
-def test_safe_names() -> None:
-    assert autorender.safe_name("../a b/c") == "a_b_c"
-    assert autorender.output_path("d", "v/1", "x y", "overlay").name == "v_1_x_y_overlay.mp4"
+def test_output_names_never_collide() -> None:
+    ids = ["a/b", "a b", "a:b", "a_b", "a", "../a", "x" * 85 + "1", "x" * 85 + "2", "a_b-0123456789abcdef"]
+    tokens = ["cat s", "cat_s", "cat", "b_cat s", "s"]
+    names = {autorender.output_path("d", v, t, "overlay").name for v in ids for t in tokens}
+    assert len(names) == len(ids) * len(tokens)
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) and len(n) < 200 for n in names)
+    # a plain pair keeps its plain name; the meeting point of a_b + c and a + b_c is told apart by a hash
+    assert autorender.output_path("d", "shapes", "ball", "overlay").name == "shapes_ball_overlay.mp4"
+    assert autorender.output_stem("a_b", "c") != autorender.output_stem("a", "b_c")
 
 
-def test_draw_label_equals_pillow_drawing_the_text(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_draw_label_equals_pillow_drawing_the_text() -> None:
     """The cached glyph mask blended in numpy against Pillow drawing onto the darkened box itself."""
     from PIL import Image, ImageDraw, ImageFont
 
     rng = np.random.default_rng(1)
-    frame = rng.integers(0, 256, (90, 160, 3), dtype=np.uint8)
+    frame = rng.integers(0, 256, (200, 320, 3), dtype=np.uint8)
     text = "cat | step 3 (2/5)"
-    size = max(9, 90 // 18)
-    box_h, box_w = size + 8, min(160, int(size * 0.62 * len(text)) + 12)
+    size = 10  # a twentieth of the short side
+    font = ImageFont.load_default(size=size)
+    pad = 3
+    box_h, box_w = size + 2 * pad, int(np.ceil(font.getlength(text))) + 2 * pad
     region = Image.fromarray(frame[:box_h, :box_w] // 3)
-    ImageDraw.Draw(region).text((5, 3), text, fill=(255, 255, 255), font=ImageFont.load_default(size=size))
+    ImageDraw.Draw(region).text((pad, box_h / 2), text, fill=(255, 255, 255), font=font, anchor="lm")
     expected = frame.copy()
     expected[:box_h, :box_w] = np.asarray(region)
     for _ in range(2):  # the second call draws from the cache
         drawn = frame.copy()
-        autorender.draw_label(drawn, text)
+        assert autorender.draw_label(drawn, text) == box_h
         assert np.abs(drawn.astype(int) - expected.astype(int)).max() <= 1
     assert (drawn[:box_h, :box_w] > 200).all(axis=-1).sum() > 20  # white glyph pixels exist
     np.testing.assert_array_equal(drawn[box_h:], frame[box_h:])  # nothing drawn outside the box
@@ -206,7 +159,7 @@ def test_render_video_streams_the_original(store_root: Path, tmp_path: Path, mon
     )
     paths = autorender.render_video(store_root, "vid 1", tmp_path / "out", None)
     assert len(paths) == 4 and len(streamed) == 2  # one decode per overlay
-    overlay, _ = decode(tmp_path / "out" / "vid_1_dog_overlay.mp4")
+    overlay, _ = decode(tmp_path / "out" / f"{autorender.output_stem('vid 1', 'dog')}_overlay.mp4")
     assert overlay.shape == (9, 32, 48, 3)
 
 
@@ -276,8 +229,9 @@ def test_a_render_video_stopped_early_keeps_finished_renders(
     monkeypatch.setattr(autorender, "_WORKERS", 1)
     with pytest.raises(KeyboardInterrupt):
         autorender.render_video(store_root, "vid 1", tmp_path / "out", None)
-    assert started == ["vid_1_cat_attention.mp4", "vid_1_cat_overlay.mp4", "vid_1_dog_attention.mp4"]
+    cat, dog = autorender.output_stem("vid 1", "cat"), autorender.output_stem("vid 1", "dog")
+    assert started == [f"{cat}_attention.mp4", f"{cat}_overlay.mp4", f"{dog}_attention.mp4"]
     kept = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert kept == ["vid_1_cat_attention.mp4", "vid_1_cat_overlay.mp4"]  # no temp files, nothing else
+    assert kept == [f"{cat}_attention.mp4", f"{cat}_overlay.mp4"]  # no temp files, nothing else
     for name in kept:
         assert decode(tmp_path / "out" / name)[0].shape == (9, 32, 48, 3)
