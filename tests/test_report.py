@@ -490,13 +490,6 @@ def test_bad_requests_name_the_problem(tmp_path: Path) -> None:
     assert not (tmp_path / "r.html").exists()
 
 
-def test_real_text_length() -> None:
-    assert report.real_text_length({"text_length": 7}, 512) == (7, "metadata text_length")
-    assert report.real_text_length({"text_tokens": ["a", "b"]}, 512)[0] == 2
-    assert report.real_text_length({"targets": {"cat": [3], "dog": [9, 10]}}, 512)[0] == 11
-    assert report.real_text_length({}, 512)[0] == 512
-
-
 def test_page_options_start_the_viewer(tmp_path: Path) -> None:
     root = write_store(tmp_path / "s", steps=1)
     options = RenderOptions(colormap="jet", normalize="fixed", vmin=0.0, vmax=2.0, overlay_alpha=0.3)

@@ -4,6 +4,7 @@ size, fps and colours; names never collide; labels and colour bars stay legible 
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import matplotlib
@@ -235,3 +236,250 @@ def test_a_render_video_stopped_early_keeps_finished_renders(
     assert kept == [f"{cat}_attention.mp4", f"{cat}_overlay.mp4"]  # no temp files, nothing else
     for name in kept:
         assert decode(tmp_path / "out" / name)[0].shape == (9, 32, 48, 3)
+
+
+# -- legibility: labels, colour bar and ticks laid out for any size ---------------------------------------
+SIZES = [
+    (48, 64),
+    (64, 64),
+    (96, 128),
+    (120, 90),
+    (240, 426),
+    (480, 832),
+    (720, 1280),
+    (1080, 1920),
+    (64, 2000),
+]
+
+
+@pytest.mark.parametrize(("height", "width"), SIZES, ids=[f"{h}x{w}" for h, w in SIZES])
+def test_decorations_fit_and_never_overlap(height: int, width: int) -> None:
+    label = "triangle | mean of steps 0..49 | block 12 | head 3 | t=3.25s"
+    decor = autorender.decor_layout(height, width, labels=True, colorbar=True, vrange=(0.000358, 0.5))
+    assert decor is not None
+    assert height < 64 or (
+        decor.bar is not None and len(decor.ticks) >= 2
+    )  # 48 high: room for the label only
+    boxes = decor.boxes(height, width, label)
+    for i, (what, top, bottom, left, right) in enumerate(boxes):
+        assert 0 <= top < bottom <= height and 0 <= left < right <= width, (what, top, bottom, left, right)
+        for other, t2, b2, l2, r2 in boxes[i + 1 :]:
+            assert bottom <= t2 or b2 <= top or right <= l2 or r2 <= left, f"{what} overlaps {other}"
+    # decorate draws only inside those boxes, and something inside each
+    frame = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    drawn = frame.copy()
+    autorender.decorate(drawn, decor, label, "viridis")
+    changed = (drawn != frame).any(-1)
+    inside = np.zeros_like(changed)
+    for what, top, bottom, left, right in boxes:
+        inside[top:bottom, left:right] = True
+        assert changed[top:bottom, left:right].mean() > 0.2, what
+    assert not (changed & ~inside).any()
+    # the font grows with the frame, from 10 pixels
+    assert decor.label == max(10, min(28, round(min(height, width) / 20)))
+
+
+def test_colour_bar_and_ticks_show_the_range() -> None:
+    decor = autorender.decor_layout(480, 832, labels=True, colorbar=True, vrange=(0.0, 2.0))
+    assert decor is not None and decor.bar is not None
+    assert [t for _, t in decor.ticks] == ["2.00", "1.50", "1.00", "0.50", "0.00"]
+    frame = np.zeros((480, 832, 3), np.uint8)
+    autorender.decorate(frame, decor, None, "viridis")
+    top, bottom, left, right = decor.bar
+    column = frame[top + 1 : bottom - 1, (left + right) // 2].astype(int)
+    table = np.asarray(matplotlib.colormaps["viridis"](np.linspace(1, 0, bottom - top))[:, :3] * 255)[1:-1]
+    assert np.abs(column - table).max() <= 3  # high values on top, matplotlib's colours
+    # each tick mark sits on the bar's row of its value
+    for (y, _), value in zip(decor.ticks, (2.0, 1.5, 1.0, 0.5, 0.0)):
+        assert (frame[y, left - 3 : left] == 255).all()
+        assert abs(1 - (y - top) / (bottom - 1 - top) - value / 2.0) < 1.5 / (bottom - top)
+    per_frame = autorender.decor_layout(480, 832, labels=False, colorbar=True, vrange=None)
+    assert per_frame is not None and [t for _, t in per_frame.ticks] == ["max", "min"]
+
+
+def test_small_frames_get_no_decorations_and_long_labels_are_cut() -> None:
+    assert autorender.decor_layout(47, 200, labels=True, colorbar=True, vrange=(0, 1)) is None
+    assert autorender.decor_layout(200, 63, labels=True, colorbar=True, vrange=(0, 1)) is None
+    frame = np.full((96, 128, 3), 255, np.uint8)
+    text = "a very long label that cannot fit in a small frame at all"
+    height = autorender.draw_label(frame, text)
+    assert 0 < height < 30 and (frame[height:] == 255).all()
+    darkened = np.flatnonzero((frame[:height] < 255).any(axis=(0, 2)))
+    assert darkened.max() >= 120  # the box spans the width: the text was cut to fit it, in the smallest font
+    cut, size = autorender._fit(text, 10, 128)
+    assert cut.endswith("...") and text.startswith(cut[:-3]) and size == 10
+
+
+def test_demo_sized_overlay_labels_are_readable(store_root: Path, tmp_path: Path) -> None:
+    """96 x 128 frames: the label's white glyphs sit in their box, above the bar and its ticks."""
+    store = open_store(store_root)
+    meta_video = {"height": 96, "width": 128, "fps": 8, "frames": 9}
+    with StoreWriter(tmp_path / "s", "small", {"video": meta_video, "vae_stride": [4, 8, 8]}) as writer:
+        writer.write_step(0, {"token/ball": store.aggregated("vid 1", "cat").map})
+    out = autorender.render_token(open_store(tmp_path / "s"), "small", "ball", tmp_path / "b.mp4")
+    frames, fps = decode(out)
+    assert frames.shape == (9, 96, 128, 3) and fps == 8
+    decor = autorender.decor_layout(96, 128, labels=True, colorbar=True, vrange=(0.0, 1.0))
+    assert decor is not None and decor.bar is not None
+    label_rows = frames[4, : decor.label_h]
+    assert (label_rows.min(-1) > 200).sum() > 30  # white text drawn (and decoded) in the label row
+    assert decor.bar[0] > decor.label_h
+
+
+# -- frame rate, bounds, selection, failed renders ------------------------------------------------------
+def test_overlays_play_at_the_original_rate(tmp_path: Path) -> None:
+    import attnmap.render as render
+
+    original = render.write_video(np.full((9, 32, 48, 3), 90, np.uint8), tmp_path / "o.mp4", fps=8)
+    for meta_fps, want_attention in ((12, 12.0), (None, 10.0)):
+        video = {"height": 32, "width": 48, "frames": 9, "path": str(original)}
+        if meta_fps:
+            video["fps"] = meta_fps
+        root = tmp_path / f"s{meta_fps}"
+        with StoreWriter(root, "v", {"video": video, "vae_stride": [4, 8, 8]}) as writer:
+            writer.write_step(0, {"token/cat": np.random.default_rng(0).random((3, 4, 6), dtype=np.float32)})
+        paths = autorender.render_video(root, "v", tmp_path / f"out{meta_fps}")
+        rates = {p.name.rsplit("_", 1)[1]: decode(p)[1] for p in paths}
+        assert rates == {"overlay.mp4": 8.0, "attention.mp4": want_attention}
+        forced = autorender.render_video(root, "v", tmp_path / "forced", RenderOptions(fps=5))
+        assert {decode(p)[1] for p in forced} == {5.0}
+
+
+@pytest.mark.parametrize(
+    ("meta", "options", "mode", "message"),
+    [
+        ({"video": {"frames": 10**7}}, {}, "aggregated", "metadata video.frames: 10000000 output frames"),
+        ({}, {"interpolation_steps": 100000}, "steps", "interpolation_steps: 200003 output frames"),
+        (
+            {"video": {"height": 4000, "width": 8000, "frames": 9000}},
+            {},
+            "aggregated",
+            "more than the 17179869184 pixels",
+        ),
+        ({"video": {"height": 10**6, "width": 4}}, {}, "aggregated", "video.height: expected at most 131072"),
+    ],
+)
+def test_bounds_are_checked_before_any_work(
+    tmp_path: Path, meta: dict, options: dict, mode: str, message: str
+) -> None:  # type: ignore[type-arg]
+    with StoreWriter(tmp_path / "s", "v", {"vae_stride": [4, 8, 8], **meta}) as writer:
+        for step in range(3):
+            writer.write_step(step, {"token/cat": np.ones((3, 4, 6), np.float32)})
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        autorender.render_token(
+            open_store(tmp_path / "s"),
+            "v",
+            "cat",
+            tmp_path / "x.mp4",
+            options=RenderOptions(**options),
+            mode=mode,
+        )
+    assert time.perf_counter() - start < 1.0
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_block_head_and_branch_select_the_stored_map(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    maps = {f"token/cat/block{b}": rng.random((2, 3, 4, 6), dtype=np.float32) for b in range(2)}
+    maps["token/cat"] = (maps["token/cat/block0"] + maps["token/cat/block1"]) / 2
+    maps["uncond/token/cat"] = rng.random((2, 3, 4, 6), dtype=np.float32)
+    with StoreWriter(tmp_path / "s", "v", {"video": {"height": 32, "width": 48}, "branch": "both"}) as writer:
+        writer.write_step(0, maps)
+    store = open_store(tmp_path / "s")
+    for kwargs, want in (
+        ({"block": 1, "head": 0}, maps["token/cat/block1"][0]),
+        ({"head": 1}, maps["token/cat"][1]),
+        ({"block": 0}, maps["token/cat/block0"].mean(0)),
+        ({"branch": "uncond"}, maps["uncond/token/cat"].mean(0)),
+    ):
+        plan, _ = autorender.plan_token(store, "v", "cat", options=RenderOptions(), **kwargs)
+        np.testing.assert_allclose(plan.maps, want, rtol=1e-3, atol=1e-3)  # stored as float16
+    with pytest.raises(ValueError, match=r"head: expected 0\.\.1"):
+        autorender.plan_token(store, "v", "cat", options=RenderOptions(), head=2)
+
+
+@pytest.mark.parametrize("normalize", ["global", "frame", "percentile", "max", "sum", "none"])
+def test_videos_follow_the_normalisation_vocabulary(store_root: Path, normalize: str) -> None:
+    import attnmap.render as render
+
+    store = open_store(store_root)
+    options = RenderOptions(normalize=normalize, labels=False, include_colorbar=False)
+    plan, size = autorender.plan_token(store, "vid 1", "dog", options=options)
+    got = np.concatenate(list(autorender._chunks(plan, size, options)))
+    want = render.frames(plan.maps, size=size, temporal_stride=4, normalize=normalize, colormap="hot")
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_render_that_does_not_read_back_fails_and_leaves_no_file(
+    store_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import attnmap.render as render
+
+    write_video = render.write_video
+
+    def truncated(chunks, path, **kwargs):  # type: ignore[no-untyped-def]
+        out = write_video(chunks, path, **kwargs)
+        data = Path(out).read_bytes()
+        Path(out).write_bytes(data[: len(data) // 3])  # what a full disk leaves behind
+        return out
+
+    monkeypatch.setattr(render, "write_video", truncated)
+    with pytest.raises(ValueError, match="does not hold its 9 frames"):
+        autorender.render_token(open_store(store_root), "vid 1", "cat", tmp_path / "c.mp4")
+    assert list(tmp_path.glob("c*")) == []
+
+
+def test_one_progress_display_writes_whole_lines(store_root: Path, tmp_path: Path) -> None:
+    import io
+
+    stream = io.StringIO()
+    with autorender.Progress(stream=stream) as progress:
+        paths = autorender.render_video(store_root, "vid 1", tmp_path / "out", progress=progress)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 * len(paths) == 8
+    for line in lines:
+        assert re.fullmatch(r"(rendering .+: 9 frames|done .+: 9/9 frames in \d+\.\d s)", line), line
+    assert "\r" not in stream.getvalue() and "\x1b" not in stream.getvalue()
+
+
+def test_still_overlay_is_the_video_frame(store_root: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    import attnmap.render as render
+
+    store = open_store(store_root)
+    original = tmp_path / "original.mp4"
+    out = autorender.render_still(
+        store, "vid 1", "dog", tmp_path / "dog.png", frame=5, original_video=original
+    )
+    with Image.open(out) as image:
+        still = np.asarray(image.convert("RGB"))
+    background, _ = render.read_video(original)
+    maps = store.aggregated("vid 1", "dog").map
+    want = render.frames(maps, size=(32, 48), num_frames=9, background=background, alpha=0.6)[5]
+    np.testing.assert_array_equal(still, want)  # 32 x 48: below the size that gets decorations
+    mean = autorender.render_still(store, "vid 1", "dog", tmp_path / "mean.png", original_video=original)
+    with Image.open(mean) as image:
+        got = np.asarray(image.convert("RGB"))
+    want = render.frames(maps.mean(0), size=(32, 48), background=background[4], alpha=0.6)[0]
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"frame: expected an output frame 0..8, got 9"):
+        autorender.render_still(store, "vid 1", "dog", tmp_path / "x.png", frame=9, original_video=original)
+    with pytest.raises(ValueError, match=r"output: expected a file ending in \.png"):
+        autorender.render_still(store, "vid 1", "dog", tmp_path / "x.jpg")
+
+
+def test_real_text_length_and_cropped_text_figure(tmp_path: Path) -> None:
+    assert autorender.real_text_length({"text_length": 7}, 512) == (7, "metadata text_length")
+    assert autorender.real_text_length({"text_tokens": ["a", "b"]}, 512)[0] == 2
+    assert autorender.real_text_length({"targets": {"cat": [3], "dog": [9, 10]}}, 512)[0] == 11
+    assert autorender.real_text_length({}, 512)[0] == 512
+    text = np.random.default_rng(0).random((512, 512), dtype=np.float32)
+    meta = {"targets": {"cat": [1], "dog": [4]}, "text_tokens": ["a", "cat", "and", "the", "dog"]}
+    with StoreWriter(tmp_path / "s", "wan", meta) as writer:
+        writer.write_step(0, {"text": text})
+    start = time.perf_counter()
+    (path,) = autorender.render_figures(open_store(tmp_path / "s"), "wan", tmp_path / "f")
+    assert time.perf_counter() - start < 5
+    assert path.name == "wan_text.png"

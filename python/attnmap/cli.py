@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 
 RENDER_EXAMPLES = [
@@ -89,7 +88,7 @@ def _quiet(flag: bool) -> bool:
 #: Option keys of the library whose errors the CLI names as the flag that set them.
 _FLAGS = {
     "colormap", "fps", "overlay_alpha", "normalize", "vmin", "vmax", "threshold", "interpolation_steps",
-    "video_format", "static_duration", "steps", "block", "head", "branch", "frame", "max_map_bytes",
+    "video_format", "static_duration", "steps", "block", "head", "branch", "frame", "max_map_bytes", "output",
 }  # fmt: skip
 
 
@@ -422,14 +421,10 @@ def still(
         original = original_video if original_video is not None else videos.known_original(store, video_id)
         if original is not None and not Path(original).is_file():
             raise CLIError(f"--original-video {str(original)!r} does not exist")
-        try:
-            path = videos.render_still(
-                store, video_id, word, output, frame=index, options=options, steps=_steps(steps),
-                original_video=original, block=block, head=head, branch=_branch(branch),
-            )  # fmt: skip
-        except ValueError as exc:
-            text = _message(exc)
-            raise CLIError(f"--{text}" if text.startswith(("frame:", "output:")) else text) from None
+        path = videos.render_still(
+            store, video_id, word, output, frame=index, options=options, steps=_steps(steps),
+            original_video=original, block=block, head=head, branch=_branch(branch),
+        )  # fmt: skip
         typer.echo(path)
 
 
@@ -582,17 +577,15 @@ def demo_cmd(
             raise CLIError(f"the demo's IoU check failed: {summary['iou']} (need >= {demo.IOU_TARGET})")
 
 
-def _click_message(exc: click.ClickException) -> str:
-    """Click's message, with a missing parameter named as the user types it (``--attention-dir``)."""
-    if isinstance(exc, click.MissingParameter) and exc.param is not None:
-        param = exc.param
-        name = (
-            " / ".join(param.opts)
-            if isinstance(param, click.Option)
-            else (param.human_readable_name or "").upper()
-        )
-        return f"Missing {'option' if isinstance(param, click.Option) else 'argument'} {name}"
-    return exc.format_message()
+def _usage_message(exc: Any) -> str:
+    """A command-line parsing error's message (click's, or the click typer carries), with a missing
+    parameter named as the user types it: ``--attention-dir``, or ``ATTENTION_DIR`` for an argument."""
+    param = getattr(exc, "param", None)
+    if type(exc).__name__ == "MissingParameter" and param is not None:
+        if getattr(param, "param_type_name", "") == "option" and getattr(param, "opts", None):
+            return f"Missing option {' / '.join(param.opts)}"
+        return f"Missing argument {str(getattr(param, 'name', '') or '').upper()}"
+    return str(exc.format_message())
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -601,21 +594,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     debug = os.environ.get("ATTNMAP_DEBUG", "") not in ("", "0")
     try:
         code = command.main(args=argv, prog_name="attnmap-render", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    except click.exceptions.Abort:
-        typer.echo("Error: aborted", err=True)
-        code = 1
-    except click.ClickException as exc:
-        if debug:
+    except Exception as exc:  # click's exceptions, or those of the click typer carries: told apart by name
+        kind = type(exc).__name__
+        if kind == "Exit":
+            code = getattr(exc, "exit_code", 1)
+        elif kind == "Abort":
+            typer.echo("Error: aborted", err=True)
+            code = 1
+        elif debug:
             raise
-        typer.echo(f"Error: {_click_message(exc)}", err=True)
-        code = 1
-    except Exception as exc:
-        if debug:
-            raise
-        typer.echo(f"Error: {_message(exc)}", err=True)
-        code = 1
+        else:
+            text = _usage_message(exc) if callable(getattr(exc, "format_message", None)) else _message(exc)
+            typer.echo(f"Error: {text}", err=True)
+            code = 1
     sys.exit(code if isinstance(code, int) else 0)
 
 

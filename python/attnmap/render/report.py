@@ -638,7 +638,6 @@ __all__ = [
     "Viewer",
     "dequantize",
     "quantize",
-    "real_text_length",
     "recorder_viewer",
     "store_viewer",
     "write_report",

@@ -552,6 +552,13 @@ def font_size(height: int, width: int) -> int:
     return int(min(28, max(_MIN_FONT, round(min(height, width) / 20))))
 
 
+def _label_box(text: str, size: int, height: int, width: int) -> tuple[str, int, int, int, int]:
+    """The label as drawn: (text, font size, pad, box height, box width)."""
+    text, size = _fit(text, size, width)
+    pad = max(3, size // 3)
+    return text, size, pad, min(height, size + 2 * pad), min(width, _text_width(text, size) + 2 * pad)
+
+
 def draw_label(frame: np.ndarray, text: str, *, size: Optional[int] = None) -> int:
     """Draw ``text`` in white on a dark box (the frame at a third of its brightness) at the top left of
     ``frame`` ``[H, W, 3]`` uint8, in place: the font scaled to the frame (:func:`font_size`), shrunk or the
@@ -561,10 +568,7 @@ def draw_label(frame: np.ndarray, text: str, *, size: Optional[int] = None) -> i
         The height of the box drawn (0 when nothing fits).
     """
     height, width = frame.shape[:2]
-    text, size = _fit(text, size or font_size(height, width), width)
-    pad = max(3, size // 3)
-    box_h = min(height, size + 2 * pad)
-    box_w = min(width, _text_width(text, size) + 2 * pad)
+    text, size, pad, box_h, box_w = _label_box(text, size or font_size(height, width), height, width)
     if box_h <= 0 or box_w <= 0:
         return 0
     _blend_text(frame, 0, 0, _text_mask(text, size, box_h, box_w, pad))
@@ -589,6 +593,33 @@ class Decor:
     bar: Optional[tuple[int, int, int, int]]
     ticks: tuple[tuple[int, str], ...]
     tick_font: int
+
+    def tick_boxes(self) -> list[tuple[int, int, int, int, str]]:
+        """(top, bottom, left, right, text) of each tick label's dark box, left of the bar."""
+        if self.bar is None:
+            return []
+        left = self.bar[2]
+        pad = max(2, self.tick_font // 4)
+        box_h = self.tick_font + 2 * pad
+        out = []
+        for y, text in self.ticks:
+            box_w = _text_width(text, self.tick_font) + 2 * pad
+            x0 = max(0, left - 3 - box_w)
+            out.append((y - box_h // 2, y - box_h // 2 + box_h, x0, left - 3, text))
+        return out
+
+    def boxes(self, height: int, width: int, label: Optional[str]) -> list[tuple[str, int, int, int, int]]:
+        """(what, top, bottom, left, right) of everything :func:`decorate` draws in a frame of this size:
+        the label, the bar with its tick marks, each tick label. No two of them overlap."""
+        out = []
+        if label and self.label:
+            _, _, _, box_h, box_w = _label_box(label, self.label, height, width)
+            out.append(("label", 0, box_h, 0, box_w))
+        if self.bar is not None:
+            top, bottom, left, right = self.bar
+            out.append(("bar", top, bottom, max(0, left - 3), right))
+            out += [("tick " + text, y0, y1, x0, x1) for y0, y1, x0, x1, text in self.tick_boxes()]
+        return out
 
 
 def _tick_text(values: Sequence[float]) -> list[str]:
@@ -625,7 +656,9 @@ def decor_layout(
     tick_font = max(_MIN_FONT, round(size * 0.85))
     bar_w = max(5, width // 40)
     right = width - margin
-    top, bottom = label_h + 2 * margin, height - 2 * margin
+    # the bar's ends carry the first and last ticks: half a tick label more is kept above and below it
+    half = (tick_font + 2 * max(2, tick_font // 4)) // 2 + 1
+    top, bottom = label_h + 2 * margin + half, height - 2 * margin - half
     if bottom - top < 2 * tick_font:
         return Decor(size if labels else 0, label_h, None, (), 0)
     count = int(min(5, max(2, (bottom - top) // (3 * tick_font) + 1)))
@@ -674,14 +707,10 @@ def decorate(frame: np.ndarray, decor: Decor, label: Optional[str], colormap: st
         return
     top, bottom, left, right = decor.bar
     frame[top:bottom, left:right] = _bar_strip(bottom - top, right - left, colormap)
-    pad = max(2, decor.tick_font // 4)
-    box_h = decor.tick_font + 2 * pad
-    for y, text in decor.ticks:
-        box_w = _text_width(text, decor.tick_font) + 2 * pad
-        x0 = max(0, left - 3 - box_w)
-        y0 = min(max(0, y - box_h // 2), frame.shape[0] - box_h)
-        _blend_text(frame, y0, x0, _text_mask(text, decor.tick_font, box_h, box_w, pad))
-        frame[y, max(0, left - 3) : left] = 255  # the tick mark
+    for (y, _), (y0, y1, x0, x1, text) in zip(decor.ticks, decor.tick_boxes()):
+        pad = max(2, decor.tick_font // 4)
+        _blend_text(frame, y0, x0, _text_mask(text, decor.tick_font, y1 - y0, x1 - x0, pad))
+        frame[y, left - 3 : left] = 255  # the tick mark
 
 
 def _chunks(plan: _Plan, size: tuple[int, int], options: RenderOptions) -> Iterator[np.ndarray]:
@@ -1076,9 +1105,11 @@ def render_still(
         if plan.background is not None:
             middle = _nth(plan.background.chunks(plan.background.frames, size), plan.background.frames // 2)
             background = _Original(middle[None], 1, size)
+        mean = plan.maps.mean(axis=0, keepdims=True)
+        vmin, vmax, _ = map_range(mean, options.normalize, options.vmin, options.vmax)
         label = f"{plan.labels[0]} | mean over frames"
-        plan = replace(plan, maps=plan.maps.mean(axis=0, keepdims=True), num_frames=1, temporal_stride=None,
-                       labels=[label], background=background)  # fmt: skip
+        plan = replace(plan, maps=mean, num_frames=1, temporal_stride=None, labels=[label], background=background,
+                       vmin=vmin, vmax=vmax)  # fmt: skip
         frame = 0
     elif isinstance(frame, bool) or not isinstance(frame, int) or not 0 <= frame < plan.frames:
         raise AttnmapError(f"frame: expected an output frame 0..{plan.frames - 1}, got {frame!r}")
