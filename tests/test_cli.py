@@ -392,3 +392,36 @@ def test_report_and_still_commands(store: Path, tmp_path: Path) -> None:
     over = invoke("still", "--attention-dir", store, "--video-id", "vid 1", "--token", "cat", "--frame", "99",
                   "--output", png)  # fmt: skip
     assert over.exit_code == 1 and over.stderr.startswith("Error: --frame: expected an output frame 0..8")  # type: ignore[attr-defined]
+
+
+def test_progress_on_a_terminal_draws_bars_and_prints_clean_paths(store: Path, tmp_path: Path) -> None:
+    """Under a pseudo-terminal: rich bars on stderr while rendering, then every path on a line of its own
+    (held back until the bars are gone, so none is glued to a bar)."""
+    pty = pytest.importorskip("pty")
+    env = {
+        **os.environ,
+        "ATTNMAP_QUIET": "0",
+        "COLUMNS": "100",
+        "PYTHONPATH": str(Path(__file__).parents[1] / "python"),
+    }
+    main, child = pty.openpty()
+    args = [sys.executable, "-m", "attnmap.cli", "all", str(store), "--output", str(tmp_path / "v")]
+    proc = subprocess.Popen(args, stdin=child, stdout=child, stderr=child, env=env, close_fds=True)
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            data = os.read(main, 4096)
+        except OSError:  # the terminal closes when the child exits
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(main)
+    text = b"".join(chunks).decode(errors="replace")
+    assert proc.wait(timeout=300) == 0, text
+    bars, _, after = text.rpartition("\x1b[?25h")  # rich shows the cursor again when its display stops
+    assert "\u2501" in bars  # a bar was drawn
+    lines = [line for line in after.replace("\r", "").split("\n") if line]
+    want = sorted(str(tmp_path / "v" / f"{output_stem('vid 1', w)}_attention.mp4") for w in ("cat", "dog"))
+    assert sorted(lines) == want

@@ -201,17 +201,29 @@ def _branch(value: Optional[str]) -> Optional[str]:
 
 
 class _Printer:
-    """Prints each finished path to stdout as one whole line (the render threads share it)."""
+    """Prints each finished path to stdout as one whole line (the render threads share it). While bars
+    are drawn on the terminal that stdout also shows, the paths wait until the bars are gone, so that no
+    path is glued to a bar."""
 
     def __init__(self, progress: Any) -> None:
         self.lock = threading.Lock()
-        self.progress = progress
-        self.printed: list[Path] = []
+        isatty = getattr(sys.stdout, "isatty", None)
+        self.hold = bool(progress.live and callable(isatty) and isatty())
+        self.pending: list[Path] = []
 
     def __call__(self, path: Path) -> None:
         with self.lock:
-            typer.echo(str(path))
-            self.printed.append(path)
+            if self.hold:
+                self.pending.append(path)
+            else:
+                typer.echo(str(path))
+
+    def flush(self) -> None:
+        """Print the paths held back (call it once the progress display is closed)."""
+        with self.lock:
+            for path in self.pending:
+                typer.echo(str(path))
+            self.pending.clear()
 
 
 # -- shared options -----------------------------------------------------------------------------------
@@ -349,16 +361,16 @@ def video(
             )
         failed = []
         with videos.Progress(enabled=not _quiet(quiet)) as progress:
+            printer = _Printer(progress)
             for word in words:
                 path = videos.output_path(
                     output, video_id, word, _kind(original_video, mode), options.video_format
                 )
                 try:
-                    done = videos.render_token(store, video_id, word, path, progress=progress, **common)
+                    printer(videos.render_token(store, video_id, word, path, progress=progress, **common))
                 except (ValueError, OSError, KeyError) as exc:
                     failed.append(f"{word}: {_message(exc)}")
-                    continue
-                typer.echo(done)
+        printer.flush()
         if failed:
             raise CLIError(f"{len(failed)} of {len(words)} renders failed; " + "; ".join(failed))
 
@@ -466,6 +478,7 @@ def render_all(
                     )
                 except (ValueError, OSError, KeyError) as exc:
                     failed.append(f"video {video_id!r}: {_message(exc)}")
+        printer.flush()
         if failed:
             raise CLIError(
                 f"{len(failed)} of {len(store.videos())} videos failed to render; " + "; ".join(failed)

@@ -797,6 +797,11 @@ class Progress:
                 )
                 self._rich.start()
 
+    @property
+    def live(self) -> bool:
+        """Whether bars are being drawn on a terminal (rather than plain lines, or nothing)."""
+        return self._rich is not None
+
     def task(self, description: str, total: int) -> _Task:
         """A render of ``total`` frames; advance it, then close it."""
         return _Task(self, description, total)
