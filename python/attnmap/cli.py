@@ -262,6 +262,10 @@ VideoFormat = Annotated[
     typer.Option(help="Container of the files written when --output is a folder (a path without a suffix): "
                  "mp4, webm, gif, mkv or mov."),
 ]  # fmt: skip
+Threshold = Annotated[
+    Optional[float],
+    typer.Option(help="Outline the mask where the normalised map >= this (0-1, both included)."),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
 
 
@@ -299,10 +303,7 @@ def video(
     normalize: Normalize = "global",
     vmin: Vmin = None,
     vmax: Vmax = None,
-    threshold: Annotated[
-        Optional[float],
-        typer.Option(help="Outline the mask where the normalised map >= this (0-1, both included)."),
-    ] = None,
+    threshold: Threshold = None,
     steps: Annotated[
         Optional[str], typer.Option(help="Steps to use, e.g. '0,5,10-20' (default all).")
     ] = None,
@@ -398,9 +399,7 @@ def still(
     normalize: Normalize = "global",
     vmin: Vmin = None,
     vmax: Vmax = None,
-    threshold: Annotated[
-        Optional[float], typer.Option(help="Outline the mask where the normalised map >= this.")
-    ] = None,
+    threshold: Threshold = None,
     steps: Annotated[
         Optional[str], typer.Option(help="Steps to average (default: the aggregated map).")
     ] = None,

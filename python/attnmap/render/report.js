@@ -257,7 +257,7 @@ var attnmapReport = window.attnmapReport || (function () {
           v.steps.length + " steps"].filter(Boolean).join(" \u00b7 ") }));
       const controls = el("div", { class: "am-controls" });
       const d = this.data;
-      if (d.videos.length > 1) controls.append(select("video", "video", d.videos.map((x, i) => [i, x.id]), s.video));
+      controls.append(select("video", "video", d.videos.map((x, i) => [i, x.id]), s.video));
       controls.append(select("token", "token", v.tokens.map((t) => [t, t]), s.token));
       controls.append(select("step", "step", [["mean", "mean of steps"], ...v.steps.map((x) => [x, x])], s.step));
       if (v.blocks.length) controls.append(select("block", "block", [["all", "mean of blocks"], ...v.blocks.map((x) => [x, x])], s.block));
