@@ -30,9 +30,11 @@ from attnmap.store import StoreWriter, open_store
 TOKENS = ("cat", "dog", "flowers")
 FULL = {"grid": (21, 30, 52), "size": (480, 832), "frames": 81, "subset": 6}
 SMOKE = {"grid": (3, 4, 6), "size": (32, 48), "frames": 9, "subset": 3}
+#: The page of a Wan 480p store with 3 tokens and 50 steps may weigh at most this much.
+REPORT_MAX_BYTES = 25_000_000
 
 
-def _setup(tmp: Path, cfg: dict) -> tuple[Path, Path]:  # type: ignore[type-arg]
+def _setup(tmp: Path, cfg: dict, steps: int = 2) -> tuple[Path, Path]:  # type: ignore[type-arg]
     f, h, w = cfg["grid"]
     height, width = cfg["size"]
     rng = np.random.default_rng(0)
@@ -54,8 +56,9 @@ def _setup(tmp: Path, cfg: dict) -> tuple[Path, Path]:  # type: ignore[type-arg]
         "targets": {t: [i] for i, t in enumerate(TOKENS)},
     }
     with StoreWriter(tmp / "attention_maps", "wan480", meta, dtype="float16") as writer:
-        for step in range(2):
+        for step in range(steps):
             maps = {f"token/{t}": rng.random((f, h, w)).astype(np.float32) for t in TOKENS}
+            maps["temporal"] = rng.random((f, f)).astype(np.float32)
             maps["token/cat"][:, 2 * h // 3 :, : w // 3] += 4.0  # a bright bottom-left corner to check
             writer.write_step(step, maps)
     return tmp / "attention_maps", original
@@ -147,3 +150,43 @@ def test_cli_overlay_vs_matplotlib(benchmark, request, tmp_path: Path) -> None: 
     )
     if full:  # the target (measured 16-22x on the loaded 2-core machine, benches/README.md)
         assert baseline / ours >= 10, f"attnmap-render is {baseline / ours:.1f}x the per-frame script"
+
+
+@pytest.mark.benchmark(group="cli-report")
+def test_report_of_a_wan480_store(benchmark, request, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``attnmap-render report`` of a Wan 480p store (3 tokens, 50 steps, an 81-frame original): its time
+    against reading every map it carries from the store, and its size (at most 25 MB)."""
+    from _timing import best_of
+    from attnmap.render.report import write_report
+
+    opt = request.config.getoption
+    full = bool(opt("benchmark_enable")) or not opt("benchmark_disable")
+    cfg = FULL if full else SMOKE
+    steps = 50 if full else 3
+    root, _ = _setup(tmp_path, cfg, steps=steps)
+    page = tmp_path / "report.html"
+
+    def report() -> Path:
+        return write_report(root, page)
+
+    def read_maps() -> None:
+        store = open_store(root)
+        for token in TOKENS:
+            store.load_all_steps("wan480", token)
+            store.aggregated("wan480", token)
+
+    report()
+    size = page.stat().st_size
+    text = page.read_text()
+    assert all(f'"{t}|mean|all|mean|cond"' in text for t in TOKENS)  # every token's step mean is carried
+    assert all(f'"{t}|{steps - 1}|all|mean|cond"' in text for t in TOKENS)  # and every step's
+    (ours, reading), (ours_cpu, _) = best_of([report, read_maps], 3 if full else 1)
+    benchmark.pedantic(report, rounds=1, iterations=1)
+    benchmark.extra_info.update(report_s=ours, read_s=reading, ratio=ours / reading, bytes=size)
+    print(
+        f"\nreport of {len(TOKENS)} tokens x {steps} steps of {cfg['grid']} over {cfg['frames']} frames of "
+        f"{cfg['size']}: {ours:.2f} s (CPU {ours_cpu:.2f} s), {size / 1e6:.1f} MB; reading the maps alone "
+        f"{reading:.2f} s ({ours / reading:.1f}x)"
+    )
+    if full:
+        assert size <= REPORT_MAX_BYTES, f"the page weighs {size / 1e6:.1f} MB"

@@ -8,6 +8,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from attnmap import demo
 from attnmap.analysis.maps import token_mask
@@ -90,4 +91,11 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         assert Path(path).is_file()
     with av.open(str(tmp_path / "videos" / "shapes_ball_overlay.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        rate = container.streams.video[0].average_rate
     assert len(frames) == 17 and frames[0].shape == (96, 128, 3)
+    assert rate == demo.make_video().fps  # the original's rate: 8 fps
+    for word in demo.TARGETS:
+        with Image.open(tmp_path / "figures" / f"shapes_{word}_still.png") as image:
+            assert image.size == (128, 96)
+    page = (tmp_path / "report.html").read_text()
+    assert '"id":"shapes"' in page and '"id":"wan_tiny_random"' in page and "<script src" not in page

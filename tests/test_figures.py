@@ -116,3 +116,47 @@ def test_every_figure_kind_writes_png_and_svg(tmp_path: Path, kind: str, fmt: st
     else:
         assert ET.parse(out).getroot().tag.endswith("svg")
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The figures drawn, kept instead of written."""
+    figs: list[object] = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path, **kw: figs.append(fig) or Path(path))
+    return figs
+
+
+def test_frame_and_step_axes_have_integer_ticks(drawn: list[object], tmp_path: Path) -> None:
+    figures.temporal_matrix(np.eye(3), tmp_path / "m.png")
+    rng = np.random.default_rng(0)
+    figures.temporal_comparison({"a": rng.random((4, 3, 2, 2))}, tmp_path / "c.png", steps=[0, 1, 2, 3])
+    matrix, comparison = drawn
+    ax = matrix.axes[0]  # type: ignore[attr-defined]
+    assert list(ax.get_xticks()) == [0, 1, 2] and list(ax.get_yticks()) == [0, 1, 2]
+    for axis in comparison.axes:  # type: ignore[attr-defined]
+        ticks = [t for t in axis.get_xticks() if axis.get_xlim()[0] <= t <= axis.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_long_text_matrices_keep_legible_tick_labels(drawn: list[object], tmp_path: Path) -> None:
+    words = [f"w{i}" for i in range(200)]
+    figures.text_attention(np.random.default_rng(0).random((200, 200)), tmp_path / "t.png", labels=words)
+    ax = drawn[0].axes[0]  # type: ignore[attr-defined]
+    shown = [t.get_text() for t in ax.get_xticklabels()]
+    assert len(shown) <= figures.MAX_TICK_LABELS and shown[:2] == ["w0", "w5"]
+
+
+def test_drawing_a_figure_changes_no_matplotlib_state(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np;"
+        "from attnmap.render import figures;"
+        f"figures.temporal_matrix(np.eye(3), {str(tmp_path / 'm.png')!r});"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported';"
+        "print('ok')"
+    )
+    env = {"PYTHONPATH": str(Path(figures.__file__).parents[2]), "PATH": "/usr/bin:/bin", "MPLBACKEND": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -401,7 +401,8 @@ def run(output: Path, *, quiet: bool = False, log: Optional[Log] = None, wan: bo
 
     Args:
         output: the output folder: ``shapes.mp4`` (the synthetic video), ``attention_maps/`` (the store),
-            ``videos/`` (overlays, heatmaps, the step evolution, the grid), ``figures/``.
+            ``videos/`` (overlays, heatmaps, the step evolution, the grid), ``figures/`` (figures and a
+            still overlay per word) and ``report.html`` (the interactive report of both videos).
         quiet: no progress bars.
         log: where the report lines go (default: print).
         wan: also run the tiny random Wan transformer.
@@ -472,6 +473,11 @@ def run(output: Path, *, quiet: bool = False, log: Optional[Log] = None, wan: bo
     )
     outputs.extend(autorender.render_figures(store, VIDEO_ID, out / "figures"))
     outputs.append(figures_colorbar(out / "figures" / "colorbar_jet.png"))
+    for word in TARGETS:  # one still overlay per word: its map's mean over the frames on the middle frame
+        still = out / "figures" / f"{VIDEO_ID}_{word}_still.png"
+        outputs.append(
+            autorender.render_still(store, VIDEO_ID, word, still, options=options, original_video=original)
+        )
 
     if wan:
         seconds = _run_wan(root)
@@ -482,11 +488,17 @@ def run(output: Path, *, quiet: bool = False, log: Optional[Log] = None, wan: bo
         wan_video = videos / f"{WAN_VIDEO_ID}_cat_attention.mp4"
         outputs.append(autorender.render_token(store, WAN_VIDEO_ID, "cat", wan_video, quiet=quiet))
         outputs.extend(autorender.render_figures(store, WAN_VIDEO_ID, out / "figures"))
+    from attnmap.render.report import write_report
+
+    outputs.append(write_report(root, out / "report.html"))
     for path in outputs:
         say(f"wrote {path}")
     passed = all(v >= IOU_TARGET for v in scores.values())
     total = time.perf_counter() - start
-    say(f"demo {'passed' if passed else 'FAILED'} in {total:.1f} s; open {videos} to see the overlays")
+    say(
+        f"demo {'passed' if passed else 'FAILED'} in {total:.1f} s; open {out / 'report.html'} in a browser, "
+        f"or {videos} for the videos"
+    )
     return {"iou": scores, "passed": passed, "outputs": outputs, "seconds": total}
 
 

@@ -13,28 +13,34 @@ figure with the Agg backend (no display needed), writes it atomically and return
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Any, Optional, Union
 
 import matplotlib
-
-matplotlib.use("Agg")  # no display: figures are only ever written to files
-
-import matplotlib.pyplot as plt
+import matplotlib.cm
+import matplotlib.colors
+import matplotlib.ticker
 import numpy as np
+from matplotlib.figure import Figure
 
 from attnmap._io import atomic_path
 from attnmap.errors import AttnmapError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from matplotlib.figure import Figure
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: Suffixes :func:`save_figure` writes, and the matplotlib format of each.
 FORMATS = {".png": "png", ".svg": "svg"}
+
+
+def _subplots(nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
+    """A figure and its axes without pyplot: no backend is chosen and no global figure list is kept,
+    so drawing a figure changes no state of the process (savefig renders PNG and SVG on its own)."""
+    figsize = kwargs.pop("figsize", None)
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def save_figure(fig: Figure, path: PathLike, *, dpi: int = 120) -> Path:
@@ -51,14 +57,13 @@ def save_figure(fig: Figure, path: PathLike, *, dpi: int = 120) -> Path:
     out = Path(path)
     fmt = FORMATS.get(out.suffix.lower())
     if fmt is None:
-        plt.close(fig)
         raise AttnmapError(f"path must end in .png or .svg, got {str(path)!r}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out, suffix=out.suffix) as tmp:
             fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
     finally:
-        plt.close(fig)
+        fig.clear()
     return out
 
 
@@ -118,7 +123,7 @@ def temporal_comparison(
     if xs.shape != (num_steps,):
         raise AttnmapError(f"steps must list {num_steps} step numbers, got {len(xs)}")
 
-    fig, (ax_steps, ax_frames) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_steps, ax_frames) = _subplots(1, 2, figsize=(11, 4))
     for word, arr in arrays.items():
         flat = arr.reshape(num_steps, -1)
         ax_steps.plot(xs, flat.mean(axis=1), marker="o", label=word)
@@ -129,11 +134,21 @@ def temporal_comparison(
     ax_steps.set(xlabel="diffusion step", ylabel="mean attention", title="over steps")
     ax_frames.set(xlabel="latent frame", ylabel="mean attention", title="over frames (mean of steps)")
     for ax in (ax_steps, ax_frames):
+        ax.xaxis.set_major_locator(_integer_ticks())  # steps and frames are whole numbers
         ax.grid(alpha=0.3)
         ax.legend()
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def _integer_ticks() -> matplotlib.ticker.MaxNLocator:
+    """Ticks on whole numbers only (at most 10 of them)."""
+    return matplotlib.ticker.MaxNLocator(nbins=10, integer=True, min_n_ticks=1)
+
+
+#: A matrix figure names each row and column up to this many; beyond, every k-th so that they stay legible.
+MAX_TICK_LABELS = 48
 
 
 def _matrix_figure(
@@ -147,13 +162,17 @@ def _matrix_figure(
     ticklabels: Optional[Sequence[str]] = None,
 ) -> Path:
     size = max(4.0, min(12.0, 0.35 * matrix.shape[1] + 2.5))
-    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    fig, ax = _subplots(figsize=(size + 1.0, size))
     image = ax.imshow(matrix, cmap=colormap, interpolation="nearest", aspect="equal")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    if ticklabels is not None:
-        ax.set_xticks(range(len(ticklabels)), ticklabels, rotation=90)
-        ax.set_yticks(range(len(ticklabels)), ticklabels)
+    n = matrix.shape[0]
+    every = max(1, math.ceil(n / MAX_TICK_LABELS))
+    picks = list(range(0, n, every))
+    names = [str(i) for i in picks] if ticklabels is None else [f"{ticklabels[i]}" for i in picks]
+    fontsize = 9 if len(picks) <= 24 else 7
+    ax.set_xticks(picks, names, rotation=90 if ticklabels is not None else 0, fontsize=fontsize)
+    ax.set_yticks(picks, names, fontsize=fontsize)
     return save_figure(fig, path)
 
 
@@ -247,7 +266,7 @@ def head_locality(
     rows = list(range(arr.shape[0])) if blocks is None else list(blocks)
     if len(rows) != arr.shape[0]:
         raise AttnmapError(f"blocks must list {arr.shape[0]} block numbers, got {len(rows)}")
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * arr.shape[1] + 2.5), max(2.5, 0.45 * arr.shape[0] + 1.5)))
+    fig, ax = _subplots(figsize=(max(4.0, 0.6 * arr.shape[1] + 2.5), max(2.5, 0.45 * arr.shape[0] + 1.5)))
     image = ax.imshow(arr, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="mass in own frame")
     ax.set_xticks(range(arr.shape[1]), [str(h) for h in range(arr.shape[1])])
@@ -308,7 +327,7 @@ def rollout_frames(
     picks = np.unique(np.linspace(0, video.shape[0] - 1, min(max_frames, video.shape[0])).round().astype(int))
     height, width = video.shape[1:3]
     vmin, vmax = float(np.nanmin(arr)), float(np.nanmax(arr))
-    fig, axes = plt.subplots(
+    fig, axes = _subplots(
         1, len(picks), figsize=(2.6 * len(picks), 2.6 * height / width + 0.6), squeeze=False
     )
     for ax, t in zip(axes[0], picks):
@@ -352,7 +371,7 @@ def colorbar(
     _check_colormap(colormap)
     if not (np.isfinite(vmin) and np.isfinite(vmax) and vmax > vmin):
         raise AttnmapError(f"vmin and vmax must be finite with vmin < vmax, got {vmin} and {vmax}")
-    fig, ax = plt.subplots(figsize=(5, 0.8))
+    fig, ax = _subplots(figsize=(5, 0.8))
     norm = matplotlib.colors.Normalize(vmin=vmin, vmax=vmax)
     fig.colorbar(
         matplotlib.cm.ScalarMappable(norm=norm, cmap=colormap), cax=ax, orientation="horizontal", label=label

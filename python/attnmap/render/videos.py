@@ -20,13 +20,17 @@ it writes ``<video_id>_<token>_attention.<fmt>`` and, when an original video is 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import json
 import math
 import os
 import re
 import sys
 import threading
-from collections.abc import Generator, Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,8 +38,14 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import numpy as np
 
+from attnmap.analysis.normalization import bounds
 from attnmap.errors import AttnmapError
 from attnmap.render.options import DEFAULT_FPS, RenderOptions
+
+try:  # the store's public sanitiser; video_dirname gives the same guarantee
+    from attnmap.store.naming import safe_component  # type: ignore[attr-defined, unused-ignore]
+except ImportError:  # pragma: no cover - until the store exports it
+    from attnmap.store.naming import video_dirname as safe_component
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnmap.store import Store
@@ -46,19 +56,38 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mkv", ".mov")
 _CHUNK = 16
 _WORKERS = 2  # renders of one video encoded at the same time (render_video)
 _MIN_SIDE = 256  # a map with no known video size is scaled up to at least this many pixels high
+#: The most frames one render may have (over an hour at 25 fps), checked before any work starts.
+MAX_FRAMES = 100_000
+#: The largest frame side in pixels (the Rust core's limit, 16 times 8K).
+MAX_SIDE = 1 << 17
+#: The most pixels one render may have, frames x height x width (about 40,000 frames of 480 x 832).
+MAX_PIXELS = 1 << 34
 
 
-def safe_name(name: str) -> str:
-    """A word or video id as a file-name part: runs of anything but letters, digits, ``-`` and ``.`` become
-    ``_``, leading dots and ``_`` are dropped, at most 80 characters."""
-    out = re.sub(r"[^A-Za-z0-9.-]+", "_", str(name))
-    out = re.sub(r"^[._]+", "", out).rstrip("_")[:80]
-    return out or "_"
+_HASHED = re.compile(r"-[0-9a-f]{16}$")
+
+
+def output_stem(video_id: str, token: str) -> str:
+    """The file-name stem of a video's token, ``<video id>_<token>``, distinct for distinct pairs.
+
+    The pair goes through the store's hashed sanitiser. A plain pair (both parts kept as they are, no
+    ``_`` in either) gives ``<video id>_<token>``; any other (a part the sanitiser changed, or a ``_``
+    that makes the meeting point ambiguous: ``a_b`` + ``c`` and ``a`` + ``b_c``) ends in ``-`` and a
+    hash of the exact pair instead. So ``a/b``, ``a b``, ``a:b``, ``a_b`` and ids that differ after the
+    sanitiser's length limit all stay apart.
+    """
+    joined = f"{video_id}_{token}"
+    readable = safe_component(joined)
+    if readable == joined and "_" not in video_id and "_" not in token:
+        return readable
+    base = _HASHED.sub("", readable) if readable != joined else readable
+    pair = json.dumps([video_id, token], ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return f"{base}-{hashlib.sha256(pair).hexdigest()[:16]}"
 
 
 def output_path(out_dir: PathLike, video_id: str, token: str, kind: str, video_format: str = "mp4") -> Path:
-    """``<out_dir>/<video_id>_<token>_<kind>.<video_format>`` with both names made safe."""
-    return Path(out_dir) / f"{safe_name(video_id)}_{safe_name(token)}_{kind}.{video_format.lower()}"
+    """``<out_dir>/<output_stem>_<kind>.<video_format>``: distinct videos and tokens never share a file."""
+    return Path(out_dir) / f"{output_stem(video_id, token)}_{kind}.{video_format.lower()}"
 
 
 # -- what to draw ------------------------------------------------------------------------------
@@ -80,79 +109,159 @@ class _Plan:
         return len(self.labels)
 
 
-def _video_meta(store: Store, video_id: str) -> dict[str, Any]:
-    meta = store.metadata(video_id)
+def video_info(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``video`` dict of a video's metadata (empty when missing or malformed)."""
     video = meta.get("video")
     return video if isinstance(video, dict) else {}
 
 
-def _vae_stride(store: Store, video_id: str) -> Optional[int]:
-    stride = store.metadata(video_id).get("vae_stride")
-    if isinstance(stride, (list, tuple)) and stride and int(stride[0]) >= 1:
-        return int(stride[0])
-    return None
+def _video_meta(store: Store, video_id: str) -> dict[str, Any]:
+    return video_info(store.metadata(video_id))
 
 
-def output_size(store: Store, video_id: str, map_hw: tuple[int, int]) -> tuple[int, int]:
+def vae_stride(meta: Mapping[str, Any]) -> Optional[int]:
+    """The VAE temporal stride of the metadata's ``vae_stride`` [t, h, w], or None."""
+    stride = meta.get("vae_stride")
+    return _positive_int(stride[0]) if isinstance(stride, (list, tuple)) and stride else None
+
+
+def _positive_int(value: Any) -> Optional[int]:
+    """``value`` as an int when it is an integer >= 1 (not a bool), else None."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+    return int(value) if ok else None
+
+
+def size_from_meta(meta: Mapping[str, Any], map_hw: tuple[int, int]) -> tuple[int, int]:
     """The frame size (H, W) of a video's renders: the generated video's size from the metadata, else the
     map scaled up to at least 256 pixels high; both rounded up to even (what H.264 needs)."""
-    video = _video_meta(store, video_id)
-    try:
-        height, width = int(video["height"]), int(video["width"])
-    except (KeyError, TypeError, ValueError):
+    video = video_info(meta)
+    height, width = _positive_int(video.get("height")), _positive_int(video.get("width"))
+    if height is None or width is None:
         scale = max(1, math.ceil(_MIN_SIDE / max(1, map_hw[0])))
         height, width = map_hw[0] * scale, map_hw[1] * scale
+    for key, value in (("video.height", height), ("video.width", width)):
+        if value > MAX_SIDE:
+            raise AttnmapError(f"{key}: expected at most {MAX_SIDE} pixels, got {value}")
     return height + height % 2, width + width % 2
 
 
-def known_original(store: Store, video_id: str) -> Optional[Path]:
-    """The original (generated) video recorded in the metadata (``video.path``, relative paths taken from
-    the store root), when it exists on disk."""
-    meta = store.metadata(video_id)
-    video = meta.get("video")
-    video = video if isinstance(video, dict) else {}
+def output_size(store: Store, video_id: str, map_hw: tuple[int, int]) -> tuple[int, int]:
+    """:func:`size_from_meta` of a stored video."""
+    return size_from_meta(store.metadata(video_id), map_hw)
+
+
+def original_path(meta: Mapping[str, Any], root: Optional[PathLike] = None) -> Optional[Path]:
+    """The original (generated) video recorded in the metadata (``video.path``, a relative path taken
+    from ``root``), when it exists on disk."""
+    video = video_info(meta)
     for value in (video.get("path"), meta.get("video_path"), meta.get("original_video")):
         if isinstance(value, str) and value:
             path = Path(value)
-            path = path if path.is_absolute() else Path(store.root) / path
+            path = path if path.is_absolute() or root is None else Path(root) / path
             if path.is_file():
                 return path
     return None
 
 
-def _range(maps: np.ndarray, normalize: str) -> tuple[Optional[float], Optional[float], str]:
-    """vmin, vmax and the render normalisation, computed on the small maps."""
-    finite = maps[np.isfinite(maps)]
-    if normalize == "frame" or finite.size == 0:
-        return None, None, "frame" if normalize == "frame" else "global"
-    if normalize == "percentile":
-        lo, hi = np.percentile(finite, [1.0, 99.0])
-    else:
-        lo, hi = finite.min(), finite.max()
-    lo, hi = float(lo), float(hi)
-    if hi <= lo:
-        hi = lo + 1.0  # a constant map: shown as its lowest colour
+def known_original(store: Store, video_id: str) -> Optional[Path]:
+    """The original video of a stored video (:func:`original_path`, relative to the store root)."""
+    return original_path(store.metadata(video_id), store.root)
+
+
+def map_range(
+    maps: np.ndarray, normalize: str, vmin: Optional[float] = None, vmax: Optional[float] = None
+) -> tuple[Optional[float], Optional[float], str]:
+    """The range a render shows and the normalisation it passes on, measured on the small maps: a
+    whole-map name of the vocabulary becomes ``"fixed"`` over its :func:`bounds` (a constant map: its
+    lowest colour); ``"frame"`` stays per frame (``vmin``/``vmax`` still override each frame's)."""
+    if normalize == "frame":
+        return vmin, vmax, "frame"
+    lo, hi = bounds(maps, normalize, vmin=vmin, vmax=vmax)
+    if not hi > lo:
+        hi = lo + 1.0
     return lo, hi, "fixed"
 
 
-def _fps(options: RenderOptions, store: Store, video_id: str, original: Optional[_Original]) -> float:
-    """The output frame rate: the options', else the original video's, else the metadata's, else 10."""
+def output_fps(options: RenderOptions, original_fps: Optional[float], meta: Mapping[str, Any]) -> float:
+    """The output frame rate: the options', else the original video's, else the metadata's
+    ``video.fps``, else 10."""
     if options.fps is not None:
         return float(options.fps)
-    if original is not None and original.fps:
-        return float(original.fps)
-    rate = _video_meta(store, video_id).get("fps")
-    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
+    if original_fps:
+        return float(original_fps)
+    rate = video_info(meta).get("fps")
+    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate) and rate > 0:
         return float(rate)
     return float(DEFAULT_FPS)
+
+
+def frame_plan(
+    meta: Mapping[str, Any],
+    latent_frames: int,
+    *,
+    fps: float,
+    options: RenderOptions,
+    background_frames: Optional[int] = None,
+) -> tuple[Optional[int], Optional[int]]:
+    """How the aggregated map's latent frames become output frames: ``(num_frames, temporal_stride)``,
+    one of them None. Onto an original video: its frames; a one-frame map: a still held for
+    ``static_duration`` seconds; else the VAE stride, or the metadata's ``video.frames`` when the stride
+    does not give that count. Checked against :data:`MAX_FRAMES` before any work.
+
+    Raises:
+        AttnmapError: an output frame count above the limit, naming where it came from.
+    """
+    if background_frames is not None and latent_frames > 1:
+        return _bounded(background_frames, "original video frames"), None
+    if latent_frames == 1:
+        frames = max(1, round(options.static_duration * fps))
+        return _bounded(frames, "static_duration"), None
+    meta_frames = _positive_int(video_info(meta).get("frames"))
+    stride = vae_stride(meta)
+    if meta_frames is not None and (stride is None or meta_frames != 1 + (latent_frames - 1) * stride):
+        return _bounded(meta_frames, "metadata video.frames"), None
+    if stride is None:
+        return latent_frames, None
+    _bounded(1 + (latent_frames - 1) * stride, "metadata vae_stride")
+    return None, stride
+
+
+def _bounded(frames: int, what: str) -> int:
+    if frames > MAX_FRAMES:
+        raise AttnmapError(f"{what}: {frames} output frames is more than the {MAX_FRAMES} a render may have")
+    return frames
+
+
+def _fps(options: RenderOptions, store: Store, video_id: str, original: Optional[_Original]) -> float:
+    return output_fps(options, None if original is None else original.fps, store.metadata(video_id))
+
+
+def real_text_length(meta: Mapping[str, Any], stored: int) -> tuple[int, str]:
+    """How many of ``stored`` text tokens are real (not padding), and how that was known: the
+    metadata's ``text_length`` (or ``text_len``), else its ``text_tokens``, else the last target token."""
+    for key in ("text_length", "text_len"):
+        value = meta.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= stored:
+            return value, f"metadata {key}"
+    words = meta.get("text_tokens")
+    if isinstance(words, list) and 0 < len(words) <= stored:
+        return len(words), "metadata text_tokens"
+    targets = meta.get("targets")
+    if isinstance(targets, dict):
+        indices = [int(i) for v in targets.values() if isinstance(v, list) for i in v if isinstance(i, int)]
+        if indices and 0 <= max(indices) < stored:
+            return max(indices) + 1, "the last target token (the metadata has no text length)"
+    return stored, "every stored token (the metadata has no text length)"
 
 
 def _select_steps(available: list[int], steps: Optional[Sequence[int]], video_id: str) -> list[int]:
     if steps is None:
         return available
-    missing = [s for s in steps if s not in available]
+    have = set(available)
+    missing = [s for s in steps if s not in have]
     if missing:
-        raise AttnmapError(f"steps {missing} are not stored for video {video_id!r}; it has steps {available}")
+        shown = f"{missing[:10]}" + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise AttnmapError(f"steps {shown} are not stored for video {video_id!r}; it has steps {available}")
     return list(steps)
 
 
@@ -267,20 +376,41 @@ def plan_token(
     mode: Mode = "aggregated",
     steps: Optional[Sequence[int]] = None,
     original_video: Optional[Original] = None,
+    block: Optional[int] = None,
+    head: Optional[int] = None,
+    branch: Optional[str] = None,
 ) -> tuple[_Plan, tuple[int, int]]:
-    """Load one token's maps and decide the output frames (see the module docstring)."""
+    """Load one token's maps and decide the output frames (see the module docstring).
+
+    The output's frames, size and pixels are checked against :data:`MAX_FRAMES`, :data:`MAX_SIDE` and
+    :data:`MAX_PIXELS` before a map is loaded, so an absurd request fails at once with an error naming
+    its cause.
+
+    Args:
+        block: one block's maps (stored with per_block), or None for the mean over blocks.
+        head: one head of per-head maps, or None for the mean over heads.
+        branch: ``"cond"`` or ``"uncond"`` (see :meth:`attnmap.store.Store.map_name`).
+    """
     if mode not in ("aggregated", "steps"):
         raise AttnmapError(f"mode must be 'aggregated' or 'steps', got {mode!r}")
     tokens = store.tokens(video_id)
     if token not in tokens:
         raise KeyError(f"token {token!r} is not stored for video {video_id!r}; it has {tokens}")
+    meta = store.metadata(video_id)
     background = None if original_video is None else _Original.open(original_video)
     fps = _fps(options, store, video_id, background)
+    name = store.map_name(video_id, token, block=block, branch=branch)
     if mode == "steps":
-        available = [m.metadata["step"] for m in store.load_all_steps(video_id, token)]
+        available = [s for s in store.steps(video_id) if name in store.names(video_id, s)]
+        if not available:
+            raise KeyError(f"token {token!r} has no step maps {name!r} in video {video_id!r}")
         chosen = _select_steps(available, steps, video_id)
-        per_step = np.stack([store.load_step(video_id, token, s).map.mean(axis=0) for s in chosen])
         k = options.interpolation_steps
+        total = len(chosen) + max(0, len(chosen) - 1) * k
+        _bounded(total, "interpolation_steps")
+        per_step = np.stack(
+            [_pick_head(store.load(video_id, name, s), head, name).mean(axis=0) for s in chosen]
+        )
         if len(chosen) > 1 and k > 0:
             weights = np.arange(1, k + 1, dtype=np.float32) / (k + 1)
             parts = []
@@ -297,55 +427,70 @@ def plan_token(
         stride = None
     else:
         if steps is not None:
-            chosen = _select_steps(
-                [m.metadata["step"] for m in store.load_all_steps(video_id, token)], steps, video_id
-            )
-            maps = np.mean([store.load_step(video_id, token, s).map for s in chosen], axis=0).astype(
-                np.float32
-            )
+            chosen = _select_steps(store.steps(video_id), steps, video_id)
+            maps = np.mean([_pick_head(store.load(video_id, name, s), head, name) for s in chosen], axis=0)
             what = f"mean of steps {chosen[0]}..{chosen[-1]}" if len(chosen) > 1 else f"step {chosen[0]}"
         else:
-            maps = store.aggregated(video_id, token).map.astype(np.float32)
+            maps = _pick_head(_aggregated_map(store, video_id, name), head, name)
             what = "mean of steps"
-        labels = []
-        stride = None
-        num_frames = None
-        if maps.shape[0] == 1:
-            num_frames = max(1, round(options.static_duration * fps))
-        else:
-            meta_frames = _video_meta(store, video_id).get("frames")
-            stride = _vae_stride(store, video_id)
-            if (
-                isinstance(meta_frames, int)
-                and meta_frames > 0
-                and (stride is None or meta_frames != 1 + (maps.shape[0] - 1) * stride)
-            ):
-                num_frames, stride = meta_frames, None
-            elif stride is None:
-                num_frames = maps.shape[0]
+        maps = maps.astype(np.float32)
+        frames = None if background is None else background.frames
+        num_frames, stride = frame_plan(
+            meta, maps.shape[0], fps=fps, options=options, background_frames=frames
+        )
         total = num_frames if num_frames is not None else 1 + (maps.shape[0] - 1) * int(stride or 1)
         labels = [f"{token} | {what}" for _ in range(total)]
-
-    if background is not None:
-        if mode == "aggregated" and maps.shape[0] > 1:  # the map follows the video's own frames
-            num_frames, stride = background.frames, None
-            labels = [labels[0]] * background.frames
-        size = background.size
-    else:
-        size = output_size(store, video_id, (maps.shape[1], maps.shape[2]))
+    if block is not None:
+        labels = [f"{label} | block {block}" for label in labels]
+    if head is not None:
+        labels = [f"{label} | head {head}" for label in labels]
+    size = background.size if background is not None else size_from_meta(meta, (maps.shape[1], maps.shape[2]))
+    if len(labels) * size[0] * size[1] > MAX_PIXELS:
+        raise AttnmapError(
+            f"the render of {token!r} would have {len(labels)} frames of {size[0]} x {size[1]}: more than "
+            f"the {MAX_PIXELS} pixels a render may have"
+        )
     if options.include_timestamp:
         labels = [f"{label} | t={i / fps:.2f}s" for i, label in enumerate(labels)]
-    vmin, vmax, _ = _range(maps, options.normalize)
-    if options.include_colorbar and vmin is not None and vmax is not None:
-        labels = [f"{label} | scale {vmin:.3g}..{vmax:.3g}" for label in labels]
+    vmin, vmax, _ = map_range(maps, options.normalize, options.vmin, options.vmax)
     return _Plan(maps, num_frames, stride, labels, background, vmin, vmax, fps), size
+
+
+def _pick_head(arr: np.ndarray, head: Optional[int], name: str) -> np.ndarray:
+    """A token map [F, h, w] from a stored one: per-head [H, F, h, w] averaged, or the one ``head``."""
+    if arr.ndim == 4:
+        if head is None:
+            return arr.mean(axis=0)
+        if not 0 <= head < arr.shape[0]:
+            raise AttnmapError(f"head: expected 0..{arr.shape[0] - 1} for {name!r}, got {head}")
+        return arr[head]
+    if head is not None:
+        raise AttnmapError(f"head: {name!r} was stored without per-head maps (shape {arr.shape})")
+    if arr.ndim != 3:
+        raise AttnmapError(f"token map {name!r} has shape {arr.shape}, expected [F, H, W]")
+    return arr
+
+
+def _aggregated_map(store: Store, video_id: str, name: str) -> np.ndarray:
+    """The step-aggregated map ``name``, or the mean over the steps when the run stored none."""
+    try:
+        return store.load(video_id, name)
+    except KeyError:
+        steps = [s for s in store.steps(video_id) if name in store.names(video_id, s)]
+        if not steps:
+            raise KeyError(f"map {name!r} is not stored for video {video_id!r}") from None
+        total = np.sum([store.load(video_id, name, s) for s in steps], axis=0, dtype=np.float64)
+        return np.asarray(total / len(steps), dtype=np.float32)
 
 
 # -- drawing -----------------------------------------------------------------------------------
 _FONT_LOCK = threading.Lock()
+#: Frames smaller than this (height, width) get no label and no colour bar: there is no room to read them.
+MIN_DECORATED = (48, 64)
+_MIN_FONT = 10
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=16)
 def _font(size: int) -> Any:
     from PIL import ImageFont
 
@@ -355,71 +500,230 @@ def _font(size: int) -> Any:
         return ImageFont.load_default()
 
 
-@functools.lru_cache(maxsize=256)
-def _label_mask(text: str, size: int, box_h: int, box_w: int) -> np.ndarray:
-    """The coverage [box_h, box_w] uint8 of ``text`` drawn at (5, 3) in a font of ``size`` pixels: drawn
-    once per text, since most frames of a video repeat their label."""
+def _text_width(text: str, size: int) -> int:
+    with _FONT_LOCK:
+        return math.ceil(_font(size).getlength(text))
+
+
+@functools.lru_cache(maxsize=512)
+def _text_mask(text: str, size: int, box_h: int, box_w: int, pad: int) -> np.ndarray:
+    """The coverage [box_h, box_w] uint8 of ``text`` in a font of ``size`` pixels, ``pad`` pixels from the
+    left and centred in height (Pillow's "lm" anchor): drawn once per text, since most frames of a video
+    repeat their label."""
     from PIL import Image, ImageDraw
 
     image = Image.new("L", (box_w, box_h), 0)
     with _FONT_LOCK:  # one FreeType face is shared by the renders running at the same time
-        ImageDraw.Draw(image).text((5, 3), text, fill=255, font=_font(size))
+        ImageDraw.Draw(image).text((pad, box_h / 2), text, fill=255, font=_font(size), anchor="lm")
     mask = np.asarray(image)
     mask.flags.writeable = False
     return mask
 
 
-def draw_label(frame: np.ndarray, text: str, *, corner: tuple[int, int] = (0, 0)) -> None:
-    """Draw ``text`` in white on a dark box (the frame at a third of its brightness) into ``frame``
-    ``[H, W, 3]`` uint8, in place."""
-    height, width = frame.shape[:2]
-    size = max(9, min(height, width) // 18)
-    y0, x0 = corner
-    box_h = min(height - y0, size + 8)
-    box_w = min(width - x0, int(size * 0.62 * len(text)) + 12)
-    if box_h <= 0 or box_w <= 0:
+def _blend_text(frame: np.ndarray, y0: int, x0: int, mask: np.ndarray) -> None:
+    """White text by ``mask`` over the frame darkened to a third, in place at (y0, x0)."""
+    h = min(mask.shape[0], frame.shape[0] - y0)
+    w = min(mask.shape[1], frame.shape[1] - x0)
+    if h <= 0 or w <= 0:
         return
-    mask = _label_mask(text, size, box_h, box_w)[..., None].astype(np.uint16)
-    region = frame[y0 : y0 + box_h, x0 : x0 + box_w]
+    region = frame[y0 : y0 + h, x0 : x0 + w]
+    cover = mask[:h, :w, None].astype(np.uint16)
     dark = region // 3
     # white over the darkened box by the glyph coverage, rounded as Pillow blends a mask
-    tmp = (255 - dark) * mask + 128
+    tmp = (255 - dark) * cover + 128
     region[...] = dark + (((tmp >> 8) + tmp) >> 8).astype(np.uint8)
 
 
-def colorbar_strip(height: int, width: int, colormap: str) -> np.ndarray:
-    """A vertical colour bar ``[H', w, 3]`` uint8 (high values on top) to paste at a frame's right edge:
-    ``w = max(6, width // 40)`` wide and 80% of ``height`` high."""
+def _fit(text: str, size: int, width: int) -> tuple[str, int]:
+    """``text`` and a font size (``size`` down to 10 pixels) whose box fits ``width``; cut with "..."
+    when even the smallest font is too wide."""
+    pad = max(3, size // 3)
+    for s in range(size, _MIN_FONT - 1, -1):
+        if _text_width(text, s) + 2 * pad <= width:
+            return text, s
+    s = _MIN_FONT
+    while len(text) > 1 and _text_width(text + "...", s) + 2 * pad > width:
+        text = text[:-1]
+    return text.rstrip() + "...", s
+
+
+def font_size(height: int, width: int) -> int:
+    """The label font of a frame: a twentieth of its short side, 10 to 28 pixels."""
+    return int(min(28, max(_MIN_FONT, round(min(height, width) / 20))))
+
+
+def _label_box(text: str, size: int, height: int, width: int) -> tuple[str, int, int, int, int]:
+    """The label as drawn: (text, font size, pad, box height, box width)."""
+    text, size = _fit(text, size, width)
+    pad = max(3, size // 3)
+    return text, size, pad, min(height, size + 2 * pad), min(width, _text_width(text, size) + 2 * pad)
+
+
+def draw_label(frame: np.ndarray, text: str, *, size: Optional[int] = None) -> int:
+    """Draw ``text`` in white on a dark box (the frame at a third of its brightness) at the top left of
+    ``frame`` ``[H, W, 3]`` uint8, in place: the font scaled to the frame (:func:`font_size`), shrunk or the
+    text cut so that the box fits the width.
+
+    Returns:
+        The height of the box drawn (0 when nothing fits).
+    """
+    height, width = frame.shape[:2]
+    text, size, pad, box_h, box_w = _label_box(text, size or font_size(height, width), height, width)
+    if box_h <= 0 or box_w <= 0:
+        return 0
+    _blend_text(frame, 0, 0, _text_mask(text, size, box_h, box_w, pad))
+    return box_h
+
+
+@dataclass(frozen=True)
+class Decor:
+    """Where the label, the colour bar and its ticks go in frames of one size: the label across the top,
+    the bar below it at the right edge, its tick labels to its left, spaced so that none overlaps another.
+
+    Attributes:
+        label: the label's font size, or 0 without labels.
+        label_h: the height of the label row (the bar starts below it).
+        bar: (top, bottom, left, right) of the bar in pixels, or None without one.
+        ticks: (y, text) of each tick, top to bottom.
+        tick_font: the ticks' font size.
+    """
+
+    label: int
+    label_h: int
+    bar: Optional[tuple[int, int, int, int]]
+    ticks: tuple[tuple[int, str], ...]
+    tick_font: int
+
+    def tick_boxes(self) -> list[tuple[int, int, int, int, str]]:
+        """(top, bottom, left, right, text) of each tick label's dark box, left of the bar."""
+        if self.bar is None:
+            return []
+        left = self.bar[2]
+        pad = max(2, self.tick_font // 4)
+        box_h = self.tick_font + 2 * pad
+        out = []
+        for y, text in self.ticks:
+            box_w = _text_width(text, self.tick_font) + 2 * pad
+            x0 = max(0, left - 3 - box_w)
+            out.append((y - box_h // 2, y - box_h // 2 + box_h, x0, left - 3, text))
+        return out
+
+    def boxes(self, height: int, width: int, label: Optional[str]) -> list[tuple[str, int, int, int, int]]:
+        """(what, top, bottom, left, right) of everything :func:`decorate` draws in a frame of this size:
+        the label, the bar with its tick marks, each tick label. No two of them overlap."""
+        out = []
+        if label and self.label:
+            _, _, _, box_h, box_w = _label_box(label, self.label, height, width)
+            out.append(("label", 0, box_h, 0, box_w))
+        if self.bar is not None:
+            top, bottom, left, right = self.bar
+            out.append(("bar", top, bottom, max(0, left - 3), right))
+            out += [("tick " + text, y0, y1, x0, x1) for y0, y1, x0, x1, text in self.tick_boxes()]
+        return out
+
+
+def _tick_text(values: Sequence[float]) -> list[str]:
+    """Tick labels with as many decimals as the ticks' spacing needs (one more than its first digit), in
+    scientific notation for very large or small values; more digits until the labels differ."""
+    top = max(abs(v) for v in values)
+    spacing = min((abs(b - a) for a, b in zip(values, values[1:])), default=0.0) or top or 1.0
+    first = math.floor(math.log10(spacing))
+    scientific = top >= 1e4 or 0 < top < 1e-3
+    for extra in range(1, 6):
+        if scientific:
+            digits = max(0, math.floor(math.log10(top)) - first + extra)
+            texts = [f"{v:.{digits}e}" for v in values]
+        else:
+            texts = [f"{v:.{max(0, extra - first)}f}" for v in values]
+        if len(set(texts)) == len(texts):
+            return texts
+    return texts
+
+
+def decor_layout(
+    height: int, width: int, *, labels: bool, colorbar: bool, vrange: Optional[tuple[float, float]]
+) -> Optional[Decor]:
+    """Lay out the decorations of ``height`` x ``width`` frames (None: nothing drawn, below
+    :data:`MIN_DECORATED` or nothing asked for). ``vrange`` is the (low, high) value the bar's ends show;
+    None labels them "min" and "max" (a range per frame)."""
+    if height < MIN_DECORATED[0] or width < MIN_DECORATED[1] or not (labels or colorbar):
+        return None
+    size = font_size(height, width)
+    margin = max(2, min(height, width) // 60)
+    label_h = size + 2 * max(3, size // 3) if labels else 0
+    if not colorbar:
+        return Decor(size, label_h, None, (), 0)
+    tick_font = max(_MIN_FONT, round(size * 0.85))
+    bar_w = max(5, width // 40)
+    right = width - margin
+    # the bar's ends carry the first and last ticks: half a tick label more is kept above and below it
+    half = (tick_font + 2 * max(2, tick_font // 4)) // 2 + 1
+    top, bottom = label_h + 2 * margin + half, height - 2 * margin - half
+    if bottom - top < 2 * tick_font:
+        return Decor(size if labels else 0, label_h, None, (), 0)
+    count = int(min(5, max(2, (bottom - top) // (3 * tick_font) + 1)))
+    if vrange is None:
+        texts = ["max", "min"]
+        count = 2
+    else:
+        lo, hi = vrange
+        texts = _tick_text([hi - (hi - lo) * i / (count - 1) for i in range(count)])
+    ys = [round(top + (bottom - 1 - top) * i / (count - 1)) for i in range(count)]
+    return Decor(
+        size if labels else 0, label_h, (top, bottom, right - bar_w, right), tuple(zip(ys, texts)), tick_font
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _bar_strip(bar_h: int, bar_w: int, colormap: str) -> np.ndarray:
+    """A vertical colour bar [bar_h, bar_w, 3] uint8, high values on top, in a 1-pixel dark frame."""
     import attnmap.render as render
 
-    bar_w = max(6, width // 40)
-    bar_h = max(2, int(height * 0.8))
     ramp = np.linspace(1.0, 0.0, bar_h, dtype=np.float32)[:, None].repeat(2, axis=1)
-    return render.frames(ramp, size=(bar_h, bar_w), colormap=colormap, normalize="fixed", vmin=0.0, vmax=1.0)[
-        0
-    ]
+    strip = render.frames(
+        ramp, size=(bar_h, bar_w), colormap=colormap, normalize="fixed", vmin=0.0, vmax=1.0
+    )[0]
+    strip[[0, -1]] = 40
+    strip[:, [0, -1]] = 40
+    strip.flags.writeable = False
+    return strip
 
 
-def _paste_colorbar(frame: np.ndarray, strip: np.ndarray) -> None:
-    height, width = frame.shape[:2]
-    top = (height - strip.shape[0]) // 2
-    left = width - strip.shape[1] - max(2, width // 100)
-    if left < 0:
+def colorbar_strip(height: int, width: int, colormap: str) -> np.ndarray:
+    """The colour bar that :func:`decor_layout` places in ``height`` x ``width`` frames (with ticks),
+    ``[h, w, 3]`` uint8, high values on top."""
+    decor = decor_layout(height, width, labels=True, colorbar=True, vrange=(0.0, 1.0))
+    if decor is None or decor.bar is None:
+        raise AttnmapError(f"size: frames of {height} x {width} are too small for a colour bar")
+    top, bottom, left, right = decor.bar
+    return _bar_strip(bottom - top, right - left, colormap).copy()
+
+
+def decorate(frame: np.ndarray, decor: Decor, label: Optional[str], colormap: str) -> None:
+    """Draw the label, the colour bar and its ticks of ``decor`` into ``frame`` [H, W, 3] uint8, in place."""
+    if label and decor.label:
+        draw_label(frame, label, size=decor.label)
+    if decor.bar is None:
         return
-    frame[top : top + strip.shape[0], left : left + strip.shape[1]] = strip
+    top, bottom, left, right = decor.bar
+    frame[top:bottom, left:right] = _bar_strip(bottom - top, right - left, colormap)
+    for (y, _), (y0, y1, x0, x1, text) in zip(decor.ticks, decor.tick_boxes()):
+        pad = max(2, decor.tick_font // 4)
+        _blend_text(frame, y0, x0, _text_mask(text, decor.tick_font, y1 - y0, x1 - x0, pad))
+        frame[y, left - 3 : left] = 255  # the tick mark
 
 
 def _chunks(plan: _Plan, size: tuple[int, int], options: RenderOptions) -> Iterator[np.ndarray]:
     import attnmap.render as render
 
-    _, _, how = _range(plan.maps, options.normalize)
+    _, _, how = map_range(plan.maps, options.normalize, options.vmin, options.vmax)
     kwargs: dict[str, Any] = {
         "size": size,
         "colormap": options.colormap,
         "normalize": how,
         "chunk": _CHUNK,
     }
-    if how == "fixed":
+    if how == "fixed" or plan.vmin is not None or plan.vmax is not None:
         kwargs.update(vmin=plan.vmin, vmax=plan.vmax)
     if plan.temporal_stride is not None:
         kwargs["temporal_stride"] = plan.temporal_stride
@@ -432,35 +736,146 @@ def _chunks(plan: _Plan, size: tuple[int, int], options: RenderOptions) -> Itera
     yield from render.iter_frames(plan.maps, **kwargs)
 
 
-def _decorate(
+def _decorated(
     chunks: Iterable[np.ndarray],
     labels: Sequence[str],
-    strip: Optional[np.ndarray],
-    draw: bool,
-    progress: Any,
+    decor: Optional[Decor],
+    colormap: str,
+    task: Optional[_Task],
 ) -> Iterator[np.ndarray]:
     index = 0
     for chunk in chunks:
-        if draw:
+        if decor is not None:
             for frame in chunk:
-                draw_label(frame, labels[min(index, len(labels) - 1)])
+                decorate(frame, decor, labels[min(index, len(labels) - 1)] if labels else None, colormap)
                 index += 1
-        else:
-            index += chunk.shape[0]
-        if strip is not None:
-            for frame in chunk:
-                _paste_colorbar(frame, strip)
-        if progress is not None:
-            progress.update(chunk.shape[0])
+        if task is not None:
+            task.advance(chunk.shape[0])
         yield chunk
 
 
-def _progress(total: int, desc: str, quiet: bool) -> Any:
-    if quiet:
-        return None
-    from tqdm.auto import tqdm
+def _plan_decor(plan: _Plan, size: tuple[int, int], options: RenderOptions) -> Optional[Decor]:
+    vrange = None if plan.vmin is None or plan.vmax is None else (plan.vmin, plan.vmax)
+    return decor_layout(
+        size[0], size[1], labels=options.labels, colorbar=options.include_colorbar, vrange=vrange
+    )
 
-    return tqdm(total=total, desc=desc, unit="frame", file=sys.stderr, leave=False)
+
+class Progress:
+    """One progress display for a whole command, shared by the renders running at the same time.
+
+    On a terminal it is one rich display with a bar per render running; otherwise (a log, a pipe) one
+    plain line when a render starts and one when it ends, written whole under a lock, so that the lines
+    of two renders never interleave. ``enabled=False`` shows nothing.
+
+    Example:
+        >>> with Progress() as progress:                                          # doctest: +SKIP
+        ...     render_video(root, "vid", "out", progress=progress)
+    """
+
+    def __init__(self, *, enabled: bool = True, stream: Any = None) -> None:
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.lock = threading.Lock()
+        self._rich: Any = None
+        isatty = getattr(self.stream, "isatty", None)
+        if enabled and callable(isatty) and isatty():
+            try:
+                from rich.console import Console
+                from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+                from rich.progress import Progress as RichProgress
+            except ImportError:  # pragma: no cover - typer brings rich
+                pass
+            else:
+                self._rich = RichProgress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeRemainingColumn(),
+                    console=Console(file=self.stream),
+                    transient=True,
+                )
+                self._rich.start()
+
+    @property
+    def live(self) -> bool:
+        """Whether bars are being drawn on a terminal (rather than plain lines, or nothing)."""
+        return self._rich is not None
+
+    def task(self, description: str, total: int) -> _Task:
+        """A render of ``total`` frames; advance it, then close it."""
+        return _Task(self, description, total)
+
+    def line(self, text: str) -> None:
+        """One whole line on the display's stream (above the bars on a terminal)."""
+        if not self.enabled:
+            return
+        with self.lock:
+            if self._rich is not None:
+                self._rich.console.print(text, markup=False, highlight=False)
+            else:
+                self.stream.write(text + "\n")
+                self.stream.flush()
+
+    def close(self) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+            self._rich = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _Task:
+    def __init__(self, progress: Progress, description: str, total: int) -> None:
+        self.progress, self.description, self.total, self.done = progress, description, total, 0
+        self.start = time.perf_counter()
+        self.id: Any = None
+        if progress._rich is not None:
+            with progress.lock:
+                self.id = progress._rich.add_task(description, total=total)
+        else:
+            progress.line(f"rendering {description}: {total} frames")
+
+    def advance(self, frames: int) -> None:
+        self.done += frames
+        if self.id is not None:
+            with self.progress.lock:
+                self.progress._rich.update(self.id, advance=frames)
+
+    def close(self, ok: bool = True) -> None:
+        if self.id is not None:
+            with self.progress.lock:
+                self.progress._rich.remove_task(self.id)
+            self.id = None
+        elif self.progress.enabled:
+            seconds = time.perf_counter() - self.start
+            what = "done" if ok else "FAILED"
+            self.progress.line(
+                f"{what} {self.description}: {self.done}/{self.total} frames in {seconds:.1f} s"
+            )
+
+
+@contextlib.contextmanager
+def _task(
+    progress: Optional[Progress], quiet: bool, description: str, total: int
+) -> Iterator[Optional[_Task]]:
+    """A task of ``progress``, or of a display of its own for this one render (none when quiet)."""
+    own = Progress() if progress is None and not quiet else None
+    shown = progress or own
+    task = shown.task(description, total) if shown is not None and shown.enabled else None
+    ok = False
+    try:
+        yield task
+        ok = True
+    finally:
+        if task is not None:
+            task.close(ok)
+        if own is not None:
+            own.close()
 
 
 def _target(output: PathLike, options: RenderOptions) -> Path:
@@ -485,11 +900,25 @@ def _make_parent(out: Path) -> None:
         raise OSError(f"output: cannot make the folder {str(out.parent)!r}: {e.strerror or e}") from None
 
 
-def _write(chunks: Iterable[np.ndarray], out: Path, fps: float) -> Path:
+def _write(chunks: Iterable[np.ndarray], out: Path, fps: float, frames: int) -> Path:
+    """Encode, then check that the file holds its frames: a render whose file cannot be read back (a full
+    disk, a failed close) is an error, and its file is removed."""
     import attnmap.render as render
 
     options = X264_OPTIONS if out.suffix.lower() in (".mp4", ".mkv", ".mov") else None
-    return Path(render.write_video(chunks, out, fps=fps, options=options))
+    path = Path(render.write_video(chunks, out, fps=fps, options=options))
+    try:
+        count = render.probe_video(path)[0]
+    except (OSError, ValueError) as exc:
+        count, cause = -1, f": {exc}"
+    else:
+        cause = f": it holds {count}"
+    if count != frames:
+        path.unlink(missing_ok=True)
+        raise AttnmapError(
+            f"output: the render wrote {str(path)!r} but it does not hold its {frames} frames{cause}"
+        )
+    return path
 
 
 def render_token(
@@ -502,7 +931,11 @@ def render_token(
     mode: Mode = "aggregated",
     steps: Optional[Sequence[int]] = None,
     original_video: Optional[Original] = None,
+    block: Optional[int] = None,
+    head: Optional[int] = None,
+    branch: Optional[str] = None,
     quiet: bool = True,
+    progress: Optional[Progress] = None,
 ) -> Path:
     """Render one token of a stored video to a video file.
 
@@ -518,7 +951,11 @@ def render_token(
         steps: the steps to use (default: all stored).
         original_video: a video file to overlay the heatmap on (decoded chunk by chunk as the render
             goes), or its frames [T, H, W, 3] uint8 in hand (:func:`load_original`).
-        quiet: no progress bar on stderr.
+        block: one block's maps (stored with per_block); None: the mean over blocks.
+        head: one head of per-head maps; None: the mean over heads.
+        branch: ``"cond"`` or ``"uncond"``; None: the branch the video recorded.
+        quiet: no progress display on stderr (unless ``progress`` is given).
+        progress: the command's :class:`Progress`, shared with other renders.
 
     Returns:
         The path written.
@@ -526,18 +963,22 @@ def render_token(
     options = options or RenderOptions()
     out = _target(output, options)
     plan, size = plan_token(
-        store, video_id, token, options=options, mode=mode, steps=steps, original_video=original_video
+        store,
+        video_id,
+        token,
+        options=options,
+        mode=mode,
+        steps=steps,
+        original_video=original_video,
+        block=block,
+        head=head,
+        branch=branch,
     )
-    strip = colorbar_strip(size[0], size[1], options.colormap) if options.include_colorbar else None
+    decor = _plan_decor(plan, size, options)
     _make_parent(out)
-    bar = _progress(plan.frames, f"{video_id}/{token}", quiet)
-    try:
-        return _write(
-            _decorate(_chunks(plan, size, options), plan.labels, strip, options.labels, bar), out, plan.fps
-        )
-    finally:
-        if bar is not None:
-            bar.close()
+    with _task(progress, quiet, f"{video_id}/{token} -> {out.name}", plan.frames) as task:
+        chunks = _decorated(_chunks(plan, size, options), plan.labels, decor, options.colormap, task)
+        return _write(chunks, out, plan.fps, plan.frames)
 
 
 def render_grid(
@@ -550,22 +991,31 @@ def render_grid(
     mode: Mode = "aggregated",
     steps: Optional[Sequence[int]] = None,
     original_video: Optional[Original] = None,
+    block: Optional[int] = None,
+    head: Optional[int] = None,
+    branch: Optional[str] = None,
     max_width: int = 1920,
     quiet: bool = True,
+    progress: Optional[Progress] = None,
 ) -> Path:
-    """Render several tokens side by side, each panel labelled with its word (each normalised on its own).
+    """Render several tokens side by side, each panel labelled with its word and with a colour bar of its
+    own range (each is normalised on its own).
 
     Args:
         store: an opened store.
         video_id: the video.
         tokens: two or more stored words (one works too).
         output: the video file.
-        options: how it looks; the colour bar is drawn once, at the right.
+        options: how it looks.
         mode: as in :func:`render_token`.
         steps: as in :func:`render_token`.
         original_video: overlay every panel on this video.
+        block: as in :func:`render_token`.
+        head: as in :func:`render_token`.
+        branch: as in :func:`render_token`.
         max_width: panels are scaled down so that the grid is at most this wide.
-        quiet: no progress bar.
+        quiet: no progress display.
+        progress: as in :func:`render_token`.
 
     Returns:
         The path written.
@@ -574,36 +1024,128 @@ def render_grid(
     if not tokens:
         raise AttnmapError("tokens must name at least one stored word, got none")
     out = _target(output, options)
+    choice: dict[str, Any] = {"block": block, "head": head, "branch": branch}
     plans = [
-        plan_token(store, video_id, t, options=options, mode=mode, steps=steps, original_video=original_video)
+        plan_token(
+            store,
+            video_id,
+            t,
+            options=options,
+            mode=mode,
+            steps=steps,
+            original_video=original_video,
+            **choice,
+        )
         for t in tokens
     ]
     height, width = plans[0][1]
     scale = min(1.0, max_width / (width * len(tokens)))
     panel = (max(2, int(height * scale) // 2 * 2), max(2, int(width * scale) // 2 * 2))
     frames = plans[0][0].frames
-    streams = [_chunks(replace(p, labels=p.labels[:frames]), panel, options) for p, _ in plans]
+    streams = [
+        _decorated(
+            _chunks(p, panel, options), p.labels, _plan_decor(p, panel, options), options.colormap, None
+        )
+        for p, _ in plans
+    ]
 
     def grid_chunks() -> Iterator[np.ndarray]:
-        index = 0
         for parts in zip(*streams):
             n = min(p.shape[0] for p in parts)
-            tiles = [np.ascontiguousarray(p[:n]) for p in parts]
-            if options.labels:
-                for (plan, _), tile in zip(plans, tiles):
-                    for i, frame in enumerate(tile):
-                        draw_label(frame, plan.labels[min(index + i, len(plan.labels) - 1)])
-            index += n
-            yield np.concatenate(tiles, axis=2)
+            yield np.concatenate([p[:n] for p in parts], axis=2)
 
-    strip = colorbar_strip(panel[0], panel[1], options.colormap) if options.include_colorbar else None
     _make_parent(out)
-    bar = _progress(frames, f"{video_id} grid", quiet)
+    with _task(progress, quiet, f"{video_id} grid -> {out.name}", frames) as task:
+        return _write(
+            _decorated(grid_chunks(), [], None, options.colormap, task), out, plans[0][0].fps, frames
+        )
+
+
+def render_still(
+    store: Store,
+    video_id: str,
+    token: str,
+    output: PathLike,
+    *,
+    frame: Optional[int] = None,
+    options: Optional[RenderOptions] = None,
+    steps: Optional[Sequence[int]] = None,
+    original_video: Optional[Original] = None,
+    block: Optional[int] = None,
+    head: Optional[int] = None,
+    branch: Optional[str] = None,
+) -> Path:
+    """One still overlay image (PNG) of a token, with its label and colour bar: frame ``frame`` of its
+    aggregated video, exactly as the video shows it, or (``frame=None``) the map's mean over the latent
+    frames over the original's middle frame.
+
+    Args:
+        store: an opened store.
+        video_id: the video.
+        token: a stored word.
+        output: the image file (``.png``).
+        frame: an output frame (0 .. the video's frames - 1), or None for the mean over frames.
+        options: how it looks.
+        steps: the steps averaged (default: the step-aggregated map).
+        original_video: the video to overlay on (None: the colormap alone).
+        block: as in :func:`render_token`.
+        head: as in :func:`render_token`.
+        branch: as in :func:`render_token`.
+
+    Returns:
+        The path written.
+    """
+    from PIL import Image
+
+    from attnmap._io import atomic_path
+
+    options = options or RenderOptions()
+    out = Path(output)
+    if out.suffix.lower() != ".png":
+        raise AttnmapError(f"output: expected a file ending in .png, got {str(output)!r}")
+    choice: dict[str, Any] = {"block": block, "head": head, "branch": branch, "steps": steps}
+    plan, size = plan_token(store, video_id, token, options=options, original_video=original_video, **choice)
+    if frame is None:
+        background = None
+        if plan.background is not None:
+            middle = _nth(plan.background.chunks(plan.background.frames, size), plan.background.frames // 2)
+            background = _Original(middle[None], 1, size)
+        mean = plan.maps.mean(axis=0, keepdims=True)
+        vmin, vmax, _ = map_range(mean, options.normalize, options.vmin, options.vmax)
+        label = f"{plan.labels[0]} | mean over frames"
+        plan = replace(plan, maps=mean, num_frames=1, temporal_stride=None, labels=[label], background=background,
+                       vmin=vmin, vmax=vmax)  # fmt: skip
+        frame = 0
+    elif isinstance(frame, bool) or not isinstance(frame, int) or not 0 <= frame < plan.frames:
+        raise AttnmapError(f"frame: expected an output frame 0..{plan.frames - 1}, got {frame!r}")
+    image = np.ascontiguousarray(_nth(_chunks(plan, size, options), frame))
+    decor = _plan_decor(plan, size, options)
+    if decor is not None:
+        decorate(
+            image,
+            decor,
+            f"{plan.labels[frame]}" + ("" if plan.frames == 1 else f" | frame {frame}"),
+            options.colormap,
+        )
+    _make_parent(out)
+    with atomic_path(out, suffix=".png") as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+    return out
+
+
+def _nth(chunks: Iterator[np.ndarray], index: int) -> np.ndarray:
+    """Frame ``index`` of a stream of frame chunks (the stream is closed after it)."""
+    start = 0
     try:
-        return _write(_decorate(grid_chunks(), [], strip, False, bar), out, plans[0][0].fps)
+        for chunk in chunks:
+            if index < start + chunk.shape[0]:
+                return chunk[index - start]
+            start += chunk.shape[0]
     finally:
-        if bar is not None:
-            bar.close()
+        close = getattr(chunks, "close", None)
+        if callable(close):
+            close()
+    raise AttnmapError(f"frame: expected a frame below {start}, got {index}")
 
 
 def _resize_frames(video: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -622,6 +1164,8 @@ def render_video(
     original_video: Optional[PathLike] = None,
     tokens: Optional[Sequence[str]] = None,
     quiet: bool = True,
+    progress: Optional[Progress] = None,
+    on_done: Optional[Callable[[Path], None]] = None,
 ) -> list[Path]:
     """Render every token of one stored video into ``out_dir``.
 
@@ -639,7 +1183,10 @@ def render_video(
         options: how the renders look (a config's ``visualization_params``; default: the defaults).
         original_video: the generated video to overlay on.
         tokens: the words to render (default: every stored word).
-        quiet: no progress bars.
+        quiet: no progress display (unless ``progress`` is given).
+        progress: one :class:`Progress` for both render threads (default: one of this call's own).
+        on_done: called with each path as soon as its file is finished (from the render threads), so a
+            caller can report finished files even when a later render fails.
 
     Returns:
         The paths written, attention then overlay for each token.
@@ -666,16 +1213,21 @@ def render_video(
         if stopped.is_set():
             return None
         try:
-            return render_token(
-                store, video_id, word, target, options=options, original_video=original_frames, quiet=quiet
+            path = render_token(
+                store, video_id, word, target, options=options, original_video=original_frames, progress=shown
             )
         except BaseException:
             stopped.set()
             raise
+        if on_done is not None:
+            on_done(path)
+        return path
 
     # Two renders at a time: the Rust render, the colour conversion and libx264 all release the GIL, and
     # one render alone leaves a core idle while its encoder waits on its producer (and back). A failure
     # stops the renders not yet started; finished ones stay, each written atomically.
+    own = Progress(enabled=not quiet) if progress is None else None
+    shown = progress or own
     pool = ThreadPoolExecutor(max_workers=_WORKERS)
     try:
         futures = [pool.submit(run, job) for job in jobs]
@@ -685,6 +1237,8 @@ def render_video(
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        if own is not None:
+            own.close()
 
 
 def render_store(
@@ -693,6 +1247,7 @@ def render_store(
     *,
     out_dir: Optional[PathLike] = None,
     quiet: bool = True,
+    progress: Optional[Progress] = None,
 ) -> dict[str, list[Path]]:
     """Render every video of a store (:func:`render_video` for each; what ``auto_generate_videos`` runs at
     the end of a batch).
@@ -701,7 +1256,8 @@ def render_store(
         root: the store root.
         options: how the renders look.
         out_dir: the output folder; default ``<root's parent>/attention_videos``.
-        quiet: no progress bars.
+        quiet: no progress display (unless ``progress`` is given).
+        progress: one :class:`Progress` for every render.
 
     Returns:
         video id -> the paths written for it.
@@ -710,9 +1266,12 @@ def render_store(
 
     store = open_store(root)
     target = Path(out_dir) if out_dir is not None else Path(root).resolve().parent / "attention_videos"
-    return {
-        video_id: render_video(root, video_id, target, options, quiet=quiet) for video_id in store.videos()
-    }
+    with contextlib.ExitStack() as stack:
+        shown = progress or stack.enter_context(Progress(enabled=not quiet))
+        return {
+            video_id: render_video(root, video_id, target, options, progress=shown)
+            for video_id in store.videos()
+        }
 
 
 def render_figures(
@@ -736,7 +1295,7 @@ def render_figures(
     if fmt not in ("png", "svg"):
         raise AttnmapError(f"fmt must be 'png' or 'svg', got {fmt!r}")
     out = Path(out_dir)
-    stem = safe_name(video_id)
+    stem = safe_component(video_id)
     stored = store.tokens(video_id)
     words = list(tokens) if tokens else stored
     unknown = [w for w in words if w not in stored]
@@ -766,9 +1325,15 @@ def render_figures(
     if "text" in names:
         text = store.load(video_id, "text")
         text = text.mean(axis=0) if text.ndim == 3 else text
-        labels = store.metadata(video_id).get("text_tokens")
-        labels = labels if isinstance(labels, list) and len(labels) == text.shape[0] else None
-        written.append(figures.text_attention(text, out / f"{stem}_text.{fmt}", labels=labels))
+        meta = store.metadata(video_id)
+        real, how = real_text_length(meta, text.shape[-1])
+        given = meta.get("text_tokens")
+        names_of: Optional[list[str]] = None
+        if isinstance(given, list) and len(given) >= real:
+            names_of = [str(w) for w in given[:real]]
+        title = f"text self-attention: {real} real tokens of {text.shape[-1]} ({how})"
+        path = out / f"{stem}_text.{fmt}"
+        written.append(figures.text_attention(text[:real, :real], path, labels=names_of, title=title))
     if not written:
         raise AttnmapError(f"video {video_id!r} has no maps to draw figures from")
     return written

@@ -341,6 +341,13 @@ class Store:
         write_aggregated(d, agg, meta["run_id"], steps, counts, "mean over steps (rebuilt)")
         return d / AGGREGATED_FILE
 
+    def show(self, video_id: Optional[str] = None) -> Any:
+        """The interactive viewer of one video (default: every video) for a notebook: its
+        ``_repr_html_`` shows it inline (see :mod:`attnmap.render.report`)."""
+        from attnmap.render.report import store_viewer
+
+        return store_viewer(self, None if video_id is None else [video_id])
+
     def _map_meta(
         self, video_id: str, token: str, name: str, step: Optional[int], steps: list[int], file: Optional[str]
     ) -> dict[str, Any]:
