@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "RenderOptions": "options",
     "render_token": "videos",
     "render_grid": "videos",
+    "render_still": "videos",
     "render_video": "videos",
     "render_store": "videos",
     "render_figures": "videos",
@@ -55,6 +56,7 @@ __all__ = [
     "read_video",
     "render_figures",
     "render_grid",
+    "render_still",
     "render_store",
     "render_token",
     "render_video",
@@ -89,4 +91,11 @@ if TYPE_CHECKING:  # pragma: no cover
         resize,
     )
     from attnmap.render.options import RenderOptions
-    from attnmap.render.videos import render_figures, render_grid, render_store, render_token, render_video
+    from attnmap.render.videos import (
+        render_figures,
+        render_grid,
+        render_still,
+        render_store,
+        render_token,
+        render_video,
+    )
