@@ -18,6 +18,7 @@ import torch
 
 from attnmap.store import (
     AGGREGATED_FILE,
+    LOCK_FILE,
     METADATA_FILE,
     StoreError,
     StoreWriter,
@@ -333,8 +334,10 @@ def test_write_is_atomic_when_encoding_fails(tmp_path: Path, monkeypatch: pytest
         w.write_step(1, {"token/cat": np.ones((1, 2, 2))})
     monkeypatch.undo()
     d = tmp_path / video_dirname("v")
-    assert sorted(p.name for p in d.iterdir()) == [METADATA_FILE, step_filename(0)]
+    assert sorted(p.name for p in d.iterdir()) == [LOCK_FILE, METADATA_FILE, step_filename(0)]
     assert open_store(tmp_path).steps("v") == [0]
+    w.close()
+    assert sorted(p.name for p in d.iterdir()) == [AGGREGATED_FILE, METADATA_FILE, step_filename(0)]
 
 
 def test_header_cache_sees_rewrites(tmp_path: Path) -> None:
@@ -447,7 +450,8 @@ def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
     _write_run(tmp_path, "v", steps=2)
     w = StoreWriter(tmp_path, "crashed", META)
-    w.write_step(0, _maps(np.random.default_rng(1)))  # no close: aggregated rebuilt on load
+    w.write_step(0, _maps(np.random.default_rng(1)))
+    w.abort()  # as if the process had died: no close, the aggregated maps are rebuilt on load
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the store unpickled")
@@ -484,6 +488,8 @@ def test_corrupt_step_of_a_crashed_run_is_skipped_with_a_warning(tmp_path: Path)
         agg = store.aggregated("v", "cat")
     assert agg.metadata["steps"] == [0, 2]
     np.testing.assert_array_equal(agg.map, np.full((1, 2, 2), 1.0))
+    with pytest.warns(UserWarning, match=r"step_000001\.safetensors.*step 1 is skipped"):
+        assert [m.metadata["step"] for m in store.load_all_steps("v", "cat")] == [0, 2]
     with pytest.raises(StoreError, match=r"step_000001\.safetensors"):
-        store.load_all_steps("v", "cat")
+        store.load_step("v", "cat", 1)
     np.testing.assert_array_equal(store.load_step("v", "cat", 2).map, np.full((1, 2, 2), 2.0))
