@@ -105,8 +105,29 @@ def test_colorbar_helpers() -> None:
         (
             (np.zeros((2, 2, 2), np.float32),),
             {"num_frames": 10**10},
-            "num_frames: expected at most 16777216 output frames",
+            "num_frames: expected at most 65536 output frames",
         ),
+        (
+            (np.zeros((2, 2, 2), np.float32),),
+            {"num_frames": 2**24},
+            "num_frames: expected at most 65536 output frames (render.heatmap.MAX_FRAMES), got 16777216",
+        ),
+        (
+            (np.zeros((3, 2, 2), np.float32),),
+            {"temporal_stride": 100_000},
+            "temporal_stride: expected at most 65536 output frames (render.heatmap.MAX_FRAMES), got 200001",
+        ),
+        (
+            (np.zeros((2, 2), np.float32),),
+            {"size": (20_000, 20_000)},
+            "size: expected at most 131072 pixels a side and 268435456 a frame",
+        ),
+        (
+            (np.zeros((2, 2), np.float32),),
+            {"size": (4096, 4096), "num_frames": 400},
+            "num_frames: 400 frames of 4096 x 4096 RGB would take 18.8 GiB, more than 16 GiB",
+        ),
+        ((np.zeros((2, 2), np.float32),), {"num_frames": 2.5}, "num_frames: expected a positive number"),
     ],
 )
 def test_bad_input_names_the_argument(args: tuple, kwargs: dict, message: str) -> None:
