@@ -68,12 +68,12 @@ class WriterLock:
     """
 
     def __init__(self, folder: Path, video_id: str, *, wait: Optional[float] = 0.0) -> None:
+        self._fd: Optional[int] = None
         if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0):
             raise AttnmapError(f"wait must be seconds >= 0 or None (wait as long as it takes), got {wait!r}")
         self.path = Path(folder) / LOCK_FILE
         self.video_id = video_id
         self.wait = wait
-        self._fd: Optional[int] = None
 
     @property
     def held(self) -> bool:

@@ -66,8 +66,9 @@ def _warn(message: str) -> None:
 class Store:
     """Reads a store root written by :class:`StoreWriter`. Build it with :func:`open_store`.
 
-    It keeps up to :data:`MAX_OPEN_FILES` store files open between reads; :meth:`close` (or a
-    ``with`` block) closes them.
+    It keeps up to :data:`MAX_OPEN_FILES` store files open between reads (a second read of a file
+    skips safetensors' header parse); :meth:`close` (or a ``with`` block) closes them. Until then a
+    file replaced or deleted by a writer keeps its disk space.
     """
 
     def __init__(self, root: Union[str, os.PathLike[str]]) -> None:
