@@ -456,3 +456,44 @@ def test_allocation_failures_in_rust_are_errors_not_aborts() -> None:
         kind, message = got[name]
         assert kind == "AttnmapError", (name, kind, message)
         assert message.startswith(start) and "cannot allocate" in message, (name, message)
+
+
+# -- encoder faults without a full disk -----------------------------------------------------------
+class _FailingContainer:
+    """A PyAV output container whose ``close`` (the trailer) or packet-carrying ``mux`` fails as a full
+    disk does, after doing the real work."""
+
+    def __init__(self, real: Any, fail_in: str) -> None:
+        self.real, self.fail_in = real, fail_in
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def mux(self, packets: Any) -> Any:
+        if self.fail_in == "mux" and packets:  # x264 holds a few frames back: their packets come at the flush
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+        return self.real.mux(packets)
+
+    def close(self) -> None:
+        self.real.close()
+        if self.fail_in == "close":
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+
+@pytest.mark.parametrize("fail_in", ["close", "mux"])
+def test_encoder_errors_are_raised_and_nothing_is_renamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_in: str
+) -> None:
+    """An error in the container's close was swallowed (a broken file renamed into place); one in the
+    flush after the end marker deadlocked the encoder thread. Both raise now, the old file stays."""
+    import av
+
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda *a, **k: _FailingContainer(real_open(*a, **k), fail_in))
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"old")
+    frames = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    with pytest.raises(OSError, match="simulated"):
+        finishes(lambda: write_video(frames, out, fps=8))
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
+    assert not [t for t in threading.enumerate() if t.name == "attnmap-encode"]
