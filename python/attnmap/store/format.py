@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -98,7 +98,10 @@ def write_aggregated(
     atomic_write(path / AGGREGATED_FILE, encode(maps, meta))
 
 
-def file_key(path: Path, kind: str) -> tuple[int, int, int]:
+PathLike = Union[str, Path]
+
+
+def file_key(path: PathLike, kind: str) -> tuple[int, int, int]:
     """(inode, mtime, size) of a regular file, which says when it was replaced; StoreError when
     ``path`` is missing or not a regular file (a FIFO, a folder, a device are never opened)."""
     try:
@@ -112,20 +115,24 @@ def file_key(path: Path, kind: str) -> tuple[int, int, int]:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def loads_bounded(text: str, what: str, path: Path) -> Any:
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > 20:
+        raise ValueError(f"an integer of {len(digits)} digits")
+    return int(digits)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+_DECODER = json.JSONDecoder(parse_int=_bounded_int, parse_constant=_no_constant)
+
+
+def loads_bounded(text: str, what: str, path: PathLike) -> Any:
     """``json.loads`` that refuses integers of more than 20 digits, NaN and infinities, and turns any
     failure (deep nesting, bad UTF-8 ...) into a StoreError naming ``what`` of ``path``."""
-
-    def bounded_int(digits: str) -> int:
-        if len(digits.lstrip("-")) > 20:
-            raise ValueError(f"an integer of {len(digits)} digits")
-        return int(digits)
-
-    def no_constant(name: str) -> Any:
-        raise ValueError(f"{name} is not a JSON number")
-
     try:
-        return json.loads(text, parse_int=bounded_int, parse_constant=no_constant)
+        return _DECODER.decode(text)
     except (ValueError, RecursionError, MemoryError) as exc:
         raise StoreError(f"Corrupt store file {path}: {what} is not valid JSON ({exc})") from None
 
@@ -140,7 +147,7 @@ class Entry:
 class Header:
     """One store file as safetensors parsed it, checked by attnmap; :meth:`read` reads a map."""
 
-    path: Path
+    path: str
     entries: dict[str, Entry]
     metadata: dict[str, str]
     checksums: Optional[dict[str, int]]
@@ -175,7 +182,7 @@ class Header:
 _PREAD: Optional[bool] = None  # whether safe_open has the pread backend (safetensors >= 0.8)
 
 
-def _safe_open(path: Path) -> Any:
+def _safe_open(path: PathLike) -> Any:
     """``safe_open(path)`` for numpy, reading with pread(2) where the library can (a file truncated
     under a memory map would kill the process with SIGBUS; a short read is an error)."""
     global _PREAD
@@ -196,7 +203,7 @@ def _safe_open(path: Path) -> Any:
         raise StoreError(f"Corrupt store file {path}: {exc}") from None
 
 
-def read_header(path: Path, *, step: Optional[int] = None) -> Header:
+def read_header(path: PathLike, *, step: Optional[int] = None) -> Header:
     """Open a store file through safetensors and check what attnmap adds (see the module docstring).
 
     Args:
@@ -255,7 +262,7 @@ def read_header(path: Path, *, step: Optional[int] = None) -> Header:
             or not all(isinstance(v, int) and 0 <= v < 1 << 32 for v in sums.values())
         ):
             raise StoreError(f"Corrupt store file {path}: its checksums do not list its maps")
-    return Header(Path(path), entries, dict(meta), sums, key, handle)
+    return Header(os.fspath(path), entries, dict(meta), sums, key, handle)
 
 
 def to_numpy(name: str, value: ArrayLike) -> np.ndarray:

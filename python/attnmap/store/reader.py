@@ -103,14 +103,14 @@ class Store:
         """The checked header of ``path``, cached until the file is replaced (new inode, mtime or
         size); a bad file's StoreError is cached the same way."""
         path = os.fspath(path)
-        key = file_key(Path(path), "a safetensors file")
+        key = file_key(path, "a safetensors file")
         cached = self._headers.get(path)
         if cached is None or cached[0] != key:
             old = self._open.pop(path, None)
             if old is not None:
                 old.release()
             try:
-                cached = (key, read_header(Path(path), step=step))
+                cached = (key, read_header(path, step=step))
             except StoreError as exc:
                 cached = (key, exc)
             self._headers[path] = cached
