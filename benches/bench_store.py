@@ -34,19 +34,29 @@ def _offsets(path: Path, name: str) -> tuple[int, int, str]:
     return 8 + n + begin, end - begin, header[name]["dtype"]
 
 
+def _wan_steps(benchmark: Any) -> tuple[tuple[int, int, int], list[dict[str, np.ndarray]]]:
+    """The grid and each step's maps (the words' token maps and the temporal map): smoke size in plain
+    pytest, Wan 480p (50 steps of (21, 30, 52)) with --benchmark-enable."""
+    grid, steps = ((3, 4, 5), 4) if benchmark.disabled else ((21, 30, 52), 50)
+    rng = np.random.default_rng(0)
+    per_step = []
+    for _ in range(steps):
+        maps = {f"token/{word}": rng.random(grid, dtype=np.float32) for word in WORDS}
+        maps["temporal"] = rng.random((grid[0], grid[0]), dtype=np.float32)
+        per_step.append(maps)
+    return grid, per_step
+
+
 @pytest.mark.benchmark(group="store-load")
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_load_one_token_all_steps(benchmark: Any, tmp_path: Path, dtype: str) -> None:
-    # smoke size in plain pytest, Wan 480p (50 steps of (21, 30, 52)) with --benchmark-enable
-    grid, steps = ((3, 4, 5), 4) if benchmark.disabled else ((21, 30, 52), 50)
-    rng = np.random.default_rng(0)
+    grid, per_step = _wan_steps(benchmark)
+    steps = len(per_step)
     written = []
     with StoreWriter(
         tmp_path, "wan480p", {"targets": {w: [i] for i, w in enumerate(WORDS)}}, dtype=dtype
     ) as w:
-        for s in range(steps):
-            maps = {f"token/{word}": rng.random(grid, dtype=np.float32) for word in WORDS}
-            maps["temporal"] = rng.random((grid[0], grid[0]), dtype=np.float32)
+        for s, maps in enumerate(per_step):
             w.write_step(s, maps)
             written.append(maps["token/kiss"])
     store = open_store(tmp_path)
@@ -109,13 +119,8 @@ def test_load_one_token_all_steps(benchmark: Any, tmp_path: Path, dtype: str) ->
 def test_write_steps_and_close(benchmark: Any, tmp_path: Path, dtype: str) -> None:
     from safetensors.numpy import save_file
 
-    grid, steps = ((3, 4, 5), 4) if benchmark.disabled else ((21, 30, 52), 50)
-    rng = np.random.default_rng(0)
-    per_step = []
-    for _ in range(steps):
-        maps = {f"token/{word}": rng.random(grid, dtype=np.float32) for word in WORDS}
-        maps["temporal"] = rng.random((grid[0], grid[0]), dtype=np.float32)
-        per_step.append(maps)
+    grid, per_step = _wan_steps(benchmark)
+    steps = len(per_step)
     meta = {"targets": {w: [i] for i, w in enumerate(WORDS)}}
 
     def ours() -> None:
