@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from attnmap.analysis import (
+    NORMALIZE,
     classify_heads,
     frame_matrix,
     load_token_map,
@@ -233,3 +234,78 @@ def test_summary_and_token_map_without_stored_aggregated_maps(tmp_path: Path) ->
     assert summarize(without, "v", k=2) == summarize(with_agg, "v", k=2)
     np.testing.assert_array_equal(load_token_map(without, "v", "cat"), load_token_map(with_agg, "v", "cat"))
     assert load_token_map(without, "v", "cat")[2, 1, 1] == pytest.approx(1.5)
+
+
+# -- NaN stays visible ----------------------------------------------------------------------------
+def _reference(x: np.ndarray, method: str) -> np.ndarray:
+    """Each method by hand on the finite values (the NaN left where it is)."""
+    finite = x[np.isfinite(x)]
+    if method == "global":
+        return (x - finite.min()) / (finite.max() - finite.min())
+    if method == "frame":
+        return np.stack([(f - np.nanmin(f)) / (np.nanmax(f) - np.nanmin(f)) for f in x])
+    if method == "percentile":
+        lo, hi = np.percentile(finite, [1, 99])
+        return np.clip((x - lo) / (hi - lo), 0, 1)
+    if method == "max":
+        return x / finite.max()
+    if method == "sum":
+        return x / finite.sum()
+    if method == "fixed":
+        return np.clip((x - 0.25) / 0.5, 0, 1)
+    return x
+
+
+@pytest.mark.parametrize("method", list(NORMALIZE))
+def test_one_nan_stays_nan_with_one_warning_naming_the_map(method: str) -> None:
+    x = np.random.default_rng(3).random((2, 3, 4))
+    x[0, 1, 2] = np.nan
+    kwargs = {"vmin": 0.25, "vmax": 0.75} if method == "fixed" else {}
+    with pytest.warns(
+        RuntimeWarning, match=r"^token 'cat' holds 1 NaN value\(s\) of 24; they stay NaN"
+    ) as caught:
+        got = normalize(x, method, name="token 'cat'", **kwargs)
+    assert len(caught) == 1
+    assert np.isnan(got[0, 1, 2]) and np.isnan(got).sum() == 1
+    np.testing.assert_allclose(got, _reference(x, method), rtol=1e-6, atol=1e-7, equal_nan=True)
+    with pytest.raises(ValueError, match=r"^token 'cat' holds 1 NaN value\(s\) of 24"):
+        normalize(x, method, name="token 'cat'", nan="raise", **kwargs)
+
+
+def test_token_mask_never_hides_a_nan() -> None:
+    x = np.array([[[0.0, 1.0], [2.0, np.nan]], [[4.0, 3.0], [0.5, 1.5]]])
+    with pytest.warns(RuntimeWarning, match=r"^cat holds 1 NaN"):
+        mask = token_mask(x, threshold=0.5, name="cat")
+    np.testing.assert_array_equal(mask, [[[False, False], [False, False]], [[True, True], [False, False]]])
+    with pytest.warns(RuntimeWarning, match=r"^cat holds 1 NaN"):
+        top = token_mask(x, top_fraction=1.0, name="cat")
+    np.testing.assert_array_equal(top, ~np.isnan(x))  # every number, never the NaN
+    with pytest.warns(RuntimeWarning, match=r"^cat \(frame 0\) holds 1 NaN"):
+        per_frame = token_mask(x, top_fraction=0.25, per_frame=True, name="cat")
+    np.testing.assert_array_equal(
+        per_frame, [[[False, False], [True, False]], [[True, False], [False, False]]]
+    )
+    with (
+        pytest.warns(RuntimeWarning, match="holds 4 NaN"),
+        pytest.raises(ValueError, match=r"^dog: all of its 4"),
+    ):
+        token_mask(np.full((1, 2, 2), np.nan), threshold=0.5, name="dog")
+
+
+def test_a_mask_that_keeps_nothing_warns() -> None:
+    with pytest.warns(
+        RuntimeWarning, match=r"^cat: the mask is empty: no value is above threshold 0.5 after 'global'"
+    ):
+        mask = token_mask(np.zeros((2, 2, 2)), threshold=0.5, name="cat")
+    assert not mask.any()
+
+
+def test_a_stored_nan_is_named_in_the_warning(tmp_path: Path) -> None:
+    x = np.ones((2, 2, 2), np.float32)
+    x[1, 0, 1] = np.nan
+    with StoreWriter(tmp_path, "v", {"targets": {"cat": [1]}}, dtype="float32") as w:
+        w.write_step(0, {"token/cat": x})
+    store = open_store(tmp_path)
+    with pytest.warns(RuntimeWarning, match=r"^token map 'cat' of video 'v' holds 1 NaN"):
+        got = load_token_map(store, "v", "cat", normalize_by="max")
+    assert np.isnan(got[1, 0, 1]) and np.nansum(got) == 7.0

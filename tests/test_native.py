@@ -194,6 +194,22 @@ def test_render_rejects_bad_arguments_by_name(kwargs: dict, message: str) -> Non
     assert str(info.value).startswith(message)
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: _native.render(m, size=(131072, 131072), num_frames=2**14),  # 786,432 GiB of frames
+        lambda m: _native.render(m, size=(131072, 131072), num_frames=2**24),
+        lambda m: _native.resize(m, size=(131072, 131072), num_frames=2**24),
+    ],
+    ids=["render", "render-2^24-frames", "resize"],
+)
+def test_an_output_beyond_memory_is_an_error_naming_its_argument(call: object) -> None:
+    """numpy's MemoryError (the render's output) and a failed reservation in Rust (resize) both become
+    the same AttnmapError, never a process abort or a bare MemoryError."""
+    with pytest.raises(AttnmapError, match=r"^size: cannot allocate \d+ bytes \(\d+\.\d GiB\) for it$"):
+        call(np.zeros((2, 2, 2), np.float32))  # type: ignore[operator]
+
+
 def test_normalize_rejects_bad_arguments_by_name() -> None:
     maps = np.zeros((1, 2, 2), np.float32)
     with pytest.raises(

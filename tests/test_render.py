@@ -105,8 +105,29 @@ def test_colorbar_helpers() -> None:
         (
             (np.zeros((2, 2, 2), np.float32),),
             {"num_frames": 10**10},
-            "num_frames: expected at most 16777216 output frames",
+            "num_frames: expected at most 65536 output frames",
         ),
+        (
+            (np.zeros((2, 2, 2), np.float32),),
+            {"num_frames": 2**24},
+            "num_frames: expected at most 65536 output frames (render.heatmap.MAX_FRAMES), got 16777216",
+        ),
+        (
+            (np.zeros((3, 2, 2), np.float32),),
+            {"temporal_stride": 100_000},
+            "temporal_stride: expected at most 65536 output frames (render.heatmap.MAX_FRAMES), got 200001",
+        ),
+        (
+            (np.zeros((2, 2), np.float32),),
+            {"size": (20_000, 20_000)},
+            "size: expected at most 131072 pixels a side and 268435456 a frame",
+        ),
+        (
+            (np.zeros((2, 2), np.float32),),
+            {"size": (4096, 4096), "num_frames": 400},
+            "num_frames: 400 frames of 4096 x 4096 RGB would take 18.8 GiB, more than 16 GiB",
+        ),
+        ((np.zeros((2, 2), np.float32),), {"num_frames": 2.5}, "num_frames: expected a positive number"),
     ],
 )
 def test_bad_input_names_the_argument(args: tuple, kwargs: dict, message: str) -> None:
@@ -330,3 +351,39 @@ def test_streamed_background_holds_a_bounded_number_of_chunks() -> None:
         count += out.shape[0]
     assert count == 300 and closed
     assert chunks.peak <= 2, chunks.peak
+
+
+def test_a_map_shrunk_from_40000_rows_to_2_renders() -> None:
+    """A 1.5 MB output from a tall map: the column pass reads only the 4 rows the 2 output rows use
+    (the old pass resized all 40,000 rows, 20 GB, and aborted)."""
+    maps = np.random.default_rng(5).random((1, 40000, 1), dtype=np.float32)
+    got = render.frames(maps, size=(2, 131072), colormap="viridis")
+    assert got.shape == (1, 2, 131072, 3)
+    t = torch.from_numpy((maps - maps.min()) / (maps.max() - maps.min()))[None]
+    heat = torch.nn.functional.interpolate(t, size=(2, 131072), mode="bilinear", align_corners=False)[0]
+    want = np.asarray(colormaps["viridis"](heat.numpy(), bytes=True))[..., :3]
+    assert (got == want).all(-1).mean() > 0.999
+    resized = render.resize(maps, (2, 131072))
+    np.testing.assert_allclose(
+        resized,
+        torch.nn.functional.interpolate(
+            torch.from_numpy(maps)[None], size=(2, 131072), mode="bilinear", align_corners=False
+        )[0].numpy(),
+        atol=1e-6,
+        rtol=0,
+    )
+
+
+def test_the_limits_are_named_constants() -> None:
+    from attnmap.render import heatmap
+
+    assert (heatmap.MAX_FRAMES, heatmap.MAX_SIDE) == (1 << 16, 1 << 17)
+    assert render.num_output_frames(21, temporal_stride=4) == 81
+    assert render.num_output_frames(2, num_frames=heatmap.MAX_FRAMES) == heatmap.MAX_FRAMES
+    with pytest.raises(AttnmapError, match=r"^num_frames: expected at most 65536 output frames"):
+        render.num_output_frames(2, num_frames=heatmap.MAX_FRAMES + 1)
+    # refused when iter_frames is called, before any work
+    with pytest.raises(AttnmapError, match=r"^chunk: 96 frames of 8192 x 8192 RGB would take 18.0 GiB"):
+        render.iter_frames(np.zeros((2, 2, 2), np.float32), size=(8192, 8192), num_frames=200, chunk=96)
+    with pytest.raises(AttnmapError, match=r"^chunk: expected a positive number of frames"):
+        render.iter_frames(np.zeros((2, 2, 2), np.float32), chunk=0)

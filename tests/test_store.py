@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -18,14 +20,17 @@ import torch
 
 from attnmap.store import (
     AGGREGATED_FILE,
+    LOCK_FILE,
     METADATA_FILE,
     StoreError,
     StoreWriter,
     downsample_spatial,
     open_store,
+    safe_component,
     step_filename,
     video_dirname,
 )
+from conftest import make_store
 
 META = {
     "model": "tiny",
@@ -333,8 +338,10 @@ def test_write_is_atomic_when_encoding_fails(tmp_path: Path, monkeypatch: pytest
         w.write_step(1, {"token/cat": np.ones((1, 2, 2))})
     monkeypatch.undo()
     d = tmp_path / video_dirname("v")
-    assert sorted(p.name for p in d.iterdir()) == [METADATA_FILE, step_filename(0)]
+    assert sorted(p.name for p in d.iterdir()) == [LOCK_FILE, METADATA_FILE, step_filename(0)]
     assert open_store(tmp_path).steps("v") == [0]
+    w.close()
+    assert sorted(p.name for p in d.iterdir()) == [AGGREGATED_FILE, METADATA_FILE, step_filename(0)]
 
 
 def test_header_cache_sees_rewrites(tmp_path: Path) -> None:
@@ -447,7 +454,8 @@ def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
     _write_run(tmp_path, "v", steps=2)
     w = StoreWriter(tmp_path, "crashed", META)
-    w.write_step(0, _maps(np.random.default_rng(1)))  # no close: aggregated rebuilt on load
+    w.write_step(0, _maps(np.random.default_rng(1)))
+    w.abort()  # as if the process had died: no close, the aggregated maps are rebuilt on load
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the store unpickled")
@@ -484,6 +492,278 @@ def test_corrupt_step_of_a_crashed_run_is_skipped_with_a_warning(tmp_path: Path)
         agg = store.aggregated("v", "cat")
     assert agg.metadata["steps"] == [0, 2]
     np.testing.assert_array_equal(agg.map, np.full((1, 2, 2), 1.0))
+    with pytest.warns(UserWarning, match=r"step_000001\.safetensors.*step 1 is skipped"):
+        assert [m.metadata["step"] for m in store.load_all_steps("v", "cat")] == [0, 2]
     with pytest.raises(StoreError, match=r"step_000001\.safetensors"):
-        store.load_all_steps("v", "cat")
+        store.load_step("v", "cat", 1)
     np.testing.assert_array_equal(store.load_step("v", "cat", 2).map, np.full((1, 2, 2), 2.0))
+
+
+# -- the one aggregation over steps ---------------------------------------------------------------
+def _stored(root: Path, video_id: str, step: int) -> dict[str, np.ndarray]:
+    """A step file's maps as the safetensors library itself reads them."""
+    return safetensors.numpy.load_file(root / video_dirname(video_id) / step_filename(step))
+
+
+def test_mean_is_the_float64_mean_of_the_stored_values_in_the_stored_dtype(tmp_path: Path) -> None:
+    make_store(tmp_path, "v", steps=5, dtype="float16")
+    store = open_store(tmp_path)
+    for steps in (None, [1, 3], range(2, 10**8)):
+        chosen = [0, 1, 2, 3, 4] if steps is None else [s for s in range(5) if s in steps]
+        stored = [_stored(tmp_path, "v", s)["token/cat"] for s in chosen]
+        expect = (np.sum([a.astype(np.float64) for a in stored], axis=0) / len(stored)).astype(np.float16)
+        got = store.mean("v", "token/cat", steps)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, expect.astype(np.float32))
+    # the aggregated file that close wrote is that mean, and so is a rebuilt one
+    np.testing.assert_array_equal(store.aggregated("v", "cat").map, store.mean("v", "token/cat"))
+    (tmp_path / video_dirname("v") / AGGREGATED_FILE).unlink()
+    rebuilt = open_store(tmp_path).aggregated("v", "dog")
+    assert rebuilt.metadata["rebuilt"] is True
+    np.testing.assert_array_equal(rebuilt.map, store.mean("v", "token/dog"))
+    store.rebuild_aggregated("v")
+    np.testing.assert_array_equal(open_store(tmp_path).load("v", "temporal"), store.mean("v", "temporal"))
+
+
+def test_mean_of_steps_not_in_the_store(tmp_path: Path) -> None:
+    make_store(tmp_path, "v", steps=3)
+    store = open_store(tmp_path)
+    with pytest.warns(UserWarning, match=r"video 'v': steps 7, 9 are not in the store; they are left out"):
+        np.testing.assert_array_equal(
+            store.mean("v", "token/cat", [1, 7, 9]), store.load("v", "token/cat", 1)
+        )
+    with pytest.raises(KeyError, match="'token/cat' of video 'v' is in no good step among the chosen steps"):
+        store.mean("v", "token/cat", range(50, 60))
+    with pytest.raises(ValueError, match="step must be an int >= 0, got -1"):
+        store.mean("v", "token/cat", [-1])
+    with pytest.raises(ValueError, match="steps must be an iterable of step numbers or None"):
+        store.mean("v", "token/cat", 3)  # type: ignore[arg-type]
+
+
+def test_steps_left_out_are_never_opened(tmp_path: Path) -> None:
+    """One corrupt step: a selection without it reads cleanly (warnings are errors here)."""
+    from attnmap.analysis import load_token_map
+
+    make_store(tmp_path, "v", steps=4, dtype="float32")
+    bad = tmp_path / video_dirname("v") / step_filename(1)
+    bad.write_bytes(bad.read_bytes()[:-7])
+    store = open_store(tmp_path)
+    expect = (_stored(tmp_path, "v", 0)["token/cat"] + _stored(tmp_path, "v", 3)["token/cat"]) / 2
+    np.testing.assert_allclose(store.mean("v", "token/cat", [0, 3]), expect, rtol=1e-6)
+    np.testing.assert_allclose(load_token_map(store, "v", "cat", steps=[0, 3]), expect, rtol=1e-6)
+    with pytest.warns(UserWarning, match=r"step_000001\.safetensors.*step 1 is skipped"):
+        np.testing.assert_allclose(store.mean("v", "token/cat", [0, 1, 3]), expect, rtol=1e-6)
+
+
+# -- what a step file says about itself -----------------------------------------------------------
+def test_corrupt_bytes_are_named_by_their_checksum(tmp_path: Path) -> None:
+    """0xff bytes inside a map (float16 NaN) pass every header check; the CRC-32 names them."""
+    written = make_store(tmp_path, "v", steps=3, dtype="float16", close=False)
+    path = tmp_path / video_dirname("v") / step_filename(1)
+    data = bytearray(path.read_bytes())
+    data[-40:-30] = b"\xff" * 10  # inside the last map of the file
+    path.write_bytes(bytes(data))
+    assert np.isnan(safetensors.numpy.load_file(path)["token/dog"]).any()  # the library reads NaN
+    store = open_store(tmp_path)
+    assert store.steps("v") == [0, 1, 2]  # the header is intact: listing does not read the maps
+    with pytest.raises(StoreError, match=r"step_000001\.safetensors: the bytes of 'token/dog' do not match"):
+        store.load_step("v", "dog", 1)
+    np.testing.assert_allclose(store.load_step("v", "cat", 1).map, written[1]["token/cat"], atol=1e-3)
+    with pytest.warns(UserWarning, match=r"'token/dog' do not match their checksum; step 1 is skipped"):
+        maps = store.load_all_steps("v", "dog")
+    assert [m.metadata["step"] for m in maps] == [0, 2]
+    with pytest.warns(UserWarning, match=r"step 1 is skipped"):
+        agg = store.aggregated("v", "dog")
+    assert agg.metadata["steps"] == [0, 2] and not np.isnan(agg.map).any()
+
+
+def test_a_step_file_copied_under_another_step_number_is_not_that_step(tmp_path: Path) -> None:
+    make_store(tmp_path, "v", steps=2, close=False)
+    d = tmp_path / video_dirname("v")
+    (d / step_filename(99)).write_bytes((d / step_filename(1)).read_bytes())
+    (d / "step_0000001.safetensors").write_bytes((d / step_filename(1)).read_bytes())  # not a name we write
+    store = open_store(tmp_path)
+    with pytest.warns(
+        UserWarning, match=r"step_000099\.safetensors holds step '1', not step 99.*step 99 is skipped"
+    ):
+        assert store.steps("v") == [0, 1]
+    with pytest.raises(StoreError, match="holds step '1', not step 99 as its name says"):
+        store.load("v", "token/cat", 99)
+
+
+def test_the_aggregated_file_truncated_falls_back_to_the_good_steps(tmp_path: Path) -> None:
+    make_store(tmp_path, "v", steps=3)
+    agg = tmp_path / video_dirname("v") / AGGREGATED_FILE
+    agg.write_bytes(agg.read_bytes()[:100])
+    store = open_store(tmp_path)
+    with pytest.warns(UserWarning, match=r"aggregated\.safetensors.*mean of the good steps instead"):
+        got = store.aggregated("v", "cat")
+    assert got.metadata["rebuilt"] is True and got.metadata["steps"] == [0, 1, 2]
+    np.testing.assert_array_equal(got.map, store.mean("v", "token/cat"))
+    with pytest.warns(UserWarning, match=r"aggregated\.safetensors"):
+        assert store.tokens("v") == ["cat", "dog"] and store.videos() == ["v"]
+
+
+def test_empty_maps_are_refused_on_write(tmp_path: Path) -> None:
+    with (
+        StoreWriter(tmp_path, "v", {}) as w,
+        pytest.raises(ValueError, match=r"none of them 0, got shape \(0, 4, 4\)"),
+    ):
+        w.write_step(0, {"token/cat": np.zeros((0, 4, 4))})
+
+
+# -- metadata.json against the schema -------------------------------------------------------------
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("[" * 100_000 + "]" * 100_000, "its JSON is not valid JSON"),
+        ("json_bomb_file", r"bytes, more than 16777216 for metadata"),
+        ("digits", "an integer of 5000 digits"),
+        ("targets", r"key 'targets' must be \{word: \[token index, \.\.\.\]\}, got 5"),
+        ("dtype", r"key 'dtype' must be 'float16' or 'float32', got 'int8'"),
+        ("frames", r"key 'video' must be \{height, width"),
+        ("no_run", "key 'run_id' is missing"),
+        ("nan", "NaN is not a JSON number"),
+        ("list", "expected a JSON object, got list"),
+        (b"\xff\xfe{}", "not UTF-8"),
+    ],
+)
+def test_bad_metadata_skips_its_video_with_a_warning_naming_the_file(
+    tmp_path: Path, damage: object, message: str
+) -> None:
+    make_store(tmp_path, "good", steps=1)
+    make_store(tmp_path, "bad", steps=1)
+    path = tmp_path / video_dirname("bad") / METADATA_FILE
+    meta = json.loads(path.read_text())
+    if damage == "json_bomb_file":
+        path.write_text('{"video_id": "bad", "x": [' + "0," * (9 << 20) + "0]}")
+    elif damage == "digits":
+        path.write_text(json.dumps(meta)[:-1] + ', "n": 1' + "0" * 4999 + "}")
+    elif damage in ("targets", "dtype", "frames", "no_run", "nan", "list"):
+        if damage == "targets":
+            meta["targets"] = 5
+        elif damage == "dtype":
+            meta["dtype"] = "int8"
+        elif damage == "frames":
+            meta["video"] = {"frames": 10**7}
+        elif damage == "no_run":
+            del meta["run_id"]
+        elif damage == "nan":
+            meta["x"] = float("nan")
+        path.write_text(json.dumps([meta] if damage == "list" else meta))
+    else:
+        path.write_bytes(damage if isinstance(damage, bytes) else str(damage).encode())
+    store = open_store(tmp_path)
+    with pytest.warns(UserWarning, match=rf"bad/metadata\.json: .*{message}.*the video is skipped"):
+        assert store.videos() == ["good"]
+    with pytest.raises(StoreError, match=rf"Corrupt store file .*bad/metadata\.json: .*{message}"):
+        store.steps("bad")
+    assert store.tokens("good") == ["cat", "dog"]
+
+
+def test_the_writer_refuses_metadata_a_reader_would_refuse(tmp_path: Path) -> None:
+    with pytest.raises(
+        ValueError, match=r"metadata: key 'targets' must be \{word: \[token index, \.\.\.\]\}, got 5"
+    ):
+        StoreWriter(tmp_path, "v", {"targets": 5})
+    with pytest.raises(ValueError, match=r"metadata: key 'grid' must be null or \[F, H, W\]"):
+        StoreWriter(tmp_path, "v", {"grid": [2, 3]})
+    assert list(tmp_path.iterdir()) == []  # nothing was created
+
+
+def test_a_metadata_file_in_another_videos_folder_is_skipped(tmp_path: Path) -> None:
+    make_store(tmp_path, "a", steps=1)
+    make_store(tmp_path, "b", steps=1)
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / METADATA_FILE).write_bytes((tmp_path / "a" / METADATA_FILE).read_bytes())
+    with pytest.warns(UserWarning, match=r"copy/metadata\.json is for video 'a', whose folder is another"):
+        assert open_store(tmp_path).videos() == ["a", "b"]
+
+
+# -- names that become file names -----------------------------------------------------------------
+def test_safe_component_never_maps_two_names_to_one() -> None:
+    names = ["a/b", "a b", "a:b", "a_b", "a\\b", "cat s", "cat_s", "x" * 200, "x" * 201, "..", ".", "-"]
+    names += ["a_b-0123456789abcdef", "é", "e"]
+    parts = [safe_component(n) for n in names]
+    assert len(set(parts)) == len(parts)
+    for part in parts:
+        assert part and set(part) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+        assert not part.startswith(".") and len(part) <= 96 + 17
+    assert safe_component("cat_s") == "cat_s" and safe_component("a_b") == "a_b"  # plain names stay
+    digest = hashlib.sha256(b"x" * 30).hexdigest()[:16]
+    assert safe_component("x" * 30, max_length=8) == f"xxxxxxxx-{digest}"
+    assert all(video_dirname(n) == safe_component(n) for n in names)
+    with pytest.raises(ValueError, match="name: expected a non-empty str without NUL"):
+        safe_component("")
+
+
+# -- one writer per video id ----------------------------------------------------------------------
+def test_a_second_writer_of_a_video_is_refused_and_deletes_nothing(tmp_path: Path) -> None:
+    first = StoreWriter(tmp_path, "v", META, dtype="float32")
+    for s in range(3):
+        first.write_step(s, {"token/cat": np.full((2, 3, 4), float(s))})
+    lock = tmp_path / video_dirname("v") / LOCK_FILE
+    assert lock.read_text() == str(os.getpid())
+    with pytest.raises(
+        StoreError, match=rf"video 'v' is being written by process {os.getpid()} \(this process"
+    ):
+        StoreWriter(tmp_path, "v", META)
+    with pytest.raises(StoreError, match="is being written by process"):
+        open_store(tmp_path).rebuild_aggregated("v")
+    assert open_store(tmp_path).steps("v") == [0, 1, 2]
+    first.close()
+    assert not lock.exists()
+    assert open_store(tmp_path).metadata("v")["steps"] == [0, 1, 2]
+    StoreWriter(tmp_path, "v", META).abort()  # the lock is free again
+
+
+def test_a_writer_waits_for_the_other_when_asked(tmp_path: Path) -> None:
+    first = StoreWriter(tmp_path, "v", META, dtype="float32")
+    first.write_step(0, {"token/cat": np.ones((2, 3, 4))})
+    threading.Timer(0.3, first.close).start()
+    start = time.monotonic()
+    with pytest.raises(StoreError, match="pass wait=<seconds> to wait for it"):
+        StoreWriter(tmp_path, "v", META, wait=0.05)
+    second = StoreWriter(tmp_path, "v", META, dtype="float32", wait=30)
+    assert time.monotonic() - start >= 0.25
+    assert open_store(tmp_path).metadata("v")["complete"] is False  # the second run began
+    second.write_step(0, {"token/cat": np.zeros((2, 3, 4))})
+    second.close()
+    assert open_store(tmp_path).aggregated("v", "cat").map.max() == 0.0
+    with pytest.raises(ValueError, match="wait must be seconds >= 0 or None"):
+        StoreWriter(tmp_path, "v", META, wait=-1)
+
+
+@pytest.mark.parametrize("flock", [True, False], ids=["flock", "exclusive-file"])
+def test_a_dead_writers_lock_is_taken_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flock: bool
+) -> None:
+    """Where flock exists the kernel drops a dead writer's lock; without it (Windows) the lock file is
+    the lock, and one whose pid no longer runs is taken over. A live pid keeps it either way."""
+    from attnmap.store import lock as lock_module
+
+    if not flock:
+        monkeypatch.setattr(lock_module, "fcntl", None)
+    make_store(tmp_path, "v", steps=2)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    lock = tmp_path / video_dirname("v") / LOCK_FILE
+    lock.write_text(dead.stdout.strip())  # the pid of a process that has ended
+    with StoreWriter(tmp_path, "v", META, dtype="float32") as w:
+        assert lock.read_text() == str(os.getpid())
+        w.write_step(0, {"token/cat": np.ones((2, 3, 4))})
+        with pytest.raises(StoreError, match=rf"is being written by process {os.getpid()}"):
+            StoreWriter(tmp_path, "v", META)
+    assert not lock.exists() and open_store(tmp_path).steps("v") == [0]
+
+
+def test_a_writer_that_fails_drops_its_lock(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="model failed"), StoreWriter(tmp_path, "v", META) as w:
+        w.write_step(0, {"token/cat": np.ones((2, 3, 4))})
+        raise RuntimeError("model failed")
+    assert not (tmp_path / video_dirname("v") / LOCK_FILE).exists()
+    store = open_store(tmp_path)
+    assert store.steps("v") == [0] and not store.is_complete("v")
+    with pytest.raises(ValueError, match="this StoreWriter is closed"):
+        w.write_step(1, {"token/cat": np.ones((2, 3, 4))})

@@ -10,6 +10,9 @@ pub enum Error {
     InvalidArgument { arg: &'static str, msg: String },
     /// A colormap name that is not one of the built-in tables.
     UnknownColormap(String),
+    /// The memory for a buffer is not there: `arg` names the argument that sized it, `bytes` the
+    /// request (`usize::MAX` when the size itself overflows).
+    OutOfMemory { arg: &'static str, bytes: usize },
     /// An I/O failure.
     Io(std::io::Error),
 }
@@ -27,6 +30,24 @@ impl Error {
     }
 }
 
+/// `len` copies of `value` in a vector whose memory was reserved fallibly: where the allocator (or
+/// the size arithmetic) fails, an [`Error::OutOfMemory`] naming `arg` instead of an abort.
+pub fn try_vec<T: Clone>(len: usize, value: T, arg: &'static str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    try_reserve(&mut v, len, arg)?;
+    v.resize(len, value);
+    Ok(v)
+}
+
+/// Reserve room for `additional` more elements of `v` fallibly (see [`try_vec`]).
+pub fn try_reserve<T>(v: &mut Vec<T>, additional: usize, arg: &'static str) -> Result<()> {
+    v.try_reserve_exact(additional)
+        .map_err(|_| Error::OutOfMemory {
+            arg,
+            bytes: additional.saturating_mul(std::mem::size_of::<T>()),
+        })
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -35,6 +56,14 @@ impl fmt::Display for Error {
                 f,
                 "colormap: unknown colormap {name:?}; expected one of {}",
                 crate::colormap::names().join(", ")
+            ),
+            Error::OutOfMemory { arg, bytes } if *bytes == usize::MAX => {
+                write!(f, "{arg}: the buffer it asks for exceeds the address space")
+            }
+            Error::OutOfMemory { arg, bytes } => write!(
+                f,
+                "{arg}: cannot allocate {bytes} bytes ({:.1} GiB) for it",
+                *bytes as f64 / (1u64 << 30) as f64
             ),
             Error::Io(e) => write!(f, "I/O error: {e}"),
         }
@@ -61,6 +90,22 @@ mod tests {
         let s = e.to_string();
         assert!(s.starts_with("colormap: unknown colormap \"nope\""));
         assert!(s.contains("viridis") && s.contains("RdBu_r"));
+    }
+
+    #[test]
+    fn failed_allocations_are_errors() {
+        let e = try_vec(usize::MAX / 2, 0u64, "size").unwrap_err();
+        assert!(matches!(e, Error::OutOfMemory { arg: "size", .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "size: the buffer it asks for exceeds the address space"
+        );
+        let e = try_vec(1usize << 60, 0u8, "num_frames").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "num_frames: cannot allocate 1152921504606846976 bytes (1073741824.0 GiB) for it"
+        );
+        assert_eq!(try_vec(3, 7u8, "size").unwrap(), vec![7, 7, 7]);
     }
 
     #[test]

@@ -24,11 +24,13 @@ mod bindings {
         IntoPyArray, PyArray2, PyArray3, PyArray4, PyArrayDyn, PyArrayMethods, PyReadonlyArray1,
         PyReadonlyArray3, PyReadonlyArray4, PyReadonlyArrayDyn,
     };
-    use pyo3::exceptions::PyOSError;
+    use std::borrow::Cow;
+
+    use pyo3::exceptions::{PyMemoryError, PyOSError};
     use pyo3::prelude::*;
 
     use crate::blend::{Alpha, Outline};
-    use crate::error::Error;
+    use crate::error::{try_reserve, Error};
     use crate::normalize::{Mode, Params};
     use crate::render::{Background, Style};
     use crate::resize::{Plan, Time};
@@ -147,16 +149,16 @@ mod bindings {
         };
         let n = stop - start;
         // `render` writes every byte before Python can see the array, and an error drops it unseen.
-        let out = empty(py, (n, oh, ow, 3))?.cast_into::<PyArray4<u8>>()?;
+        let out = empty(py, &[n, oh, ow, 3], "size")?.cast_into::<PyArray4<u8>>()?;
         let buf = unsafe { out.as_slice_mut() }.expect("fresh arrays are contiguous");
         py.detach(|| -> crate::Result<()> {
             let owned;
             let bg = match &bg {
                 None => None,
                 Some((view, frames)) => {
-                    owned = view.as_standard_layout();
+                    owned = contiguous(view, "background")?;
                     Some(Background {
-                        data: owned.as_slice().expect("standard layout"),
+                        data: &owned,
                         frames: *frames,
                     })
                 }
@@ -167,9 +169,41 @@ mod bindings {
     }
 
     /// `numpy.empty(shape, uint8)`: numpy's allocator (huge pages for big arrays) without a zeroing
-    /// pass, and a `MemoryError` where an allocation in Rust would abort the process.
-    fn empty<'py>(py: Python<'py>, shape: impl IntoPyObject<'py>) -> PyResult<Bound<'py, PyAny>> {
-        py.import("numpy")?.call_method1("empty", (shape, "uint8"))
+    /// pass; where the memory is not there, an `AttnmapError` naming `arg` (numpy's `MemoryError`).
+    fn empty<'py>(
+        py: Python<'py>,
+        shape: &[usize],
+        arg: &'static str,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let bytes = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .unwrap_or(usize::MAX);
+        let dims = pyo3::types::PyTuple::new(py, shape)?;
+        py.import("numpy")?
+            .call_method1("empty", (dims, "uint8"))
+            .map_err(|e| {
+                if e.is_instance_of::<PyMemoryError>(py) {
+                    Error::OutOfMemory { arg, bytes }.into()
+                } else {
+                    e
+                }
+            })
+    }
+
+    /// The elements of `view` in standard (C) order: borrowed when they already are, else copied
+    /// into a buffer reserved fallibly (an `OutOfMemory` naming `arg`, never an abort).
+    fn contiguous<'a, T: Copy, D: ndarray::Dimension>(
+        view: &'a ndarray::ArrayView<'a, T, D>,
+        arg: &'static str,
+    ) -> crate::Result<Cow<'a, [T]>> {
+        if let Some(slice) = view.as_slice() {
+            return Ok(Cow::Borrowed(slice));
+        }
+        let mut owned = Vec::new();
+        try_reserve(&mut owned, view.len(), arg)?;
+        owned.extend(view.iter().copied());
+        Ok(Cow::Owned(owned))
     }
 
     /// Check a background's shape: (n, H, W, 3) for n frames or a still (H, W, 3).
@@ -205,15 +239,16 @@ mod bindings {
     ) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
         let table = crate::colormap::table(colormap)?;
         let view = values.as_array();
-        let out = py.detach(|| {
-            let flat = view.as_standard_layout();
-            let flat = flat.as_slice().expect("standard layout");
-            let mut buf = vec![0u8; flat.len() * 3];
-            crate::colormap::colorize(flat, table, &mut buf);
+        let out = py.detach(|| -> crate::Result<_> {
+            let flat = contiguous(&view, "values")?;
+            let len = flat.len().saturating_mul(3);
+            let mut buf = crate::error::try_vec(len, 0u8, "values")?;
+            crate::colormap::colorize(&flat, table, &mut buf);
             let mut shape = view.shape().to_vec();
             shape.push(3);
-            ndarray::Array::from_shape_vec(IxDyn(&shape), buf).expect("buffer sized to the shape")
-        });
+            Ok(ndarray::Array::from_shape_vec(IxDyn(&shape), buf)
+                .expect("buffer sized to the shape"))
+        })?;
         Ok(out.into_pyarray(py))
     }
 
@@ -246,11 +281,11 @@ mod bindings {
             )
             .into());
         }
-        let out = empty(py, (n, h * 3 / 2, w))?.cast_into::<PyArray3<u8>>()?;
+        let out = empty(py, &[n, h * 3 / 2, w], "frames")?.cast_into::<PyArray3<u8>>()?;
         let buf = unsafe { out.as_slice_mut() }.expect("fresh arrays are contiguous");
         py.detach(|| {
-            let owned = view.as_standard_layout();
-            crate::yuv::rgb_to_i420(owned.as_slice().expect("standard layout"), n, h, w, buf)
+            let owned = contiguous(&view, "frames")?;
+            crate::yuv::rgb_to_i420(&owned, n, h, w, buf)
         })?;
         Ok(out)
     }

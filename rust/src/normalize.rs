@@ -6,7 +6,7 @@
 
 use ndarray::{Array3, ArrayView3, Axis};
 
-use crate::error::{Error, Result};
+use crate::error::{try_reserve, try_vec, Error, Result};
 
 /// How the value range is chosen.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -135,7 +135,9 @@ pub fn ranges(maps: ArrayView3<f32>, params: &Params) -> Result<Vec<(f64, f64)>>
             .map(|f| finite_min_max(f.iter()))
             .collect(),
         Mode::Percentile { lo, hi } => {
-            let mut finite: Vec<f32> = maps.iter().copied().filter(|v| v.is_finite()).collect();
+            let mut finite: Vec<f32> = Vec::new();
+            try_reserve(&mut finite, maps.len(), "maps")?;
+            finite.extend(maps.iter().copied().filter(|v| v.is_finite()));
             let range = if finite.is_empty() {
                 None
             } else {
@@ -171,7 +173,8 @@ pub fn scale(v: f32, lo: f64, hi: f64, gamma: f64) -> f32 {
 /// Normalise `maps` (F, h, w) to [0, 1]: one float per input value, no NaN.
 pub fn normalize(maps: ArrayView3<f32>, params: &Params) -> Result<Array3<f32>> {
     let ranges = ranges(maps, params)?;
-    let mut out = Array3::<f32>::zeros(maps.raw_dim());
+    let zeros = try_vec(maps.len(), 0.0f32, "maps")?;
+    let mut out = Array3::from_shape_vec(maps.raw_dim(), zeros).expect("sized to the shape");
     for ((src, mut dst), (lo, hi)) in maps
         .axis_iter(Axis(0))
         .zip(out.axis_iter_mut(Axis(0)))

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use crate::blend::{Alpha, Outline};
 use crate::colormap::Table;
-use crate::error::{Error, Result};
+use crate::error::{try_reserve, try_vec, Error, Result};
 use crate::resize::{lerp_rows, Plan};
 
 /// How a frame is drawn.
@@ -93,7 +93,7 @@ pub fn render(
     if n == 0 {
         return Ok(());
     }
-    let (slot, cols) = level_columns(maps, plan, frames);
+    let (slot, cols) = level_columns(maps, plan, frames)?;
     let ink = background.map(|_| Ink::new(style.alpha));
     let outline = style.outline.map(|o| Outline {
         threshold: o.threshold * LEVELS,
@@ -113,8 +113,17 @@ pub fn render(
     out.par_chunks_mut(ow * 3)
         .enumerate()
         .with_min_len((TASK_PIXELS / ow).max(1))
-        .for_each_init(|| Scratch::new(ow), |s, (r, row)| painter.paint(s, r, row));
-    Ok(())
+        .try_for_each_init(
+            || Scratch::new(ow),
+            |s, (r, row)| {
+                let s = s.as_mut().map_err(|_| Error::OutOfMemory {
+                    arg: "size",
+                    bytes: Scratch::bytes(ow),
+                })?;
+                painter.paint(s, r, row);
+                Ok(())
+            },
+        )
 }
 
 /// Everything a row needs, prepared once per call.
@@ -223,42 +232,50 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn new(ow: usize) -> Self {
-        Scratch {
-            values: vec![0.0; ow],
-            levels: vec![0; ow],
-            alphas: vec![0.0; ow * 3],
-            up: vec![0.0; ow],
-            down: vec![0.0; ow],
-        }
+    /// The bytes of the buffers of a row of `ow` pixels.
+    fn bytes(ow: usize) -> usize {
+        ow * (4 + 1 + 12 + 4 + 4)
+    }
+
+    fn new(ow: usize) -> Result<Self> {
+        Ok(Scratch {
+            values: try_vec(ow, 0.0, "size")?,
+            levels: try_vec(ow, 0, "size")?,
+            alphas: try_vec(ow * 3, 0.0, "size")?,
+            up: try_vec(ow, 0.0, "size")?,
+            down: try_vec(ow, 0.0, "size")?,
+        })
     }
 }
 
 /// The column pass of every distinct frame of `frames`, in level space, and each frame's slot in it.
 /// Consecutive output frames with the same time taps (a VAE stride repeats each latent frame) share one.
+/// Every buffer is reserved fallibly: a render too large for the memory there is is an error.
 fn level_columns(
     maps: ArrayView3<f32>,
     plan: &Plan,
     frames: Range<usize>,
-) -> (Vec<usize>, Vec<Vec<f32>>) {
+) -> Result<(Vec<usize>, Vec<Vec<f32>>)> {
     let key = |t: usize| (plan.t.i0[t], plan.t.i1[t], plan.t.w[t].to_bits());
     let mut firsts: Vec<usize> = Vec::new();
-    let mut slot = Vec::with_capacity(frames.len());
+    let mut slot = Vec::new();
+    try_reserve(&mut slot, frames.len(), "stop")?;
     for t in frames {
         if firsts.last().map(|&f| key(f)) != Some(key(t)) {
+            try_reserve(&mut firsts, 1, "stop")?;
             firsts.push(t);
         }
         slot.push(firsts.len() - 1);
     }
-    let cols = firsts
-        .par_iter()
-        .map(|&t| {
-            let mut c = plan.column_pass(maps, t);
+    let mut cols = try_vec(firsts.len(), Vec::new(), "stop")?;
+    cols.par_iter_mut()
+        .zip(&firsts)
+        .try_for_each(|(c, &t)| -> Result<()> {
+            *c = plan.column_pass(maps, t)?;
             c.iter_mut().for_each(|v| *v *= LEVELS);
-            c
-        })
-        .collect();
-    (slot, cols)
+            Ok(())
+        })?;
+    Ok((slot, cols))
 }
 
 /// The level of a level-space value: `floor(s)` clamped to 0..=255, NaN to 0; the same as

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
@@ -45,12 +46,15 @@ def token_mask(
     top_fraction: Optional[float] = None,
     normalize_first: Normalize = "global",
     per_frame: bool = False,
+    name: str = "x",
 ) -> np.ndarray:
     """A boolean mask of where a token map is high (the thresholded token masks of attention-map recorders).
 
     Exactly one rule: ``threshold`` keeps positions whose normalised value is > threshold;
     ``top_fraction`` keeps the ``ceil(top_fraction * n)`` highest positions (n = all positions,
-    or those of one frame with ``per_frame``), ties broken by position order.
+    or those of one frame with ``per_frame``), ties broken by position order. NaN positions are never
+    in the mask and never silent: normalising warns about them (naming the map), a map without a
+    single number is an error, and a threshold that keeps nothing warns.
 
     Args:
         x: ``[F, H, W]`` map.
@@ -58,31 +62,49 @@ def token_mask(
         top_fraction: in (0, 1].
         normalize_first: normalisation applied before thresholding (see :func:`normalize`).
         per_frame: apply the rule to each frame separately (normalisation too, for ``global``).
+        name: what the warnings and errors call the map.
 
     Returns:
         bool array of the same shape.
     """
-    a = _np(x, "x")
+    a = _np(x, name)
     if (threshold is None) == (top_fraction is None):
         raise AttnmapError("give exactly one of threshold= or top_fraction=")
+    if top_fraction is not None and not 0.0 < float(top_fraction) <= 1.0:
+        raise AttnmapError(f"top_fraction must be in (0, 1], got {top_fraction!r}")
     if per_frame and a.ndim < 2:
         raise AttnmapError(f"per_frame needs a map [F, ...], got shape {a.shape}")
     if per_frame:
         return np.stack(
             [
-                token_mask(f, threshold=threshold, top_fraction=top_fraction, normalize_first=normalize_first)
-                for f in a
+                token_mask(
+                    f,
+                    threshold=threshold,
+                    top_fraction=top_fraction,
+                    normalize_first=normalize_first,
+                    name=f"{name} (frame {i})",
+                )
+                for i, f in enumerate(a)
             ]
         )
-    a = normalize(a, normalize_first).astype(np.float64)
+    a = normalize(a, normalize_first, name=name).astype(np.float64)
+    number = ~np.isnan(a)
+    if not number.any():
+        raise AttnmapError(f"{name}: all of its {a.size} values are NaN; there is nothing to mask")
     if threshold is not None:
-        return a > float(threshold)
+        mask = a > float(threshold)  # NaN compares False
+        if not mask.any():
+            warnings.warn(
+                f"{name}: the mask is empty: no value is above threshold {threshold} after "
+                f"{normalize_first!r} normalisation (the highest is {np.nanmax(a):.3g})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return mask
     assert top_fraction is not None
-    if not 0.0 < float(top_fraction) <= 1.0:
-        raise AttnmapError(f"top_fraction must be in (0, 1], got {top_fraction!r}")
     flat = a.reshape(-1)
-    k = math.ceil(float(top_fraction) * flat.size - 1e-9)
-    order = np.argsort(-flat, kind="stable")[:k]
+    k = min(math.ceil(float(top_fraction) * flat.size - 1e-9), int(number.sum()))
+    order = np.argsort(-flat, kind="stable")[:k]  # NaN sorts last
     mask = np.zeros(flat.size, dtype=bool)
     mask[order] = True
     return mask.reshape(a.shape)
@@ -130,20 +152,16 @@ def token_map(
     cols = a[..., prefix:, idx]
     m = cols.sum(-1) if combine == "sum" else cols.mean(-1)
     m = m.reshape(-1, f * h * w).mean(0).reshape(f, h, w)
-    return normalize(m, normalize_by)
+    return normalize(m, normalize_by, name="token map")
 
 
 def _aggregated(store: Store, video_id: str, name: str) -> np.ndarray:
-    """The step-aggregated map ``name``; the mean over the finished steps when the run stored no
-    aggregated maps (``store_aggregated_attention: false``)."""
+    """The step-aggregated map ``name``: the aggregated file's, or :meth:`Store.mean` over the good
+    steps when the run stored no aggregated maps (``store_aggregated_attention: false``)."""
     try:
         return store.load(video_id, name)
     except KeyError:
-        steps = [s for s in store.steps(video_id) if name in store.names(video_id, s)]
-        if not steps:
-            raise
-        total = np.sum([store.load(video_id, name, s) for s in steps], axis=0, dtype=np.float64)
-        return np.asarray(total / len(steps), dtype=np.float32)
+        return store.mean(video_id, name)
 
 
 def load_token_map(
@@ -162,7 +180,8 @@ def load_token_map(
         store: an open store.
         video_id: the video.
         word: a word of ``store.tokens(video_id)``.
-        steps: steps to average (None: the aggregated map, or every step when ``blocks`` is given).
+        steps: steps to average, through :meth:`Store.mean` (None: the aggregated map, or every good
+            step when ``blocks`` is given); steps left out are never read.
         blocks: blocks to average (their ``token/<word>/block<b>`` maps must be stored); None:
             the map averaged over all blocks.
         combine: the store holds sub-tokens summed; ``"mean"`` divides by the word's sub-token
@@ -181,15 +200,16 @@ def load_token_map(
     )
     if not names:
         raise AttnmapError("blocks must name at least one block")
-    maps = []
-    for name in names:
-        if steps is None and blocks is None:
-            maps.append(_aggregated(store, video_id, name))
-        else:
-            chosen = store.steps(video_id) if steps is None else [int(s) for s in steps]
-            if not chosen:
-                raise AttnmapError(f"no steps to load for {word!r} of video {video_id!r}")
-            maps.extend(store.load(video_id, name, s) for s in chosen)
+    if steps is not None:
+        steps = list(steps)
+        if not steps:
+            raise AttnmapError(f"steps: no steps to load for {word!r} of video {video_id!r}")
+    maps = [
+        _aggregated(store, video_id, name)
+        if steps is None and blocks is None
+        else store.mean(video_id, name, steps)
+        for name in names
+    ]
     m = np.mean([x.mean(0) if x.ndim == 4 else x for x in maps], axis=0)
     if combine == "mean":
         n = len((store.metadata(video_id).get("targets") or {}).get(word) or [])
@@ -198,7 +218,7 @@ def load_token_map(
                 f"combine='mean' needs the sub-token count of {word!r} in the metadata's targets"
             )
         m = m / n
-    return normalize(m, normalize_by)
+    return normalize(m, normalize_by, name=f"token map {word!r} of video {video_id!r}")
 
 
 # ------------------------------------------------------------------------------------------

@@ -79,7 +79,14 @@ def _chunks(frames: Any) -> Iterator[np.ndarray]:
 
 
 class _Encoder:
-    """Encodes chunks on a thread; the container opens on the first chunk (which fixes the size)."""
+    """Encodes chunks on a thread; the container opens on the first chunk (which fixes the size).
+
+    The producer calls :meth:`put` for each chunk, then :meth:`finish`, or :meth:`abort` when it fails.
+    Any error of the thread (a full disk in ``mux`` or in the container's ``close``) is kept in
+    ``error`` and raised to the producer: by ``put``, which never blocks on a thread that stopped
+    taking chunks, and by ``finish``. The thread drains the queue up to the end marker only while the
+    end marker is still to come, so neither side ever waits for the other.
+    """
 
     def __init__(
         self, tmp: pathlib.Path, fmt: str, codec: str, pix_fmt: str, fps: float, options: dict[str, str]
@@ -88,6 +95,7 @@ class _Encoder:
         self.rate = fractions.Fraction(fps).limit_denominator(1001)
         self.queue: queue.Queue[Optional[np.ndarray]] = queue.Queue(maxsize=_QUEUE_CHUNKS)
         self.error: Optional[BaseException] = None
+        self.cancelled = False
         self.frames = 0
         self.thread = threading.Thread(target=self._run, name="attnmap-encode", daemon=True)
         self.thread.start()
@@ -95,54 +103,89 @@ class _Encoder:
     def _run(self) -> None:
         import av
 
-        container = None
+        container: Any = None
+        ended = False  # the end marker was taken from the queue
         try:
             stream: Any = None
-            while (chunk := self.queue.get()) is not None:
+            while True:
+                chunk = self.queue.get()
+                if chunk is None:
+                    ended = True
+                    break
+                if self.cancelled:
+                    continue
                 if container is None:
                     container = av.open(str(self.tmp), "w", format=self.fmt)
-                    stream = container.add_stream(self.codec, rate=self.rate, options=self.options)
-                    h, w = chunk.shape[1:3]
-                    if self.pix_fmt == "yuv420p":
-                        h, w = h + h % 2, w + w % 2
-                    stream.width, stream.height, stream.pix_fmt = w, h, self.pix_fmt
-                assert stream is not None
-                if self.pix_fmt == "yuv420p":
-                    if chunk.shape[1:3] != (stream.height, stream.width):
-                        pad = (
-                            (0, 0),
-                            (0, stream.height - chunk.shape[1]),
-                            (0, stream.width - chunk.shape[2]),
-                        )
-                        chunk = np.pad(chunk, (*pad, (0, 0)), mode="edge")
-                    # Rust's parallel BT.601 conversion: swscale's rgb24 path costs more than x264 itself
-                    for planes in _native.rgb_to_yuv420(np.ascontiguousarray(chunk)):
-                        container.mux(stream.encode(av.VideoFrame.from_ndarray(planes, format="yuv420p")))
-                        self.frames += 1
-                    continue
-                for frame in chunk:
-                    pal8: Any = _gif_palette(frame)  # (indices, ARGB palette): PyAV's pal8 input
-                    container.mux(stream.encode(av.VideoFrame.from_ndarray(pal8, format="pal8")))
-                    self.frames += 1
-            if container is not None and stream is not None:
+                    stream = self._add_stream(container, chunk)
+                self._encode(av, container, stream, chunk)
+            if container is not None and not self.cancelled:
                 container.mux(stream.encode(None))
         except BaseException as e:
             self.error = e
-            while self.queue.get() is not None:  # drain so the producer never blocks
-                pass
         finally:
             if container is not None:
-                container.close()
+                try:
+                    container.close()  # writes the trailer: a full disk fails here too
+                except BaseException as e:
+                    self.error = self.error or e
+            if not ended:  # drain so that the producer's last put (the end marker) finds room
+                while self.queue.get() is not None:
+                    pass
+
+    def _add_stream(self, container: Any, chunk: np.ndarray) -> Any:
+        stream = container.add_stream(self.codec, rate=self.rate, options=self.options)
+        h, w = chunk.shape[1:3]
+        if self.pix_fmt == "yuv420p":
+            h, w = h + h % 2, w + w % 2
+        stream.width, stream.height, stream.pix_fmt = w, h, self.pix_fmt
+        return stream
+
+    def _encode(self, av: Any, container: Any, stream: Any, chunk: np.ndarray) -> None:
+        if self.pix_fmt == "yuv420p":
+            if chunk.shape[1:3] != (stream.height, stream.width):
+                pad = ((0, 0), (0, stream.height - chunk.shape[1]), (0, stream.width - chunk.shape[2]))
+                chunk = np.pad(chunk, (*pad, (0, 0)), mode="edge")
+            # Rust's parallel BT.601 conversion: swscale's rgb24 path costs more than x264 itself
+            for planes in _native.rgb_to_yuv420(np.ascontiguousarray(chunk)):
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(planes, format="yuv420p")))
+                self.frames += 1
+            return
+        for frame in chunk:
+            pal8: Any = _gif_palette(frame)  # (indices, ARGB palette): PyAV's pal8 input
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pal8, format="pal8")))
+            self.frames += 1
 
     def put(self, chunk: Optional[np.ndarray]) -> None:
+        """Queue a chunk (None: the end marker); raises the thread's error as soon as there is one."""
         while True:
             if self.error is not None:
                 raise self.error
+            if not self.thread.is_alive():
+                raise RuntimeError("the encoder thread stopped without an error")  # pragma: no cover
             try:
                 self.queue.put(chunk, timeout=0.1)
                 return
             except queue.Full:
                 continue
+
+    def finish(self) -> None:
+        """Send the end marker, wait for the thread, and raise its error if it had one."""
+        self.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        """Stop the thread after a failure of the producer: what is queued is dropped, the end marker
+        sent (unless the thread already stopped) and the thread joined."""
+        self.cancelled = True
+        while self.thread.is_alive():
+            try:
+                self.queue.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self.thread.join()
 
 
 _MAX_CRF = {"libx264": 51, "libvpx-vp9": 63}  # 8-bit libx264's crf range, and vp9's
@@ -208,6 +251,8 @@ def write_video(
         if codec == "libvpx-vp9":
             opts.setdefault("b", "0")
     size: Optional[tuple[int, int]] = None
+    # An error anywhere (the frames, the encoder, the container's close) leaves `out` as it was:
+    # atomic_path removes the temp file and renames nothing into place.
     with atomic_path(out, suffix=suffix) as tmp:
         encoder = _Encoder(tmp, fmt, codec, pix_fmt, float(fps), opts)
         try:
@@ -226,14 +271,9 @@ def write_video(
                     encoder.put(chunk)
             if size is None:
                 raise AttnmapError("frames: expected at least one frame, got none")
-            encoder.put(None)
-            encoder.thread.join()
-            if encoder.error is not None:
-                raise encoder.error
+            encoder.finish()
         except BaseException:
-            if encoder.thread.is_alive():
-                encoder.queue.put(None)
-                encoder.thread.join()
+            encoder.abort()
             raise
     return out
 

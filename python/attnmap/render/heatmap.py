@@ -27,6 +27,10 @@ from attnmap.analysis.normalization import check as check_normalize
 from attnmap.errors import AttnmapError
 
 __all__ = [
+    "MAX_BYTES",
+    "MAX_FRAMES",
+    "MAX_FRAME_PIXELS",
+    "MAX_SIDE",
     "colorize",
     "colormap_names",
     "colormap_table",
@@ -38,6 +42,18 @@ __all__ = [
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+# Bounds of one render, checked before any work starts: beyond them a request is a mistake (a
+# stride or a frame count off by orders of magnitude), refused with a message naming the argument.
+#: the most output frames of one render (65,536: over an hour at 16 frames a second)
+MAX_FRAMES = 1 << 16
+#: the longest output side in pixels (the render core's own bound)
+MAX_SIDE = 1 << 17
+#: the most pixels of one output frame (16,384 x 16,384)
+MAX_FRAME_PIXELS = 1 << 28
+#: the most bytes of one array a call returns: ``frames``' whole video, a chunk of ``iter_frames``,
+#: ``resize``'s floats (16 GiB)
+MAX_BYTES = 1 << 34
 
 
 def colormap_names() -> list[str]:
@@ -114,14 +130,34 @@ def num_output_frames(
     if num_frames is not None and temporal_stride is not None:
         raise AttnmapError("num_frames: give num_frames or temporal_stride, not both")
     if num_frames is not None:
-        if num_frames < 1:
-            raise AttnmapError(f"num_frames: expected a positive number of frames, got {num_frames}")
-        return int(num_frames)
-    if temporal_stride is not None:
-        if temporal_stride < 1:
-            raise AttnmapError(f"temporal_stride: expected a positive stride, got {temporal_stride}")
-        return 1 + (latent_frames - 1) * int(temporal_stride)
-    return latent_frames
+        if not _is_int(num_frames) or num_frames < 1:
+            raise AttnmapError(f"num_frames: expected a positive number of frames, got {num_frames!r}")
+        total, arg = int(num_frames), "num_frames"
+    elif temporal_stride is not None:
+        if not _is_int(temporal_stride) or temporal_stride < 1:
+            raise AttnmapError(f"temporal_stride: expected a positive stride, got {temporal_stride!r}")
+        total, arg = 1 + (latent_frames - 1) * int(temporal_stride), "temporal_stride"
+    else:
+        total, arg = latent_frames, "maps"
+    if total > MAX_FRAMES:
+        raise AttnmapError(
+            f"{arg}: expected at most {MAX_FRAMES} output frames (render.heatmap.MAX_FRAMES), got {total}"
+            + (f" (1 + ({latent_frames} - 1) x {temporal_stride})" if arg == "temporal_stride" else "")
+        )
+    return total
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_bytes(nbytes: int, arg: str, what: str, hint: str = "") -> None:
+    """Refuse an output array of more than :data:`MAX_BYTES`, naming ``arg``."""
+    if nbytes > MAX_BYTES:
+        raise AttnmapError(
+            f"{arg}: {what} would take {nbytes / 2**30:.1f} GiB, more than {MAX_BYTES / 2**30:.0f} GiB "
+            f"(render.heatmap.MAX_BYTES) in one array{hint}"
+        )
 
 
 def normalize(
@@ -192,17 +228,24 @@ def resize(
         [T, H, W] float32.
     """
     arr = _as_maps(maps)
-    num_output_frames(arr.shape[0], num_frames, temporal_stride)
-    return _native.resize(arr, size=_check_size(size), num_frames=num_frames, temporal_stride=temporal_stride)
+    total = num_output_frames(arr.shape[0], num_frames, temporal_stride)
+    h, w = _check_size(size)
+    _check_bytes(total * h * w * 4, "size", f"{total} frames of {h} x {w} float32")
+    return _native.resize(arr, size=(h, w), num_frames=num_frames, temporal_stride=temporal_stride)
 
 
-def _check_size(size: Any) -> tuple[int, int]:
+def _check_size(size: Any, arg: str = "size") -> tuple[int, int]:
     try:
         h, w = (int(s) for s in size)
     except (TypeError, ValueError):
-        raise AttnmapError(f"size: expected (H, W), got {size!r}") from None
+        raise AttnmapError(f"{arg}: expected (H, W), got {size!r}") from None
     if h < 1 or w < 1:
-        raise AttnmapError(f"size: expected positive (H, W), got {size!r}")
+        raise AttnmapError(f"{arg}: expected positive (H, W), got {size!r}")
+    if max(h, w) > MAX_SIDE or h * w > MAX_FRAME_PIXELS:
+        raise AttnmapError(
+            f"{arg}: expected at most {MAX_SIDE} pixels a side and {MAX_FRAME_PIXELS} a frame "
+            f"(render.heatmap.MAX_SIDE, MAX_FRAME_PIXELS), got {size!r}"
+        )
     return h, w
 
 
@@ -334,10 +377,10 @@ def iter_frames(
     Returns:
         an iterator of [t, H, W, 3] uint8 arrays (t <= chunk), in order, covering every output frame.
     """
-    if chunk < 1:
-        raise AttnmapError(f"chunk: expected a positive number of frames, got {chunk}")
-    normed = _normalize(maps, mode=normalize, vmin=vmin, vmax=vmax, percentile=percentile, gamma=gamma)
-    total = num_output_frames(normed.shape[0], num_frames, temporal_stride)
+    if not _is_int(chunk) or chunk < 1:
+        raise AttnmapError(f"chunk: expected a positive number of frames, got {chunk!r}")
+    arr = _as_maps(maps)
+    total = num_output_frames(arr.shape[0], num_frames, temporal_stride)
     out_size = None if size is None else _check_size(size)
     if not 0.0 <= alpha <= 1.0:
         raise AttnmapError(f"alpha: expected a value in [0, 1], got {alpha}")
@@ -352,7 +395,19 @@ def iter_frames(
     elif background is not None:
         bg = _check_background(background, total, out_size)
         out_size = out_size or (bg.shape[-3], bg.shape[-2])
-    shape = out_size or (normed.shape[1], normed.shape[2])
+    shape = out_size or _check_size((arr.shape[1], arr.shape[2]), "maps")
+    try:
+        _check_bytes(
+            min(chunk, total) * shape[0] * shape[1] * 3,
+            "chunk" if chunk < total else "num_frames",
+            f"{min(chunk, total)} frames of {shape[0]} x {shape[1]} RGB",
+            "; render fewer frames at a time (iter_frames' chunk)",
+        )
+        normed = _normalize(arr, mode=normalize, vmin=vmin, vmax=vmax, percentile=percentile, gamma=gamma)
+    except BaseException:
+        if stream is not None:
+            stream.close()
+        raise
 
     def chunks() -> Iterator[np.ndarray]:
         try:

@@ -40,12 +40,9 @@ import numpy as np
 
 from attnmap.analysis.normalization import bounds
 from attnmap.errors import AttnmapError
+from attnmap.render.heatmap import MAX_FRAMES, MAX_SIDE
 from attnmap.render.options import DEFAULT_FPS, RenderOptions
-
-try:  # the store's public sanitiser; video_dirname gives the same guarantee
-    from attnmap.store.naming import safe_component  # type: ignore[attr-defined, unused-ignore]
-except ImportError:  # pragma: no cover - until the store exports it
-    from attnmap.store.naming import video_dirname as safe_component
+from attnmap.store.naming import safe_component
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnmap.store import Store
@@ -56,11 +53,9 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mkv", ".mov")
 _CHUNK = 16
 _WORKERS = 2  # renders of one video encoded at the same time (render_video)
 _MIN_SIDE = 256  # a map with no known video size is scaled up to at least this many pixels high
-#: The most frames one render may have (over an hour at 25 fps), checked before any work starts.
-MAX_FRAMES = 100_000
-#: The largest frame side in pixels (the Rust core's limit, 16 times 8K).
-MAX_SIDE = 1 << 17
-#: The most pixels one render may have, frames x height x width (about 40,000 frames of 480 x 832).
+#: The most pixels one render may have, frames x height x width (about 40,000 frames of 480 x 832);
+#: its frames and frame sides are bounded by the core's MAX_FRAMES and MAX_SIDE, all checked before a
+#: map loads.
 MAX_PIXELS = 1 << 34
 
 

@@ -13,7 +13,11 @@ the same video id are never mixed in. A run that died before ``close`` has no ag
 :meth:`Store.aggregated` then averages the finished steps and :meth:`Store.rebuild_aggregated`
 writes the file.
 
-Loading never unpickles: headers are JSON and tensors are raw little-endian arrays.
+Loading goes through safetensors' ``safe_open`` (never a pickle) with attnmap's own checks on top:
+only regular files, bounded shapes, the run and step each file names, a CRC-32 per map, and
+``metadata.json`` checked against a schema. A bad file is skipped with a warning naming it; a bad
+aggregated file falls back to the mean of the good steps (:meth:`Store.mean`, the one aggregation
+over steps). One writer per video id at a time (a lock file with its pid; ``wait=`` to wait).
 
 Example:
     >>> w = StoreWriter(root, "vid 1", {"prompt": "a (cat)"})
@@ -34,12 +38,14 @@ from attnmap.store.format import (
     downsample_spatial,
     token_of,
 )
-from attnmap.store.naming import step_filename, video_dirname
+from attnmap.store.lock import LOCK_FILE
+from attnmap.store.naming import safe_component, step_filename, video_dirname
 from attnmap.store.reader import AttentionMap, Store, open_store
 from attnmap.store.writer import StoreWriter
 
 __all__ = [
     "AGGREGATED_FILE",
+    "LOCK_FILE",
     "METADATA_FILE",
     "RESERVED_KEYS",
     "SCHEMA_VERSION",
@@ -49,6 +55,7 @@ __all__ = [
     "StoreWriter",
     "downsample_spatial",
     "open_store",
+    "safe_component",
     "step_filename",
     "token_of",
     "video_dirname",

@@ -1,16 +1,25 @@
-"""The store's files: names, constants and the safetensors encoding (never pickle)."""
+"""The store's files: names, constants, the safetensors encoding, and reading a file through the
+safetensors library with the checks attnmap adds to the library's own.
+
+safetensors' ``safe_open`` parses and checks every header (JSON, dtypes, shapes that match their
+offsets, offsets without overlaps or gaps, a buffer that ends where the last tensor does, never a
+pickle). attnmap adds what is its own: only regular files are opened, a file declares at most
+:data:`MAX_ENTRIES` maps of :data:`STORED_DTYPES` with every dimension >= 1 (a few bytes never
+declare gigabytes), the metadata says which run and which step wrote it, and every map carries a
+CRC-32 of its bytes, checked when it is read. Every defect is a :class:`StoreError` naming the file.
+"""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import struct
+import stat
+import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -23,21 +32,16 @@ AGGREGATED_FILE = "aggregated.safetensors"
 STEP_RE = re.compile(r"^step_(\d{6,})\.safetensors$")
 BLOCK_RE = re.compile(r"^(.*)/block(\d+)$")
 MAX_DIRNAME = 96
-MAX_HEADER = 64 * 1024 * 1024
 FP16_MAX = 65504.0
 DTYPES = {"float16": np.float16, "float32": np.float32}
-# safetensors dtype code -> numpy dtype (little endian)
-ST_DTYPES: dict[str, np.dtype[Any]] = {
-    "F16": np.dtype("<f2"),
-    "F32": np.dtype("<f4"),
-    "F64": np.dtype("<f8"),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"),
-    "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"),
-    "BOOL": np.dtype("?"),
-}
+#: safetensors dtype codes a store file may hold (what :data:`DTYPES` writes), as numpy dtypes
+STORED_DTYPES: dict[str, np.dtype[Any]] = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
+#: the most maps one store file may declare
+MAX_ENTRIES = 1 << 16
+#: the most dimensions a stored map may have (per-head, per-block maps have 4)
+MAX_NDIM = 8
+#: the safetensors metadata key of the maps' checksums: JSON ``{name: CRC-32 of its bytes}``
+CHECKSUM_KEY = "crc32"
 #: Keys the store adds to the video metadata; the caller's metadata may not use them.
 RESERVED_KEYS = (
     "schema_version",
@@ -48,6 +52,7 @@ RESERVED_KEYS = (
     "dtype",
     "downsample",
     "aggregation",
+    "checksum",
     "created",
     "finished",
     "complete",
@@ -57,81 +62,207 @@ RESERVED_KEYS = (
 ArrayLike = Any  # numpy array or torch tensor
 
 
+def checksum(arr: np.ndarray) -> int:
+    """CRC-32 of a contiguous array's bytes (what a store file holds for it)."""
+    return zlib.crc32(np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data)
+
+
 def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+    """A safetensors file of ``tensors`` whose metadata holds ``metadata`` and the maps' checksums."""
     from safetensors.numpy import save
 
-    return save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=dict(metadata))
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    sums = json.dumps({k: checksum(v) for k, v in arrays.items()}, separators=(",", ":"))
+    return save(arrays, metadata={**metadata, CHECKSUM_KEY: sums})
+
+
+def write_aggregated(
+    path: Path,
+    maps: Mapping[str, np.ndarray],
+    run_id: str,
+    steps: list[int],
+    counts: Mapping[str, int],
+    how: str,
+) -> None:
+    """Write ``aggregated.safetensors`` into the video folder ``path`` atomically."""
+    from attnmap._io import atomic_write
+
+    meta = {
+        "format": FORMAT,
+        "schema_version": str(SCHEMA_VERSION),
+        "run_id": run_id,
+        "steps": json.dumps(steps),
+        "counts": json.dumps(dict(counts)),
+        "aggregation": how,
+    }
+    atomic_write(path / AGGREGATED_FILE, encode(maps, meta))
+
+
+PathLike = Union[str, Path]
+
+
+def file_key(path: PathLike, kind: str) -> tuple[int, int, int]:
+    """(inode, mtime, size) of a regular file, which says when it was replaced; StoreError when
+    ``path`` is missing or not a regular file (a FIFO, a folder, a device are never opened)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise StoreError(f"Store file {path} does not exist") from None
+    except OSError as exc:
+        raise StoreError(f"Store file {path} cannot be read: {exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"Store file {path} is not a regular file (expected {kind}); it is never opened")
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > 20:
+        raise ValueError(f"an integer of {len(digits)} digits")
+    return int(digits)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+_DECODER = json.JSONDecoder(parse_int=_bounded_int, parse_constant=_no_constant)
+
+
+def loads_bounded(text: str, what: str, path: PathLike) -> Any:
+    """``json.loads`` that refuses integers of more than 20 digits, NaN and infinities, and turns any
+    failure (deep nesting, bad UTF-8 ...) into a StoreError naming ``what`` of ``path``."""
+    try:
+        return _DECODER.decode(text)
+    except (ValueError, RecursionError, MemoryError) as exc:
+        raise StoreError(f"Corrupt store file {path}: {what} is not valid JSON ({exc})") from None
 
 
 @dataclass(frozen=True)
 class Entry:
     dtype: np.dtype[Any]
     shape: tuple[int, ...]
-    start: int  # absolute offset in the file
-    nbytes: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class Header:
-    path: Path
+    """One store file as safetensors parsed it, checked by attnmap; :meth:`read` reads a map."""
+
+    path: str
     entries: dict[str, Entry]
     metadata: dict[str, str]
+    checksums: Optional[dict[str, int]]
+    key: tuple[int, int, int]
+    handle: Any = field(default=None, repr=False)  # the open safe_open, None once released
+    verified: set[str] = field(default_factory=set)
 
-
-def read_header(path: Path) -> Header:
-    """Parse and validate a safetensors header; any defect raises StoreError naming ``path``."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise StoreError(f"Corrupt store file {path}: truncated ({size} bytes, no header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise StoreError(f"Corrupt store file {path}: header length {n} exceeds file size {size}")
-            raw = f.read(n)
-    except FileNotFoundError:
-        raise StoreError(f"Store file {path} does not exist") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StoreError(f"Corrupt store file {path}: header is not JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise StoreError(f"Corrupt store file {path}: header is not a JSON object")
-    meta = header.pop("__metadata__", {}) or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise StoreError(f"Corrupt store file {path}: __metadata__ must map str to str")
-    data_start = 8 + n
-    data_size = size - data_start
-    entries: dict[str, Entry] = {}
-    for name, info in header.items():
+    def read(self, name: str) -> np.ndarray:
+        """The map ``name`` (its stored dtype), its checksum checked; StoreError naming the file."""
+        entry = self.entries[name]
+        if self.handle is None:
+            self.handle = _safe_open(self.path)
         try:
-            dtype = ST_DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StoreError(f"Corrupt store file {path}: bad entry {name!r} ({exc!r})") from None
-        nbytes = math.prod(shape) * dtype.itemsize
-        if any(s < 0 for s in shape) or begin < 0 or end - begin != nbytes:
-            raise StoreError(f"Corrupt store file {path}: entry {name!r} has inconsistent shape/offsets")
-        if end > data_size:
-            raise StoreError(
-                f"Corrupt store file {path}: truncated (entry {name!r} ends at {end}, data has {data_size} bytes)"
-            )
-        entries[name] = Entry(dtype, shape, data_start + begin, nbytes)
-    return Header(Path(path), entries, dict(meta))
+            arr = self.handle.get_tensor(name)
+        except Exception as exc:  # safetensors' SafetensorError, or an OSError of the read
+            raise StoreError(f"Corrupt store file {self.path}: cannot read {name!r} ({exc})") from None
+        if arr.dtype != entry.dtype or arr.shape != entry.shape:
+            raise StoreError(f"Corrupt store file {self.path}: {name!r} changed while it was read")
+        if self.checksums is not None and name not in self.verified:
+            if checksum(arr) != self.checksums[name]:
+                raise StoreError(
+                    f"Corrupt store file {self.path}: the bytes of {name!r} do not match their checksum"
+                )
+            self.verified.add(name)
+        return arr
+
+    def release(self) -> None:
+        """Close the file (a later :meth:`read` opens it again)."""
+        self.handle = None
 
 
-def read_tensor(header: Header, name: str) -> np.ndarray:
-    entry = header.entries[name]
-    out = np.empty(entry.shape, dtype=entry.dtype)
-    if entry.nbytes:
-        with open(header.path, "rb") as f:
-            f.seek(entry.start)
-            got = f.readinto(out.reshape(-1).view(np.uint8).data)
-        if got != entry.nbytes:
-            raise StoreError(f"Corrupt store file {header.path}: truncated while reading {name!r}")
-    return out
+_PREAD: Optional[bool] = None  # whether safe_open has the pread backend (safetensors >= 0.8)
+
+
+def _safe_open(path: PathLike) -> Any:
+    """``safe_open(path)`` for numpy, reading with pread(2) where the library can (a file truncated
+    under a memory map would kill the process with SIGBUS; a short read is an error)."""
+    global _PREAD
+    from safetensors import safe_open
+
+    try:
+        if _PREAD is not False:
+            try:
+                handle = safe_open(path, framework="numpy", backend="pread")
+                _PREAD = True
+                return handle
+            except TypeError:  # an older safetensors without backends
+                _PREAD = False
+        return safe_open(path, framework="numpy")
+    except StoreError:
+        raise
+    except Exception as exc:  # SafetensorError (the header checks) or the OSError of opening
+        raise StoreError(f"Corrupt store file {path}: {exc}") from None
+
+
+def read_header(path: PathLike, *, step: Optional[int] = None) -> Header:
+    """Open a store file through safetensors and check what attnmap adds (see the module docstring).
+
+    Args:
+        path: a step file or the aggregated file.
+        step: the step its name says; the file's metadata must say the same.
+
+    Returns:
+        the checked :class:`Header`, its file open for :meth:`Header.read`.
+
+    Raises:
+        StoreError: naming ``path``: missing, not a regular file, or any defect of the file.
+    """
+    key = file_key(path, "a safetensors file")
+    handle = _safe_open(path)
+    try:
+        meta = handle.metadata() or {}
+        names = handle.offset_keys()
+        if len(names) > MAX_ENTRIES:
+            raise StoreError(f"Corrupt store file {path}: {len(names)} maps, more than {MAX_ENTRIES}")
+        entries = {}
+        for name in names:
+            info = handle.get_slice(name)
+            code, shape = info.get_dtype(), tuple(int(s) for s in info.get_shape())
+            if code not in STORED_DTYPES:
+                raise StoreError(
+                    f"Corrupt store file {path}: map {name!r} has dtype {code}, expected "
+                    f"{' or '.join(STORED_DTYPES)}"
+                )
+            if len(shape) > MAX_NDIM or min(shape, default=1) < 1:
+                raise StoreError(
+                    f"Corrupt store file {path}: map {name!r} has shape {list(shape)}, expected at most "
+                    f"{MAX_NDIM} dimensions of at least 1"
+                )
+            if not name or "\x00" in name:
+                raise StoreError(f"Corrupt store file {path}: a map name {name!r} is not a store name")
+            entries[name] = Entry(STORED_DTYPES[code], shape)
+    except StoreError:
+        raise
+    except Exception as exc:  # SafetensorError from the library's accessors
+        raise StoreError(f"Corrupt store file {path}: {exc}") from None
+    if meta.get("format") != FORMAT or not isinstance(meta.get("run_id"), str):
+        raise StoreError(f"Corrupt store file {path}: not an attnmap store file (no format or run id)")
+    if step is not None and meta.get("step") != str(step):
+        raise StoreError(
+            f"Store file {path} holds step {meta.get('step')!r}, not step {step} as its name says"
+        )
+    sums = None
+    if CHECKSUM_KEY in meta:
+        raw = meta[CHECKSUM_KEY]
+        if len(raw) > 32 + sum(6 * len(n) + 16 for n in entries):  # names may be \u-escaped
+            raise StoreError(f"Corrupt store file {path}: its checksums take {len(raw)} characters")
+        sums = loads_bounded(raw, "its checksums", path)
+        if (
+            not isinstance(sums, dict)
+            or set(sums) != set(entries)
+            or not all(isinstance(v, int) and 0 <= v < 1 << 32 for v in sums.values())
+        ):
+            raise StoreError(f"Corrupt store file {path}: its checksums do not list its maps")
+    return Header(os.fspath(path), entries, dict(meta), sums, key, handle)
 
 
 def to_numpy(name: str, value: ArrayLike) -> np.ndarray:
@@ -142,6 +273,10 @@ def to_numpy(name: str, value: ArrayLike) -> np.ndarray:
         np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
     ):
         raise AttnmapError(f"map {name!r} must be a numeric array or tensor, got dtype {arr.dtype}")
+    if arr.ndim > MAX_NDIM or 0 in arr.shape:
+        raise AttnmapError(
+            f"map {name!r} must have at most {MAX_NDIM} dimensions, none of them 0, got shape {arr.shape}"
+        )
     return arr
 
 

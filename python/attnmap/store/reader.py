@@ -1,10 +1,20 @@
-"""Reading a store: :func:`open_store`, :class:`Store`, :class:`AttentionMap`."""
+"""Reading a store: :func:`open_store`, :class:`Store`, :class:`AttentionMap`.
+
+Every read goes through safetensors (:mod:`attnmap.store.format`) and every ``metadata.json``
+through the schema (:mod:`attnmap.store.schema`). A bad file never stops the rest of the store:
+listing and every read over steps skip it with a warning naming it (a video whose metadata is bad,
+a step that is corrupt, truncated, from another step, not a regular file, or whose bytes fail their
+checksum), and a bad aggregated file falls back to the mean of the good steps. Asking for one bad
+file by name (``load(vid, name, step)``) raises the StoreError.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import warnings
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -18,12 +28,17 @@ from attnmap.store.format import (
     METADATA_FILE,
     STEP_RE,
     Header,
+    file_key,
     read_header,
-    read_tensor,
     token_of,
+    write_aggregated,
 )
+from attnmap.store.lock import WriterLock
 from attnmap.store.naming import check_name, check_step, step_filename, video_dirname
-from attnmap.store.writer import write_aggregated
+from attnmap.store.schema import read_metadata
+
+#: how many store files a Store keeps open between reads (the oldest is closed beyond)
+MAX_OPEN_FILES = 128
 
 
 @dataclass
@@ -44,40 +59,92 @@ class AttentionMap:
         return tuple(self.map.shape)
 
 
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
 class Store:
-    """Reads a store root written by :class:`StoreWriter`. Build it with :func:`open_store`."""
+    """Reads a store root written by :class:`StoreWriter`. Build it with :func:`open_store`.
+
+    It keeps up to :data:`MAX_OPEN_FILES` store files open between reads (a second read of a file
+    skips safetensors' header parse); :meth:`close` (or a ``with`` block) closes them. Until then a
+    file replaced or deleted by a writer keeps its disk space.
+    """
 
     def __init__(self, root: Union[str, os.PathLike[str]]) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"store root {self.root} is not a directory")
-        self._headers: dict[str, tuple[tuple[int, int, int], Header]] = {}
-        self._metas: dict[Path, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+        # path -> (file key, header or the StoreError it raised)
+        self._headers: dict[str, tuple[tuple[int, int, int], Union[Header, StoreError]]] = {}
+        self._open: OrderedDict[str, Header] = OrderedDict()
+        self._metas: dict[str, tuple[tuple[int, int, int], Union[dict[str, Any], StoreError]]] = {}
 
-    # -- helpers ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the store files kept open (a later read opens them again)."""
+        for header in self._open.values():
+            header.release()
+        self._open.clear()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- files ------------------------------------------------------------------------------
     def _dir(self, video_id: str) -> Path:
         path = self.root / video_dirname(video_id)
-        if not (path / METADATA_FILE).is_file():
+        if not os.path.lexists(path / METADATA_FILE):
             raise KeyError(f"video {video_id!r} is not in the store at {self.root}")
         return path
 
-    def _header(self, path: Union[str, Path]) -> Header:
-        """The parsed header of ``path``, cached until the file is replaced (new inode, mtime or size)."""
+    def _header(self, path: Union[str, Path], step: Optional[int] = None) -> Header:
+        """The checked header of ``path``, cached until the file is replaced (new inode, mtime or
+        size); a bad file's StoreError is cached the same way."""
         path = os.fspath(path)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise StoreError(f"Store file {path} does not exist") from None
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        key = file_key(path, "a safetensors file")
         cached = self._headers.get(path)
-        if cached and cached[0] == key:
-            return cached[1]
-        header = read_header(Path(path))
-        self._headers[path] = (key, header)
-        return header
+        if cached is None or cached[0] != key:
+            old = self._open.pop(path, None)
+            if old is not None:
+                old.release()
+            try:
+                cached = (key, read_header(path, step=step))
+            except StoreError as exc:
+                cached = (key, exc)
+            self._headers[path] = cached
+        found = cached[1]
+        if isinstance(found, StoreError):
+            raise found
+        self._open[path] = found
+        self._open.move_to_end(path)
+        while len(self._open) > MAX_OPEN_FILES:
+            self._open.popitem(last=False)[1].release()
+        return found
 
-    def _current(self, video_id: str, path: Path) -> Header:
-        header = self._header(path)
+    def _step_files(self, d: Path) -> dict[int, str]:
+        """step -> path of every entry named like a step file (nothing is opened)."""
+        files = {}
+        with os.scandir(d) as it:
+            for e in it:
+                m = STEP_RE.match(e.name)
+                if m and e.name == step_filename(int(m.group(1))):
+                    files[int(m.group(1))] = e.path
+        return files
+
+    def _good_step(self, step: int, path: str, run: str) -> Optional[Header]:
+        """The header of a step file of run ``run``; None for another run's file, and for a bad file
+        after a warning naming it."""
+        try:
+            header = self._header(path, step)
+        except StoreError as exc:
+            _warn(f"{exc}; step {step} is skipped")
+            return None
+        return header if header.metadata.get("run_id") == run else None
+
+    def _current(self, video_id: str, path: Path, step: Optional[int]) -> Header:
+        header = self._header(path, step)
         run = self._video_meta(video_id)["run_id"]
         if header.metadata.get("run_id") != run:
             raise StoreError(
@@ -86,46 +153,57 @@ class Store:
         return header
 
     def _agg_header(self, video_id: str) -> Optional[Header]:
-        """The current run's aggregated file, or None when it is missing or left by an older run
-        (the run died before ``close``): the aggregated maps then come from the finished steps.
-        An empty file means the run chose not to store them."""
+        """The current run's aggregated file, or None when it is missing, left by an older run (the
+        run died before ``close``) or bad (with a warning): the aggregated maps then come from the
+        good steps. An empty file means the run chose not to store them."""
         path = self._dir(video_id) / AGGREGATED_FILE
-        if not path.is_file():
+        if not os.path.lexists(path):
             return None
-        header = self._header(path)
+        try:
+            header = self._header(path)
+        except StoreError as exc:
+            _warn(f"{exc}; the aggregated maps are the mean of the good steps instead")
+            return None
         if header.metadata.get("run_id") != self._video_meta(video_id)["run_id"]:
             return None
         return header
 
     # -- listing ----------------------------------------------------------------------------
     def videos(self) -> list[str]:
-        """The video ids in the store, sorted. A video whose metadata.json is unreadable is
-        skipped with a warning naming the file."""
+        """The video ids in the store, sorted. A video whose metadata.json is bad (not a regular
+        file, not JSON, off the schema, or in another video's folder) is skipped with a warning
+        naming the file."""
         out = []
-        for d in sorted(self.root.iterdir()):
-            meta = d / METADATA_FILE
-            if not d.is_dir() or not meta.is_file():
-                continue
+        with os.scandir(self.root) as it:
+            folders = sorted(e.path for e in it if e.is_dir())
+        for d in folders:
+            meta = Path(d) / METADATA_FILE
+            if not os.path.lexists(meta):
+                continue  # not a video folder
             try:
-                out.append(self._load_metadata(meta)["video_id"])
+                video_id = self._load_metadata(meta)["video_id"]
             except StoreError as exc:
-                warnings.warn(str(exc), stacklevel=2)
+                _warn(f"{exc}; the video is skipped")
+                continue
+            if video_dirname(video_id) != Path(d).name:
+                _warn(f"Store file {meta} is for video {video_id!r}, whose folder is another; it is skipped")
+                continue
+            out.append(video_id)
         return sorted(out)
 
     def _load_metadata(self, path: Path) -> dict[str, Any]:
-        try:
-            st = path.stat()
-            key = (st.st_ino, st.st_mtime_ns, st.st_size)
-            cached = self._metas.get(path)
-            if cached and cached[0] == key:
-                return cached[1]
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise StoreError(f"Corrupt store file {path}: {exc}") from None
-        if not isinstance(meta, dict) or not isinstance(meta.get("video_id"), str) or "run_id" not in meta:
-            raise StoreError(f"Corrupt store file {path}: not an attnmap video metadata object")
-        self._metas[path] = (key, meta)
-        return meta
+        key = file_key(path, "JSON")
+        cached = self._metas.get(str(path))
+        if cached is None or cached[0] != key:
+            try:
+                cached = (key, read_metadata(path))
+            except StoreError as exc:
+                cached = (key, exc)
+            self._metas[str(path)] = cached
+        found = cached[1]
+        if isinstance(found, StoreError):
+            raise found
+        return found
 
     def metadata(self, video_id: str) -> dict[str, Any]:
         """The video's metadata dict (the caller's keys plus the store's); a fresh copy."""
@@ -139,41 +217,26 @@ class Store:
         return meta
 
     def steps(self, video_id: str) -> list[int]:
-        """Steps of the current run whose files are present, sorted. Files of an older run are
-        skipped, and so is a corrupt file, with a warning naming it (loading that step raises
-        StoreError)."""
-        d = self._dir(video_id)
+        """Steps of the current run whose files are good, sorted. Files of an older run are left out,
+        and so is a bad file, with a warning naming it (loading that step raises StoreError)."""
         run = self._video_meta(video_id)["run_id"]
-        out = []
-        for p in d.iterdir():
-            m = STEP_RE.match(p.name)
-            if not m:
-                continue
-            try:
-                header = self._header(p)
-            except StoreError as exc:
-                warnings.warn(f"{exc}; step {int(m.group(1))} is skipped", stacklevel=2)
-                continue
-            if header.metadata.get("run_id") == run:
-                out.append(int(m.group(1)))
-        return sorted(out)
+        files = self._step_files(self._dir(video_id))
+        return [s for s in sorted(files) if self._good_step(s, files[s], run) is not None]
 
     def is_complete(self, video_id: str) -> bool:
         """True when the writer closed the run (the aggregated maps were written)."""
         return bool(self._video_meta(video_id).get("complete"))
 
     def names(self, video_id: str, step: Optional[int] = None) -> list[str]:
-        """Map names of one step (``step=None``: of the aggregated maps, or the union over steps
-        when the run has no aggregated file or stored an empty one)."""
+        """Map names of one step (``step=None``: of the aggregated maps, or the union over the good
+        steps when the run has no good aggregated file or stored an empty one)."""
         if step is not None:
-            return sorted(self._current(video_id, self._dir(video_id) / step_filename(step)).entries)
+            path = self._dir(video_id) / step_filename(step)
+            return sorted(self._current(video_id, path, check_step(step)).entries)
         agg = self._agg_header(video_id)
         if agg is not None and agg.entries:
             return sorted(agg.entries)
-        names: set[str] = set()
-        for s in self.steps(video_id):
-            names.update(self._header(self._dir(video_id) / step_filename(s)).entries)
-        return sorted(names)
+        return self._step_names(video_id)
 
     def tokens(self, video_id: str) -> list[str]:
         """Words with a token map (``token/<word>``), in the order of the metadata's targets, then
@@ -194,40 +257,120 @@ class Store:
 
         Returns:
             float32 array of the stored shape.
+
+        Raises:
+            StoreError: the step's file is bad (named in the message).
+            KeyError: no such video, step file or map.
         """
         check_name(name)
         if step is None:
             return self._load_aggregated(video_id, name)[0]
         path = self._dir(video_id) / step_filename(step)
-        header = self._current(video_id, path)
+        header = self._current(video_id, path, check_step(step))
         if name not in header.entries:
             raise KeyError(f"map {name!r} is not in {path}; it has {sorted(header.entries)}")
-        return read_tensor(header, name).astype(np.float32, copy=False)
+        return header.read(name).astype(np.float32, copy=False)
+
+    def mean(self, video_id: str, name: str, steps: Optional[Iterable[int]] = None) -> np.ndarray:
+        """The mean of one map over the chosen good steps of the current run: the one aggregation
+        over steps (the aggregated file, its fallback and :meth:`rebuild_aggregated` are this mean).
+
+        Values are summed in float64 and the mean is rounded to the stored dtype, so it equals what
+        the aggregated file of the same steps holds. Steps left out are never opened; a chosen step
+        that is bad, lacks the map or holds it in another shape is skipped with a warning naming it.
+
+        Args:
+            video_id: the video.
+            name: the map name (``token/cat``, ``temporal``, ...).
+            steps: the steps to average (any iterable of ints, e.g. ``range(10, 20)``); None: every
+                step. Steps not in the store are left out (a list's are named in a warning).
+
+        Returns:
+            float32 array of the stored shape.
+
+        Raises:
+            KeyError: no chosen good step holds the map.
+
+        Example:
+            >>> store.mean("vid", "token/cat", steps=range(25, 50)).shape   # doctest: +SKIP
+            (21, 30, 52)
+        """
+        return self._mean(video_id, name, steps)[0]
+
+    def _mean(self, video_id: str, name: str, steps: Optional[Iterable[int]]) -> tuple[np.ndarray, list[int]]:
+        check_name(name)
+        meta = self._video_meta(video_id)
+        files = self._step_files(self._dir(video_id))
+        total: Optional[np.ndarray] = None
+        used = []
+        for s in self._chosen(video_id, files, steps):
+            header = self._good_step(s, files[s], meta["run_id"])
+            if header is None or name not in header.entries:
+                continue
+            try:
+                arr = header.read(name)
+            except StoreError as exc:
+                _warn(f"{exc}; step {s} is skipped")
+                continue
+            if total is None:
+                total = arr.astype(np.float64)
+            elif arr.shape != total.shape:
+                _warn(
+                    f"map {name!r} of step {s} has shape {arr.shape}, not {total.shape}; step {s} is skipped"
+                )
+                continue
+            else:
+                total += arr
+            used.append(s)
+        if total is None:
+            which = "" if steps is None else " among the chosen steps"
+            raise KeyError(f"map {name!r} of video {video_id!r} is in no good step{which}")
+        mean = (total / len(used)).astype(DTYPES[meta["dtype"]])
+        return mean.astype(np.float32), used
+
+    def _chosen(self, video_id: str, files: dict[int, str], steps: Optional[Iterable[int]]) -> list[int]:
+        """The steps of ``files`` that ``steps`` chooses, sorted; ``steps`` is never expanded (a
+        ``range`` of 10^8 steps costs what the folder's files cost)."""
+        if steps is None:
+            return sorted(files)
+        if isinstance(steps, range):
+            return [s for s in sorted(files) if s in steps]
+        if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
+            raise AttnmapError(f"steps must be an iterable of step numbers or None, got {steps!r}")
+        chosen: set[int] = set()
+        missing: list[int] = []
+        for s in steps:
+            s = check_step(s)
+            if s in files:
+                chosen.add(s)
+            elif len(missing) < 6:
+                missing.append(s)
+        if missing:
+            shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+            _warn(f"video {video_id!r}: steps {shown} are not in the store; they are left out")
+        return sorted(chosen)
 
     def _load_aggregated(self, video_id: str, name: str) -> tuple[np.ndarray, dict[str, Any]]:
-        d = self._dir(video_id)
-        path = d / AGGREGATED_FILE
+        path = self._dir(video_id) / AGGREGATED_FILE
         header = self._agg_header(video_id)
         if header is not None:
             if not header.entries:
                 raise KeyError(
                     f"map {name!r}: the run stored no aggregated maps in {path} (store_aggregated_attention"
-                    " false); use load_all_steps, or rebuild_aggregated to write the mean over the steps"
+                    " false); use mean or load_all_steps, or rebuild_aggregated to write the mean over the steps"
                 )
             if name not in header.entries:
                 raise KeyError(f"map {name!r} is not in {path}; it has {sorted(header.entries)}")
-            info = {
-                "file": str(path),
-                "steps": json.loads(header.metadata.get("steps", "[]")),
-                "rebuilt": False,
-            }
-            return read_tensor(header, name).astype(np.float32, copy=False), info
-        steps = [s for s in self.steps(video_id) if name in self._header(d / step_filename(s)).entries]
-        if not steps:
-            raise KeyError(f"map {name!r} of video {video_id!r} has no aggregated file and no finished step")
-        total = sum(read_tensor(self._header(d / step_filename(s)), name).astype(np.float64) for s in steps)
-        mean = (np.asarray(total) / len(steps)).astype(DTYPES[self._video_meta(video_id)["dtype"]])
-        return mean.astype(np.float32), {"file": None, "steps": steps, "rebuilt": True}
+            try:
+                arr = header.read(name)
+            except StoreError as exc:
+                _warn(f"{exc}; the aggregated map is the mean of the good steps instead")
+            else:
+                steps = json.loads(header.metadata.get("steps", "[]"))
+                info = {"file": str(path), "steps": steps, "rebuilt": False}
+                return arr.astype(np.float32, copy=False), info
+        mean, used = self._mean(video_id, name, None)
+        return mean, {"file": None, "steps": used, "rebuilt": True}
 
     def map_name(
         self, video_id: str, token: str, *, block: Optional[int] = None, branch: Optional[str] = None
@@ -275,27 +418,27 @@ class Store:
     def load_all_steps(
         self, video_id: str, token: str, *, block: Optional[int] = None, branch: Optional[str] = None
     ) -> list[AttentionMap]:
-        """The maps of one word at every finished step of the current run, in step order (a
-        corrupt step file raises StoreError naming it; ``block``, ``branch``: see :meth:`map_name`)."""
+        """The maps of one word at every good step of the current run, in step order (a bad step is
+        skipped with a warning naming its file; ``block``, ``branch``: see :meth:`map_name`)."""
         name = self.map_name(video_id, token, block=block, branch=branch)
-        d = self._dir(video_id)
         meta = self._video_meta(video_id)
         video = json.loads(json.dumps(meta))  # one copy shared by the maps of this call
-        files = []
-        with os.scandir(d) as it:
-            for e in it:
-                m = STEP_RE.match(e.name)
-                if m:
-                    files.append((int(m.group(1)), e.path))
+        files = self._step_files(self._dir(video_id))
         out = []
-        for step, path in sorted(files):
-            header = self._header(path)
-            if header.metadata.get("run_id") != meta["run_id"] or name not in header.entries:
+        for step in sorted(files):
+            header = self._good_step(step, files[step], meta["run_id"])
+            if header is None or name not in header.entries:
                 continue
-            arr = self._as_map(read_tensor(header, name).astype(np.float32, copy=False), name)
+            try:
+                arr = self._as_map(header.read(name).astype(np.float32, copy=False), name)
+            except StoreError as exc:
+                _warn(f"{exc}; step {step} is skipped")
+                continue
             info = {"video_id": video_id, "token": token, "name": name, "step": step, "steps": [step]}
             out.append(
-                AttentionMap(arr, {**info, "stored_dtype": meta.get("dtype"), "file": path, "video": video})
+                AttentionMap(
+                    arr, {**info, "stored_dtype": meta.get("dtype"), "file": files[step], "video": video}
+                )
             )
         if not out:
             raise KeyError(f"token {token!r} has no step maps in video {video_id!r}")
@@ -304,9 +447,9 @@ class Store:
     def aggregated(
         self, video_id: str, token: str, *, block: Optional[int] = None, branch: Optional[str] = None
     ) -> AttentionMap:
-        """The step-aggregated ``[F, H, W]`` map of one word (rebuilt from the finished steps when
-        the run died before writing it; ``metadata["rebuilt"]`` says so; ``block``, ``branch``:
-        see :meth:`map_name`)."""
+        """The step-aggregated ``[F, H, W]`` map of one word (the mean of the good steps when the run
+        died before writing it or its file is bad; ``metadata["rebuilt"]`` says so; ``block``,
+        ``branch``: see :meth:`map_name`)."""
         name = self.map_name(video_id, token, block=block, branch=branch)
         arr, info = self._load_aggregated(video_id, name)
         meta = self._map_meta(video_id, token, name, None, info["steps"], info["file"])
@@ -314,31 +457,25 @@ class Store:
         return AttentionMap(self._as_map(arr, name), meta)
 
     def rebuild_aggregated(self, video_id: str) -> Path:
-        """Write the aggregated file from the finished steps of the current run (after a crash).
+        """Write the aggregated file from the good steps of the current run (after a crash), each
+        map the :meth:`mean` of the steps that hold it. Refused while a writer of the video is live.
 
         Returns:
             Path of the aggregated file.
         """
         d = self._dir(video_id)
-        meta = self._video_meta(video_id)
-        steps = self.steps(video_id)
-        if not steps:
-            raise AttnmapError(f"video {video_id!r} has no finished step to aggregate")
-        sums: dict[str, np.ndarray] = {}
-        counts: dict[str, int] = {}
-        for s in steps:
-            header = self._header(d / step_filename(s))
-            for name in header.entries:
-                arr = read_tensor(header, name)
-                if name in sums:
-                    sums[name] += arr
-                    counts[name] += 1
-                else:
-                    sums[name] = arr.astype(np.float64)
-                    counts[name] = 1
-        dtype = DTYPES[meta["dtype"]]
-        agg = {n: (s / counts[n]).astype(dtype) for n, s in sums.items()}
-        write_aggregated(d, agg, meta["run_id"], steps, counts, "mean over steps (rebuilt)")
+        with WriterLock(d, video_id):
+            meta = self._video_meta(video_id)
+            names = self._step_names(video_id)
+            if not names:
+                raise AttnmapError(f"video {video_id!r} has no good step to aggregate")
+            dtype = DTYPES[meta["dtype"]]
+            agg, counts, steps = {}, {}, set()
+            for name in names:
+                mean, used = self._mean(video_id, name, None)
+                agg[name], counts[name] = mean.astype(dtype), len(used)
+                steps.update(used)
+            write_aggregated(d, agg, meta["run_id"], sorted(steps), counts, "mean over steps (rebuilt)")
         return d / AGGREGATED_FILE
 
     def show(self, video_id: Optional[str] = None) -> Any:
@@ -347,6 +484,17 @@ class Store:
         from attnmap.render.report import store_viewer
 
         return store_viewer(self, None if video_id is None else [video_id])
+
+    def _step_names(self, video_id: str) -> list[str]:
+        """The union of the map names of the good steps."""
+        run = self._video_meta(video_id)["run_id"]
+        files = self._step_files(self._dir(video_id))
+        names: set[str] = set()
+        for s in sorted(files):
+            header = self._good_step(s, files[s], run)
+            if header is not None:
+                names.update(header.entries)
+        return sorted(names)
 
     def _map_meta(
         self, video_id: str, token: str, name: str, step: Optional[int], steps: list[int], file: Optional[str]

@@ -16,6 +16,7 @@ from attnmap._io import atomic_write
 from attnmap.errors import AttnmapError
 from attnmap.store.format import (
     AGGREGATED_FILE,
+    CHECKSUM_KEY,
     DTYPES,
     FORMAT,
     FP16_MAX,
@@ -28,8 +29,12 @@ from attnmap.store.format import (
     encode,
     is_token_name,
     to_numpy,
+    write_aggregated,
 )
+from attnmap.store.lock import WriterLock
 from attnmap.store.naming import check_name, check_step, check_video_id, step_filename, video_dirname
+from attnmap.store.reader import Store
+from attnmap.store.schema import problem
 
 
 def _now() -> str:
@@ -58,6 +63,10 @@ class StoreWriter:
             over ``downsample x downsample`` spatial blocks before storing.
         overwrite: when the video id already exists, True replaces the old run (only after the
             new run's metadata is written cleanly), False raises FileExistsError.
+        wait: one writer per video id at a time: seconds to wait while another writer (another
+            process, or another StoreWriter of this one) holds the video's lock; 0 raises a
+            StoreError naming it at once, None waits as long as it takes. The lock is dropped by
+            :meth:`close`, by leaving a ``with`` block, or when the process ends.
 
     Example:
         >>> with StoreWriter("attention_maps", "vid", {"prompt": "a (cat)"}) as w:
@@ -73,6 +82,7 @@ class StoreWriter:
         dtype: str = "float16",
         downsample: int = 1,
         overwrite: bool = True,
+        wait: Optional[float] = 0.0,
     ) -> None:
         from attnmap import __version__
 
@@ -91,8 +101,7 @@ class StoreWriter:
         self.root = Path(root)
         self.path = self.root / video_dirname(video_id)
         self._np_dtype = DTYPES[dtype]
-        self._sums: dict[str, np.ndarray] = {}
-        self._counts: dict[str, int] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         self._steps: list[int] = []
         self._closed = False
         self.metadata: dict[str, Any] = {
@@ -105,6 +114,7 @@ class StoreWriter:
             "dtype": dtype,
             "downsample": downsample,
             "aggregation": _aggregation("mean over the written steps", downsample),
+            "checksum": CHECKSUM_KEY,
             "created": _now(),
             "complete": False,
         }
@@ -114,19 +124,37 @@ class StoreWriter:
             raise AttnmapError(
                 f"metadata must be JSON-safe (str keys, finite numbers, lists, dicts): {exc}"
             ) from None
-
-        meta_path = self.path / METADATA_FILE
-        if self.path.exists() and not overwrite:
+        bad = problem(json.loads(encoded))  # what a reader would refuse (tuples became lists)
+        if bad is not None:
+            raise AttnmapError(f"metadata: {bad}")
+        self._lock = WriterLock(self.path, video_id, wait=wait)
+        if self._exists() and not overwrite:
             raise FileExistsError(
                 f"video {video_id!r} already exists in the store at {self.path}; pass overwrite=True"
             )
         self.path.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        try:
+            self._start(encoded, overwrite)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _exists(self) -> bool:
+        return os.path.lexists(self.path / METADATA_FILE)
+
+    def _start(self, encoded: bytes, overwrite: bool) -> None:
+        """Under the lock: commit the new run's metadata, then remove the old run's files."""
+        if self._exists() and not overwrite:  # another writer created it while this one waited
+            raise FileExistsError(
+                f"video {self.video_id!r} already exists in the store at {self.path}; pass overwrite=True"
+            )
         old = [p for p in self.path.iterdir() if STEP_RE.match(p.name) or p.name == AGGREGATED_FILE]
         # The commit point: once metadata.json names the new run, files of the old run are ignored.
-        atomic_write(meta_path, encoded)
+        atomic_write(self.path / METADATA_FILE, encoded)
         for p in old:
             p.unlink(missing_ok=True)
-        for p in self.path.glob(".*.tmp"):
+        for p in self.path.glob(".*.tmp*"):  # temp files of a dead writer (a live one holds the lock)
             p.unlink(missing_ok=True)
 
     # -- context manager --------------------------------------------------------------------
@@ -136,6 +164,14 @@ class StoreWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None and not self._closed:
             self.close()
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        """Stop writing without closing the run: the steps written stay loadable (the aggregated maps
+        are their mean on load), and the lock is dropped for the next writer."""
+        self._closed = True
+        self._lock.release()
 
     # -- writing ----------------------------------------------------------------------------
     def _prepare(self, name: str, value: ArrayLike) -> np.ndarray:
@@ -172,9 +208,9 @@ class StoreWriter:
             raise AttnmapError(f"maps must be a non-empty mapping name -> array, got {type(maps).__name__}")
         prepared = {check_name(name): self._prepare(name, value) for name, value in maps.items()}
         for name, arr in prepared.items():
-            if name in self._sums and self._sums[name].shape != arr.shape:
+            if self._shapes.get(name, arr.shape) != arr.shape:
                 raise AttnmapError(
-                    f"map {name!r} has shape {arr.shape} at step {step} but {self._sums[name].shape} before"
+                    f"map {name!r} has shape {arr.shape} at step {step} but {self._shapes[name]} before"
                 )
         meta = {
             "format": FORMAT,
@@ -185,12 +221,7 @@ class StoreWriter:
         path = self.path / step_filename(step)
         atomic_write(path, encode(prepared, meta))
         for name, arr in prepared.items():
-            if name in self._sums:
-                self._sums[name] += arr
-                self._counts[name] += 1
-            else:
-                self._sums[name] = arr.astype(np.float64)
-                self._counts[name] = 1
+            self._shapes[name] = arr.shape
         self._steps.append(step)
         return path
 
@@ -202,15 +233,21 @@ class StoreWriter:
         ``aggregation`` (how the aggregated maps were made).
 
         Args:
-            aggregated: ``{name: array}`` to store as the aggregated maps; None stores the mean
-                over the written steps of each map (of the stored values, so
-                :meth:`Store.rebuild_aggregated` gives the same result after a crash).
+            aggregated: ``{name: array}`` to store as the aggregated maps; None stores
+                :meth:`Store.mean` of each map over the steps written (read back from their files,
+                so :meth:`Store.rebuild_aggregated` gives the same result after a crash).
         """
         if self._closed:
             return
         if aggregated is None:
-            agg = {name: (s / self._counts[name]).astype(self._np_dtype) for name, s in self._sums.items()}
-            counts = dict(self._counts)
+            agg, counts = {}, {}
+            with Store(self.root) as store:
+                for name in self._shapes:
+                    try:
+                        mean, used = store._mean(self.video_id, name, self._steps)
+                    except KeyError:  # every step of it went bad on disk (each named in a warning)
+                        continue
+                    agg[name], counts[name] = mean.astype(self._np_dtype), len(used)
             how = "mean over the written steps"
         else:
             agg = {check_name(n): self._prepare(n, v) for n, v in aggregated.items()}
@@ -228,22 +265,4 @@ class StoreWriter:
         )
         atomic_write(self.path / METADATA_FILE, json.dumps(self.metadata, indent=1).encode("utf-8"))
         self._closed = True
-
-
-def write_aggregated(
-    path: Path,
-    maps: Mapping[str, np.ndarray],
-    run_id: str,
-    steps: list[int],
-    counts: Mapping[str, int],
-    how: str,
-) -> None:
-    meta = {
-        "format": FORMAT,
-        "schema_version": str(SCHEMA_VERSION),
-        "run_id": run_id,
-        "steps": json.dumps(steps),
-        "counts": json.dumps(dict(counts)),
-        "aggregation": how,
-    }
-    atomic_write(path / AGGREGATED_FILE, encode(maps, meta))
+        self._lock.release()

@@ -1,0 +1,499 @@
+"""Faults and hostile input: nothing saved is lost, nothing hangs, nothing aborts.
+
+- hostile safetensors headers and files that are not regular files in a store: skipped with a warning
+  naming them, the rest of the store loads;
+- writers killed with SIGKILL at random points: every finished step loads, the next writer takes over;
+- two writers of one video id at once: the second is refused (or waits), the first loses nothing;
+- a full disk (a small tmpfs, where the tests run as root): writes fail with the disk's error, nothing
+  half written is left or renamed into place, the encoder never deadlocks;
+- allocation failures in the Rust core (under an address-space limit): AttnmapError, the process lives.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from attnmap.render import write_video
+from attnmap.store import (
+    AGGREGATED_FILE,
+    LOCK_FILE,
+    METADATA_FILE,
+    StoreError,
+    StoreWriter,
+    open_store,
+    step_filename,
+    video_dirname,
+)
+from conftest import make_store
+
+PYTHON_DIR = str(Path(__file__).resolve().parents[1] / "python")
+
+
+def finishes(fn: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """``fn()``'s result (or its exception, re-raised) if it returns within ``timeout`` seconds."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"{fn} still runs after {timeout} s (a hang)"
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def child(code: str, *args: str) -> subprocess.Popen[str]:
+    """A Python subprocess running ``code`` with this tree's attnmap first on its path."""
+    prelude = f"import sys; sys.path.insert(0, {PYTHON_DIR!r})\n"
+    return subprocess.Popen(
+        [sys.executable, "-c", prelude + textwrap.dedent(code), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def reference_mean(root: Path, video_id: str, name: str, steps: list[int]) -> np.ndarray:
+    """The float64 mean of the stored values of ``steps``, read by the safetensors library itself."""
+    d = root / video_dirname(video_id)
+    stored = [safetensors.numpy.load_file(d / step_filename(s))[name] for s in steps]
+    return np.mean([a.astype(np.float64) for a in stored], axis=0).astype(stored[0].dtype).astype(np.float32)
+
+
+# -- hostile headers ------------------------------------------------------------------------------
+def raw_file(header: Any, data: bytes = b"") -> bytes:
+    """A file in safetensors' layout from a header (a dict, or JSON text as it is) and data bytes."""
+    text = (header if isinstance(header, str) else json.dumps(header)).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def hostile(run: str) -> dict[str, bytes]:
+    """Step files (for step 1 of run ``run``) that must be refused, each for one reason."""
+    meta = {"format": "attnmap", "schema_version": "1", "run_id": run, "step": "1"}
+
+    def one(entry: dict[str, Any], data: bytes, **extra: Any) -> bytes:
+        return raw_file({"__metadata__": meta, "token/cat": entry, **extra}, data)
+
+    return {
+        # 200 bytes that declare 1.6 billion values behind a zero
+        "zero_dim_of_huge_shape": one(
+            {"dtype": "F16", "shape": [0, 40000, 40000], "data_offsets": [0, 0]}, b""
+        ),
+        "overlapping_offsets": one(
+            {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            b"\0" * 12,
+            temporal={"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+        ),
+        "gapped_offsets": one(
+            {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            b"\0" * 24,
+            temporal={"dtype": "F32", "shape": [2], "data_offsets": [16, 24]},
+        ),
+        "200k_entries": raw_file(
+            {
+                "__metadata__": meta,
+                **{
+                    f"token/w{i}": {"dtype": "F16", "shape": [1], "data_offsets": [2 * i, 2 * i + 2]}
+                    for i in range(200_000)
+                },
+            },
+            b"\0" * 400_000,
+        ),
+        "infinity_in_shape": raw_file(
+            '{"token/cat": {"dtype": "F16", "shape": [Infinity], "data_offsets": [0, 2]}}', b"\0\0"
+        ),
+        "100k_nesting_levels": raw_file(
+            '{"token/cat": {"dtype": "F16", "shape": [1], "data_offsets": [0, 2], "x": '
+            + "[" * 100_000
+            + "]" * 100_000
+            + "}}",
+            b"\0\0",
+        ),
+        "5000_digit_integer": raw_file(
+            '{"token/cat": {"dtype": "F16", "shape": [1' + "0" * 5000 + '], "data_offsets": [0, 2]}}', b"\0\0"
+        ),
+        "shape_overflowing_its_size": one(
+            {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}, b"\0" * 8
+        ),
+        "int8_dtype": one({"dtype": "I8", "shape": [2], "data_offsets": [0, 2]}, b"\0\0"),
+        "header_length_2^40": struct.pack("<Q", 2**40) + b"{}",
+        "header_not_utf8": struct.pack("<Q", 4) + b"\xff\xfe\xfd\xfc",
+        "data_past_the_last_tensor": one({"dtype": "F16", "shape": [1], "data_offsets": [0, 2]}, b"\0" * 6),
+        "truncated_data": one({"dtype": "F16", "shape": [4], "data_offsets": [0, 8]}, b"\0" * 4),
+        "metadata_value_not_a_string": raw_file(
+            '{"__metadata__": {"run_id": 5}, "token/cat": {"dtype": "F16", "shape": [1], "data_offsets": [0, 2]}}',
+            b"\0\0",
+        ),
+        "not_an_attnmap_file": raw_file(
+            {"token/cat": {"dtype": "F16", "shape": [1], "data_offsets": [0, 2]}}, b"\0\0"
+        ),
+        "checksums_not_listing_the_maps": one(
+            {"dtype": "F16", "shape": [1], "data_offsets": [0, 2]},
+            b"\0\0",
+            __metadata__={**meta, "crc32": "{}"},
+        ),
+    }
+
+
+HOSTILE = sorted(hostile("x"))
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_step_file_is_skipped_and_the_rest_loads(tmp_path: Path, case: str) -> None:
+    written = make_store(tmp_path, "vid", steps=3, close=False)
+    run = open_store(tmp_path).metadata("vid")["run_id"]
+    bad = tmp_path / video_dirname("vid") / step_filename(1)
+    bad.write_bytes(hostile(run)[case])
+    store = open_store(tmp_path)
+    with pytest.warns(UserWarning, match=r"step_000001\.safetensors.*; step 1 is skipped") as caught:
+        assert finishes(lambda: store.steps("vid")) == [0, 2]
+    assert len(caught) == 1
+    with pytest.raises(StoreError, match=r"step_000001\.safetensors"):
+        store.load("vid", "token/cat", 1)
+    with pytest.warns(UserWarning, match=r"step_000001\.safetensors"):
+        agg = store.aggregated("vid", "cat")  # no aggregated file: the mean of the good steps
+    assert agg.metadata["steps"] == [0, 2]
+    np.testing.assert_array_equal(agg.map, (written[0]["token/cat"] + written[2]["token/cat"]) / 2)
+
+
+def test_hostile_aggregated_file_falls_back_to_the_steps(tmp_path: Path) -> None:
+    make_store(tmp_path, "vid", steps=3, dtype="float16")
+    d = tmp_path / video_dirname("vid")
+    run = open_store(tmp_path).metadata("vid")["run_id"]
+    for case, data in hostile(run).items():
+        (d / AGGREGATED_FILE).write_bytes(data)
+        store = open_store(tmp_path)
+        with pytest.warns(UserWarning, match=r"aggregated\.safetensors.*mean of the good steps"):
+            agg = store.aggregated("vid", "dog")
+        assert agg.metadata["rebuilt"] is True, case
+        np.testing.assert_array_equal(agg.map, reference_mean(tmp_path, "vid", "token/dog", [0, 1, 2]))
+
+
+# -- not regular files ------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_step_file_that_is_no_regular_file_never_hangs(tmp_path: Path, kind: str) -> None:
+    make_store(tmp_path, "vid", steps=3)
+    make_store(tmp_path, "other", steps=1)
+    path = tmp_path / video_dirname("vid") / step_filename(1)
+    path.unlink()
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    store = open_store(tmp_path)
+    assert finishes(store.videos) == ["other", "vid"]  # listing never opens a step file
+    with pytest.warns(
+        UserWarning, match=r"step_000001\.safetensors is not a regular file.*step 1 is skipped"
+    ):
+        assert finishes(lambda: store.steps("vid")) == [0, 2]
+    with pytest.raises(StoreError, match=r"step_000001\.safetensors is not a regular file"):
+        finishes(lambda: store.load_step("vid", "cat", 1))
+    assert store.tokens("vid") == ["cat", "dog"]  # from the aggregated file: no step is opened
+    with pytest.warns(UserWarning, match=r"step_000001\.safetensors"):
+        maps = finishes(lambda: store.load_all_steps("vid", "cat"))
+    assert [m.metadata["step"] for m in maps] == [0, 2]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_metadata_file_that_is_no_regular_file_skips_its_video(tmp_path: Path, kind: str) -> None:
+    make_store(tmp_path, "vid", steps=1)
+    make_store(tmp_path, "other", steps=1)
+    meta = tmp_path / video_dirname("vid") / METADATA_FILE
+    meta.unlink()
+    os.mkfifo(meta) if kind == "fifo" else meta.mkdir()
+    store = open_store(tmp_path)
+    with pytest.warns(UserWarning, match=r"vid/metadata\.json is not a regular file.*the video is skipped"):
+        assert finishes(store.videos) == ["other"]
+    with pytest.raises(StoreError, match=r"vid/metadata\.json is not a regular file"):
+        finishes(lambda: store.steps("vid"))
+    assert store.steps("other") == [0]
+
+
+def test_an_aggregated_fifo_falls_back_to_the_steps(tmp_path: Path) -> None:
+    written = make_store(tmp_path, "vid", steps=2)
+    agg = tmp_path / video_dirname("vid") / AGGREGATED_FILE
+    agg.unlink()
+    os.mkfifo(agg)
+    store = open_store(tmp_path)
+    with pytest.warns(UserWarning, match=r"aggregated\.safetensors is not a regular file"):
+        got = finishes(lambda: store.aggregated("vid", "cat"))
+    np.testing.assert_allclose(got.map, (written[0]["token/cat"] + written[1]["token/cat"]) / 2, rtol=1e-6)
+
+
+# -- SIGKILL at random points ---------------------------------------------------------------------
+_KILLED_WRITER = """
+    import numpy as np
+    from attnmap.store import StoreWriter
+    root, run = sys.argv[1], int(sys.argv[2])
+    print("go", flush=True)
+    w = StoreWriter(root, "killed", {"prompt": "p"}, dtype="float32")
+    for s in range(150):  # about 0.2 s of writing, then the close
+        value = float(run * 1000 + s)
+        w.write_step(s, {"token/cat": np.full((4, 32, 32), value), "temporal": np.full((4, 4), value)})
+        print("step", s, flush=True)
+    w.close()
+    print("closed", flush=True)
+"""
+
+
+def test_sigkill_at_random_points_leaves_every_finished_step_loadable(tmp_path: Path) -> None:
+    """Writers killed during their set-up, a step, the close or after it; each next writer takes the dead
+    one's lock over, and every step a writer reported finished loads with its values."""
+    rng = random.Random(1234)
+    kills = 0
+    for run in range(10):
+        proc = child(_KILLED_WRITER, str(tmp_path), str(run))
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "go"
+        time.sleep(rng.uniform(0.0, 0.3))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode in (0, -signal.SIGKILL), err
+        finished = [int(line.split()[1]) for line in out.splitlines() if line.startswith("step")]
+        store = open_store(tmp_path)  # warnings are errors here: nothing on disk may be half a file
+        if not store.videos():
+            assert not finished  # killed before its metadata was committed
+            continue
+        steps = store.steps("killed")
+        run_of = store.load("killed", "temporal", steps[0])[0, 0] // 1000 if steps else run
+        if run_of == run:  # this run committed its metadata: its finished steps are all there
+            assert steps[: len(finished)] == finished and len(steps) <= len(finished) + 1
+        else:  # killed before it committed: the older run is intact
+            assert not finished
+        for s in steps:
+            np.testing.assert_array_equal(store.load_step("killed", "cat", s).map, run_of * 1000 + s)
+        if steps:
+            agg = store.aggregated("killed", "cat")
+            np.testing.assert_array_equal(agg.map, run_of * 1000 + np.mean(steps))
+            assert agg.metadata["rebuilt"] is False or not store.is_complete("killed")
+        d = tmp_path / video_dirname("killed")
+        assert not [
+            p for p in d.iterdir() if p.name.startswith("step_") and not p.name.endswith(".safetensors")
+        ]
+    assert kills >= 5  # most of the rounds were killed mid-way (seeded); each next writer took the lock over
+
+
+# -- concurrent writers ---------------------------------------------------------------------------
+_SLOW_WRITER = """
+    import time
+    import numpy as np
+    from attnmap.store import StoreWriter
+    root, value, wait = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+    print("started", flush=True)
+    w = StoreWriter(root, "shared", {"prompt": "p"}, dtype="float32", wait=wait)
+    print("locked", time.time(), flush=True)
+    for s in range(10):
+        w.write_step(s, {"token/cat": np.full((1, 4, 4), value + s)})
+        time.sleep(0.3)
+    w.close()
+    print("closed", time.time(), flush=True)
+"""
+
+
+def test_concurrent_writers_of_one_video_never_lose_steps(tmp_path: Path) -> None:
+    first = child(_SLOW_WRITER, str(tmp_path), "100", "0")
+    assert first.stdout is not None
+    assert first.stdout.readline().strip() == "started"
+    assert first.stdout.readline().startswith("locked")
+    # a second writer in this process is refused with the holder's pid, and deletes nothing
+    with pytest.raises(StoreError, match=rf"'shared' is being written by process {first.pid} \(lock file"):
+        StoreWriter(tmp_path, "shared", {}, dtype="float32")
+    # a third, in its own process, waits for the first to finish, then replaces its run
+    third = child(_SLOW_WRITER, str(tmp_path), "200", "60")
+    out1, err1 = first.communicate(timeout=120)
+    out3, err3 = third.communicate(timeout=120)
+    assert first.returncode == 0 and third.returncode == 0, err1 + err3
+    closed_first = float(out1.split("closed")[1])
+    locked_third = float(out3.split("locked")[1].split()[0])
+    assert locked_third >= closed_first  # one writer at a time
+    store = open_store(tmp_path)
+    meta = store.metadata("shared")
+    assert meta["complete"] and meta["steps"] == store.steps("shared") == list(range(10))
+    for s in range(10):
+        assert store.load_step("shared", "cat", s).map.max() == 200 + s
+    np.testing.assert_array_equal(store.aggregated("shared", "cat").map, np.full((1, 4, 4), 204.5))
+    assert not (tmp_path / video_dirname("shared") / LOCK_FILE).exists()
+
+
+# -- a full disk ----------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs mounted for the test (needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("the full-disk tests mount a small tmpfs, which needs root, and this run is not root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode:
+        pytest.skip(f"mount -t tmpfs failed here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(disk: Path, leave: int = 0) -> Path:
+    """Fill ``disk`` up to ``leave`` bytes free (0: until the disk says ENOSPC)."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    if leave:
+        os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
+
+
+@pytest.mark.parametrize("free", [0, 48 * 1024], ids=["0-bytes-free", "48k-free"])
+def test_write_video_on_a_full_disk_raises_and_leaves_nothing(small_disk: Path, free: int) -> None:
+    """With 0 bytes free the encoder fails after its end marker was taken (at the flush or the close):
+    the old code deadlocked there; with a little room it fails mid-stream or at the close."""
+    fill(small_disk, free)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (24, 96, 96, 3), dtype=np.uint8)
+    out = small_disk / "out.mp4"
+    with pytest.raises(OSError) as info:
+        finishes(lambda: write_video(frames, out, fps=8))
+    assert info.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]  # no file, no temp file
+
+
+def test_store_writes_on_a_full_disk_fail_cleanly(small_disk: Path) -> None:
+    root = small_disk / "store"
+    rng = np.random.default_rng(0)
+    done = []
+    with pytest.raises(OSError) as info, StoreWriter(root, "v", {}, dtype="float32") as w:
+        for s in range(1000):  # 16 KiB a step: the disk is full after a dozen
+            w.write_step(s, {"token/cat": rng.random((1, 64, 64), dtype=np.float32)})
+            done.append(s)
+    assert info.value.errno == errno.ENOSPC and len(done) >= 3
+    store = open_store(root)
+    assert store.steps("v") == done and not store.is_complete("v")
+    d = root / video_dirname("v")
+    assert sorted(p.name for p in d.iterdir()) == sorted([METADATA_FILE] + [step_filename(s) for s in done])
+    np.testing.assert_array_equal(store.mean("v", "token/cat"), reference_mean(root, "v", "token/cat", done))
+    # the failed writer dropped its lock: a new run (after making room) starts at once; the store's
+    # open files hold their space until it closes them
+    store.close()
+    for s in done[1:]:
+        (d / step_filename(s)).unlink()
+    with StoreWriter(root, "v", {}, dtype="float32") as w:
+        w.write_step(0, {"token/cat": np.ones((1, 64, 64))})
+    assert open_store(root).steps("v") == [0]
+
+
+# -- allocation failures in the Rust core ---------------------------------------------------------
+_UNDER_A_MEMORY_LIMIT = """
+    import json, resource
+    import numpy as np
+    from attnmap import _native, render
+    maps = np.random.default_rng(0).random((2, 16, 16), dtype=np.float32)
+    render.frames(maps, size=(64, 64))  # start the thread pool before the limit
+    values = np.zeros((48, 1024, 1024), np.float32)  # 192 MiB; colourised, 144 MiB
+    vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (vm + (128 << 20), resource.RLIM_INFINITY))
+    calls = {
+        "resize": lambda: render.resize(maps, (4096, 4096), num_frames=64),
+        "frames": lambda: render.frames(maps, size=(4096, 4096), num_frames=64),
+        "render_2^24_frames": lambda: _native.render(maps, size=(64, 64), num_frames=2**24),
+        "colorize": lambda: render.colorize(values),
+        "normalize_percentile": lambda: _native.normalize(values.reshape(48, 1024, 1024), mode="percentile"),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+            print(json.dumps([name, "ok", ""]), flush=True)
+        except Exception as e:
+            print(json.dumps([name, type(e).__name__, str(e)]), flush=True)
+    print(json.dumps(["alive", "", ""]), flush=True)
+"""
+
+
+def test_allocation_failures_in_rust_are_errors_not_aborts() -> None:
+    """Under an address-space limit every render path's allocation fails: each raises AttnmapError
+    naming its argument, and the process carries on (the old code died of SIGABRT)."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc/self/status to set the address-space limit above the process's size")
+    proc = child(_UNDER_A_MEMORY_LIMIT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {err[-2000:]}"
+    got = {name: (kind, message) for name, kind, message in map(json.loads, out.splitlines())}
+    assert "alive" in got
+    expect = {
+        "resize": "size: cannot allocate",
+        "frames": "size: cannot allocate",
+        "render_2^24_frames": "",
+        "colorize": "values: cannot allocate",
+        "normalize_percentile": "maps: cannot allocate",
+    }
+    for name, start in expect.items():
+        kind, message = got[name]
+        assert kind == "AttnmapError", (name, kind, message)
+        assert message.startswith(start) and "cannot allocate" in message, (name, message)
+
+
+# -- encoder faults without a full disk -----------------------------------------------------------
+class _FailingContainer:
+    """A PyAV output container whose ``close`` (the trailer) or packet-carrying ``mux`` fails as a full
+    disk does, after doing the real work."""
+
+    def __init__(self, real: Any, fail_in: str) -> None:
+        self.real, self.fail_in = real, fail_in
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def mux(self, packets: Any) -> Any:
+        if self.fail_in == "mux" and packets:  # x264 holds a few frames back: their packets come at the flush
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+        return self.real.mux(packets)
+
+    def close(self) -> None:
+        self.real.close()
+        if self.fail_in == "close":
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+
+@pytest.mark.parametrize("fail_in", ["close", "mux"])
+def test_encoder_errors_are_raised_and_nothing_is_renamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_in: str
+) -> None:
+    """An error in the container's close was swallowed (a broken file renamed into place); one in the
+    flush after the end marker deadlocked the encoder thread. Both raise now, the old file stays."""
+    import av
+
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda *a, **k: _FailingContainer(real_open(*a, **k), fail_in))
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"old")
+    frames = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    with pytest.raises(OSError, match="simulated"):
+        finishes(lambda: write_video(frames, out, fps=8))
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
+    assert not [t for t in threading.enumerate() if t.name == "attnmap-encode"]
