@@ -74,7 +74,7 @@ def test_layouts(name: str, per_head: bool, backend: tuple[str, str]) -> None:
     lay = LAYOUTS[name]
     q, k = make_qk(lay, seed=len(name), device=backend[1])
     probe = torch.tensor([0, lay.num_queries - 1, 3])
-    _check(q, k, lay, backend[0], _all(lay), 1e-4, per_head=per_head, probe=probe)
+    _check(q, k, lay, backend[0], _all(lay), 1e-4, per_head=per_head, probe=probe, block_size=(4, 3))
 
 
 @pytest.mark.parametrize("d", [32, 64, 80, 96, 128, 256])
@@ -158,8 +158,11 @@ def test_lse_one_pass(backend: tuple[str, str]) -> None:
         key_padding_mask=keep.to(dev),
         lse=lse.to(dev),
         probe=probe,
+        block_size=5,
     )
-    ref = reference.attention_sums(q, k, lay, _all(lay), scale=0.25, key_padding_mask=keep, probe=probe)
+    ref = reference.attention_sums(
+        q, k, lay, _all(lay), scale=0.25, key_padding_mask=keep, probe=probe, block_size=5
+    )
     for name in ref:
         assert_close(name, ref[name], out[name], 1e-4)
 

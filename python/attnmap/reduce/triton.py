@@ -26,6 +26,9 @@ def serves(call: AttentionCall) -> Optional[str]:
         import triton  # noqa: F401
     except ImportError:
         return "Triton is not installed (pip install attnmap[triton])"
+    other = sorted(set(call.reductions) & {"blocks", "distance", "entropy"})
+    if other:
+        return f"the Triton kernel does not form {other} yet"
     if int(call.q.shape[3]) > 256:
         return f"the Triton kernel takes head dims up to 256, q has {int(call.q.shape[3])}"
     return None
