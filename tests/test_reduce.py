@@ -595,7 +595,7 @@ def test_statistics_with_lse_read_it(stats_backend: tuple[str, str]) -> None:
     logits = (q @ k.transpose(-1, -2)).double() * 32**-0.5
     lse = torch.logsumexp(logits, dim=-1)
     if stats_backend[0] == "native":  # it forms the softmax itself; auto sends a given lse to blocks
-        with pytest.raises(ValueError, match="^backend='native' cannot reduce this call: the native kernel"):
+        with pytest.raises(ValueError, match=r"^backend='native' cannot reduce this call: the native kernel"):
             ops.attention_sums(q, k, lay, ("entropy",), lse=lse.float(), backend="native")
         return
     dev = stats_backend[1]

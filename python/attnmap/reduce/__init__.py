@@ -20,13 +20,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
 from attnmap.errors import AttnmapError
 from attnmap.layout import Layout
-from attnmap.reduce.contract import FULL_LIMIT, REDUCTIONS, AttentionCall, Reductions, prepare_call
+from attnmap.reduce.contract import FULL_LIMIT, REDUCTIONS, AttentionCall, BlockSize, Reductions, prepare_call
 from attnmap.reduce.lse import sdpa_with_lse
 
 #: backend name -> the module that implements it (``serves(call)`` and ``run(call)``).
@@ -78,7 +78,7 @@ def attention_sums(
     backend: str = "auto",
     check_finite: bool = True,
     text_groups: Optional[Sequence[Sequence[int]]] = None,
-    block_size: Union[None, int, Sequence[int]] = None,
+    block_size: Optional[BlockSize] = None,
 ) -> dict[str, torch.Tensor]:
     """Reduce the attention probabilities of one call into small maps, never holding [Nq, Nk] per head.
 

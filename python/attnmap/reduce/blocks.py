@@ -106,7 +106,7 @@ class _Distance:
     def __init__(self, call: AttentionCall) -> None:
         dev = call.q.device
         self.grid = call.layout.grid
-        f, h, w = self.grid
+        _, h, w = self.grid
         pos = torch.arange(call.layout.num_video, device=dev)
         self.coords = (pos // (h * w), pos // w % h, pos % w)
         self.folds = tuple(_folds(n, dev) for n in self.grid)

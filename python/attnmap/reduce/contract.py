@@ -41,6 +41,8 @@ FULL_LIMIT = 2**26
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 Reductions = Union[str, Sequence[str]]
+#: ``block_size`` of ``blocks``: an int or (bq, bk) token tiles, or (t, h, w) video cubes.
+BlockSize = Union[int, Sequence[int]]
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,6 @@ class AttentionCall:
         if not spans:
             return 0, 0
         return min(s.start for s in spans), max(s.stop for s in spans)
-
 
     @property
     def cubes(self) -> bool:
@@ -326,7 +327,9 @@ def _check_block_size(block_size: object, wanted: bool, layout: Layout) -> Optio
             )
         return None
     if not wanted:
-        raise AttnmapError("block_size was given but 'blocks' is not in reductions; add it or drop block_size")
+        raise AttnmapError(
+            "block_size was given but 'blocks' is not in reductions; add it or drop block_size"
+        )
     values = (block_size,) if not isinstance(block_size, (tuple, list)) else tuple(block_size)
     ok = len(values) in (1, 2, 3) and all(
         isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in values
@@ -366,7 +369,7 @@ def prepare_call(
     lse: Optional[torch.Tensor] = None,
     check_finite: bool = True,
     text_groups: Optional[Sequence[Sequence[int]]] = None,
-    block_size: Union[None, int, Sequence[int]] = None,
+    block_size: Optional[BlockSize] = None,
 ) -> AttentionCall:
     """Validate the arguments of :func:`attention_sums` (ValueError naming the argument)."""
     if not isinstance(layout, Layout):

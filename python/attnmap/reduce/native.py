@@ -15,14 +15,18 @@ no block of P in memory beyond a task's rows):
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from attnmap.layout import Layout
+from attnmap.reduce import contract
 from attnmap.reduce.contract import AttentionCall, BlockGrid, block_grid, finish, frame_grid, group_text
 
+#: The reductions this backend forms: all of them (it forms each row's softmax itself, so a caller
+#: on the CPU can drop its lse).
+REDUCTIONS = frozenset(contract.REDUCTIONS)
 #: The reductions the grouped kernel forms alone (its columns: text keys and frames).
 GROUPED = frozenset({"cross", "temporal", "text"})
 
@@ -128,17 +132,14 @@ def stats_sums(call: AttentionCall) -> dict[str, torch.Tensor]:
 
     lay, wanted = call.layout, set(call.reductions)
     nk = call.num_keys
-    common = {
-        "scale": call.scale,
-        "bias": None if call.bias is None else _cpu_array(call.bias),
-        "per_head": call.per_head,
-    }
+    bias = None if call.bias is None else _cpu_array(call.bias)
+    common: dict[str, Any] = {"scale": call.scale, "bias": bias, "per_head": call.per_head}
     sums: dict[str, torch.Tensor] = {}
     k = _cpu_array(call.k)
     if "probe" in wanted:
         assert call.probe is not None
-        rows = _cpu_array(call.q[:, :, call.probe])
-        sums["probe"] = torch.from_numpy(_native.attention_stats(rows, k, dense=(0, nk), **common)["dense"])
+        probes = _cpu_array(call.q[:, :, call.probe])
+        sums["probe"] = torch.from_numpy(_native.attention_stats(probes, k, dense=(0, nk), **common)["dense"])
     if not wanted - {"probe"}:
         return sums
     lo, hi = call.row_range()

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
 from attnmap.layout import Layout
-from attnmap.reduce.contract import AttentionCall, Reductions, block_grid, group_text, prepare_call
+from attnmap.reduce.contract import AttentionCall, BlockSize, Reductions, block_grid, group_text, prepare_call
 
 F64 = torch.float64
 
@@ -51,7 +51,10 @@ def run(call: AttentionCall) -> dict[str, torch.Tensor]:
 def _offsets(grid: tuple[int, int, int]) -> torch.Tensor:
     """``[Nv, Nv]``: the ``distance`` bin ``(|dt| * H + |dy|) * W + |dx|`` of each video pair."""
     f, h, w = grid
-    t, y, x = (c.reshape(-1) for c in torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij"))
+    t, y, x = (
+        c.reshape(-1)
+        for c in torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij")
+    )
     dt, dy, dx = ((c[:, None] - c[None, :]).abs() for c in (t, y, x))
     return (dt * h + dy) * w + dx
 
@@ -116,7 +119,7 @@ def attention_sums(
     lse: Optional[torch.Tensor] = None,
     check_finite: bool = True,
     text_groups: Optional[Sequence[Sequence[int]]] = None,
-    block_size: Union[None, int, Sequence[int]] = None,
+    block_size: Optional[BlockSize] = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`attnmap.attention_sums`, computed by materialising P (O(B H Nq Nk) memory).
 
