@@ -423,7 +423,7 @@ def attn_reduce(
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
     head_groups: Optional[int] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> dict[str, torch.Tensor]:
     """Reduce softmax(scale * q k^T + bias) over query rows ``rows`` without storing it.
 
     Args:
