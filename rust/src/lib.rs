@@ -287,7 +287,12 @@ mod bindings {
     }
 
     /// One query block's and one key block's number per row and key, and the numbers of each.
-    type BlockSpec<'py> = (PyReadonlyArray1<'py, i64>, PyReadonlyArray1<'py, i64>, usize, usize);
+    type BlockSpec<'py> = (
+        PyReadonlyArray1<'py, i64>,
+        PyReadonlyArray1<'py, i64>,
+        usize,
+        usize,
+    );
 
     /// Exact attention statistics of q (B, H, R, D) and k (B, Hk, Nk, D) float32, bias (B, 1 or H, Nk)
     /// or None, in one pass: a dict with "dense" (B, Hs, R, hi - lo), P over key columns dense = (lo, hi);
