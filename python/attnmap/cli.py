@@ -31,6 +31,7 @@ RENDER_EXAMPLES = [
     "attnmap-render figures --attention-dir outputs/attention_maps --video-id prompt_001_vid_001 "
     "--output figures/",
     "attnmap-render all outputs/attention_maps --output attention_videos/",
+    "attnmap-render stats outputs/attention_maps --output stats/ --share 0.9 --window 3,7,7",
 ]
 
 
@@ -316,7 +317,7 @@ def _window_option(text: Optional[str]) -> Optional[tuple[int, int, int]]:
     return values[0], values[1], values[2]
 
 
-@app.command("stats", epilog=_epilog(len(RENDER_EXAMPLES) - 1))
+@app.command("stats", epilog=_epilog(7))
 def stats_cmd(
     attention_dir: Annotated[Path, typer.Argument(help="Store root (the attention_maps folder).")],
     output: Annotated[Path, typer.Option(help="Output folder for the figures and the JSON summaries.")],

@@ -403,11 +403,67 @@ impl Work<'_, '_> {
         out
     }
 
+    /// [`Work::softmax_head`] in the build the CPU allows, with the entropy sums or not.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn softmax(
+        &self,
+        b: usize,
+        head: usize,
+        r0: usize,
+        rows: usize,
+        q: &mut [f32],
+        st: &mut Rows,
+        entropy: bool,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if self.fast {
+            // SAFETY: `fast` says the CPU has AVX2 and FMA.
+            return unsafe { self.softmax_fast(b, head, r0, rows, q, st, entropy) };
+        }
+        self.softmax_any::<false>(b, head, r0, rows, q, st, entropy);
+    }
+
+    /// [`Work::softmax_any`] compiled for AVX2 with fused multiply-adds.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_fast(
+        &self,
+        b: usize,
+        head: usize,
+        r0: usize,
+        rows: usize,
+        q: &mut [f32],
+        st: &mut Rows,
+        entropy: bool,
+    ) {
+        self.softmax_any::<true>(b, head, r0, rows, q, st, entropy);
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_any<const FAST: bool>(
+        &self,
+        b: usize,
+        head: usize,
+        r0: usize,
+        rows: usize,
+        q: &mut [f32],
+        st: &mut Rows,
+        entropy: bool,
+    ) {
+        if entropy {
+            self.softmax_head::<FAST, true>(b, head, r0, rows, q, st);
+        } else {
+            self.softmax_head::<FAST, false>(b, head, r0, rows, q, st);
+        }
+    }
+
     /// One head's online softmax over every key for rows `r0..r0 + rows` of batch element `b`,
     /// left in `st` (relative column sums, max, sum, and with `ENT` the entropy sums); `q` is
     /// scratch for the scaled query rows (`[padded rows][D]`).
     #[inline(always)]
-    pub(crate) fn softmax_head<const FAST: bool, const ENT: bool>(
+    fn softmax_head<const FAST: bool, const ENT: bool>(
         &self,
         b: usize,
         head: usize,

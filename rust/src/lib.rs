@@ -258,6 +258,23 @@ mod bindings {
         Ok(out)
     }
 
+    /// The CPU kernels' inputs as views of the numpy arrays.
+    fn problem<'a>(
+        q: &'a PyReadonlyArray4<'_, f32>,
+        k: &'a PyReadonlyArray4<'_, f32>,
+        bias: &'a Option<PyReadonlyArray3<'_, f32>>,
+        scale: f64,
+        per_head: bool,
+    ) -> crate::groups::Problem<'a> {
+        crate::groups::Problem {
+            q: q.as_array(),
+            k: k.as_array(),
+            bias: bias.as_ref().map(|b| b.as_array()),
+            scale: scale as f32,
+            per_head,
+        }
+    }
+
     /// Attention probabilities summed into key groups, per query row: q (B, H, R, D) and k (B, Hk, Nk, D)
     /// float32, columns (Nk,) int64 (each key's column in 0..num_columns, or -1), bias (B, 1 or H, Nk)
     /// additive float32 or None. Returns (B, H or 1, R, num_columns) float32.
@@ -275,13 +292,7 @@ mod bindings {
         per_head: bool,
     ) -> PyResult<Bound<'py, PyArray4<f32>>> {
         let groups = crate::groups::Groups::new(columns.as_array(), num_columns)?;
-        let problem = crate::groups::Problem {
-            q: q.as_array(),
-            k: k.as_array(),
-            bias: bias.as_ref().map(|b| b.as_array()),
-            scale: scale as f32,
-            per_head,
-        };
+        let problem = problem(&q, &k, &bias, scale, per_head);
         let out = py.detach(|| crate::groups::grouped_sums(&problem, &groups))?;
         Ok(out.into_pyarray(py))
     }
@@ -342,13 +353,7 @@ mod bindings {
                 width,
             }),
         };
-        let problem = crate::groups::Problem {
-            q: q.as_array(),
-            k: k.as_array(),
-            bias: bias.as_ref().map(|b| b.as_array()),
-            scale: scale as f32,
-            per_head,
-        };
+        let problem = problem(&q, &k, &bias, scale, per_head);
         let out = py.detach(|| crate::stats::attention_stats(&problem, &spec))?;
         let dict = PyDict::new(py);
         if let Some(x) = out.dense {

@@ -415,7 +415,7 @@ fn work_task(work: &Work, plan: &Plan, acc: &mut Acc, b: usize, r0: usize) -> Re
     }
     let Scratch { st, summed, q } = &mut scratch;
     for head in 0..h {
-        softmax(work, b, head, r0, rows, q, st, plan.entropy);
+        work.softmax(b, head, r0, rows, q, st, plan.entropy);
         let slot = if work.p.per_head { head } else { 0 };
         for i in 0..rows {
             if plan.entropy {
@@ -457,52 +457,6 @@ fn work_task(work: &Work, plan: &Plan, acc: &mut Acc, b: usize, r0: usize) -> Re
 
 fn add_scaled(dst: &mut [f32], src: &[f32], s: f32) {
     dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v * s);
-}
-
-/// One head's online softmax, in the build the CPU allows (and with the entropy sums or not).
-#[allow(clippy::too_many_arguments)]
-fn softmax(
-    work: &Work,
-    b: usize,
-    head: usize,
-    r0: usize,
-    rows: usize,
-    q: &mut [f32],
-    st: &mut Rows,
-    entropy: bool,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if work.fast {
-        // SAFETY: `fast` says the CPU has AVX2 and FMA.
-        unsafe { softmax_fast(work, b, head, r0, rows, q, st, entropy) };
-        return;
-    }
-    if entropy {
-        work.softmax_head::<false, true>(b, head, r0, rows, q, st);
-    } else {
-        work.softmax_head::<false, false>(b, head, r0, rows, q, st);
-    }
-}
-
-/// [`softmax`] compiled for AVX2 with fused multiply-adds.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-fn softmax_fast(
-    work: &Work,
-    b: usize,
-    head: usize,
-    r0: usize,
-    rows: usize,
-    q: &mut [f32],
-    st: &mut Rows,
-    entropy: bool,
-) {
-    if entropy {
-        work.softmax_head::<true, true>(b, head, r0, rows, q, st);
-    } else {
-        work.softmax_head::<true, false>(b, head, r0, rows, q, st);
-    }
 }
 
 /// Fold one row `p` (`[Nk]`, normalised) of slot `slot` into the statistics; `keep` takes its
