@@ -133,6 +133,9 @@ def attention_sums(
         >>> out = attention_sums(q, k, lay, ("temporal", "received"))
         >>> out["temporal"].shape, out["received"].shape
         (torch.Size([1, 2, 2]), torch.Size([1, 11]))
+        >>> stats = attention_sums(q, k, lay, ("blocks", "distance", "entropy"), block_size=(1, 2, 2))
+        >>> stats["blocks"].shape, stats["distance"].shape, stats["entropy"].shape
+        (torch.Size([1, 2, 2]), torch.Size([1, 2, 2, 2]), torch.Size([1, 11]))
     """
     call = prepare_call(
         q,
