@@ -545,6 +545,17 @@ mod tests {
             .collect()
     }
 
+    /// A problem without bias at scale 1.
+    fn unbiased<'a>(q: &'a A4<f32>, k: &'a A4<f32>, per_head: bool) -> Problem<'a> {
+        Problem {
+            q: q.view(),
+            k: k.view(),
+            bias: None,
+            scale: 1.0,
+            per_head,
+        }
+    }
+
     fn close(got: f32, want: f64, tol: f64, what: &str) {
         assert!(
             (got as f64 - want).abs() <= tol,
@@ -771,13 +782,7 @@ mod tests {
             k[[0, 0, j, 0]] = j as f32 * 1e-3;
         }
         k[[0, 0, 0, 1]] = 1.0;
-        let p = Problem {
-            q: q.view(),
-            k: k.view(),
-            bias: None,
-            scale: 1.0,
-            per_head: false,
-        };
+        let p = unbiased(&q, &k, false);
         let spec = Spec {
             received: true,
             entropy: true,
@@ -807,13 +812,7 @@ mod tests {
         let mut q = A4::from_shape_vec((1, 2, 6, 8), noise(96, 8, 1.0)).unwrap();
         let k = A4::from_shape_vec((1, 2, 20, 8), noise(320, 9, 1.0)).unwrap();
         q[[0, 0, 3, 2]] = f32::NAN;
-        let p = Problem {
-            q: q.view(),
-            k: k.view(),
-            bias: None,
-            scale: 1.0,
-            per_head: true,
-        };
+        let p = unbiased(&q, &k, true);
         let spec = Spec {
             dense: Some(0..20),
             entropy: true,
@@ -846,13 +845,7 @@ mod tests {
     fn bad_specs_name_their_argument() {
         let q = A4::<f32>::zeros((1, 1, 4, 8));
         let k = A4::<f32>::zeros((1, 1, 5, 8));
-        let p = Problem {
-            q: q.view(),
-            k: k.view(),
-            bias: None,
-            scale: 1.0,
-            per_head: false,
-        };
+        let p = unbiased(&q, &k, false);
         let message = |spec: Spec| attention_stats(&p, &spec).err().unwrap().to_string();
         let e = message(Spec {
             dense: Some(2..6),
