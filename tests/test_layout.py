@@ -70,3 +70,17 @@ def test_check_names_the_mismatch() -> None:
 def test_bad_layouts_name_the_argument(build: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build()  # type: ignore[operator]
+
+
+def test_statistics_are_supported_where_their_tokens_are() -> None:
+    joint = Layout.joint(text=3, grid=(2, 2, 2))
+    self_ = Layout.self_attn(grid=(2, 2, 2), prefix=1)
+    cross = Layout.cross(grid=(2, 2, 2), text=4)
+    for lay in (joint, self_, cross):
+        assert lay.supports("blocks") and lay.supports("entropy") and lay.supports("received")
+        assert lay.supports("blocks", block_size=(2, 3)) and lay.supports("blocks", block_size=4)
+    assert joint.supports("distance") and self_.supports("distance") and not cross.supports("distance")
+    # video cubes need video keys: a cross call has none
+    assert joint.supports("blocks", block_size=(1, 2, 2)) and self_.supports("blocks", block_size=[1, 1, 1])
+    assert not cross.supports("blocks", block_size=(1, 2, 2))
+    assert not cross.supports("temporal", block_size=(1, 2, 2))

@@ -247,3 +247,64 @@ def test_rgb_to_yuv420_matches_swscale(n: int, hh: int, hw: int, seed: int) -> N
 def test_rgb_to_yuv420_rejects_odd_sizes_by_name() -> None:
     with pytest.raises(AttnmapError, match=r"^frames: expected uint8 \(n, H, W, 3\) with H and W even"):
         _native.rgb_to_yuv420(np.zeros((1, 3, 4, 3), np.uint8))
+
+
+# -- the CPU attention kernels' bindings ----------------------------------------------------------
+
+
+def test_attention_stats_returns_what_was_asked() -> None:
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 2, 5, 8), dtype=np.float32)
+    k = rng.standard_normal((1, 2, 6, 8), dtype=np.float32)
+    rows, keys = np.array([0, 0, 1, 1, -1]), np.array([0, 1, 1, 2, 2, -1])
+    out = _native.attention_stats(
+        q, k, scale=0.5, dense=(1, 4), received=True, entropy=True, blocks=[(rows, keys, 2, 3)]
+    )
+    assert sorted(out) == ["blocks", "dense", "entropy", "received"]
+    logits = np.einsum("bhid,bhjd->bhij", q.astype(np.float64), k.astype(np.float64)) * 0.5
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(out["dense"], p.sum(1, keepdims=True)[..., 1:4], rtol=1e-5)
+    np.testing.assert_allclose(out["received"], p.sum((1, 2))[:, None], rtol=1e-5)
+    np.testing.assert_allclose(out["entropy"], -(p * np.log(p)).sum((1, 3))[:, None], rtol=1e-5)
+    blocks = np.zeros((2, 3))
+    for i, a in enumerate(rows):
+        for j, c in enumerate(keys):
+            if a >= 0 and c >= 0:
+                blocks[a, c] += p[0, :, i, j].sum()
+    np.testing.assert_allclose(out["blocks"][0][0, 0], blocks, rtol=1e-5)
+    assert _native.attention_stats(q, k, scale=0.5) == {}
+
+
+def test_attention_stats_names_bad_arguments() -> None:
+    q = np.zeros((1, 2, 4, 8), np.float32)
+    k = np.zeros((1, 2, 5, 8), np.float32)
+    rows, keys = np.zeros(4, np.int64), np.zeros(5, np.int64)
+    cases = [
+        ({"dense": (3, 6)}, r"^dense: expected key columns lo\.\.hi within 0\.\.5"),
+        (
+            {"blocks": [(rows[:3], keys, 1, 1)]},
+            r"^blocks: expected a block per query row \(4\) and per key \(5\)",
+        ),
+        (
+            {"blocks": [(rows, keys + 1, 1, 1)]},
+            r"^blocks: expected row blocks in -1\.\.1 and key blocks in -1\.\.1",
+        ),
+        (
+            {"blocks": [(rows, keys, 2**40, 2**40)]},
+            r"^blocks: the output \[1, 1, 1099511627776, 1099511627776\]",
+        ),
+        (
+            {"distance": (2, 0, 1, 1, 3)},
+            r"^distance: expected a grid of F x H x W >= 1 video tokens from row 2",
+        ),
+        ({"distance": (0, 0, 0, 1, 1)}, r"^distance: expected a grid"),
+        ({"bias": np.zeros((1, 3, 5), np.float32)}, r"^bias: expected \[B, 1 or H, Nk\]"),
+        ({"scale": float("inf")}, r"^scale: expected a finite number"),
+    ]
+    for kwargs, message in cases:
+        args: dict = {"scale": 1.0, **kwargs}
+        with pytest.raises(_native.AttnmapError, match=message):
+            _native.attention_stats(q, k, **args)
+    with pytest.raises(_native.AttnmapError, match=r"^k: expected \[B, Hk, Nk, D\]"):
+        _native.attention_stats(q, np.zeros((1, 3, 5, 8), np.float32), scale=1.0)

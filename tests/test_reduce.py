@@ -74,7 +74,7 @@ def test_layouts(name: str, per_head: bool, backend: tuple[str, str]) -> None:
     lay = LAYOUTS[name]
     q, k = make_qk(lay, seed=len(name), device=backend[1])
     probe = torch.tensor([0, lay.num_queries - 1, 3])
-    _check(q, k, lay, backend[0], _all(lay), 1e-4, per_head=per_head, probe=probe)
+    _check(q, k, lay, backend[0], _all(lay), 1e-4, per_head=per_head, probe=probe, block_size=(4, 3))
 
 
 @pytest.mark.parametrize("d", [32, 64, 80, 96, 128, 256])
@@ -121,7 +121,10 @@ def _mask(mask_shape: str, batch: int, heads: int, n: int, device: torch.device)
 def _check_masked(q: torch.Tensor, k: torch.Tensor, lay: Layout, backend: str, mask_shape: str) -> None:
     b, h, n = q.shape[0], q.shape[1], k.shape[2]
     mask = _mask(mask_shape, b, h, n, q.device)
-    out = _check(q, k, lay, backend, ("cross", "received"), 1e-4, key_padding_mask=mask)
+    # an additive mask puts a whole batch element near -1e4, where fp32 logits are rounded to ~1e-3:
+    # the float64 oracle is exact there, the fp32 kernels are not
+    tol = 2e-3 if mask_shape.startswith("add") else 1e-4
+    out = _check(q, k, lay, backend, ("cross", "received"), tol, key_padding_mask=mask)
     if mask.dtype == torch.bool and mask_shape != "bool-1N":
         assert torch.equal(out["cross"][-1].cpu(), torch.zeros_like(out["cross"][-1].cpu()))
 
@@ -158,8 +161,11 @@ def test_lse_one_pass(backend: tuple[str, str]) -> None:
         key_padding_mask=keep.to(dev),
         lse=lse.to(dev),
         probe=probe,
+        block_size=5,
     )
-    ref = reference.attention_sums(q, k, lay, _all(lay), scale=0.25, key_padding_mask=keep, probe=probe)
+    ref = reference.attention_sums(
+        q, k, lay, _all(lay), scale=0.25, key_padding_mask=keep, probe=probe, block_size=5
+    )
     for name in ref:
         assert_close(name, ref[name], out[name], 1e-4)
 
@@ -367,12 +373,21 @@ def test_triton_rejects_bad_tiles() -> None:
 def test_auto_on_the_cpu_picks_native_where_it_serves_else_blocks() -> None:
     lay = LAYOUTS["joint-text-first"]
     q, k = make_qk(lay)
-    grouped = ops.prepare_call(q, k, lay, ("cross", "temporal"))
-    assert ops.choose("auto", grouped).__name__ == "attnmap.reduce.native"
-    other = ops.prepare_call(q, k, lay, ("cross", "received"))
-    assert ops.choose("auto", other).__name__ == "attnmap.reduce.blocks"
+    for names in (("cross", "temporal"), ("cross", "received"), ("blocks", "distance", "entropy", "probe")):
+        call = ops.prepare_call(
+            q,
+            k,
+            lay,
+            names,
+            block_size=4 if "blocks" in names else None,
+            probe=torch.tensor([1]) if "probe" in names else None,
+        )
+        assert ops.choose("auto", call).__name__ == "attnmap.reduce.native"
+    lse = torch.zeros(2, 2, lay.num_queries)
+    with_lse = ops.prepare_call(q, k, lay, ("cross", "received"), lse=lse)
+    assert ops.choose("auto", with_lse).__name__ == "attnmap.reduce.blocks"
     with pytest.raises(ValueError, match="backend='native' cannot reduce this call: the native kernel forms"):
-        ops.attention_sums(q, k, lay, ("cross", "received"), backend="native")
+        ops.attention_sums(q, k, lay, ("cross", "received"), backend="native", lse=lse)
 
 
 def test_backend_and_probe_errors() -> None:
@@ -502,3 +517,205 @@ def test_sdpa_with_lse_falls_back_without_lse() -> None:
     out, lse = ops.sdpa_with_lse(q, k, v)
     assert lse is None
     assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+# -- the statistics of sparse-attention design: blocks, distance, entropy (and received) ----------
+
+STATS = ("received", "blocks", "distance", "entropy")
+STATS_BACKENDS = ["auto", "native", "blocks", pytest.param("triton", marks=needs_triton)]
+#: sizes that are no multiple of any tile: 7 text tokens, grids of odd sides, prefix tokens
+STATS_LAYOUTS = {
+    "joint-text-first": Layout.joint(text=7, grid=(3, 3, 5)),
+    "joint-video-first": Layout.joint(text=4, grid=(2, 5, 3), text_first=False),
+    "self-prefix": Layout.self_attn(grid=(3, 4, 3), prefix=3),
+    "cross-prefix": Layout.cross(grid=(2, 3, 3), text=11, prefix=2),
+}
+#: token tiles that straddle text/video boundaries, and video cubes with smaller edge cubes
+BLOCK_SIZES = {"tiles": (5, 7), "square": 6, "cubes": (2, 2, 3)}
+
+
+def _stats(lay: Layout, block_size: object) -> tuple[str, ...]:
+    return tuple(r for r in STATS if lay.supports(r, block_size=block_size))  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=STATS_BACKENDS)
+def stats_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
+    name = request.param
+    return name, TRITON_DEVICE if name == "triton" else "cpu"
+
+
+#: every layout with every block size it defines (cubes need video keys)
+STATS_CASES = [
+    (name, size)
+    for name, lay in STATS_LAYOUTS.items()
+    for size, block_size in BLOCK_SIZES.items()
+    if lay.supports("blocks", block_size=block_size)  # type: ignore[arg-type]
+]
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["mean", "per_head"])
+@pytest.mark.parametrize(("name", "size"), STATS_CASES, ids=[f"{n}-{s}" for n, s in STATS_CASES])
+def test_statistics_against_the_oracle(
+    name: str, size: str, per_head: bool, stats_backend: tuple[str, str]
+) -> None:
+    lay, block_size = STATS_LAYOUTS[name], BLOCK_SIZES[size]
+    q, k = make_qk(lay, heads=4, kv_heads=2, d=24, seed=len(name) + len(size), device=stats_backend[1])
+    names = _stats(lay, block_size)
+    if lay.supports("temporal"):
+        names = (*names, "temporal")  # alongside the others
+    _check(q, k, lay, stats_backend[0], names, 1e-4, per_head=per_head, block_size=block_size, scale=0.3)
+
+
+@pytest.mark.parametrize("mask_shape", ["bool-BN", "bool-BH1N", "add-B11N"])
+def test_statistics_with_masks(mask_shape: str, stats_backend: tuple[str, str]) -> None:
+    lay = STATS_LAYOUTS["joint-text-first"]
+    q, k = make_qk(lay, heads=3, seed=31, device=stats_backend[1])
+    mask = _mask(mask_shape, q.shape[0], q.shape[1], k.shape[2], q.device)
+    tol = 2e-3 if mask_shape.startswith("add") else 1e-4
+    names = ("received", "blocks", "distance", "entropy", "temporal")
+    out = _check(
+        q, k, lay, stats_backend[0], names, tol, key_padding_mask=mask, per_head=True, block_size=(2, 2, 2)
+    )
+    if mask.dtype == torch.bool:  # batch element 1: every key masked, so zero mass and zero entropy
+        for t in out.values():
+            assert torch.equal(t[-1].cpu(), torch.zeros_like(t[-1].cpu()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_statistics_of_half_inputs(dtype: torch.dtype, stats_backend: tuple[str, str]) -> None:
+    lay = STATS_LAYOUTS["self-prefix"]
+    q, k = make_qk(lay, heads=2, dtype=dtype, seed=32, device=stats_backend[1])
+    _check(q, k, lay, stats_backend[0], STATS, TOL[dtype], block_size=(1, 2, 2))
+
+
+def test_statistics_with_lse_read_it(stats_backend: tuple[str, str]) -> None:
+    # P = exp(logit - lse): a shifted lse halves every P, and the entropy is sum P (lse - logit)
+    lay = STATS_LAYOUTS["joint-video-first"]
+    q, k = make_qk(lay, seed=33)
+    logits = (q @ k.transpose(-1, -2)).double() * 32**-0.5
+    lse = torch.logsumexp(logits, dim=-1)
+    if stats_backend[0] == "native":  # it forms the softmax itself; auto sends a given lse to blocks
+        with pytest.raises(ValueError, match=r"^backend='native' cannot reduce this call: the native kernel"):
+            ops.attention_sums(q, k, lay, ("entropy",), lse=lse.float(), backend="native")
+        return
+    dev = stats_backend[1]
+    names = ("received", "blocks", "distance", "entropy")
+    right = reduce_with(
+        stats_backend[0], q.to(dev), k.to(dev), lay, names, lse=lse.float().to(dev), block_size=4
+    )
+    shifted = reduce_with(
+        stats_backend[0],
+        q.to(dev),
+        k.to(dev),
+        lay,
+        names,
+        lse=(lse + math.log(2.0)).float().to(dev),
+        block_size=4,
+    )
+    ref = reference.attention_sums(q, k, lay, names, block_size=4)
+    p = torch.softmax(logits, dim=-1)
+    entropy_shifted = (p / 2 * (lse[..., None] + math.log(2.0) - logits)).sum(-1).mean(1)
+    for name in names:
+        assert_close(name, ref[name], right[name], 1e-4)
+        want = entropy_shifted if name == "entropy" else ref[name] / 2
+        assert_close(name, want, shifted[name], 1e-4)
+
+
+def test_statistics_sum_rules(stats_backend: tuple[str, str]) -> None:
+    lay = STATS_LAYOUTS["self-prefix"]
+    _, h, w = lay.grid
+    q, k = make_qk(lay, heads=2, seed=34, device=stats_backend[1])
+    be = stats_backend[0]
+    tiles = reduce_with(be, q, k, lay, ("blocks",), block_size=(5, 4))["blocks"]
+    torch.testing.assert_close(tiles.sum(-1), torch.ones_like(tiles[..., 0]), rtol=0, atol=1e-5)
+    names = ("temporal", "blocks", "distance")
+    frames = reduce_with(be, q, k, lay, names, block_size=(1, h, w))
+    # cubes of whole frames are the temporal map; distance sums to the mean video-to-video mass
+    torch.testing.assert_close(frames["blocks"], frames["temporal"], rtol=0, atol=1e-6)
+    video_mass = frames["temporal"].sum(-1).mean(-1)
+    torch.testing.assert_close(frames["distance"].sum((-3, -2, -1)), video_mass, rtol=0, atol=1e-5)
+    cubes = reduce_with(be, q, k, lay, ("blocks",), block_size=(2, 3, 2))["blocks"]
+    cube_rows = cubes.sum(-1)  # each cube's queries' mass on video keys; weighted by cube sizes -> the mean
+    sizes = torch.tensor(
+        [2 * 3 * 2, 2 * 3 * 1, 2 * 1 * 2, 2 * 1 * 1, 1 * 3 * 2, 1 * 3 * 1, 1 * 1 * 2, 1 * 1 * 1]
+    )
+    sizes = sizes.to(cube_rows.device, torch.float32)
+    torch.testing.assert_close((cube_rows * sizes).sum(-1) / sizes.sum(), video_mass, rtol=0, atol=1e-5)
+    exact = reference.attention_sums(q.cpu(), k.cpu(), lay, names, block_size=(1, h, w))
+    assert torch.equal(exact["blocks"], exact["temporal"])
+
+
+def _pairs(length: int) -> torch.Tensor:
+    """Ordered pairs of positions on an axis of ``length`` that lie ``d`` apart, for each d."""
+    d = torch.arange(length, dtype=torch.float64)
+    return torch.where(d == 0, float(length), 2.0 * (length - d))
+
+
+def test_uniform_attention_has_known_statistics(stats_backend: tuple[str, str]) -> None:
+    # q = 0: every key gets 1 / Nk; entropy ln(Nk), distance the pair counts by offset / (Nv Nk)
+    lay = STATS_LAYOUTS["joint-video-first"]
+    f, h, w = lay.grid
+    q = torch.zeros(1, 2, lay.num_queries, 16, device=stats_backend[1])
+    k = torch.randn(1, 2, lay.num_keys, 16, device=stats_backend[1])
+    out = reduce_with(stats_backend[0], q, k, lay, ("entropy", "distance", "blocks"), block_size=(4, 8))
+    n = lay.num_keys
+    torch.testing.assert_close(out["entropy"].cpu(), torch.full((1, n), math.log(n)), rtol=1e-6, atol=0)
+    counts = _pairs(f)[:, None, None] * _pairs(h)[None, :, None] * _pairs(w)[None, None, :]
+    want = (counts / (lay.num_video * n)).float()[None]
+    torch.testing.assert_close(out["distance"].cpu(), want, rtol=1e-5, atol=0)
+    widths = torch.tensor([8.0, 8.0, 8.0, 8.0, n - 32.0]) / n  # key tiles of 8, the last one smaller
+    torch.testing.assert_close(out["blocks"].cpu(), widths.expand(1, 9, 5), rtol=1e-5, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the interpreter's tl.max
+def test_statistics_with_check_finite_off_give_nan(stats_backend: tuple[str, str]) -> None:
+    lay = STATS_LAYOUTS["self-prefix"]
+    q, k = make_qk(lay, device=stats_backend[1])
+    row = lay.video_q.start + 4
+    q[0, 1, row, 5] = float("nan")  # one video query row of batch 0, head 1
+    names = ("received", "blocks", "distance", "entropy")
+    out = reduce_with(
+        stats_backend[0], q, k, lay, names, check_finite=False, per_head=True, block_size=(3, 5)
+    )
+    ref = reference.attention_sums(
+        q.cpu(), k.cpu(), lay, names, check_finite=False, per_head=True, block_size=(3, 5)
+    )
+    for name in names:
+        got, want = out[name].cpu(), ref[name]
+        # NaN wherever the oracle has it; products with 0/1 matrices (the blocks backend's distance
+        # folds, the Triton kernel's one-hot block sums) spread it further, never to other heads
+        assert (got.isnan() | ~want.isnan()).all(), name
+        if (stats_backend[0], name) not in {("blocks", "distance"), ("triton", "blocks")}:
+            assert torch.equal(got.isnan(), want.isnan()), name
+        assert got[0, 1].isnan().any() and not got[0, 0].isnan().any() and not got[1].isnan().any()
+        assert_close(name, want[1], got[1], 1e-4)
+    assert out["entropy"][0, 1].isnan().sum() == 1 and out["entropy"][0, 1, row].isnan()
+
+
+def test_block_size_is_checked_by_name() -> None:
+    lay = STATS_LAYOUTS["self-prefix"]
+    q, k = make_qk(lay)
+    with pytest.raises(ValueError, match=r"^block_size: the 'blocks' reduction needs block_size="):
+        ops.attention_sums(q, k, lay, ("blocks",))
+    with pytest.raises(ValueError, match=r"^block_size was given but 'blocks' is not in reductions"):
+        ops.attention_sums(q, k, lay, ("entropy",), block_size=4)
+    for bad in (0, -2, 1.5, True, (1, 2, 3, 4), (), (2, 0), "4", (2, 2.0)):
+        with pytest.raises(ValueError, match=r"^block_size must be a positive int, a pair \(bq, bk\)"):
+            ops.attention_sums(q, k, lay, ("blocks",), block_size=bad)  # type: ignore[arg-type]
+    many = torch.zeros(1, 1, lay.num_queries, 4).expand(1, 45_000, -1, -1)  # 45,000 heads, as a view
+    with pytest.raises(
+        ValueError, match=r"^block_size \(1, 1\) gives 39 x 39 blocks, \d+ entries in all \(limit"
+    ):
+        ops.attention_sums(many, many, lay, ("blocks",), block_size=1, per_head=True)
+    cross = STATS_LAYOUTS["cross-prefix"]
+    qc, kc = make_qk(cross)
+    with pytest.raises(
+        ValueError, match=r"^block_size: video cubes \(1, 2, 2\) need video keys, and Layout\.cross"
+    ):
+        reference.attention_sums(qc, kc, cross, ("blocks",), block_size=(1, 2, 2))
+    with pytest.raises(ValueError, match=r"^reductions: 'distance' is not defined for Layout\.cross"):
+        ops.attention_sums(qc, kc, cross, ("distance",))
+    # numpy integers and lists count; one int is a square token tile
+    a = ops.attention_sums(q, k, lay, ("blocks",), block_size=[np.int64(3), 3])
+    b = ops.attention_sums(q, k, lay, ("blocks",), block_size=3)
+    assert torch.equal(a["blocks"], b["blocks"])

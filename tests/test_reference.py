@@ -140,3 +140,48 @@ def test_full_is_refused_above_the_limit() -> None:
     q = torch.zeros(1, 1, side, 1).expand(1, 1, side, 32)
     with pytest.raises(ValueError, match=r"'full' would hold .* Use 'cross', 'temporal'"):
         reference.attention_sums(q, q, lay, ("full",))
+
+
+def test_blocks_distance_entropy_by_loops() -> None:
+    lay = Layout.self_attn(grid=(2, 3, 2), prefix=1)
+    q, k = _qk(lay, seed=8)
+    out = reference.attention_sums(q, k, lay, ("full",), per_head=True)[
+        "full"
+    ].double()  # P itself, checked against SDPA above
+    names = ("blocks", "distance", "entropy")
+    cubes = reference.attention_sums(q, k, lay, names, per_head=True, block_size=(1, 2, 2))
+    tiles = reference.attention_sums(q, k, lay, ("blocks",), per_head=True, block_size=(5, 4))["blocks"]
+    pos = [(t, y, x) for t in range(2) for y in range(3) for x in range(2)]  # video token v at 1 + v
+    # cubes (1, 2, 2): along y the edge cube holds one row; raster order (t, y, x)
+    cube = [t * 2 + y // 2 for t, y, _ in pos]
+    expected = torch.zeros(2, 2, 4, 4, dtype=torch.float64)
+    members = [[v for v in range(12) if cube[v] == c] for c in range(4)]
+    for a in range(4):
+        for c in range(4):
+            rows = [1 + v for v in members[a]]
+            cols = [1 + v for v in members[c]]
+            expected[:, :, a, c] = out[:, :, rows][:, :, :, cols].sum(-1).mean(-1)
+    torch.testing.assert_close(cubes["blocks"].double(), expected, rtol=1e-6, atol=1e-7)
+    # token tiles (5, 4) over all 13 tokens: 3 row tiles (5, 5, 3) x 4 key tiles (4, 4, 4, 1)
+    expected = torch.zeros(2, 2, 3, 4, dtype=torch.float64)
+    for a in range(3):
+        for c in range(4):
+            expected[:, :, a, c] = out[:, :, 5 * a : 5 * a + 5, 4 * c : 4 * c + 4].sum(-1).mean(-1)
+    torch.testing.assert_close(tiles.double(), expected, rtol=1e-6, atol=1e-7)
+    dist = torch.zeros(2, 2, 2, 3, 2, dtype=torch.float64)
+    for i, (tq, yq, xq) in enumerate(pos):
+        for j, (tk, yk, xk) in enumerate(pos):
+            dist[:, :, abs(tq - tk), abs(yq - yk), abs(xq - xk)] += out[:, :, 1 + i, 1 + j] / 12
+    torch.testing.assert_close(cubes["distance"].double(), dist, rtol=1e-6, atol=1e-7)
+    entropy = -(out * out.clamp_min(1e-300).log()).sum(-1)
+    torch.testing.assert_close(cubes["entropy"].double(), entropy, rtol=1e-6, atol=1e-7)
+
+
+def test_the_oracle_is_float64() -> None:
+    # logits 1e4 apart by 1e-3: fp32 cannot tell them apart (its spacing at 1e4 is 1e-3), float64 can
+    lay = Layout.self_attn(grid=(1, 1, 2))
+    q = torch.tensor([[[[1.0], [1.0]]]], dtype=torch.float32)
+    k = torch.tensor([[[[10000.0], [10000.0009765625]]]], dtype=torch.float32)  # exact in fp32
+    p = reference.attention_sums(q, k, lay, ("full",), scale=1.0)["full"]
+    want = torch.softmax(torch.tensor([10000.0, 10000.0009765625], dtype=torch.float64), 0).float()
+    torch.testing.assert_close(p[0, 0], want, rtol=0, atol=1e-7)

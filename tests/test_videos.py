@@ -348,7 +348,7 @@ def test_overlays_play_at_the_original_rate(tmp_path: Path) -> None:
 def test_the_store_refuses_sizes_no_render_could_have(tmp_path: Path) -> None:
     # beyond the schema's bounds (frames <= 2**20, sides <= 2**17) nothing is written at all
     for video in ({"frames": 10**7}, {"height": 10**6, "width": 4}):
-        with pytest.raises(ValueError, match="^metadata: key 'video' must be"):
+        with pytest.raises(ValueError, match=r"^metadata: key 'video' must be"):
             StoreWriter(tmp_path / "s", "v", {"video": video})
 
 

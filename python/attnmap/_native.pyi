@@ -1,6 +1,7 @@
 """Type stubs for attnmap._native, the Rust core: rendering and the CPU attention kernel (rust/src/lib.rs)."""
 
-from typing import Optional
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -9,6 +10,7 @@ __all__ = [
     "AttnmapError",
     "__version__",
     "attention_groups",
+    "attention_stats",
     "colorize",
     "colormap_names",
     "colormap_table",
@@ -66,3 +68,16 @@ def attention_groups(
     bias: Optional[np.ndarray] = None,
     per_head: bool = False,
 ) -> np.ndarray: ...
+def attention_stats(
+    q: np.ndarray,
+    k: np.ndarray,
+    *,
+    scale: float,
+    bias: Optional[np.ndarray] = None,
+    per_head: bool = False,
+    dense: Optional[tuple[int, int]] = None,
+    received: bool = False,
+    entropy: bool = False,
+    blocks: Optional[Sequence[tuple[np.ndarray, np.ndarray, int, int]]] = None,
+    distance: Optional[tuple[int, int, int, int, int]] = None,
+) -> dict[str, Any]: ...

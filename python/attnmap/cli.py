@@ -38,6 +38,7 @@ RENDER_EXAMPLES = [
     "attnmap-render report outputs/attention_maps --output report.html",
     "attnmap-render still --attention-dir outputs/attention_maps --video-id prompt_001_vid_001 --token kiss "
     "--frame 40 --original-video outputs/videos/prompt_001_vid_001.mp4 --output kiss_40.png",
+    "attnmap-render stats outputs/attention_maps --output stats/ --share 0.9 --window 3,7,7",
 ]
 
 
@@ -598,6 +599,59 @@ def _usage_message(exc: Any) -> str:
             return f"Missing option {' / '.join(param.opts)}"
         return f"Missing argument {str(getattr(param, 'name', '') or '').upper()}"
     return str(exc.format_message())
+
+
+def _window_option(text: Optional[str]) -> Optional[tuple[int, int, int]]:
+    """``"3,7,7"`` -> (3, 7, 7)."""
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 1:
+        raise CLIError(f"--window must be three positive ints t,h,w such as '3,7,7', got {text!r}")
+    return values[0], values[1], values[2]
+
+
+@app.command("stats", epilog=_epilog(9))
+def stats_cmd(
+    attention_dir: Annotated[Path, typer.Argument(help="Store root (the attention_maps folder).")],
+    output: Annotated[Path, typer.Option(help="Output folder for the figures and the JSON summaries.")],
+    video_id: Annotated[
+        Optional[list[str]], typer.Option(help="Video to summarise; repeat it for several (default all).")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="png or svg.")] = "png",
+    share: Annotated[
+        float, typer.Option(help="Share of mass the smallest window must keep, in (0, 1].")
+    ] = 0.9,
+    window: Annotated[
+        Optional[str],
+        typer.Option(help="Window t,h,w (odd extents around the query) whose coverage is mapped."),
+    ] = None,
+    top_k: Annotated[int, typer.Option(help="Sink keys listed per head.")] = 5,
+) -> None:
+    """Summarise the attention statistics of stored videos for sparse-attention design: energy decay by
+    offset per head, block-sparse recall curves, a window-coverage map per block and head, and
+    <video>_stats.json (head classes, smallest windows, sink keys, entropy)."""
+    import attnmap.render.stats as render_stats
+
+    with _errors():
+        if fmt not in ("png", "svg"):
+            raise CLIError(f"--format must be png or svg, got {fmt!r}")
+        if not 0.0 < share <= 1.0:
+            raise CLIError(f"--share must lie in (0, 1], got {share}")
+        if top_k < 1:
+            raise CLIError(f"--top-k must be >= 1, got {top_k}")
+        size = _window_option(window)
+        store = _open(attention_dir, flag="ATTENTION_DIR")
+        videos = list(dict.fromkeys(video_id)) if video_id else store.videos()
+        for vid in videos:
+            _open(attention_dir, vid, flag="ATTENTION_DIR")  # names the video when it is not stored
+            for path in render_stats.render_stats(
+                store, vid, output, fmt=fmt, share=share, window=size, k=top_k
+            ):
+                typer.echo(path)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

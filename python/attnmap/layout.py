@@ -13,7 +13,7 @@ tokens and a video token's index inside the grid is ``f * H * W + h * W + w``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -21,11 +21,12 @@ from attnmap.errors import AttnmapError
 
 Kind = Literal["joint", "self", "cross"]
 
-#: Which reductions each layout kind supports.
+#: Which reductions each layout kind supports. ``temporal`` and ``distance`` need video keys, so a
+#: cross layout has neither; its ``blocks`` are token tiles only (video cubes need video keys).
 SUPPORTED: dict[str, tuple[str, ...]] = {
-    "joint": ("cross", "temporal", "text", "received", "probe", "full"),
-    "self": ("temporal", "received", "probe", "full"),
-    "cross": ("cross", "received", "probe", "full"),
+    "joint": ("cross", "temporal", "text", "received", "probe", "full", "blocks", "distance", "entropy"),
+    "self": ("temporal", "received", "probe", "full", "blocks", "distance", "entropy"),
+    "cross": ("cross", "received", "probe", "full", "blocks", "entropy"),
 }
 
 
@@ -131,8 +132,14 @@ class Layout:
             return slice(0, self.text)
         return self.text_q
 
-    def supports(self, reduction: str) -> bool:
-        return reduction in SUPPORTED[self.kind]
+    def supports(self, reduction: str, *, block_size: Optional[Sequence[int]] = None) -> bool:
+        """Whether ``reduction`` is defined for this layout; for ``blocks`` with ``block_size`` video
+        cubes ``(t, h, w)``, also whether the layout has video keys for them."""
+        if reduction not in SUPPORTED[self.kind]:
+            return False
+        if reduction == "blocks" and isinstance(block_size, Sequence) and len(block_size) == 3:
+            return self.video_k is not None
+        return True
 
     def check(self, num_queries: int, num_keys: int, *, argument: str = "layout") -> None:
         """Raise AttnmapError (naming ``argument``) if the layout does not fit a call's sizes."""

@@ -20,11 +20,11 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 
 /// Keys per micro tile (two AVX2 vectors).
-const NR: usize = 16;
+pub(crate) const NR: usize = 16;
 /// Query rows per micro tile: `MR * NR / 8` = 12 accumulators stay in registers (of 16).
-const MR: usize = 6;
+pub(crate) const MR: usize = 6;
 /// Query rows per task (a multiple of `MR`).
-const ROW_CHUNK: usize = 60;
+pub(crate) const ROW_CHUNK: usize = 60;
 /// Keys walked per pass over a task's rows (a multiple of `NR`), so that their packed copy stays in
 /// the L2 cache while every row of the task uses it.
 const KEY_BLOCK: usize = 256;
@@ -47,7 +47,7 @@ pub struct Groups {
     /// One entry per key, padded with -1 to whole tiles.
     columns: Vec<i64>,
     tiles: Vec<Tile>,
-    num_columns: usize,
+    pub(crate) num_columns: usize,
     /// Number of keys (before padding).
     keys: usize,
 }
@@ -73,6 +73,20 @@ impl Groups {
             num_columns,
             keys: columns.len(),
         })
+    }
+}
+
+impl Groups {
+    /// Every key its own column, padded to whole tiles (so every tile is `Consecutive`): the
+    /// columns are the rows of P, `ceil(nk / NR) * NR` of them (those past `nk` stay zero).
+    pub fn identity(nk: usize) -> Self {
+        let ntiles = nk.div_ceil(NR);
+        Groups {
+            columns: (0..(ntiles * NR) as i64).collect(),
+            tiles: (0..ntiles).map(|t| Tile::Consecutive(t * NR)).collect(),
+            num_columns: ntiles * NR,
+            keys: nk,
+        }
     }
 }
 
@@ -104,7 +118,7 @@ pub struct Problem<'a> {
 }
 
 impl Problem<'_> {
-    fn check(&self, groups: &Groups) -> Result<()> {
+    pub(crate) fn check(&self, groups: &Groups) -> Result<()> {
         let (b, h, _, d) = self.q.dim();
         let (kb, hk, nk, kd) = self.k.dim();
         if kb != b || kd != d || hk == 0 || !h.is_multiple_of(hk) || d == 0 {
@@ -176,39 +190,21 @@ pub fn grouped_sums(p: &Problem, groups: &Groups) -> Result<Array4<f32>> {
 fn run(p: &Problem, groups: &Groups, fast: bool) -> Result<Array4<f32>> {
     p.check(groups)?;
     let (b, h, r, _) = p.q.dim();
-    let (_, hk, nk, _) = p.k.dim();
     let c = groups.num_columns;
     let hs = if p.per_head { h } else { 1 };
     let mut out = Array4::<f32>::zeros((b, hs, r, c));
     if r == 0 || c == 0 {
         return Ok(out);
     }
-    let ntiles = groups.tiles.len();
-    let keys: Vec<Vec<f32>> = (0..b * hk)
-        .into_par_iter()
-        .map(|i| pack_keys(p.k.slice(ndarray::s![i / hk, i % hk, .., ..]), ntiles))
-        .collect();
-    let hm = p.bias.as_ref().map_or(1, |x| x.dim().1);
-    let biases: Vec<Vec<f32>> = (0..b * hm)
-        .map(|i| {
-            let mut row = vec![f32::NEG_INFINITY; ntiles * NR];
-            match &p.bias {
-                Some(x) => row[..nk]
-                    .iter_mut()
-                    .zip(x.slice(ndarray::s![i / hm, i % hm, ..]))
-                    .for_each(|(dst, &v)| *dst = v),
-                None => row[..nk].fill(0.0),
-            }
-            row
-        })
-        .collect();
+    let packed = Packed::new(p, groups.tiles.len());
     let chunks = r.div_ceil(ROW_CHUNK);
     let work = Work {
         p,
         groups,
-        keys: &keys,
-        biases: &biases,
+        keys: &packed.keys,
+        biases: &packed.biases,
         fast,
+        prefix: false,
     };
     let parts: Vec<Vec<f32>> = (0..b * chunks)
         .into_par_iter()
@@ -226,6 +222,39 @@ fn run(p: &Problem, groups: &Groups, fast: bool) -> Result<Array4<f32>> {
     Ok(out)
 }
 
+/// The keys and biases of a call, laid out once for every task.
+pub(crate) struct Packed {
+    /// Packed keys per `(b, key head)`: [`pack_keys`].
+    pub keys: Vec<Vec<f32>>,
+    /// Bias per `(b, bias head)` over `ntiles * NR` keys, `-inf` past `Nk`.
+    pub biases: Vec<Vec<f32>>,
+}
+
+impl Packed {
+    pub fn new(p: &Problem, ntiles: usize) -> Self {
+        let (b, hk, nk, _) = p.k.dim();
+        let keys = (0..b * hk)
+            .into_par_iter()
+            .map(|i| pack_keys(p.k.slice(ndarray::s![i / hk, i % hk, .., ..]), ntiles))
+            .collect();
+        let hm = p.bias.as_ref().map_or(1, |x| x.dim().1);
+        let biases = (0..b * hm)
+            .map(|i| {
+                let mut row = vec![f32::NEG_INFINITY; ntiles * NR];
+                match &p.bias {
+                    Some(x) => row[..nk]
+                        .iter_mut()
+                        .zip(x.slice(ndarray::s![i / hm, i % hm, ..]))
+                        .for_each(|(dst, &v)| *dst = v),
+                    None => row[..nk].fill(0.0),
+                }
+                row
+            })
+            .collect();
+        Packed { keys, biases }
+    }
+}
+
 /// Keys `[Nk, D]` as tiles `[tile][d][NR]`, zero past `Nk`.
 fn pack_keys(k: ndarray::ArrayView2<f32>, ntiles: usize) -> Vec<f32> {
     let (nk, d) = k.dim();
@@ -240,27 +269,92 @@ fn pack_keys(k: ndarray::ArrayView2<f32>, ntiles: usize) -> Vec<f32> {
 }
 
 /// The shared, read-only state of one call.
-struct Work<'a, 'v> {
-    p: &'a Problem<'v>,
-    groups: &'a Groups,
+pub(crate) struct Work<'a, 'v> {
+    pub p: &'a Problem<'v>,
+    pub groups: &'a Groups,
     /// Packed keys per `(b, key head)`.
-    keys: &'a [Vec<f32>],
+    pub keys: &'a [Vec<f32>],
     /// Bias per `(b, bias head)`, `-inf` past `Nk`.
-    biases: &'a [Vec<f32>],
+    pub biases: &'a [Vec<f32>],
     /// Run the AVX2 + FMA build (only set when the CPU has both).
-    fast: bool,
+    pub fast: bool,
+    /// Column `j` is key `j` (every key its own column): while the keys are walked in order, only
+    /// the columns of the keys walked so far hold mass, so a raised max rescales only those.
+    pub prefix: bool,
 }
 
 /// Online-softmax state of a task's rows for one head.
-struct Rows {
+pub(crate) struct Rows {
     /// `[rows][C]` unnormalised column sums, relative to `max`.
-    acc: Vec<f32>,
+    pub acc: Vec<f32>,
     /// Running row max of the logits.
-    max: Vec<f32>,
+    pub max: Vec<f32>,
     /// Running row sum of `exp(logit - max)`.
-    sum: Vec<f32>,
+    pub sum: Vec<f32>,
+    /// Running row sum of `exp(logit - max) * (logit - max)` (kept for the entropy only).
+    pub ent: Vec<f32>,
     /// A NaN or `+inf` logit was seen.
-    bad: Vec<bool>,
+    pub bad: Vec<bool>,
+}
+
+/// A zeroed buffer of `n` floats, or an error naming `what` where memory runs out.
+pub(crate) fn zeroed(n: usize, what: &'static str) -> Result<Vec<f32>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        Error::invalid(
+            what,
+            format!("cannot allocate {n} floats ({} bytes)", n.saturating_mul(4)),
+        )
+    })?;
+    v.resize(n, 0.0);
+    Ok(v)
+}
+
+impl Rows {
+    /// The state of `rows` rows (a multiple of [`MR`]) of `c` columns.
+    pub fn new(rows: usize, c: usize) -> Result<Self> {
+        let n = rows
+            .checked_mul(c)
+            .ok_or_else(|| Error::invalid("k", format!("{rows} rows x {c} columns overflow")))?;
+        Ok(Rows {
+            acc: zeroed(n, "k")?,
+            max: vec![0.0; rows],
+            sum: vec![0.0; rows],
+            ent: vec![0.0; rows],
+            bad: vec![false; rows],
+        })
+    }
+
+    fn reset(&mut self) {
+        self.acc.fill(0.0);
+        self.max.fill(f32::NEG_INFINITY);
+        self.sum.fill(0.0);
+        self.ent.fill(0.0);
+        self.bad.fill(false);
+    }
+
+    /// Row `i`'s entropy `-sum P ln P` from its sums: `ln sum - ent / sum` (0 for a row with no
+    /// key, NaN for a row with a NaN or `+inf` logit).
+    pub fn entropy(&self, i: usize) -> f32 {
+        if self.bad[i] {
+            f32::NAN
+        } else if self.sum[i] > 0.0 {
+            self.sum[i].ln() - self.ent[i] / self.sum[i]
+        } else {
+            0.0
+        }
+    }
+
+    /// `1 / sum` of row `i` (0 for a row with no key, NaN for a bad row).
+    pub fn inv(&self, i: usize) -> f32 {
+        if self.bad[i] {
+            f32::NAN
+        } else if self.sum[i] > 0.0 {
+            1.0 / self.sum[i]
+        } else {
+            0.0
+        }
+    }
 }
 
 impl Work<'_, '_> {
@@ -285,50 +379,15 @@ impl Work<'_, '_> {
     fn task_any<const FAST: bool>(&self, b: usize, r0: usize) -> Vec<f32> {
         let p = self.p;
         let (_, h, r, d) = p.q.dim();
-        let hk = p.k.dim().1;
-        let hm = self.biases.len() / p.q.dim().0;
         let c = self.groups.num_columns;
         let rows = ROW_CHUNK.min(r - r0);
         let padded = rows.div_ceil(MR) * MR;
         let hs = if p.per_head { h } else { 1 };
         let mut out = vec![0.0f32; hs * rows * c];
         let mut q = vec![0.0f32; padded * d];
-        let mut st = Rows {
-            acc: vec![0.0; padded * c],
-            max: vec![0.0; padded],
-            sum: vec![0.0; padded],
-            bad: vec![false; padded],
-        };
-        let ntiles = self.groups.tiles.len();
-        let block = KEY_BLOCK / NR;
+        let mut st = Rows::new(padded, c).expect("checked in Problem::check");
         for head in 0..h {
-            for (i, dst) in q.chunks_exact_mut(d).enumerate().take(rows) {
-                let src = p.q.slice(ndarray::s![b, head, r0 + i, ..]);
-                dst.iter_mut().zip(src).for_each(|(x, &v)| *x = v * p.scale);
-            }
-            st.acc.fill(0.0);
-            st.max.fill(f32::NEG_INFINITY);
-            st.sum.fill(0.0);
-            st.bad.fill(false);
-            let keys = &self.keys[b * hk + head / (h / hk)];
-            let bias = &self.biases[b * hm + if hm == 1 { 0 } else { head }];
-            for t0 in (0..ntiles).step_by(block) {
-                for m0 in (0..padded).step_by(MR) {
-                    let qt = &q[m0 * d..(m0 + MR) * d];
-                    for t in t0..(t0 + block).min(ntiles) {
-                        let kt = &keys[t * d * NR..(t + 1) * d * NR];
-                        let bt = &bias[t * NR..(t + 1) * NR];
-                        #[cfg(target_arch = "x86_64")]
-                        if FAST {
-                            // SAFETY: FAST is only set in `task_fast`, on a CPU with AVX2 and FMA.
-                            unsafe { avx2::fold_tile(self, qt, kt, d, t, bt, &mut st, m0) };
-                            continue;
-                        }
-                        let mut s = micro(qt, kt, d);
-                        self.epilogue(&mut s, t, bt, &mut st, m0);
-                    }
-                }
-            }
+            self.softmax_head::<FAST, false>(b, head, r0, rows, &mut q, &mut st);
             let slot = if p.per_head { head } else { 0 };
             let dst = &mut out[slot * rows * c..(slot + 1) * rows * c];
             for (i, row) in dst.chunks_exact_mut(c).enumerate() {
@@ -344,10 +403,133 @@ impl Work<'_, '_> {
         out
     }
 
+    /// [`Work::softmax_head`] in the build the CPU allows, with the entropy sums or not.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn softmax(
+        &self,
+        b: usize,
+        head: usize,
+        r0: usize,
+        rows: usize,
+        q: &mut [f32],
+        st: &mut Rows,
+        entropy: bool,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if self.fast {
+            // SAFETY: `fast` says the CPU has AVX2 and FMA.
+            return unsafe { self.softmax_fast(b, head, r0, rows, q, st, entropy) };
+        }
+        self.softmax_any::<false>(b, head, r0, rows, q, st, entropy);
+    }
+
+    /// [`Work::softmax_any`] compiled for AVX2 with fused multiply-adds.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_fast(
+        &self,
+        b: usize,
+        head: usize,
+        r0: usize,
+        rows: usize,
+        q: &mut [f32],
+        st: &mut Rows,
+        entropy: bool,
+    ) {
+        self.softmax_any::<true>(b, head, r0, rows, q, st, entropy);
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_any<const FAST: bool>(
+        &self,
+        b: usize,
+        head: usize,
+        r0: usize,
+        rows: usize,
+        q: &mut [f32],
+        st: &mut Rows,
+        entropy: bool,
+    ) {
+        if entropy {
+            self.softmax_head::<FAST, true>(b, head, r0, rows, q, st);
+        } else {
+            self.softmax_head::<FAST, false>(b, head, r0, rows, q, st);
+        }
+    }
+
+    /// One head's online softmax over every key for rows `r0..r0 + rows` of batch element `b`,
+    /// left in `st` (relative column sums, max, sum, and with `ENT` the entropy sums); `q` is
+    /// scratch for the scaled query rows (`[padded rows][D]`).
+    #[inline(always)]
+    fn softmax_head<const FAST: bool, const ENT: bool>(
+        &self,
+        b: usize,
+        head: usize,
+        r0: usize,
+        rows: usize,
+        q: &mut [f32],
+        st: &mut Rows,
+    ) {
+        let p = self.p;
+        let (_, h, _, d) = p.q.dim();
+        let hk = p.k.dim().1;
+        let hm = self.biases.len() / p.q.dim().0;
+        let padded = rows.div_ceil(MR) * MR;
+        debug_assert!(st.max.len() >= padded && q.len() >= padded * d);
+        for (i, dst) in q.chunks_exact_mut(d).enumerate().take(rows) {
+            let src = p.q.slice(ndarray::s![b, head, r0 + i, ..]);
+            dst.iter_mut().zip(src).for_each(|(x, &v)| *x = v * p.scale);
+        }
+        st.reset();
+        let ntiles = self.groups.tiles.len();
+        let block = KEY_BLOCK / NR;
+        let keys = &self.keys[b * hk + head / (h / hk)];
+        let bias = &self.biases[b * hm + if hm == 1 { 0 } else { head }];
+        for t0 in (0..ntiles).step_by(block) {
+            for m0 in (0..padded).step_by(MR) {
+                let qt = &q[m0 * d..(m0 + MR) * d];
+                for t in t0..(t0 + block).min(ntiles) {
+                    let kt = &keys[t * d * NR..(t + 1) * d * NR];
+                    let bt = &bias[t * NR..(t + 1) * NR];
+                    #[cfg(target_arch = "x86_64")]
+                    if FAST {
+                        // SAFETY: FAST is only set under `target_feature(enable = "avx2,fma")`, on a
+                        // CPU with AVX2 and FMA.
+                        unsafe { avx2::fold_tile::<ENT>(self, qt, kt, d, t, bt, st, m0) };
+                        continue;
+                    }
+                    let mut s = micro(qt, kt, d);
+                    self.epilogue::<ENT>(&mut s, t, bt, st, m0);
+                }
+            }
+        }
+    }
+
+    /// The columns of row state that may hold mass while tile `t` is folded in.
+    #[inline(always)]
+    fn walked(&self, t: usize) -> usize {
+        let c = self.groups.num_columns;
+        if self.prefix {
+            ((t + 1) * NR).min(c)
+        } else {
+            c
+        }
+    }
+
     /// Fold one micro tile of logits into the rows' online softmax.
     #[inline(always)]
-    fn epilogue(&self, s: &mut [[f32; NR]; MR], t: usize, bias: &[f32], st: &mut Rows, m0: usize) {
+    fn epilogue<const ENT: bool>(
+        &self,
+        s: &mut [[f32; NR]; MR],
+        t: usize,
+        bias: &[f32],
+        st: &mut Rows,
+        m0: usize,
+    ) {
         let c = self.groups.num_columns;
+        let walked = self.walked(t);
         let tile = self.groups.tiles[t];
         for (ri, srow) in s.iter_mut().enumerate() {
             let i = m0 + ri;
@@ -357,7 +539,7 @@ impl Work<'_, '_> {
                 bad |= x.is_nan() | (*x == f32::INFINITY);
             }
             st.bad[i] |= bad;
-            st.raise_max(i, c, max16(srow));
+            st.raise_max::<ENT>(i, c, walked, max16(srow));
             if st.max[i] == f32::NEG_INFINITY {
                 continue; // every key so far excluded
             }
@@ -368,6 +550,13 @@ impl Work<'_, '_> {
             }
             let total = sum16(&e);
             st.sum[i] += total;
+            if ENT {
+                let mut xe = [0.0f32; NR];
+                for ((o, &x), &v) in xe.iter_mut().zip(srow.iter()).zip(&e) {
+                    *o = v * (x - m).max(EXP_LOW); // exp(x - m) is 0 below EXP_LOW (and at -inf)
+                }
+                st.ent[i] += sum16(&xe);
+            }
             let acc = &mut st.acc[i * c..(i + 1) * c];
             match tile {
                 Tile::Skip => {}
@@ -383,15 +572,23 @@ impl Work<'_, '_> {
 }
 
 impl Rows {
-    /// Raise row `i`'s running max to `top` if that is higher, rescaling its sums to the new max.
+    /// Raise row `i`'s running max to `top` if that is higher, rescaling its sums to the new max
+    /// (the first `walked` of its `c` columns; nothing while no key has counted yet).
     #[inline(always)]
-    fn raise_max(&mut self, i: usize, c: usize, top: f32) {
+    fn raise_max<const ENT: bool>(&mut self, i: usize, c: usize, walked: usize, top: f32) {
         if top > self.max[i] {
-            let shrink = (self.max[i] - top).exp();
-            self.sum[i] *= shrink;
-            self.acc[i * c..(i + 1) * c]
-                .iter_mut()
-                .for_each(|a| *a *= shrink);
+            if self.max[i] > f32::NEG_INFINITY {
+                let shrink = (self.max[i] - top).exp();
+                if ENT {
+                    // sum e (x - m) with m raised by delta: every term shrinks and loses delta * e
+                    let delta = top - self.max[i];
+                    self.ent[i] = (self.ent[i] - delta * self.sum[i]) * shrink;
+                }
+                self.sum[i] *= shrink;
+                self.acc[i * c..i * c + walked]
+                    .iter_mut()
+                    .for_each(|a| *a *= shrink);
+            }
             self.max[i] = top;
         }
     }
@@ -437,7 +634,7 @@ mod avx2 {
     /// The CPU must have AVX2 and FMA.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn fold_tile(
+    pub(super) unsafe fn fold_tile<const ENT: bool>(
         work: &Work,
         q: &[f32],
         k: &[f32],
@@ -465,6 +662,7 @@ mod avx2 {
             }
         }
         let c = work.groups.num_columns;
+        let walked = work.walked(t);
         let tile = work.groups.tiles[t];
         let (b0, b1) = unsafe {
             (
@@ -497,16 +695,27 @@ mod avx2 {
                     ),
                 );
                 st.bad[i] |= _mm256_movemask_ps(bad) != 0;
-                st.raise_max(i, c, unsafe { hmax(_mm256_max_ps(s0, s1)) });
+                st.raise_max::<ENT>(i, c, walked, unsafe { hmax(_mm256_max_ps(s0, s1)) });
             }
             if st.max[i] == f32::NEG_INFINITY {
                 continue; // every key so far excluded
             }
             let m = _mm256_set1_ps(st.max[i]);
-            let e0 = unsafe { exp_small(_mm256_sub_ps(s0, m)) };
-            let e1 = unsafe { exp_small(_mm256_sub_ps(s1, m)) };
+            let (x0, x1) = (_mm256_sub_ps(s0, m), _mm256_sub_ps(s1, m));
+            let e0 = unsafe { exp_small(x0) };
+            let e1 = unsafe { exp_small(x1) };
             let total = unsafe { hsum(_mm256_add_ps(e0, e1)) };
             st.sum[i] += total;
+            if ENT {
+                // exp(x) is 0 below EXP_LOW (and at -inf): clamp x so that 0 * x stays 0
+                let low = _mm256_set1_ps(super::EXP_LOW);
+                let xe = _mm256_fmadd_ps(
+                    e1,
+                    _mm256_max_ps(x1, low),
+                    _mm256_mul_ps(e0, _mm256_max_ps(x0, low)),
+                );
+                st.ent[i] += unsafe { hsum(xe) };
+            }
             let acc_row = &mut st.acc[i * c..(i + 1) * c];
             match tile {
                 Tile::Skip => {}
@@ -660,12 +869,12 @@ const EXP_POLY: [f32; 6] = [
 ];
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use ndarray::{Array1, Array3};
 
     /// A small deterministic generator (no dependency): values in [-amp, amp).
-    fn noise(n: usize, seed: u64, amp: f32) -> Vec<f32> {
+    pub(crate) fn noise(n: usize, seed: u64, amp: f32) -> Vec<f32> {
         let mut s = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
@@ -679,38 +888,52 @@ mod tests {
             .collect()
     }
 
+    /// Row `i` of P for batch element `bi` and head `hi` in f64, from the logits one by one
+    /// (zero where every key is excluded).
+    pub(crate) fn probabilities(p: &Problem, bi: usize, hi: usize, i: usize) -> Vec<f64> {
+        let (_, h, _, d) = p.q.dim();
+        let (_, hk, nk, _) = p.k.dim();
+        let logits: Vec<f64> = (0..nk)
+            .map(|j| {
+                let dot: f64 = (0..d)
+                    .map(|e| p.q[[bi, hi, i, e]] as f64 * p.k[[bi, hi / (h / hk), j, e]] as f64)
+                    .sum();
+                let bias = p.bias.as_ref().map_or(0.0, |x| {
+                    x[[bi, if x.dim().1 == 1 { 0 } else { hi }, j]] as f64
+                });
+                dot * p.scale as f64 + bias
+            })
+            .collect();
+        let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        if m == f64::NEG_INFINITY {
+            return vec![0.0; nk];
+        }
+        let z: f64 = logits.iter().map(|&l| (l - m).exp()).sum();
+        logits.iter().map(|&l| (l - m).exp() / z).collect()
+    }
+
+    /// The builds this CPU runs: the plain one, and AVX2 + FMA where it has both.
+    pub(crate) fn builds() -> Vec<bool> {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return vec![false, true];
+        }
+        vec![false]
+    }
+
     /// P @ G in f64 with the N x N map materialised, row by row.
     fn reference(p: &Problem, cols: &[i64], c: usize) -> Array4<f64> {
-        let (b, h, r, d) = p.q.dim();
-        let (_, hk, nk, _) = p.k.dim();
+        let (b, h, r, _) = p.q.dim();
         let hs = if p.per_head { h } else { 1 };
         let mut out = Array4::<f64>::zeros((b, hs, r, c));
         for bi in 0..b {
             for hi in 0..h {
                 for i in 0..r {
-                    let logits: Vec<f64> = (0..nk)
-                        .map(|j| {
-                            let dot: f64 = (0..d)
-                                .map(|e| {
-                                    p.q[[bi, hi, i, e]] as f64
-                                        * p.k[[bi, hi / (h / hk), j, e]] as f64
-                                })
-                                .sum();
-                            let bias = p.bias.as_ref().map_or(0.0, |x| {
-                                x[[bi, if x.dim().1 == 1 { 0 } else { hi }, j]] as f64
-                            });
-                            dot * p.scale as f64 + bias
-                        })
-                        .collect();
-                    let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    if m == f64::NEG_INFINITY {
-                        continue;
-                    }
-                    let z: f64 = logits.iter().map(|&l| (l - m).exp()).sum();
-                    for (j, &l) in logits.iter().enumerate() {
+                    let slot = if p.per_head { hi } else { 0 };
+                    for (j, x) in probabilities(p, bi, hi, i).into_iter().enumerate() {
                         if cols[j] >= 0 {
-                            let slot = if p.per_head { hi } else { 0 };
-                            out[[bi, slot, i, cols[j] as usize]] += (l - m).exp() / z;
+                            out[[bi, slot, i, cols[j] as usize]] += x;
                         }
                     }
                 }

@@ -1,6 +1,7 @@
 //! attnmap's native core: the render path (normalise -> resize -> colormap -> blend, fused per
-//! output pixel) and, in [`groups`], the CPU kernel that sums attention probabilities into key
-//! groups (cross and temporal maps) without the N x N map.
+//! output pixel) and the CPU attention kernels, which never hold the N x N map: [`groups`] sums
+//! attention probabilities into key groups (cross and temporal maps), [`stats`] forms the exact
+//! statistics (column sums, block sums, mass by offset, entropy) in the same one pass.
 //!
 //! The modules are plain Rust on `ndarray` views and know nothing of Python; this file only binds
 //! them as `attnmap._native` (feature `python`). Every binding releases the GIL while it works.
@@ -13,6 +14,7 @@ pub mod groups;
 pub mod normalize;
 pub mod render;
 pub mod resize;
+pub mod stats;
 pub mod yuv;
 
 pub use error::{Error, Result};
@@ -28,6 +30,7 @@ mod bindings {
 
     use pyo3::exceptions::{PyMemoryError, PyOSError};
     use pyo3::prelude::*;
+    use pyo3::types::PyDict;
 
     use crate::blend::{Alpha, Outline};
     use crate::error::{try_reserve, Error};
@@ -290,6 +293,23 @@ mod bindings {
         Ok(out)
     }
 
+    /// The CPU kernels' inputs as views of the numpy arrays.
+    fn problem<'a>(
+        q: &'a PyReadonlyArray4<'_, f32>,
+        k: &'a PyReadonlyArray4<'_, f32>,
+        bias: &'a Option<PyReadonlyArray3<'_, f32>>,
+        scale: f64,
+        per_head: bool,
+    ) -> crate::groups::Problem<'a> {
+        crate::groups::Problem {
+            q: q.as_array(),
+            k: k.as_array(),
+            bias: bias.as_ref().map(|b| b.as_array()),
+            scale: scale as f32,
+            per_head,
+        }
+    }
+
     /// Attention probabilities summed into key groups, per query row: q (B, H, R, D) and k (B, Hk, Nk, D)
     /// float32, columns (Nk,) int64 (each key's column in 0..num_columns, or -1), bias (B, 1 or H, Nk)
     /// additive float32 or None. Returns (B, H or 1, R, num_columns) float32.
@@ -307,15 +327,87 @@ mod bindings {
         per_head: bool,
     ) -> PyResult<Bound<'py, PyArray4<f32>>> {
         let groups = crate::groups::Groups::new(columns.as_array(), num_columns)?;
-        let problem = crate::groups::Problem {
-            q: q.as_array(),
-            k: k.as_array(),
-            bias: bias.as_ref().map(|b| b.as_array()),
-            scale: scale as f32,
-            per_head,
-        };
+        let problem = problem(&q, &k, &bias, scale, per_head);
         let out = py.detach(|| crate::groups::grouped_sums(&problem, &groups))?;
         Ok(out.into_pyarray(py))
+    }
+
+    /// One query block's and one key block's number per row and key, and the numbers of each.
+    type BlockSpec<'py> = (
+        PyReadonlyArray1<'py, i64>,
+        PyReadonlyArray1<'py, i64>,
+        usize,
+        usize,
+    );
+
+    /// Exact attention statistics of q (B, H, R, D) and k (B, Hk, Nk, D) float32, bias (B, 1 or H, Nk)
+    /// or None, in one pass: a dict with "dense" (B, Hs, R, hi - lo), P over key columns dense = (lo, hi);
+    /// "received" (B, Hs, Nk), column sums; "entropy" (B, Hs, R), -sum P ln P per row; "blocks", a
+    /// list of (B, Hs, num_row_blocks, num_key_blocks), P summed by (row block, key block) for each
+    /// (row_blocks (R,), key_blocks (Nk,), num_row_blocks, num_key_blocks) with -1 for none; and
+    /// "distance" (B, Hs, F, H, W), P of the video rows row_start.. and keys key_start.. summed by
+    /// (|dt|, |dy|, |dx|), for distance = (row_start, key_start, F, H, W). Hs is H with per_head, else 1.
+    #[pyfunction]
+    #[pyo3(signature = (q, k, *, scale, bias=None, per_head=false, dense=None, received=false,
+                        entropy=false, blocks=None, distance=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn attention_stats<'py>(
+        py: Python<'py>,
+        q: PyReadonlyArray4<'py, f32>,
+        k: PyReadonlyArray4<'py, f32>,
+        scale: f64,
+        bias: Option<PyReadonlyArray3<'py, f32>>,
+        per_head: bool,
+        dense: Option<(usize, usize)>,
+        received: bool,
+        entropy: bool,
+        blocks: Option<Vec<BlockSpec<'py>>>,
+        distance: Option<(usize, usize, usize, usize, usize)>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        use crate::stats::{Blocks, Grid, Spec};
+
+        let blocks = blocks.unwrap_or_default();
+        let spec = Spec {
+            dense: dense.map(|(lo, hi)| lo..hi),
+            received,
+            entropy,
+            blocks: blocks
+                .iter()
+                .map(|(rows, keys, num_rows, num_keys)| Blocks {
+                    rows: rows.as_array(),
+                    keys: keys.as_array(),
+                    num_rows: *num_rows,
+                    num_keys: *num_keys,
+                })
+                .collect(),
+            distance: distance.map(|(row_start, key_start, frames, height, width)| Grid {
+                row_start,
+                key_start,
+                frames,
+                height,
+                width,
+            }),
+        };
+        let problem = problem(&q, &k, &bias, scale, per_head);
+        let out = py.detach(|| crate::stats::attention_stats(&problem, &spec))?;
+        let dict = PyDict::new(py);
+        if let Some(x) = out.dense {
+            dict.set_item("dense", x.into_pyarray(py))?;
+        }
+        if let Some(x) = out.received {
+            dict.set_item("received", x.into_pyarray(py))?;
+        }
+        if let Some(x) = out.entropy {
+            dict.set_item("entropy", x.into_pyarray(py))?;
+        }
+        if !out.blocks.is_empty() {
+            let list: Vec<_> = out.blocks.into_iter().map(|x| x.into_pyarray(py)).collect();
+            dict.set_item("blocks", list)?;
+        }
+        if let Some(x) = out.distance {
+            dict.set_item("distance", x.into_pyarray(py))?;
+        }
+        Ok(dict)
     }
 
     /// Names of the built-in colormaps.
@@ -336,6 +428,7 @@ mod bindings {
         m.add_function(wrap_pyfunction!(colormap_names, m)?)?;
         m.add_function(wrap_pyfunction!(rgb_to_yuv420, m)?)?;
         m.add_function(wrap_pyfunction!(attention_groups, m)?)?;
+        m.add_function(wrap_pyfunction!(attention_stats, m)?)?;
         Ok(())
     }
 }

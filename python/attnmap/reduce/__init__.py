@@ -26,7 +26,7 @@ import torch
 
 from attnmap.errors import AttnmapError
 from attnmap.layout import Layout
-from attnmap.reduce.contract import FULL_LIMIT, REDUCTIONS, AttentionCall, Reductions, prepare_call
+from attnmap.reduce.contract import FULL_LIMIT, REDUCTIONS, AttentionCall, BlockSize, Reductions, prepare_call
 from attnmap.reduce.lse import sdpa_with_lse
 
 #: backend name -> the module that implements it (``serves(call)`` and ``run(call)``).
@@ -78,6 +78,7 @@ def attention_sums(
     backend: str = "auto",
     check_finite: bool = True,
     text_groups: Optional[Sequence[Sequence[int]]] = None,
+    block_size: Optional[BlockSize] = None,
 ) -> dict[str, torch.Tensor]:
     """Reduce the attention probabilities of one call into small maps, never holding [Nq, Nk] per head.
 
@@ -90,8 +91,13 @@ def attention_sums(
             query head ``h`` uses key head ``h // (H // Hk)``).
         layout: which positions are text, video and prefix tokens; must fit ``Nq`` and ``Nk``.
         reductions: names among ``cross`` ``[B, Nv, Nt]``, ``temporal`` ``[B, F, F]``, ``text``
-            ``[B, Nt, Nt]``, ``received`` ``[B, Nk]``, ``probe`` ``[B, Q, Nk]`` and ``full``
-            ``[B, Nq, Nk]`` (at most 2**26 entries).
+            ``[B, Nt, Nt]``, ``received`` ``[B, Nk]``, ``probe`` ``[B, Q, Nk]``, ``full``
+            ``[B, Nq, Nk]`` (at most 2**26 entries), and the statistics of sparse-attention design:
+            ``blocks`` (see ``block_size``), ``distance`` ``[B, F, H, W]`` (entry ``(dt, dy, dx)``:
+            P summed over the video query/key pairs ``dt`` frames, ``dy`` rows and ``dx`` columns
+            apart, divided by the number of video queries; it sums to the mean video-to-video
+            mass) and ``entropy`` ``[B, Nq]`` (``-sum P ln P`` of each row). All are exact: the
+            softmax is over every key.
         per_head: keep heads: every output gets ``H`` after ``B``; otherwise the mean over heads.
         scale: logit scale, default ``D ** -0.5``.
         key_padding_mask: ``[B, Nk]``, ``[B, 1, 1, Nk]`` or ``[B, H, 1, Nk]``; bool (True = keep) or
@@ -111,6 +117,12 @@ def attention_sums(
             column per group, the attention summed over its keys (a word of several sub-tokens, the
             padded tail of the text), instead of one per text key. Groups may overlap; a key
             listed twice in one group counts once. ``text`` keeps every text key.
+        block_size: the blocks of ``blocks``: an int or a pair ``(bq, bk)`` gives token tiles in
+            the call's own token order, ``[B, ceil(Nq / bq), ceil(Nk / bk)]``, each value the mean
+            over the tile's query rows of P summed over the tile's keys (rows sum to 1); a triple
+            ``(t, h, w)`` gives video cubes of the grid (video queries to video keys only, cubes in
+            raster order, edge cubes smaller), ``[B, C, C]`` with
+            ``C = ceil(F / t) * ceil(H / h) * ceil(W / w)``; ``(1, H, W)`` is exactly ``temporal``.
 
     Returns:
         dict from reduction name to a float32 tensor on q's device.
@@ -121,6 +133,9 @@ def attention_sums(
         >>> out = attention_sums(q, k, lay, ("temporal", "received"))
         >>> out["temporal"].shape, out["received"].shape
         (torch.Size([1, 2, 2]), torch.Size([1, 11]))
+        >>> stats = attention_sums(q, k, lay, ("blocks", "distance", "entropy"), block_size=(1, 2, 2))
+        >>> stats["blocks"].shape, stats["distance"].shape, stats["entropy"].shape
+        (torch.Size([1, 2, 2]), torch.Size([1, 2, 2, 2]), torch.Size([1, 11]))
     """
     call = prepare_call(
         q,
@@ -134,6 +149,7 @@ def attention_sums(
         lse=lse,
         check_finite=check_finite,
         text_groups=text_groups,
+        block_size=block_size,
     )
     module = choose(backend, call)
     with torch.no_grad():

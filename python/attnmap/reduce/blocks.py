@@ -14,7 +14,7 @@ from typing import Optional, Union
 
 import torch
 
-from attnmap.reduce.contract import AttentionCall, finish, group_text
+from attnmap.reduce.contract import AttentionCall, block_grid, finish, group_text
 
 #: Entries of the fp32 logit block worked on at a time (B * H * rows * Nk).
 BLOCK_ENTRIES = 2**22
@@ -92,6 +92,31 @@ def probe_rows(call: AttentionCall, kt: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=2)
 
 
+def _folds(n: int, device: torch.device) -> torch.Tensor:
+    """``[n, n, n]``: ``M[c, k, d] = 1`` where ``|c - k| = d``, which folds an axis of keys into the
+    distances from a query at coordinate ``c``."""
+    c, k, d = torch.meshgrid(*(torch.arange(n, device=device),) * 3, indexing="ij")
+    return ((c - k).abs() == d).to(torch.float32)
+
+
+class _Distance:
+    """``distance`` of blocks of video rows: each row's P over the video keys, folded axis by axis
+    (frames, rows, columns) into the distances from the row's own position."""
+
+    def __init__(self, call: AttentionCall) -> None:
+        dev = call.q.device
+        self.grid = call.layout.grid
+        _, h, w = self.grid
+        pos = torch.arange(call.layout.num_video, device=dev)
+        self.coords = (pos // (h * w), pos // w % h, pos % w)
+        self.folds = tuple(_folds(n, dev) for n in self.grid)
+
+    def __call__(self, p: torch.Tensor, rows: slice) -> torch.Tensor:
+        """P ``[B, Hs, R, Nv]`` of the video rows ``rows`` -> their sum ``[B, Hs, F, H, W]``."""
+        ft, fy, fx = (fold[c[rows]] for fold, c in zip(self.folds, self.coords))
+        return torch.einsum("bsrfhw,rfa,rhc,rwe->bsace", p.unflatten(-1, self.grid), ft, fy, fx)
+
+
 def sums(call: AttentionCall, block_rows: Optional[int] = None) -> dict[str, torch.Tensor]:
     lay = call.layout
     b, hs, nq, nk = call.batch, call.out_heads, call.num_queries, call.num_keys
@@ -112,13 +137,32 @@ def sums(call: AttentionCall, block_rows: Optional[int] = None) -> dict[str, tor
         sums["full"] = torch.zeros(b, hs, nq, nk, dtype=f32, device=dev)
     if "probe" in wanted:
         sums["probe"] = probe_rows(call, kt)
+    if "entropy" in wanted:
+        sums["entropy"] = torch.zeros(b, hs, nq, dtype=f32, device=dev)
+    if "distance" in wanted:
+        sums["distance"] = torch.zeros(b, hs, *lay.grid, dtype=f32, device=dev)
+        distance = _Distance(call)
+    if "blocks" in wanted:
+        grid = block_grid(call)
+        sums["blocks"] = torch.zeros(b, hs, grid.rows, grid.cols, dtype=f32, device=dev)
+        block_q, block_k = (torch.tensor(a, device=dev) for a in (grid.query, grid.key))
+        keyed = torch.nonzero(block_k >= 0).squeeze(1)
 
     lo, hi = call.row_range()
     step = block_rows or max(1, BLOCK_ENTRIES // max(1, b * call.heads * nk))
     hw = lay.frame_tokens
     for r0 in range(lo, hi, step):
         r1 = min(r0 + step, hi)
-        p = _head_sum(call, block_probs(call, slice(r0, r1), kt))  # [B, Hs, R, Nk]
+        heads = block_probs(call, slice(r0, r1), kt)  # [B, H, R, Nk]
+        if "entropy" in wanted:  # per head, before the head sum
+            sums["entropy"][:, :, r0:r1] = _head_sum(call, torch.special.entr(heads).sum(dim=-1))
+        p = _head_sum(call, heads)  # [B, Hs, R, Nk]
+        del heads
+        if "blocks" in wanted:
+            ids = block_q[r0:r1]
+            rows = torch.nonzero(ids >= 0).squeeze(1)
+            seg = p.new_zeros(b, hs, r1 - r0, grid.cols).index_add_(-1, block_k[keyed], p[..., keyed])
+            sums["blocks"].index_add_(2, ids[rows], seg[:, :, rows])
         if "received" in wanted:
             sums["received"] += p.sum(dim=2)
         if "full" in wanted:
@@ -126,6 +170,9 @@ def sums(call: AttentionCall, block_rows: Optional[int] = None) -> dict[str, tor
         v0, v1 = max(r0, vq.start), min(r1, vq.stop)
         if v0 < v1 and "cross" in wanted and tk is not None:
             sums["cross"][:, :, v0 - vq.start : v1 - vq.start] = p[:, :, v0 - r0 : v1 - r0, tk]
+        if v0 < v1 and "distance" in wanted and vk is not None:
+            video = slice(v0 - vq.start, v1 - vq.start)
+            sums["distance"] += distance(p[:, :, v0 - r0 : v1 - r0, vk], video)
         if v0 < v1 and "temporal" in wanted and vk is not None:
             seg = p[:, :, v0 - r0 : v1 - r0, vk].unflatten(-1, (lay.frames, hw)).sum(dim=-1)
             frame = torch.arange(v0 - vq.start, v1 - vq.start, device=dev) // hw

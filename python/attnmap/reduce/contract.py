@@ -4,12 +4,15 @@ A leaf module (it imports nothing of attnmap but the layout and the error root):
 imports it, and it imports no backend. :func:`prepare_call` checks the arguments (an
 :class:`~attnmap.errors.AttnmapError` naming the argument) and returns an :class:`AttentionCall`;
 a backend turns the call into *raw sums* ``[B, Hs, ...]`` (``Hs`` = H with ``per_head``, else 1:
-summed over heads; ``temporal`` summed over the query frame's rows, ``received`` over all rows),
-and :func:`finish` divides them into the contract's means.
+summed over heads; ``temporal`` summed over the query frame's rows, ``blocks`` over the block's
+query rows, ``received`` and ``distance`` over all (video) rows, ``entropy`` per row), and
+:func:`finish` divides them into the contract's means. :func:`block_grid` says which block each
+query and key belongs to (token tiles or video cubes; also the frames of ``temporal``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,12 +25,24 @@ from attnmap.errors import AttnmapError
 from attnmap.layout import Layout
 
 #: Every reduction ``attention_sums`` knows, in output order.
-REDUCTIONS: tuple[str, ...] = ("cross", "temporal", "text", "received", "probe", "full")
+REDUCTIONS: tuple[str, ...] = (
+    "cross",
+    "temporal",
+    "text",
+    "received",
+    "probe",
+    "full",
+    "blocks",
+    "distance",
+    "entropy",
+)
 #: Largest ``full`` output (entries over batch, heads and rows) that is allowed.
 FULL_LIMIT = 2**26
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 Reductions = Union[str, Sequence[str]]
+#: ``block_size`` of ``blocks``: an int or (bq, bk) token tiles, or (t, h, w) video cubes.
+BlockSize = Union[int, Sequence[int]]
 
 
 @dataclass(frozen=True)
@@ -36,7 +51,8 @@ class AttentionCall:
 
     ``bias`` is the key padding mask as an additive fp32 bias ``[B, Hm, Nk]`` with ``Hm`` 1 or H
     (``-inf`` for excluded keys); ``lse`` the caller's logsumexp ``[B, H, Nq]`` in fp32;
-    ``text_groups`` the text-key positions summed into each column of ``cross``.
+    ``text_groups`` the text-key positions summed into each column of ``cross``; ``block_size``
+    the blocks of ``blocks``: ``(bq, bk)`` token tiles or ``(t, h, w)`` video cubes.
     """
 
     q: torch.Tensor
@@ -49,6 +65,7 @@ class AttentionCall:
     probe: Optional[torch.Tensor]
     lse: Optional[torch.Tensor]
     text_groups: Optional[tuple[tuple[int, ...], ...]] = None
+    block_size: Optional[tuple[int, ...]] = None
 
     @property
     def batch(self) -> int:
@@ -78,16 +95,76 @@ class AttentionCall:
     def row_range(self) -> tuple[int, int]:
         """The query rows ``[lo, hi)`` that some requested reduction needs (probe rows aside)."""
         lay, wanted = self.layout, set(self.reductions)
-        if wanted & {"received", "full"}:
+        if wanted & {"received", "full", "entropy"} or ("blocks" in wanted and not self.cubes):
             return 0, self.num_queries
         spans = []
-        if wanted & {"cross", "temporal"}:
+        if wanted & {"cross", "temporal", "distance", "blocks"}:  # blocks here: video cubes
             spans.append(lay.video_q)
         if "text" in wanted and lay.text_q is not None:
             spans.append(lay.text_q)
         if not spans:
             return 0, 0
         return min(s.start for s in spans), max(s.stop for s in spans)
+
+    @property
+    def cubes(self) -> bool:
+        """``blocks`` over video cubes ``(t, h, w)`` (else token tiles ``(bq, bk)``)."""
+        return self.block_size is not None and len(self.block_size) == 3
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """Which block of ``blocks`` each query and key belongs to.
+
+    ``query`` ``[Nq]`` and ``key`` ``[Nk]`` hold block numbers (int64, -1: in no block: a text or
+    prefix token under video cubes); ``counts`` ``[rows]`` the query tokens of each block row,
+    what :func:`finish` divides by. Arrays are read-only (the grid is cached per layout).
+    """
+
+    query: np.ndarray
+    key: np.ndarray
+    rows: int
+    cols: int
+    counts: np.ndarray
+
+
+def _cube_ids(grid: tuple[int, int, int], cube: tuple[int, int, int]) -> tuple[np.ndarray, int]:
+    """The cube of each video token (raster order of cubes, edge cubes smaller) and the count."""
+    (f, h, w), (ct, ch, cw) = grid, cube
+    nh, nw = -(-h // ch), -(-w // cw)
+    t, y, x = np.meshgrid(np.arange(f) // ct, np.arange(h) // ch, np.arange(w) // cw, indexing="ij")
+    return ((t * nh + y) * nw + x).reshape(-1), -(-f // ct) * nh * nw
+
+
+@functools.lru_cache(maxsize=32)
+def _block_grid(layout: Layout, block_size: tuple[int, ...]) -> BlockGrid:
+    nq, nk = layout.num_queries, layout.num_keys
+    if len(block_size) == 2:
+        bq, bk = block_size
+        query, key = np.arange(nq, dtype=np.int64) // bq, np.arange(nk, dtype=np.int64) // bk
+        rows, cols = -(-nq // bq), -(-nk // bk)
+    else:
+        ids, cols = _cube_ids(layout.grid, (block_size[0], block_size[1], block_size[2]))
+        query, key = np.full(nq, -1, dtype=np.int64), np.full(nk, -1, dtype=np.int64)
+        query[layout.video_q] = ids
+        if layout.video_k is not None:
+            key[layout.video_k] = ids
+        rows = cols
+    counts = np.bincount(query[query >= 0], minlength=rows).astype(np.float32)
+    for a in (query, key, counts):
+        a.flags.writeable = False
+    return BlockGrid(query=query, key=key, rows=rows, cols=cols, counts=counts)
+
+
+def block_grid(call: AttentionCall) -> BlockGrid:
+    """The blocks of a call's ``blocks`` reduction (its ``block_size``)."""
+    assert call.block_size is not None
+    return _block_grid(call.layout, call.block_size)
+
+
+def frame_grid(layout: Layout) -> BlockGrid:
+    """The frames of ``temporal`` as blocks: cubes ``(1, H, W)``."""
+    return _block_grid(layout, (1, layout.grid[1], layout.grid[2]))
 
 
 def _check_qk(q: object, k: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,6 +318,36 @@ def _check_text_groups(groups: object, layout: Layout) -> Optional[tuple[tuple[i
     return tuple(out)
 
 
+def _check_block_size(block_size: object, wanted: bool, layout: Layout) -> Optional[tuple[int, ...]]:
+    if block_size is None:
+        if wanted:
+            raise AttnmapError(
+                "block_size: the 'blocks' reduction needs block_size=<int>, (bq, bk) token tiles or "
+                "(t, h, w) video cubes"
+            )
+        return None
+    if not wanted:
+        raise AttnmapError(
+            "block_size was given but 'blocks' is not in reductions; add it or drop block_size"
+        )
+    values = (block_size,) if not isinstance(block_size, (tuple, list)) else tuple(block_size)
+    ok = len(values) in (1, 2, 3) and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in values
+    )
+    if not ok:
+        raise AttnmapError(
+            "block_size must be a positive int, a pair (bq, bk) of token tiles or a triple (t, h, w) of "
+            f"video cubes, got {block_size!r}"
+        )
+    size = tuple(int(v) for v in values)
+    if len(size) == 3 and layout.video_k is None:
+        raise AttnmapError(
+            f"block_size: video cubes {size} need video keys, and {layout} has none; "
+            "give token tiles (bq, bk) instead"
+        )
+    return size * 2 if len(size) == 1 else size
+
+
 def group_text(call: AttentionCall, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``cross`` with one column per text group (the sum of its keys' columns)."""
     if call.text_groups is not None and "cross" in out:
@@ -262,6 +369,7 @@ def prepare_call(
     lse: Optional[torch.Tensor] = None,
     check_finite: bool = True,
     text_groups: Optional[Sequence[Sequence[int]]] = None,
+    block_size: Optional[BlockSize] = None,
 ) -> AttentionCall:
     """Validate the arguments of :func:`attention_sums` (ValueError naming the argument)."""
     if not isinstance(layout, Layout):
@@ -284,6 +392,15 @@ def prepare_call(
                 f"reductions: 'full' would hold {entries} entries (limit {FULL_LIMIT}); it is meant for small "
                 "maps such as ViT rollout. Use 'cross', 'temporal', 'text', 'received' or 'probe' instead"
             )
+    size = _check_block_size(block_size, "blocks" in names, layout)
+    if size is not None:
+        grid = _block_grid(layout, size)
+        entries = b * (h if per_head else 1) * grid.rows * grid.cols
+        if entries > FULL_LIMIT:
+            raise AttnmapError(
+                f"block_size {size} gives {grid.rows} x {grid.cols} blocks, {entries} entries in all "
+                f"(limit {FULL_LIMIT}); choose larger blocks"
+            )
     return AttentionCall(
         q=q,
         k=k,
@@ -295,14 +412,16 @@ def prepare_call(
         probe=_check_probe(probe, "probe" in names, nq, q.device),
         lse=_check_lse(lse, q, check_finite),
         text_groups=_check_text_groups(text_groups, layout),
+        block_size=size,
     )
 
 
 def finish(call: AttentionCall, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Turn raw sums ``[B, Hs, ...]`` (summed over heads when ``Hs == 1``) into the contract's means.
 
-    ``temporal`` arrives as the sum over the query frame's rows and ``received`` as the sum over all
-    rows; both are divided here, as is the head sum.
+    ``temporal`` arrives as the sum over the query frame's rows, ``blocks`` over the block's query
+    rows, ``received`` over all rows and ``distance`` over the video rows; they are divided here, as
+    is the head sum (``entropy`` and the rest arrive per row).
     """
     out: dict[str, torch.Tensor] = {}
     for name in call.reductions:
@@ -311,6 +430,11 @@ def finish(call: AttentionCall, sums: dict[str, torch.Tensor]) -> dict[str, torc
             t = t / call.layout.frame_tokens
         elif name == "received":
             t = t / call.num_queries
+        elif name == "distance":
+            t = t / call.layout.num_video
+        elif name == "blocks":
+            counts = torch.tensor(block_grid(call).counts, device=t.device)
+            t = t / counts.clamp_min(1.0)[:, None]
         if not call.per_head:
             t = t.squeeze(1) / call.heads
         out[name] = t.to(torch.float32)

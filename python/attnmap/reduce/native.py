@@ -1,32 +1,40 @@
-"""The ``native`` backend: ``cross``, ``temporal`` and ``text`` of CPU tensors in the Rust kernel.
+"""The ``native`` backend: every reduction of CPU tensors in the Rust kernels, one pass over the keys.
 
-:func:`attnmap._native.attention_groups` forms each query row's P with an online softmax (one
-q k^T product and one exp per key, no block of P in memory) and sums it into key columns: one per
-text key (or per atom of text groups) and one per frame. Memory is O(rows x columns).
+Both kernels form each query row's P with an online softmax (one q k^T product and one exp per key;
+no block of P in memory beyond a task's rows):
+
+- :func:`attnmap._native.attention_groups` sums it into key columns, one per text key (or per atom
+  of text groups) and one per frame: ``cross``, ``temporal`` and ``text`` alone take this path,
+  memory O(rows x columns);
+- :func:`attnmap._native.attention_stats` keeps each task's rows of P whole (60 rows x Nk) and folds
+  them into everything else: ``received`` (column sums), ``blocks`` and ``temporal`` (sums over
+  pairs of query and key blocks), ``distance``, ``entropy`` (from the row's sums in the same pass),
+  and the dense rows of ``cross``, ``text``, ``full`` and ``probe``.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from attnmap.layout import Layout
-from attnmap.reduce.contract import AttentionCall, finish, group_text
+from attnmap.reduce import contract
+from attnmap.reduce.contract import AttentionCall, BlockGrid, block_grid, finish, frame_grid, group_text
 
-#: The reductions this backend forms.
-REDUCTIONS = frozenset({"cross", "temporal", "text"})
+#: The reductions this backend forms: all of them (it forms each row's softmax itself, so a caller
+#: on the CPU can drop its lse).
+REDUCTIONS = frozenset(contract.REDUCTIONS)
+#: The reductions the grouped kernel forms alone (its columns: text keys and frames).
+GROUPED = frozenset({"cross", "temporal", "text"})
 
 
 def serves(call: AttentionCall) -> Optional[str]:
-    """None when the kernel can reduce the call, else the reason it cannot."""
+    """None when the kernels can reduce the call, else the reason they cannot."""
     if call.q.device.type != "cpu":
         return f"q is on {call.q.device}, the native kernel runs on the CPU"
-    other = sorted(set(call.reductions) - REDUCTIONS)
-    if other:
-        return f"the native kernel forms {sorted(REDUCTIONS)}, not {other}"
     if call.lse is not None:
         return "the native kernel forms each row's softmax itself; a given lse goes to the blocks backend"
     return None
@@ -34,6 +42,8 @@ def serves(call: AttentionCall) -> Optional[str]:
 
 def run(call: AttentionCall) -> dict[str, torch.Tensor]:
     """The contract's outputs of a validated call that :func:`serves` accepts."""
+    if not set(call.reductions) <= GROUPED:
+        return group_text(call, finish(call, stats_sums(call)))
     if call.text_groups is not None and "text" in call.reductions:  # text needs every key
         return group_text(call, finish(call, sums(call, grouped=False)))
     return finish(call, sums(call))  # the groups formed in the kernel
@@ -107,3 +117,72 @@ def sums(call: AttentionCall, grouped: bool = True) -> dict[str, torch.Tensor]:
         assert merge is None
         sums["text"] = rows[:, :, lay.text_q.start - lo : lay.text_q.stop - lo, :t].contiguous()
     return sums
+
+
+def _blocks_of(grid: BlockGrid, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """A block grid as the kernel takes it, for the query rows ``lo..hi``."""
+    return np.ascontiguousarray(grid.query[lo:hi]), grid.key, grid.rows, grid.cols
+
+
+def stats_sums(call: AttentionCall) -> dict[str, torch.Tensor]:
+    """Every requested reduction as raw sums (see :func:`finish`) from
+    :func:`attnmap._native.attention_stats`, one pass over the keys for the rows that need it
+    (and one more for the ``probe`` rows)."""
+    from attnmap import _native
+
+    lay, wanted = call.layout, set(call.reductions)
+    nk = call.num_keys
+    bias = None if call.bias is None else _cpu_array(call.bias)
+    common: dict[str, Any] = {"scale": call.scale, "bias": bias, "per_head": call.per_head}
+    sums: dict[str, torch.Tensor] = {}
+    k = _cpu_array(call.k)
+    if "probe" in wanted:
+        assert call.probe is not None
+        probes = _cpu_array(call.q[:, :, call.probe])
+        sums["probe"] = torch.from_numpy(_native.attention_stats(probes, k, dense=(0, nk), **common)["dense"])
+    if not wanted - {"probe"}:
+        return sums
+    lo, hi = call.row_range()
+    tk = lay.text_k
+    if "full" in wanted:
+        dense: Optional[tuple[int, int]] = (0, nk)
+    elif wanted & {"cross", "text"} and tk is not None:
+        dense = (tk.start, tk.stop)
+    else:
+        dense = None
+    blocks = []
+    if "temporal" in wanted:
+        blocks.append(_blocks_of(frame_grid(lay), lo, hi))
+    if "blocks" in wanted:
+        blocks.append(_blocks_of(block_grid(call), lo, hi))
+    vk = lay.video_k
+    distance = None
+    if "distance" in wanted and vk is not None:
+        distance = (lay.video_q.start - lo, vk.start, *lay.grid)
+    out = _native.attention_stats(
+        _cpu_array(call.q[:, :, lo:hi]),
+        k,
+        dense=dense,
+        received="received" in wanted,
+        entropy="entropy" in wanted,
+        blocks=blocks or None,
+        distance=distance,
+        **common,
+    )
+    if dense is not None:
+        rows = torch.from_numpy(out["dense"])
+        vq, tq = lay.video_q, lay.text_q
+        if "full" in wanted:
+            sums["full"] = rows
+        if "cross" in wanted and tk is not None:
+            sums["cross"] = rows[:, :, vq.start - lo : vq.stop - lo, tk.start - dense[0] : tk.stop - dense[0]]
+        if "text" in wanted and tk is not None and tq is not None:
+            sums["text"] = rows[:, :, tq.start - lo : tq.stop - lo, tk.start - dense[0] : tk.stop - dense[0]]
+    found = iter(out.get("blocks", []))
+    for name in ("temporal", "blocks"):
+        if name in wanted:
+            sums[name] = torch.from_numpy(next(found))
+    for name in ("received", "entropy", "distance"):
+        if name in out:
+            sums[name] = torch.from_numpy(out[name])
+    return {name: t.contiguous() for name, t in sums.items()}

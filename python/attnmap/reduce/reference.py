@@ -1,8 +1,10 @@
-"""The materialising oracle of :func:`attnmap.attention_sums`: plain fp32 torch, P held whole.
+"""The materialising oracle of :func:`attnmap.attention_sums`: plain float64 torch, P held whole.
 
-Same contract as :func:`attnmap.attention_sums` (same arguments, validation and outputs), but it
-builds P = softmax(scale * q k^T + mask) as one ``[B, H, Nq, Nk]`` tensor with ``torch.softmax`` and
-slices it. It is what every backend is tested against; use it on small inputs only.
+Same contract as :func:`attnmap.attention_sums` (same arguments, validation and float32 outputs),
+but it builds P = softmax(scale * q k^T + mask) as one float64 ``[B, H, Nq, Nk]`` tensor with
+``torch.softmax`` and slices it, each reduction written the plain way (``distance`` from every
+pair's offset, ``entropy`` as ``-sum P ln P``). It is what every backend is tested against; use it
+on small inputs only.
 """
 
 from __future__ import annotations
@@ -14,19 +16,21 @@ from typing import Optional
 import torch
 
 from attnmap.layout import Layout
-from attnmap.reduce.contract import AttentionCall, Reductions, group_text, prepare_call
+from attnmap.reduce.contract import AttentionCall, BlockSize, Reductions, block_grid, group_text, prepare_call
+
+F64 = torch.float64
 
 
 def probabilities(call: AttentionCall) -> torch.Tensor:
-    """The whole P ``[B, H, Nq, Nk]`` in fp32 (rows whose keys are all masked are zero)."""
+    """The whole P ``[B, H, Nq, Nk]`` in float64 (rows whose keys are all masked are zero)."""
     h, hk = call.heads, call.kv_heads
-    q = call.q.to(torch.float32)
-    k = call.k.to(torch.float32).repeat_interleave(h // hk, dim=1)
+    q = call.q.to(F64)
+    k = call.k.to(F64).repeat_interleave(h // hk, dim=1)
     logits = (q @ k.transpose(-1, -2)) * call.scale
     if call.bias is not None:
-        logits = logits + call.bias[:, :, None, :]
+        logits = logits + call.bias[:, :, None, :].to(F64)
     if call.lse is not None:
-        lse = call.lse.clone()
+        lse = call.lse.to(F64)
         lse[torch.isneginf(lse)] = math.inf
         return torch.exp(logits - lse[..., None])
     dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
@@ -44,9 +48,32 @@ def run(call: AttentionCall) -> dict[str, torch.Tensor]:
     return group_text(call, sums_of(call))
 
 
+def _offsets(grid: tuple[int, int, int]) -> torch.Tensor:
+    """``[Nv, Nv]``: the ``distance`` bin ``(|dt| * H + |dy|) * W + |dx|`` of each video pair."""
+    f, h, w = grid
+    t, y, x = (
+        c.reshape(-1)
+        for c in torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij")
+    )
+    dt, dy, dx = ((c[:, None] - c[None, :]).abs() for c in (t, y, x))
+    return (dt * h + dy) * w + dx
+
+
+def _blocks(call: AttentionCall, p: torch.Tensor) -> torch.Tensor:
+    """Mean over each block's query rows of P summed over the block's keys, block by block."""
+    grid = block_grid(call)
+    query, key = torch.tensor(grid.query), torch.tensor(grid.key)
+    out = p.new_zeros(*p.shape[:2], grid.rows, grid.cols)
+    for r in range(grid.rows):
+        rows = p[:, :, query == r]
+        for c in range(grid.cols):
+            out[:, :, r, c] = rows[..., key == c].sum(dim=-1).mean(dim=-1)
+    return out
+
+
 def sums_of(call: AttentionCall) -> dict[str, torch.Tensor]:
     """Every requested reduction of a validated call, from the materialised P."""
-    p = probabilities(call)
+    p = probabilities(call).cpu()
     lay = call.layout
     b, h = call.batch, call.heads
     out: dict[str, torch.Tensor] = {}
@@ -62,10 +89,20 @@ def sums_of(call: AttentionCall) -> dict[str, torch.Tensor]:
             r = p.mean(dim=2)
         elif name == "probe":
             assert call.probe is not None
-            r = p[:, :, call.probe]
+            r = p[:, :, call.probe.cpu()]
+        elif name == "blocks":
+            r = _blocks(call, p)
+        elif name == "distance":
+            pairs = p[:, :, lay.video_q, lay.video_k].reshape(b, h, -1)
+            bins = _offsets(lay.grid).reshape(-1)
+            r = pairs.new_zeros(b, h, lay.num_video).index_add_(-1, bins, pairs) / lay.num_video
+            r = r.unflatten(-1, lay.grid)
+        elif name == "entropy":
+            r = -torch.special.xlogy(p, p).sum(dim=-1)
         else:  # full
             r = p
-        out[name] = (r if call.per_head else r.mean(dim=1)).to(torch.float32).contiguous()
+        r = r if call.per_head else r.mean(dim=1)
+        out[name] = r.to(device=call.q.device, dtype=torch.float32).contiguous()
     return out
 
 
@@ -82,6 +119,7 @@ def attention_sums(
     lse: Optional[torch.Tensor] = None,
     check_finite: bool = True,
     text_groups: Optional[Sequence[Sequence[int]]] = None,
+    block_size: Optional[BlockSize] = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`attnmap.attention_sums`, computed by materialising P (O(B H Nq Nk) memory).
 
@@ -105,6 +143,7 @@ def attention_sums(
         lse=lse,
         check_finite=check_finite,
         text_groups=text_groups,
+        block_size=block_size,
     )
     with torch.no_grad():
         return run(call)

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from attnmap.reduce.contract import AttentionCall, finish, group_text
+from attnmap.reduce.contract import AttentionCall, block_grid, finish, group_text
 
 
 def serves(call: AttentionCall) -> Optional[str]:
@@ -44,13 +44,13 @@ def sums(call: AttentionCall, **tiles: Optional[int]) -> dict[str, torch.Tensor]
     lay, wanted = call.layout, set(call.reductions)
     nk = call.num_keys
     row_lo, row_hi = call.row_range()
-    if wanted & {"received", "full"}:
+    if wanted & {"received", "full", "entropy"} or ("blocks" in wanted and not call.cubes):
         keys = (0, nk)
     else:
         spans = []
         if wanted & {"cross", "text"} and lay.text_k is not None:
             spans.append(lay.text_k)
-        if "temporal" in wanted and lay.video_k is not None:
+        if wanted & {"temporal", "distance", "blocks"} and lay.video_k is not None:  # blocks: cubes
             spans.append(lay.video_k)
         keys = (min(s.start for s in spans), max(s.stop for s in spans)) if spans else (0, 0)
     if "full" in wanted:
@@ -59,13 +59,19 @@ def sums(call: AttentionCall, **tiles: Optional[int]) -> dict[str, torch.Tensor]
         dense = (lay.text_k.start, lay.text_k.stop)
     else:
         dense = (0, 0)
-    temporal = None
+    temporal = distance = blocks = None
     if "temporal" in wanted and lay.video_k is not None:
         temporal = (lay.video_q.start, lay.video_k.start, lay.num_video, lay.frame_tokens, lay.frames)
+    if "distance" in wanted and lay.video_k is not None:
+        distance = (lay.video_q.start, lay.video_k.start, *lay.grid)
+    if "blocks" in wanted:
+        grid = block_grid(call)
+        ids = tuple(torch.tensor(a, device=call.q.device) for a in (grid.query, grid.key))
+        blocks = (ids[0], ids[1], grid.rows, grid.cols)
     common: dict[str, Any] = {"scale": call.scale, "bias": call.bias, "per_head": call.per_head, **tiles}
     out: dict[str, torch.Tensor] = {}
     if wanted - {"probe"}:
-        dense_sum, received, frames = attn_reduce(
+        found = attn_reduce(
             call.q,
             call.k,
             rows=(row_lo, row_hi),
@@ -73,6 +79,9 @@ def sums(call: AttentionCall, **tiles: Optional[int]) -> dict[str, torch.Tensor]
             dense=dense,
             received="received" in wanted,
             temporal=temporal,
+            entropy="entropy" in wanted,
+            blocks=blocks,
+            distance=distance,
             lse=call.lse,
             **common,
         )
@@ -80,26 +89,25 @@ def sums(call: AttentionCall, **tiles: Optional[int]) -> dict[str, torch.Tensor]
         if "cross" in wanted:
             vq, tk = lay.video_q, lay.text_k
             assert tk is not None
-            out["cross"] = dense_sum[
+            out["cross"] = found["dense"][
                 :, :, vq.start - row_lo : vq.stop - row_lo, tk.start - c_lo : tk.stop - c_lo
             ]
         if "text" in wanted:
             tq, tk = lay.text_q, lay.text_k
             assert tq is not None and tk is not None
-            out["text"] = dense_sum[
+            out["text"] = found["dense"][
                 :, :, tq.start - row_lo : tq.stop - row_lo, tk.start - c_lo : tk.stop - c_lo
             ]
         if "full" in wanted:
-            out["full"] = dense_sum
-        if "received" in wanted:
-            out["received"] = received
-        if "temporal" in wanted:
-            out["temporal"] = frames
+            out["full"] = found["dense"]
+        for name in ("received", "temporal", "entropy", "blocks", "distance"):
+            if name in wanted:
+                out[name] = found[name]
     if "probe" in wanted:
         assert call.probe is not None
         rows = call.q[:, :, call.probe]
         lse = None if call.lse is None else call.lse[:, :, call.probe]
         out["probe"] = attn_reduce(
             rows, call.k, rows=(0, int(rows.shape[2])), keys=(0, nk), dense=(0, nk), lse=lse, **common
-        )[0]
+        )["dense"]
     return {name: t.contiguous() for name, t in out.items()}

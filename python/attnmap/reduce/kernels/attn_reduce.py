@@ -12,8 +12,14 @@ Two kernels and their launcher :func:`attn_reduce`:
   forms ``P = exp(s - shift) * inv`` and sums the heads in registers. Then, per tile: the dense
   columns (``cross``/``text``/``full``) are stored once (no atomics: the program owns those rows),
   the column sums (``received``) take one atomic per key, and the (query frame, key frame) sums
-  (``temporal``) take one scalar atomic per pair of frames the tile touches. Head groups other than
-  one (for parallelism, or one group per head with ``per_head``) write separate slots that the
+  (``temporal``) take one scalar atomic per pair of frames the tile touches. The statistics of
+  sparse-attention design: each row's entropy ``sum P (lse - s)`` accumulates per head in registers
+  and is stored once; ``blocks`` (token tiles or video cubes) reduces the tile by two one-hot
+  products (keys to the tile's key blocks, then rows to its row blocks; the launcher numbers the
+  blocks each tile touches) and adds the small result with one atomic per pair of blocks;
+  ``distance`` adds each video pair's P to a ``[F, H, W, W]`` table by ``(|dt|, |dy|, x_q, x_k)``
+  (distinct addresses within a tile), which the launcher folds into ``|dx|``. Head groups other
+  than one (for parallelism, or one group per head with ``per_head``) write separate slots that the
   launcher sums.
 
 The plain fp32 torch twin is :mod:`attnmap.reduce.reference`; :mod:`attnmap.reduce.triton` turns an
@@ -167,6 +173,13 @@ def _attn_reduce_kernel(
     Dense,
     Received,
     Temporal,
+    Entropy,
+    QSlot,
+    KSlot,
+    QTab,
+    KTab,
+    Blocks,
+    Dist,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -200,11 +213,23 @@ def _attn_reduce_kernel(
     Nv,
     HW,
     F,
+    RB,
+    CB,
+    dq_lo,
+    dk_lo,
+    DF,
+    DH,
+    DW,
     HAS_BIAS: tl.constexpr,
     USE_INV: tl.constexpr,
     DENSE: tl.constexpr,
     RECEIVED: tl.constexpr,
     TEMPORAL: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    BLOCKS: tl.constexpr,
+    QS: tl.constexpr,
+    KS: tl.constexpr,
+    DISTANCE: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -227,6 +252,15 @@ def _attn_reduce_kernel(
     q_frame = tl.where(row_ok & (qv >= 0) & (qv < Nv), qv // HW, -1)
     qf_first = (tl.maximum(m0, vq_lo) - vq_lo) // HW
     qf_last = (tl.minimum(tl.minimum(m0 + BLOCK_M, row_hi), vq_lo + Nv) - 1 - vq_lo) // HW
+    ent = tl.zeros([BLOCK_M], tl.float32)
+    if BLOCKS:  # this tile's rows: one-hot [BLOCK_M, QS] of their local block, and those blocks' numbers
+        q_slot = tl.load(QSlot + offs_m, mask=row_ok, other=-1)
+        q_hot = (q_slot[:, None] == tl.arange(0, QS)[None, :]).to(tl.float32)
+        q_tab = tl.load(QTab + pid_m.to(tl.int64) * QS + tl.arange(0, QS))
+    if DISTANCE:  # the video rows' (t, y, x)
+        dq = offs_m - dq_lo
+        dq_ok = row_ok & (dq >= 0) & (dq < DF * DH * DW)
+        tq, yq, xq = dq // (DH * DW), (dq // DW) % DH, dq % DW
     for n0 in range(k_lo, k_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -249,6 +283,16 @@ def _attn_reduce_kernel(
             if USE_INV:
                 inv = tl.load(Inv + stats, mask=row_ok, other=0.0)
                 p = p * inv[:, None]
+            if ENTROPY:  # -P ln P = P (lse - s), with lse = shift + ln(1 / inv) unless given
+                if USE_INV:
+                    lse = shift - tl.log(tl.where(inv > 0.0, inv, 1.0))
+                else:
+                    lse = shift
+                # a row with no key (lse = inf) has P = 0; P = 0 too where s < lse - 104 (fp32
+                # underflow), so clamping s there keeps 0 * inf (s = -inf) out of the sum
+                lse = tl.where(lse < float("inf"), lse, 0.0)
+                s_low = tl.maximum(s, lse[:, None] - 200.0)
+                ent += tl.sum(p * (lse[:, None] - s_low), 1)
             acc += p
         acc = tl.where(row_ok[:, None], acc, 0.0)
         if DENSE:
@@ -273,6 +317,25 @@ def _attn_reduce_kernel(
                 for fi in range(qf_first, qf_last + 1):
                     mass = tl.sum(tl.where(q_frame == fi, seg, 0.0), 0)
                     tl.atomic_add(Temporal + (slot * F + fi) * F + fj, mass)
+        if BLOCKS:  # keys -> the tile's key blocks, rows -> its row blocks: [QS, KS], one atomic each
+            k_slot = tl.load(KSlot + offs_n, mask=offs_n < Nk, other=-1)
+            k_hot = (k_slot[:, None] == tl.arange(0, KS)[None, :]).to(tl.float32)
+            by_key = tl.dot(acc, k_hot, input_precision="ieee")
+            pairs = tl.dot(tl.trans(q_hot), by_key, input_precision="ieee")
+            k_tab = tl.load(KTab + ((n0 - k_lo) // BLOCK_N).to(tl.int64) * KS + tl.arange(0, KS))
+            ptr = Blocks + (slot * RB + q_tab[:, None].to(tl.int64)) * CB + k_tab[None, :]
+            tl.atomic_add(ptr, pairs, mask=(q_tab[:, None] >= 0) & (k_tab[None, :] >= 0))
+        if DISTANCE:
+            dk = offs_n - dk_lo
+            dk_ok = (dk >= 0) & (dk < DF * DH * DW) & (offs_n < Nk)
+            tk, yk, xk = dk // (DH * DW), (dk // DW) % DH, dk % DW
+            dt = tl.abs(tq[:, None] - tk[None, :])
+            dy = tl.abs(yq[:, None] - yk[None, :])
+            cell = ((dt * DH + dy) * DW + xq[:, None]) * DW + xk[None, :]
+            ptr = Dist + slot * (DF * DH * DW * DW) + cell.to(tl.int64)
+            tl.atomic_add(ptr, acc, mask=dq_ok[:, None] & dk_ok[None, :])
+    if ENTROPY:
+        tl.store(Entropy + slot * Nq + offs_m, ent, mask=row_ok)
 
 
 def _pow2(n: int, low: int) -> int:
@@ -312,6 +375,35 @@ def _head_groups(q: torch.Tensor, per_head: bool, m_blocks: int) -> int:
     return h
 
 
+def _tile_slots(ids: torch.Tensor, lo: int, hi: int, tile: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Number the blocks each tile of positions ``lo..hi`` (tiles of ``tile`` from ``lo``) touches.
+
+    Args:
+        ids: ``[N]`` int64, each position's block (-1: none).
+
+    Returns:
+        ``(slot [N] int32``: each position's block among its tile's (-1 outside ``lo..hi`` or in
+        none), ``table [tiles, S] int32``: the blocks of each tile by slot (-1 past its last),
+        ``S)``, a power of two >= 16 (``tl.dot`` needs 16).
+    """
+    n, tiles = hi - lo, max(1, triton.cdiv(hi - lo, tile))
+    seg = torch.full((tiles * tile,), -1, dtype=torch.int64, device=ids.device)
+    seg[:n] = ids[lo:hi]
+    ordered, order = seg.view(tiles, tile).sort(dim=1)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    first &= ordered >= 0
+    rank = first.cumsum(dim=1) - 1
+    width = _pow2(int(first.sum(dim=1).max()), 16)
+    table = torch.full((tiles, width), -1, dtype=torch.int32, device=ids.device)
+    row = torch.arange(tiles, device=ids.device)[:, None].expand_as(rank)
+    table[row[first], rank[first]] = ordered[first].to(torch.int32)
+    slot = torch.empty_like(rank).scatter_(1, order, torch.where(ordered >= 0, rank, -1))
+    full = torch.full((ids.numel(),), -1, dtype=torch.int32, device=ids.device)
+    full[lo:hi] = slot.view(-1)[:n].to(torch.int32)
+    return full, table.contiguous(), width
+
+
 def attn_reduce(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -322,13 +414,16 @@ def attn_reduce(
     dense: tuple[int, int] = (0, 0),
     received: bool = False,
     temporal: Optional[tuple[int, int, int, int, int]] = None,
+    entropy: bool = False,
+    blocks: Optional[tuple[torch.Tensor, torch.Tensor, int, int]] = None,
+    distance: Optional[tuple[int, int, int, int, int]] = None,
     bias: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
     per_head: bool = False,
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
     head_groups: Optional[int] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> dict[str, torch.Tensor]:
     """Reduce softmax(scale * q k^T + bias) over query rows ``rows`` without storing it.
 
     Args:
@@ -340,6 +435,10 @@ def attn_reduce(
         received: sum P over the rows into one value per key.
         temporal: ``(vq_lo, vk_lo, Nv, HW, F)``: sum P over (query frame, key frame) pairs of the
             video tokens at query positions ``vq_lo..vq_lo+Nv`` and key positions ``vk_lo..``.
+        entropy: each row's ``-sum P ln P``.
+        blocks: ``(query ids [Nq], key ids [Nk], RB, CB)``: sum P over (query block, key block)
+            pairs, ids int64 in ``0..RB`` and ``0..CB`` (-1: in none).
+        distance: ``(vq_lo, vk_lo, F, H, W)``: sum P of the video pairs by ``(|dt|, |dy|, |dx|)``.
         bias: additive fp32 key bias ``[B, 1 or H, Nk]`` (``-inf`` excludes a key), or None.
         lse: ``[B, H, Nq]`` fp32 logsumexp of each row; the statistics pass is then skipped.
         per_head: keep heads apart (Hs = H), else sum them (Hs = 1).
@@ -347,8 +446,9 @@ def attn_reduce(
         head_groups: output slots the heads are split into (a divisor of H; H with ``per_head``).
 
     Returns:
-        ``(dense [B, Hs, hi - lo, dense columns], received [B, Hs, Nk], temporal [B, Hs, F, F])``
-        raw sums in fp32 (placeholders of one element for what was not asked).
+        raw sums in fp32, by name, of what was asked: ``dense`` ``[B, Hs, hi - lo, dense columns]``,
+        ``received`` ``[B, Hs, Nk]``, ``temporal`` ``[B, Hs, F, F]``, ``entropy`` ``[B, Hs, Nq]``
+        (zero outside ``rows``), ``blocks`` ``[B, Hs, RB, CB]``, ``distance`` ``[B, Hs, F, H, W]``.
     """
     b, h, nq, d = (int(s) for s in q.shape)
     nk = int(k.shape[2])
@@ -408,21 +508,48 @@ def attn_reduce(
     temporal_buf = torch.zeros(
         (b, groups, frames, frames) if temporal is not None else (1,), dtype=f32, device=dev
     )
+    one = torch.zeros(1, dtype=f32, device=dev)
+    entropy_buf = torch.zeros((b, groups, nq), dtype=f32, device=dev) if entropy else one
+    ids = torch.full((1,), -1, dtype=torch.int32, device=dev)
+    q_slot, k_slot, q_tab, k_tab, qs, ks, rb, cb = ids, ids, ids, ids, 16, 16, 1, 1
+    blocks_buf = one
+    if blocks is not None:
+        block_q, block_k, rb, cb = blocks
+        q_slot, q_tab, qs = _tile_slots(block_q.to(dev), row_lo, row_hi, bm)
+        k_slot, k_tab, ks = _tile_slots(block_k.to(dev), k_lo, k_hi, bn)
+        blocks_buf = torch.zeros((b, groups, rb, cb), dtype=f32, device=dev)
+    dq_lo, dk_lo, df, dh, dw = distance if distance is not None else (0, 0, 1, 1, 1)
+    dist_buf = torch.zeros((b, groups, df, dh, dw, dw), dtype=f32, device=dev) if distance else one
     if m_blocks and k_hi > k_lo:
         _attn_reduce_kernel[(m_blocks, b * groups)](
             q, k, bias_t, shift, inv, dense_buf, received_buf, temporal_buf,
+            entropy_buf, q_slot, k_slot, q_tab, k_tab, blocks_buf, dist_buf,
             *q.stride(), *k.stride(), *bias_strides,
             dense_buf.stride(0), dense_buf.stride(1), dense_buf.stride(2),
             h, h // hk, groups, per_prog, nq, nk, d, scale,
             row_lo, row_hi, k_lo, k_hi, c_lo, c_hi,
-            vq_lo, vk_lo, nv, hw, frames,
+            vq_lo, vk_lo, nv, hw, frames, rb, cb, dq_lo, dk_lo, df, dh, dw,
             HAS_BIAS=bias is not None, USE_INV=lse is None, DENSE=has_dense,
-            RECEIVED=received, TEMPORAL=temporal is not None, IEEE=ieee, UPCAST=upcast,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
+            RECEIVED=received, TEMPORAL=temporal is not None, ENTROPY=entropy,
+            BLOCKS=blocks is not None, QS=qs, KS=ks, DISTANCE=distance is not None,
+            IEEE=ieee, UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
         )  # fmt: skip
 
     def slots(t: torch.Tensor) -> torch.Tensor:
         """[B, G, ...] group slots -> [B, Hs, ...]: per head as is, else summed."""
-        return t if per_head or t.dim() < 2 else t.sum(dim=1, keepdim=True)
+        return t if per_head else t.sum(dim=1, keepdim=True)
 
-    return slots(dense_buf), slots(received_buf), slots(temporal_buf)
+    out = {"dense": dense_buf} if has_dense else {}
+    if received:
+        out["received"] = received_buf
+    if temporal is not None:
+        out["temporal"] = temporal_buf
+    if entropy:
+        out["entropy"] = entropy_buf
+    if blocks is not None:
+        out["blocks"] = blocks_buf
+    if distance is not None:  # (x_q, x_k) -> |x_q - x_k|
+        x = torch.arange(dw, device=dev)
+        bins = (x[:, None] - x[None, :]).abs().reshape(-1)
+        out["distance"] = dist_buf.new_zeros(b, groups, df, dh, dw).index_add_(-1, bins, dist_buf.flatten(-2))
+    return {name: slots(t) for name, t in out.items()}

@@ -1,0 +1,887 @@
+//! Exact attention statistics on the CPU, without the N x N map: column sums (`received`), sums
+//! over pairs of query and key blocks (token tiles, video cubes, frames), mass by spatio-temporal
+//! offset (`distance`), each row's entropy, and rows of P over a range of keys (`cross`, `text`,
+//! `full`), all from one pass over the keys.
+//!
+//! Each task takes rows of one batch element through every head with the online softmax of
+//! [`crate::groups`], every key its own column, so that once a head's keys are walked the task
+//! holds its rows of P exactly (`ROW_CHUNK` rows x `Nk`, never more). It then folds them into the
+//! statistics: the column sums and block sums of a thread's tasks add into that thread's
+//! accumulators (summed at the end), the rows' own outputs (entropy, the dense columns) are kept
+//! per task. The entropy comes from the row's sums in the same pass: with `m` the row max,
+//! `l = sum exp(s - m)` and `u = sum exp(s - m) (s - m)`, `-sum P ln P = ln l - u / l`.
+
+use std::ops::Range;
+
+use ndarray::{Array3, Array4, Array5, ArrayView1};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::groups::{zeroed, Groups, Packed, Problem, Rows, Work, MR, NR, ROW_CHUNK};
+
+/// Sums of P over pairs of (query block, key block): `rows[i]` is query row `i`'s block (or -1),
+/// `keys[j]` key `j`'s (or -1). Output `[B, Hs, num_rows, num_keys]`, summed over rows.
+pub struct Blocks<'a> {
+    pub rows: ArrayView1<'a, i64>,
+    pub keys: ArrayView1<'a, i64>,
+    pub num_rows: usize,
+    pub num_keys: usize,
+}
+
+/// Where the video tokens sit for `distance`: query rows `row_start..` and keys `key_start..`,
+/// `frames * height * width` of each in raster order.
+#[derive(Clone, Copy, Debug)]
+pub struct Grid {
+    pub row_start: usize,
+    pub key_start: usize,
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl Grid {
+    fn tokens(&self) -> Option<usize> {
+        self.frames
+            .checked_mul(self.height)?
+            .checked_mul(self.width)
+    }
+}
+
+/// What to compute.
+#[derive(Default)]
+pub struct Spec<'a> {
+    /// Keep each row's P over these keys: `[B, Hs, R, len]`.
+    pub dense: Option<Range<usize>>,
+    /// Column sums over all rows: `[B, Hs, Nk]`.
+    pub received: bool,
+    /// Each row's entropy `-sum P ln P` (natural log): `[B, Hs, R]`, summed over heads when not
+    /// per head.
+    pub entropy: bool,
+    /// Block sums, one output each.
+    pub blocks: Vec<Blocks<'a>>,
+    /// Video query/key pairs summed by `(|dt|, |dy|, |dx|)` over the video rows:
+    /// `[B, Hs, F, H, W]`.
+    pub distance: Option<Grid>,
+}
+
+/// The statistics asked for (None or empty where not).
+pub struct Stats {
+    pub dense: Option<Array4<f32>>,
+    pub received: Option<Array3<f32>>,
+    pub entropy: Option<Array3<f32>>,
+    pub blocks: Vec<Array4<f32>>,
+    pub distance: Option<Array5<f32>>,
+}
+
+/// A run of consecutive keys of one block.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Run {
+    start: usize,
+    end: usize,
+    block: usize,
+}
+
+/// Consecutive keys with the same block, as runs (keys in no block are left out).
+fn runs(keys: &ArrayView1<i64>) -> Vec<Run> {
+    let mut out: Vec<Run> = Vec::new();
+    for (j, &g) in keys.iter().enumerate() {
+        if g < 0 {
+            continue;
+        }
+        match out.last_mut() {
+            Some(run) if run.end == j && run.block == g as usize => run.end += 1,
+            _ => out.push(Run {
+                start: j,
+                end: j + 1,
+                block: g as usize,
+            }),
+        }
+    }
+    out
+}
+
+fn product(dims: &[usize], what: &'static str) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &x| acc.checked_mul(x))
+        .filter(|&n| n <= isize::MAX as usize / 4)
+        .ok_or_else(|| Error::invalid(what, format!("the output {dims:?} is too large")))
+}
+
+/// The checked spec and the sizes of a call.
+struct Plan {
+    b: usize,
+    hs: usize,
+    r: usize,
+    nk: usize,
+    dense: Option<Range<usize>>,
+    received: bool,
+    entropy: bool,
+    /// Per block output: the query rows' blocks, the key runs, and the output's sizes.
+    blocks: Vec<(Vec<i64>, Vec<Run>, usize, usize)>,
+    distance: Option<Grid>,
+}
+
+impl Plan {
+    fn new(p: &Problem, spec: &Spec) -> Result<Self> {
+        let (b, h, r, _) = p.q.dim();
+        let nk = p.k.dim().2;
+        let hs = if p.per_head { h } else { 1 };
+        if let Some(d) = &spec.dense {
+            if d.start > d.end || d.end > nk {
+                return Err(Error::invalid(
+                    "dense",
+                    format!("expected key columns lo..hi within 0..{nk}, got {d:?}"),
+                ));
+            }
+            product(&[b, hs, r, d.end - d.start], "dense")?;
+        }
+        let mut blocks = Vec::with_capacity(spec.blocks.len());
+        for blk in &spec.blocks {
+            if blk.rows.len() != r || blk.keys.len() != nk {
+                return Err(Error::invalid(
+                    "blocks",
+                    format!(
+                        "expected a block per query row ({r}) and per key ({nk}), got {} and {}",
+                        blk.rows.len(),
+                        blk.keys.len()
+                    ),
+                ));
+            }
+            let bad_row = blk
+                .rows
+                .iter()
+                .find(|&&g| g < -1 || g >= blk.num_rows as i64);
+            let bad_key = blk
+                .keys
+                .iter()
+                .find(|&&g| g < -1 || g >= blk.num_keys as i64);
+            if let Some(g) = bad_row.or(bad_key) {
+                return Err(Error::invalid(
+                    "blocks",
+                    format!(
+                        "expected row blocks in -1..{} and key blocks in -1..{}, got {g}",
+                        blk.num_rows, blk.num_keys
+                    ),
+                ));
+            }
+            product(&[b, hs, blk.num_rows, blk.num_keys], "blocks")?;
+            blocks.push((
+                blk.rows.to_vec(),
+                runs(&blk.keys),
+                blk.num_rows,
+                blk.num_keys,
+            ));
+        }
+        if let Some(g) = spec.distance {
+            let fits = g.tokens().is_some_and(|nv| {
+                nv > 0
+                    && g.row_start.checked_add(nv).is_some_and(|e| e <= r)
+                    && g.key_start.checked_add(nv).is_some_and(|e| e <= nk)
+            });
+            if !fits {
+                return Err(Error::invalid(
+                    "distance",
+                    format!(
+                        "expected a grid of F x H x W >= 1 video tokens from row {} (of {r}) and key {} (of {nk}), got {g:?}",
+                        g.row_start, g.key_start
+                    ),
+                ));
+            }
+            product(&[b, hs, g.frames, g.height, g.width], "distance")?;
+        }
+        if spec.received {
+            product(&[b, hs, nk], "received")?;
+        }
+        Ok(Plan {
+            b,
+            hs,
+            r,
+            nk,
+            dense: spec.dense.clone(),
+            received: spec.received,
+            entropy: spec.entropy,
+            blocks,
+            distance: spec.distance,
+        })
+    }
+
+    fn dense_len(&self) -> usize {
+        self.dense.as_ref().map_or(0, |d| d.end - d.start)
+    }
+}
+
+/// A thread's summed statistics and the rows its tasks kept, plus its scratch buffers.
+struct Acc {
+    received: Vec<f32>,
+    blocks: Vec<Vec<f32>>,
+    distance: Vec<f32>,
+    /// `(task, dense [Hs][rows][len], entropy [Hs][rows])`.
+    rows: Vec<(usize, Vec<f32>, Vec<f32>)>,
+    scratch: Option<Scratch>,
+}
+
+/// Per-thread buffers reused by every task: the online-softmax state, the head sum of the rows
+/// and the scaled query rows.
+struct Scratch {
+    st: Rows,
+    summed: Vec<f32>,
+    q: Vec<f32>,
+}
+
+impl Acc {
+    fn new(plan: &Plan) -> Result<Self> {
+        let (b, hs) = (plan.b, plan.hs);
+        let received = if plan.received {
+            zeroed(b * hs * plan.nk, "received")?
+        } else {
+            Vec::new()
+        };
+        let blocks = plan
+            .blocks
+            .iter()
+            .map(|(_, _, nr, nc)| zeroed(b * hs * nr * nc, "blocks"))
+            .collect::<Result<_>>()?;
+        let distance = match plan.distance.and_then(|g| g.tokens()) {
+            Some(nv) => zeroed(b * hs * nv, "distance")?,
+            None => Vec::new(),
+        };
+        Ok(Acc {
+            received,
+            blocks,
+            distance,
+            rows: Vec::new(),
+            scratch: None,
+        })
+    }
+
+    fn merge(mut self, other: Acc) -> Acc {
+        add(&mut self.received, &other.received);
+        for (a, o) in self.blocks.iter_mut().zip(&other.blocks) {
+            add(a, o);
+        }
+        add(&mut self.distance, &other.distance);
+        self.rows.extend(other.rows);
+        self
+    }
+}
+
+fn add(dst: &mut [f32], src: &[f32]) {
+    dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
+}
+
+/// Every statistic of `spec` for the rows of `p.q`, exact (softmax over every key).
+///
+/// A row whose keys are all excluded contributes zero (entropy 0); a row with NaN or `+inf` among
+/// its logits is NaN in everything it touches, never a silent number.
+pub fn attention_stats(p: &Problem, spec: &Spec) -> Result<Stats> {
+    #[cfg(target_arch = "x86_64")]
+    let fast =
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let fast = false;
+    run(p, spec, fast)
+}
+
+/// [`attention_stats`] with the AVX2 + FMA build (`fast`) or the plain one.
+fn run(p: &Problem, spec: &Spec, fast: bool) -> Result<Stats> {
+    let nk = p.k.dim().2;
+    let ntiles = nk.div_ceil(NR);
+    let groups = Groups::identity(nk);
+    p.check(&groups)?;
+    let plan = Plan::new(p, spec)?;
+    let (b, r) = (plan.b, plan.r);
+    let packed = Packed::new(p, ntiles);
+    let work = Work {
+        p,
+        groups: &groups,
+        keys: &packed.keys,
+        biases: &packed.biases,
+        fast,
+        prefix: true,
+    };
+    let chunks = r.div_ceil(ROW_CHUNK);
+    let tasks = b * chunks;
+    // one accumulator per thread, not per task: at most as many pieces as threads
+    let per_piece = tasks.div_ceil(rayon::current_num_threads().max(1)).max(1);
+    let acc = (0..tasks)
+        .into_par_iter()
+        .with_min_len(per_piece)
+        .try_fold(
+            || None,
+            |acc: Option<Acc>, t| {
+                let mut acc = match acc {
+                    Some(acc) => acc,
+                    None => Acc::new(&plan)?,
+                };
+                work_task(&work, &plan, &mut acc, t / chunks, (t % chunks) * ROW_CHUNK)?;
+                Ok::<_, Error>(Some(acc))
+            },
+        )
+        .try_reduce(
+            || None,
+            |a, o| {
+                Ok(match (a, o) {
+                    (Some(a), Some(o)) => Some(a.merge(o)),
+                    (a, o) => a.or(o),
+                })
+            },
+        )?;
+    let acc = match acc {
+        Some(acc) => acc,
+        None => Acc::new(&plan)?, // no rows
+    };
+    assemble(&plan, acc, chunks)
+}
+
+/// The outputs from the summed accumulator and the rows each task kept.
+fn assemble(plan: &Plan, acc: Acc, chunks: usize) -> Result<Stats> {
+    let (b, hs, r, nk) = (plan.b, plan.hs, plan.r, plan.nk);
+    let nd = plan.dense_len();
+    let mut dense = match &plan.dense {
+        Some(_) => Some(
+            Array4::from_shape_vec((b, hs, r, nd), zeroed(b * hs * r * nd, "dense")?)
+                .expect("sized"),
+        ),
+        None => None,
+    };
+    let mut entropy = if plan.entropy {
+        Some(Array3::from_shape_vec((b, hs, r), zeroed(b * hs * r, "entropy")?).expect("sized"))
+    } else {
+        None
+    };
+    for (t, d, e) in &acc.rows {
+        let (bi, r0) = (t / chunks, (t % chunks) * ROW_CHUNK);
+        let rows = ROW_CHUNK.min(r - r0);
+        for s in 0..hs {
+            if let Some(out) = dense.as_mut() {
+                let src =
+                    ndarray::ArrayView2::from_shape((rows, nd), &d[s * rows * nd..][..rows * nd])
+                        .expect("rows x columns");
+                out.slice_mut(ndarray::s![bi, s, r0..r0 + rows, ..])
+                    .assign(&src);
+            }
+            if let Some(out) = entropy.as_mut() {
+                let src = ArrayView1::from(&e[s * rows..(s + 1) * rows]);
+                out.slice_mut(ndarray::s![bi, s, r0..r0 + rows])
+                    .assign(&src);
+            }
+        }
+    }
+    let received = plan
+        .received
+        .then(|| Array3::from_shape_vec((b, hs, nk), acc.received).expect("sized"));
+    let blocks = plan
+        .blocks
+        .iter()
+        .zip(acc.blocks)
+        .map(|((_, _, nr, nc), v)| Array4::from_shape_vec((b, hs, *nr, *nc), v).expect("sized"))
+        .collect();
+    let distance = plan.distance.map(|g| {
+        Array5::from_shape_vec((b, hs, g.frames, g.height, g.width), acc.distance).expect("sized")
+    });
+    Ok(Stats {
+        dense,
+        received,
+        entropy,
+        blocks,
+        distance,
+    })
+}
+
+/// Rows `r0..r0 + ROW_CHUNK` of batch element `b` into `acc`.
+fn work_task(work: &Work, plan: &Plan, acc: &mut Acc, b: usize, r0: usize) -> Result<()> {
+    let (_, h, _, d) = work.p.q.dim();
+    let c = work.groups.num_columns;
+    if acc.scratch.is_none() {
+        let padded = ROW_CHUNK.div_ceil(MR) * MR;
+        acc.scratch = Some(Scratch {
+            st: Rows::new(padded, c)?,
+            summed: if work.p.per_head {
+                Vec::new()
+            } else {
+                zeroed(ROW_CHUNK * c, "k")?
+            },
+            q: zeroed(padded * d, "q")?,
+        });
+    }
+    let rows = ROW_CHUNK.min(plan.r - r0);
+    let hs = plan.hs;
+    let nd = plan.dense_len();
+    let mut dense = zeroed(if nd > 0 { hs * rows * nd } else { 0 }, "dense")?;
+    let mut entropy = zeroed(if plan.entropy { hs * rows } else { 0 }, "entropy")?;
+    let mut scratch = acc.scratch.take().expect("made above");
+    if !work.p.per_head {
+        scratch.summed.fill(0.0);
+    }
+    let Scratch { st, summed, q } = &mut scratch;
+    for head in 0..h {
+        work.softmax(b, head, r0, rows, q, st, plan.entropy);
+        let slot = if work.p.per_head { head } else { 0 };
+        for i in 0..rows {
+            if plan.entropy {
+                entropy[slot * rows + i] += st.entropy(i);
+            }
+            let inv = st.inv(i);
+            let row = &mut st.acc[i * c..(i + 1) * c];
+            if work.p.per_head {
+                row.iter_mut().for_each(|a| *a *= inv);
+                let keep = &mut dense[(slot * rows + i) * nd..][..nd];
+                sink(plan, acc, b, slot, r0 + i, &row[..plan.nk], keep);
+            } else {
+                add_scaled(&mut summed[i * c..(i + 1) * c], row, inv);
+            }
+        }
+    }
+    if !work.p.per_head {
+        for i in 0..rows {
+            let keep = &mut dense[i * nd..(i + 1) * nd];
+            sink(
+                plan,
+                acc,
+                b,
+                0,
+                r0 + i,
+                &summed[i * c..i * c + plan.nk],
+                keep,
+            );
+        }
+    }
+    acc.scratch = Some(scratch);
+    acc.rows.push((
+        b * plan.r.div_ceil(ROW_CHUNK) + r0 / ROW_CHUNK,
+        dense,
+        entropy,
+    ));
+    Ok(())
+}
+
+fn add_scaled(dst: &mut [f32], src: &[f32], s: f32) {
+    dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v * s);
+}
+
+/// Fold one row `p` (`[Nk]`, normalised) of slot `slot` into the statistics; `keep` takes its
+/// dense columns.
+fn sink(
+    plan: &Plan,
+    acc: &mut Acc,
+    b: usize,
+    slot: usize,
+    row: usize,
+    p: &[f32],
+    keep: &mut [f32],
+) {
+    let hs = plan.hs;
+    if let Some(d) = &plan.dense {
+        keep.copy_from_slice(&p[d.clone()]);
+    }
+    if plan.received {
+        add(&mut acc.received[(b * hs + slot) * plan.nk..][..plan.nk], p);
+    }
+    for ((rows, runs, nr, nc), out) in plan.blocks.iter().zip(acc.blocks.iter_mut()) {
+        let g = rows[row];
+        if g < 0 {
+            continue;
+        }
+        let dst = &mut out[((b * hs + slot) * nr + g as usize) * nc..][..*nc];
+        for run in runs {
+            dst[run.block] += p[run.start..run.end].iter().sum::<f32>();
+        }
+    }
+    if let Some(g) = plan.distance {
+        let nv = g.frames * g.height * g.width;
+        if row >= g.row_start && row < g.row_start + nv {
+            let v = row - g.row_start;
+            let (tq, yq, xq) = (
+                v / (g.height * g.width),
+                v / g.width % g.height,
+                v % g.width,
+            );
+            let video = &p[g.key_start..g.key_start + nv];
+            let out = &mut acc.distance[(b * hs + slot) * nv..][..nv];
+            fold_offsets(video, out, g, (tq, yq, xq));
+        }
+    }
+}
+
+/// Add a video row `p` (`[F * H * W]`, keys in raster order) of a query at `(tq, yq, xq)` into
+/// `out[|dt|][|dy|][|dx|]`.
+fn fold_offsets(p: &[f32], out: &mut [f32], g: Grid, (tq, yq, xq): (usize, usize, usize)) {
+    let (h, w) = (g.height, g.width);
+    for tk in 0..g.frames {
+        let dt = tq.abs_diff(tk);
+        for yk in 0..h {
+            let dy = yq.abs_diff(yk);
+            let src = &p[(tk * h + yk) * w..][..w];
+            let dst = &mut out[(dt * h + dy) * w..][..w];
+            // keys left of the query fall on dx = xq - xk, the others on xk - xq
+            let (left, right) = src.split_at(xq);
+            dst[1..=xq]
+                .iter_mut()
+                .zip(left.iter().rev())
+                .for_each(|(o, &v)| *o += v);
+            dst[..w - xq]
+                .iter_mut()
+                .zip(right)
+                .for_each(|(o, &v)| *o += v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::groups::tests::{builds, noise, probabilities as row_probabilities};
+    use ndarray::{Array1, Array3 as A3, Array4 as A4};
+
+    /// P of every row and head in f64, materialised: `[B][H][R][Nk]`.
+    fn probabilities(p: &Problem) -> Vec<Vec<Vec<Vec<f64>>>> {
+        let (b, h, r, _) = p.q.dim();
+        (0..b)
+            .map(|bi| {
+                (0..h)
+                    .map(|hi| (0..r).map(|i| row_probabilities(p, bi, hi, i)).collect())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// A problem without bias at scale 1.
+    fn unbiased<'a>(q: &'a A4<f32>, k: &'a A4<f32>, per_head: bool) -> Problem<'a> {
+        Problem {
+            q: q.view(),
+            k: k.view(),
+            bias: None,
+            scale: 1.0,
+            per_head,
+        }
+    }
+
+    fn close(got: f32, want: f64, tol: f64, what: &str) {
+        assert!(
+            (got as f64 - want).abs() <= tol,
+            "{what}: got {got}, want {want}"
+        );
+    }
+
+    struct Case {
+        b: usize,
+        h: usize,
+        hk: usize,
+        r: usize,
+        nk: usize,
+        d: usize,
+        per_head: bool,
+        bias: Option<A3<f32>>,
+    }
+
+    /// Every statistic of one case against the f64 materialised P, both builds.
+    fn check(case: Case, grid: Grid, seed: u64) {
+        let Case {
+            b,
+            h,
+            hk,
+            r,
+            nk,
+            d,
+            per_head,
+            bias,
+        } = case;
+        let q = A4::from_shape_vec((b, h, r, d), noise(b * h * r * d, seed, 2.0)).unwrap();
+        let k = A4::from_shape_vec((b, hk, nk, d), noise(b * hk * nk * d, seed + 1, 2.0)).unwrap();
+        let p = Problem {
+            q: q.view(),
+            k: k.view(),
+            bias: bias.as_ref().map(|x| x.view()),
+            scale: 0.4,
+            per_head,
+        };
+        // token tiles of 5 rows x 7 keys, and blocks that skip some rows and keys
+        let tile_rows = Array1::from_iter((0..r as i64).map(|i| i / 5));
+        let tile_keys = Array1::from_iter((0..nk as i64).map(|j| j / 7));
+        let odd_rows =
+            Array1::from_iter((0..r as i64).map(|i| if i % 3 == 0 { -1 } else { i % 4 }));
+        let odd_keys =
+            Array1::from_iter((0..nk as i64).map(|j| if j % 5 == 1 { -1 } else { (j / 2) % 3 }));
+        let spec = Spec {
+            dense: Some(3..nk - 2),
+            received: true,
+            entropy: true,
+            blocks: vec![
+                Blocks {
+                    rows: tile_rows.view(),
+                    keys: tile_keys.view(),
+                    num_rows: r.div_ceil(5),
+                    num_keys: nk.div_ceil(7),
+                },
+                Blocks {
+                    rows: odd_rows.view(),
+                    keys: odd_keys.view(),
+                    num_rows: 4,
+                    num_keys: 3,
+                },
+            ],
+            distance: Some(grid),
+        };
+        let probs = probabilities(&p);
+        let hs = if per_head { h } else { 1 };
+        let tol = 3e-6 * h as f64;
+        for fast in builds() {
+            let out = run(&p, &spec, fast).unwrap();
+            let (dense, received, entropy, distance) = (
+                out.dense.unwrap(),
+                out.received.unwrap(),
+                out.entropy.unwrap(),
+                out.distance.unwrap(),
+            );
+            let nv = grid.frames * grid.height * grid.width;
+            for bi in 0..b {
+                for s in 0..hs {
+                    let heads: Vec<usize> = if per_head { vec![s] } else { (0..h).collect() };
+                    let row = |i: usize, j: usize| {
+                        heads.iter().map(|&hi| probs[bi][hi][i][j]).sum::<f64>()
+                    };
+                    for i in 0..r {
+                        for j in 3..nk - 2 {
+                            close(dense[[bi, s, i, j - 3]], row(i, j), tol, "dense");
+                        }
+                        let ent: f64 = heads
+                            .iter()
+                            .map(|&hi| {
+                                -probs[bi][hi][i]
+                                    .iter()
+                                    .map(|&x| if x > 0.0 { x * x.ln() } else { 0.0 })
+                                    .sum::<f64>()
+                            })
+                            .sum();
+                        close(entropy[[bi, s, i]], ent, 2e-5 * h as f64, "entropy");
+                    }
+                    for j in 0..nk {
+                        let want: f64 = (0..r).map(|i| row(i, j)).sum();
+                        close(received[[bi, s, j]], want, tol * r as f64, "received");
+                    }
+                    for (blk, got) in spec.blocks.iter().zip(&out.blocks) {
+                        let mut want = vec![0.0f64; blk.num_rows * blk.num_keys];
+                        for i in 0..r {
+                            for j in 0..nk {
+                                let (gr, gk) = (blk.rows[i], blk.keys[j]);
+                                if gr >= 0 && gk >= 0 {
+                                    want[gr as usize * blk.num_keys + gk as usize] += row(i, j);
+                                }
+                            }
+                        }
+                        for (x, &w) in want.iter().enumerate() {
+                            let got = got[[bi, s, x / blk.num_keys, x % blk.num_keys]];
+                            close(got, w, tol * r as f64, "blocks");
+                        }
+                    }
+                    let mut want = vec![0.0f64; nv];
+                    let pos = |v: usize| {
+                        (
+                            v / (grid.height * grid.width),
+                            v / grid.width % grid.height,
+                            v % grid.width,
+                        )
+                    };
+                    for vi in 0..nv {
+                        for vj in 0..nv {
+                            let ((a, b_, c), (x, y, z)) = (pos(vi), pos(vj));
+                            let bin = (a.abs_diff(x) * grid.height + b_.abs_diff(y)) * grid.width
+                                + c.abs_diff(z);
+                            want[bin] += row(grid.row_start + vi, grid.key_start + vj);
+                        }
+                    }
+                    for (x, &w) in want.iter().enumerate() {
+                        let (t, y, z) = pos(x);
+                        close(distance[[bi, s, t, y, z]], w, tol * nv as f64, "distance");
+                    }
+                }
+            }
+        }
+    }
+
+    fn grid(row_start: usize, key_start: usize, f: usize, h: usize, w: usize) -> Grid {
+        Grid {
+            row_start,
+            key_start,
+            frames: f,
+            height: h,
+            width: w,
+        }
+    }
+
+    #[test]
+    fn every_statistic_against_f64() {
+        // rows cross task chunks (60) and micro tiles; keys cross tiles (16) and key blocks (256)
+        let case = Case {
+            b: 2,
+            h: 3,
+            hk: 3,
+            r: 71,
+            nk: 300,
+            d: 20,
+            per_head: false,
+            bias: None,
+        };
+        check(case, grid(4, 10, 3, 4, 5), 1);
+        let case = Case {
+            b: 1,
+            h: 4,
+            hk: 2,
+            r: 33,
+            nk: 45,
+            d: 9,
+            per_head: true,
+            bias: None,
+        };
+        check(case, grid(3, 1, 2, 2, 7), 2);
+    }
+
+    #[test]
+    fn masks_and_dead_rows() {
+        let (b, h, nk) = (2, 2, 40);
+        let mut bias = A3::<f32>::zeros((b, h, nk));
+        for j in 30..40 {
+            bias[[0, 1, j]] = f32::NEG_INFINITY;
+        }
+        bias[[0, 0, 5]] = -30.0;
+        bias.slice_mut(ndarray::s![1, 0, ..])
+            .fill(f32::NEG_INFINITY); // a head with no key
+        let case = Case {
+            b,
+            h,
+            hk: 1,
+            r: 13,
+            nk,
+            d: 16,
+            per_head: true,
+            bias: Some(bias.clone()),
+        };
+        check(case, grid(1, 4, 1, 3, 4), 3);
+        let shared = bias.slice(ndarray::s![.., 0..1, ..]).to_owned();
+        let case = Case {
+            b,
+            h,
+            hk: 1,
+            r: 13,
+            nk,
+            d: 16,
+            per_head: false,
+            bias: Some(shared),
+        };
+        check(case, grid(0, 0, 2, 2, 3), 4);
+    }
+
+    #[test]
+    fn huge_and_rising_logits_keep_entropy_and_mass_exact() {
+        // logits 10 j over 40 keys: each tile raises the row max; key 0 of row 1 sits 1e4 above
+        let mut q = A4::from_elem((1, 1, 2, 2), 0.0f32);
+        q[[0, 0, 0, 0]] = 1.0e4;
+        q[[0, 0, 1, 1]] = 1.0e4;
+        let mut k = A4::zeros((1, 1, 40, 2));
+        for j in 0..40 {
+            k[[0, 0, j, 0]] = j as f32 * 1e-3;
+        }
+        k[[0, 0, 0, 1]] = 1.0;
+        let p = unbiased(&q, &k, false);
+        let spec = Spec {
+            received: true,
+            entropy: true,
+            ..Spec::default()
+        };
+        let rows: Vec<Vec<f64>> = (0..2).map(|i| row_probabilities(&p, 0, 0, i)).collect();
+        for fast in builds() {
+            let out = run(&p, &spec, fast).unwrap();
+            let (received, entropy) = (out.received.unwrap(), out.entropy.unwrap());
+            for (j, &got) in received.iter().enumerate() {
+                close(got, rows[0][j] + rows[1][j], 1e-6, "received");
+            }
+            for (i, row) in rows.iter().enumerate() {
+                let want: f64 = -row
+                    .iter()
+                    .filter(|&&x| x > 0.0)
+                    .map(|&x| x * x.ln())
+                    .sum::<f64>();
+                close(entropy[[0, 0, i]], want, 1e-5, "entropy");
+            }
+            assert!(entropy[[0, 0, 0]] > 1e-4 && entropy[[0, 0, 1]] == 0.0);
+        }
+    }
+
+    #[test]
+    fn nan_rows_stay_nan() {
+        let mut q = A4::from_shape_vec((1, 2, 6, 8), noise(96, 8, 1.0)).unwrap();
+        let k = A4::from_shape_vec((1, 2, 20, 8), noise(320, 9, 1.0)).unwrap();
+        q[[0, 0, 3, 2]] = f32::NAN;
+        let p = unbiased(&q, &k, true);
+        let spec = Spec {
+            dense: Some(0..20),
+            entropy: true,
+            ..Spec::default()
+        };
+        let out = run(&p, &spec, false).unwrap();
+        let (dense, entropy) = (out.dense.unwrap(), out.entropy.unwrap());
+        for i in 0..6 {
+            assert_eq!(entropy[[0, 0, i]].is_nan(), i == 3);
+            assert!(!entropy[[0, 1, i]].is_nan());
+            assert!(dense
+                .slice(ndarray::s![0, 0, i, ..])
+                .iter()
+                .all(|x| x.is_nan() == (i == 3)));
+        }
+    }
+
+    #[test]
+    fn runs_merge_consecutive_keys() {
+        let keys = Array1::from(vec![0i64, 0, 1, 1, -1, 1, 0, 0]);
+        let want = [(0, 2, 0), (2, 4, 1), (5, 6, 1), (6, 8, 0)];
+        let got: Vec<(usize, usize, usize)> = runs(&keys.view())
+            .iter()
+            .map(|r| (r.start, r.end, r.block))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn bad_specs_name_their_argument() {
+        let q = A4::<f32>::zeros((1, 1, 4, 8));
+        let k = A4::<f32>::zeros((1, 1, 5, 8));
+        let p = unbiased(&q, &k, false);
+        let message = |spec: Spec| attention_stats(&p, &spec).err().unwrap().to_string();
+        let e = message(Spec {
+            dense: Some(2..6),
+            ..Spec::default()
+        });
+        assert!(e.starts_with("dense: expected key columns"), "{e}");
+        let rows = Array1::from(vec![0i64; 4]);
+        let keys = Array1::from(vec![0i64, 1, 2, 3, 4]);
+        let blk = |num_keys| Blocks {
+            rows: rows.view(),
+            keys: keys.view(),
+            num_rows: 1,
+            num_keys,
+        };
+        let e = message(Spec {
+            blocks: vec![blk(4)],
+            ..Spec::default()
+        });
+        assert!(
+            e.starts_with("blocks: expected row blocks in -1..1 and key blocks in -1..4, got 4"),
+            "{e}"
+        );
+        let e = message(Spec {
+            blocks: vec![blk(1 << 62)],
+            ..Spec::default()
+        });
+        assert!(e.starts_with("blocks: the output"), "{e}");
+        let e = message(Spec {
+            distance: Some(grid(1, 0, 1, 2, 2)),
+            ..Spec::default()
+        });
+        assert!(e.starts_with("distance: expected a grid"), "{e}");
+        let e = message(Spec {
+            distance: Some(grid(0, 0, 1 << 40, 1 << 40, 1 << 40)),
+            ..Spec::default()
+        });
+        assert!(e.starts_with("distance: expected a grid"), "{e}");
+    }
+}
