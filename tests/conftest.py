@@ -121,3 +121,24 @@ def make_store(
     if close:
         writer.close()
     return written
+
+
+def read_png(path: Path) -> np.ndarray:
+    """A PNG file's pixels [H, W, 3] uint8 (asserting that it is a PNG)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB"))
+
+
+def has_colour(pixels: np.ndarray, rgb: np.ndarray, tol: int = 2) -> bool:
+    """Whether some pixel is within ``tol`` levels of ``rgb`` in every channel."""
+    return bool((np.abs(pixels.astype(int) - rgb.astype(int)).max(axis=-1) <= tol).any())
+
+
+def colormap_rgb(name: str, x: float) -> np.ndarray:
+    """matplotlib's colour of ``x`` in colormap ``name``, RGB uint8 (the reference of figure colours)."""
+    import matplotlib
+
+    return np.asarray(matplotlib.colormaps[name](x, bytes=True))[:3]

@@ -5,35 +5,20 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pytest
-from PIL import Image
 
 from attnmap.render import figures
-
-
-def _png(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        return np.asarray(image.convert("RGB"))
-
-
-def _has_colour(pixels: np.ndarray, rgb: np.ndarray, tol: int = 2) -> bool:
-    return bool((np.abs(pixels.astype(int) - rgb.astype(int)).max(axis=-1) <= tol).any())
-
-
-def _cmap(name: str, x: float) -> np.ndarray:
-    return np.asarray(matplotlib.colormaps[name](x, bytes=True))[:3]
+from conftest import colormap_rgb, has_colour, read_png
 
 
 def test_temporal_matrix_png_shows_the_colormap_ends(tmp_path: Path) -> None:
     out = figures.temporal_matrix(np.eye(5), tmp_path / "m.png", colormap="viridis")
-    pixels = _png(out)
+    pixels = read_png(out)
     assert pixels.shape[0] > 100 and pixels.shape[1] > 100
-    assert _has_colour(pixels, _cmap("viridis", 1.0))
-    assert _has_colour(pixels, _cmap("viridis", 0.0))
-    assert not _has_colour(pixels, _cmap("magma", 0.5), tol=0)
+    assert has_colour(pixels, colormap_rgb("viridis", 1.0))
+    assert has_colour(pixels, colormap_rgb("viridis", 0.0))
+    assert not has_colour(pixels, colormap_rgb("magma", 0.5), tol=0)
 
 
 def test_svg_output_is_valid_xml(tmp_path: Path) -> None:
@@ -54,8 +39,8 @@ def test_temporal_comparison_and_locality_and_colorbar(tmp_path: Path) -> None:
         figures.colorbar(tmp_path / "bar.png", colormap="hot", vmin=0.0, vmax=2.0),
     ]
     for path in paths:
-        assert _png(path).std() > 0
-    assert _has_colour(_png(paths[2]), _cmap("hot", 1.0))
+        assert read_png(path).std() > 0
+    assert has_colour(read_png(paths[2]), colormap_rgb("hot", 1.0))
 
 
 def test_rollout_frames_overlays_each_frame(tmp_path: Path) -> None:
@@ -63,8 +48,8 @@ def test_rollout_frames_overlays_each_frame(tmp_path: Path) -> None:
     maps = np.zeros((6, 4, 6))
     maps[:, 1, 1] = 1.0
     out = figures.rollout_frames(frames, maps, tmp_path / "r.png", alpha=1.0, colormap="gray", max_frames=3)
-    pixels = _png(out)
-    assert _has_colour(pixels, np.array([255, 255, 255]))  # the hot cell, drawn at full opacity
+    pixels = read_png(out)
+    assert has_colour(pixels, np.array([255, 255, 255]))  # the hot cell, drawn at full opacity
 
 
 @pytest.mark.parametrize(
@@ -112,7 +97,7 @@ def test_every_figure_kind_writes_png_and_svg(tmp_path: Path, kind: str, fmt: st
     out = FIGURES[kind](tmp_path / f"{kind}.{fmt}")
     assert out == tmp_path / f"{kind}.{fmt}"
     if fmt == "png":
-        assert _png(out).std() > 0  # a drawn image, not a blank canvas
+        assert read_png(out).std() > 0  # a drawn image, not a blank canvas
     else:
         assert ET.parse(out).getroot().tag.endswith("svg")
     assert [p.name for p in tmp_path.iterdir()] == [out.name]

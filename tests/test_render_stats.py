@@ -9,7 +9,6 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from attnmap.analysis import stats
@@ -18,23 +17,10 @@ from attnmap.layout import Layout
 from attnmap.reduce import reference
 from attnmap.render import stats as render_stats
 from attnmap.store import StoreWriter, open_store
+from conftest import colormap_rgb, has_colour, read_png
 
 runner = CliRunner()
 GRID = (3, 4, 5)
-
-
-def _png(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        return np.asarray(image.convert("RGB"))
-
-
-def _has_colour(pixels: np.ndarray, rgb: np.ndarray, tol: int = 2) -> bool:
-    return bool((np.abs(pixels.astype(int) - rgb.astype(int)).max(axis=-1) <= tol).any())
-
-
-def _rgb(name: str, x: float) -> np.ndarray:
-    return np.asarray(matplotlib.colormaps[name](x, bytes=True))[:3]
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +36,9 @@ def statistics() -> dict[str, np.ndarray]:
 
 def test_energy_decay_figure_draws_a_line_per_head(statistics: dict[str, np.ndarray], tmp_path: Path) -> None:
     path = render_stats.energy_decay_figure(stats.energy_decay(statistics["distance"]), tmp_path / "e.png")
-    pixels = _png(path)
+    pixels = read_png(path)
     for colour in matplotlib.colormaps["viridis"](np.linspace(0, 0.9, 3), bytes=True):
-        assert _has_colour(pixels, colour[:3], tol=8)
+        assert has_colour(pixels, colour[:3], tol=8)
     one = render_stats.energy_decay_figure(
         stats.energy_decay(statistics["distance"][0]), tmp_path / "one.svg"
     )
@@ -72,15 +58,15 @@ def test_recall_figure_and_its_checks(statistics: dict[str, np.ndarray], tmp_pat
 
 def test_coverage_figure_shows_the_colormap_ends(tmp_path: Path) -> None:
     coverage = np.array([[1.0, 0.0, 0.5], [0.25, 0.75, 1.0]])
-    pixels = _png(
+    pixels = read_png(
         render_stats.coverage_figure(coverage, tmp_path / "c.png", blocks=["0", "7"], window=(1, 3, 3))
     )
-    assert _has_colour(pixels, _rgb("magma", 1.0)) and _has_colour(pixels, _rgb("magma", 0.0))
+    assert has_colour(pixels, colormap_rgb("magma", 1.0)) and has_colour(pixels, colormap_rgb("magma", 0.0))
     svg = render_stats.coverage_figure(
         coverage, tmp_path / "c.svg", blocks=["0", "7"], window=(1, 3, 3)
     ).read_text()
     assert "1x3x3" in svg
-    with pytest.raises(ValueError, match=r"^blocks must label 2 rows, got 1"):
+    with pytest.raises(ValueError, match=r"^blocks must label the 2 rows of coverage, got 1"):
         render_stats.coverage_figure(coverage, tmp_path / "c.png", blocks=["0"])
 
 
@@ -112,7 +98,7 @@ def test_render_stats_writes_figures_and_the_summary(
     cov0, cov4 = summary["distance"]["0"]["window_coverage"], summary["distance"]["4"]["window_coverage"]
     np.testing.assert_allclose(cov4, cov0[::-1], rtol=1e-3)  # stored as float16
     for path in paths[:-1]:
-        assert _png(path).std() > 0
+        assert read_png(path).std() > 0
     with pytest.raises(ValueError, match=r"^fmt must be 'png' or 'svg'"):
         render_stats.render_stats(store, "vid", tmp_path / "out", fmt="jpg")
 

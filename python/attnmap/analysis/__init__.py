@@ -13,10 +13,11 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-_EXPORTS: dict[str, str] = {
+from attnmap._lazy import lazy_exports
+
+_MODULES: dict[str, str] = {
     "NORMALIZE": "normalization",
     "normalize": "normalization",
     "token_map": "maps",
@@ -57,17 +58,9 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'attnmap.analysis' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"attnmap.analysis.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(
+    __name__, {name: (f"attnmap.analysis.{module}", name) for name, module in _MODULES.items()}
+)
 
 
 if TYPE_CHECKING:  # pragma: no cover

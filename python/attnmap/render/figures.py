@@ -260,29 +260,48 @@ def head_locality(
     Returns:
         The path written.
     """
-    arr = _array("locality", locality, (1, 2))
-    if arr.ndim == 1:
-        arr = arr[None, :]
-    rows = list(range(arr.shape[0])) if blocks is None else list(blocks)
+    return block_head_grid(
+        locality, path, blocks=blocks, label="mass in own frame", title=title, name="locality"
+    )
+
+
+def block_head_grid(
+    values: object,
+    path: PathLike,
+    *,
+    blocks: Optional[Sequence[Any]] = None,
+    label: str,
+    title: str,
+    name: str = "values",
+) -> Path:
+    """Draw shares in [0, 1] per block (rows) and head (columns), each cell annotated when they are few.
+
+    Args:
+        values: ``[L, H]`` or ``[H]`` (one block).
+        path: output ``.png`` or ``.svg``.
+        blocks: the L row labels (default 0..L-1).
+        label: the colour bar's label.
+        title: figure title.
+        name: what errors call ``values``.
+
+    Returns:
+        The path written.
+    """
+    arr = _array(name, values, (1, 2))
+    arr = arr[None, :] if arr.ndim == 1 else arr
+    rows = [str(b) for b in range(arr.shape[0])] if blocks is None else [str(b) for b in blocks]
     if len(rows) != arr.shape[0]:
-        raise AttnmapError(f"blocks must list {arr.shape[0]} block numbers, got {len(rows)}")
+        raise AttnmapError(f"blocks must label the {arr.shape[0]} rows of {name}, got {len(rows)}")
     fig, ax = _subplots(figsize=(max(4.0, 0.6 * arr.shape[1] + 2.5), max(2.5, 0.45 * arr.shape[0] + 1.5)))
     image = ax.imshow(arr, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
-    fig.colorbar(image, ax=ax, label="mass in own frame")
+    fig.colorbar(image, ax=ax, label=label)
     ax.set_xticks(range(arr.shape[1]), [str(h) for h in range(arr.shape[1])])
-    ax.set_yticks(range(arr.shape[0]), [str(b) for b in rows])
+    ax.set_yticks(range(arr.shape[0]), rows)
     ax.set(xlabel="head", ylabel="block", title=title)
     if arr.size <= 400:
         for (row, col), value in np.ndenumerate(arr):
-            ax.text(
-                col,
-                row,
-                f"{value:.2f}",
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if value < 0.6 else "black",
-            )
+            ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if value < 0.6 else "black")  # fmt: skip
     return save_figure(fig, path)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from attnmap._io import atomic_write
 from attnmap.analysis import stats
 from attnmap.errors import AttnmapError
-from attnmap.render.figures import PathLike, _array, _subplots, save_figure
+from attnmap.render.figures import PathLike, _array, _subplots, block_head_grid, save_figure
 from attnmap.store.naming import safe_component
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -139,30 +139,15 @@ def coverage_figure(
     Returns:
         The path written.
     """
-    arr = _array("coverage", coverage, (1, 2))
-    arr = arr[None] if arr.ndim == 1 else arr
-    rows = [str(b) for b in range(arr.shape[0])] if blocks is None else [str(b) for b in blocks]
-    if len(rows) != arr.shape[0]:
-        raise AttnmapError(f"blocks must label {arr.shape[0]} rows, got {len(rows)}")
-    fig, ax = _subplots(figsize=(max(4.0, 0.6 * arr.shape[1] + 2.5), max(2.5, 0.45 * arr.shape[0] + 1.5)))
-    image = ax.imshow(arr, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
-    fig.colorbar(image, ax=ax, label="share of mass in the window")
-    ax.set_xticks(range(arr.shape[1]), [str(h) for h in range(arr.shape[1])])
-    ax.set_yticks(range(arr.shape[0]), rows)
     size = "x".join(str(int(v)) for v in window) if window is not None else "window"
-    ax.set(xlabel="head", ylabel="block", title=title or f"coverage of a {size} (t x h x w) window")
-    if arr.size <= 400:
-        for (r, c), value in np.ndenumerate(arr):
-            ax.text(
-                c,
-                r,
-                f"{value:.2f}",
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if value < 0.6 else "black",
-            )
-    return save_figure(fig, path)
+    return block_head_grid(
+        coverage,
+        path,
+        blocks=blocks,
+        label="share of mass in the window",
+        title=title or f"coverage of a {size} (t x h x w) window",
+        name="coverage",
+    )
 
 
 def render_stats(
