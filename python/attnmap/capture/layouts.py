@@ -58,7 +58,9 @@ class FamilySpec:
     text_input: str = "encoder_hidden_states"
     joint_history: bool = False  # joint calls also hold extra tokens (history latents) before the video
     vae_stride: tuple[int, int, int] = (4, 8, 8)
-    vae_by_channels: tuple[tuple[int, tuple[int, int, int]], ...] = ()  # (latent channels, stride) of wider VAEs
+    vae_by_channels: tuple[
+        tuple[int, tuple[int, int, int]], ...
+    ] = ()  # (latent channels, stride) of wider VAEs
     causal_vae: bool = True  # F latent frames decode to (F - 1) * stride + 1 frames
     pixel_input: bool = False  # the video input is pixels (video encoders), not latents
     text_offset: Optional[Callable[[Mapping[str, Any]], Optional[list[int]]]] = None  # per row

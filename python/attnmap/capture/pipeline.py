@@ -33,13 +33,21 @@ def split_pipeline(model: Any) -> tuple[Any, list[tuple[str, torch.nn.Module]]]:
     """``(pipeline or None, [(attribute, denoiser)])``: a diffusers pipeline's transformer(s) or the
     model itself (attribute ``""``)."""
     if isinstance(model, torch.nn.Module):
-        return None, [("", model)]
-    nets = [(n, m) for n in DENOISERS if isinstance(m := getattr(model, n, None), torch.nn.Module)]
+        return None, [("", _uncompiled(model))]
+    nets = [
+        (n, _uncompiled(m)) for n in DENOISERS if isinstance(m := getattr(model, n, None), torch.nn.Module)
+    ]
     if not nets:
         raise AttnmapError(
             f"model must be a torch.nn.Module or a diffusers pipeline with a transformer, got {type(model).__name__}"
         )
     return model, nets
+
+
+def _uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module that ``torch.compile(module)`` wraps (its hooks and names are the model's own)."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) else module
 
 
 def vae_stride(pipe: Any) -> Optional[tuple[Optional[int], Optional[int]]]:
