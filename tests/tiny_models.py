@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 WORDS = (
     "a romantic kiss between man and woman with flowers the red ball dog cat runs in garden "
-    "heroic warrior fighting fierce dragon sky blue"
+    "heroic warrior fighting fierce dragon sky blue describe video : on mat"
 ).split()
 
 
@@ -601,21 +601,26 @@ def timm_vit(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
 # -- whole pipelines -----------------------------------------------------------------------
 
 
-def tokenizer(words: tuple[str, ...] = WORDS) -> Any:
-    """A word-level fast tokenizer: <pad>=0, </s>=1, <unk>=2, then ``words``; appends </s>."""
+def tokenizer(words: tuple[str, ...] = WORDS, *, bos: bool = False) -> Any:
+    """A word-level fast tokenizer: <pad>=0, </s>=1, <unk>=2, <s>=3, then ``words``; appends </s>
+    (``bos``: puts <s> first instead, as Llama's does)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "<s>": 3}
     for w in words:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = None
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 3)])
+    else:
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
-    )
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", bos_token="<s>",
+        model_max_length=512,
+    )  # fmt: skip
 
 
 def wan_pipeline(seed: int = 0) -> Any:
@@ -642,6 +647,113 @@ def wan_pipeline(seed: int = 0) -> Any:
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         transformer=transformer,
     )
+
+
+def _umt5(seed: int) -> Any:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    _seed(seed)
+    return UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+            relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+        )
+    ).eval()  # fmt: skip
+
+
+def wan22_pipeline(seed: int = 0) -> Any:
+    """Wan 2.2 A14B's shape: a WanPipeline with two experts, ``transformer`` for the high-noise steps
+    (t >= 875) and ``transformer_2`` for the others; 2 steps (t = 1000, 750) run one each."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    encoder = _umt5(seed)
+    _seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    ).eval()  # fmt: skip
+    high, _ = wan(seed)
+    low, _ = wan(seed + 1)
+    return WanPipeline(
+        tokenizer=tokenizer(), text_encoder=encoder, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=high, transformer_2=low, boundary_ratio=0.875,
+    )  # fmt: skip
+
+
+def ltx_pipeline(seed: int = 0) -> Any:
+    """A diffusers LTXPipeline of tiny random parts; its VAE compresses 4x in time and space, which the
+    pipeline names ``vae_temporal_compression_ratio`` / ``vae_spatial_compression_ratio``."""
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
+    from transformers import T5Config, T5EncoderModel
+
+    _seed(seed)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, num_layers=1, caption_channels=32,
+    ).eval()  # fmt: skip
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False, False, False, False, False),
+        upsample_residual=(False, False, False, False), upsample_factor=(1, 1, 1, 1), timestep_conditioning=False,
+        patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False,
+    ).eval()  # fmt: skip
+    vae.use_framewise_encoding = vae.use_framewise_decoding = False
+    encoder = T5EncoderModel(
+        T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)
+    ).eval()  # fmt: skip
+    return LTXPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=encoder, tokenizer=tokenizer(),
+        transformer=transformer,
+    )  # fmt: skip
+
+
+#: HunyuanVideo's prompt template, shaped for :func:`tokenizer`: <s>, then 4 template tokens, then the prompt
+HUNYUAN_TEMPLATE = {"template": "describe the video : {}", "crop_start": 5}
+
+
+def hunyuan_pipeline(seed: int = 0) -> Any:
+    """A diffusers HunyuanVideoPipeline of tiny random parts (a Llama text encoder whose tokenizer puts
+    <s> first, a CLIP one for the pooled prompt); run it with ``prompt_template=HUNYUAN_TEMPLATE``."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    _seed(seed)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
+    ).eval()  # fmt: skip
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        act_fn="silu", norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
+        temporal_compression_ratio=4, mid_block_add_attention=True,
+    ).eval()  # fmt: skip
+    llama = LlamaModel(
+        LlamaConfig(bos_token_id=3, eos_token_id=1, hidden_size=16, intermediate_size=37, num_attention_heads=4,
+                    num_hidden_layers=2, pad_token_id=0, vocab_size=64, hidden_act="gelu")
+    ).eval()  # fmt: skip
+    clip = CLIPTextModel(
+        CLIPTextConfig(bos_token_id=3, eos_token_id=1, hidden_size=8, intermediate_size=37, num_attention_heads=4,
+                       num_hidden_layers=2, pad_token_id=0, vocab_size=64, hidden_act="gelu", projection_dim=32)
+    ).eval()  # fmt: skip
+    return HunyuanVideoPipeline(
+        text_encoder=llama, tokenizer=tokenizer(bos=True), transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip, tokenizer_2=tokenizer(),
+    )  # fmt: skip
 
 
 def cogvideox_pipeline(seed: int = 0) -> Any:

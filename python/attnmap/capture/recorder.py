@@ -195,7 +195,14 @@ class Recorder:
             tokenizer = getattr(self._pipe, "tokenizer", None)
         self._tokenizer = tokenizer
         self._given_targets = targets
-        self.prompt, self._base_targets = resolve(targets, prompt, tokenizer)
+        # a pipeline's target words are found when it encodes its prompt
+        later = (
+            self._pipe is not None
+            and prompt is None
+            and targets is not None
+            and not isinstance(targets, Mapping)
+        )
+        self.prompt, self._base_targets = (None, {}) if later else resolve(targets, prompt, tokenizer)
         self.targets: dict[str, list[int]] = dict(self._base_targets)
         self._prompt_seen: Optional[bool] = None
         self._target_indices: dict[torch.device, list[tuple[str, int, torch.Tensor]]] = {}
@@ -411,16 +418,17 @@ class Recorder:
     def _on_prompt(self, prompt: str) -> Optional[str]:
         """The pipeline encodes ``prompt``: strip its target marks and find its targets there."""
         clean, words = parse_targets(prompt)
-        if not words:
+        given = self._given_targets
+        deferred = given is not None and not isinstance(given, Mapping) and not self._base_targets
+        if not words and not deferred:
             return None
         self.prompt = clean
-        if not isinstance(self._given_targets, Mapping) and self._tokenizer is not None:
-            given = self._given_targets
+        if not isinstance(given, Mapping) and self._tokenizer is not None:
             chosen = [given] if isinstance(given, str) else list(given or words)
             self._base_targets = find(prompt, self._tokenizer, chosen)
             self._set_targets(dict(self._base_targets))
         self._prompt_seen = None
-        return clean
+        return clean if words else None
 
     def _on_ids(self, ids: torch.Tensor, crop: int) -> None:
         """The text encoder sees ``ids``: where the prompt's tokens sit there (a template moves them),
