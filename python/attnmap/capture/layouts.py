@@ -509,5 +509,29 @@ def place(
     return Placement(Layout.self_attn(grid, prefix=extra), row=row)  # prefix tokens: history latents, CLS
 
 
+def key_padding(
+    mask: torch.Tensor, b: int, h: int, nk: int, video: slice
+) -> Union[tuple[torch.Tensor, bool], str]:
+    """An attention mask as a key-padding mask ``[B, 1 or H, 1, Nk]``, read on the video query rows.
+
+    Returns ``(mask, rows_vary)`` (``rows_vary``: other query rows have other masks, e.g. the padded
+    text rows of an outer-product mask), or the reason it is no key-padding mask there.
+    """
+    m = mask
+    if m.dim() == 2:  # [B, Nk] (diffusers' native backend reshapes it so)
+        m = m[:, None, None, :]
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    if m.shape[-1] != nk or m.shape[1] not in (1, h) or m.shape[0] not in (1, b):
+        return f"attn_mask of shape {tuple(mask.shape)} does not broadcast to keys [B, H, 1, {nk}]"
+    if m.shape[-2] == 1:
+        return m.expand(b, m.shape[1], 1, nk), False
+    rows = m[..., video, :]
+    first = rows[..., :1, :]
+    if not bool((rows == first).all()):
+        return "attn_mask varies over the video queries (only key-padding masks on the video query rows are read)"
+    return first.expand(b, m.shape[1], 1, nk), not bool((m == first).all())
+
+
 def fits(layout: Layout, nq: int, nk: int) -> bool:
     return layout.num_queries == nq and layout.num_keys == nk

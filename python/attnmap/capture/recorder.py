@@ -114,30 +114,6 @@ def _as_slice(rows: list[int]) -> Rows:
     return rows
 
 
-def key_padding(
-    mask: torch.Tensor, b: int, h: int, nk: int, video: slice
-) -> Union[tuple[torch.Tensor, bool], str]:
-    """An attention mask as a key-padding mask ``[B, 1 or H, 1, Nk]``, read on the video query rows.
-
-    Returns ``(mask, rows_vary)`` (``rows_vary``: other query rows have other masks, e.g. the padded
-    text rows of an outer-product mask), or the reason it is no key-padding mask there.
-    """
-    m = mask
-    if m.dim() == 2:  # [B, Nk] (diffusers' native backend reshapes it so)
-        m = m[:, None, None, :]
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    if m.shape[-1] != nk or m.shape[1] not in (1, h) or m.shape[0] not in (1, b):
-        return f"attn_mask of shape {tuple(mask.shape)} does not broadcast to keys [B, H, 1, {nk}]"
-    if m.shape[-2] == 1:
-        return m.expand(b, m.shape[1], 1, nk), False
-    rows = m[..., video, :]
-    first = rows[..., :1, :]
-    if not bool((rows == first).all()):
-        return "attn_mask varies over the video queries (only key-padding masks on the video query rows are read)"
-    return first.expand(b, m.shape[1], 1, nk), not bool((m == first).all())
-
-
 class Recorder:
     """Accumulates the maps of one capture. Made by :func:`capture`; see its docstring.
 
@@ -503,7 +479,7 @@ class Recorder:
         mask: Optional[torch.Tensor] = None
         vary = False
         if call.attn_mask is not None:
-            kp = key_padding(call.attn_mask, b, h, nk, lay.video_q)
+            kp = layouts.key_padding(call.attn_mask, b, h, nk, lay.video_q)
             if isinstance(kp, str):
                 self._warn(site, kp)
                 return
