@@ -47,8 +47,9 @@ import torch
 from attnmap import reduce
 from attnmap.capture import layouts
 from attnmap.capture.accumulate import Accumulator, MapKey, Rows
-from attnmap.capture.interception import Intercepted, Interceptor, Site, diffusers_backend, unreadable
-from attnmap.capture.layouts import FamilySpec, Placement, Unplaced, VideoInputs
+from attnmap.capture.calls import CallReader, Forward, Options
+from attnmap.capture.interception import Intercepted, Interceptor, Site, diffusers_backend
+from attnmap.capture.layouts import FamilySpec
 from attnmap.capture.pipeline import (
     PromptWatch,
     StepWatch,
@@ -62,16 +63,12 @@ from attnmap.capture.tokens import Targets, find, parse_targets, resolve
 from attnmap.config import Config
 from attnmap.errors import AttnmapError
 from attnmap.layout import Layout
-from attnmap.reduce.native import REDUCTIONS as NATIVE_REDUCTIONS
 
 #: The reductions capture accepts (every one of :data:`attnmap.reduce.REDUCTIONS` but ``probe``,
 #: which needs query indices).
 REDUCTIONS = tuple(r for r in reduce.REDUCTIONS if r != "probe")
 BRANCHES = ("cond", "uncond", "both")
 EXPERTS = ("merge", "apart")
-#: reductions that read only the video query rows (exact under a mask that varies over the others)
-_VIDEO_ROWS = frozenset({"cross", "temporal", "distance"})
-_GROUP = {"text": "", "image": "image/", "audio": "audio/", "context": "context/"}
 
 
 @dataclass
@@ -106,12 +103,6 @@ def _indices(name: str, values: Optional[Iterable[int]]) -> Optional[set[int]]:
             raise AttnmapError(f"{name} must be indices >= 0 (or None for all), got {v!r}")
         out.add(index)
     return out
-
-
-def _as_slice(rows: list[int]) -> Rows:
-    if rows and rows == list(range(rows[0], rows[-1] + 1)):
-        return slice(rows[0], rows[-1] + 1)
-    return rows
 
 
 class Recorder:
@@ -179,15 +170,11 @@ class Recorder:
             and not isinstance(targets, Mapping)
         )
         self.prompt, self._base_targets = (None, {}) if later else resolve(targets, prompt, tokenizer)
-        self.targets: dict[str, list[int]] = dict(self._base_targets)
         self._prompt_seen: Optional[bool] = None
-        self._target_indices: dict[torch.device, list[tuple[str, int, torch.Tensor]]] = {}
         self.reductions = tuple(dict.fromkeys(reductions))
         self.per_block, self.per_head, self.branch = bool(per_block), bool(per_head), branch
-        self._keep_cross = bool(keep_cross)
         self.backend = backend
         self.one_pass = bool(one_pass)
-        self._block_size = block_size
         self._blocks = _indices("blocks", blocks)
         self._steps = _indices("steps", steps)
         if store is not None and video_id is None:
@@ -195,7 +182,13 @@ class Recorder:
         self._store = None if store is None else Path(store)
         self._video_ids = [video_id] if isinstance(video_id, str) else list(video_id or [])
         self._extra_meta = dict(metadata or {})
-        self._explicit, self._explicit_all = self._check_layout(layout)
+        self._explicit, explicit_all = self._check_layout(layout)
+        options = Options(
+            reductions=self.reductions, per_head=self.per_head, keep_cross=bool(keep_cross), backend=backend,
+            block_size=block_size, layouts=self._explicit, layout=explicit_all,
+        )  # fmt: skip
+        self._reader = CallReader(options, warn=self._warn, add=self._add)
+        self.targets = dict(self._base_targets)
 
         self._denoisers: list[_Denoiser] = []
         for i, (attr, net) in enumerate(nets):
@@ -207,8 +200,6 @@ class Recorder:
 
         self._interceptor: Optional[Interceptor] = None
         self._closers: list[Callable[[], None]] = []
-        self._inputs = VideoInputs()
-        self._rows: list[tuple[str, list[int]]] = [("cond", [0])]
         self._label: Optional[str] = None
         self._warned: set[tuple[str, str]] = set()
         self._step = 0
@@ -216,10 +207,8 @@ class Recorder:
         self._acc = Accumulator()
         self._written: set[int] = set()
         self._sinks: list[Sink] = []
-        self._layouts: dict[str, dict[str, Any]] = {}
         self._seen_blocks: set[int] = set()
         self._entries: set[str] = set()
-        self._nonfinite: dict[str, torch.Tensor] = {}  # module name -> a NaN flag on its device, per step
         self._active = False
 
     # -- setting up --------------------------------------------------------------------------
@@ -345,10 +334,8 @@ class Recorder:
             self._current = den
             den.forwards += 1
             self._since_step += 1
-            self._inputs = layouts.read_inputs(
-                den.core, den.spec, layouts.bind_inputs(den.core, args, kwargs)
-            )
-            self._rows = self._branch_rows(self._inputs.batch)
+            inputs = layouts.read_inputs(den.core, den.spec, layouts.bind_inputs(den.core, args, kwargs))
+            self._reader.forward = Forward(inputs, self._branch_rows(inputs.batch), den.spec)
 
         return hook
 
@@ -388,7 +375,7 @@ class Recorder:
             return False
         if self._blocks is not None and site.block not in self._blocks:
             return False
-        return bool(self._rows)
+        return bool(self._reader.forward.rows)
 
     # -- prompts -----------------------------------------------------------------------------
     def _on_prompt(self, prompt: str) -> Optional[str]:
@@ -429,289 +416,28 @@ class Recorder:
 
     def _set_targets(self, targets: dict[str, list[int]]) -> None:
         self.targets = {w: i for w, i in targets.items() if min(i) >= 0}
-        self._target_indices.clear()
 
-    # -- one attention call ------------------------------------------------------------------
-    def _place(self, site: Site, call: Intercepted, b: int, nq: int, nk: int) -> Union[Placement, Unplaced]:
-        named = self._explicit.get(site.name)
-        if named is not None:
-            if layouts.fits(named, nq, nk):
-                return Placement(named, text_len=named.text or None)
-            return Unplaced(
-                f"layout {named} expects {named.num_queries} queries and {named.num_keys} keys, the call has {nq} and {nk}"
-            )
-        if self._explicit_all is not None and layouts.fits(self._explicit_all, nq, nk):
-            return Placement(self._explicit_all, text_len=self._explicit_all.text or None)
-        found = layouts.place(site, call.index, b, nq, nk, self._inputs, self._current.spec)
-        if isinstance(found, Unplaced) and self._explicit_all is not None:
-            lay = self._explicit_all
-            return Unplaced(
-                f"layout {lay} expects {lay.num_queries} queries and {lay.num_keys} keys, the call has {nq} and {nk}",
-                warn=found.warn or self._inputs.grid is None,
-            )
-        return found
+    @property
+    def targets(self) -> dict[str, list[int]]:
+        """``{word: [token indices]}`` of the target words, as positions in the text the denoiser sees."""
+        return self._reader.targets
 
+    @targets.setter
+    def targets(self, targets: dict[str, list[int]]) -> None:
+        self._reader.targets = targets
+
+    # -- calls -------------------------------------------------------------------------------
     def _on_call(self, site: Site, call: Intercepted) -> None:
         self._entries.add(call.entry)
-        if not self._recording(site):
-            return
-        q, k = call.query, call.key
-        if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 or k.dim() != 4:
-            self._warn(site, "query/key are not [B, H, N, D] tensors")
-            return
-        if call.is_causal:
-            self._warn(site, "causal attention is not supported")
-            return
-        if unreadable(call.attn_mask):
-            self._warn(site, f"its mask ({call.entry}) is not a tensor attnmap can read")
-            return
-        b, h, nq, _ = (int(s) for s in q.shape)
-        nk = int(k.shape[2])
-        place = self._place(site, call, b, nq, nk)
-        if isinstance(place, Unplaced):
-            if place.warn:
-                self._warn(site, place.reason)
-            return
-        rows = self._call_rows(place, b)
-        if rows is None:
-            return
-        lay = place.layout
-        mask: Optional[torch.Tensor] = None
-        vary = False
-        if call.attn_mask is not None:
-            kp = layouts.key_padding(call.attn_mask, b, h, nk, lay.video_q)
-            if isinstance(kp, str):
-                self._warn(site, kp)
-                return
-            mask, vary = kp
-        wanted = [r for r in self.reductions if lay.supports(r)]
-        if vary:
-            dropped = [r for r in wanted if r not in _VIDEO_ROWS]
-            if dropped:
-                self._warn(site, f"its mask varies over the non-video query rows, so {dropped} are not read")
-            wanted = [r for r in wanted if r in _VIDEO_ROWS]
-        if place.fold == "space" and lay.kind == "self":
-            wanted = [r for r in wanted if r != "temporal"]  # one frame: nothing to compare
-        if not wanted:
-            return
-        group = self._group(site, place)
-        self._layouts.setdefault(group + (place.fold or lay.kind), lay.to_dict())
-        if place.roll:
-            q, k = (torch.cat([t[:, :, place.roll :], t[:, :, : place.roll]], dim=2) for t in (q, k))
-            if mask is not None:
-                mask = torch.cat([mask[..., place.roll :], mask[..., : place.roll]], dim=-1)
-        sel, branches = rows
-        cpu = q.device.type == "cpu"
-        groups = self._text_groups(site, place, group) if cpu and "cross" in wanted else None
-        grouped = cpu and set(wanted) <= NATIVE_REDUCTIONS  # the CPU kernel forms the softmax itself
-        extra: dict[str, Any] = {} if self._block_size is None else {"block_size": self._block_size}
-        with torch.no_grad():
-            out = reduce.attention_sums(
-                q.detach()[sel],
-                k.detach()[sel],
-                lay,
-                tuple(wanted),
-                per_head=self.per_head,
-                scale=call.scale,
-                key_padding_mask=None if mask is None else mask[sel],
-                lse=None if call.lse is None or grouped or place.roll else call.lse[sel],
-                backend=self.backend,
-                check_finite=False,  # no device sync per call: NaN is flagged on the device instead
-                text_groups=None if groups is None else groups[0],
-                **extra,
-            )
-            named: dict[str, torch.Tensor] = {}
-            if groups is not None:  # the cross map arrives as one column per kept map
-                cross = out.pop("cross")
-                for col, name in enumerate(groups[1]):
-                    named[name] = cross[..., col].unflatten(-1, lay.grid)
-            out = self._unfold(place, out)
-            bad = torch.stack([t.isnan().any() for t in (*out.values(), *named.values())]).any()
-            seen = self._nonfinite.get(site.name)
-            self._nonfinite[site.name] = bad if seen is None else seen | bad
-            for branch, (out_rows, acc_rows, batch) in branches.items():
-                maps = {n: t[out_rows] for n, t in named.items()}
-                maps.update(
-                    self._named_maps(
-                        site, place, group, {n: t[out_rows] for n, t in out.items()}, acc_rows, branch
-                    )
-                )
-                self._add(site, branch, maps, acc_rows, batch)
+        if self._recording(site):
+            self._reader.read(site, call)
 
-    @staticmethod
-    def _group(site: Site, place: Placement) -> str:
-        """The name prefix of a cross call's maps: none for text, ``image/`` or ``audio/`` for those
-        contexts, the module's name without list indices (``face_adapter/``) for keys of another kind."""
-        if place.layout.kind != "cross":
-            return ""
-        if place.context != "context":
-            return _GROUP[place.context]
-        parts = [p for p in site.name.split(".") if not p.isdigit()]
-        return "/".join(parts[-1:] or ["context"]) + "/"
+    def _on_probs(self, site: Site, probs: torch.Tensor) -> None:
+        self._entries.add("softmax")
+        if self._recording(site):
+            self._reader.read_probs(site, probs)
 
-    def _call_rows(self, place: Placement, b: int) -> Optional[tuple[Any, dict[str, tuple[Rows, Rows, int]]]]:
-        """The call rows to reduce (a slice) and, per kept branch, (output rows, accumulator rows,
-        branch batch); None when no kept branch has a row in the call."""
-        batch = self._inputs.batch or (b if place.fold is None else None)
-        if batch is None:
-            return None
-        fold = 1
-        if place.fold is not None and place.grid is not None:
-            f, h, w = place.grid
-            fold = f if place.fold == "space" else h * w
-        kept = sorted(r for _, rows in self._rows for r in rows) if self._inputs.batch else list(range(b))
-        if place.row is not None:
-            kept = [place.row] if place.row in kept else []
-        if not kept:
-            return None
-        lo, hi = kept[0], kept[-1] + 1
-        if place.row is not None:
-            sel: Any = slice(None)
-        elif hi - lo == len(kept):
-            sel = slice(lo * fold, hi * fold) if (lo, hi) != (0, batch) else slice(None)
-        else:
-            sel, lo = slice(None), 0
-        out: dict[str, tuple[Rows, Rows, int]] = {}
-        for branch, rows in self._rows if self._inputs.batch else [("cond", list(range(b)))]:
-            mine = [r for r in rows if r in kept]
-            if not mine:
-                continue
-            out_rows = [0] if place.row is not None else [r - lo for r in mine]
-            out[branch] = (_as_slice(out_rows), _as_slice([r - rows[0] for r in mine]), len(rows))
-        return (sel, out) if out else None
-
-    def _unfold(self, place: Placement, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Divided attention's outputs per model row: space ``[B, F, ...]``, time ``[B, HW, ...]``;
-        a space call's cross map becomes one over the whole grid."""
-        if place.fold is None or place.grid is None:
-            return out
-        f, h, w = place.grid
-        per = f if place.fold == "space" else h * w
-        done: dict[str, torch.Tensor] = {}
-        for name, t in out.items():
-            t = t.unflatten(0, (-1, per))  # [B, F or HW, (H,) ...]
-            if place.fold == "space" and name == "cross":
-                if self.per_head:
-                    t = t.transpose(1, 2)  # [B, H, F, HW, Nt]
-                done[name] = t.flatten(-3, -2)  # [B, (H,) F*HW, Nt]
-            elif place.fold == "time" and name == "temporal":
-                done[name] = t.mean(1)  # mean over the positions: [B, (H,) F, F]
-            else:
-                done[f"{name}/{place.fold}"] = t.transpose(1, 2) if self.per_head else t
-        return done
-
-    def _real_text(self, rows: Rows, place: Placement) -> Optional[int]:
-        """The real (unpadded) text length of these accumulator rows, if the inputs tell it."""
-        real = self._inputs.text_real
-        if real is None:
-            return None
-        lens = (
-            [real[place.row]]
-            if place.row is not None
-            else real[rows]
-            if isinstance(rows, slice)
-            else [real[r] for r in rows]
-        )
-        return max(lens) if lens else None
-
-    def _text_groups(
-        self, site: Site, place: Placement, group: str
-    ) -> Optional[tuple[list[list[int]], list[str]]]:
-        """With targets and no full cross map to keep: each target's text keys and the padded tail as
-        ``attention_sums``'s ``text_groups``, and the map each column becomes, so that the call
-        reduces into those few columns instead of every text key. None: reduce the full map."""
-        if self._keep_cross or not self.targets or group or place.fold or len(set(place.text_start)) != 1:
-            return None
-        lay = place.layout
-        start, length = place.text_start[0], place.text_len or lay.text
-        groups: list[list[int]] = []
-        names: list[str] = []
-        for word, indices in self.targets.items():
-            if max(indices) >= length or start + max(indices) >= lay.text:
-                self._warn(site, f"target {word!r} has token index {max(indices)} >= {length} text tokens")
-                continue
-            groups.append([start + i for i in indices])
-            names.append(f"token/{word}")
-        if lay.kind == "cross" and place.row is None:
-            reals = {self._real_text(rows, place) for _, rows in self._rows}
-            if len(reals) != 1:
-                return None  # branches with different text lengths: each finds its padding below
-            real = reals.pop()
-            if real is not None and 0 < real < length:
-                groups.append(list(range(start + real, start + length)))
-                names.append("padding")
-        return (groups, names) if groups else None
-
-    def _target_index(self, device: torch.device) -> list[tuple[str, int, torch.Tensor]]:
-        """``(word, its largest token index, its token indices on device)`` per target, made once per
-        device (indexing with a list would copy it to the device on every call)."""
-        found = self._target_indices.get(device)
-        if found is None:
-            found = [(w, max(i), torch.tensor(i, device=device)) for w, i in self.targets.items()]
-            self._target_indices[device] = found
-        return found
-
-    def _named_maps(
-        self, site: Site, place: Placement, group: str, out: dict[str, torch.Tensor], rows: Rows, branch: str
-    ) -> dict[str, torch.Tensor]:
-        """One call's outputs under their map names (token maps and padding from the cross map)."""
-        lay = place.layout
-        grid = place.grid or lay.grid
-        maps: dict[str, torch.Tensor] = {}
-        for name, value in out.items():
-            if (
-                name == "text"
-                and lay.kind == "joint"
-                and place.text_len is not None
-                and len(set(place.text_start)) == 1
-            ):
-                s = place.text_start[0]
-                maps[name] = value[..., s : s + place.text_len, s : s + place.text_len]
-                continue
-            if name != "cross":
-                if lay.kind == "cross":  # over the call's keys: kept apart from self-attention's
-                    maps[f"{group}{name}" if group else f"{name}/text"] = value
-                else:
-                    maps[name] = value
-                continue
-            if group:
-                maps[f"{group}cross"] = value
-                continue
-            maps.update(self._text_maps(site, place, value, rows, grid))
-        return maps
-
-    def _text_maps(
-        self, site: Site, place: Placement, value: torch.Tensor, rows: Rows, grid: tuple[int, int, int]
-    ) -> dict[str, torch.Tensor]:
-        """Token maps, padding and the kept cross map from a cross map ``[r, (H,) Nv, Nk]``."""
-        lay = place.layout
-        length = min(place.text_len or value.shape[-1], value.shape[-1])
-        starts = (
-            place.text_start
-            if len(place.text_start) == value.shape[0]
-            else place.text_start[:1] * value.shape[0]
-        )
-        uniform = len(set(starts)) == 1
-        maps: dict[str, torch.Tensor] = {}
-
-        def segment(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-            if uniform:
-                return t[..., starts[0] + lo : starts[0] + hi]
-            return torch.stack([t[i, ..., s + lo : s + hi] for i, s in enumerate(starts)])
-
-        real = self._real_text(rows, place) if lay.kind == "cross" else None
-        if real is not None and 0 < real < length:
-            maps["padding"] = segment(value, real, length).sum(-1).unflatten(-1, grid)
-        for word, last, idx in self._target_index(value.device):
-            if last >= length:
-                self._warn(site, f"target {word!r} has token index {last} >= {length} text tokens")
-                continue
-            cols = segment(value, 0, length)
-            maps[f"token/{word}"] = cols[..., idx].sum(-1).unflatten(-1, grid)
-        if self._keep_cross or not self.targets:
-            maps["cross"] = segment(value, 0, real if real is not None and 0 < real < length else length)
-        return maps
-
+    # -- one attention call ------------------------------------------------------------------
     def _add(self, site: Site, branch: str, maps: dict[str, torch.Tensor], rows: Rows, batch: int) -> None:
         block = site.block if self.per_block else None
         self._seen_blocks.add(site.block)
@@ -720,41 +446,6 @@ class Recorder:
             reason = self._acc.add(MapKey(self._step, branch, prefix + name, block), value, rows, batch)
             if reason is not None:
                 self._warn(site, f"{prefix + name} {reason}")
-
-    def _on_probs(self, site: Site, probs: torch.Tensor) -> None:
-        """TimeSformer: attention probabilities ``[B*F, heads, 1+HW, 1+HW]`` (space) or
-        ``[B*HW, heads, F, F]`` (time), from its eager softmax."""
-        if not self._recording(site) or probs.dim() != 4:
-            return
-        self._entries.add("softmax")
-        site.seen += 1
-        grid, batch = self._inputs.grid, self._inputs.batch
-        if grid is None or batch is None:
-            self._warn(site, "the model's forward inputs gave no video grid")
-            return
-        f, hw = grid[0], grid[1] * grid[2]
-        n = probs.shape[-1]
-        expect = (batch * f, 1 + hw) if site.role == "space" else (batch * hw, f)
-        if (probs.shape[0], n) != expect:
-            self._warn(site, f"{site.role} attention of shape {tuple(probs.shape)} does not fit grid {grid}")
-            return
-        with torch.no_grad():
-            p = probs.detach().float()
-            p = p if self.per_head else p.mean(dim=1, keepdim=True)
-            p = p.unflatten(0, (batch, -1))  # [B, F or HW, h, n, n]
-            p = p.transpose(1, 2) if self.per_head else p.squeeze(2)
-            out = {f"full/{site.role}": p}
-            if site.role == "time" and "temporal" in self.reductions:
-                out["temporal"] = p.mean(dim=-3)
-            self._layouts.setdefault(site.role, {"kind": site.role, "grid": list(grid), "prefix": 1})
-            for branch, rows in self._rows:
-                self._add(
-                    site,
-                    branch,
-                    {k: v[rows[0] : rows[-1] + 1] for k, v in out.items()},
-                    slice(None),
-                    len(rows),
-                )
 
     # -- steps -------------------------------------------------------------------------------
     def callback(
@@ -785,7 +476,7 @@ class Recorder:
 
     def _warn_nonfinite(self) -> None:
         """One warning per step naming the modules whose maps got NaN (NaN or inf in q or k)."""
-        flags, self._nonfinite = self._nonfinite, {}
+        flags, self._reader.nonfinite = self._reader.nonfinite, {}
         bad = [name for name, flag in flags.items() if bool(flag)]
         if bad:
             warnings.warn(
@@ -961,7 +652,7 @@ class Recorder:
     @property
     def metadata(self) -> dict[str, Any]:
         """The JSON-safe description written with the maps (model, grid, layout, video size ...)."""
-        den, inputs = self._current, self._inputs
+        den, inputs = self._current, self._reader.forward.inputs
         spec = den.spec
         stride = list(layouts.vae_stride(den.core, spec))
         if self._vae is not None:
@@ -975,8 +666,8 @@ class Recorder:
             "family": spec.family,
             "prompt": self.prompt,
             "targets": {w: list(i) for w, i in self.targets.items()},
-            "layout": next(iter(self._layouts.values()), None),
-            "layouts": dict(self._layouts),
+            "layout": next(iter(self._reader.layouts.values()), None),
+            "layouts": dict(self._reader.layouts),
             "grid": None if inputs.grid is None else list(inputs.grid),
             "patch_size": list(layouts.patch_size(den.core)),
             "vae_stride": stride,
