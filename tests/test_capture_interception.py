@@ -179,3 +179,32 @@ def test_modules_that_run_attention_attnmap_cannot_see_are_named_when_the_captur
     )
     assert "dispatch_attention_fn" in warning and "set_attention_backend" in warning
     assert rec.names == ["cross"]  # the other modules still recorded
+
+
+def test_packed_sequences_of_a_transformers_varlen_call_are_one_row_each() -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    def packed(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, **kw: Any) -> Any:
+        return v, None  # stands for flash-attn's varlen kernel: attnmap only reads its q, k and offsets
+
+    class Packed(torch.nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            fn = ALL_ATTENTION_FUNCTIONS["attnmap_varlen"]
+            cu = torch.tensor([0, 3, 7])
+            out, _ = fn(self, q, k, k, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, scaling=0.25)
+            return out  # type: ignore[no-any-return]
+
+    AttentionInterface.register("attnmap_varlen", packed)
+    try:
+        model = Packed()
+        interceptor, seen = watch(model)
+        q, k = torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 4)  # [1, H, 3 + 4 tokens, D]
+        with interceptor:
+            model(q, k)
+    finally:
+        del AttentionInterface._global_mapping["attnmap_varlen"]
+    assert [(c.entry, tuple(c.query.shape), c.scale) for _, c in seen] == [
+        ("transformers:attnmap_varlen:varlen", (1, 2, 3, 4), 0.25),
+        ("transformers:attnmap_varlen:varlen", (1, 2, 4, 4), 0.25),
+    ]
+    assert torch.equal(seen[1][1].key, k[:, :, 3:])

@@ -109,15 +109,13 @@ class StepWatch:
 
     def __init__(self, pipe: Any, advance: Callable[[], None]) -> None:
         self._undo: list[Callable[[], None]] = []
-        for name in ("scheduler", "audio_scheduler"):
-            scheduler = getattr(pipe, name, None)
-            step = getattr(scheduler, "step", None)
-            if step is None or name != "scheduler":
-                continue
+        scheduler = getattr(pipe, "scheduler", None)
+        step = getattr(scheduler, "step", None)
+        if callable(step):
 
             @functools.wraps(step)
-            def stepped(*args: Any, _step: Any = step, **kwargs: Any) -> Any:
-                out = _step(*args, **kwargs)
+            def stepped(*args: Any, **kwargs: Any) -> Any:
+                out = step(*args, **kwargs)
                 advance()
                 return out
 
