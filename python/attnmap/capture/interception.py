@@ -141,6 +141,16 @@ class _Mode(TorchFunctionMode):
         return out
 
 
+def _keep_dynamo_out_of_the_mode() -> None:
+    """Under torch.compile, dynamo would compile the mode's ``__torch_function__`` as a frame of its
+    own each time an op runs eagerly between graphs (one recompilation per op signature, up to its
+    limit); marked once, on first use, it is only ever inlined into the graphs being traced."""
+    eval_frame = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    skip = getattr(eval_frame, "skip_code", None)
+    if callable(skip):
+        skip(_Mode.__torch_function__.__code__)
+
+
 @dataclass
 class _Patch:
     """One attribute replaced while the interceptor is open (restored on close)."""
@@ -183,6 +193,7 @@ class Interceptor:
 
     # -- opening and closing -------------------------------------------------------------
     def __enter__(self) -> Interceptor:
+        _keep_dynamo_out_of_the_mode()
         try:
             for site in self.sites:
                 self._handles.append(site.module.register_forward_pre_hook(self._push(site)))
