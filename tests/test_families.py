@@ -369,7 +369,10 @@ def close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float = 2e-6) 
 
 def check_family(family: str, backend: Optional[str]) -> None:
     grid, real, _ = FAMILIES[family]
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
     model, kwargs = VIDEO_TRANSFORMERS[family]()
+    active = _AttentionBackendRegistry._active_backend  # set_attention_backend makes it process-wide
     if backend is not None:
         model.set_attention_backend(backend)
     try:
@@ -398,6 +401,7 @@ def check_family(family: str, backend: Optional[str]) -> None:
     finally:
         if backend is not None:
             model.reset_attention_backend()
+            _AttentionBackendRegistry.set_active_backend(active)
     assert torch.equal(plain, captured), f"{family}: capture changed the model output"
     batch = plain.shape[0]
     per_block: dict[tuple[str, int], list[torch.Tensor]] = {}
@@ -438,3 +442,21 @@ FLEX = ["wan", "ltx", "hunyuanvideo", "helios", "ltx2"]
 def test_flex_backend_is_seen_at_the_dispatcher(family: str) -> None:
     pytest.importorskip("torch.nn.attention.flex_attention")
     check_family(family, "flex")
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning")
+def test_a_backend_set_process_wide_by_another_model_is_still_seen() -> None:
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    other, _ = VIDEO_TRANSFORMERS["wan"]()
+    model, kwargs = VIDEO_TRANSFORMERS["wan"](seed=1)
+    other.set_attention_backend("flex")  # diffusers also makes it the process' active backend
+    try:
+        with attnmap.capture(model) as rec:
+            run(model, kwargs)
+    finally:
+        other.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(active)
+    assert rec.metadata["entry_points"] == ["diffusers:flex"]
+    assert rec.names == ["cross", "temporal"] and rec.blocks == [0, 1]
