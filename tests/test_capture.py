@@ -13,11 +13,13 @@ import torch
 import attnmap
 from attnmap import Config, Layout
 from attnmap.store import open_store
+from tiny_models import AttentionLog as SdpaLog
 from tiny_models import (
     cogvideox,
     cogvideox_pipeline,
     hunyuan,
     ltx,
+    softmax64,
     timesformer,
     timm_vit,
     tokenizer,
@@ -29,52 +31,10 @@ from tiny_models import (
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
-SDPA = torch.nn.functional.scaled_dot_product_attention
-
-
-# -- an independent eager reference: record q, k of each SDPA call of named modules ---------------
-class SdpaLog(torch.overrides.TorchFunctionMode):
-    """Records (module name, q, k, mask, scale) of SDPA calls made inside the named modules."""
-
-    def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, torch.Tensor, torch.Tensor, Any, Any]] = []
-        self.active: list[str] = []
-        self.handles = []
-        mods = dict(model.named_modules())
-        for name in names:
-            m = mods[name]
-            self.handles.append(m.register_forward_pre_hook(lambda mod, a, n=name: self.active.append(n)))
-            self.handles.append(m.register_forward_hook(self._pop))
-
-    def _pop(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        self.active.pop()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        if func is SDPA and self.active:
-            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
-            call = {**dict(zip(names, args)), **kwargs}
-            self.calls.append(
-                (self.active[-1], call["query"], call["key"], call.get("attn_mask"), call.get("scale"))
-            )
-        return func(*args, **kwargs)
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
 
 def eager_probs(q: torch.Tensor, k: torch.Tensor, mask: Any, scale: Optional[float]) -> torch.Tensor:
-    """softmax(scale q k^T + mask) in fp32, [B, H, Nq, Nk]."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = (q.double() @ k.double().transpose(-1, -2)) * scale
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            logits = logits.masked_fill(~mask, float("-inf"))
-        else:
-            logits = logits + mask.double()
-    return torch.softmax(logits, dim=-1).float()
+    """softmax(scale q k^T + mask), computed in float64 and given in float32, [B, H, Nq, Nk]."""
+    return softmax64(q, k, mask, scale).float()
 
 
 def maps_of(p: torch.Tensor, lay: Layout) -> dict[str, torch.Tensor]:
@@ -524,39 +484,28 @@ def test_one_layout_applies_to_the_calls_it_fits_and_the_others_are_inferred() -
     close("cross from the inferred one", rec.get("cross"), cross.mean(0))
 
 
-def test_explicit_layout_on_a_module_whose_class_does_not_say_attention() -> None:
-    class Block(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            q = x.unflatten(-1, (2, 4)).transpose(1, 2)
-            return torch.nn.functional.scaled_dot_product_attention(q, q, q).transpose(1, 2).flatten(2)
+class Block(torch.nn.Module):
+    """A block that calls SDPA itself; its class name does not say attention."""
 
-    model = torch.nn.Sequential(Block(), Block())
+    forward = Attn.forward
+
+
+@pytest.mark.parametrize("cls", [Attn, Block], ids=["attention-module", "any-module"])
+def test_explicit_layout_on_an_unknown_module(cls: type[torch.nn.Module]) -> None:
+    model = torch.nn.Sequential(cls(), cls())
     x = torch.randn(1, 8, 8)
     lay = Layout.self_attn((2, 2, 2))
     with attnmap.capture(model, layout=lay, reductions=("temporal",), per_block=True) as rec:
         with torch.no_grad():
             out = model(x)
     q0 = x.unflatten(-1, (2, 4)).transpose(1, 2)
-    close("block 0", rec.get("temporal", block=0), maps_of(eager_probs(q0, q0, None, None), lay)["temporal"])
+    want = maps_of(eager_probs(q0, q0, None, None), lay)["temporal"]
+    close("block 0", rec.get("temporal", block=0), want)
     assert rec.blocks == [0, 1] and torch.equal(out, model(x))
-    bare = Block()  # a model that calls attention itself is watched as itself
+    bare = cls()  # a model that calls attention itself is watched as itself
     with torch.no_grad(), attnmap.capture(bare, layout=lay, reductions=("temporal",)) as alone:
         bare(x)
-    close(
-        "the model itself", alone.get("temporal"), maps_of(eager_probs(q0, q0, None, None), lay)["temporal"]
-    )
-
-
-def test_explicit_layout_on_an_unknown_module() -> None:
-    model = torch.nn.Sequential(Attn(), Attn())
-    x = torch.randn(1, 8, 8)
-    lay = Layout.self_attn((2, 2, 2))
-    with attnmap.capture(model, layout=lay, reductions=("temporal",), per_block=True) as rec:
-        with torch.no_grad():
-            out = model(x)
-    q0 = x.unflatten(-1, (2, 4)).transpose(1, 2)
-    close("block 0", rec.get("temporal", block=0), maps_of(eager_probs(q0, q0, None, None), lay)["temporal"])
-    assert rec.blocks == [0, 1] and torch.equal(out, model(x))
+    close("the model itself", alone.get("temporal"), want)
 
 
 def test_capture_warns_once_per_step_naming_the_module_with_nan() -> None:

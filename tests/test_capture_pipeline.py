@@ -18,54 +18,21 @@ from tiny_models import (
     HUNYUAN_TEMPLATE,
     hunyuan_pipeline,
     ltx_pipeline,
+    softmax64,
     tokenizer,
     wan22_pipeline,
     wan_pipeline,
 )
+from tiny_models import AttentionLog as SdpaLog
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
-SDPA = torch.nn.functional.scaled_dot_product_attention
 ARGS = {"num_frames": 9, "height": 32, "width": 32, "num_inference_steps": 2, "output_type": "pt"}
-
-
-class SdpaLog(torch.overrides.TorchFunctionMode):
-    """Records (module name, q, k, mask) of the SDPA calls made inside the named modules of ``model``."""
-
-    def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, torch.Tensor, torch.Tensor, Any]] = []
-        self.active: list[str] = []
-        mods = dict(model.named_modules())
-        self.handles = [
-            mods[n].register_forward_pre_hook(lambda m, a, n=n: self.active.append(n)) for n in names
-        ]
-        self.handles += [mods[n].register_forward_hook(self._pop) for n in names]
-
-    def _pop(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        self.active.pop()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        if func is SDPA and self.active:
-            q = kwargs.get("query", args[0] if args else None)
-            k = kwargs.get("key", args[1] if len(args) > 1 else None)
-            self.calls.append((self.active[-1], q, k, kwargs.get("attn_mask")))
-        return func(*args, **kwargs)
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 def probs(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + mask) in float64, mean over heads: [B, Nq, Nk]."""
-    logits = (q.double() @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if mask is not None:
-        logits = (
-            logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.double()
-        )
-    return torch.softmax(logits, dim=-1).mean(1)
+    return softmax64(q, k, mask).mean(1)
 
 
 def close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float = 2e-6) -> None:
@@ -87,7 +54,7 @@ def test_a_pipeline_called_with_a_marked_prompt_is_captured_as_it_is() -> None:
     assert len(log.calls) == 2 * 2 * 2  # steps x CFG branches (cond first) x blocks
     for step in range(2):
         cond = log.calls[4 * step : 4 * step + 2]
-        cross = torch.stack([probs(q, k, m) for _, q, k, m in cond]).mean(0)
+        cross = torch.stack([probs(q, k, m) for _, q, k, m, _ in cond]).mean(0)
         close(f"red step {step}", rec.get("token/red", step=step), cross[..., 1].reshape(1, 3, 2, 2))
         close(f"dog step {step}", rec.get("token/dog", step=step), cross[..., 5].reshape(1, 3, 2, 2))
 
@@ -124,7 +91,7 @@ def test_a_prompt_template_and_its_crop_move_the_targets_to_the_words_the_denois
     assert rec.targets == {"red": [1]}
     nv = 3 * 4 * 4
     step0 = log.calls[:2]
-    cross = torch.stack([probs(q, k, m)[:, :nv, nv:] for _, q, k, m in step0]).mean(0)  # video first
+    cross = torch.stack([probs(q, k, m)[:, :nv, nv:] for _, q, k, m, _ in step0]).mean(0)  # video first
     close("red", rec.get("token/red", step=0), cross[..., 1].reshape(1, 3, 4, 4))
     assert (cross[..., 1] - cross[..., 2]).abs().max() > 1e-4  # the next word would differ
 
@@ -152,7 +119,7 @@ def test_wan22_experts_are_merged_or_kept_apart(experts: str) -> None:
     assert "token/red" in rec.names and (second in rec.names)
     assert any(n.startswith("transformer_2/") for n in rec.names) == (experts == "apart")
     for step, log, name in ((0, high, "token/red"), (1, low, second)):
-        cross = torch.stack([probs(q, k, m) for _, q, k, m in log.calls]).mean(0)
+        cross = torch.stack([probs(q, k, m) for _, q, k, m, _ in log.calls]).mean(0)
         close(f"step {step}", rec.get(name, step=step), cross[..., 1].reshape(1, 3, 2, 2))
     if experts == "apart":
         with pytest.raises(ValueError, match="no map 'token/red' recorded for step=1"):

@@ -9,10 +9,8 @@ same for the flex backend.
 
 from __future__ import annotations
 
+import contextlib
 import re
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -20,14 +18,12 @@ import pytest
 import torch
 
 import attnmap
-from tiny_models import VIDEO_TRANSFORMERS
+from tiny_models import VIDEO_TRANSFORMERS, AttentionLog, softmax64
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::FutureWarning", "ignore::DeprecationWarning", "ignore:In CPU autocast:UserWarning"
 )
 
-SDPA = torch.nn.functional.scaled_dot_product_attention
-SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 Grid = tuple[int, int, int]
 
 
@@ -55,6 +51,15 @@ def wan_like(text: int, image: int = 0) -> list[tuple[str, Want]]:
     return [
         (r"^blocks\.(\d+)\.attn1$", Want("self")),
         (r"^blocks\.(\d+)\.attn2$", Want("cross", text=(image, text))),
+    ]
+
+
+def self_cross(
+    text: int, stack: str = "transformer_blocks", names: tuple[str, str] = ("attn1", "attn2")
+) -> list[tuple[str, Want]]:
+    return [
+        (rf"^{stack}\.(\d+)\.{names[0]}$", Want("self")),
+        (rf"^{stack}\.(\d+)\.{names[1]}$", Want("cross", text=(0, text))),
     ]
 
 
@@ -146,38 +151,14 @@ FAMILIES: dict[str, tuple[Grid, list[int], list[tuple[str, Want]]]] = {
         [(r"^transformer_blocks\.(\d+)\.attn1$", Want("joint", text=(0, 16), text_first=False))],
     ),
     "motif-video": ((3, 4, 4), [12], dual_single(1, (0, 12))),
-    "allegro": (
-        (2, 4, 4),
-        [16],
-        [
-            (r"^transformer_blocks\.(\d+)\.attn1$", Want("self")),
-            (r"^transformer_blocks\.(\d+)\.attn2$", Want("cross", text=(0, 16))),
-        ],
-    ),
-    "cosmos": (
-        (2, 4, 4),
-        [9],
-        [
-            (r"^transformer_blocks\.(\d+)\.attn1$", Want("self")),
-            (r"^transformer_blocks\.(\d+)\.attn2$", Want("cross", text=(0, 12))),
-        ],
-    ),
+    "allegro": ((2, 4, 4), [16], self_cross(16)),
+    "cosmos": ((2, 4, 4), [9], self_cross(12)),
     "kandinsky5": (
         (2, 4, 4),
         [8],
-        [
-            (r"^visual_transformer_blocks\.(\d+)\.self_attention$", Want("self")),
-            (r"^visual_transformer_blocks\.(\d+)\.cross_attention$", Want("cross", text=(0, 8))),
-        ],
+        self_cross(8, "visual_transformer_blocks", ("self_attention", "cross_attention")),
     ),
-    "ltx": (
-        (3, 8, 8),
-        [9],
-        [
-            (r"^transformer_blocks\.(\d+)\.attn1$", Want("self")),
-            (r"^transformer_blocks\.(\d+)\.attn2$", Want("cross", text=(0, 12))),
-        ],
-    ),
+    "ltx": ((3, 8, 8), [9], self_cross(12)),
     "ltx2": (
         (2, 4, 4),
         [16],
@@ -214,82 +195,6 @@ def test_every_video_transformer_of_diffusers_has_a_tiny_model_here() -> None:
              "Cosmos3Transformer3DModel", "CosmosTransformer3DModel3"}  # fmt: skip
     assert names - later <= built, f"video transformers without a tiny model: {sorted(names - later - built)}"
     assert set(FAMILIES) == set(VIDEO_TRANSFORMERS)
-
-
-# -- the independent log of what each entry point saw ---------------------------------------------------
-class EntryLog(torch.overrides.TorchFunctionMode):
-    """Logs (module name, q, k [B, H, N, D], mask, scale) of each attention call inside the named
-    modules, where the model made it: at diffusers' dispatcher for its non-SDPA backends, else at SDPA."""
-
-    def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, torch.Tensor, torch.Tensor, Any, Any]] = []
-        self.active: list[str] = []
-        self.handles: list[Any] = []
-        self.inside_dispatch = 0
-        mods = dict(model.named_modules())
-        for name in names:
-            m = mods[name]
-            self.handles.append(m.register_forward_pre_hook(lambda mod, a, n=name: self.active.append(n)))
-            self.handles.append(m.register_forward_hook(self._pop))
-
-    def _pop(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        self.active.pop()
-
-    @contextmanager
-    def dispatch(self, model: torch.nn.Module) -> Iterator[None]:
-        """Also log at ``dispatch_attention_fn``, where the model's modules look it up."""
-        import diffusers.models.attention_dispatch as ad
-
-        original = ad.dispatch_attention_fn
-        modules = [
-            m for m in list(sys.modules.values()) if getattr(m, "dispatch_attention_fn", None) is original
-        ]
-
-        def logged(query: Any, key: Any, value: Any, attn_mask: Any = None, *args: Any, **kwargs: Any) -> Any:
-            self.inside_dispatch += 1
-            try:
-                return original(query, key, value, attn_mask, *args, **kwargs)
-            finally:
-                self.inside_dispatch -= 1
-                if self.active:
-                    scale = kwargs.get("scale", args[2] if len(args) > 2 else None)
-                    self.calls.append(
-                        (self.active[-1], query.transpose(1, 2), key.transpose(1, 2), attn_mask, scale)
-                    )
-
-        for m in modules:
-            m.dispatch_attention_fn = logged
-        try:
-            yield
-        finally:
-            for m in modules:
-                m.dispatch_attention_fn = original
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        if func is SDPA and self.active and not self.inside_dispatch:
-            call = {**dict(zip(SDPA_NAMES, args)), **kwargs}
-            self.calls.append(
-                (self.active[-1], call["query"], call["key"], call.get("attn_mask"), call.get("scale"))
-            )
-        return func(*args, **kwargs)
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def probs64(q: torch.Tensor, k: torch.Tensor, mask: Any, scale: Optional[float]) -> torch.Tensor:
-    """softmax(scale q k^T + mask) in float64, [B, H, Nq, Nk]."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if k.shape[1] != q.shape[1]:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    logits = (q.double() @ k.double().transpose(-1, -2)) * scale
-    if mask is not None:
-        m = mask if mask.dim() == 4 else mask[:, None, None, :]
-        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.double()
-    return torch.softmax(logits, dim=-1)
 
 
 def temporal_of(pv: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -378,25 +283,18 @@ def check_family(family: str, backend: Optional[str]) -> None:
     try:
         plain = run(model, kwargs)
         sites = watched(model, family)
-        log = EntryLog(model, list(sites))
-        with log.dispatch(model):
-            if family in WARNS:
-                with pytest.warns(UserWarning, match=WARNS[family]):
-                    with (
-                        attnmap.capture(
-                            model, reductions=("cross", "temporal"), per_block=True, keep_cross=True
-                        ) as rec,
-                        log,
-                    ):
-                        captured = run(model, kwargs)
-            else:
-                with (
-                    attnmap.capture(
-                        model, reductions=("cross", "temporal"), per_block=True, keep_cross=True
-                    ) as rec,
-                    log,
-                ):
-                    captured = run(model, kwargs)
+        log = AttentionLog(model, list(sites))
+        expect = (
+            pytest.warns(UserWarning, match=WARNS[family]) if family in WARNS else contextlib.nullcontext()
+        )
+        with log.dispatch(), expect:
+            with (
+                attnmap.capture(
+                    model, reductions=("cross", "temporal"), per_block=True, keep_cross=True
+                ) as rec,
+                log,
+            ):
+                captured = run(model, kwargs)
         log.close()
     finally:
         if backend is not None:
@@ -411,7 +309,7 @@ def check_family(family: str, backend: Optional[str]) -> None:
         per_row = q.shape[0] == 1 and batch > 1 and want.kind not in ("space", "time")
         row = rows_seen.get(name, 0) % batch if per_row else None
         rows_seen[name] = rows_seen.get(name, 0) + 1
-        for red, value in expected_maps(want, grid, real, probs64(q, k, mask, scale), row).items():
+        for red, value in expected_maps(want, grid, real, softmax64(q, k, mask, scale), row).items():
             per_block.setdefault((red, block, row if row is not None else -1), []).append(value)
     assert per_block, f"{family}: the log saw no call"
     assert rec.blocks == sorted({b for _, b, _ in per_block}), f"{family}: blocks {rec.blocks}"

@@ -8,7 +8,10 @@ Sizes follow /work/shared/TINY_MODELS.md; every model runs in a few milliseconds
 from __future__ import annotations
 
 import os
-from typing import Any
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Optional
 
 import torch
 
@@ -22,6 +25,91 @@ WORDS = (
 
 def _seed(seed: int) -> None:
     torch.manual_seed(seed)
+
+
+# -- an independent reference: what each attention entry point saw ------------------------------------
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class AttentionLog(torch.overrides.TorchFunctionMode):
+    """Logs ``(module name, q, k [B, H, N, D], mask, scale)`` of each attention call made inside the
+    named modules of ``model``: at torch SDPA, and inside :meth:`dispatch` also at diffusers'
+    ``dispatch_attention_fn`` (where a non-SDPA backend such as flex runs). Use it as a context
+    manager (after the capture, so that it sees the calls the capture passes on), then ``close()``."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, torch.Tensor, torch.Tensor, Any, Any]] = []
+        self.active: list[str] = []
+        self.handles: list[Any] = []
+        self.inside_dispatch = 0
+        mods = dict(model.named_modules())
+        for name in names:
+            self.handles.append(
+                mods[name].register_forward_pre_hook(lambda m, a, n=name: self.active.append(n))
+            )
+            self.handles.append(mods[name].register_forward_hook(self._pop))
+
+    def _pop(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self.active.pop()
+
+    @contextmanager
+    def dispatch(self) -> Iterator[None]:
+        """Also log at ``dispatch_attention_fn``, where diffusers' modules look it up."""
+        import diffusers.models.attention_dispatch as ad
+
+        original = ad.dispatch_attention_fn
+        modules = [
+            m for m in list(sys.modules.values()) if getattr(m, "dispatch_attention_fn", None) is original
+        ]
+
+        def logged(query: Any, key: Any, value: Any, attn_mask: Any = None, *args: Any, **kwargs: Any) -> Any:
+            self.inside_dispatch += 1
+            try:
+                return original(query, key, value, attn_mask, *args, **kwargs)
+            finally:
+                self.inside_dispatch -= 1
+                if self.active:
+                    scale = kwargs.get("scale", args[2] if len(args) > 2 else None)
+                    self.calls.append(
+                        (self.active[-1], query.transpose(1, 2), key.transpose(1, 2), attn_mask, scale)
+                    )
+
+        for m in modules:
+            m.dispatch_attention_fn = logged
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.dispatch_attention_fn = original
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is _SDPA and self.active and not self.inside_dispatch:
+            call = {**dict(zip(_SDPA_NAMES, args)), **kwargs}
+            self.calls.append(
+                (self.active[-1], call["query"], call["key"], call.get("attn_mask"), call.get("scale"))
+            )
+        return func(*args, **kwargs)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def softmax64(
+    q: torch.Tensor, k: torch.Tensor, mask: Any = None, scale: Optional[float] = None
+) -> torch.Tensor:
+    """softmax(scale q k^T + mask) in float64, ``[B, H, Nq, Nk]`` (bool masks keep True, float ones add)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if mask is not None:
+        m = mask if mask.dim() == 4 else mask[:, None, None, :]
+        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.double()
+    return torch.softmax(logits, dim=-1)
 
 
 def wan(seed: int = 0, *, text_len: int = 16, i2v: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:

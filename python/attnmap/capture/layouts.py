@@ -151,8 +151,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         video_axes="BFCHW",
         vae_stride=(1, 1, 1),
         pixel_input=True,
-        watch=r"^encoder\.",
-    ),  # fmt: skip  (not the predictor)
+        watch=r"^encoder\.",  # not the predictor
+    ),
     FamilySpec(
         family="videomae",
         classes=("VideoMAEModel",),
