@@ -759,25 +759,30 @@ def test_nested_captures_both_record_in_either_mode(
     plain = run(model, kwargs)
     lay = Layout.self_attn(GRID)
     log = SdpaLog(model, ["blocks.0.attn1", "blocks.1.attn1"])
-    with (
-        attnmap.capture(model, reductions=("temporal",), one_pass=outer_one_pass) as outer,
-        attnmap.capture(model, reductions=("temporal",), one_pass=inner_one_pass) as inner,
-        log,
-    ):
-        captured = run(model, kwargs)
+    with log:
+        run(model, kwargs)
     log.close()
-    assert torch.equal(plain, captured)
-    # only the outermost capture may take the one-pass path (what it calls is no SDPA call to those below)
-    assert len(one_pass_calls) == (4 if outer_one_pass else 0)  # attn1 and attn2 of 2 blocks
     want = torch.stack(
         [maps_of(eager_probs(q, k, m, s), lay)["temporal"] for _, q, k, m, s in log.calls]
     ).mean(0)
+    with (
+        attnmap.capture(model, reductions=("temporal",), one_pass=outer_one_pass) as outer,
+        attnmap.capture(model, reductions=("temporal",), one_pass=inner_one_pass) as inner,
+    ):
+        captured = run(model, kwargs)
+    assert torch.equal(plain, captured)
+    # only the capture opened first may take the one-pass path (what it calls is no SDPA call to
+    # those opened after it)
+    assert len(one_pass_calls) == (4 if outer_one_pass else 0)  # attn1 and attn2 of 2 blocks
     close("outer", outer.get("temporal"), want)
     close("inner", inner.get("temporal"), want)
-    # a user's mode entered before a one-pass capture still sees the SDPA calls
-    below = SdpaLog(model, ["blocks.0.attn1", "blocks.1.attn1"])
-    with below, attnmap.capture(model, reductions=("temporal",), one_pass=True) as rec:
-        run(model, kwargs)
-    below.close()
-    assert len(below.calls) == 2 and len(one_pass_calls) == (4 if outer_one_pass else 0)
-    close("below", rec.get("temporal"), want)
+    # a user's function mode, entered before or after, still sees the SDPA calls: no one-pass then
+    for before in (True, False):
+        user = SdpaLog(model, ["blocks.0.attn1", "blocks.1.attn1"])
+        rec = attnmap.capture(model, reductions=("temporal",), one_pass=True)
+        first, second = (user, rec) if before else (rec, user)
+        with first, second:
+            run(model, kwargs)
+        user.close()
+        assert len(user.calls) == 2 and len(one_pass_calls) == (4 if outer_one_pass else 0)
+        close("beside a mode", rec.get("temporal"), want)

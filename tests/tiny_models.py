@@ -86,7 +86,8 @@ class AttentionLog(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        if func is _SDPA and self.active and not self.inside_dispatch:
+        # by name: while a capture is open, torch hands a mode its wrapper of SDPA
+        if getattr(func, "__name__", None) == _SDPA.__name__ and self.active and not self.inside_dispatch:
             call = {**dict(zip(_SDPA_NAMES, args)), **kwargs}
             self.calls.append(
                 (self.active[-1], call["query"], call["key"], call.get("attn_mask"), call.get("scale"))

@@ -11,19 +11,27 @@ The entry points:
   ``_native_*`` variants) are left to the SDPA entry point below, so that a call is seen once;
 - transformers' attention interface (``AttentionInterface``'s functions: sdpa, flash_attention_*,
   flex_attention) and the ``eager_attention_forward`` of a watched module's modeling file;
-- ``torch.nn.functional.scaled_dot_product_attention`` through a ``TorchFunctionMode``, for every
-  processor that calls it itself (and for the SDPA backends above);
-- softmax calls, for the modules whose family reads eager probabilities (TimeSformer).
+- ``torch.nn.functional.scaled_dot_product_attention``, replaced on ``torch.nn.functional`` and in
+  every module that imported it by name, for every processor that calls it itself (and for the
+  SDPA backends above). A replaced function, unlike a ``TorchFunctionMode``, is traced by
+  ``torch.compile`` like any other Python, so a compiled model is compiled as it would be alone;
+- softmax calls, through a ``TorchFunctionMode`` entered only for the families that read eager
+  probabilities (TimeSformer).
 
 Forward hooks on the watched modules keep the module stack: a call belongs to the innermost
-watched module running. The hooks and the hand-over to the sink are ``torch.compiler.disable``d,
-so under ``torch.compile`` they are deliberate graph breaks and run as plain Python, while the
-model's attention stays in the compiled graph.
+watched module running. Under ``torch.compile`` the hooks and the entry points are traced into the
+graph as they are (plain Python on a list), and the hand-over is an opaque operator,
+``attnmap::observe``: a ``torch.library`` custom op with a fake implementation that takes the call's
+q and k and the site's token. It runs, as plain Python outside the graph's kernels, when the compiled
+graph runs, so the graph and inductor's fusion around the attention are those of the model alone
+and the output stays bit-identical.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -53,6 +61,7 @@ class Site:
     calls: int = 0  # attention calls inside the module's current forward
     entered: int = 0  # forwards of the module while the capture was open
     seen: int = 0  # attention calls seen while the capture was open
+    token: int = -1  # the site's number for attnmap::observe while its interceptor is open
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,6 +86,57 @@ class Intercepted:
 
 Emit = Callable[[Site, Intercepted], None]
 Probs = Callable[[Site, torch.Tensor], None]
+
+
+#: (module token, nesting depth) -> (interceptor, site) of the open interceptors, for attnmap::observe
+_TOKENS: dict[tuple[int, int], tuple[Interceptor, Site]] = {}
+_OPEN: list[Interceptor] = []  # the open interceptors, first opened first
+_NEXT = itertools.count()
+#: one token per watched module, kept across captures (a compiled graph holds it as a constant)
+_MODULE_TOKENS: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()
+_SINK: list[torch.Tensor] = []  # what attnmap::observe "mutates", so that no compiler drops it
+
+
+def _observe_op() -> Callable[..., None]:
+    """``torch.ops.attnmap.observe``, defined on first use (never at import)."""
+    if not _SINK:
+
+        @torch.library.custom_op("attnmap::observe", mutates_args=("sink",))
+        def observe(
+            sink: torch.Tensor,
+            query: torch.Tensor,
+            key: torch.Tensor,
+            mask: Optional[torch.Tensor],
+            scale: Optional[float],
+            is_causal: bool,
+            token: int,
+            depth: int,
+            index: int,
+            entry: str,
+        ) -> None:
+            """Hand one attention call to the interceptor open at ``depth`` that watches the module of
+            ``token`` (a no-op once it closed)."""
+            found = _TOKENS.get((token, depth))
+            if found is not None:
+                interceptor, site = found
+                blocked = entry.endswith(":blockmask")
+                call = Intercepted(
+                    query=query,
+                    key=key,
+                    attn_mask=_UNREADABLE if blocked else mask,
+                    scale=scale,
+                    is_causal=is_causal,
+                    entry=entry.removesuffix(":blockmask"),
+                    index=index,
+                )
+                interceptor._deliver(site, call)
+
+        @observe.register_fake
+        def _(sink: torch.Tensor, query: torch.Tensor, key: torch.Tensor, *args: Any) -> None:
+            return None
+
+        _SINK.append(torch.zeros(1))
+    return torch.ops.attnmap.observe
 
 
 def bind(names: Sequence[str], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -107,14 +167,12 @@ def _diffusers_registry() -> Any:
 
 
 class _Mode(TorchFunctionMode):
-    """Forwards every torch call unchanged; shows SDPA (and, where asked, softmax) calls."""
+    """Forwards every torch call unchanged; shows softmax calls (eager attention read from its
+    probabilities, TimeSformer). Only entered for families that need it."""
 
     def __init__(self, owner: Interceptor) -> None:
         super().__init__()
         self.owner = owner
-        # one_pass calls an aten op that the modes below this one would not see as SDPA: only when
-        # there are none (an outer capture, a user's mode; torch.device contexts do not care)
-        self.alone = all(isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
 
     def __torch_function__(
         self,
@@ -123,22 +181,16 @@ class _Mode(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: Optional[dict[str, Any]] = None,
     ) -> Any:
-        kwargs = kwargs or {}
-        owner = self.owner
-        if func is _SDPA and owner.stack:
-            if owner.one_pass and self.alone and not torch.compiler.is_compiling():
-                found = owner.one_pass_sdpa(bind(_SDPA_ARGS, args, kwargs))
-                if found is not None:
-                    out, lse = found
-                    owner.seen_sdpa(args, kwargs, lse)
-                    return out
-            out = func(*args, **kwargs)
-            owner.seen_sdpa(args, kwargs, None)
-            return out
-        out = func(*args, **kwargs)
-        if owner.softmax_roles and func in _SOFTMAX and owner.stack and isinstance(out, torch.Tensor):
-            owner.seen_softmax(out)
+        out = func(*args, **(kwargs or {}))
+        if func in _SOFTMAX and self.owner.stack and isinstance(out, torch.Tensor):
+            self.owner.seen_softmax(out)
         return out
+
+
+def _alone() -> bool:
+    """No function mode is active but ``torch.device`` contexts: the one-pass path may call an aten
+    op that a user's mode would not see as SDPA."""
+    return all(isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
 
 
 def _keep_dynamo_out_of_the_mode() -> None:
@@ -190,18 +242,30 @@ class Interceptor:
     _handles: list[Any] = field(default_factory=list)
     _patches: list[_Patch] = field(default_factory=list)
     _mode: Optional[_Mode] = None
+    _observe: Callable[..., None] = lambda *args: None  # attnmap::observe, once open
+    _registry: Any = None  # diffusers' attention backend registry, once open
+    _busy: bool = False  # inside the one-pass path's own SDPA call
+    _depth: int = 0  # how many interceptors were open when this one opened
 
     # -- opening and closing -------------------------------------------------------------
     def __enter__(self) -> Interceptor:
         _keep_dynamo_out_of_the_mode()
+        self._observe = _observe_op()
+        self._registry = _diffusers_registry()
+        self._depth = len(_OPEN)
+        _OPEN.append(self)
         try:
             for site in self.sites:
+                site.token = _MODULE_TOKENS.setdefault(site.module, next(_NEXT))
+                _TOKENS[(site.token, self._depth)] = (self, site)
                 self._handles.append(site.module.register_forward_pre_hook(self._push(site)))
                 self._handles.append(site.module.register_forward_hook(self._pop(site), always_call=True))
+            self._patch_sdpa()
             self._patch_diffusers()
             self._patch_transformers()
-            self._mode = _Mode(self)
-            self._mode.__enter__()
+            if self.softmax_roles:
+                self._mode = _Mode(self)
+                self._mode.__enter__()
         except BaseException:
             self.close()
             raise
@@ -222,10 +286,14 @@ class Interceptor:
             patch.restore()
         self._patches.clear()
         self.stack.clear()
+        for site in self.sites:
+            if _TOKENS.get((site.token, self._depth), (None,))[0] is self:
+                del _TOKENS[(site.token, self._depth)]
+        if self in _OPEN:
+            _OPEN.remove(self)
 
     # -- the module stack ----------------------------------------------------------------
     def _push(self, site: Site) -> Callable[..., None]:
-        @torch.compiler.disable
         def push(module: torch.nn.Module, args: Any) -> None:
             site.calls = 0
             site.entered += 1
@@ -234,7 +302,6 @@ class Interceptor:
         return push
 
     def _pop(self, site: Site) -> Callable[..., None]:
-        @torch.compiler.disable
         def pop(module: torch.nn.Module, args: Any, output: Any) -> None:
             if self.stack and self.stack[-1] is site:
                 self.stack.pop()
@@ -244,13 +311,35 @@ class Interceptor:
         return pop
 
     # -- emitting --------------------------------------------------------------------------
-    def _hand_over(self, call: Intercepted) -> None:
+    def _hand_over(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        scale: Optional[float],
+        is_causal: bool,
+        entry: str,
+        lse: Optional[torch.Tensor] = None,
+    ) -> None:
+        """One call of the innermost site: delivered now, or, inside a graph being compiled, through
+        the opaque ``attnmap::observe`` when the graph runs."""
         site = self.stack[-1]
+        index = site.calls
         site.calls += 1
+        if torch.compiler.is_compiling():
+            blocked = mask is _UNREADABLE
+            self._observe(
+                _SINK[0], query, key, None if blocked else mask, scale, is_causal, site.token, self._depth, index,
+                entry + (":blockmask" if blocked else ""),
+            )  # fmt: skip
+            return
+        call = Intercepted(query, key, mask, scale, is_causal, entry, index, lse)
+        self._deliver(site, call)
+
+    def _deliver(self, site: Site, call: Intercepted) -> None:
         site.seen += 1
         self.emit(site, call)
 
-    @torch.compiler.disable
     def seen_sdpa(
         self, args: tuple[Any, ...], kwargs: Mapping[str, Any], lse: Optional[torch.Tensor]
     ) -> None:
@@ -259,28 +348,25 @@ class Interceptor:
             return
         call = bind(_SDPA_ARGS, args, kwargs)
         q, k = call.get("query"), call.get("key")
-        site = self.stack[-1]
-        self._hand_over(
-            Intercepted(
-                query=q,  # type: ignore[arg-type]
-                key=k,  # type: ignore[arg-type]
-                attn_mask=call.get("attn_mask"),
-                scale=call.get("scale"),
-                is_causal=bool(call.get("is_causal", False)),
-                entry="sdpa",
-                index=site.calls,
-                lse=lse,
+        if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor):
+            self._hand_over(
+                q,
+                k,
+                call.get("attn_mask"),
+                call.get("scale"),
+                bool(call.get("is_causal", False)),
+                "sdpa",
+                lse,
             )
-        )
 
     @torch.compiler.disable
     def seen_softmax(self, probs: torch.Tensor) -> None:
         if self.stack and self.probs is not None and self.stack[-1].role in self.softmax_roles:
             self.probs(self.stack[-1], probs)
 
-    def one_pass_sdpa(self, call: dict[str, Any]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """The SDPA forward plus its rows' logsumexp, for a call that will be recorded; None where
-        the one-pass path does not apply (then SDPA runs as usual)."""
+    def one_pass_sdpa(self, call: dict[str, Any]) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """The SDPA forward plus its rows' logsumexp (None where torch offers no such op for the
+        call), for a call that will be recorded; None where the one-pass path does not apply."""
         from attnmap import reduce
 
         q, k, v = call.get("query"), call.get("key"), call.get("value")
@@ -288,19 +374,60 @@ class Interceptor:
             return None
         if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
             return None
-        out, lse = reduce.sdpa_with_lse(
-            q,  # type: ignore[arg-type]
-            k,  # type: ignore[arg-type]
-            v,  # type: ignore[arg-type]
-            attn_mask=call.get("attn_mask"),
-            scale=call.get("scale"),
-            is_causal=bool(call.get("is_causal")),
-            dropout_p=float(call.get("dropout_p") or 0.0),
-            enable_gqa=bool(call.get("enable_gqa", False)),
-        )
-        if lse is None:
-            return None
-        return out, lse
+        self._busy = True
+        try:
+            return reduce.sdpa_with_lse(
+                q,  # type: ignore[arg-type]
+                k,  # type: ignore[arg-type]
+                v,  # type: ignore[arg-type]
+                attn_mask=call.get("attn_mask"),
+                scale=call.get("scale"),
+                is_causal=bool(call.get("is_causal")),
+                dropout_p=float(call.get("dropout_p") or 0.0),
+                enable_gqa=bool(call.get("enable_gqa", False)),
+            )
+        finally:
+            self._busy = False
+
+    # -- torch SDPA --------------------------------------------------------------------------
+    def _patch_sdpa(self) -> None:
+        functional = torch.nn.functional
+        previous = functional.scaled_dot_product_attention  # torch's, or an open capture's wrapper
+        wrapper = self._sdpa_wrapper(previous)
+        for module in [functional, *list(sys.modules.values())]:
+            namespace = getattr(module, "__dict__", None)
+            if isinstance(namespace, dict) and namespace.get("scaled_dot_product_attention") is previous:
+                self._patches.append(_Patch(module, "scaled_dot_product_attention", previous))
+                setattr(module, "scaled_dot_product_attention", wrapper)  # noqa: B010
+
+    def _sdpa_wrapper(self, previous: Callable[..., Any]) -> Callable[..., Any]:
+        last = previous is _SDPA  # the capture opened first: nothing of attnmap's below it
+
+        def scaled_dot_product_attention(*args: Any, **kwargs: Any) -> Any:
+            # inside our own call: sdpa_with_lse's fallback to SDPA, or a user's function mode that
+            # torch hands this wrapper as the function it intercepted (torch looks it up by name)
+            if self._busy:
+                return previous(*args, **kwargs)
+            if self.stack and self.one_pass and last and not torch.compiler.is_compiling() and _alone():
+                found = self.one_pass_sdpa(bind(_SDPA_ARGS, args, kwargs))
+                if found is not None:
+                    self.seen_sdpa(args, kwargs, found[1])
+                    return found[0]
+            if torch.compiler.is_compiling():
+                out = previous(*args, **kwargs)
+            else:
+                self._busy = True
+                try:
+                    out = previous(*args, **kwargs)
+                finally:
+                    self._busy = False
+            if self.stack:
+                self.seen_sdpa(args, kwargs, None)
+            return out
+
+        scaled_dot_product_attention.__wrapped__ = previous  # type: ignore[attr-defined]
+        scaled_dot_product_attention.__doc__ = getattr(previous, "__doc__", None)
+        return scaled_dot_product_attention
 
     # -- diffusers' dispatcher ---------------------------------------------------------------
     def _patch_diffusers(self) -> None:
@@ -325,29 +452,26 @@ class Interceptor:
         dispatch_attention_fn.__wrapped__ = original  # type: ignore[attr-defined]
         return dispatch_attention_fn
 
-    @torch.compiler.disable
     def seen_dispatch(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         if not self.stack:
             return
         call = bind(_DISPATCH_ARGS, args, kwargs)
-        backend = diffusers_backend(call.get("backend"))
-        if backend in SDPA_BACKENDS and call.get("parallel_config") is None:
+        backend = call.get("backend")
+        if backend is None:
+            backend = "native" if self._registry is None else self._registry._active_backend
+        name = str(getattr(backend, "value", backend))
+        if name in SDPA_BACKENDS and call.get("parallel_config") is None:
             return  # the SDPA entry point saw it
         q, k = _blhd(call.get("query")), _blhd(call.get("key"))
-        if q is None or k is None:
-            return
-        site = self.stack[-1]
-        self._hand_over(
-            Intercepted(
-                query=q,
-                key=k,
-                attn_mask=call.get("attn_mask"),
-                scale=call.get("scale"),
-                is_causal=bool(call.get("is_causal", False)),
-                entry=f"diffusers:{backend}",
-                index=site.calls,
+        if q is not None and k is not None:
+            self._hand_over(
+                q,
+                k,
+                call.get("attn_mask"),
+                call.get("scale"),
+                bool(call.get("is_causal", False)),
+                f"diffusers:{name}",
             )
-        )
 
     # -- transformers' attention interface ---------------------------------------------------
     def _patch_transformers(self) -> None:
@@ -393,7 +517,6 @@ class Interceptor:
         attention.__wrapped__ = original  # type: ignore[attr-defined]
         return attention
 
-    @torch.compiler.disable
     def seen_interface(
         self, name: str, query: Any, key: Any, attention_mask: Any, kwargs: Mapping[str, Any]
     ) -> None:
@@ -405,35 +528,16 @@ class Interceptor:
         if attention_mask is not None and mask is None:  # a flex BlockMask: not a tensor attnmap reads
             mask = _UNREADABLE
         scale = kwargs.get("scaling", kwargs.get("scale"))
+        causal = bool(kwargs.get("is_causal", False)) and query.shape[2] > 1
         cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-        site = self.stack[-1]
         if isinstance(cu_q, torch.Tensor) and isinstance(cu_k, torch.Tensor) and query.shape[0] == 1:
             # packed sequences: one call per sequence, as rows of one batch
             bq, bk = cu_q.tolist(), cu_k.tolist()
             for i in range(len(bq) - 1):
-                self._hand_over(
-                    Intercepted(
-                        query=query[:, :, bq[i] : bq[i + 1]],
-                        key=key[:, :, bk[i] : bk[i + 1]],
-                        attn_mask=None,
-                        scale=scale,
-                        is_causal=bool(kwargs.get("is_causal", False)),
-                        entry=f"transformers:{name}:varlen",
-                        index=site.calls,
-                    )
-                )
+                q_i, k_i = query[:, :, bq[i] : bq[i + 1]], key[:, :, bk[i] : bk[i + 1]]
+                self._hand_over(q_i, k_i, None, scale, causal, f"transformers:{name}:varlen")
             return
-        self._hand_over(
-            Intercepted(
-                query=query,
-                key=key,
-                attn_mask=mask,
-                scale=scale,
-                is_causal=bool(kwargs.get("is_causal", False)) and query.shape[2] > 1,
-                entry=f"transformers:{name}",
-                index=site.calls,
-            )
-        )
+        self._hand_over(query, key, mask, scale, causal, f"transformers:{name}")
 
 
 #: stands for a mask attnmap cannot read (a flex BlockMask); such calls are skipped with a reason
