@@ -175,9 +175,9 @@ def test_capture_overhead(benchmark: Any, setup: dict[str, Any], one_pass: bool)
 def test_compiled_capture_overhead(benchmark: Any, setup: dict[str, Any]) -> None:
     """The same forwards of ``torch.compile(model)`` (inductor), with and without capture.
 
-    Capture's hooks and hand-over are graph breaks, so the compiled forward runs as several graphs
-    with the reductions in between; the ratio is against the compiled forward without capture (and
-    beside it, eager capture against the eager forward in the same rounds).
+    Capture's hooks and entry points are traced into the graph and the reductions run from the opaque
+    op ``attnmap::observe`` as the graph runs; the ratio is against the compiled forward without
+    capture (and beside it, eager capture against the eager forward in the same rounds).
     """
     torch._dynamo.reset()
     compiled = {**setup, "model": torch.compile(setup["model"])}
@@ -186,9 +186,7 @@ def test_compiled_capture_overhead(benchmark: Any, setup: dict[str, Any]) -> Non
     eager_plain, eager_captured = plain_run(setup), captured_run(setup, [], False)
     want = plain()  # compiles
     got = captured()  # recompiles with the graph breaks
-    # inductor fuses differently around the breaks: equal within float32 rounding, not bit for bit
-    scale = max(want.abs().max().item(), 1e-6)
-    assert (want - got).abs().max().item() <= 1e-4 * scale
+    assert torch.equal(want, got), "capture changed the compiled graph"
     temporal = keep[0].get("temporal")
     assert torch.allclose(temporal.sum(-1), torch.ones_like(temporal.sum(-1)), atol=2e-3)
     plain()  # each way of running once more: dynamo keeps both graphs (with and without the mode)
@@ -210,7 +208,6 @@ def test_compiled_capture_overhead(benchmark: Any, setup: dict[str, Any]) -> Non
         "eager_plain_s": t_eager,
         "eager_capture_s": t_eager_cap,
         "eager_ratio": t_eager_cap / t_eager,
-        "max_output_diff": (want - got).abs().max().item(),
     }
     benchmark.extra_info.update(info)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))

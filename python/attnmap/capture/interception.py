@@ -14,7 +14,9 @@ The entry points:
 - ``torch.nn.functional.scaled_dot_product_attention``, replaced on ``torch.nn.functional`` and in
   every module that imported it by name, for every processor that calls it itself (and for the
   SDPA backends above). A replaced function, unlike a ``TorchFunctionMode``, is traced by
-  ``torch.compile`` like any other Python, so a compiled model is compiled as it would be alone;
+  ``torch.compile`` like any other Python, so a compiled model is compiled as it would be alone.
+  (While it is replaced, a user's ``TorchFunctionMode`` gets the wrapper as the ``func`` of an SDPA
+  call, since torch looks the function up by name; calling it runs SDPA unchanged);
 - softmax calls, through a ``TorchFunctionMode`` entered only for the families that read eager
   probabilities (TimeSformer).
 
