@@ -128,14 +128,22 @@ def test_transformers_attention_functions_and_eager_attention_are_seen_and_put_b
         assert torch.allclose(torch.softmax(logits, -1), probs.double(), atol=1e-6)
 
 
-def test_eager_transformers_attention_is_captured_like_sdpa() -> None:
+@pytest.mark.filterwarnings(
+    "ignore:flex_attention called without torch.compile:UserWarning",
+    "ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning",  # transformers compiling flex
+)
+@pytest.mark.parametrize("impl", ["eager", "flex_attention"])
+def test_transformers_attention_implementations_are_captured_like_sdpa(impl: str) -> None:
     sdpa, kwargs = videomae(attn="sdpa")
-    eager, _ = videomae(attn="eager")
-    with attnmap.capture(sdpa, reductions=("temporal", "received"), per_block=True) as a:
-        sdpa(**kwargs)
-    with attnmap.capture(eager, reductions=("temporal", "received"), per_block=True) as b:
-        eager(**kwargs)
-    assert a.metadata["entry_points"] == ["sdpa"] and b.metadata["entry_points"] == ["transformers:eager"]
+    other, _ = videomae(attn=impl)
+    with torch.no_grad():
+        plain = other(**kwargs).last_hidden_state
+        with attnmap.capture(sdpa, reductions=("temporal", "received"), per_block=True) as a:
+            sdpa(**kwargs)
+        with attnmap.capture(other, reductions=("temporal", "received"), per_block=True) as b:
+            out = other(**kwargs).last_hidden_state
+    assert torch.equal(plain, out)
+    assert a.metadata["entry_points"] == ["sdpa"] and b.metadata["entry_points"] == [f"transformers:{impl}"]
     for name in ("temporal", "received"):
         for block in (0, 1):
             assert torch.allclose(a.get(name, block=block), b.get(name, block=block), atol=1e-6)
