@@ -169,3 +169,46 @@ def test_capture_overhead(benchmark: Any, setup: dict[str, Any], one_pass: bool)
     }
     benchmark.extra_info.update(info)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
+
+
+@pytest.mark.benchmark(group="capture")
+def test_compiled_capture_overhead(benchmark: Any, setup: dict[str, Any]) -> None:
+    """The same forwards of ``torch.compile(model)`` (inductor), with and without capture.
+
+    Capture's hooks and entry points are traced into the graph and the reductions run from the opaque
+    op ``attnmap::observe`` as the graph runs; the ratio is against the compiled forward without
+    capture (and beside it, eager capture against the eager forward in the same rounds).
+    """
+    torch._dynamo.reset()
+    compiled = {**setup, "model": torch.compile(setup["model"])}
+    keep: list[Any] = []
+    plain, captured = plain_run(compiled), captured_run(compiled, keep, False)
+    eager_plain, eager_captured = plain_run(setup), captured_run(setup, [], False)
+    want = plain()  # compiles
+    got = captured()  # recompiles with the graph breaks
+    assert torch.equal(want, got), "capture changed the compiled graph"
+    temporal = keep[0].get("temporal")
+    assert torch.allclose(temporal.sum(-1), torch.ones_like(temporal.sum(-1)), atol=2e-3)
+    plain()  # each way of running once more: dynamo keeps both graphs (with and without the mode)
+    captured()
+
+    rounds = {"smoke": 1, "cpu-scaled": 5}.get(setup["label"], 7)
+    benchmark.pedantic(captured, rounds=rounds, iterations=1, warmup_rounds=0)
+    (t_plain, t_capture, t_eager, t_eager_cap), (c_plain, c_capture, _, _) = best_of(
+        [plain, captured, eager_plain, eager_captured], rounds
+    )
+    info = {
+        "size": setup["label"],
+        "mode": "compiled",
+        "device": setup["device"],
+        "plain_s": t_plain,
+        "capture_s": t_capture,
+        "ratio": t_capture / t_plain,
+        "cpu_ratio": c_capture / c_plain,
+        "eager_plain_s": t_eager,
+        "eager_capture_s": t_eager_cap,
+        "eager_ratio": t_eager_cap / t_eager,
+    }
+    benchmark.extra_info.update(info)
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
+    torch._dynamo.reset()

@@ -1,132 +1,121 @@
-"""Capture attention maps from a real model or pipeline while it runs.
+"""Capture attention maps from a real model or pipeline while it runs: :func:`capture` and :class:`Recorder`.
 
-While the context is open, a :class:`torch.overrides.TorchFunctionMode` sees every call of
-``torch.nn.functional.scaled_dot_product_attention`` (keyword calls from diffusers, positional
-ones from transformers and timm) and module hooks say which watched attention module made it. The
-call runs exactly as before; the same q and k (after the model's norms and rotary embeddings) go
-to :func:`attnmap.attention_sums`, and the small maps it returns are accumulated per
-(branch, step, block). TimeSformer never calls SDPA: its softmax probabilities are read inside its
-attention modules, space and time kept apart.
+The Recorder is a facade over the parts of :mod:`attnmap.capture`, along the data flow:
+:mod:`~attnmap.capture.interception` (entry points, hooks, the module stack) emits each attention
+call of a watched module; :mod:`~attnmap.capture.layouts` places its tokens from the forward's
+inputs and the call's shapes; :func:`attnmap.attention_sums` reduces the same q and k the model used;
+:mod:`~attnmap.capture.accumulate` keeps running means per (step, branch, name, block);
+:mod:`~attnmap.capture.sinks` write finished steps (the store, auto-render);
+:mod:`~attnmap.capture.pipeline` makes ``pipe("a (cat) on a mat")`` work as called.
 
 Map names (per step; ``get`` returns them with a leading batch dim ``B``, and ``H`` after it when
 ``per_head``):
 
 - ``token/<word>`` ``[B, F, H, W]``: the video tokens' attention to that word (its sub-tokens summed);
 - ``cross`` ``[B, Nv, Nt]`` (the real, unpadded text tokens), ``temporal`` ``[B, F, F]``, ``text``
-  ``[B, Nt, Nt]``, ``received`` ``[B, Nk]``, ``full`` ``[B, Nq, Nk]``;
-- ``received/text`` ``[B, Nt]`` and ``full/text`` ``[B, Nv, Nt]``: received and full of video -> text
+  ``[B, Nt, Nt]``, ``received`` ``[B, Nk]``, ``full`` ``[B, Nq, Nk]``, and any other reduction of
+  :data:`attnmap.reduce.REDUCTIONS` asked for, under its own name;
+- ``<name>/text`` (``received/text``, ``full/text`` ...): the other reductions of video -> text
   cross-attention calls (Wan attn2, LTX attn2), kept apart from those of self-attention;
 - ``padding`` ``[B, F, H, W]``: attention mass on zero-padded text keys (Wan pads text to 512);
-- ``image/<name>``: the image-context cross-attention of Wan I2V, kept apart from the text;
-- ``full/space`` ``[B, F, 1+HW, 1+HW]`` and ``full/time`` ``[B, HW, F, F]``: TimeSformer's divided
-  attention per frame (CLS first) and per patch (patches in (h, w) order), for rollout.
+- ``image/<name>``, ``audio/<name>``, ``context/<name>``: cross-attention to an image context (Wan
+  I2V), an audio stream (LTX-2) or keys of another length, kept apart from the text;
+- ``<name>/space`` and ``<name>/time``: divided attention (Latte, TimeSformer): per frame
+  ``[B, F, ...]`` and per position ``[B, HW, ...]``; ``full/space`` ``[B, F, 1+HW, 1+HW]`` and
+  ``full/time`` ``[B, HW, F, F]`` feed :func:`attnmap.analysis.rollout.space_time_rollout`;
+- ``uncond/<name>`` with ``branch="both"``; ``<denoiser>/<name>`` for a second denoiser kept apart
+  (Wan 2.2's ``transformer_2`` with ``experts="apart"``).
 
 Example:
-    >>> with attnmap.capture(pipe, prompt="a (cat) on a (mat)") as rec:  # doctest: +SKIP
-    ...     pipe(rec.prompt, callback_on_step_end=rec.callback)
+    >>> with attnmap.capture(pipe) as rec:  # doctest: +SKIP
+    ...     pipe("a (cat) on a (mat)", num_frames=81)
     >>> rec.get("token/cat").shape  # doctest: +SKIP
     torch.Size([1, 21, 30, 52])
 """
 
 from __future__ import annotations
 
-import contextlib
 import operator
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
-from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
-from torch.utils._device import DeviceContext
 
 from attnmap import reduce
-from attnmap.capture import models
-from attnmap.capture.tokens import Targets, resolve
+from attnmap.capture import layouts
+from attnmap.capture.accumulate import Accumulator, MapKey, Rows
+from attnmap.capture.calls import CallReader, Forward, Options
+from attnmap.capture.interception import Intercepted, Interceptor, Site, diffusers_backend
+from attnmap.capture.layouts import FamilySpec
+from attnmap.capture.pipeline import (
+    PromptWatch,
+    StepWatch,
+    find_run,
+    split_pipeline,
+    vae_stride,
+    watch_cache_context,
+)
+from attnmap.capture.sinks import Sink, StoreSink, store_sinks
+from attnmap.capture.tokens import Targets, find, parse_targets, resolve
 from attnmap.config import Config
 from attnmap.errors import AttnmapError
 from attnmap.layout import Layout
-from attnmap.reduce.native import REDUCTIONS as NATIVE_REDUCTIONS
 
-_SDPA = torch.nn.functional.scaled_dot_product_attention
-_SOFTMAX = (torch.Tensor.softmax, torch.softmax, torch.nn.functional.softmax)
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_SDPA_DEFAULTS: dict[str, Any] = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None}
-REDUCTIONS = ("cross", "temporal", "text", "received", "full")
+#: The reductions capture accepts (every one of :data:`attnmap.reduce.REDUCTIONS` but ``probe``,
+#: which needs query indices).
+REDUCTIONS = tuple(r for r in reduce.REDUCTIONS if r != "probe")
 BRANCHES = ("cond", "uncond", "both")
-
-Key = tuple[str, str, Optional[int]]  # (branch, name, block)
-
-
-def _bind_sdpa(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """SDPA's arguments by name, however they were passed."""
-    bound = dict(_SDPA_DEFAULTS)
-    bound.update(zip(_SDPA_ARGS, args))
-    bound.update(kwargs)
-    return bound
+EXPERTS = ("merge", "apart")
 
 
-def _padding_mask(mask: Optional[torch.Tensor], batch: int, heads: int, nk: int) -> tuple[bool, Any]:
-    """An SDPA ``attn_mask`` as a key-padding mask ``[B, 1 or H, 1, Nk]`` (bool or additive), or
-    ``(False, reason)`` when it varies over queries or does not broadcast."""
-    if mask is None:
-        return True, None
-    m = mask
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    if m.shape[-1] != nk or m.shape[1] not in (1, heads) or m.shape[0] not in (1, batch):
-        return False, f"attn_mask of shape {tuple(mask.shape)} does not broadcast to keys [B, H, 1, {nk}]"
-    if m.shape[-2] != 1:
-        if not bool((m == m[..., :1, :]).all()):
-            return False, "attn_mask varies over queries (only key-padding masks are supported)"
-        m = m[..., :1, :]
-    return True, m.expand(batch, m.shape[1], 1, nk)
+@dataclass
+class _Denoiser:
+    """One watched denoiser: its core (the module whose forward gives the grid), spec and sites."""
+
+    attr: str  # the pipeline attribute ("" for a model passed itself)
+    core: torch.nn.Module
+    spec: FamilySpec
+    sites: list[Site]
+    prefix: str = ""  # map name prefix (a second denoiser kept apart)
+    forwards: int = 0
+    everything: bool = (
+        False  # every module is watched (an explicit layout on a model without attention modules)
+    )
+    leaves: set[str] = field(default_factory=set)  # sites with no watched module inside
 
 
-class _Mode(TorchFunctionMode):
-    """Forwards every torch call unchanged; shows SDPA and softmax calls to the recorder."""
-
-    def __init__(self, recorder: Recorder) -> None:
-        super().__init__()
-        self.recorder = recorder
-        # one_pass calls an aten op that the modes below this one would not see as SDPA: only when
-        # there are none (an outer capture, a user's mode; torch.device contexts do not care)
-        self.alone = all(isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
-
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: Optional[dict[str, Any]] = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        rec = self.recorder
-        if func is _SDPA and rec._stack:
-            call = _bind_sdpa(args, kwargs)
-            site = rec._stack[-1]
-            lse: Optional[torch.Tensor] = None
-            if rec.one_pass and self.alone and rec._recording(site):
-                out, lse = rec._forward_with_lse(call)
-            else:
-                out = func(*args, **kwargs)
-            rec._on_sdpa(site, call, lse)
-            return out
-        out = func(*args, **kwargs)
-        if rec._stack and rec._spec.eager_softmax and func in _SOFTMAX and isinstance(out, torch.Tensor):
-            rec._on_probs(rec._stack[-1], out)
-        return out
+def _indices(name: str, values: Optional[Iterable[int]]) -> Optional[set[int]]:
+    """``blocks=`` / ``steps=`` as a set of indices >= 0 (None: all)."""
+    if values is None:
+        return None
+    if isinstance(values, int):
+        values = [values]
+    out = set()
+    for v in values:
+        try:
+            index = -1 if isinstance(v, bool) else operator.index(v)
+        except TypeError:
+            index = -1
+        if index < 0:
+            raise AttnmapError(f"{name} must be indices >= 0 (or None for all), got {v!r}")
+        out.add(index)
+    return out
 
 
 class Recorder:
     """Accumulates the maps of one capture. Made by :func:`capture`; see its docstring.
 
+    Reading API (stable): :meth:`get`, :attr:`names`, :attr:`steps`, :attr:`blocks`, :attr:`tokens`,
+    :attr:`metadata`, :meth:`save`, plus :meth:`divided_attention`, :attr:`nbytes`.
+
     Attributes:
-        prompt: the prompt without the target parentheses (what the model should see), or None.
-        targets: ``{word: [token indices]}`` of the target words.
+        prompt: the prompt without the target parentheses (what the model saw), or None.
+        targets: ``{word: [token indices]}`` of the target words, as positions in the text the
+            denoiser sees (after a prompt template and its crop).
         model_name: the watched model's class name.
-        metadata: the JSON-safe description written with the maps (model, grid, layout, ...).
     """
 
     def __init__(
@@ -150,8 +139,10 @@ class Recorder:
         metadata: Optional[Mapping[str, Any]] = None,
         backend: str = "auto",
         one_pass: bool = False,
+        block_size: Any = None,
+        experts: str = "merge",
     ) -> None:
-        self._pipe, denoisers = _split_pipeline(model)
+        self._pipe, nets = split_pipeline(model)
         if isinstance(reductions, str):
             reductions = (reductions,)
         bad = [r for r in reductions if r not in REDUCTIONS]
@@ -159,6 +150,8 @@ class Recorder:
             raise AttnmapError(f"reductions {bad} are unknown; choose among {', '.join(REDUCTIONS)}")
         if branch not in BRANCHES:
             raise AttnmapError(f"branch must be one of {', '.join(BRANCHES)}, got {branch!r}")
+        if experts not in EXPERTS:
+            raise AttnmapError(f"experts must be one of {', '.join(EXPERTS)}, got {experts!r}")
         if config is not None and not isinstance(config, Config):
             raise AttnmapError(f"config must be an attnmap.Config, got {type(config).__name__}")
         self.config = config
@@ -167,17 +160,19 @@ class Recorder:
             per_head = per_head or config.store_per_head
         if tokenizer is None and self._pipe is not None:
             tokenizer = getattr(self._pipe, "tokenizer", None)
-        self.prompt, self.targets = resolve(targets, prompt, tokenizer)
-        # the target tokens as the pipeline's text encoder should see them (checked during the run)
-        self._expected_ids: Optional[list[int]] = None
-        if self._pipe is not None and tokenizer is not None and self.prompt is not None and self.targets:
-            with contextlib.suppress(Exception):
-                self._expected_ids = list(tokenizer(self.prompt, add_special_tokens=True)["input_ids"])
+        self._tokenizer = tokenizer
+        self._given_targets = targets
+        # a pipeline's target words are found when it encodes its prompt
+        later = (
+            self._pipe is not None
+            and prompt is None
+            and targets is not None
+            and not isinstance(targets, Mapping)
+        )
+        self.prompt, self._base_targets = (None, {}) if later else resolve(targets, prompt, tokenizer)
         self._prompt_seen: Optional[bool] = None
-        self._target_indices: dict[torch.device, list[tuple[str, int, torch.Tensor]]] = {}
         self.reductions = tuple(dict.fromkeys(reductions))
         self.per_block, self.per_head, self.branch = bool(per_block), bool(per_head), branch
-        self.keep_cross = bool(keep_cross) or not self.targets
         self.backend = backend
         self.one_pass = bool(one_pass)
         self._blocks = _indices("blocks", blocks)
@@ -187,74 +182,87 @@ class Recorder:
         self._store = None if store is None else Path(store)
         self._video_ids = [video_id] if isinstance(video_id, str) else list(video_id or [])
         self._extra_meta = dict(metadata or {})
+        self._explicit, explicit_all = self._check_layout(layout)
+        options = Options(
+            reductions=self.reductions, per_head=self.per_head, keep_cross=bool(keep_cross), backend=backend,
+            block_size=block_size, layouts=self._explicit, layout=explicit_all,
+        )  # fmt: skip
+        self._reader = CallReader(options, warn=self._warn, add=self._add)
+        self.targets = dict(self._base_targets)
 
-        self._explicit: dict[str, Layout] = {}
-        self._explicit_all: Optional[Layout] = None
-        spec = None
+        self._denoisers: list[_Denoiser] = []
+        for i, (attr, net) in enumerate(nets):
+            self._denoisers.append(self._watch(attr, net, layout is not None, experts == "apart" and i > 0))
+        self._check_names()
+        self._vae = vae_stride(self._pipe)
+        self._current = self._denoisers[0]
+        self.model_name = type(self._current.core).__name__
+
+        self._interceptor: Optional[Interceptor] = None
+        self._closers: list[Callable[[], None]] = []
+        self._label: Optional[str] = None
+        self._warned: set[tuple[str, str]] = set()
+        self._step = 0
+        self._since_step = 0  # denoiser forwards in the current step
+        self._acc = Accumulator()
+        self._written: set[int] = set()
+        self._sinks: list[Sink] = []
+        self._seen_blocks: set[int] = set()
+        self._entries: set[str] = set()
+        self._active = False
+
+    # -- setting up --------------------------------------------------------------------------
+    @staticmethod
+    def _check_layout(layout: Any) -> tuple[dict[str, Layout], Optional[Layout]]:
+        if layout is None:
+            return {}, None
         if isinstance(layout, Layout):
-            self._explicit_all = layout
-        elif isinstance(layout, Mapping):
-            self._explicit = dict(layout)
-            for name, lay in self._explicit.items():
+            return {}, layout
+        if isinstance(layout, Mapping):
+            for name, lay in layout.items():
                 if not isinstance(lay, Layout):
                     raise AttnmapError(
                         f"layout[{name!r}] must be an attnmap.Layout, got {type(lay).__name__}"
                     )
-        elif layout is not None:
+            return dict(layout), None
+        raise AttnmapError(
+            f"layout must be an attnmap.Layout or a mapping module name -> Layout, got {layout!r}"
+        )
+
+    def _watch(self, attr: str, net: torch.nn.Module, explicit: bool, apart: bool) -> _Denoiser:
+        core_name, core = "", net
+        for name, module in net.named_modules():
+            if layouts.family_of(module) is not layouts.GENERIC:
+                core_name, core = name, module
+                break
+        spec = layouts.family_of(core)
+        sites = layouts.find_sites(core, spec, prefix=core_name)
+        everything = not sites and explicit
+        if everything:
+            sites = layouts.find_sites(net, spec, everything=True)
+        if not sites:
             raise AttnmapError(
-                f"layout must be an attnmap.Layout or a mapping module name -> Layout, got {layout!r}"
+                f"model {type(net).__name__} has no attention module attnmap knows how to read; "
+                "pass layout=attnmap.Layout... (then every module of the model is watched)"
             )
-        specs = []
-        for denoiser in denoisers:
-            spec = models.infer(denoiser)
-            if spec is None and layout is not None:
-                spec = models.generic(denoiser)
-            if spec is None or not spec.sites:
-                raise AttnmapError(
-                    f"model {type(denoiser).__name__} has no attention module attnmap knows how to read; "
-                    "pass layout=attnmap.Layout... (applied to every module whose class name says attention)"
-                )
-            specs.append(spec)
-        if self._explicit:
-            names = {s.name for sp in specs for s in sp.sites}
-            missing = sorted(set(self._explicit) - names)
-            if missing:
-                raise AttnmapError(
-                    f"layout names modules {missing} that are not attention modules of the model"
-                )
-        if self._pipe is not None:  # the pipeline's own VAE factors (Wan, LTX name them so)
-            t = getattr(self._pipe, "vae_scale_factor_temporal", None)
-            hw = getattr(self._pipe, "vae_scale_factor_spatial", None)
-            for sp in specs:
-                if isinstance(t, int) and isinstance(hw, int) and sp.vae_stride is not None:
-                    sp.vae_stride[:] = [t, hw, hw]
+        names = [s.name for s in sites]
+        leaves = {n for n in names if not any(o.startswith(n + ".") for o in names)}
+        return _Denoiser(
+            attr, core, spec, sites, f"{attr}/" if apart else "", everything=everything, leaves=leaves
+        )
+
+    def _check_names(self) -> None:
+        names = {s.name for d in self._denoisers for s in d.sites}
+        missing = sorted(set(self._explicit) - names)
+        if missing:
+            raise AttnmapError(f"layout names modules {missing} that are not attention modules of the model")
         if self._blocks is not None:
-            known = sorted({site.block for sp in specs for site in sp.sites})
+            known = sorted({s.block for d in self._denoisers for s in d.sites})
             unknown = sorted(self._blocks - set(known))
             if unknown:
                 raise AttnmapError(
                     f"blocks {unknown} are not blocks of the model; its attention blocks are {known[0]}..{known[-1]}"
                 )
-        self._specs = specs
-        self._spec = specs[0]
-        self.model_name = type(self._spec.core).__name__
-
-        self._mode: Optional[_Mode] = None
-        self._handles: list[Any] = []
-        self._restore: list[Callable[[], None]] = []
-        self._stack: list[models.Site] = []
-        self._inputs = models.InputInfo()
-        self._rows: list[tuple[str, slice]] = [("cond", slice(None))]
-        self._label: Optional[str] = None
-        self._warned: set[tuple[str, str]] = set()
-        self._step = 0
-        self._maps: dict[int, dict[Key, list[Any]]] = {}
-        self._written: set[int] = set()
-        self._writers: dict[str, Any] = {}
-        self._layouts: dict[str, dict[str, Any]] = {}
-        self._seen_blocks: set[int] = set()
-        self._nonfinite: dict[str, torch.Tensor] = {}  # module name -> a NaN flag on its device, per step
-        self._active = False
 
     # -- the context -------------------------------------------------------------------------
     def __enter__(self) -> Recorder:
@@ -262,21 +270,25 @@ class Recorder:
             raise RuntimeError("this Recorder is already open; make a new one with attnmap.capture(...)")
         self._active = True
         try:
-            for spec in self._specs:
-                self._handles.append(
-                    spec.core.register_forward_pre_hook(self._make_core_hook(spec), with_kwargs=True)
-                )
-                for site in spec.sites:
-                    self._handles.append(site.module.register_forward_pre_hook(self._make_push(site)))
-                    self._handles.append(
-                        site.module.register_forward_hook(self._make_pop(site), always_call=True)
-                    )
-                self._wrap_cache_context(spec.core)
-            encoder = getattr(self._pipe, "text_encoder", None)
-            if self._expected_ids is not None and isinstance(encoder, torch.nn.Module):
-                self._handles.append(encoder.register_forward_pre_hook(self._check_prompt, with_kwargs=True))
-            self._mode = _Mode(self)
-            self._mode.__enter__()
+            sites = [s for d in self._denoisers for s in d.sites]
+            for site in sites:
+                site.entered = site.seen = site.calls = 0
+            roles = frozenset(r for d in self._denoisers for _, r in d.spec.roles)
+            self._interceptor = Interceptor(
+                sites, self._on_call, probs=self._on_probs, softmax_roles=roles, one_pass=self.one_pass,
+                wants_lse=self._recording,
+            )  # fmt: skip
+            for den in self._denoisers:
+                handle = den.core.register_forward_pre_hook(self._core_hook(den), with_kwargs=True)
+                self._closers.append(handle.remove)
+                undo = watch_cache_context(den.core, self._on_label)
+                if undo is not None:
+                    self._closers.append(undo)
+            if self._pipe is not None:
+                prompts = PromptWatch(self._pipe, self._on_prompt, self._on_ids)
+                steps = StepWatch(self._pipe, self._on_scheduler_step)
+                self._closers += [prompts.close, steps.close]
+            self._interceptor.__enter__()
         except BaseException:
             self._teardown()
             raise
@@ -284,103 +296,61 @@ class Recorder:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self._teardown()
-        if exc_type is None and self._prompt_seen is False:
+        if exc_type is not None:
+            return
+        if self._prompt_seen is False:
             warnings.warn(
                 f"attnmap.capture: the pipeline's text encoder never saw the tokens of {self.prompt!r}, so the "
                 f"target indices {self.targets} may point at other tokens; pass rec.prompt (the prompt "
-                "without the target parentheses) to the pipeline",
+                "without the target parentheses) to the pipeline, or mark the targets in the prompt you pass",
                 stacklevel=2,
             )
-        if exc_type is None:
-            self._finish_step()
-            self._close_store()
+        self._warn_silent()
+        self._finish_step()
+        for sink in self._sinks:
+            sink.close()
 
     def _teardown(self) -> None:
-        if self._mode is not None:
-            mode, self._mode = self._mode, None
-            mode.__exit__(None, None, None)
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for restore in reversed(self._restore):
-            restore()
-        self._restore.clear()
-        self._stack.clear()
+        if self._interceptor is not None:
+            interceptor, self._interceptor = self._interceptor, None
+            interceptor.close()
+        for close in reversed(self._closers):
+            close()
+        self._closers.clear()
         self._active = False
 
-    def _wrap_cache_context(self, core: torch.nn.Module) -> None:
-        """Read the branch name of diffusers' ``cache_context("cond" / "uncond")`` (Wan runs the
-        two CFG branches as separate forwards inside it)."""
-        original = getattr(core, "cache_context", None)
-        if original is None:
-            return
-        missing = object()
-        previous = core.__dict__.get("cache_context", missing)
+    @property
+    def _stack(self) -> list[Site]:
+        return [] if self._interceptor is None else self._interceptor.stack
 
-        @contextlib.contextmanager
-        def cache_context(name: str, *args: Any, **kwargs: Any) -> Iterator[None]:
-            label, self._label = self._label, name
-            try:
-                with original(name, *args, **kwargs):
-                    yield
-            finally:
-                self._label = label
+    # -- hooks ------------------------------------------------------------------------------
+    def _on_label(self, label: Optional[str]) -> Optional[str]:
+        previous, self._label = self._label, label
+        return previous
 
-        object.__setattr__(core, "cache_context", cache_context)
-
-        def restore() -> None:
-            if previous is missing:
-                core.__dict__.pop("cache_context", None)
-            else:
-                object.__setattr__(core, "cache_context", previous)
-
-        self._restore.append(restore)
-
-    # -- hooks -------------------------------------------------------------------------------
-    def _check_prompt(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Did some row of the text encoder's ``input_ids`` start with the clean prompt's tokens?"""
-        ids = args[0] if args else kwargs.get("input_ids")
-        expected = self._expected_ids
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not expected or self._prompt_seen:
-            return
-        n = len(expected)
-        want = torch.tensor(expected, device=ids.device, dtype=ids.dtype)
-        self._prompt_seen = ids.shape[1] >= n and bool((ids[:, :n] == want).all(dim=1).any())
-
-    def _make_core_hook(self, spec: models.ModelSpec) -> Callable[..., None]:
+    def _core_hook(self, den: _Denoiser) -> Callable[..., None]:
+        @torch.compiler.disable
         def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            self._spec = spec
-            self._inputs = spec.inputs(spec.bind(args, kwargs))
-            self._rows = self._branch_rows(self._inputs.batch)
+            self._current = den
+            den.forwards += 1
+            self._since_step += 1
+            inputs = layouts.read_inputs(den.core, den.spec, layouts.bind_inputs(den.core, args, kwargs))
+            self._reader.forward = Forward(inputs, self._branch_rows(inputs.batch), den.spec)
 
         return hook
 
-    def _make_push(self, site: models.Site) -> Callable[..., None]:
-        def push(module: torch.nn.Module, args: Any) -> None:
-            site.calls = 0
-            self._stack.append(site)
-
-        return push
-
-    def _make_pop(self, site: models.Site) -> Callable[..., None]:
-        def pop(module: torch.nn.Module, args: Any, output: Any) -> None:
-            if self._stack and self._stack[-1] is site:
-                self._stack.pop()
-            elif site in self._stack:
-                self._stack.remove(site)
-
-        return pop
-
-    def _branch_rows(self, batch: Optional[int]) -> list[tuple[str, slice]]:
-        """Which rows of this forward's batch belong to which CFG branch, filtered by ``branch``."""
+    def _branch_rows(self, batch: Optional[int]) -> list[tuple[str, list[int]]]:
+        """Which model rows of this forward belong to which CFG branch, filtered by ``branch``
+        (the rows of an unknown batch: [0] stands for all)."""
+        n = batch or 1
         if self._label in ("cond", "uncond"):  # separate CFG forwards (Wan, HunyuanVideo)
-            rows = [(self._label, slice(None))]
+            rows = [(self._label, list(range(n)))]
         elif self._guidance() and batch is not None and batch % 2 == 0:
             # batched CFG (CogVideoX, LTX: cache_context "cond_uncond"): diffusers stacks [uncond, cond]
-            rows = [("uncond", slice(0, batch // 2)), ("cond", slice(batch // 2, batch))]
+            rows = [("uncond", list(range(n // 2))), ("cond", list(range(n // 2, n)))]
         else:
-            rows = [("cond", slice(None))]
-        return [(b, s) for b, s in rows if self.branch in ("both", b)]
+            rows = [("cond", list(range(n)))]
+        return [(b, r) for b, r in rows if self.branch in ("both", b)]
 
     def _guidance(self) -> bool:
         """Whether the pipeline runs classifier-free guidance now."""
@@ -392,7 +362,7 @@ class Recorder:
             flag = isinstance(scale, (int, float)) and scale > 1.0
         return bool(flag)
 
-    def _warn(self, site: models.Site, reason: str) -> None:
+    def _warn(self, site: Site, reason: str) -> None:
         if (site.name, reason) in self._warned:
             return
         self._warned.add((site.name, reason))
@@ -400,271 +370,105 @@ class Recorder:
             f"attnmap.capture: skipping the attention of module {site.name!r}: {reason}", stacklevel=3
         )
 
-    def _recording(self, site: models.Site) -> bool:
+    def _recording(self, site: Site) -> bool:
         if self._steps is not None and self._step not in self._steps:
             return False
         if self._blocks is not None and site.block not in self._blocks:
             return False
-        return bool(self._rows)
+        return bool(self._reader.forward.rows)
 
-    # -- layouts -----------------------------------------------------------------------------
-    def _layout(self, site: models.Site, nq: int, nk: int) -> Union[Layout, str]:
-        """The layout of a call, or the reason there is none."""
-        explicit = self._explicit.get(site.name, self._explicit_all)
-        if explicit is not None:
-            if explicit.num_queries != nq or explicit.num_keys != nk:
-                return (
-                    f"layout {explicit} expects {explicit.num_queries} queries and {explicit.num_keys} keys, "
-                    f"the call has {nq} and {nk}"
-                )
-            return explicit
-        grid = self._inputs.grid
-        if grid is None:
-            return "the model's forward inputs gave no video grid; pass layout="
-        nv = grid[0] * grid[1] * grid[2]
-        prefix = self._spec.prefix
-        if site.role == "self":
-            extra = nq - nv
-            if nq != nk or extra < 0 or (prefix is not None and extra != prefix):
-                return (
-                    f"self-attention over grid {grid} (+{prefix} prefix) does not fit {nq} queries, {nk} keys"
-                )
-            return Layout.self_attn(grid, prefix=extra)
-        if site.role == "cross":
-            if nq != nv or nk < 1:
-                return f"cross-attention from grid {grid} ({nv} tokens) does not fit {nq} queries"
-            return Layout.cross(grid, text=nk)
-        if site.role == "joint":
-            if nq != nk or nq < nv:
-                return f"joint attention over grid {grid} does not fit {nq} queries, {nk} keys"
-            return Layout.joint(nq - nv, grid, text_first=self._spec.text_first)
-        return f"role {site.role!r} needs an explicit layout"
-
-    # -- the reductions ----------------------------------------------------------------------
-    @staticmethod
-    def _forward_with_lse(call: dict[str, Any]) -> tuple[Any, Optional[torch.Tensor]]:
-        """The attention forward through the kernel SDPA itself picks, plus the rows' logsumexp."""
-        q, k, v = call.get("query"), call.get("key"), call.get("value")
-        if not (
-            isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
-        ) or not (q.dim() == k.dim() == v.dim() == 4):
-            return _SDPA(**call), None
-        return reduce.sdpa_with_lse(
-            q,
-            k,
-            v,
-            attn_mask=call.get("attn_mask"),
-            scale=call.get("scale"),
-            is_causal=bool(call.get("is_causal")),
-            dropout_p=float(call.get("dropout_p") or 0.0),
-            enable_gqa=bool(call.get("enable_gqa", False)),
-        )
-
-    def _on_sdpa(self, site: models.Site, call: dict[str, Any], lse: Optional[torch.Tensor] = None) -> None:
-        index = site.calls
-        site.calls += 1
-        if not self._recording(site):
-            return
-        q, k = call.get("query"), call.get("key")
-        if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 or k.dim() != 4:
-            self._warn(site, "query/key are not [B, H, N, D] tensors")
-            return
-        if call.get("is_causal"):
-            self._warn(site, "causal attention is not supported")
-            return
-        b, h, nq, _ = q.shape
-        nk = k.shape[2]
-        layout = self._layout(site, nq, nk)
-        if isinstance(layout, str):
-            self._warn(site, layout)
-            return
-        ok, mask = _padding_mask(call.get("attn_mask"), b, h, nk)
-        if not ok:
-            self._warn(site, mask)
-            return
-        split = len(self._rows) > 1 or self._rows[0][1] != slice(None)
-        if split and self._inputs.batch is not None and b != self._inputs.batch:
-            self._warn(site, f"batch {b} differs from the model's batch {self._inputs.batch}")
-            return
-        image = site.role == "cross" and getattr(site.module, "add_k_proj", None) is not None and index == 0
-        prefix = "image/" if image else ""
-        wanted = [r for r in self.reductions if layout.supports(r)]
-        if not wanted:
-            return
-        if prefix + layout.kind not in self._layouts:
-            self._layouts[prefix + layout.kind] = layout.to_dict()
-
-        # one branch: reduce only its rows; two (batched CFG): reduce all rows once, then split
-        sel = self._rows[0][1] if len(self._rows) == 1 else slice(None)
-        # the CPU kernel reduces into just the kept columns; elsewhere the full cross map is as cheap
-        cpu = q.device.type == "cpu"
-        groups = self._text_groups(site, layout, prefix) if cpu and "cross" in wanted else None
-        grouped = cpu and set(wanted) <= NATIVE_REDUCTIONS  # the CPU kernel forms the softmax itself
-        with torch.no_grad():
-            out = reduce.attention_sums(
-                q.detach()[sel],
-                k.detach()[sel],
-                layout,
-                tuple(wanted),
-                per_head=self.per_head,
-                scale=call.get("scale"),
-                key_padding_mask=None if mask is None else mask[sel],
-                lse=None if lse is None or grouped else lse[sel],
-                backend=self.backend,
-                check_finite=False,  # no device sync per call: NaN is flagged on the device instead
-                text_groups=None if groups is None else groups[0],
-            )
-            if groups is not None:  # the cross map arrives as one column per kept map
-                cross = out.pop("cross")
-                for col, name in enumerate(groups[1]):
-                    out[name] = cross[..., col].unflatten(-1, layout.grid)
-            bad = torch.stack([t.isnan().any() for t in out.values()]).any()
-            seen = self._nonfinite.get(site.name)
-            self._nonfinite[site.name] = bad if seen is None else seen | bad
-            if len(self._rows) == 1:
-                self._add_call(site, layout, out, self._rows[0][0], prefix, sel)
-            else:
-                for branch, rows in self._rows:
-                    self._add_call(site, layout, {n: t[rows] for n, t in out.items()}, branch, prefix, rows)
-
-    def _real_text(self, rows: slice) -> Optional[int]:
-        """The real (unpadded) text length of these batch rows, if the inputs tell it."""
-        if self._inputs.text_len is None:
+    # -- prompts -----------------------------------------------------------------------------
+    def _on_prompt(self, prompt: str) -> Optional[str]:
+        """The pipeline encodes ``prompt``: strip its target marks and find its targets there."""
+        clean, words = parse_targets(prompt)
+        given = self._given_targets
+        deferred = given is not None and not isinstance(given, Mapping) and not self._base_targets
+        if not words and not deferred:
             return None
-        lens = self._inputs.text_len[rows]
-        return max(lens) if lens else None
+        self.prompt = clean
+        if not isinstance(given, Mapping) and self._tokenizer is not None:
+            chosen = [given] if isinstance(given, str) else list(given or words)
+            self._base_targets = find(prompt, self._tokenizer, chosen)
+            self._set_targets(dict(self._base_targets))
+        self._prompt_seen = None
+        return clean if words else None
 
-    def _text_groups(
-        self, site: models.Site, layout: Layout, prefix: str
-    ) -> Optional[tuple[list[list[int]], list[str]]]:
-        """With targets and no full cross map to keep: each target's text keys and the padded tail as
-        ``attention_sums``'s ``text_groups``, and the map each column becomes, so that the call
-        reduces into those few columns instead of every text key. None: reduce the full map."""
-        if self.keep_cross or prefix:
-            return None
-        groups: list[list[int]] = []
-        names: list[str] = []
-        for word, indices in self.targets.items():
-            if max(indices) >= layout.text:
-                self._warn(
-                    site, f"target {word!r} has token index {max(indices)} >= {layout.text} text tokens"
-                )
-                continue
-            groups.append(list(indices))
-            names.append(f"token/{word}")
-        if layout.kind == "cross":
-            reals = {self._real_text(rows) for _, rows in self._rows}
-            if len(reals) != 1:
-                return None  # branches with different text lengths: each finds its padding below
-            real = reals.pop()
-            if real is not None and 0 < real < layout.text:
-                groups.append(list(range(real, layout.text)))
-                names.append("padding")
-        return (groups, names) if groups else None
+    def _on_ids(self, ids: torch.Tensor, crop: int) -> None:
+        """The text encoder sees ``ids``: where the prompt's tokens sit there (a template moves them),
+        less the template's ``crop_start``, is where the denoiser sees them."""
+        tok = self._tokenizer
+        if not self._base_targets or self.prompt is None or tok is None or self._prompt_seen:
+            return
+        try:
+            plain = list(tok(self.prompt, add_special_tokens=False)["input_ids"])
+            special = list(tok(self.prompt, add_special_tokens=True)["input_ids"])
+        except Exception:  # a tokenizer that cannot say: keep the indices as they are
+            return
+        lead = find_run(special, plain) or 0
+        for row in ids.tolist():
+            pos = find_run(row, plain)
+            if pos is not None:
+                shift = pos - lead - crop
+                self._set_targets({w: [i + shift for i in idx] for w, idx in self._base_targets.items()})
+                self._prompt_seen = True
+                return
+        self._prompt_seen = False
 
-    def _target_index(self, device: torch.device) -> list[tuple[str, int, torch.Tensor]]:
-        """``(word, its largest token index, its token indices on device)`` per target, made once per
-        device (indexing with a list would copy it to the device on every call)."""
-        found = self._target_indices.get(device)
-        if found is None:
-            found = [(w, max(i), torch.tensor(i, device=device)) for w, i in self.targets.items()]
-            self._target_indices[device] = found
-        return found
+    def _set_targets(self, targets: dict[str, list[int]]) -> None:
+        self.targets = {w: i for w, i in targets.items() if min(i) >= 0}
 
-    def _add_call(
-        self,
-        site: models.Site,
-        layout: Layout,
-        out: dict[str, torch.Tensor],
-        branch: str,
-        prefix: str,
-        rows: slice,
-    ) -> None:
-        grid = layout.grid
-        maps: dict[str, torch.Tensor] = {}
-        for name, value in out.items():
-            if name.startswith("token/") or name == "padding":  # from text groups (_text_groups)
-                maps[name] = value
-                continue
-            if name != "cross":
-                # a cross call's received/full maps are over text keys: kept apart from self-attention's
-                maps[f"{name}/text" if layout.kind == "cross" and not prefix else name] = value
-                continue
-            real = value.shape[-1]
-            if not prefix and layout.kind == "cross" and self._inputs.text_len is not None:
-                known = self._real_text(rows)
-                real = real if known is None else known
-                if 0 < real < value.shape[-1]:
-                    pad = value[..., real:].sum(-1)
-                    maps["padding"] = pad.unflatten(-1, grid)
-            if prefix:
-                maps["cross"] = value
-                continue
-            for word, last, idx in self._target_index(value.device):
-                if last >= value.shape[-1]:
-                    self._warn(
-                        site, f"target {word!r} has token index {last} >= {value.shape[-1]} text tokens"
-                    )
-                    continue
-                maps[f"token/{word}"] = value[..., idx].sum(-1).unflatten(-1, grid)
-            if self.keep_cross:
-                maps["cross"] = value[..., :real]
+    @property
+    def targets(self) -> dict[str, list[int]]:
+        """``{word: [token indices]}`` of the target words, as positions in the text the denoiser sees."""
+        return self._reader.targets
+
+    @targets.setter
+    def targets(self, targets: dict[str, list[int]]) -> None:
+        self._reader.targets = targets
+
+    # -- calls -------------------------------------------------------------------------------
+    def _on_call(self, site: Site, call: Intercepted) -> None:
+        self._entries.add(call.entry)
+        if self._recording(site):
+            self._reader.read(site, call)
+
+    def _on_probs(self, site: Site, probs: torch.Tensor) -> None:
+        self._entries.add("softmax")
+        if self._recording(site):
+            self._reader.read_probs(site, probs)
+
+    # -- one attention call ------------------------------------------------------------------
+    def _add(self, site: Site, branch: str, maps: dict[str, torch.Tensor], rows: Rows, batch: int) -> None:
         block = site.block if self.per_block else None
         self._seen_blocks.add(site.block)
-        acc = self._maps.setdefault(self._step, {})
+        prefix = self._current.prefix
         for name, value in maps.items():
-            key = (branch, prefix + name, block)
-            slot = acc.get(key)
-            if slot is None:
-                acc[key] = [value.detach().float().clone(), 1]
-            elif slot[0].shape != value.shape:
-                self._warn(
-                    site, f"{prefix + name} changed shape from {tuple(slot[0].shape)} to {tuple(value.shape)}"
-                )
-            else:
-                slot[0] += value
-                slot[1] += 1
-
-    def _on_probs(self, site: models.Site, probs: torch.Tensor) -> None:
-        """TimeSformer: attention probabilities ``[B*F, heads, 1+HW, 1+HW]`` (space) or
-        ``[B*HW, heads, F, F]`` (time), from its eager softmax."""
-        if site.role not in ("space", "time") or not self._recording(site) or probs.dim() != 4:
-            return
-        grid, batch = self._inputs.grid, self._inputs.batch
-        if grid is None or batch is None:
-            self._warn(site, "the model's forward inputs gave no video grid")
-            return
-        f, hw = grid[0], grid[1] * grid[2]
-        n = probs.shape[-1]
-        expect = (batch * f, 1 + hw) if site.role == "space" else (batch * hw, f)
-        if (probs.shape[0], n) != expect:
-            self._warn(site, f"{site.role} attention of shape {tuple(probs.shape)} does not fit grid {grid}")
-            return
-        with torch.no_grad():
-            p = probs.detach().float()
-            p = p if self.per_head else p.mean(dim=1, keepdim=True)
-            p = p.unflatten(0, (batch, -1))  # [B, F or HW, h, n, n]
-            p = p.transpose(1, 2) if self.per_head else p.squeeze(2)
-            out = {f"full/{site.role}": p}
-            if site.role == "time" and "temporal" in self.reductions:
-                out["temporal"] = p.mean(dim=-3)
-            self._layouts.setdefault(site.role, {"kind": site.role, "grid": list(grid), "prefix": 1})
-            self._add_call(site, Layout.self_attn(grid), out, "cond", "", slice(None))
+            reason = self._acc.add(MapKey(self._step, branch, prefix + name, block), value, rows, batch)
+            if reason is not None:
+                self._warn(site, f"{prefix + name} {reason}")
 
     # -- steps -------------------------------------------------------------------------------
     def callback(
         self, pipe: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]
     ) -> dict[str, Any]:
-        """A diffusers ``callback_on_step_end``: closes the step that just ran and starts the next."""
-        self._finish_step()
-        self._step = int(step_index) + 1
+        """A diffusers ``callback_on_step_end``: closes the step that just ran and starts the next
+        (a no-op where the scheduler's step already did)."""
+        if self._step <= int(step_index):
+            self._finish_step()
+            self._step = int(step_index) + 1
+            self._since_step = 0
         return callback_kwargs
 
     def step(self) -> int:
         """Close the current step (written to the store if any) and start the next; returns its index."""
         self._finish_step()
         self._step += 1
+        self._since_step = 0
         return self._step
+
+    def _on_scheduler_step(self) -> None:
+        if self._since_step:
+            self.step()
 
     @property
     def current_step(self) -> int:
@@ -672,7 +476,7 @@ class Recorder:
 
     def _warn_nonfinite(self) -> None:
         """One warning per step naming the modules whose maps got NaN (NaN or inf in q or k)."""
-        flags, self._nonfinite = self._nonfinite, {}
+        flags, self._reader.nonfinite = self._reader.nonfinite, {}
         bad = [name for name, flag in flags.items() if bool(flag)]
         if bad:
             warnings.warn(
@@ -683,31 +487,79 @@ class Recorder:
 
     def _finish_step(self) -> None:
         self._warn_nonfinite()
-        acc = self._maps.get(self._step)
-        if not acc or self._step in self._written:
+        if self._step in self._written or self._step not in self._acc.steps:
             return
-        for slot in acc.values():
-            slot[0] = slot[0].to("cpu")
-        if self._store is not None and (self.config is None or self.config.store_attention):
-            rows = next(iter(acc.values()))[0].shape[0]
-            if len(self._video_ids) != rows:
-                raise AttnmapError(
-                    f"video_id gives {len(self._video_ids)} id(s) {self._video_ids} but the model ran "
-                    f"{rows} video(s) per branch; pass one id per video"
-                )
-            for row, vid in enumerate(self._video_ids):
-                self._writer(vid).write_step(self._step, self._step_maps(self._step, row))
+        self._acc.to_cpu(self._step)
+        if self._store is not None and not self._sinks:
+            self._sinks = store_sinks(self._store, self._video_ids, lambda: self.metadata, self.config)
+        rows = self._acc.rows(self._step)
+        maps = [self._acc.step_maps(self._step, row, self.per_block) for row in range(rows)]
+        for sink in self._sinks:
+            sink.write_step(self._step, maps)
         self._written.add(self._step)
+
+    # -- never silently empty ----------------------------------------------------------------
+    def _warn_silent(self) -> None:
+        """One warning naming the watched attention modules that ran but produced no call attnmap saw."""
+        for den in self._denoisers:
+            if not den.forwards:
+                continue
+            silent = [
+                s for s in den.sites if s.name in den.leaves and s.entered and not s.seen and s.role == "auto"
+            ]
+            if not silent or den.everything:
+                continue
+            linear = [s.name for s in silent if self._is_linear(den, s)]
+            names = ", ".join(repr(s.name) for s in silent[:8]) + (
+                f" and {len(silent) - 8} more" if len(silent) > 8 else ""
+            )
+            advice = (
+                "They may run a kernel attnmap cannot see (a processor calling flash-attn, xformers or a custom "
+                "kernel directly); run them through diffusers' dispatch_attention_fn, transformers' attention "
+                "interface or torch SDPA (e.g. model.set_attention_backend('native') or set_attn_processor(...)), "
+                "or pass layout= for a module that calls attention itself"
+            )
+            if linear:
+                advice = (
+                    f"{len(linear)} of them compute linear attention (no softmax, e.g. Sana-Video's self-attention), "
+                    "which has no attention map to read; the others: " + advice
+                )
+            warnings.warn(
+                f"attnmap.capture: {len(silent)} watched attention module(s) of {type(den.core).__name__} ran but "
+                f"produced no map: {names} (attention backend in force: {self._backend_in_force(den)}). {advice}",
+                stacklevel=3,
+            )
+
+    @staticmethod
+    def _is_linear(den: _Denoiser, site: Site) -> bool:
+        name = type(getattr(site.module, "processor", None)).__name__
+        return name in den.spec.linear or "Linear" in name
+
+    def _backend_in_force(self, den: _Denoiser) -> str:
+        parts = []
+        backends = {
+            getattr(getattr(s.module, "processor", None), "_attention_backend", None) for s in den.sites
+        }
+        if any(hasattr(s.module, "processor") for s in den.sites):
+            names = sorted({diffusers_backend(b) for b in backends})
+            parts.append(f"diffusers {', '.join(names)}")
+        impl = getattr(getattr(den.core, "config", None), "_attn_implementation", None)
+        if isinstance(impl, str):
+            parts.append(f"transformers {impl}")
+        seen = sorted(self._entries)
+        return "; ".join(parts or ["torch SDPA"]) + (
+            f"; entry points seen: {', '.join(seen)}" if seen else ""
+        )
 
     # -- reading -----------------------------------------------------------------------------
     @property
     def steps(self) -> list[int]:
         """The steps with recorded maps."""
-        return sorted(s for s, acc in self._maps.items() if acc)
+        return self._acc.steps
 
     @property
     def blocks(self) -> list[int]:
-        """The blocks whose attention was recorded, as the model numbers them."""
+        """The blocks whose attention was recorded, as the model numbers them (unique across stacks)."""
         return sorted(self._seen_blocks)
 
     @property
@@ -718,22 +570,12 @@ class Recorder:
     @property
     def nbytes(self) -> int:
         """Bytes of the maps held (per step, per kept block and branch)."""
-        return sum(
-            slot[0].numel() * slot[0].element_size() for acc in self._maps.values() for slot in acc.values()
-        )
+        return self._acc.nbytes
 
     @property
     def names(self) -> list[str]:
         """The recorded map names (without branch or block)."""
-        return sorted({name for acc in self._maps.values() for (_, name, _) in acc})
-
-    def _value(self, step: int, branch: str, name: str, block: Optional[int]) -> Optional[torch.Tensor]:
-        acc = self._maps.get(step, {})
-        if block is not None or not self.per_block:
-            slot = acc.get((branch, name, block))
-            return None if slot is None else slot[0] / slot[1]
-        parts = [s[0] / s[1] for (br, nm, _), s in acc.items() if br == branch and nm == name]
-        return torch.stack(parts).mean(0) if parts else None
+        return self._acc.names
 
     def get(
         self,
@@ -767,7 +609,9 @@ class Recorder:
         if block is not None and not self.per_block:
             raise AttnmapError("block= needs capture(..., per_block=True); maps were averaged over blocks")
         steps = self.steps if step is None else [int(step)]
-        values = [v for s in steps if (v := self._value(s, branch, name, block)) is not None]
+        values = [
+            v for s in steps if (v := self._acc.value(s, branch, name, block, self.per_block)) is not None
+        ]
         if not values:
             raise AttnmapError(
                 f"no map {name!r} recorded for step={step}, block={block}, branch={branch!r}; "
@@ -796,50 +640,45 @@ class Recorder:
         out: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         for kind, maps in zip(("space", "time"), out):
             for block in self.blocks:
-                value = self.get(f"full/{kind}", step=step, block=block)  # [B, (H,) F or HW, n, n]
+                try:
+                    value = self.get(f"full/{kind}", step=step, block=block)  # [B, (H,) F or HW, n, n]
+                except AttnmapError:
+                    continue
                 if self.per_head:
                     value = value.transpose(1, 2)
                 maps.append(value.flatten(0, 1))
         return out
 
-    def _step_maps(self, step: int, row: int) -> dict[str, torch.Tensor]:
-        """The maps of one step for one batch row, named as the store expects."""
-        out: dict[str, torch.Tensor] = {}
-        acc = self._maps.get(step, {})
-        for branch, name, block in sorted(acc, key=lambda k: (k[0], k[1], -1 if k[2] is None else k[2])):
-            pre = "" if branch == "cond" else f"{branch}/"
-            value = self._value(step, branch, name, block)
-            if value is None:
-                continue
-            suffix = "" if block is None else f"/block{block}"
-            out[pre + name + suffix] = value[row].contiguous()
-            if block is not None and pre + name not in out:
-                mean = self._value(step, branch, name, None)
-                if mean is not None:
-                    out[pre + name] = mean[row].contiguous()
-        return out
-
     @property
     def metadata(self) -> dict[str, Any]:
-        spec, inputs = self._spec, self._inputs
-        main = next(iter(self._layouts.values()), None)
+        """The JSON-safe description written with the maps (model, grid, layout, video size ...)."""
+        den, inputs = self._current, self._reader.forward.inputs
+        spec = den.spec
+        stride = list(layouts.vae_stride(den.core, spec))
+        if self._vae is not None:
+            t, s = self._vae
+            stride = [t or stride[0], s or stride[1], s or stride[2]]
+        video: dict[str, Any] = {"fps": None}
+        if inputs.latent is not None:
+            video.update(layouts.pixels(inputs.latent, stride, spec.causal_vae))
         meta: dict[str, Any] = {
             "model": self.model_name,
             "family": spec.family,
             "prompt": self.prompt,
             "targets": {w: list(i) for w, i in self.targets.items()},
-            "layout": main,
-            "layouts": dict(self._layouts),
+            "layout": next(iter(self._reader.layouts.values()), None),
+            "layouts": dict(self._reader.layouts),
             "grid": None if inputs.grid is None else list(inputs.grid),
-            "patch_size": spec.patch_size,
-            "vae_stride": spec.vae_stride,
-            "video": {"fps": None, **(inputs.video or {})},
+            "patch_size": list(layouts.patch_size(den.core)),
+            "vae_stride": stride,
+            "video": video,
             "steps": self.steps,
             "blocks": self.blocks,
             "branch": self.branch,
             "reductions": list(self.reductions),
             "per_head": self.per_head,
             "per_block": self.per_block,
+            "entry_points": sorted(self._entries),
         }
         for key, value in self._extra_meta.items():
             if isinstance(value, dict) and isinstance(meta.get(key), dict):
@@ -847,45 +686,6 @@ class Recorder:
             else:
                 meta[key] = value
         return meta
-
-    # -- storing -----------------------------------------------------------------------------
-    def _writer(self, video_id: str, root: Optional[Path] = None) -> Any:
-        from attnmap.store import StoreWriter
-
-        writer = self._writers.get(video_id)
-        if writer is None:
-            cfg = self.config or Config()
-            writer = StoreWriter(
-                root or self._store,  # type: ignore[arg-type]
-                video_id,
-                self.metadata,
-                dtype=cfg.storage_dtype,
-                downsample=cfg.spatial_downsample_factor,
-            )
-            self._writers[video_id] = writer
-        return writer
-
-    def _close_store(self) -> None:
-        if self._store is None or not self._writers:
-            return
-        cfg = self.config
-        for writer in self._writers.values():
-            # store_aggregated_attention: false leaves the aggregate empty (the steps stay loadable)
-            writer.close(None if cfg is None or cfg.store_aggregated_attention else {})
-        if cfg is None:
-            return
-        from attnmap.store import video_dirname
-
-        if cfg.auto_generate_per_video:
-            from attnmap.render.videos import render_video
-
-            for vid in self._writers:
-                out_dir = self._store / video_dirname(vid) / "attention_videos"
-                render_video(self._store, vid, out_dir, cfg.visualization_params)
-        if cfg.auto_generate_videos:
-            from attnmap.render.videos import render_store
-
-            render_store(self._store, cfg.visualization_params)
 
     def save(self, path: Union[str, Path], video_id: str, *, batch_index: int = 0) -> Path:
         """Write every recorded step of one batch row, then the step-aggregated maps, as a store video.
@@ -901,58 +701,21 @@ class Recorder:
         Raises:
             AttnmapError: a bad ``video_id`` or ``batch_index``, or nothing was recorded.
         """
-        from attnmap.store import StoreWriter
-
         if not isinstance(video_id, str) or not video_id:
             raise AttnmapError(f"video_id must be a non-empty str, got {video_id!r}")
         if not self.steps:
             raise AttnmapError("nothing was recorded: run the model inside the capture context first")
-        rows = next(iter(self._maps[self.steps[0]].values()))[0].shape[0]
+        rows = self._acc.rows(self.steps[0])
         if isinstance(batch_index, bool) or not isinstance(batch_index, int) or not 0 <= batch_index < rows:
             raise AttnmapError(
                 f"batch_index must be an int in [0, {rows}) (the recorded videos), got {batch_index!r}"
             )
-        cfg = self.config or Config()
         root = Path(path)
-        with StoreWriter(
-            root, video_id, self.metadata, dtype=cfg.storage_dtype, downsample=cfg.spatial_downsample_factor
-        ) as writer:
-            for step in self.steps:
-                writer.write_step(step, self._step_maps(step, batch_index))
-            # store_aggregated_attention: false leaves the aggregate empty, as for store=
-            writer.close(None if cfg.store_aggregated_attention else {})
+        sink = StoreSink(root, [video_id], lambda: self.metadata, self.config)
+        for step in self.steps:
+            sink.write_step(step, [self._acc.step_maps(step, batch_index, self.per_block)])
+        sink.close()
         return root
-
-
-def _indices(name: str, values: Optional[Iterable[int]]) -> Optional[set[int]]:
-    """``blocks=`` / ``steps=`` as a set of indices >= 0 (None: all)."""
-    if values is None:
-        return None
-    if isinstance(values, int):
-        values = [values]
-    out = set()
-    for v in values:
-        try:
-            index = -1 if isinstance(v, bool) else operator.index(v)
-        except TypeError:
-            index = -1
-        if index < 0:
-            raise AttnmapError(f"{name} must be indices >= 0 (or None for all), got {v!r}")
-        out.add(index)
-    return out
-
-
-def _split_pipeline(model: Any) -> tuple[Any, list[torch.nn.Module]]:
-    """``(pipeline or None, [denoisers])``: a diffusers pipeline's transformer(s) or the model itself."""
-    if isinstance(model, torch.nn.Module):
-        return None, [model]
-    found = [getattr(model, n, None) for n in ("transformer", "transformer_2", "unet")]
-    nets = [m for m in found if isinstance(m, torch.nn.Module)]
-    if not nets:
-        raise AttnmapError(
-            f"model must be a torch.nn.Module or a diffusers pipeline with a transformer, got {type(model).__name__}"
-        )
-    return model, nets
 
 
 def capture(
@@ -975,22 +738,30 @@ def capture(
     metadata: Optional[Mapping[str, Any]] = None,
     backend: str = "auto",
     one_pass: bool = False,
+    block_size: Any = None,
+    experts: str = "merge",
 ) -> Recorder:
     """Record attention maps of ``model`` while the returned context is open.
 
     Args:
-        model: a torch module (diffusers Wan, CogVideoX, HunyuanVideo, LTX-Video transformers,
-            transformers VJEPA2, VideoMAE, TimeSformer, timm ViTs: layouts inferred) or a diffusers
-            pipeline (its ``transformer``); any other module with ``layout=``.
-        reductions: among ``cross``, ``temporal``, ``text``, ``received``, ``full``.
-        targets: words (marked ``"(word)"`` in ``prompt`` by default), a list of words, or a mapping
+        model: a torch module (any diffusers video transformer, transformers VJEPA2, VideoMAE,
+            TimeSformer, timm ViTs: layouts inferred from shapes), a compiled one
+            (``torch.compile(model)`` or ``model.compile()``), or a diffusers pipeline (its
+            ``transformer``, and ``transformer_2`` where it has one); any other module with ``layout=``.
+        reductions: names of :data:`REDUCTIONS` (``cross``, ``temporal``, ``text``, ``received``,
+            ``full`` ...); each call gets those its layout supports.
+        targets: words (marked ``"(word)"`` in the prompt by default), a list of words, or a mapping
             word -> token indices; their cross maps ``token/<word>`` ``[F, H, W]`` are kept per step.
-        prompt: the prompt; ``rec.prompt`` is it without the target parentheses (pass that to the model).
+        prompt: the prompt, for a model run outside a pipeline; a pipeline's own prompt is read as
+            it encodes it (``pipe("a (cat) on a mat")``: the marks are stripped, the targets found).
         tokenizer: maps words to tokens (a pipeline's own tokenizer by default).
-        layout: one Layout for every attention module, or ``{module name: Layout}``; None: inferred.
-        blocks: the blocks to record (the model's numbering from 0; HunyuanVideo's single-stream
-            blocks are numbered after its dual-stream ones); None: all.
-        steps: the steps to record; None: all. ``rec.callback`` / ``rec.step()`` advance the step.
+        layout: one Layout for the calls it fits (others are inferred), or ``{module name: Layout}``;
+            None: inferred. With a layout, a model without attention modules is watched module by
+            module (a model that calls attention itself is watched as itself, ``<root>``).
+        blocks: the blocks to record, numbered from 0 and unique across the model's stacks
+            (HunyuanVideo's single-stream blocks come after its dual-stream ones); None: all.
+        steps: the steps to record; None: all. A pipeline's scheduler step advances the step;
+            ``rec.step()`` (or ``rec.callback``) does it for a model run by hand.
         per_block: keep ``<name>/block<b>`` maps too; per_head: keep heads (H after the batch dim).
         branch: classifier-free guidance branch: ``"cond"``, ``"uncond"`` or ``"both"``.
         store, video_id: write each step to this store as it completes (one id per batch row).
@@ -998,38 +769,31 @@ def capture(
         keep_cross: keep the full cross map ``cross`` ``[Nv, Nt]`` also when there are targets.
         metadata: extra JSON-safe metadata, merged over what capture records. Capture fills
             ``video`` ``{frames, height, width}`` with the pixel size the model's latents decode to
-            (a pipeline's own VAE strides where it names them, else the family's), and leaves
+            (a pipeline's own VAE factors where it names them, else the family's), and leaves
             ``fps`` None: the pipeline does not know it. Auto-render overlays the maps on the
             generated video only when ``video.path`` names it (relative to the store root, or
-            absolute) and the file exists when the context closes: pass
-            ``metadata={"video": {"path": "videos/v0.mp4", "fps": 16}}`` and export the video
-            inside the ``with`` block.
+            absolute) and the file exists when the context closes.
         backend: the reduction backend of :func:`attnmap.attention_sums`.
-        one_pass: run each recorded attention call through :func:`attnmap.reduce.sdpa_with_lse` (the
-            kernel SDPA itself picks, through its aten op that also returns the logsumexp) and reduce
-            in one pass instead of two. Where torch offers no such op for a call, SDPA runs as usual.
-            A capture opened inside another capture, or inside any torch function mode other than
-            ``torch.device``, runs SDPA as usual (two passes), so that the outer one still sees the call.
-            It saves time on CUDA; on the CPU, cross/temporal/text come from a kernel that forms the
-            softmax itself, so there it only changes the aten entry point of the model's call.
+        one_pass: run each recorded torch SDPA call through :func:`attnmap.reduce.sdpa_with_lse` and
+            reduce in one pass instead of two (not under torch.compile, nor inside another function
+            mode than ``torch.device``, where SDPA runs as usual so that the outer mode sees it).
+        block_size: passed to :func:`attnmap.attention_sums` for the ``blocks`` reduction.
+        experts: ``"merge"`` (a pipeline's denoisers, Wan 2.2's two experts, record under the same
+            names) or ``"apart"`` (a second denoiser's maps are named ``<attribute>/<name>``).
 
     Returns:
         a :class:`Recorder`, to use as a context manager.
 
     Raises:
-        AttnmapError: a target word not in the prompt, a model with no known attention, a bad argument.
-        A call whose shapes fit no layout is skipped with one warning naming the module.
+        AttnmapError: a target word not in the prompt, a model with no attention module, a bad argument.
+        A call whose shapes fit no layout is skipped with one warning naming the module and the shapes;
+        watched modules that ran but produced nothing are named in one warning when the context closes.
 
     Example:
-        >>> with attnmap.capture(pipe, prompt="A romantic (kiss) with (flowers)",
-        ...                      store="attention_maps", video_id="prompt_001_vid_001") as rec:  # doctest: +SKIP
-        ...     pipe(rec.prompt, num_frames=81, callback_on_step_end=rec.callback)
+        >>> with attnmap.capture(pipe, store="attention_maps", video_id="prompt_001_vid_001") as rec:  # doctest: +SKIP
+        ...     pipe("A romantic (kiss) with (flowers)", num_frames=81)
         >>> rec.get("token/kiss", step=0).shape  # [B, F, H, W] latent tokens  # doctest: +SKIP
         torch.Size([1, 21, 30, 52])
-        >>> with attnmap.capture(videomae, reductions=("temporal",), per_block=True) as rec:  # doctest: +SKIP
-        ...     videomae(pixel_values)
-        >>> rec.get("temporal", block=3).shape  # doctest: +SKIP
-        torch.Size([1, 8, 8])
     """
     return Recorder(
         model,
@@ -1050,6 +814,8 @@ def capture(
         metadata=metadata,
         backend=backend,
         one_pass=one_pass,
+        block_size=block_size,
+        experts=experts,
     )
 
 

@@ -1,0 +1,551 @@
+"""Interception: the attention entry points people use, the module stack, and the calls they emit.
+
+An :class:`Interceptor` sees every attention call made inside a watched module and hands it, as an
+:class:`Intercepted` (q and k in the SDPA layout ``[B, H, N, D]``, mask, scale, entry point), to a
+sink. The model's own call always runs exactly as before; the interceptor only looks at its inputs.
+The entry points:
+
+- diffusers' ``dispatch_attention_fn``, for every backend it dispatches to (flex, flash, sage,
+  xformers, hub kernels ...). Modules import it by name, so it is replaced where it is looked up:
+  in every loaded module that holds it. Backends that end in torch SDPA (``native`` and the
+  ``_native_*`` variants) are left to the SDPA entry point below, so that a call is seen once;
+- transformers' attention interface (``AttentionInterface``'s functions: sdpa, flash_attention_*,
+  flex_attention) and the ``eager_attention_forward`` of a watched module's modeling file;
+- ``torch.nn.functional.scaled_dot_product_attention``, replaced on ``torch.nn.functional`` and in
+  every module that imported it by name, for every processor that calls it itself (and for the
+  SDPA backends above). A replaced function, unlike a ``TorchFunctionMode``, is traced by
+  ``torch.compile`` like any other Python, so a compiled model is compiled as it would be alone.
+  (While it is replaced, a user's ``TorchFunctionMode`` gets the wrapper as the ``func`` of an SDPA
+  call, since torch looks the function up by name; calling it runs SDPA unchanged);
+- softmax calls, through a ``TorchFunctionMode`` entered only for the families that read eager
+  probabilities (TimeSformer).
+
+Forward hooks on the watched modules keep the module stack: a call belongs to the innermost
+watched module running. Under ``torch.compile`` the hooks and the entry points are traced into the
+graph as they are (plain Python on a list), and the hand-over is an opaque operator,
+``attnmap::observe``: a ``torch.library`` custom op with a fake implementation that takes the call's
+q and k and the site's token. It runs, as plain Python outside the graph's kernels, when the compiled
+graph runs, so the graph and inductor's fusion around the attention are those of the model alone
+and the output stays bit-identical.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+from torch.utils._device import DeviceContext
+
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+_SOFTMAX = (torch.Tensor.softmax, torch.softmax, torch.nn.functional.softmax)
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_DISPATCH_ARGS = (*_SDPA_ARGS[:-1], "enable_gqa", "attention_kwargs")
+#: diffusers backends whose implementation calls torch SDPA (seen there, not at the dispatcher)
+SDPA_BACKENDS = frozenset({"native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math"})
+#: transformers attention functions that call torch SDPA
+_TRANSFORMERS_SDPA = frozenset({"sdpa"})
+
+
+@dataclass(eq=False)
+class Site:
+    """One watched module: its qualified name, block number and, per forward, how many calls it made."""
+
+    name: str
+    module: torch.nn.Module
+    block: int
+    role: str = "auto"  # "auto" (layouts inferred from shapes), or a family's role ("space", "time")
+    calls: int = 0  # attention calls inside the module's current forward
+    entered: int = 0  # forwards of the module while the capture was open
+    seen: int = 0  # attention calls seen while the capture was open
+    token: int = -1  # the site's number for attnmap::observe while its interceptor is open
+
+
+@dataclass(frozen=True, eq=False)
+class Intercepted:
+    """One attention call as an entry point saw it, in the SDPA layout.
+
+    ``query`` ``[B, H, Nq, D]`` and ``key`` ``[B, Hk, Nk, D]`` are the tensors the model passed
+    (views, never copies); ``entry`` names the entry point (``"sdpa"``, ``"diffusers:flex"``,
+    ``"transformers:eager"`` ...); ``index`` is the call's position among its module's calls in this
+    forward; ``lse`` the rows' logsumexp when the call ran through :func:`attnmap.reduce.sdpa_with_lse`.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    attn_mask: Optional[torch.Tensor]
+    scale: Optional[float]
+    is_causal: bool
+    entry: str
+    index: int = 0
+    lse: Optional[torch.Tensor] = None
+
+
+Emit = Callable[[Site, Intercepted], None]
+Probs = Callable[[Site, torch.Tensor], None]
+
+
+#: (module token, nesting depth) -> (interceptor, site) of the open interceptors, for attnmap::observe
+_TOKENS: dict[tuple[int, int], tuple[Interceptor, Site]] = {}
+_OPEN: list[Interceptor] = []  # the open interceptors, first opened first
+_NEXT = itertools.count()
+#: one token per watched module, kept across captures (a compiled graph holds it as a constant)
+_MODULE_TOKENS: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()
+_SINK: list[torch.Tensor] = []  # what attnmap::observe "mutates", so that no compiler drops it
+
+
+def _observe_op() -> Callable[..., None]:
+    """``torch.ops.attnmap.observe``, defined on first use (never at import)."""
+    if not _SINK:
+
+        @torch.library.custom_op("attnmap::observe", mutates_args=("sink",))
+        def observe(
+            sink: torch.Tensor,
+            query: torch.Tensor,
+            key: torch.Tensor,
+            mask: Optional[torch.Tensor],
+            scale: Optional[float],
+            is_causal: bool,
+            token: int,
+            depth: int,
+            index: int,
+            entry: str,
+        ) -> None:
+            """Hand one attention call to the interceptor open at ``depth`` that watches the module of
+            ``token`` (a no-op once it closed)."""
+            found = _TOKENS.get((token, depth))
+            if found is not None:
+                interceptor, site = found
+                blocked = entry.endswith(":blockmask")
+                call = Intercepted(
+                    query=query,
+                    key=key,
+                    attn_mask=_UNREADABLE if blocked else mask,
+                    scale=scale,
+                    is_causal=is_causal,
+                    entry=entry.removesuffix(":blockmask"),
+                    index=index,
+                )
+                interceptor._deliver(site, call)
+
+        @observe.register_fake
+        def _(sink: torch.Tensor, query: torch.Tensor, key: torch.Tensor, *args: Any) -> None:
+            return None
+
+        _SINK.append(torch.zeros(1))
+    return torch.ops.attnmap.observe
+
+
+def bind(names: Sequence[str], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """A call's arguments by name, however they were passed."""
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _blhd(t: Any) -> Optional[torch.Tensor]:
+    """A ``[B, S, H, D]`` tensor as a ``[B, H, S, D]`` view (None for anything else)."""
+    return t.transpose(1, 2) if isinstance(t, torch.Tensor) and t.dim() == 4 else None
+
+
+def diffusers_backend(backend: Any) -> str:
+    """The name of the diffusers attention backend a dispatcher call runs with."""
+    if backend is None:
+        registry = _diffusers_registry()
+        if registry is None:
+            return "native"
+        backend = registry._active_backend
+    return str(getattr(backend, "value", backend))
+
+
+def _diffusers_registry() -> Any:
+    module = sys.modules.get("diffusers.models.attention_dispatch")
+    return None if module is None else getattr(module, "_AttentionBackendRegistry", None)
+
+
+class _Mode(TorchFunctionMode):
+    """Forwards every torch call unchanged; shows softmax calls (eager attention read from its
+    probabilities, TimeSformer). Only entered for families that need it."""
+
+    def __init__(self, owner: Interceptor) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: Optional[dict[str, Any]] = None,
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in _SOFTMAX and self.owner.stack and isinstance(out, torch.Tensor):
+            self.owner.seen_softmax(out)
+        return out
+
+
+def _alone() -> bool:
+    """No function mode is active but ``torch.device`` contexts: the one-pass path may call an aten
+    op that a user's mode would not see as SDPA."""
+    return all(isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
+
+
+def _keep_dynamo_out_of_the_mode() -> None:
+    """Under torch.compile, dynamo would compile the mode's ``__torch_function__`` as a frame of its
+    own each time an op runs eagerly between graphs (one recompilation per op signature, up to its
+    limit); marked once, on first use, it is only ever inlined into the graphs being traced."""
+    eval_frame = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    skip = getattr(eval_frame, "skip_code", None)
+    if callable(skip):
+        skip(_Mode.__torch_function__.__code__)
+
+
+@dataclass
+class _Patch:
+    """One attribute replaced while the interceptor is open (restored on close)."""
+
+    target: Any
+    name: str
+    previous: Any
+    mapping: bool = False  # target is a dict, name a key
+
+    def restore(self) -> None:
+        if self.mapping:
+            self.target[self.name] = self.previous
+        else:
+            setattr(self.target, self.name, self.previous)
+
+
+@dataclass
+class Interceptor:
+    """Watches ``sites`` and emits their attention calls while open (a context manager).
+
+    Args:
+        sites: the watched modules; a call belongs to the innermost one running.
+        emit: gets ``(site, call)`` for every attention call inside a site.
+        probs: gets ``(site, probabilities)`` for softmax calls inside sites whose role is in
+            ``softmax_roles`` (TimeSformer's eager attention).
+        one_pass: run SDPA calls that ``wants_lse(site)`` through :func:`attnmap.reduce.sdpa_with_lse`.
+        wants_lse: whether a site's next call will be recorded (only those take the one-pass path).
+    """
+
+    sites: Sequence[Site]
+    emit: Emit
+    probs: Optional[Probs] = None
+    softmax_roles: frozenset[str] = frozenset()
+    one_pass: bool = False
+    wants_lse: Callable[[Site], bool] = lambda site: False
+    stack: list[Site] = field(default_factory=list)
+    _handles: list[Any] = field(default_factory=list)
+    _patches: list[_Patch] = field(default_factory=list)
+    _mode: Optional[_Mode] = None
+    _observe: Callable[..., None] = lambda *args: None  # attnmap::observe, once open
+    _registry: Any = None  # diffusers' attention backend registry, once open
+    _busy: bool = False  # inside the one-pass path's own SDPA call
+    _depth: int = 0  # how many interceptors were open when this one opened
+
+    # -- opening and closing -------------------------------------------------------------
+    def __enter__(self) -> Interceptor:
+        _keep_dynamo_out_of_the_mode()
+        self._observe = _observe_op()
+        self._registry = _diffusers_registry()
+        self._depth = len(_OPEN)
+        _OPEN.append(self)
+        try:
+            for site in self.sites:
+                site.token = _MODULE_TOKENS.setdefault(site.module, next(_NEXT))
+                _TOKENS[(site.token, self._depth)] = (self, site)
+                self._handles.append(site.module.register_forward_pre_hook(self._push(site)))
+                self._handles.append(site.module.register_forward_hook(self._pop(site), always_call=True))
+            self._patch_sdpa()
+            self._patch_diffusers()
+            self._patch_transformers()
+            if self.softmax_roles:
+                self._mode = _Mode(self)
+                self._mode.__enter__()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the mode, the hooks and the patches (safe to call twice)."""
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for patch in reversed(self._patches):
+            patch.restore()
+        self._patches.clear()
+        self.stack.clear()
+        for site in self.sites:
+            if _TOKENS.get((site.token, self._depth), (None,))[0] is self:
+                del _TOKENS[(site.token, self._depth)]
+        if self in _OPEN:
+            _OPEN.remove(self)
+
+    # -- the module stack ----------------------------------------------------------------
+    def _push(self, site: Site) -> Callable[..., None]:
+        def push(module: torch.nn.Module, args: Any) -> None:
+            site.calls = 0
+            site.entered += 1
+            self.stack.append(site)
+
+        return push
+
+    def _pop(self, site: Site) -> Callable[..., None]:
+        def pop(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if self.stack and self.stack[-1] is site:
+                self.stack.pop()
+            elif site in self.stack:
+                self.stack.remove(site)
+
+        return pop
+
+    # -- emitting --------------------------------------------------------------------------
+    def _hand_over(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        scale: Optional[float],
+        is_causal: bool,
+        entry: str,
+        lse: Optional[torch.Tensor] = None,
+    ) -> None:
+        """One call of the innermost site: delivered now, or, inside a graph being compiled, through
+        the opaque ``attnmap::observe`` when the graph runs."""
+        site = self.stack[-1]
+        index = site.calls
+        site.calls += 1
+        if torch.compiler.is_compiling():
+            blocked = mask is _UNREADABLE
+            self._observe(
+                _SINK[0], query, key, None if blocked else mask, scale, is_causal, site.token, self._depth, index,
+                entry + (":blockmask" if blocked else ""),
+            )  # fmt: skip
+            return
+        call = Intercepted(query, key, mask, scale, is_causal, entry, index, lse)
+        self._deliver(site, call)
+
+    def _deliver(self, site: Site, call: Intercepted) -> None:
+        site.seen += 1
+        self.emit(site, call)
+
+    def seen_sdpa(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any], lse: Optional[torch.Tensor]
+    ) -> None:
+        """An SDPA call inside a site (its output already computed)."""
+        if not self.stack:
+            return
+        call = bind(_SDPA_ARGS, args, kwargs)
+        q, k = call.get("query"), call.get("key")
+        if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor):
+            self._hand_over(
+                q,
+                k,
+                call.get("attn_mask"),
+                call.get("scale"),
+                bool(call.get("is_causal", False)),
+                "sdpa",
+                lse,
+            )
+
+    @torch.compiler.disable
+    def seen_softmax(self, probs: torch.Tensor) -> None:
+        if self.stack and self.probs is not None and self.stack[-1].role in self.softmax_roles:
+            self.probs(self.stack[-1], probs)
+
+    def one_pass_sdpa(self, call: dict[str, Any]) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """The SDPA forward plus its rows' logsumexp (None where torch offers no such op for the
+        call), for a call that will be recorded; None where the one-pass path does not apply."""
+        from attnmap import reduce
+
+        q, k, v = call.get("query"), call.get("key"), call.get("value")
+        if not self.stack or not self.wants_lse(self.stack[-1]):
+            return None
+        if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+            return None
+        self._busy = True
+        try:
+            return reduce.sdpa_with_lse(
+                q,  # type: ignore[arg-type]
+                k,  # type: ignore[arg-type]
+                v,  # type: ignore[arg-type]
+                attn_mask=call.get("attn_mask"),
+                scale=call.get("scale"),
+                is_causal=bool(call.get("is_causal")),
+                dropout_p=float(call.get("dropout_p") or 0.0),
+                enable_gqa=bool(call.get("enable_gqa", False)),
+            )
+        finally:
+            self._busy = False
+
+    # -- torch SDPA --------------------------------------------------------------------------
+    def _patch_sdpa(self) -> None:
+        functional = torch.nn.functional
+        previous = functional.scaled_dot_product_attention  # torch's, or an open capture's wrapper
+        wrapper = self._sdpa_wrapper(previous)
+        for module in [functional, *list(sys.modules.values())]:
+            namespace = getattr(module, "__dict__", None)
+            if isinstance(namespace, dict) and namespace.get("scaled_dot_product_attention") is previous:
+                self._patches.append(_Patch(module, "scaled_dot_product_attention", previous))
+                setattr(module, "scaled_dot_product_attention", wrapper)  # noqa: B010
+
+    def _sdpa_wrapper(self, previous: Callable[..., Any]) -> Callable[..., Any]:
+        last = previous is _SDPA  # the capture opened first: nothing of attnmap's below it
+
+        def scaled_dot_product_attention(*args: Any, **kwargs: Any) -> Any:
+            # inside our own call: sdpa_with_lse's fallback to SDPA, or a user's function mode that
+            # torch hands this wrapper as the function it intercepted (torch looks it up by name)
+            if self._busy:
+                return previous(*args, **kwargs)
+            if self.stack and self.one_pass and last and not torch.compiler.is_compiling() and _alone():
+                found = self.one_pass_sdpa(bind(_SDPA_ARGS, args, kwargs))
+                if found is not None:
+                    self.seen_sdpa(args, kwargs, found[1])
+                    return found[0]
+            if torch.compiler.is_compiling():
+                out = previous(*args, **kwargs)
+            else:
+                self._busy = True
+                try:
+                    out = previous(*args, **kwargs)
+                finally:
+                    self._busy = False
+            if self.stack:
+                self.seen_sdpa(args, kwargs, None)
+            return out
+
+        scaled_dot_product_attention.__wrapped__ = previous  # type: ignore[attr-defined]
+        scaled_dot_product_attention.__doc__ = getattr(previous, "__doc__", None)
+        return scaled_dot_product_attention
+
+    # -- diffusers' dispatcher ---------------------------------------------------------------
+    def _patch_diffusers(self) -> None:
+        dispatch = sys.modules.get("diffusers.models.attention_dispatch")
+        if dispatch is None:
+            return
+        original = getattr(dispatch, "dispatch_attention_fn", None)
+        if original is None:
+            return
+        wrapper = self._dispatch_wrapper(original)
+        for module in list(sys.modules.values()):
+            if getattr(module, "dispatch_attention_fn", None) is original:
+                self._patches.append(_Patch(module, "dispatch_attention_fn", original))
+                setattr(module, "dispatch_attention_fn", wrapper)  # noqa: B010
+
+    def _dispatch_wrapper(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def dispatch_attention_fn(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            self.seen_dispatch(args, kwargs)
+            return out
+
+        dispatch_attention_fn.__wrapped__ = original  # type: ignore[attr-defined]
+        return dispatch_attention_fn
+
+    def seen_dispatch(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        if not self.stack:
+            return
+        call = bind(_DISPATCH_ARGS, args, kwargs)
+        backend = call.get("backend")
+        if backend is None:
+            backend = "native" if self._registry is None else self._registry._active_backend
+        name = str(getattr(backend, "value", backend))
+        if name in SDPA_BACKENDS and call.get("parallel_config") is None:
+            return  # the SDPA entry point saw it
+        q, k = _blhd(call.get("query")), _blhd(call.get("key"))
+        if q is not None and k is not None:
+            self._hand_over(
+                q,
+                k,
+                call.get("attn_mask"),
+                call.get("scale"),
+                bool(call.get("is_causal", False)),
+                f"diffusers:{name}",
+            )
+
+    # -- transformers' attention interface ---------------------------------------------------
+    def _patch_transformers(self) -> None:
+        utils = sys.modules.get("transformers.modeling_utils")
+        interface = None if utils is None else getattr(utils, "AttentionInterface", None)
+        if interface is not None:
+            mapping = interface._global_mapping
+            for name, fn in list(mapping.items()):
+                if name in _TRANSFORMERS_SDPA or name.startswith("paged|") or not callable(fn):
+                    continue
+                self._patches.append(_Patch(mapping, name, fn, mapping=True))
+                mapping[name] = self._interface_wrapper(name, fn)
+        done: set[str] = set()
+        for site in self.sites:
+            modname = type(site.module).__module__
+            module = sys.modules.get(modname)
+            eager = getattr(module, "eager_attention_forward", None)
+            if (
+                modname in done
+                or module is None
+                or not callable(eager)
+                or not modname.startswith("transformers")
+            ):
+                continue
+            done.add(modname)
+            self._patches.append(_Patch(module, "eager_attention_forward", eager))
+            module.eager_attention_forward = self._interface_wrapper("eager", eager)  # type: ignore[attr-defined]
+
+    def _interface_wrapper(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def attention(
+            module: torch.nn.Module,
+            query: Any,
+            key: Any,
+            value: Any,
+            attention_mask: Any,
+            *args: Any,
+            **kwargs: Any,
+        ) -> Any:
+            out = original(module, query, key, value, attention_mask, *args, **kwargs)
+            self.seen_interface(name, query, key, attention_mask, kwargs)
+            return out
+
+        attention.__wrapped__ = original  # type: ignore[attr-defined]
+        return attention
+
+    def seen_interface(
+        self, name: str, query: Any, key: Any, attention_mask: Any, kwargs: Mapping[str, Any]
+    ) -> None:
+        if not self.stack or not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor):
+            return
+        if query.dim() != 4 or key.dim() != 4:
+            return
+        mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
+        if attention_mask is not None and mask is None:  # a flex BlockMask: not a tensor attnmap reads
+            mask = _UNREADABLE
+        scale = kwargs.get("scaling", kwargs.get("scale"))
+        causal = bool(kwargs.get("is_causal", False)) and query.shape[2] > 1
+        cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+        if isinstance(cu_q, torch.Tensor) and isinstance(cu_k, torch.Tensor) and query.shape[0] == 1:
+            # packed sequences: one call per sequence, as rows of one batch
+            bq, bk = cu_q.tolist(), cu_k.tolist()
+            for i in range(len(bq) - 1):
+                q_i, k_i = query[:, :, bq[i] : bq[i + 1]], key[:, :, bk[i] : bk[i + 1]]
+                self._hand_over(q_i, k_i, None, scale, causal, f"transformers:{name}:varlen")
+            return
+        self._hand_over(query, key, mask, scale, causal, f"transformers:{name}")
+
+
+#: stands for a mask attnmap cannot read (a flex BlockMask); such calls are skipped with a reason
+_UNREADABLE = torch.empty(0)
+
+
+def unreadable(mask: Optional[torch.Tensor]) -> bool:
+    """Whether a call's mask was one attnmap cannot read."""
+    return mask is _UNREADABLE

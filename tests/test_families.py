@@ -1,0 +1,360 @@
+"""Every video transformer of the installed diffusers, built from tiny configs, captured by default.
+
+For each family: the output with capture is bit-identical to the output without; every block's
+cross and temporal maps equal an independent float64 softmax of the q and k the attention entry
+point saw (logged here by this module's own hooks, at diffusers' dispatcher and at torch SDPA), laid
+out by hand from what the family's code does; the temporal rows of self-attention sum to 1. The
+same for the flex backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import pytest
+import torch
+
+import attnmap
+from tiny_models import VIDEO_TRANSFORMERS, AttentionLog, softmax64
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::FutureWarning", "ignore::DeprecationWarning", "ignore:In CPU autocast:UserWarning"
+)
+
+Grid = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Want:
+    """What one watched module's calls are, written from the family's code.
+
+    kind: ``self`` (video tokens after ``prefix`` others), ``cross`` (video queries, the prompt's text
+    at ``text`` = (start, length) among the keys; ``group`` for another context), ``joint`` (video
+    and ``other`` tokens, the text at ``text`` among them; ``text_first``; ``pre`` history tokens before
+    the video), ``space`` (frames in the batch, cross to text), ``time`` (positions in the batch).
+    """
+
+    kind: str
+    block: Callable[[int], int] = lambda i: i
+    prefix: int = 0
+    text: tuple[int, int] = (0, 0)
+    group: str = ""
+    text_first: bool = True
+    pre: int = 0
+    image: int = 0  # a call with this many keys is the image context (group image/)
+
+
+def wan_like(text: int, image: int = 0) -> list[tuple[str, Want]]:
+    return [
+        (r"^blocks\.(\d+)\.attn1$", Want("self")),
+        (r"^blocks\.(\d+)\.attn2$", Want("cross", text=(image, text))),
+    ]
+
+
+def self_cross(
+    text: int, stack: str = "transformer_blocks", names: tuple[str, str] = ("attn1", "attn2")
+) -> list[tuple[str, Want]]:
+    return [
+        (rf"^{stack}\.(\d+)\.{names[0]}$", Want("self")),
+        (rf"^{stack}\.(\d+)\.{names[1]}$", Want("cross", text=(0, text))),
+    ]
+
+
+def dual_single(
+    layers: int,
+    text: tuple[int, int],
+    dual: str = "transformer_blocks",
+    single: str = "single_transformer_blocks",
+) -> list[tuple[str, Want]]:
+    return [
+        (rf"^{dual}\.(\d+)\.attn$", Want("joint", text=text, text_first=False)),
+        (rf"^{single}\.(\d+)\.attn$", Want("joint", text=text, text_first=False, block=lambda i: layers + i)),
+    ]
+
+
+#: family -> (grid, real text tokens per row, [(site regex with the block index as group 1, Want)])
+FAMILIES: dict[str, tuple[Grid, list[int], list[tuple[str, Want]]]] = {
+    "wan": ((3, 4, 4), [16], wan_like(16)),
+    "wan-i2v": (
+        (3, 4, 4),
+        [512],
+        [
+            (r"^blocks\.(\d+)\.attn1$", Want("self")),
+            (r"^blocks\.(\d+)\.attn2$", Want("cross", text=(0, 512), image=6)),
+        ],
+    ),
+    "wan2.2-ti2v": ((2, 4, 4), [12], wan_like(12)),
+    "wan-vace": (
+        (2, 4, 4),
+        [12],
+        [
+            *wan_like(12),
+            (r"^vace_blocks\.(\d+)\.attn1$", Want("self", block=lambda i: 2 + i)),
+            (r"^vace_blocks\.(\d+)\.attn2$", Want("cross", text=(0, 12), block=lambda i: 2 + i)),
+        ],
+    ),
+    # attn2 keys: [image (12), text (512)]; face adapters: each frame's tokens to its 3 motion tokens
+    "wan-animate": (
+        (21, 4, 4),
+        [512],
+        [
+            (r"^blocks\.(\d+)\.attn1$", Want("self")),
+            (r"^blocks\.(\d+)\.attn2$", Want("cross", text=(12, 512))),
+            (
+                r"^face_adapter\.(\d+)$",
+                Want("space", text=(0, 3), group="face_adapter/", block=lambda i: 2 + i),
+            ),
+        ],
+    ),
+    "skyreels-v2": ((2, 4, 4), [12], wan_like(12)),
+    "chronoedit": ((2, 4, 4), [12], wan_like(12)),
+    "anyflow": ((2, 4, 4), [12], wan_like(12)),
+    # history: 1 short frame at (1, 2, 2) patches = 16, 1 mid at (2, 4, 4) = 4, 4 long at (4, 8, 8) = 1
+    "helios": (
+        (2, 4, 4),
+        [12],
+        [
+            (r"^blocks\.(\d+)\.attn1$", Want("self", prefix=21)),
+            (r"^blocks\.(\d+)\.attn2$", Want("cross", text=(0, 12))),
+        ],
+    ),
+    "cogvideox": ((3, 4, 4), [16], [(r"^transformer_blocks\.(\d+)\.attn1$", Want("joint", text=(0, 16)))]),
+    "cogvideox1.5": ((2, 4, 4), [8], [(r"^transformer_blocks\.(\d+)\.attn1$", Want("joint", text=(0, 8)))]),
+    "consisid": ((2, 4, 4), [8], [(r"^transformer_blocks\.(\d+)\.attn1$", Want("joint", text=(0, 8)))]),
+    "easyanimate": ((2, 4, 4), [16], [(r"^transformer_blocks\.(\d+)\.attn1$", Want("joint", text=(0, 16)))]),
+    "hunyuanvideo": ((3, 4, 4), [9], dual_single(2, (0, 12))),
+    "hunyuanvideo-i2v": ((2, 4, 4), [12], dual_single(1, (0, 12))),
+    # context [valid image (none: t2v), valid byT5 (3), valid text (4), padding]: the text at 3..7
+    "hunyuanvideo1.5": (
+        (2, 4, 4),
+        [4],
+        [(r"^transformer_blocks\.(\d+)\.attn$", Want("joint", text=(3, 6), text_first=False))],
+    ),
+    # [history 4x (1), 2x (2), clean (8), video (12), image (12), text (12)]
+    "hunyuanvideo-framepack": (
+        (3, 2, 2),
+        [12],
+        [
+            (r"^transformer_blocks\.(\d+)\.attn$", Want("joint", text=(12, 12), text_first=False, pre=11)),
+            (
+                r"^single_transformer_blocks\.(\d+)\.attn$",
+                Want("joint", text=(12, 12), text_first=False, pre=11, block=lambda i: 1 + i),
+            ),
+        ],
+    ),
+    "mochi": (
+        (2, 4, 4),
+        [16, 10],
+        [(r"^transformer_blocks\.(\d+)\.attn1$", Want("joint", text=(0, 16), text_first=False))],
+    ),
+    "motif-video": ((3, 4, 4), [12], dual_single(1, (0, 12))),
+    "allegro": ((2, 4, 4), [16], self_cross(16)),
+    "cosmos": ((2, 4, 4), [9], self_cross(12)),
+    "kandinsky5": (
+        (2, 4, 4),
+        [8],
+        self_cross(8, "visual_transformer_blocks", ("self_attention", "cross_attention")),
+    ),
+    "ltx": ((3, 8, 8), [9], self_cross(12)),
+    "ltx2": (
+        (2, 4, 4),
+        [16],
+        [
+            (r"^transformer_blocks\.(\d+)\.attn1$", Want("self")),
+            (r"^transformer_blocks\.(\d+)\.attn2$", Want("cross", text=(0, 16))),
+            (r"^transformer_blocks\.(\d+)\.audio_to_video_attn$", Want("cross", text=(0, 9), group="audio/")),
+        ],
+    ),
+    "sana-video": ((2, 4, 4), [12], [(r"^transformer_blocks\.(\d+)\.attn2$", Want("cross", text=(0, 12)))]),
+    "latte": (
+        (2, 4, 4),
+        [8],
+        [
+            (r"^transformer_blocks\.(\d+)\.attn2$", Want("space", text=(0, 8))),
+            (r"^temporal_transformer_blocks\.(\d+)\.attn1$", Want("time", block=lambda i: 1 + i)),
+        ],
+    ),
+}
+#: families whose capture warns, and what the warning must say
+WARNS = {"sana-video": r"2 watched attention module\(s\) of SanaVideoTransformer3DModel ran but produced no map: "
+         r"'transformer_blocks.0.attn1', 'transformer_blocks.1.attn1'.*linear attention"}  # fmt: skip
+
+
+def test_every_video_transformer_of_diffusers_has_a_tiny_model_here() -> None:
+    import diffusers
+
+    names = {n for n in dir(diffusers) if n.endswith("Transformer3DModel")}
+    built = {type(build()[0]).__name__ for build in VIDEO_TRANSFORMERS.values()}
+    # not yet built here: newer families whose tiny configs need inputs of their own (KV caches, ...)
+    later = {"AnyFlowFARTransformer3DModel", "WanAnimate2Transformer3DModel", "Kandinsky6Transformer3DModel",
+             "Kandinsky6SRTransformer3DModel", "SanaWMTransformer3DModel", "SanaWMLTX2RefinerTransformer3DModel",
+             "MiniMaxH3Transformer3DModel", "JoyImageEditTransformer3DModel", "JoyImageEditPlusTransformer3DModel",
+             "Cosmos3Transformer3DModel", "CosmosTransformer3DModel3"}  # fmt: skip
+    assert names - later <= built, f"video transformers without a tiny model: {sorted(names - later - built)}"
+    assert set(FAMILIES) == set(VIDEO_TRANSFORMERS)
+
+
+def temporal_of(pv: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """[B, H, Nv, Nv] video-to-video probabilities -> [B, F, F]: mass from frame i to frame j, mean
+    over frame i's tokens and the heads."""
+    f, hw = grid[0], grid[1] * grid[2]
+    return pv.reshape(*pv.shape[:2], f, hw, f, hw).sum(-1).mean(3).mean(1)
+
+
+def expected_maps(
+    want: Want, grid: Grid, real: list[int], p: torch.Tensor, row: Optional[int]
+) -> dict[str, torch.Tensor]:
+    """The cross / temporal maps of one call with probabilities ``p``, laid out as ``want`` says."""
+    nv = grid[0] * grid[1] * grid[2]
+    out: dict[str, torch.Tensor] = {}
+    start, length = want.text
+    reals = real if row is None else [real[row]]
+    if want.kind == "self":
+        out["temporal"] = temporal_of(p[:, :, want.prefix :, want.prefix :], grid)
+        if want.prefix == 0:
+            assert torch.allclose(out["temporal"].sum(-1), torch.ones(1, dtype=torch.float64))
+    elif want.kind == "cross" and p.shape[-1] == want.image:
+        out["image/cross"] = p.mean(1)
+    elif want.kind == "cross":
+        cross = p[..., start : start + length].mean(1)  # [B, Nv, Nt]
+        n = (
+            reals[0]
+            if want.group == "" and len(set(reals)) == 1 and reals[0] < length and want.kind == "cross"
+            else length
+        )
+        out[want.group + "cross"] = cross[..., :n]
+    elif want.kind == "joint":
+        if want.pre:  # [history, video, rest] -> [video, rest, history]
+            p = torch.cat([p[:, :, want.pre :], p[:, :, : want.pre]], dim=2)
+            p = torch.cat([p[..., want.pre :], p[..., : want.pre]], dim=3)
+        other = p.shape[-1] - nv
+        v = slice(other, other + nv) if want.text_first else slice(0, nv)
+        t0 = 0 if want.text_first else nv
+        text = slice(t0 + start, t0 + start + (length if row is None else min(length, p.shape[-1] - nv)))
+        out["cross"] = p[:, :, v, text].mean(1)
+        out["temporal"] = temporal_of(p[:, :, v, v], grid)
+    elif want.kind == "space":  # rows (batch, frame) of H*W queries
+        cross = p[..., start : start + length].mean(1)  # [B*F, HW, Nt]
+        out[want.group + "cross"] = cross.reshape(-1, nv, cross.shape[-1])
+    elif want.kind == "time":  # rows (batch, position) of F queries
+        t = p.mean(1)  # [B*HW, F, F]
+        out["temporal"] = t.reshape(-1, grid[1] * grid[2], grid[0], grid[0]).mean(1)
+        assert torch.allclose(out["temporal"].sum(-1), torch.ones(1, dtype=torch.float64))
+    return out
+
+
+def watched(model: torch.nn.Module, family: str) -> dict[str, tuple[int, Want]]:
+    rules = FAMILIES[family][2]
+    found = {}
+    for name, _ in model.named_modules():
+        for rx, want in rules:
+            m = re.match(rx, name)
+            if m:
+                found[name] = (want.block(int(m.group(1))), want)
+    assert found, f"{family}: no module matches the table"
+    return found
+
+
+def run(model: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**kwargs)
+    if isinstance(out, torch.Tensor):
+        return out
+    return out[0] if isinstance(out, (tuple, list)) else out.sample
+
+
+def close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float = 2e-6) -> None:
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = (got.double() - want.double()).abs().max().item()
+    assert err <= atol, f"{name}: max abs error {err:.3g} > {atol}"
+
+
+def check_family(family: str, backend: Optional[str]) -> None:
+    grid, real, _ = FAMILIES[family]
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    model, kwargs = VIDEO_TRANSFORMERS[family]()
+    active = _AttentionBackendRegistry._active_backend  # set_attention_backend makes it process-wide
+    if backend is not None:
+        model.set_attention_backend(backend)
+    try:
+        plain = run(model, kwargs)
+        sites = watched(model, family)
+        log = AttentionLog(model, list(sites))
+        expect = (
+            pytest.warns(UserWarning, match=WARNS[family]) if family in WARNS else contextlib.nullcontext()
+        )
+        with log.dispatch(), expect:
+            with (
+                attnmap.capture(
+                    model, reductions=("cross", "temporal"), per_block=True, keep_cross=True
+                ) as rec,
+                log,
+            ):
+                captured = run(model, kwargs)
+        log.close()
+    finally:
+        if backend is not None:
+            model.reset_attention_backend()
+            _AttentionBackendRegistry.set_active_backend(active)
+    assert torch.equal(plain, captured), f"{family}: capture changed the model output"
+    batch = plain.shape[0]
+    per_block: dict[tuple[str, int], list[torch.Tensor]] = {}
+    rows_seen: dict[str, int] = {}
+    for name, q, k, mask, scale in log.calls:
+        block, want = sites[name]
+        per_row = q.shape[0] == 1 and batch > 1 and want.kind not in ("space", "time")
+        row = rows_seen.get(name, 0) % batch if per_row else None
+        rows_seen[name] = rows_seen.get(name, 0) + 1
+        for red, value in expected_maps(want, grid, real, softmax64(q, k, mask, scale), row).items():
+            per_block.setdefault((red, block, row if row is not None else -1), []).append(value)
+    assert per_block, f"{family}: the log saw no call"
+    assert rec.blocks == sorted({b for _, b, _ in per_block}), f"{family}: blocks {rec.blocks}"
+    for (red, block, row), values in per_block.items():
+        want = torch.stack(values).mean(0)
+        got = rec.get(red, block=block)
+        if row >= 0:  # a call per batch row: its row of the map, padded to the longest text
+            got = got[row : row + 1, ..., : want.shape[-1]]
+            assert not got[..., want.shape[-1] :].any()
+        close(f"{family} {red} block {block}", got, want)
+    layouts = rec.metadata["layouts"]
+    assert layouts and all(
+        v["grid"][1:] == list(grid[1:]) or k in ("time", "space") for k, v in layouts.items()
+    )
+    assert rec.metadata["grid"] == list(grid)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_maps_equal_a_float64_softmax_of_what_the_entry_point_saw(family: str) -> None:
+    check_family(family, None)
+
+
+FLEX = ["wan", "ltx", "hunyuanvideo", "helios", "ltx2"]
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning")
+@pytest.mark.parametrize("family", FLEX)
+def test_flex_backend_is_seen_at_the_dispatcher(family: str) -> None:
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    check_family(family, "flex")
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning")
+def test_a_backend_set_process_wide_by_another_model_is_still_seen() -> None:
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    other, _ = VIDEO_TRANSFORMERS["wan"]()
+    model, kwargs = VIDEO_TRANSFORMERS["wan"](seed=1)
+    other.set_attention_backend("flex")  # diffusers also makes it the process' active backend
+    try:
+        with attnmap.capture(model) as rec:
+            run(model, kwargs)
+    finally:
+        other.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(active)
+    assert rec.metadata["entry_points"] == ["diffusers:flex"]
+    assert rec.names == ["cross", "temporal"] and rec.blocks == [0, 1]
