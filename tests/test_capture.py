@@ -635,6 +635,27 @@ def test_a_forward_that_fails_inside_attention_leaves_the_capture_usable() -> No
             pass
 
 
+def test_a_capture_that_ends_by_an_exception_keeps_its_steps_and_frees_the_video_id(tmp_path: Any) -> None:
+    model, kwargs = wan()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with attnmap.capture(model, targets={"red": [1]}, store=tmp_path, video_id="v") as rec:
+            run(model, kwargs)
+            rec.step()  # step 0 is written
+            run(model, kwargs)
+            raise RuntimeError("interrupted")  # during step 1, e.g. a KeyboardInterrupt
+    store = open_store(tmp_path)
+    assert store.steps("v") == [0] and not store.is_complete("v")
+    torch.testing.assert_close(
+        torch.from_numpy(store.load("v", "token/red", 0)),
+        rec.get("token/red", step=0)[0],
+        rtol=1e-3,
+        atol=1e-6,
+    )
+    with attnmap.capture(model, targets={"red": [1]}, store=tmp_path, video_id="v"):  # the lock was dropped
+        run(model, kwargs)
+    assert open_store(tmp_path).is_complete("v")
+
+
 def test_config_without_aggregated_maps_keeps_only_the_steps(tmp_path: Any) -> None:
     cfg = Config.from_dict({"store_aggregated_attention": False, "store_per_block": True})
     model, kwargs = wan()

@@ -449,6 +449,9 @@ def test_recorder_viewer_shows_the_recorded_maps(browser: Any, tmp_path: Path) -
                 model(**kwargs)
             rec.step()
     viewer = report.recorder_viewer(rec, video_id="tiny wan")
+    shown = rec.show()  # the notebook entry point: the same viewer, titled by the model
+    assert shown.payload["videos"][0]["maps"] == viewer.payload["videos"][0]["maps"]
+    assert "attnmapReport.mount(" in shown._repr_html_()
     video = viewer.payload["videos"][0]
     assert video["steps"] == [0, 1] and video["blocks"] == [0, 1] and video["heads"] == 2
     want = rec.get("token/cat", step=1, block=0)[0].mean(0).numpy()

@@ -297,6 +297,8 @@ class Recorder:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self._teardown()
         if exc_type is not None:
+            for sink in self._sinks:
+                sink.abort()
             return
         if self._prompt_seen is False:
             warnings.warn(
@@ -648,6 +650,23 @@ class Recorder:
                     value = value.transpose(1, 2)
                 maps.append(value.flatten(0, 1))
         return out
+
+    def show(self, *, batch_index: int = 0, options: Any = None) -> Any:
+        """The interactive viewer of what was recorded, for a notebook (its ``_repr_html_`` shows it
+        inline; the same page as ``attnmap-render report``).
+
+        Args:
+            batch_index: which batch row to show.
+            options: an :class:`attnmap.RenderOptions` (colormap, normalisation ...); None: defaults.
+
+        Example:
+            >>> with attnmap.capture(pipe) as rec:  # doctest: +SKIP
+            ...     pipe("a (cat) on a mat")
+            >>> rec.show()  # doctest: +SKIP
+        """
+        from attnmap.render.report import recorder_viewer
+
+        return recorder_viewer(self, video_id=self.model_name, batch_index=batch_index, options=options)
 
     @property
     def metadata(self) -> dict[str, Any]:

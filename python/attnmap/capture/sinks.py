@@ -1,7 +1,7 @@
 """Sinks: where a capture's finished steps go.
 
 A sink gets each finished step, one map dict per batch row (``write_step``), then ``close`` when the
-capture ends. :class:`StoreSink` writes them through :class:`attnmap.store.StoreWriter` (one video
+capture ends, or ``abort`` when it ends by an exception (what was written stays; nothing is held). :class:`StoreSink` writes them through :class:`attnmap.store.StoreWriter` (one video
 per batch row); :class:`AutoRenderSink`, added when a :class:`~attnmap.config.Config` asks for it,
 renders the stored videos once the store sink has closed them. Private to :mod:`attnmap.capture`.
 """
@@ -24,6 +24,8 @@ class Sink(Protocol):
     def write_step(self, step: int, rows: RowMaps) -> None: ...
 
     def close(self) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 class StoreSink:
@@ -84,6 +86,11 @@ class StoreSink:
         for writer in self._writers.values():
             writer.close(aggregated)
 
+    def abort(self) -> None:
+        """The capture failed: drop each writer's lock, leaving its finished steps loadable."""
+        for writer in self._writers.values():
+            writer.abort()
+
 
 class AutoRenderSink:
     """Renders the videos a :class:`StoreSink` wrote, after it closed them (``auto_generate_*``)."""
@@ -93,6 +100,9 @@ class AutoRenderSink:
 
     def write_step(self, step: int, rows: RowMaps) -> None:
         return None
+
+    def abort(self) -> None:
+        return None  # nothing rendered from a failed capture
 
     def close(self) -> None:
         from attnmap.store import video_dirname
