@@ -20,6 +20,7 @@ from attnmap._lazy import lazy_exports
 _MODULES: dict[str, str] = {
     "NORMALIZE": "normalization",
     "normalize": "normalization",
+    "aggregated_map": "maps",
     "token_map": "maps",
     "token_mask": "maps",
     "load_token_map": "maps",
@@ -39,6 +40,7 @@ _MODULES: dict[str, str] = {
 
 __all__ = [
     "NORMALIZE",
+    "aggregated_map",
     "classify_heads",
     "cls_space_time_map",
     "frame_matrix",
@@ -65,6 +67,7 @@ __getattr__, __dir__ = lazy_exports(
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnmap.analysis.maps import (
+        aggregated_map,
         classify_heads,
         frame_matrix,
         load_token_map,

@@ -155,7 +155,7 @@ def token_map(
     return normalize(m, normalize_by, name="token map")
 
 
-def _aggregated(store: Store, video_id: str, name: str) -> np.ndarray:
+def aggregated_map(store: Store, video_id: str, name: str) -> np.ndarray:
     """The step-aggregated map ``name``: the aggregated file's, or :meth:`Store.mean` over the good
     steps when the run stored no aggregated maps (``store_aggregated_attention: false``)."""
     try:
@@ -205,7 +205,7 @@ def load_token_map(
         if not steps:
             raise AttnmapError(f"steps: no steps to load for {word!r} of video {video_id!r}")
     maps = [
-        _aggregated(store, video_id, name)
+        aggregated_map(store, video_id, name)
         if steps is None and blocks is None
         else store.mean(video_id, name, steps)
         for name in names
@@ -388,7 +388,7 @@ def summarize(store: Store, video_id: str, *, k: int = 3, mask_top_fraction: flo
     meta = store.metadata(video_id)
     tokens: dict[str, Any] = {}
     for word in store.tokens(video_id):
-        m = _aggregated(store, video_id, store.map_name(video_id, word))
+        m = aggregated_map(store, video_id, store.map_name(video_id, word))
         m = m.mean(0) if m.ndim == 4 else m  # per-head [H, F, H, W]
         tokens[word] = {"frames": top_frames(m, k), **top_regions(m, k, mask_top_fraction=mask_top_fraction)}
     names = store.names(video_id)
@@ -396,11 +396,11 @@ def summarize(store: Store, video_id: str, *, k: int = 3, mask_top_fraction: flo
     for name in names:
         hit = _BLOCK.match(name)
         if hit:
-            loc = temporal_locality(_aggregated(store, video_id, name))
+            loc = temporal_locality(aggregated_map(store, video_id, name))
             blocks[hit.group(1)] = loc.tolist() if loc.ndim else float(loc)
     mean = None
     if "temporal" in names:
-        mean = float(np.mean(temporal_locality(_aggregated(store, video_id, "temporal"))))
+        mean = float(np.mean(temporal_locality(aggregated_map(store, video_id, "temporal"))))
     ordered = {b: blocks[b] for b in sorted(blocks, key=int)}
     return {
         "video_id": video_id,

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
-from attnmap.analysis.maps import _aggregated, _np
+from attnmap.analysis.maps import _np, aggregated_map
 from attnmap.errors import AttnmapError
 from attnmap.layout import Layout
 
@@ -331,7 +331,7 @@ def stats_maps(store: Store, video_id: str) -> dict[str, dict[Optional[int], str
 def load_stat(store: Store, video_id: str, name: str, trailing: int) -> np.ndarray:
     """A stored statistic as ``[heads, ...]``: a map without a head dim (mean over heads) gets one
     of size 1; ``trailing`` is the number of dims after the heads (3 for distance, 2 for blocks)."""
-    m = np.asarray(_aggregated(store, video_id, name), dtype=np.float64)
+    m = np.asarray(aggregated_map(store, video_id, name), dtype=np.float64)
     if m.ndim == trailing:
         return m[None]
     if m.ndim == trailing + 1:

@@ -123,14 +123,14 @@ class _StoreSource(_Source):
     def get(
         self, name: str, *, step: Optional[int] = None, block: Optional[int] = None, branch: str = "cond"
     ) -> Optional[np.ndarray]:
-        from attnmap.render.videos import _aggregated_map
+        from attnmap.analysis.maps import aggregated_map
 
         full = ("uncond/" if branch == "uncond" else "") + name + ("" if block is None else f"/block{block}")
         if full not in self._stored:
             return None
         try:
             if step is None:
-                return _aggregated_map(self.store, self.video_id, full)
+                return aggregated_map(self.store, self.video_id, full)
             return self.store.load(self.video_id, full, step)
         except KeyError:
             return None

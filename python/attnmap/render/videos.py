@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import numpy as np
 
+from attnmap.analysis.maps import aggregated_map
 from attnmap.analysis.normalization import bounds
 from attnmap.errors import AttnmapError
 from attnmap.render.heatmap import MAX_FRAMES, MAX_SIDE
@@ -423,10 +424,10 @@ def plan_token(
     else:
         if steps is not None:
             chosen = _select_steps(store.steps(video_id), steps, video_id)
-            maps = np.mean([_pick_head(store.load(video_id, name, s), head, name) for s in chosen], axis=0)
+            maps = _pick_head(store.mean(video_id, name, chosen), head, name)
             what = f"mean of steps {chosen[0]}..{chosen[-1]}" if len(chosen) > 1 else f"step {chosen[0]}"
         else:
-            maps = _pick_head(_aggregated_map(store, video_id, name), head, name)
+            maps = _pick_head(aggregated_map(store, video_id, name), head, name)
             what = "mean of steps"
         maps = maps.astype(np.float32)
         frames = None if background is None else background.frames
@@ -464,18 +465,6 @@ def _pick_head(arr: np.ndarray, head: Optional[int], name: str) -> np.ndarray:
     if arr.ndim != 3:
         raise AttnmapError(f"token map {name!r} has shape {arr.shape}, expected [F, H, W]")
     return arr
-
-
-def _aggregated_map(store: Store, video_id: str, name: str) -> np.ndarray:
-    """The step-aggregated map ``name``, or the mean over the steps when the run stored none."""
-    try:
-        return store.load(video_id, name)
-    except KeyError:
-        steps = [s for s in store.steps(video_id) if name in store.names(video_id, s)]
-        if not steps:
-            raise KeyError(f"map {name!r} is not stored for video {video_id!r}") from None
-        total = np.sum([store.load(video_id, name, s) for s in steps], axis=0, dtype=np.float64)
-        return np.asarray(total / len(steps), dtype=np.float32)
 
 
 # -- drawing -----------------------------------------------------------------------------------
