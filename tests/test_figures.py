@@ -5,6 +5,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 
@@ -33,13 +34,18 @@ def test_svg_output_is_valid_xml(tmp_path: Path) -> None:
 def test_temporal_comparison_and_locality_and_colorbar(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     series = {"kiss": rng.random((4, 3, 5, 6)), "flowers": rng.random((4, 3, 5, 6))}
+    locality = rng.random((3, 4))
     paths = [
         figures.temporal_comparison(series, tmp_path / "cmp.png", steps=[0, 10, 20, 30], title="two words"),
-        figures.head_locality(rng.random((3, 4)), tmp_path / "loc.png", blocks=[0, 5, 9]),
+        figures.head_locality(locality, tmp_path / "loc.png", blocks=[0, 5, 9]),
         figures.colorbar(tmp_path / "bar.png", colormap="hot", vmin=0.0, vmax=2.0),
     ]
-    for path in paths:
-        assert read_png(path).std() > 0
+    lines = read_png(paths[0])  # one line per word, in matplotlib's first two cycle colours
+    for colour in ("#1f77b4", "#ff7f0e"):
+        assert has_colour(lines, np.asarray(matplotlib.colors.to_rgb(colour)) * 255, tol=3), colour
+    cells = read_png(paths[1])  # every block x head cell in magma's colour of its value
+    for value in locality.reshape(-1):
+        assert has_colour(cells, colormap_rgb("magma", float(value)), tol=3), value
     assert has_colour(read_png(paths[2]), colormap_rgb("hot", 1.0))
 
 

@@ -97,8 +97,13 @@ def test_render_stats_writes_figures_and_the_summary(
     # the coverage map: blocks 0 and 4, heads in reverse order in block 4
     cov0, cov4 = summary["distance"]["0"]["window_coverage"], summary["distance"]["4"]["window_coverage"]
     np.testing.assert_allclose(cov4, cov0[::-1], rtol=1e-3)  # stored as float16
-    for path in paths[:-1]:
-        assert read_png(path).std() > 0
+    heads = len(cov0)
+    decay, recall, coverage = (read_png(p) for p in paths[:-1])
+    for i, x in enumerate(np.linspace(0, 0.9, heads)):  # one line per head, in viridis
+        for pixels in (decay, recall):
+            assert has_colour(pixels, colormap_rgb("viridis", float(x)), tol=3), (i, x)
+    for value in [*cov0, *cov4]:  # each block x head cell in magma's colour of its share
+        assert has_colour(coverage, colormap_rgb("magma", float(value)), tol=3), value
     with pytest.raises(ValueError, match=r"^fmt must be 'png' or 'svg'"):
         render_stats.render_stats(store, "vid", tmp_path / "out", fmt="jpg")
 
