@@ -470,6 +470,38 @@ def test_allocation_failures_in_rust_are_errors_not_aborts() -> None:
         assert message.startswith(start) and "cannot allocate" in message, (name, message)
 
 
+_HUGE_REDUCTIONS = """
+    import json
+    import numpy as np
+    from attnmap import _native
+    rng = np.random.default_rng(0)
+    q, k = (rng.standard_normal((1, 2, 8, 16), dtype=np.float32) for _ in range(2))
+    columns = np.zeros(8, np.int64)
+    for n in (2**34, 2**40, 2**62):  # outputs of 512 GiB, 32 TiB and one whose size overflows
+        try:
+            _native.attention_groups(q, k, columns, num_columns=n, scale=0.25)
+            print(json.dumps([n, "ok", ""]), flush=True)
+        except Exception as e:
+            print(json.dumps([n, type(e).__name__, str(e)]), flush=True)
+    print(json.dumps(["alive", "", ""]), flush=True)
+"""
+
+
+def test_reductions_too_large_for_memory_are_errors_not_kills() -> None:
+    """A column count whose output the machine cannot hold is refused with an AttnmapError naming
+    num_columns, before the allocator grants it under overcommit and filling it kills the process
+    (the old code panicked in a worker thread, then was killed for memory)."""
+    proc = child(_HUGE_REDUCTIONS)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {err[-2000:]}"
+    got = [json.loads(line) for line in out.splitlines()]
+    assert got[-1][0] == "alive"
+    for n, kind, message in got[:-1]:
+        assert kind == "AttnmapError", (n, kind, message)
+        assert message.startswith("num_columns: "), (n, message)
+        assert "cannot allocate" in message or "too large" in message, (n, message)
+
+
 # -- encoder faults without a full disk -----------------------------------------------------------
 class _FailingContainer:
     """A PyAV output container whose ``close`` (the trailer) or packet-carrying ``mux`` fails as a full

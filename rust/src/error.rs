@@ -40,12 +40,36 @@ pub fn try_vec<T: Clone>(len: usize, value: T, arg: &'static str) -> Result<Vec<
 }
 
 /// Reserve room for `additional` more elements of `v` fallibly (see [`try_vec`]).
+///
+/// A large request (256 MiB or more) that exceeds the memory the system has available is refused
+/// too: with overcommit the allocator would grant it, and filling it would get the process killed.
 pub fn try_reserve<T>(v: &mut Vec<T>, additional: usize, arg: &'static str) -> Result<()> {
-    v.try_reserve_exact(additional)
-        .map_err(|_| Error::OutOfMemory {
-            arg,
-            bytes: additional.saturating_mul(std::mem::size_of::<T>()),
-        })
+    let bytes = additional.saturating_mul(std::mem::size_of::<T>());
+    let refused = Error::OutOfMemory { arg, bytes };
+    if bytes >= LARGE && available_memory().is_some_and(|free| bytes as u64 > free) {
+        return Err(refused);
+    }
+    v.try_reserve_exact(additional).map_err(|_| refused)
+}
+
+/// Requests from this size on are checked against [`available_memory`].
+const LARGE: usize = 1 << 28;
+
+/// The bytes the system can still give without swapping (Linux: `MemAvailable` plus free swap, from
+/// `/proc/meminfo`); None where that is not known.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib.saturating_mul(1024))
+    };
+    Some(field("MemAvailable:")?.saturating_add(field("SwapFree:").unwrap_or(0)))
 }
 
 impl fmt::Display for Error {
@@ -106,6 +130,31 @@ mod tests {
             "num_frames: cannot allocate 1152921504606846976 bytes (1073741824.0 GiB) for it"
         );
         assert_eq!(try_vec(3, 7u8, "size").unwrap(), vec![7, 7, 7]);
+    }
+
+    #[test]
+    fn requests_beyond_the_available_memory_are_refused_not_granted() {
+        let Some(free) = available_memory() else {
+            return;
+        }; // not Linux: nothing to compare with
+        assert!(free > 0);
+        let too_much = usize::try_from(free).unwrap_or(usize::MAX / 2) / 4 * 2 + 1; // f32s: 2x free
+        let e = try_vec(too_much, 0.0f32, "num_columns").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::OutOfMemory {
+                    arg: "num_columns",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string().starts_with("num_columns: cannot allocate"),
+            "{e}"
+        );
+        assert_eq!(try_vec(1 << 20, 0u8, "size").unwrap().len(), 1 << 20); // a small one is granted
     }
 
     #[test]

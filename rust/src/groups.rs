@@ -192,7 +192,8 @@ fn run(p: &Problem, groups: &Groups, fast: bool) -> Result<Array4<f32>> {
     let (b, h, r, _) = p.q.dim();
     let c = groups.num_columns;
     let hs = if p.per_head { h } else { 1 };
-    let mut out = Array4::<f32>::zeros((b, hs, r, c));
+    let mut out = Array4::from_shape_vec((b, hs, r, c), zeroed(b * hs * r * c, "num_columns")?)
+        .expect("sized to the shape");
     if r == 0 || c == 0 {
         return Ok(out);
     }
@@ -209,7 +210,7 @@ fn run(p: &Problem, groups: &Groups, fast: bool) -> Result<Array4<f32>> {
     let parts: Vec<Vec<f32>> = (0..b * chunks)
         .into_par_iter()
         .map(|t| work.task(t / chunks, (t % chunks) * ROW_CHUNK))
-        .collect();
+        .collect::<Result<_>>()?;
     for (t, part) in parts.iter().enumerate() {
         let (bi, r0) = (t / chunks, (t % chunks) * ROW_CHUNK);
         let rows = ROW_CHUNK.min(r - r0);
@@ -299,25 +300,18 @@ pub(crate) struct Rows {
 
 /// A zeroed buffer of `n` floats, or an error naming `what` where memory runs out.
 pub(crate) fn zeroed(n: usize, what: &'static str) -> Result<Vec<f32>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| {
-        Error::invalid(
-            what,
-            format!("cannot allocate {n} floats ({} bytes)", n.saturating_mul(4)),
-        )
-    })?;
-    v.resize(n, 0.0);
-    Ok(v)
+    crate::error::try_vec(n, 0.0, what)
 }
 
 impl Rows {
-    /// The state of `rows` rows (a multiple of [`MR`]) of `c` columns.
-    pub fn new(rows: usize, c: usize) -> Result<Self> {
+    /// The state of `rows` rows (a multiple of [`MR`]) of `c` columns; `what` names the argument
+    /// that sets `c` in an error.
+    pub fn new(rows: usize, c: usize, what: &'static str) -> Result<Self> {
         let n = rows
             .checked_mul(c)
-            .ok_or_else(|| Error::invalid("k", format!("{rows} rows x {c} columns overflow")))?;
+            .ok_or_else(|| Error::invalid(what, format!("{rows} rows x {c} columns overflow")))?;
         Ok(Rows {
-            acc: zeroed(n, "k")?,
+            acc: zeroed(n, what)?,
             max: vec![0.0; rows],
             sum: vec![0.0; rows],
             ent: vec![0.0; rows],
@@ -359,7 +353,7 @@ impl Rows {
 
 impl Work<'_, '_> {
     /// Rows `r0..r0 + ROW_CHUNK` of batch element `b`: `[Hs][rows][C]`.
-    fn task(&self, b: usize, r0: usize) -> Vec<f32> {
+    fn task(&self, b: usize, r0: usize) -> Result<Vec<f32>> {
         #[cfg(target_arch = "x86_64")]
         if self.fast {
             // SAFETY: `fast` says the CPU has AVX2 and FMA.
@@ -371,21 +365,21 @@ impl Work<'_, '_> {
     /// [`Work::task_any`] compiled for AVX2 with fused multiply-adds, tiles in [`avx2`].
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    fn task_fast(&self, b: usize, r0: usize) -> Vec<f32> {
+    fn task_fast(&self, b: usize, r0: usize) -> Result<Vec<f32>> {
         self.task_any::<true>(b, r0)
     }
 
     #[inline(always)]
-    fn task_any<const FAST: bool>(&self, b: usize, r0: usize) -> Vec<f32> {
+    fn task_any<const FAST: bool>(&self, b: usize, r0: usize) -> Result<Vec<f32>> {
         let p = self.p;
         let (_, h, r, d) = p.q.dim();
         let c = self.groups.num_columns;
         let rows = ROW_CHUNK.min(r - r0);
         let padded = rows.div_ceil(MR) * MR;
         let hs = if p.per_head { h } else { 1 };
-        let mut out = vec![0.0f32; hs * rows * c];
+        let mut out = zeroed(hs * rows * c, "num_columns")?;
         let mut q = vec![0.0f32; padded * d];
-        let mut st = Rows::new(padded, c).expect("checked in Problem::check");
+        let mut st = Rows::new(padded, c, "num_columns")?;
         for head in 0..h {
             self.softmax_head::<FAST, false>(b, head, r0, rows, &mut q, &mut st);
             let slot = if p.per_head { head } else { 0 };
@@ -400,7 +394,7 @@ impl Work<'_, '_> {
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     /// [`Work::softmax_head`] in the build the CPU allows, with the entropy sums or not.

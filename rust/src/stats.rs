@@ -395,7 +395,7 @@ fn work_task(work: &Work, plan: &Plan, acc: &mut Acc, b: usize, r0: usize) -> Re
     if acc.scratch.is_none() {
         let padded = ROW_CHUNK.div_ceil(MR) * MR;
         acc.scratch = Some(Scratch {
-            st: Rows::new(padded, c)?,
+            st: Rows::new(padded, c, "k")?,
             summed: if work.p.per_head {
                 Vec::new()
             } else {
