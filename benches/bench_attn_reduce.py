@@ -27,7 +27,6 @@ import torch
 from _timing import best_of, best_wall
 from attnmap import reduce as ops
 from attnmap.layout import Layout
-from attnmap.reduce import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADS, DIM = 4, 64
@@ -51,7 +50,6 @@ def _cpu_layout(n: int) -> Layout:
 _PEAK_SCRIPT = """
 import json, sys, torch
 from attnmap import reduce as ops
-from attnmap.reduce import reference
 from attnmap.layout import Layout
 method, n, heads, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 names = tuple(sys.argv[5].split(","))
@@ -62,7 +60,7 @@ q, k, v = (torch.randn(1, heads, n, dim) for _ in range(3))
 small = Layout.self_attn(grid=(1, 4, 4))
 qs = torch.randn(1, heads, 16, dim)
 ops.attention_sums(qs, qs, small, names, backend="auto", block_size=size and (1, 2, 2))
-reference.attention_sums(qs, qs, small, names, block_size=size and (1, 2, 2))
+ops.attention_sums(qs, qs, small, names, block_size=size and (1, 2, 2), backend="reference")
 torch.nn.functional.scaled_dot_product_attention(qs, qs, qs)
 def status(key):
     for line in open("/proc/self/status"):
@@ -73,7 +71,7 @@ base = status("VmRSS")
 if method == "torch":
     ops.attention_sums(q, k, lay, names, backend="auto", block_size=size)
 elif method == "reference":
-    reference.attention_sums(q, k, lay, names, block_size=size)
+    ops.attention_sums(q, k, lay, names, block_size=size, backend="reference")
 else:
     torch.nn.functional.scaled_dot_product_attention(q, k, v)
 print(json.dumps({"peak_extra": status("VmHWM") - base}))
@@ -146,7 +144,7 @@ def test_cpu_torch_backend(benchmark: Any, request: pytest.FixtureRequest, size:
     out = ours()
     fits = HEADS * n * n * 4 <= 2**30
     if fits:  # correctness first: the materialising oracle on the same inputs
-        ref = reference.attention_sums(q, k, lay, reductions)
+        ref = ops.attention_sums(q, k, lay, reductions, backend="reference")
         for name in reductions:
             torch.testing.assert_close(out[name], ref[name], rtol=1e-4, atol=1e-6)
     else:  # too big for the oracle here: its invariants (rows of P sum to one)
@@ -157,7 +155,11 @@ def test_cpu_torch_backend(benchmark: Any, request: pytest.FixtureRequest, size:
     reps = 3 if n <= 4096 else 2  # best of 2 at 16,384: one slow round on a shared machine is not the method
     t_sdpa = _best(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), reps)
     t_ours = _best(ours, reps)
-    t_ref = _best(lambda: reference.attention_sums(q, k, lay, reductions), reps) if fits else float("nan")
+    t_ref = (
+        _best(lambda: ops.attention_sums(q, k, lay, reductions, backend="reference"), reps)
+        if fits
+        else float("nan")
+    )
     mem_ours = _peak_extra("torch", n, reductions)
     mem_sdpa = _peak_extra("sdpa", n, reductions)
     # the materialising method's one [B, H, N, N] fp32 map (the oracle itself works in float64)
@@ -205,7 +207,7 @@ def test_cpu_statistics(benchmark: Any, request: pytest.FixtureRequest) -> None:
         "attnmap.reduce.native"
     )
     if n <= 2048:  # correctness first: the float64 oracle on the same inputs
-        ref = reference.attention_sums(q, k, lay, STATS, block_size=STATS_CUBES)
+        ref = ops.attention_sums(q, k, lay, STATS, block_size=STATS_CUBES, backend="reference")
         for name in STATS:
             scale = float(ref[name].abs().max())
             assert float((out[name] - ref[name]).abs().max()) <= 1e-4 * scale, name
@@ -311,8 +313,7 @@ def test_gpu_model_shapes(benchmark: Any, request: pytest.FixtureRequest, case: 
     # correctness first: Triton against the torch backend (and the reference when it fits)
     ours = ops.attention_sums(q, k, lay, reductions)
     ours_lse = ops.attention_sums(q, k, lay, reductions, lse=lse)
-    check = reference.attention_sums if n <= 4096 else None
-    base = (check or (lambda *a, **kw: ops.attention_sums(*a, **kw, backend="auto")))(q, k, lay, reductions)
+    base = ops.attention_sums(q, k, lay, reductions, backend="reference" if n <= 4096 else "blocks")
     for name in reductions:
         for got in (ours[name], ours_lse[name]):
             scale = float(base[name].abs().max())
@@ -374,7 +375,7 @@ def test_gpu_statistics(benchmark: Any, request: pytest.FixtureRequest, case: st
     out = ops.attention_sums(q, k, lay, names, block_size=(4, 4, 4))
     # correctness first: the oracle where it fits, else the sum rules
     if n <= 4096:
-        ref = reference.attention_sums(q, k, lay, names, block_size=(4, 4, 4))
+        ref = ops.attention_sums(q, k, lay, names, block_size=(4, 4, 4), backend="reference")
         for name in names:
             scale = float(ref[name].abs().max())
             assert float((out[name] - ref[name]).abs().max()) <= 2e-3 * scale, name

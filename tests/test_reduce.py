@@ -15,7 +15,6 @@ import torch
 
 from attnmap import reduce as ops
 from attnmap.layout import Layout
-from attnmap.reduce import reference
 from conftest import CUDA, HAS_TRITON, TRITON_DEVICE, assert_close, make_qk, reduce_with
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton missing (or not interpretable here)")
@@ -46,7 +45,7 @@ def _check(
     **kw: object,
 ) -> dict[str, torch.Tensor]:
     out = reduce_with(backend, q, k, lay, reductions, **kw)
-    ref = reference.attention_sums(q, k, lay, reductions, **kw)  # type: ignore[arg-type]
+    ref = ops.attention_sums(q, k, lay, reductions, **kw, backend="reference")  # type: ignore[arg-type]
     assert set(out) == set(reductions)
     for name in reductions:
         assert out[name].device == q.device
@@ -163,8 +162,16 @@ def test_lse_one_pass(backend: tuple[str, str]) -> None:
         probe=probe,
         block_size=5,
     )
-    ref = reference.attention_sums(
-        q, k, lay, _all(lay), scale=0.25, key_padding_mask=keep, probe=probe, block_size=5
+    ref = ops.attention_sums(
+        q,
+        k,
+        lay,
+        _all(lay),
+        scale=0.25,
+        key_padding_mask=keep,
+        probe=probe,
+        block_size=5,
+        backend="reference",
     )
     for name in ref:
         assert_close(name, ref[name], out[name], 1e-4)
@@ -177,7 +184,7 @@ def test_strided_inputs(backend: tuple[str, str]) -> None:
     qs, ks = q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2)
     assert not qs.is_contiguous()
     a = reduce_with(backend[0], qs, ks, lay, ("cross", "temporal"))
-    b = reference.attention_sums(q, k, lay, ("cross", "temporal"))
+    b = ops.attention_sums(q, k, lay, ("cross", "temporal"), backend="reference")
     for name in a:
         assert_close(name, b[name], a[name], 1e-4)
 
@@ -192,7 +199,7 @@ def test_text_groups_sum_their_columns(name: str, per_head: bool, backend: tuple
     groups = [[1, 2, 1], [2], [np.int64(0)], list(range(3, lay.text))]
     names = tuple(r for r in ("cross", "text", "temporal") if lay.supports(r))
     out = reduce_with(backend[0], q, k, lay, names, per_head=per_head, text_groups=groups)
-    full = reference.attention_sums(q.cpu(), k.cpu(), lay, names, per_head=per_head)
+    full = ops.attention_sums(q.cpu(), k.cpu(), lay, names, per_head=per_head, backend="reference")
     for n in names:
         sets = [sorted(set(g)) for g in groups]
         want = full[n] if n != "cross" else torch.stack([full[n][..., g].sum(-1) for g in sets], -1)
@@ -278,7 +285,7 @@ def test_grouped_path_half_and_stridedmake_qk(
     q, k = make_qk(lay, heads=2, d=64, seed=13, dtype=dtype)
     qs, ks = q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2)
     out = ops.attention_sums(qs, ks, lay, _grouped(lay), backend="auto")
-    ref = reference.attention_sums(q, k, lay, _grouped(lay))
+    ref = ops.attention_sums(q, k, lay, _grouped(lay), backend="reference")
     for name in ref:
         assert_close(name, ref[name], out[name], TOL[dtype])
     assert native_calls
@@ -291,7 +298,7 @@ def test_grouped_path_gives_nan_rows_never_silent_zeros(native_calls: list[tuple
     k[1, 0, 0, 0] = float("nan")  # one key of batch 1: every row of head 0 is NaN
     names = _grouped(lay)
     out = ops.attention_sums(q, k, lay, names, backend="auto", check_finite=False, per_head=True)
-    ref = reference.attention_sums(q, k, lay, names, check_finite=False, per_head=True)
+    ref = ops.attention_sums(q, k, lay, names, check_finite=False, per_head=True, backend="reference")
     for name in names:
         assert torch.equal(out[name].isnan(), ref[name].isnan()), name
         assert_close(name, ref[name][0, 0], out[name][0, 0], 1e-4)
@@ -335,7 +342,7 @@ def test_grouped_reductions_with_lse_read_it(native_calls: list[tuple[int, ...]]
     names = _grouped(lay)
     right = ops.attention_sums(q, k, lay, names, lse=lse, backend="auto")
     shifted = ops.attention_sums(q, k, lay, names, lse=lse + math.log(2.0), backend="auto")
-    ref = reference.attention_sums(q, k, lay, names)
+    ref = ops.attention_sums(q, k, lay, names, backend="reference")
     for name in names:
         assert_close(name, ref[name], right[name], 1e-4)
         assert_close(name, ref[name] / 2, shifted[name], 1e-4)
@@ -352,7 +359,7 @@ def test_triton_head_groups_and_many_blocks(groups: int) -> None:
     q, k = make_qk(lay, heads=6, kv_heads=3, seed=groups, device=TRITON_DEVICE)
     call = ops.prepare_call(q, k, lay, ("temporal", "received", "full"))
     out = triton.run(call, block_m=16, block_n=16, head_groups=groups)
-    ref = reference.attention_sums(q, k, lay, ("temporal", "received", "full"))
+    ref = ops.attention_sums(q, k, lay, ("temporal", "received", "full"), backend="reference")
     for name in ref:
         assert_close(name, ref[name], out[name], 1e-4)
 
@@ -437,7 +444,7 @@ def test_check_finite_off_gives_nan_never_silent_zeros(backend: tuple[str, str])
     k[1, 0, 0, 0] = float("nan")  # one key of batch 1: every row of head 0 is NaN
     names = ("cross", "temporal", "received")
     out = reduce_with(backend[0], q, k, lay, names, check_finite=False, per_head=True)
-    ref = reference.attention_sums(q, k, lay, names, check_finite=False, per_head=True)
+    ref = ops.attention_sums(q, k, lay, names, check_finite=False, per_head=True, backend="reference")
     for name in names:
         got, want = out[name].cpu(), ref[name]
         assert torch.equal(got.isnan(), want.isnan()), (
@@ -506,7 +513,9 @@ def test_sdpa_with_lse(mask_kind: str, device: str) -> None:
         a = ops.attention_sums(
             qd, kd, lay, ("cross", "received"), scale=0.1, key_padding_mask=mask, lse=lse, backend="auto"
         )
-        b = reference.attention_sums(qd, kd, lay, ("cross", "received"), scale=0.1, key_padding_mask=mask)
+        b = ops.attention_sums(
+            qd, kd, lay, ("cross", "received"), scale=0.1, key_padding_mask=mask, backend="reference"
+        )
         for name in a:
             assert_close(name, b[name], a[name], TOL[dtype])
 
@@ -612,7 +621,7 @@ def test_statistics_with_lse_read_it(stats_backend: tuple[str, str]) -> None:
         lse=(lse + math.log(2.0)).float().to(dev),
         block_size=4,
     )
-    ref = reference.attention_sums(q, k, lay, names, block_size=4)
+    ref = ops.attention_sums(q, k, lay, names, block_size=4, backend="reference")
     p = torch.softmax(logits, dim=-1)
     entropy_shifted = (p / 2 * (lse[..., None] + math.log(2.0) - logits)).sum(-1).mean(1)
     for name in names:
@@ -641,7 +650,7 @@ def test_statistics_sum_rules(stats_backend: tuple[str, str]) -> None:
     )
     sizes = sizes.to(cube_rows.device, torch.float32)
     torch.testing.assert_close((cube_rows * sizes).sum(-1) / sizes.sum(), video_mass, rtol=0, atol=1e-5)
-    exact = reference.attention_sums(q.cpu(), k.cpu(), lay, names, block_size=(1, h, w))
+    exact = ops.attention_sums(q.cpu(), k.cpu(), lay, names, block_size=(1, h, w), backend="reference")
     assert torch.equal(exact["blocks"], exact["temporal"])
 
 
@@ -677,8 +686,15 @@ def test_statistics_with_check_finite_off_give_nan(stats_backend: tuple[str, str
     out = reduce_with(
         stats_backend[0], q, k, lay, names, check_finite=False, per_head=True, block_size=(3, 5)
     )
-    ref = reference.attention_sums(
-        q.cpu(), k.cpu(), lay, names, check_finite=False, per_head=True, block_size=(3, 5)
+    ref = ops.attention_sums(
+        q.cpu(),
+        k.cpu(),
+        lay,
+        names,
+        check_finite=False,
+        per_head=True,
+        block_size=(3, 5),
+        backend="reference",
     )
     for name in names:
         got, want = out[name].cpu(), ref[name]
@@ -712,7 +728,7 @@ def test_block_size_is_checked_by_name() -> None:
     with pytest.raises(
         ValueError, match=r"^block_size: video cubes \(1, 2, 2\) need video keys, and Layout\.cross"
     ):
-        reference.attention_sums(qc, kc, cross, ("blocks",), block_size=(1, 2, 2))
+        ops.attention_sums(qc, kc, cross, ("blocks",), block_size=(1, 2, 2), backend="reference")
     with pytest.raises(ValueError, match=r"^reductions: 'distance' is not defined for Layout\.cross"):
         ops.attention_sums(qc, kc, cross, ("distance",))
     # numpy integers and lists count; one int is a square token tile

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from attnmap.analysis import stats
 from attnmap.cli import app
 from attnmap.layout import Layout
-from attnmap.reduce import reference
+from attnmap.reduce import attention_sums
 from attnmap.render import stats as render_stats
 from attnmap.store import StoreWriter, open_store
 from conftest import colormap_rgb, has_colour, read_png
@@ -30,7 +30,7 @@ def statistics() -> dict[str, np.ndarray]:
     g = torch.Generator().manual_seed(0)
     q, k = (torch.randn(1, 3, lay.num_queries, 16, generator=g) * 2 for _ in range(2))
     names = ("blocks", "distance", "entropy", "received")
-    out = reference.attention_sums(q, k, lay, names, per_head=True, block_size=(2, 2, 2))
+    out = attention_sums(q, k, lay, names, per_head=True, block_size=(2, 2, 2), backend="reference")
     return {n: t[0].numpy() for n, t in out.items()}
 
 

@@ -13,7 +13,7 @@ import torch
 
 from attnmap.analysis import stats
 from attnmap.layout import Layout
-from attnmap.reduce import attention_sums, reference
+from attnmap.reduce import attention_sums
 from attnmap.store import StoreWriter, open_store
 
 GRID = (3, 4, 4)
@@ -139,7 +139,9 @@ def _write_store(root: Path) -> dict[str, np.ndarray]:
     a, b = _statistics(), _statistics()
     cross = Layout.cross(grid=GRID, text=6)
     qc, kc = torch.randn(1, 4, cross.num_queries, 32), torch.randn(1, 4, 6, 32)
-    text = reference.attention_sums(qc, kc, cross, ("received", "blocks"), per_head=True, block_size=(8, 2))
+    text = attention_sums(
+        qc, kc, cross, ("received", "blocks"), per_head=True, block_size=(8, 2), backend="reference"
+    )
     maps = {}
     for name in ("blocks", "distance", "entropy", "received"):
         maps[f"{name}/block0"] = a[name][0].numpy()

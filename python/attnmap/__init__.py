@@ -5,7 +5,8 @@ analyse them and render them. The main verbs are here; the rest lives in its mod
 
 - :func:`capture` (a model or pipeline, as it runs) -> :class:`Recorder`;
 - :func:`attention_sums` (one attention call's q, k and :class:`Layout` -> small maps), with the
-  materialising oracle :mod:`attnmap.reference`; backends and ``sdpa_with_lse`` in :mod:`attnmap.reduce`;
+  float64 oracle ``backend="reference"`` (:mod:`attnmap.reference`); backends and ``sdpa_with_lse`` in
+  :mod:`attnmap.reduce`;
 - :func:`open_store` (read what capture stored; writing: :mod:`attnmap.store`);
 - :func:`render_video` (a stored video's heatmap videos and overlays) with :class:`RenderOptions`;
   frames, video files and figures in :mod:`attnmap.render`;

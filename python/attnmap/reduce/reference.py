@@ -1,7 +1,7 @@
-"""The materialising oracle of :func:`attnmap.attention_sums`: plain float64 torch, P held whole.
+"""The materialising oracle, ``attnmap.attention_sums(..., backend="reference")``: plain float64
+torch, P held whole.
 
-Same contract as :func:`attnmap.attention_sums` (same arguments, validation and float32 outputs),
-but it builds P = softmax(scale * q k^T + mask) as one float64 ``[B, H, Nq, Nk]`` tensor with
+Same contract as the other backends (the same validated call, float32 outputs), but it builds P = softmax(scale * q k^T + mask) as one float64 ``[B, H, Nq, Nk]`` tensor with
 ``torch.softmax`` and slices it, each reduction written the plain way (``distance`` from every
 pair's offset, ``entropy`` as ``-sum P ln P``). It is what every backend is tested against; use it
 on small inputs only.
@@ -10,13 +10,11 @@ on small inputs only.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Optional
 
 import torch
 
-from attnmap.layout import Layout
-from attnmap.reduce.contract import AttentionCall, BlockSize, Reductions, block_grid, group_text, prepare_call
+from attnmap.reduce.contract import AttentionCall, block_grid, group_text
 
 F64 = torch.float64
 
@@ -104,46 +102,3 @@ def sums_of(call: AttentionCall) -> dict[str, torch.Tensor]:
         r = r if call.per_head else r.mean(dim=1)
         out[name] = r.to(device=call.q.device, dtype=torch.float32).contiguous()
     return out
-
-
-def attention_sums(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    layout: Layout,
-    reductions: Reductions = ("cross", "temporal"),
-    *,
-    per_head: bool = False,
-    scale: Optional[float] = None,
-    key_padding_mask: Optional[torch.Tensor] = None,
-    probe: Optional[torch.Tensor] = None,
-    lse: Optional[torch.Tensor] = None,
-    check_finite: bool = True,
-    text_groups: Optional[Sequence[Sequence[int]]] = None,
-    block_size: Optional[BlockSize] = None,
-) -> dict[str, torch.Tensor]:
-    """:func:`attnmap.attention_sums`, computed by materialising P (O(B H Nq Nk) memory).
-
-    Args and Returns: as :func:`attnmap.attention_sums` (without ``backend``).
-
-    Example:
-        >>> lay = Layout.cross(grid=(1, 2, 2), text=3)
-        >>> q, k = torch.randn(1, 2, 4, 32), torch.randn(1, 2, 3, 32)
-        >>> attention_sums(q, k, lay, ("cross",))["cross"].sum(-1)
-        tensor([[1.0000, 1.0000, 1.0000, 1.0000]])
-    """
-    call = prepare_call(
-        q,
-        k,
-        layout,
-        reductions,
-        per_head=per_head,
-        scale=scale,
-        key_padding_mask=key_padding_mask,
-        probe=probe,
-        lse=lse,
-        check_finite=check_finite,
-        text_groups=text_groups,
-        block_size=block_size,
-    )
-    with torch.no_grad():
-        return run(call)
