@@ -16,6 +16,19 @@ import attnmap
 PYTHON_DIR = Path(__file__).resolve().parent.parent / "python"
 
 
+def fresh_interpreter(code: str) -> str:
+    """What ``code`` prints in a new interpreter that finds only this tree's attnmap (and no tools)."""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(PYTHON_DIR), "PATH": ""},
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
 def test_public_names_are_the_objects_their_modules_define() -> None:
     import attnmap.analysis
     import attnmap.capture.recorder
@@ -71,15 +84,7 @@ def test_import_is_cheap_and_render_needs_no_torch() -> None:
         "attnmap.open_store, attnmap.RenderOptions()\n"
         "print(sorted(m for m in ('torch', 'matplotlib', 'av') if m in sys.modules))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(PYTHON_DIR), "PATH": ""},
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert fresh_interpreter(code) == "[]"
 
 
 def test_capture_and_rollout_stay_callable_whatever_is_imported_first() -> None:
@@ -101,12 +106,4 @@ def test_capture_and_rollout_stay_callable_whatever_is_imported_first() -> None:
         "    raise AssertionError('capture of a module without attention did not raise')\n"
         "print('ok')\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(PYTHON_DIR), "PATH": ""},
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    assert fresh_interpreter(code) == "ok"

@@ -178,12 +178,16 @@ impl Problem<'_> {
 /// A row whose keys are all excluded is zero; a row with NaN or `+inf` among its logits (NaN or
 /// inf in q or k) is NaN in every column, never a silent number.
 pub fn grouped_sums(p: &Problem, groups: &Groups) -> Result<Array4<f32>> {
+    run(p, groups, has_avx2_fma())
+}
+
+/// Whether this CPU runs the AVX2 + FMA build of the kernels.
+pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
-    let fast =
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    return std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma");
     #[cfg(not(target_arch = "x86_64"))]
-    let fast = false;
-    run(p, groups, fast)
+    return false;
 }
 
 /// [`grouped_sums`] with the AVX2 + FMA build (`fast`) or the plain one.
@@ -909,8 +913,7 @@ pub(crate) mod tests {
     /// The builds this CPU runs: the plain one, and AVX2 + FMA where it has both.
     pub(crate) fn builds() -> Vec<bool> {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if has_avx2_fma() {
             return vec![false, true];
         }
         vec![false]
@@ -1081,8 +1084,7 @@ pub(crate) mod tests {
         let xs: Vec<f32> = (0..200_000).map(|i| 10.0 - i as f32 * 4.9e-4).collect(); // 10 .. -88
         let mut lanes = xs.clone();
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if has_avx2_fma() {
             for chunk in lanes.chunks_exact_mut(8) {
                 // SAFETY: the CPU has AVX2 and FMA.
                 unsafe { avx2::exp_in_place(chunk) };

@@ -274,12 +274,7 @@ fn add(dst: &mut [f32], src: &[f32]) {
 /// A row whose keys are all excluded contributes zero (entropy 0); a row with NaN or `+inf` among
 /// its logits is NaN in everything it touches, never a silent number.
 pub fn attention_stats(p: &Problem, spec: &Spec) -> Result<Stats> {
-    #[cfg(target_arch = "x86_64")]
-    let fast =
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
-    #[cfg(not(target_arch = "x86_64"))]
-    let fast = false;
-    run(p, spec, fast)
+    run(p, spec, crate::groups::has_avx2_fma())
 }
 
 /// [`attention_stats`] with the AVX2 + FMA build (`fast`) or the plain one.

@@ -80,6 +80,14 @@ def _array(name: str, value: object, ndims: Sequence[int]) -> np.ndarray:
     return arr
 
 
+def _square(name: str, value: object, axes: str) -> np.ndarray:
+    """``value`` as a square 2-D array (``axes`` says what its sides are, for the error)."""
+    arr = _array(name, value, (2,))
+    if arr.shape[0] != arr.shape[1]:
+        raise AttnmapError(f"{name} must be square [{axes}, {axes}], got shape {arr.shape}")
+    return arr
+
+
 def _check_colormap(colormap: str) -> str:
     if colormap not in matplotlib.colormaps:
         raise AttnmapError(f"colormap must be a matplotlib colormap name such as 'hot', got {colormap!r}")
@@ -190,9 +198,7 @@ def temporal_matrix(
     Returns:
         The path written.
     """
-    arr = _array("matrix", matrix, (2,))
-    if arr.shape[0] != arr.shape[1]:
-        raise AttnmapError(f"matrix must be square [F, F], got shape {arr.shape}")
+    arr = _square("matrix", matrix, "F")
     return _matrix_figure(
         arr,
         path,
@@ -223,9 +229,7 @@ def text_attention(
     Returns:
         The path written.
     """
-    arr = _array("matrix", matrix, (2,))
-    if arr.shape[0] != arr.shape[1]:
-        raise AttnmapError(f"matrix must be square [Nt, Nt], got shape {arr.shape}")
+    arr = _square("matrix", matrix, "Nt")
     if labels is not None and len(labels) != arr.shape[0]:
         raise AttnmapError(f"labels must name the {arr.shape[0]} text tokens, got {len(labels)} labels")
     return _matrix_figure(
