@@ -905,6 +905,26 @@ def sana_wm(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, kwargs
 
 
+def joyimage_edit(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """diffusers JoyImageEditTransformer3DModel: joint attention over [video, text] (no mask); latents
+    [B, items, C, F, H, W] as its pipeline passes them ([reference image, target]; the model puts the
+    target's frames first on one frame axis); grid (2, 4, 4), text 12."""
+    from diffusers import JoyImageEditTransformer3DModel
+
+    _seed(seed)
+    model = JoyImageEditTransformer3DModel(
+        patch_size=[1, 2, 2], in_channels=16, hidden_size=32, num_attention_heads=2, text_dim=16, num_layers=2,
+        rope_dim_list=[4, 6, 6], theta=256,
+    ).eval()  # fmt: skip
+    kwargs = {
+        "hidden_states": torch.randn(1, 2, 16, 1, 8, 8),
+        "timestep": torch.tensor([500.0]),
+        "encoder_hidden_states": torch.randn(1, 12, 16),
+        "return_dict": False,
+    }
+    return model, kwargs
+
+
 def wan_i2v(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
     return wan(seed, i2v=True)
 
@@ -938,6 +958,7 @@ VIDEO_TRANSFORMERS = {
     "sana-video": sana_video,
     "latte": latte,
     "sana-wm": sana_wm,
+    "joyimage-edit": joyimage_edit,
 }
 
 FAMILIES = {

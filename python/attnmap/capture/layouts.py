@@ -1,6 +1,7 @@
 """Layouts: which tokens of an attention call are video, text or other context, from shapes.
 
-A watched model's forward inputs give the video grid: the 5-D latent (or pixel) input divided by the model's patch sizes
+A watched model's forward inputs give the video grid: the 5-D latent (or pixel) input (a 6-D one
+of items side by side on the frame axis: JoyImage) divided by the model's patch sizes
 (``config.patch_size`` / ``patch_size_t`` / ``tubelet_size``), or the latent sizes a model takes as
 ``num_frames`` / ``height`` / ``width`` (LTX), plus the lengths of its text and other contexts
 (``encoder_hidden_states``, [B, 1, L, D] captions too; image and audio inputs) and the real text
@@ -50,7 +51,7 @@ class FamilySpec:
     family: str
     classes: tuple[str, ...] = ()  # class names of the family's core module
     video_input: str = ""  # the forward argument holding the latents (default: the first 5-D one)
-    video_axes: str = ""  # "BCFHW", "BFCHW" or "BFHWC"; "" infers it from the config's in_channels
+    video_axes: str = ""  # "BCFHW", "BFCHW", "BFHWC" or "BNCFHW"; "" infers it from the config's in_channels
     text_first: bool = True  # joint calls put the text before the video
     context: tuple[str, ...] = (
         "encoder_hidden_states",
@@ -149,6 +150,12 @@ FAMILIES: tuple[FamilySpec, ...] = (
         linear=("SanaWMBidirectionalGDNAttention", "SanaWMBidirectionalGDNCamAttention"),
     ),
     FamilySpec(family="latte", classes=("LatteTransformer3DModel",), vae_stride=(1, 8, 8), causal_vae=False),
+    FamilySpec(  # latents [B, items, C, F, H, W]: the target's and the reference images' frames, one sequence
+        family="joyimage-edit",
+        classes=("JoyImageEditTransformer3DModel",),
+        video_axes="BNCFHW",
+        text_first=False,
+    ),
     FamilySpec(
         family="vjepa2",
         classes=("VJEPA2Model",),
@@ -315,7 +322,7 @@ def patch_size(core: torch.nn.Module) -> tuple[int, int, int]:
 
 
 def _axes(shape: Sequence[int], spec: FamilySpec, channels: Optional[int]) -> str:
-    if spec.video_axes:
+    if len(spec.video_axes) == len(shape):
         return spec.video_axes
     for axes, axis in (("BCFHW", 1), ("BFCHW", 2), ("BFHWC", 4)):
         if channels is not None and shape[axis] == channels:
@@ -352,7 +359,7 @@ def read_inputs(core: torch.nn.Module, spec: FamilySpec, args: Mapping[str, Any]
         else ["hidden_states", "pixel_values_videos", "pixel_values", "x", "sample"]
     )
     video = next((args[n] for n in names if isinstance(args.get(n), torch.Tensor)), None)
-    if video is None or video.dim() not in (3, 4, 5):
+    if video is None or video.dim() not in (3, 4, 5, len(spec.video_axes)):
         video = next((v for v in args.values() if isinstance(v, torch.Tensor) and v.dim() == 5), None)
     pt, ph, pw = patch_size(core)
     if isinstance(video, torch.Tensor):
@@ -362,6 +369,8 @@ def read_inputs(core: torch.nn.Module, spec: FamilySpec, args: Mapping[str, Any]
             axes = _axes(shape, spec, _config(core, "in_channels", "in_visual_dim", "in_dim", "num_channels"))
             f, h, w = (shape[axes.index(a)] for a in "FHW")
             latent = (f, h, w)
+        elif len(shape) == 6 and spec.video_axes == "BNCFHW":  # N items side by side on the frame axis
+            latent = (shape[1] * shape[3], shape[4], shape[5])
         elif len(shape) == 4 and spec.pixel_input:  # an image model: (B, C, H, W)
             latent = (1, shape[2], shape[3])
         elif len(shape) == 3 and all(isinstance(args.get(n), int) for n in ("num_frames", "height", "width")):
