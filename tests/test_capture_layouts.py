@@ -177,6 +177,25 @@ def test_hunyuan15_puts_its_text_after_the_real_image_and_byt5_tokens_of_each_ro
     assert (got.joint_context, got.text_offset) == (13, [3 + 3, 3 + 1])
 
 
+def test_a_caption_of_one_row_per_batch_row_is_the_text() -> None:
+    """Sana-WM / PixArt pass the prompt as [B, 1, L, D]; its mask gives the real tokens."""
+    core = Latents(in_channels=4, patch_size=(1, 2, 2))
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
+    args = {"hidden_states": torch.zeros(2, 4, 1, 2, 2), "encoder_hidden_states": torch.randn(2, 1, 6, 3)}
+    got = layouts.read_inputs(core, layouts.GENERIC, {**args, "encoder_attention_mask": mask})
+    assert (got.text_len, got.text_real, got.joint_context) == (6, [4, 2], 6)
+
+
+def test_items_side_by_side_on_the_frame_axis_make_one_grid() -> None:
+    """JoyImage Edit's latents [B, items, C, F, H, W]; a 5-D video of the same family still reads as BCFHW."""
+    spec = layouts.family_of(type("JoyImageEditTransformer3DModel", (torch.nn.Module,), {})())
+    core = Latents(in_channels=16, patch_size=[1, 2, 2])
+    items = layouts.read_inputs(core, spec, {"hidden_states": torch.zeros(1, 2, 16, 1, 8, 10)})
+    assert (items.latent, items.grid, items.batch) == ((2, 8, 10), (2, 4, 5), 1)
+    video = layouts.read_inputs(core, spec, {"hidden_states": torch.zeros(1, 16, 3, 8, 10)})
+    assert video.grid == (3, 4, 5)
+
+
 def test_a_key_padding_mask_is_read_on_the_video_rows() -> None:
     keys = torch.tensor([True, True, False, True, False])
     kp, vary = layouts.key_padding(keys[None, None, None, :], 1, 2, 5, slice(0, 3))  # type: ignore[misc]

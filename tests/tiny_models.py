@@ -877,6 +877,54 @@ def cogvideox_pipeline(seed: int = 0) -> Any:
     )  # fmt: skip
 
 
+def sana_wm(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """diffusers SanaWMTransformer3DModel: per block a camera-controlled self-attention (a main and a
+    camera branch: gated-delta-net linear attention, softmax SDPA in every 2nd block) and a cross-attention
+    to the text (9 of 12 tokens real); identity cameras; grid (2, 4, 4)."""
+    from diffusers import SanaWMTransformer3DModel
+
+    _seed(seed)
+    model = SanaWMTransformer3DModel(
+        in_channels=4, num_layers=2, hidden_size=32, num_attention_heads=2, patch_size=(1, 2, 2), softmax_every_n=2,
+        linear_head_dim=16, conv_kernel_size=2, use_chunk_plucker_post_attn=False, chunk_plucker_post_attn_blocks=0,
+        caption_channels=16, mlp_ratio=2.0,
+    ).eval()  # fmt: skip
+    camera = torch.zeros(1, 2, 20)  # per frame: camera-to-world 4x4, then fx, fy, cx, cy in pixels
+    camera[..., :16] = torch.eye(4).flatten()
+    camera[..., 16:] = torch.tensor([8.0, 8.0, 4.0, 4.0])
+    mask = torch.ones(1, 12)
+    mask[:, 9:] = 0
+    kwargs = {
+        "hidden_states": torch.randn(1, 4, 2, 8, 8),
+        "timestep": torch.full((1, 1, 2), 500.0),  # one per frame
+        "encoder_hidden_states": torch.randn(1, 1, 12, 16),
+        "encoder_attention_mask": mask,
+        "camera_conditions": camera,
+        "return_dict": False,
+    }
+    return model, kwargs
+
+
+def joyimage_edit(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """diffusers JoyImageEditTransformer3DModel: joint attention over [video, text] (no mask); latents
+    [B, items, C, F, H, W] as its pipeline passes them ([reference image, target]; the model puts the
+    target's frames first on one frame axis); grid (2, 4, 4), text 12."""
+    from diffusers import JoyImageEditTransformer3DModel
+
+    _seed(seed)
+    model = JoyImageEditTransformer3DModel(
+        patch_size=[1, 2, 2], in_channels=16, hidden_size=32, num_attention_heads=2, text_dim=16, num_layers=2,
+        rope_dim_list=[4, 6, 6], theta=256,
+    ).eval()  # fmt: skip
+    kwargs = {
+        "hidden_states": torch.randn(1, 2, 16, 1, 8, 8),
+        "timestep": torch.tensor([500.0]),
+        "encoder_hidden_states": torch.randn(1, 12, 16),
+        "return_dict": False,
+    }
+    return model, kwargs
+
+
 def wan_i2v(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
     return wan(seed, i2v=True)
 
@@ -909,6 +957,8 @@ VIDEO_TRANSFORMERS = {
     "ltx2": ltx2,
     "sana-video": sana_video,
     "latte": latte,
+    "sana-wm": sana_wm,
+    "joyimage-edit": joyimage_edit,
 }
 
 FAMILIES = {

@@ -1,10 +1,11 @@
 """Layouts: which tokens of an attention call are video, text or other context, from shapes.
 
-A watched model's forward inputs give the video grid: the 5-D latent (or pixel) input divided by the
-model's patch sizes (``config.patch_size`` / ``patch_size_t`` / ``tubelet_size``), or the latent
-sizes a model takes as ``num_frames`` / ``height`` / ``width`` (LTX), plus the lengths of its text
-and other contexts (``encoder_hidden_states``, image and audio inputs) and the real text length of
-each row (from its mask, or from zero padding). :func:`place` then classifies each call by its
+A watched model's forward inputs give the video grid: the 5-D latent (or pixel) input (a 6-D one
+of items side by side on the frame axis: JoyImage) divided by the model's patch sizes
+(``config.patch_size`` / ``patch_size_t`` / ``tubelet_size``), or the latent sizes a model takes as
+``num_frames`` / ``height`` / ``width`` (LTX), plus the lengths of its text and other contexts
+(``encoder_hidden_states``, [B, 1, L, D] captions too; image and audio inputs) and the real text
+length of each row (from its mask, or from zero padding). :func:`place` then classifies each call by its
 shapes alone:
 
 - self-attention over the ``Nv`` video tokens, after ``prefix`` extra tokens (history latents, CLS);
@@ -50,7 +51,7 @@ class FamilySpec:
     family: str
     classes: tuple[str, ...] = ()  # class names of the family's core module
     video_input: str = ""  # the forward argument holding the latents (default: the first 5-D one)
-    video_axes: str = ""  # "BCFHW", "BFCHW" or "BFHWC"; "" infers it from the config's in_channels
+    video_axes: str = ""  # "BCFHW", "BFCHW", "BFHWC" or "BNCFHW"; "" infers it from the config's in_channels
     text_first: bool = True  # joint calls put the text before the video
     context: tuple[str, ...] = (
         "encoder_hidden_states",
@@ -65,7 +66,7 @@ class FamilySpec:
     pixel_input: bool = False  # the video input is pixels (video encoders), not latents
     text_offset: Optional[Callable[[Mapping[str, Any]], Optional[list[int]]]] = None  # per row
     roles: tuple[tuple[str, str], ...] = ()  # (regex on a module name, role) read from softmax calls
-    linear: tuple[str, ...] = ()  # processor class names that compute a linear attention (no softmax)
+    linear: tuple[str, ...] = ()  # processor or module classes computing linear attention (no softmax)
     watch: str = ""  # a regex: only modules whose names match it are watched ("" = every attention module)
     ignore: str = (
         _SIDE_MODULES  # a regex: modules not watched (text refiners, timestep poolers: no video tokens)
@@ -143,7 +144,18 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         family="sana-video", classes=("SanaVideoTransformer3DModel",), linear=("SanaLinearAttnProcessor3_0",)
     ),
+    FamilySpec(  # gated-delta-net self-attention (a softmax one only every softmax_every_n-th block)
+        family="sana-wm",
+        classes=("SanaWMTransformer3DModel",),
+        linear=("SanaWMBidirectionalGDNAttention", "SanaWMBidirectionalGDNCamAttention"),
+    ),
     FamilySpec(family="latte", classes=("LatteTransformer3DModel",), vae_stride=(1, 8, 8), causal_vae=False),
+    FamilySpec(  # latents [B, items, C, F, H, W]: the target's and the reference images' frames, one sequence
+        family="joyimage-edit",
+        classes=("JoyImageEditTransformer3DModel",),
+        video_axes="BNCFHW",
+        text_first=False,
+    ),
     FamilySpec(
         family="vjepa2",
         classes=("VJEPA2Model",),
@@ -310,7 +322,7 @@ def patch_size(core: torch.nn.Module) -> tuple[int, int, int]:
 
 
 def _axes(shape: Sequence[int], spec: FamilySpec, channels: Optional[int]) -> str:
-    if spec.video_axes:
+    if len(spec.video_axes) == len(shape):
         return spec.video_axes
     for axes, axis in (("BCFHW", 1), ("BFCHW", 2), ("BFHWC", 4)):
         if channels is not None and shape[axis] == channels:
@@ -327,6 +339,13 @@ def _real_lengths(text: torch.Tensor, mask: Any) -> list[int]:
     return [int(v) for v in (nonzero * pos).amax(dim=1).tolist()]
 
 
+def _tokens(value: Any) -> Optional[torch.Tensor]:
+    """A context input as [B, L, D]: as given, or squeezed from [B, 1, L, D] (PixArt and Sana's captions)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[1] == 1:
+        value = value[:, 0]
+    return value if isinstance(value, torch.Tensor) and value.dim() == 3 else None
+
+
 def _length(value: Any) -> Optional[int]:
     return int(value.shape[1]) if isinstance(value, torch.Tensor) and value.dim() == 3 else None
 
@@ -340,7 +359,7 @@ def read_inputs(core: torch.nn.Module, spec: FamilySpec, args: Mapping[str, Any]
         else ["hidden_states", "pixel_values_videos", "pixel_values", "x", "sample"]
     )
     video = next((args[n] for n in names if isinstance(args.get(n), torch.Tensor)), None)
-    if video is None or video.dim() not in (3, 4, 5):
+    if video is None or video.dim() not in (3, 4, 5, len(spec.video_axes)):
         video = next((v for v in args.values() if isinstance(v, torch.Tensor) and v.dim() == 5), None)
     pt, ph, pw = patch_size(core)
     if isinstance(video, torch.Tensor):
@@ -350,6 +369,8 @@ def read_inputs(core: torch.nn.Module, spec: FamilySpec, args: Mapping[str, Any]
             axes = _axes(shape, spec, _config(core, "in_channels", "in_visual_dim", "in_dim", "num_channels"))
             f, h, w = (shape[axes.index(a)] for a in "FHW")
             latent = (f, h, w)
+        elif len(shape) == 6 and spec.video_axes == "BNCFHW":  # N items side by side on the frame axis
+            latent = (shape[1] * shape[3], shape[4], shape[5])
         elif len(shape) == 4 and spec.pixel_input:  # an image model: (B, C, H, W)
             latent = (1, shape[2], shape[3])
         elif len(shape) == 3 and all(isinstance(args.get(n), int) for n in ("num_frames", "height", "width")):
@@ -359,8 +380,8 @@ def read_inputs(core: torch.nn.Module, spec: FamilySpec, args: Mapping[str, Any]
             out.batch = shape[0]
             grid = (max(latent[0] // pt, 1), latent[1] // ph, latent[2] // pw)
             out.grid = grid if min(grid) >= 1 else None
-    text = args.get(spec.text_input)
-    if isinstance(text, torch.Tensor) and text.dim() == 3:
+    text = _tokens(args.get(spec.text_input))
+    if text is not None:
         out.text_len = int(text.shape[1])
         mask = args.get("encoder_attention_mask", args.get("attention_mask"))
         out.text_real = _real_lengths(text, mask)
@@ -371,13 +392,13 @@ def read_inputs(core: torch.nn.Module, spec: FamilySpec, args: Mapping[str, Any]
         for kind in ("image", "audio"):
             if kind in name and kind not in out.contexts:
                 out.contexts[kind] = n
-    lengths = [_length(args.get(n)) for n in spec.context]
+    lengths = [_length(_tokens(args.get(n))) for n in spec.context]
     if all(n is not None for n in lengths):
         out.joint_context = sum(n for n in lengths if n is not None)
         before = (
             spec.context[: spec.context.index(spec.text_input)] if spec.text_input in spec.context else ()
         )
-        start = sum(_length(args.get(n)) or 0 for n in before)
+        start = sum(_length(_tokens(args.get(n))) or 0 for n in before)
         offsets = spec.text_offset(args) if spec.text_offset is not None else None
         if out.batch is not None:
             out.text_offset = offsets if offsets is not None else [start] * out.batch

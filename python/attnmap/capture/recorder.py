@@ -524,7 +524,8 @@ class Recorder:
             if linear:
                 advice = (
                     f"{len(linear)} of them compute linear attention (no softmax, e.g. Sana-Video's self-attention), "
-                    "which has no attention map to read; the others: " + advice
+                    "which has no attention map to read"
+                    + ("" if len(linear) == len(silent) else "; the others: " + advice)
                 )
             warnings.warn(
                 f"attnmap.capture: {len(silent)} watched attention module(s) of {type(den.core).__name__} ran but "
@@ -534,8 +535,9 @@ class Recorder:
 
     @staticmethod
     def _is_linear(den: _Denoiser, site: Site) -> bool:
+        """The module computes linear attention: its processor's class (or its own) says so."""
         name = type(getattr(site.module, "processor", None)).__name__
-        return name in den.spec.linear or "Linear" in name
+        return name in den.spec.linear or "Linear" in name or type(site.module).__name__ in den.spec.linear
 
     def _backend_in_force(self, den: _Denoiser) -> str:
         parts = []
