@@ -177,6 +177,23 @@ FAMILIES: dict[str, tuple[Grid, list[int], list[tuple[str, Want]]]] = {
             (r"^temporal_transformer_blocks\.(\d+)\.attn1$", Want("time", block=lambda i: 1 + i)),
         ],
     ),
+    # per fused block: video self, video -> text (6 of 8 real), video -> audio (9); the audio
+    # stream's own self, text and video calls have audio queries
+    "kandinsky6": (
+        (2, 4, 4),
+        [6],
+        [
+            (r"^visual_transformer_blocks\.(\d+)\.video_dec_block\.self_attention$", Want("self")),
+            (
+                r"^visual_transformer_blocks\.(\d+)\.video_dec_block\.cross_attention$",
+                Want("cross", text=(0, 8)),
+            ),
+            (
+                r"^visual_transformer_blocks\.(\d+)\.va_cross_attention$",
+                Want("cross", text=(0, 9), group="audio/"),
+            ),
+        ],
+    ),
 }
 #: families whose capture warns, and what the warning must say
 WARNS = {"sana-video": r"2 watched attention module\(s\) of SanaVideoTransformer3DModel ran but produced no map: "
@@ -189,7 +206,7 @@ def test_every_video_transformer_of_diffusers_has_a_tiny_model_here() -> None:
     names = {n for n in dir(diffusers) if n.endswith("Transformer3DModel")}
     built = {type(build()[0]).__name__ for build in VIDEO_TRANSFORMERS.values()}
     # not yet built here: newer families whose tiny configs need inputs of their own (KV caches, ...)
-    later = {"AnyFlowFARTransformer3DModel", "WanAnimate2Transformer3DModel", "Kandinsky6Transformer3DModel",
+    later = {"AnyFlowFARTransformer3DModel", "WanAnimate2Transformer3DModel",
              "Kandinsky6SRTransformer3DModel", "SanaWMTransformer3DModel", "SanaWMLTX2RefinerTransformer3DModel",
              "MiniMaxH3Transformer3DModel", "JoyImageEditTransformer3DModel", "JoyImageEditPlusTransformer3DModel",
              "Cosmos3Transformer3DModel", "CosmosTransformer3DModel3"}  # fmt: skip

@@ -877,6 +877,32 @@ def cogvideox_pipeline(seed: int = 0) -> Any:
     )  # fmt: skip
 
 
+def kandinsky6(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """diffusers Kandinsky6Transformer3DModel: latents [B, F, H, W, C] (noisy, condition, mask); text
+    blocks, then fused blocks of video self + cross to text, audio self + cross, and video <-> audio
+    cross-attention; grid (2, 4, 4), 6 of 8 text tokens real, audio 9."""
+    from diffusers import Kandinsky6Transformer3DModel
+
+    _seed(seed)
+    model = Kandinsky6Transformer3DModel(
+        in_visual_dim=4, out_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, patch_size=(1, 2, 2),
+        model_dim=24, ff_dim=32, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 4, 4), visual_cond=True,
+        in_audio_dim=4, out_audio_dim=4, text_token_padding=True, ca_rope=True, cross_gates=True, fix_modulation=True,
+    ).eval()  # fmt: skip
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    mask[:, 6:] = False
+    kwargs = {
+        "hidden_states": torch.randn(1, 2, 8, 8, 2 * 4 + 1),
+        "encoder_hidden_states": torch.randn(1, 8, 16),
+        "pooled_projections": torch.randn(1, 8),
+        "timestep": torch.tensor([500.0]),
+        "audio_hidden_states": torch.randn(1, 9, 4),
+        "encoder_attention_mask": mask,
+        "return_dict": False,
+    }
+    return model, kwargs
+
+
 def wan_i2v(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
     return wan(seed, i2v=True)
 
@@ -909,6 +935,7 @@ VIDEO_TRANSFORMERS = {
     "ltx2": ltx2,
     "sana-video": sana_video,
     "latte": latte,
+    "kandinsky6": kandinsky6,
 }
 
 FAMILIES = {

@@ -136,6 +136,13 @@ FAMILIES: tuple[FamilySpec, ...] = (
         ignore=_SIDE_MODULES + r"|^text_transformer_blocks\.",
     ),
     FamilySpec(
+        family="kandinsky6",
+        classes=("Kandinsky6Transformer3DModel",),
+        video_axes="BFHWC",  # its input has 2 * in_visual_dim + 1 channels (noisy, condition, mask)
+        # the text branches and the audio stream's calls (audio queries) hold no video queries
+        ignore=_SIDE_MODULES + r"|_text_transformer_blocks\.|\.audio_dec_block\.|\.av_cross_attention$",
+    ),
+    FamilySpec(
         family="ltxvideo",
         classes=("LTXVideoTransformer3DModel", "LTX2VideoTransformer3DModel"),
         vae_stride=(8, 32, 32),
