@@ -21,7 +21,10 @@ import attnmap
 from tiny_models import VIDEO_TRANSFORMERS, AttentionLog, softmax64
 
 pytestmark = pytest.mark.filterwarnings(
-    "ignore::FutureWarning", "ignore::DeprecationWarning", "ignore:In CPU autocast:UserWarning"
+    "ignore::FutureWarning",
+    "ignore::DeprecationWarning",
+    "ignore:In CPU autocast:UserWarning",
+    "ignore:flex_attention called without torch.compile:UserWarning",  # Kandinsky 6 SR always runs flex
 )
 
 Grid = tuple[int, int, int]
@@ -194,6 +197,11 @@ FAMILIES: dict[str, tuple[Grid, list[int], list[tuple[str, Want]]]] = {
             ),
         ],
     ),
+    "kandinsky6-sr": (
+        (2, 8, 8),
+        [0],
+        [(r"^visual_transformer_blocks\.(\d+)\.self_attention$", Want("self"))],
+    ),
 }
 #: families whose capture warns, and what the warning must say
 WARNS = {"sana-video": r"2 watched attention module\(s\) of SanaVideoTransformer3DModel ran but produced no map: "
@@ -207,7 +215,7 @@ def test_every_video_transformer_of_diffusers_has_a_tiny_model_here() -> None:
     built = {type(build()[0]).__name__ for build in VIDEO_TRANSFORMERS.values()}
     # not yet built here: newer families whose tiny configs need inputs of their own (KV caches, ...)
     later = {"AnyFlowFARTransformer3DModel", "WanAnimate2Transformer3DModel",
-             "Kandinsky6SRTransformer3DModel", "SanaWMTransformer3DModel", "SanaWMLTX2RefinerTransformer3DModel",
+             "SanaWMTransformer3DModel", "SanaWMLTX2RefinerTransformer3DModel",
              "MiniMaxH3Transformer3DModel", "JoyImageEditTransformer3DModel", "JoyImageEditPlusTransformer3DModel",
              "Cosmos3Transformer3DModel", "CosmosTransformer3DModel3"}  # fmt: skip
     assert names - later <= built, f"video transformers without a tiny model: {sorted(names - later - built)}"
@@ -347,6 +355,34 @@ def check_family(family: str, backend: Optional[str]) -> None:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_maps_equal_a_float64_softmax_of_what_the_entry_point_saw(family: str) -> None:
     check_family(family, None)
+
+
+def test_kandinsky6_sr_tiles_are_read_in_frame_row_order() -> None:
+    """Its tokens run 8 x 8 tile by tile: with 4 tiles a frame, the full map is the softmax of the
+    q and k put back in frame, row order (diffusers' own tiling of the token indices)."""
+    from diffusers.models.transformers.transformer_kandinsky6_sr import _local_patch
+
+    model, kwargs = VIDEO_TRANSFORMERS["kandinsky6-sr"](size=16)
+    grid = (2, 16, 16)
+    tiled = _local_patch(torch.arange(512).reshape(grid), grid, (1, 8, 8)).flatten()
+    name = "visual_transformer_blocks.0.self_attention"
+    log = AttentionLog(model, [name])
+    with log.dispatch(), attnmap.capture(model, reductions=("full",), per_block=True) as rec, log:
+        run(model, kwargs)
+    log.close()
+    [(_, q, k, mask, scale)] = log.calls
+    p = softmax64(q, k, mask, scale)[:, :, tiled.argsort()][..., tiled.argsort()].mean(1)
+    close("kandinsky6-sr full block 0", rec.get("full", block=0), p)
+
+
+def test_kandinsky6_sr_sparse_blocks_make_capture_warn() -> None:
+    """A NABLA mask whose query tiles keep other key tiles (as at video sizes) is no key-padding
+    mask: capture says so and makes no map."""
+    model, kwargs = VIDEO_TRANSFORMERS["kandinsky6-sr"](size=16, sparse=True)
+    site = r"'visual_transformer_blocks\.[01]\.self_attention': its mask \(diffusers:flex\) is not a tensor"
+    with pytest.warns(UserWarning, match=site), attnmap.capture(model) as rec:
+        run(model, kwargs)
+    assert rec.blocks == []
 
 
 FLEX = ["wan", "ltx", "hunyuanvideo", "helios", "ltx2"]
