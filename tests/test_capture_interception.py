@@ -99,6 +99,38 @@ def test_the_diffusers_dispatcher_is_seen_where_it_is_looked_up_for_every_backen
     assert torch.equal(got.query, q.transpose(1, 2)) and torch.equal(got.key, k.transpose(1, 2))
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning")
+def test_a_block_mask_is_read_as_key_padding_when_every_query_block_keeps_the_same_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from attnmap.capture.interception import unreadable
+
+    module = dispatcher_module("flex")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    q, k = torch.randn(1, 256, 2, 8), torch.randn(1, 200, 2, 8)  # 2 query and 2 key blocks of 128
+
+    def blocks(kept: list[list[int]]) -> BlockMask:  # per query block, the key blocks it keeps
+        rows = [row + [b for b in (0, 1) if b not in row] for row in kept]  # the kept ones first
+        indices = torch.tensor([[rows]], dtype=torch.int32)
+        counts = torch.tensor([[[len(row) for row in kept]]], dtype=torch.int32)
+        return BlockMask.from_kv_blocks(counts, indices, seq_lengths=(256, 200))
+
+    for kept, keys in (([[0], [0]], 128), ([[0, 1], [1, 0]], 200), ([[0], [1]], None)):
+        mask = blocks(kept)
+        model = Outer(lambda q, k, m=mask: module.dispatch_attention_fn(q, k, k, attn_mask=m, backend="flex"))
+        interceptor, seen = watch(model)
+        with interceptor:
+            model(q, k)
+        [(_, got)] = seen
+        if keys is None:  # the queries' blocks keep other keys: a sparse pattern, not key padding
+            assert unreadable(got.attn_mask)
+        else:
+            assert got.attn_mask is not None and got.attn_mask.shape == (1, 1, 1, 200)
+            assert int(got.attn_mask.sum()) == keys and bool(got.attn_mask[..., :keys].all())
+
+
 def test_transformers_attention_functions_and_eager_attention_are_seen_and_put_back() -> None:
     from transformers.modeling_utils import AttentionInterface
     from transformers.models.videomae import modeling_videomae

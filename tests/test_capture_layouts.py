@@ -196,6 +196,17 @@ def test_items_side_by_side_on_the_frame_axis_make_one_grid() -> None:
     assert video.grid == (3, 4, 5)
 
 
+def test_video_tokens_held_tile_by_tile_are_put_back_in_frame_row_order() -> None:
+    spec = FamilySpec(family="tiled", tiles=(1, 2, 2))
+    grid = (2, 2, 4)  # per frame: 2 tiles of 2 x 2 tokens
+    assert placed(1, 16, 16, spec, grid=grid, batch=1).tiles == (1, 2, 2)
+    tiled = [f * 8 + r * 4 + c for f in range(2) for c0 in (0, 2) for r in range(2) for c in (c0, c0 + 1)]
+    order = layouts.untile(grid, (1, 2, 2), torch.device("cpu"))
+    assert torch.equal(torch.tensor(tiled)[order], torch.arange(16))
+    found = place(SITE, 0, 1, 24, 24, inputs(grid=(2, 3, 4), batch=1), spec)
+    assert isinstance(found, Unplaced) and found.warn and "whole (1, 2, 2) tiles" in found.reason
+
+
 def test_a_key_padding_mask_is_read_on_the_video_rows() -> None:
     keys = torch.tensor([True, True, False, True, False])
     kp, vary = layouts.key_padding(keys[None, None, None, :], 1, 2, 5, slice(0, 3))  # type: ignore[misc]

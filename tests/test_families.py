@@ -21,7 +21,10 @@ import attnmap
 from tiny_models import VIDEO_TRANSFORMERS, AttentionLog, softmax64
 
 pytestmark = pytest.mark.filterwarnings(
-    "ignore::FutureWarning", "ignore::DeprecationWarning", "ignore:In CPU autocast:UserWarning"
+    "ignore::FutureWarning",
+    "ignore::DeprecationWarning",
+    "ignore:In CPU autocast:UserWarning",
+    "ignore:flex_attention called without torch.compile:UserWarning",  # Kandinsky 6 SR always runs flex
 )
 
 Grid = tuple[int, int, int]
@@ -191,6 +194,28 @@ FAMILIES: dict[str, tuple[Grid, list[int], list[tuple[str, Want]]]] = {
         [12],
         [(r"^double_blocks\.(\d+)\.attn$", Want("joint", text=(0, 12), text_first=False))],
     ),
+    # per fused block: video self, video -> text (6 of 8 real), video -> audio (9); the audio
+    # stream's own self, text and video calls have audio queries
+    "kandinsky6": (
+        (2, 4, 4),
+        [6],
+        [
+            (r"^visual_transformer_blocks\.(\d+)\.video_dec_block\.self_attention$", Want("self")),
+            (
+                r"^visual_transformer_blocks\.(\d+)\.video_dec_block\.cross_attention$",
+                Want("cross", text=(0, 8)),
+            ),
+            (
+                r"^visual_transformer_blocks\.(\d+)\.va_cross_attention$",
+                Want("cross", text=(0, 9), group="audio/"),
+            ),
+        ],
+    ),
+    "kandinsky6-sr": (
+        (2, 8, 8),
+        [0],
+        [(r"^visual_transformer_blocks\.(\d+)\.self_attention$", Want("self"))],
+    ),
 }
 #: families whose capture warns, and what the warning must say
 WARNS = {"sana-video": r"2 watched attention module\(s\) of SanaVideoTransformer3DModel ran but produced no map: "
@@ -205,15 +230,15 @@ def test_every_video_transformer_of_diffusers_has_a_tiny_model_here() -> None:
     names = {n for n in dir(diffusers) if n.endswith("Transformer3DModel")}
     built = {type(build()[0]).__name__ for build in VIDEO_TRANSFORMERS.values()}
     # not yet built here: newer families whose tiny configs need inputs of their own (KV caches, ...)
-    later = {"AnyFlowFARTransformer3DModel", "WanAnimate2Transformer3DModel", "Kandinsky6Transformer3DModel",
-             "Kandinsky6SRTransformer3DModel",
-             "MiniMaxH3Transformer3DModel",
-             "Cosmos3Transformer3DModel", "CosmosTransformer3DModel3"}  # fmt: skip
+    later = {"AnyFlowFARTransformer3DModel", "WanAnimate2Transformer3DModel", "MiniMaxH3Transformer3DModel"}
     # not built: SANA-WM's refiner's forward inputs give no grid (pre-packed tokens [B, N, C] and a RoPE the
     # caller built from frame positions, height and width), and its self-attention keys are a KV cache's
     # sink + history + the block; JoyImage Edit Plus is no video: a flat list of patches [B, N, C, pt, ph, pw]
     # of images each of its own size (shape_list)
     later |= {"SanaWMLTX2RefinerTransformer3DModel", "JoyImageEditPlusTransformer3DModel"}
+    # diffusers has no Cosmos3Transformer3DModel (nor a CosmosTransformer3DModel3 alias): Cosmos 3 is
+    # Cosmos3OmniTransformer, one packed sequence (no batch) of causal text then video, sound and action
+    # tokens, whose video comes as lists of latents and grid shapes; not built here
     assert names - later <= built, f"video transformers without a tiny model: {sorted(names - later - built)}"
     assert set(FAMILIES) == set(VIDEO_TRANSFORMERS)
 
@@ -351,6 +376,34 @@ def check_family(family: str, backend: Optional[str]) -> None:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_maps_equal_a_float64_softmax_of_what_the_entry_point_saw(family: str) -> None:
     check_family(family, None)
+
+
+def test_kandinsky6_sr_tiles_are_read_in_frame_row_order() -> None:
+    """Its tokens run 8 x 8 tile by tile: with 4 tiles a frame, the full map is the softmax of the
+    q and k put back in frame, row order (diffusers' own tiling of the token indices)."""
+    from diffusers.models.transformers.transformer_kandinsky6_sr import _local_patch
+
+    model, kwargs = VIDEO_TRANSFORMERS["kandinsky6-sr"](size=16)
+    grid = (2, 16, 16)
+    tiled = _local_patch(torch.arange(512).reshape(grid), grid, (1, 8, 8)).flatten()
+    name = "visual_transformer_blocks.0.self_attention"
+    log = AttentionLog(model, [name])
+    with log.dispatch(), attnmap.capture(model, reductions=("full",), per_block=True) as rec, log:
+        run(model, kwargs)
+    log.close()
+    [(_, q, k, mask, scale)] = log.calls
+    p = softmax64(q, k, mask, scale)[:, :, tiled.argsort()][..., tiled.argsort()].mean(1)
+    close("kandinsky6-sr full block 0", rec.get("full", block=0), p)
+
+
+def test_kandinsky6_sr_sparse_blocks_make_capture_warn() -> None:
+    """A NABLA mask whose query tiles keep other key tiles (as at video sizes) is no key-padding
+    mask: capture says so and makes no map."""
+    model, kwargs = VIDEO_TRANSFORMERS["kandinsky6-sr"](size=16, sparse=True)
+    site = r"'visual_transformer_blocks\.[01]\.self_attention': its mask \(diffusers:flex\) is not a tensor"
+    with pytest.warns(UserWarning, match=site), attnmap.capture(model) as rec:
+        run(model, kwargs)
+    assert rec.blocks == []
 
 
 FLEX = ["wan", "ltx", "hunyuanvideo", "helios", "ltx2"]

@@ -102,11 +102,16 @@ class AttentionLog(torch.overrides.TorchFunctionMode):
 def softmax64(
     q: torch.Tensor, k: torch.Tensor, mask: Any = None, scale: Optional[float] = None
 ) -> torch.Tensor:
-    """softmax(scale q k^T + mask) in float64, ``[B, H, Nq, Nk]`` (bool masks keep True, float ones add)."""
+    """softmax(scale q k^T + mask) in float64, ``[B, H, Nq, Nk]`` (bool masks keep True, float ones add;
+    a flex BlockMask keeps its blocks)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     logits = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if mask is not None and not isinstance(mask, torch.Tensor):  # a flex BlockMask of whole blocks
+        bq, bk = mask.BLOCK_SIZE
+        dense = mask.to_dense().bool().repeat_interleave(bq, dim=-2).repeat_interleave(bk, dim=-1)
+        mask = dense[..., : q.shape[-2], : k.shape[-2]]
     if mask is not None:
         m = mask if mask.dim() == 4 else mask[:, None, None, :]
         logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.double()
@@ -925,6 +930,54 @@ def joyimage_edit(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, kwargs
 
 
+def kandinsky6(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """diffusers Kandinsky6Transformer3DModel: latents [B, F, H, W, C] (noisy, condition, mask); text
+    blocks, then fused blocks of video self + cross to text, audio self + cross, and video <-> audio
+    cross-attention; grid (2, 4, 4), 6 of 8 text tokens real, audio 9."""
+    from diffusers import Kandinsky6Transformer3DModel
+
+    _seed(seed)
+    model = Kandinsky6Transformer3DModel(
+        in_visual_dim=4, out_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, patch_size=(1, 2, 2),
+        model_dim=24, ff_dim=32, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 4, 4), visual_cond=True,
+        in_audio_dim=4, out_audio_dim=4, text_token_padding=True, ca_rope=True, cross_gates=True, fix_modulation=True,
+    ).eval()  # fmt: skip
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    mask[:, 6:] = False
+    kwargs = {
+        "hidden_states": torch.randn(1, 2, 8, 8, 2 * 4 + 1),
+        "encoder_hidden_states": torch.randn(1, 8, 16),
+        "pooled_projections": torch.randn(1, 8),
+        "timestep": torch.tensor([500.0]),
+        "audio_hidden_states": torch.randn(1, 9, 4),
+        "encoder_attention_mask": mask,
+        "return_dict": False,
+    }
+    return model, kwargs
+
+
+def kandinsky6_sr(
+    seed: int = 0, *, size: int = 8, sparse: bool = False
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """diffusers Kandinsky6SRTransformer3DModel: text-free video self-attention on the flex backend
+    under a NABLA block mask, the tokens tile by tile (8 x 8 per frame); grid (2, size, size), few
+    enough tiles that its sliding-tile prior keeps every block (``sparse``: a prior of one tile and
+    a low threshold, so that each query tile keeps keys of its own)."""
+    from diffusers import Kandinsky6SRTransformer3DModel
+
+    _seed(seed)
+    model = Kandinsky6SRTransformer3DModel(
+        in_visual_dim=4, out_visual_dim=4, time_dim=16, patch_size=(1, 1, 1), model_dim=24, ff_dim=32,
+        num_visual_blocks=2, axes_dims=(4, 4, 4), **({"nabla_window": (1, 1, 1), "nabla_threshold": 0.2} if sparse else {}),
+    ).eval()  # fmt: skip
+    kwargs = {
+        "hidden_states": torch.randn(1, 2, size, size, 2 * 4 + 1),
+        "timestep": torch.tensor([500.0]),
+        "return_dict": False,
+    }
+    return model, kwargs
+
+
 def wan_i2v(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
     return wan(seed, i2v=True)
 
@@ -959,6 +1012,8 @@ VIDEO_TRANSFORMERS = {
     "latte": latte,
     "sana-wm": sana_wm,
     "joyimage-edit": joyimage_edit,
+    "kandinsky6": kandinsky6,
+    "kandinsky6-sr": kandinsky6_sr,
 }
 
 FAMILIES = {

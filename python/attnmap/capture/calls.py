@@ -148,6 +148,10 @@ class CallReader:
             q, k = (torch.cat([t[:, :, place.roll :], t[:, :, : place.roll]], dim=2) for t in (q, k))
             if mask is not None:
                 mask = torch.cat([mask[..., place.roll :], mask[..., : place.roll]], dim=-1)
+        if place.tiles:
+            order = layouts.untile(lay.grid, place.tiles, q.device)
+            q, k = q[:, :, order], k[:, :, order]
+            mask = None if mask is None else mask[..., order]
         sel, branches = rows
         cpu = q.device.type == "cpu"
         groups = self._text_groups(site, place, group) if cpu and "cross" in wanted else None
@@ -164,7 +168,7 @@ class CallReader:
                 per_head=self.options.per_head,
                 scale=call.scale,
                 key_padding_mask=None if mask is None else mask[sel],
-                lse=None if call.lse is None or grouped or place.roll else call.lse[sel],
+                lse=None if call.lse is None or grouped or place.roll or place.tiles else call.lse[sel],
                 backend=self.options.backend,
                 check_finite=False,  # no device sync per call: NaN is flagged on the device instead
                 text_groups=None if groups is None else groups[0],

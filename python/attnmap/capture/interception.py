@@ -469,7 +469,7 @@ class Interceptor:
             self._hand_over(
                 q,
                 k,
-                call.get("attn_mask"),
+                _dispatch_mask(call.get("attn_mask"), int(k.shape[2])),
                 call.get("scale"),
                 bool(call.get("is_causal", False)),
                 f"diffusers:{name}",
@@ -544,6 +544,25 @@ class Interceptor:
 
 #: stands for a mask attnmap cannot read (a flex BlockMask); such calls are skipped with a reason
 _UNREADABLE = torch.empty(0)
+
+
+def _dispatch_mask(mask: Any, nk: int) -> Optional[torch.Tensor]:
+    """A dispatcher call's mask as a tensor. A flex ``BlockMask`` of whole blocks (no ``mask_mod``)
+    that keeps the same key blocks for every query block is the key-padding mask ``[B, H, 1, Nk]``
+    of those blocks; any other ``BlockMask`` (one that varies over the queries, as a sparse pattern
+    does) stands for a mask attnmap cannot read."""
+    if mask is None or isinstance(mask, torch.Tensor):
+        return mask
+    try:
+        from torch.nn.attention.flex_attention import noop_mask
+    except ImportError:  # no flex attention: not a BlockMask
+        return _UNREADABLE
+    if torch.compiler.is_compiling() or getattr(mask, "mask_mod", None) is not noop_mask:
+        return _UNREADABLE
+    blocks = mask.to_dense().bool()  # [B, H, query blocks, key blocks]
+    if not bool((blocks == blocks[..., :1, :]).all()):
+        return _UNREADABLE
+    return blocks[..., :1, :].repeat_interleave(int(mask.BLOCK_SIZE[1]), dim=-1)[..., :nk]
 
 
 def unreadable(mask: Optional[torch.Tensor]) -> bool:

@@ -67,6 +67,7 @@ class FamilySpec:
     text_offset: Optional[Callable[[Mapping[str, Any]], Optional[list[int]]]] = None  # per row
     roles: tuple[tuple[str, str], ...] = ()  # (regex on a module name, role) read from softmax calls
     linear: tuple[str, ...] = ()  # processor or module classes computing linear attention (no softmax)
+    tiles: Optional[Grid] = None  # its calls hold the video tile by tile, (t, h, w) tokens each
     watch: str = ""  # a regex: only modules whose names match it are watched ("" = every attention module)
     ignore: str = (
         _SIDE_MODULES  # a regex: modules not watched (text refiners, timestep poolers: no video tokens)
@@ -135,6 +136,19 @@ FAMILIES: tuple[FamilySpec, ...] = (
         classes=("Kandinsky5Transformer3DModel",),
         video_axes="BFHWC",
         ignore=_SIDE_MODULES + r"|^text_transformer_blocks\.",
+    ),
+    FamilySpec(
+        family="kandinsky6",
+        classes=("Kandinsky6Transformer3DModel",),
+        video_axes="BFHWC",  # its input has 2 * in_visual_dim + 1 channels (noisy, condition, mask)
+        # the text branches and the audio stream's calls (audio queries) hold no video queries
+        ignore=_SIDE_MODULES + r"|_text_transformer_blocks\.|\.audio_dec_block\.|\.av_cross_attention$",
+    ),
+    FamilySpec(
+        family="kandinsky6-sr",
+        classes=("Kandinsky6SRTransformer3DModel",),
+        video_axes="BFHWC",
+        tiles=(1, 8, 8),  # NABLA's order: each frame's 8 x 8 token tiles, one after another
     ),
     FamilySpec(
         family="ltxvideo",
@@ -429,7 +443,8 @@ class Placement:
     them; ``row`` is the model batch row of a call made per row (Mochi); ``fold`` marks divided
     attention (``"space"``: call rows are (batch, frame); ``"time"``: (batch, position)), over
     ``grid`` the model's grid; ``roll`` tokens (history latents before the video of a joint call)
-    move from the front to the back before reducing.
+    move from the front to the back before reducing; ``tiles``: the call's video tokens run tile by
+    tile, (t, h, w) tokens each, and are put back in frame, row order before reducing.
     """
 
     layout: Layout
@@ -440,6 +455,7 @@ class Placement:
     fold: Optional[str] = None
     grid: Optional[Grid] = None
     roll: int = 0
+    tiles: Optional[Grid] = None
 
 
 @dataclass(frozen=True)
@@ -503,6 +519,10 @@ def place(
             text_len=min(nk, inputs.text_len or nk),
             row=row,
         )
+    if extra == 0 and spec.tiles:
+        if any(n % t for n, t in zip(grid, spec.tiles)):
+            return Unplaced(f"{shapes}: {grid_s} is not made of whole {spec.tiles} tiles")
+        return Placement(Layout.self_attn(grid), row=row, tiles=spec.tiles)
     if extra == 0:
         return Placement(Layout.self_attn(grid), row=row)
     ctx = inputs.joint_context
@@ -528,6 +548,13 @@ def place(
         lay = Layout.joint(extra, grid, text_first=False)
         return Placement(lay, text_start=starts, text_len=inputs.text_len, row=row, roll=extra - ctx)
     return Placement(Layout.self_attn(grid, prefix=extra), row=row)  # prefix tokens: history latents, CLS
+
+
+def untile(grid: Grid, tiles: Grid, device: torch.device) -> torch.Tensor:
+    """The position, in a tile-by-tile token order, of each video token in frame, row order."""
+    (f, h, w), (tf, th, tw) = grid, tiles
+    tiled = torch.arange(f * h * w, device=device).reshape(f // tf, tf, h // th, th, w // tw, tw)
+    return tiled.permute(0, 2, 4, 1, 3, 5).flatten().argsort()
 
 
 def key_padding(
