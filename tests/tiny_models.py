@@ -877,6 +877,22 @@ def cogvideox_pipeline(seed: int = 0) -> Any:
     )  # fmt: skip
 
 
+def anyflow_far(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """diffusers AnyFlowFARTransformer3DModel (training rollout, two chunks of one frame): chunk-causal
+    self-attention through flex under a BlockMask (tokens padded to 128), cross to text 12; grid (2, 4, 4)."""
+    from diffusers import AnyFlowFARTransformer3DModel
+
+    model, kwargs = _wan_like(
+        AnyFlowFARTransformer3DModel, seed, compressed_patch_size=(1, 4, 4), full_chunk_limit=3, rope_max_seq_len=32,
+        gate_value=0.25, deltatime_type="r",
+    )  # fmt: skip
+    kwargs.update(
+        hidden_states=kwargs["hidden_states"].transpose(1, 2).contiguous(), timestep=torch.full((1, 2), 500.0),
+        r_timestep=torch.full((1, 2), 250.0), chunk_partition=[1, 1],
+    )  # fmt: skip
+    return model, kwargs
+
+
 def wan_i2v(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
     return wan(seed, i2v=True)
 
@@ -909,6 +925,7 @@ VIDEO_TRANSFORMERS = {
     "ltx2": ltx2,
     "sana-video": sana_video,
     "latte": latte,
+    "anyflow-far": anyflow_far,
 }
 
 FAMILIES = {

@@ -469,7 +469,7 @@ class Interceptor:
             self._hand_over(
                 q,
                 k,
-                call.get("attn_mask"),
+                _readable(call.get("attn_mask")),
                 call.get("scale"),
                 bool(call.get("is_causal", False)),
                 f"diffusers:{name}",
@@ -526,9 +526,7 @@ class Interceptor:
             return
         if query.dim() != 4 or key.dim() != 4:
             return
-        mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
-        if attention_mask is not None and mask is None:  # a flex BlockMask: not a tensor attnmap reads
-            mask = _UNREADABLE
+        mask = _readable(attention_mask)
         scale = kwargs.get("scaling", kwargs.get("scale"))
         causal = bool(kwargs.get("is_causal", False)) and query.shape[2] > 1
         cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
@@ -544,6 +542,12 @@ class Interceptor:
 
 #: stands for a mask attnmap cannot read (a flex BlockMask); such calls are skipped with a reason
 _UNREADABLE = torch.empty(0)
+
+
+def _readable(mask: Any) -> Optional[torch.Tensor]:
+    """A call's mask as handed over: a tensor or None as it is, anything else (a flex BlockMask,
+    whether at diffusers' dispatcher or transformers' interface) as the unreadable mask."""
+    return mask if mask is None or isinstance(mask, torch.Tensor) else _UNREADABLE
 
 
 def unreadable(mask: Optional[torch.Tensor]) -> bool:
