@@ -893,6 +893,34 @@ def anyflow_far(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, kwargs
 
 
+def wan_animate2(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """diffusers WanAnimate2Transformer3DModel, its reference pass (kv_cache_mode "extract"): latents and
+    text as lists of per-sample tensors; dense self-attention, cross to the text (8 real of the 16 it pads
+    to) and, in a call of its own, to 4 CLIP tokens; grid (2, 4, 4). (Its generation pass attends to the
+    cached reference through a flex BlockMask.)"""
+    from diffusers import WanAnimate2Transformer3DModel
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+
+    _seed(seed)
+    model = WanAnimate2Transformer3DModel(
+        patch_size=(1, 2, 2), text_len=16, in_dim=8, dim=24, ffn_dim=32, freq_dim=32, text_dim=16, out_dim=4,
+        num_heads=2, num_layers=2,
+    ).eval()  # fmt: skip
+    kwargs = {
+        "hidden_states": [torch.randn(4, 2, 8, 8)],
+        "timestep": torch.tensor([1.0]),
+        "encoder_hidden_states": [torch.randn(8, 16)],
+        "condition_latents": [torch.randn(4, 2, 8, 8)],
+        "encoder_hidden_states_image": torch.randn(1, 4, 1280),  # its image projection takes CLIP's 1280
+        "kv_cache": WanAnimate2KVCache(2),
+        "kv_cache_mode": "extract",
+        "seq_len": 2 * 4 * 4,
+        "offset_grid_sizes": torch.tensor([[2, 4, 4]]),
+        "return_dict": False,
+    }
+    return model, kwargs
+
+
 def wan_i2v(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
     return wan(seed, i2v=True)
 
@@ -926,6 +954,7 @@ VIDEO_TRANSFORMERS = {
     "sana-video": sana_video,
     "latte": latte,
     "anyflow-far": anyflow_far,
+    "wan-animate-2": wan_animate2,
 }
 
 FAMILIES = {

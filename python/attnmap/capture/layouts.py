@@ -1,10 +1,11 @@
 """Layouts: which tokens of an attention call are video, text or other context, from shapes.
 
-A watched model's forward inputs give the video grid: the 5-D latent (or pixel) input divided by the
-model's patch sizes (``config.patch_size`` / ``patch_size_t`` / ``tubelet_size``), or the latent
-sizes a model takes as ``num_frames`` / ``height`` / ``width`` (LTX), plus the lengths of its text
-and other contexts (``encoder_hidden_states``, image and audio inputs) and the real text length of
-each row (from its mask, or from zero padding). :func:`place` then classifies each call by its
+A watched model's forward inputs give the video grid: the 5-D latent (or pixel) input, or a list of
+one 4-D latent per sample (Wan-Animate-2), divided by the model's patch sizes (``config.patch_size``
+/ ``patch_size_t`` / ``tubelet_size``), or the latent sizes a model takes as ``num_frames`` /
+``height`` / ``width`` (LTX), plus the lengths of its text and other contexts
+(``encoder_hidden_states``, image and audio inputs) and the real text length of each row (from its
+mask, from zero padding, or from the lengths of a list of per-sample texts). :func:`place` then classifies each call by its
 shapes alone:
 
 - self-attention over the ``Nv`` video tokens, after ``prefix`` extra tokens (history latents, CLS);
@@ -95,6 +96,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
             "WanAnimateTransformer3DModel",
             "HeliosTransformer3DModel",
         ),
+    ),
+    FamilySpec(  # its in_dim counts the condition latents it concatenates: no axis to infer from it
+        family="wan-animate-2", classes=("WanAnimate2Transformer3DModel",), video_axes="BCFHW"
     ),
     FamilySpec(
         family="anyflow",
@@ -327,6 +331,17 @@ def _real_lengths(text: torch.Tensor, mask: Any) -> list[int]:
     return [int(v) for v in (nonzero * pos).amax(dim=1).tolist()]
 
 
+def _shape(value: Any) -> Optional[tuple[int, ...]]:
+    """A tensor's shape; for a list of same-shaped tensors (one per sample, as Wan-Animate-2 takes its
+    latents), the shape of their stack."""
+    if isinstance(value, torch.Tensor):
+        return tuple(int(s) for s in value.shape)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        if all(v.shape == value[0].shape for v in value):
+            return (len(value), *(int(s) for s in value[0].shape))
+    return None
+
+
 def _length(value: Any) -> Optional[int]:
     return int(value.shape[1]) if isinstance(value, torch.Tensor) and value.dim() == 3 else None
 
@@ -339,12 +354,13 @@ def read_inputs(core: torch.nn.Module, spec: FamilySpec, args: Mapping[str, Any]
         if spec.video_input
         else ["hidden_states", "pixel_values_videos", "pixel_values", "x", "sample"]
     )
-    video = next((args[n] for n in names if isinstance(args.get(n), torch.Tensor)), None)
-    if video is None or video.dim() not in (3, 4, 5):
-        video = next((v for v in args.values() if isinstance(v, torch.Tensor) and v.dim() == 5), None)
+    video = next((args[n] for n in names if _shape(args.get(n)) is not None), None)
+    shape = _shape(video)
+    if shape is None or len(shape) not in (3, 4, 5):
+        video = next((v for v in args.values() if len(_shape(v) or ()) == 5), None)
+        shape = _shape(video)
     pt, ph, pw = patch_size(core)
-    if isinstance(video, torch.Tensor):
-        shape = tuple(int(s) for s in video.shape)
+    if shape is not None:
         latent: Optional[Grid] = None
         if len(shape) == 5:
             axes = _axes(shape, spec, _config(core, "in_channels", "in_visual_dim", "in_dim", "num_channels"))
@@ -364,6 +380,13 @@ def read_inputs(core: torch.nn.Module, spec: FamilySpec, args: Mapping[str, Any]
         out.text_len = int(text.shape[1])
         mask = args.get("encoder_attention_mask", args.get("attention_mask"))
         out.text_real = _real_lengths(text, mask)
+    elif (
+        isinstance(text, (list, tuple))
+        and text
+        and all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in text)
+    ):
+        # one [L, D] tensor per sample, padded by the model to a length of its own: only the real lengths
+        out.text_real = [_real_lengths(t[None], None)[0] for t in text]
     for name, value in args.items():
         n = _length(value)
         if n is None or "mask" in name or name == spec.text_input or value is video:
@@ -430,12 +453,13 @@ class Unplaced:
 
 
 def _context_of(nk: int, inputs: VideoInputs) -> str:
-    if inputs.text_len is None or nk == inputs.text_len:
+    if nk == inputs.text_len:
         return "text"
     for kind, n in inputs.contexts.items():
         if n == nk:
             return kind
-    return "text" if inputs.text_real and nk in inputs.text_real else "context"
+    unknown = inputs.text_len is None  # no text input, or one the model pads to a length of its own
+    return "text" if unknown or (inputs.text_real and nk in inputs.text_real) else "context"
 
 
 def place(
