@@ -921,6 +921,41 @@ def wan_animate2(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, kwargs
 
 
+def minimax_h3(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """diffusers MiniMaxH3Transformer3DModel: one joint self-attention over the rows its pipeline packs as
+    [text (4), audio (2 channels x 3), video] (pre-patchified rows; the grid is in their rotary
+    coordinates); grid (2, 4, 4)."""
+    from diffusers import MiniMaxH3Transformer3DModel
+    from diffusers.modular_pipelines.minimax_h3.before_denoise import MiniMaxH3PrepareLayoutStep
+
+    _seed(seed)
+    model = MiniMaxH3Transformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, hidden_size=24, num_layers=2, num_refiner_layers=1, ffn_dim=32,
+        in_channels=4, audio_in_channels=6, patch_size=(1, 2, 2), text_dim=8, freq_dim=8, time_embed_hidden_dim=24,
+        time_embed_dim=16, rope_freq_dim=2,
+    ).eval()  # fmt: skip
+    position_ids, tags, video, audio, text, _, _ = MiniMaxH3PrepareLayoutStep.build_packed_sequence(
+        torch.ones(4, dtype=torch.long), num_latent_frames=2, latent_height=8, latent_width=8, num_audio_latents=3,
+        patch_size=(1, 2, 2), audio_channels=2, audio_tag=2, video_tag=0,
+    )  # fmt: skip
+    timestep_indices = torch.zeros(len(tags), dtype=torch.long)
+    timestep_indices[audio] = 1  # the audio rows step down a schedule of their own
+    kwargs = {
+        "hidden_states": torch.randn(1, 2 * 4 * 4, 4 * 2 * 2),
+        "audio_hidden_states": torch.randn(1, 6, 6),
+        "encoder_hidden_states": torch.randn(1, 4, 8),
+        "timestep": torch.tensor([0.7, 0.3]),
+        "timestep_indices": timestep_indices,
+        "token_tags": tags,
+        "position_ids": position_ids,
+        "video_indices": video,
+        "audio_indices": audio,
+        "text_indices": text,
+        "return_dict": False,
+    }
+    return model, kwargs
+
+
 def wan_i2v(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
     return wan(seed, i2v=True)
 
@@ -955,6 +990,7 @@ VIDEO_TRANSFORMERS = {
     "latte": latte,
     "anyflow-far": anyflow_far,
     "wan-animate-2": wan_animate2,
+    "minimax-h3": minimax_h3,
 }
 
 FAMILIES = {

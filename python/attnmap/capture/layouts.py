@@ -20,7 +20,8 @@ shapes alone:
 
 A :class:`FamilySpec` (keyword fields) adds what shapes cannot say for a known family: the order of
 a joint call's text and video, the inputs that make its context, where the prompt's tokens sit in
-it, the VAE strides, the axes of its latent input. A new family whose calls fit the shapes needs
+it, the VAE strides, the axes of its latent input, the grid of pre-patchified rows that only its
+other inputs say (MiniMax-H3's rotary coordinates). A new family whose calls fit the shapes needs
 none. Private to :mod:`attnmap.capture`.
 """
 
@@ -65,6 +66,7 @@ class FamilySpec:
     causal_vae: bool = True  # F latent frames decode to (F - 1) * stride + 1 frames
     pixel_input: bool = False  # the video input is pixels (video encoders), not latents
     text_offset: Optional[Callable[[Mapping[str, Any]], Optional[list[int]]]] = None  # per row
+    grid_of: Optional[Callable[[Mapping[str, Any]], Optional[Grid]]] = None  # pre-patchified rows' grid
     roles: tuple[tuple[str, str], ...] = ()  # (regex on a module name, role) read from softmax calls
     linear: tuple[str, ...] = ()  # processor class names that compute a linear attention (no softmax)
     watch: str = ""  # a regex: only modules whose names match it are watched ("" = every attention module)
@@ -81,6 +83,22 @@ def _hunyuan15_text_offset(args: Mapping[str, Any]) -> Optional[list[int]]:
     n_byt5 = (byt5 != 0).sum(-1)
     n_image = 0 if not isinstance(image, torch.Tensor) or bool((image == 0).all()) else int(image.shape[1])
     return [n_image + int(n) for n in n_byt5.tolist()]
+
+
+def _minimax_h3_grid(args: Mapping[str, Any]) -> Optional[Grid]:
+    """MiniMax-H3 packs [text, audio, video] rows as its index tensors say; the video rows' (h, w)
+    rotary coordinates give the patch grid. None for another order (keyframe rows before the audio)."""
+    video, text, pos = args.get("video_indices"), args.get("text_indices"), args.get("position_ids")
+    if not (
+        isinstance(video, torch.Tensor) and isinstance(text, torch.Tensor) and isinstance(pos, torch.Tensor)
+    ):
+        return None
+    n, nv, nt = int(pos.shape[0]), int(video.numel()), int(text.numel())
+    tail, head = torch.arange(n - nv, n, device=video.device), torch.arange(nt, device=text.device)
+    if pos.dim() != 2 or not torch.equal(video, tail) or not torch.equal(text, head):
+        return None
+    h, w = (int(pos[video, axis].unique().numel()) for axis in (1, 2))
+    return (nv // (h * w), h, w) if h * w and nv % (h * w) == 0 else None
 
 
 #: The families whose calls need more than their shapes; keyed by their core's class name.
@@ -143,6 +161,13 @@ FAMILIES: tuple[FamilySpec, ...] = (
         family="ltxvideo",
         classes=("LTXVideoTransformer3DModel", "LTX2VideoTransformer3DModel"),
         vae_stride=(8, 32, 32),
+    ),
+    FamilySpec(
+        family="minimax-h3",
+        classes=("MiniMaxH3Transformer3DModel",),
+        context=("encoder_hidden_states", "audio_hidden_states"),
+        vae_stride=(4, 16, 16),
+        grid_of=_minimax_h3_grid,
     ),
     FamilySpec(
         family="sana-video", classes=("SanaVideoTransformer3DModel",), linear=("SanaLinearAttnProcessor3_0",)
@@ -370,6 +395,9 @@ def read_inputs(core: torch.nn.Module, spec: FamilySpec, args: Mapping[str, Any]
             latent = (1, shape[2], shape[3])
         elif len(shape) == 3 and all(isinstance(args.get(n), int) for n in ("num_frames", "height", "width")):
             latent = (int(args["num_frames"]), int(args["height"]), int(args["width"]))  # LTX: pre-patchified
+        elif len(shape) == 3 and spec.grid_of is not None:
+            grid_of = spec.grid_of(args)
+            latent = None if grid_of is None else (grid_of[0] * pt, grid_of[1] * ph, grid_of[2] * pw)
         if latent is not None:
             out.latent = latent
             out.batch = shape[0]
