@@ -221,3 +221,30 @@ def test_a_key_padding_mask_is_read_on_the_video_rows() -> None:
     assert "does not broadcast" in str(
         layouts.key_padding(torch.ones(1, 1, 1, 4, dtype=torch.bool), 1, 2, 5, slice(0, 3))
     )
+
+
+def test_lists_of_per_sample_latents_and_texts_give_the_grid_and_the_real_lengths() -> None:
+    core = Latents(in_dim=8, patch_size=(1, 2, 2))  # Wan-Animate-2: in_dim counts its condition latents too
+    spec = layouts.family_of(type("WanAnimate2Transformer3DModel", (torch.nn.Module,), {})())
+    args = {"hidden_states": [torch.zeros(4, 2, 8, 8)] * 2, "encoder_hidden_states": [torch.randn(5, 3)] * 2}
+    got = layouts.read_inputs(core, spec, {**args, "encoder_hidden_states_image": torch.randn(2, 4, 6)})
+    assert (got.grid, got.batch, got.text_len, got.text_real) == ((2, 4, 4), 2, None, [5, 5])
+    assert place(SITE, 0, 2, 32, 4, got, spec).context == "image"
+    assert place(SITE, 0, 2, 32, 16, got, spec).context == "text"
+
+
+def test_minimax_h3_grid_comes_from_the_rotary_coordinates_of_its_trailing_video_rows() -> None:
+    from diffusers.modular_pipelines.minimax_h3.before_denoise import MiniMaxH3PrepareLayoutStep
+
+    spec = layouts.family_of(type("MiniMaxH3Transformer3DModel", (torch.nn.Module,), {})())
+    core = Latents(in_channels=4, patch_size=(1, 2, 2))
+    grids = []
+    for anchors in ((), ("first",)):  # t2va; fl2va puts a keyframe's rows before the audio
+        pos, _, video, _, text, _, _ = MiniMaxH3PrepareLayoutStep.build_packed_sequence(
+            torch.ones(4, dtype=torch.long), 2, 8, 8, 3, (1, 2, 2), 2, 2, 0, keyframe_anchors=anchors
+        )
+        args = {"hidden_states": torch.zeros(1, len(video), 16), "position_ids": pos}
+        grids.append(
+            layouts.read_inputs(core, spec, {**args, "video_indices": video, "text_indices": text}).grid
+        )
+    assert grids == [(2, 4, 4), None]

@@ -978,6 +978,85 @@ def kandinsky6_sr(
     return model, kwargs
 
 
+def anyflow_far(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """diffusers AnyFlowFARTransformer3DModel (training rollout, two chunks of one frame): chunk-causal
+    self-attention through flex under a BlockMask (tokens padded to 128), cross to text 12; grid (2, 4, 4)."""
+    from diffusers import AnyFlowFARTransformer3DModel
+
+    model, kwargs = _wan_like(
+        AnyFlowFARTransformer3DModel, seed, compressed_patch_size=(1, 4, 4), full_chunk_limit=3, rope_max_seq_len=32,
+        gate_value=0.25, deltatime_type="r",
+    )  # fmt: skip
+    kwargs.update(
+        hidden_states=kwargs["hidden_states"].transpose(1, 2).contiguous(), timestep=torch.full((1, 2), 500.0),
+        r_timestep=torch.full((1, 2), 250.0), chunk_partition=[1, 1],
+    )  # fmt: skip
+    return model, kwargs
+
+
+def wan_animate2(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """diffusers WanAnimate2Transformer3DModel, its reference pass (kv_cache_mode "extract"): latents and
+    text as lists of per-sample tensors; dense self-attention, cross to the text (8 real of the 16 it pads
+    to) and, in a call of its own, to 4 CLIP tokens; grid (2, 4, 4). (Its generation pass attends to the
+    cached reference through a flex BlockMask.)"""
+    from diffusers import WanAnimate2Transformer3DModel
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+
+    _seed(seed)
+    model = WanAnimate2Transformer3DModel(
+        patch_size=(1, 2, 2), text_len=16, in_dim=8, dim=24, ffn_dim=32, freq_dim=32, text_dim=16, out_dim=4,
+        num_heads=2, num_layers=2,
+    ).eval()  # fmt: skip
+    kwargs = {
+        "hidden_states": [torch.randn(4, 2, 8, 8)],
+        "timestep": torch.tensor([1.0]),
+        "encoder_hidden_states": [torch.randn(8, 16)],
+        "condition_latents": [torch.randn(4, 2, 8, 8)],
+        "encoder_hidden_states_image": torch.randn(1, 4, 1280),  # its image projection takes CLIP's 1280
+        "kv_cache": WanAnimate2KVCache(2),
+        "kv_cache_mode": "extract",
+        "seq_len": 2 * 4 * 4,
+        "offset_grid_sizes": torch.tensor([[2, 4, 4]]),
+        "return_dict": False,
+    }
+    return model, kwargs
+
+
+def minimax_h3(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """diffusers MiniMaxH3Transformer3DModel: one joint self-attention over the rows its pipeline packs as
+    [text (4), audio (2 channels x 3), video] (pre-patchified rows; the grid is in their rotary
+    coordinates); grid (2, 4, 4)."""
+    from diffusers import MiniMaxH3Transformer3DModel
+    from diffusers.modular_pipelines.minimax_h3.before_denoise import MiniMaxH3PrepareLayoutStep
+
+    _seed(seed)
+    model = MiniMaxH3Transformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, hidden_size=24, num_layers=2, num_refiner_layers=1, ffn_dim=32,
+        in_channels=4, audio_in_channels=6, patch_size=(1, 2, 2), text_dim=8, freq_dim=8, time_embed_hidden_dim=24,
+        time_embed_dim=16, rope_freq_dim=2,
+    ).eval()  # fmt: skip
+    position_ids, tags, video, audio, text, _, _ = MiniMaxH3PrepareLayoutStep.build_packed_sequence(
+        torch.ones(4, dtype=torch.long), num_latent_frames=2, latent_height=8, latent_width=8, num_audio_latents=3,
+        patch_size=(1, 2, 2), audio_channels=2, audio_tag=2, video_tag=0,
+    )  # fmt: skip
+    timestep_indices = torch.zeros(len(tags), dtype=torch.long)
+    timestep_indices[audio] = 1  # the audio rows step down a schedule of their own
+    kwargs = {
+        "hidden_states": torch.randn(1, 2 * 4 * 4, 4 * 2 * 2),
+        "audio_hidden_states": torch.randn(1, 6, 6),
+        "encoder_hidden_states": torch.randn(1, 4, 8),
+        "timestep": torch.tensor([0.7, 0.3]),
+        "timestep_indices": timestep_indices,
+        "token_tags": tags,
+        "position_ids": position_ids,
+        "video_indices": video,
+        "audio_indices": audio,
+        "text_indices": text,
+        "return_dict": False,
+    }
+    return model, kwargs
+
+
 def wan_i2v(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
     return wan(seed, i2v=True)
 
@@ -1014,6 +1093,9 @@ VIDEO_TRANSFORMERS = {
     "joyimage-edit": joyimage_edit,
     "kandinsky6": kandinsky6,
     "kandinsky6-sr": kandinsky6_sr,
+    "anyflow-far": anyflow_far,
+    "wan-animate-2": wan_animate2,
+    "minimax-h3": minimax_h3,
 }
 
 FAMILIES = {

@@ -469,7 +469,7 @@ class Interceptor:
             self._hand_over(
                 q,
                 k,
-                _dispatch_mask(call.get("attn_mask"), int(k.shape[2])),
+                _readable_mask(call.get("attn_mask"), int(k.shape[2])),
                 call.get("scale"),
                 bool(call.get("is_causal", False)),
                 f"diffusers:{name}",
@@ -526,9 +526,7 @@ class Interceptor:
             return
         if query.dim() != 4 or key.dim() != 4:
             return
-        mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
-        if attention_mask is not None and mask is None:  # a flex BlockMask: not a tensor attnmap reads
-            mask = _UNREADABLE
+        mask = _readable_mask(attention_mask, int(key.shape[2]))
         scale = kwargs.get("scaling", kwargs.get("scale"))
         causal = bool(kwargs.get("is_causal", False)) and query.shape[2] > 1
         cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
@@ -546,8 +544,8 @@ class Interceptor:
 _UNREADABLE = torch.empty(0)
 
 
-def _dispatch_mask(mask: Any, nk: int) -> Optional[torch.Tensor]:
-    """A dispatcher call's mask as a tensor. A flex ``BlockMask`` of whole blocks (no ``mask_mod``)
+def _readable_mask(mask: Any, nk: int) -> Optional[torch.Tensor]:
+    """A call's mask (at diffusers' dispatcher or transformers' interface) as a tensor. A flex ``BlockMask`` of whole blocks (no ``mask_mod``)
     that keeps the same key blocks for every query block is the key-padding mask ``[B, H, 1, Nk]``
     of those blocks; any other ``BlockMask`` (one that varies over the queries, as a sparse pattern
     does) stands for a mask attnmap cannot read."""

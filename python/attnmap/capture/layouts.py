@@ -1,11 +1,12 @@
 """Layouts: which tokens of an attention call are video, text or other context, from shapes.
 
 A watched model's forward inputs give the video grid: the 5-D latent (or pixel) input (a 6-D one
-of items side by side on the frame axis: JoyImage) divided by the model's patch sizes
-(``config.patch_size`` / ``patch_size_t`` / ``tubelet_size``), or the latent sizes a model takes as
-``num_frames`` / ``height`` / ``width`` (LTX), plus the lengths of its text and other contexts
-(``encoder_hidden_states``, [B, 1, L, D] captions too; image and audio inputs) and the real text
-length of each row (from its mask, or from zero padding). :func:`place` then classifies each call by its
+of items side by side on the frame axis: JoyImage), or a list of one 4-D latent per sample
+(Wan-Animate-2), divided by the model's patch sizes (``config.patch_size`` / ``patch_size_t`` /
+``tubelet_size``), or the latent sizes a model takes as ``num_frames`` / ``height`` / ``width`` (LTX),
+plus the lengths of its text and other contexts (``encoder_hidden_states``, [B, 1, L, D] captions too;
+image and audio inputs) and the real text length of each row (from its mask, from zero padding, or
+from the lengths of a list of per-sample texts). :func:`place` then classifies each call by its
 shapes alone:
 
 - self-attention over the ``Nv`` video tokens, after ``prefix`` extra tokens (history latents, CLS);
@@ -20,7 +21,8 @@ shapes alone:
 
 A :class:`FamilySpec` (keyword fields) adds what shapes cannot say for a known family: the order of
 a joint call's text and video, the inputs that make its context, where the prompt's tokens sit in
-it, the VAE strides, the axes of its latent input. A new family whose calls fit the shapes needs
+it, the VAE strides, the axes of its latent input, the grid of pre-patchified rows that only its
+other inputs say (MiniMax-H3's rotary coordinates). A new family whose calls fit the shapes needs
 none. Private to :mod:`attnmap.capture`.
 """
 
@@ -65,6 +67,7 @@ class FamilySpec:
     causal_vae: bool = True  # F latent frames decode to (F - 1) * stride + 1 frames
     pixel_input: bool = False  # the video input is pixels (video encoders), not latents
     text_offset: Optional[Callable[[Mapping[str, Any]], Optional[list[int]]]] = None  # per row
+    grid_of: Optional[Callable[[Mapping[str, Any]], Optional[Grid]]] = None  # pre-patchified rows' grid
     roles: tuple[tuple[str, str], ...] = ()  # (regex on a module name, role) read from softmax calls
     linear: tuple[str, ...] = ()  # processor or module classes computing linear attention (no softmax)
     tiles: Optional[Grid] = None  # its calls hold the video tile by tile, (t, h, w) tokens each
@@ -84,6 +87,22 @@ def _hunyuan15_text_offset(args: Mapping[str, Any]) -> Optional[list[int]]:
     return [n_image + int(n) for n in n_byt5.tolist()]
 
 
+def _minimax_h3_grid(args: Mapping[str, Any]) -> Optional[Grid]:
+    """MiniMax-H3 packs [text, audio, video] rows as its index tensors say; the video rows' (h, w)
+    rotary coordinates give the patch grid. None for another order (keyframe rows before the audio)."""
+    video, text, pos = args.get("video_indices"), args.get("text_indices"), args.get("position_ids")
+    if not (
+        isinstance(video, torch.Tensor) and isinstance(text, torch.Tensor) and isinstance(pos, torch.Tensor)
+    ):
+        return None
+    n, nv, nt = int(pos.shape[0]), int(video.numel()), int(text.numel())
+    tail, head = torch.arange(n - nv, n, device=video.device), torch.arange(nt, device=text.device)
+    if pos.dim() != 2 or not torch.equal(video, tail) or not torch.equal(text, head):
+        return None
+    h, w = (int(pos[video, axis].unique().numel()) for axis in (1, 2))
+    return (nv // (h * w), h, w) if h * w and nv % (h * w) == 0 else None
+
+
 #: The families whose calls need more than their shapes; keyed by their core's class name.
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
@@ -97,6 +116,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
             "WanAnimateTransformer3DModel",
             "HeliosTransformer3DModel",
         ),
+    ),
+    FamilySpec(  # its in_dim counts the condition latents it concatenates: no axis to infer from it
+        family="wan-animate-2", classes=("WanAnimate2Transformer3DModel",), video_axes="BCFHW"
     ),
     FamilySpec(
         family="anyflow",
@@ -154,6 +176,13 @@ FAMILIES: tuple[FamilySpec, ...] = (
         family="ltxvideo",
         classes=("LTXVideoTransformer3DModel", "LTX2VideoTransformer3DModel"),
         vae_stride=(8, 32, 32),
+    ),
+    FamilySpec(
+        family="minimax-h3",
+        classes=("MiniMaxH3Transformer3DModel",),
+        context=("encoder_hidden_states", "audio_hidden_states"),
+        vae_stride=(4, 16, 16),
+        grid_of=_minimax_h3_grid,
     ),
     FamilySpec(
         family="sana-video", classes=("SanaVideoTransformer3DModel",), linear=("SanaLinearAttnProcessor3_0",)
@@ -360,6 +389,17 @@ def _tokens(value: Any) -> Optional[torch.Tensor]:
     return value if isinstance(value, torch.Tensor) and value.dim() == 3 else None
 
 
+def _shape(value: Any) -> Optional[tuple[int, ...]]:
+    """A tensor's shape; for a list of same-shaped tensors (one per sample, as Wan-Animate-2 takes its
+    latents), the shape of their stack."""
+    if isinstance(value, torch.Tensor):
+        return tuple(int(s) for s in value.shape)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        if all(v.shape == value[0].shape for v in value):
+            return (len(value), *(int(s) for s in value[0].shape))
+    return None
+
+
 def _length(value: Any) -> Optional[int]:
     return int(value.shape[1]) if isinstance(value, torch.Tensor) and value.dim() == 3 else None
 
@@ -372,12 +412,13 @@ def read_inputs(core: torch.nn.Module, spec: FamilySpec, args: Mapping[str, Any]
         if spec.video_input
         else ["hidden_states", "pixel_values_videos", "pixel_values", "x", "sample"]
     )
-    video = next((args[n] for n in names if isinstance(args.get(n), torch.Tensor)), None)
-    if video is None or video.dim() not in (3, 4, 5, len(spec.video_axes)):
-        video = next((v for v in args.values() if isinstance(v, torch.Tensor) and v.dim() == 5), None)
+    video = next((args[n] for n in names if _shape(args.get(n)) is not None), None)
+    shape = _shape(video)
+    if shape is None or len(shape) not in (3, 4, 5, len(spec.video_axes)):
+        video = next((v for v in args.values() if len(_shape(v) or ()) == 5), None)
+        shape = _shape(video)
     pt, ph, pw = patch_size(core)
-    if isinstance(video, torch.Tensor):
-        shape = tuple(int(s) for s in video.shape)
+    if shape is not None:
         latent: Optional[Grid] = None
         if len(shape) == 5:
             axes = _axes(shape, spec, _config(core, "in_channels", "in_visual_dim", "in_dim", "num_channels"))
@@ -389,16 +430,27 @@ def read_inputs(core: torch.nn.Module, spec: FamilySpec, args: Mapping[str, Any]
             latent = (1, shape[2], shape[3])
         elif len(shape) == 3 and all(isinstance(args.get(n), int) for n in ("num_frames", "height", "width")):
             latent = (int(args["num_frames"]), int(args["height"]), int(args["width"]))  # LTX: pre-patchified
+        elif len(shape) == 3 and spec.grid_of is not None:
+            grid_of = spec.grid_of(args)
+            latent = None if grid_of is None else (grid_of[0] * pt, grid_of[1] * ph, grid_of[2] * pw)
         if latent is not None:
             out.latent = latent
             out.batch = shape[0]
             grid = (max(latent[0] // pt, 1), latent[1] // ph, latent[2] // pw)
             out.grid = grid if min(grid) >= 1 else None
-    text = _tokens(args.get(spec.text_input))
+    given = args.get(spec.text_input)
+    text = _tokens(given)
     if text is not None:
         out.text_len = int(text.shape[1])
         mask = args.get("encoder_attention_mask", args.get("attention_mask"))
         out.text_real = _real_lengths(text, mask)
+    elif (
+        isinstance(given, (list, tuple))
+        and given
+        and all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in given)
+    ):
+        # one [L, D] tensor per sample, padded by the model to a length of its own: only the real lengths
+        out.text_real = [_real_lengths(t[None], None)[0] for t in given]
     for name, value in args.items():
         n = _length(value)
         if n is None or "mask" in name or name == spec.text_input or value is video:
@@ -467,12 +519,13 @@ class Unplaced:
 
 
 def _context_of(nk: int, inputs: VideoInputs) -> str:
-    if inputs.text_len is None or nk == inputs.text_len:
+    if nk == inputs.text_len:
         return "text"
     for kind, n in inputs.contexts.items():
         if n == nk:
             return kind
-    return "text" if inputs.text_real and nk in inputs.text_real else "context"
+    unknown = inputs.text_len is None  # no text input, or one the model pads to a length of its own
+    return "text" if unknown or (inputs.text_real and nk in inputs.text_real) else "context"
 
 
 def place(
