@@ -74,3 +74,22 @@ def test_torch_compile_inductor_records_the_eager_maps() -> None:
     assert torch.equal(nested, plain) and torch.equal(outer.get("temporal"), inner.get("temporal"))
     assert (outer.get("temporal") - eager.get("temporal")).abs().max().item() <= 1e-5
     assert torch.equal(run(compiled, kwargs), plain)
+
+
+def test_a_capture_of_many_steps_compiles_the_graph_once_not_at_every_forward() -> None:
+    """The hooks keep no state that changes from forward to forward where torch.compile would read it as
+    a constant: a count there recompiled the graph at every step until dynamo's recompile limit (8), after
+    which the model ran eagerly for the rest of the capture."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model, kwargs = VIDEO_TRANSFORMERS["wan"]()
+    compiled = torch.compile(model, backend="eager")
+    plain = run(compiled, kwargs)
+    graphs = counters["stats"]["unique_graphs"]
+    with attnmap.capture(compiled, reductions=("temporal",)) as rec:
+        for _ in range(10):
+            assert torch.equal(run(compiled, kwargs), plain)
+            rec.step()
+    assert rec.steps == list(range(10))
+    assert counters["stats"]["unique_graphs"] - graphs <= 2, "the captured graph was compiled again and again"

@@ -61,7 +61,8 @@ class Site:
     block: int
     role: str = "auto"  # "auto" (layouts inferred from shapes), or a family's role ("space", "time")
     calls: int = 0  # attention calls inside the module's current forward
-    entered: int = 0  # forwards of the module while the capture was open
+    entered: bool = False  # the module ran while the capture was open (a flag: a count would be a new
+    # constant to torch.compile at every forward, and recompile the graph each time)
     seen: int = 0  # attention calls seen while the capture was open
     token: int = -1  # the site's number for attnmap::observe while its interceptor is open
 
@@ -298,7 +299,7 @@ class Interceptor:
     def _push(self, site: Site) -> Callable[..., None]:
         def push(module: torch.nn.Module, args: Any) -> None:
             site.calls = 0
-            site.entered += 1
+            site.entered = True
             self.stack.append(site)
 
         return push

@@ -272,7 +272,8 @@ class Recorder:
         try:
             sites = [s for d in self._denoisers for s in d.sites]
             for site in sites:
-                site.entered = site.seen = site.calls = 0
+                site.entered = False
+                site.seen = site.calls = 0
             roles = frozenset(r for d in self._denoisers for _, r in d.spec.roles)
             self._interceptor = Interceptor(
                 sites, self._on_call, probs=self._on_probs, softmax_roles=roles, one_pass=self.one_pass,
