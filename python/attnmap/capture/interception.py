@@ -233,6 +233,10 @@ class Interceptor:
             ``softmax_roles`` (TimeSformer's eager attention).
         one_pass: run SDPA calls that ``wants_lse(site)`` through :func:`attnmap.reduce.sdpa_with_lse`.
         wants_lse: whether a site's next call will be recorded (only those take the one-pass path).
+        compiled: the sites run inside torch.compile'd code: their forward hooks
+            are then not always-called ones, whose ids torch.compile guards (each capture would compile
+            the graph again: 8 captures, then it runs eagerly), and a site that a raising forward left
+            on the stack is dropped when it is entered again. Otherwise the stack is clean at once.
     """
 
     sites: Sequence[Site]
@@ -241,6 +245,7 @@ class Interceptor:
     softmax_roles: frozenset[str] = frozenset()
     one_pass: bool = False
     wants_lse: Callable[[Site], bool] = lambda site: False
+    compiled: bool = False
     stack: list[Site] = field(default_factory=list)
     _handles: list[Any] = field(default_factory=list)
     _patches: list[_Patch] = field(default_factory=list)
@@ -262,7 +267,8 @@ class Interceptor:
                 site.token = _MODULE_TOKENS.setdefault(site.module, next(_NEXT))
                 _TOKENS[(site.token, self._depth)] = (self, site)
                 self._handles.append(site.module.register_forward_pre_hook(self._push(site)))
-                self._handles.append(site.module.register_forward_hook(self._pop(site), always_call=True))
+                pop = site.module.register_forward_hook(self._pop(site), always_call=not self.compiled)
+                self._handles.append(pop)
             self._patch_sdpa()
             self._patch_diffusers()
             self._patch_transformers()
@@ -300,6 +306,8 @@ class Interceptor:
         def push(module: torch.nn.Module, args: Any) -> None:
             site.calls = 0
             site.entered = True
+            if site in self.stack:  # left there by a compiled forward that raised (no pop hook ran)
+                del self.stack[self.stack.index(site) :]
             self.stack.append(site)
 
         return push

@@ -44,6 +44,18 @@ def split_pipeline(model: Any) -> tuple[Any, list[tuple[str, torch.nn.Module]]]:
     return model, nets
 
 
+def runs_compiled(model: Any) -> bool:
+    """Whether a model (or a pipeline's denoisers), or one of its submodules, runs through torch.compile
+    (``torch.compile(m)``, ``m.compile()``, diffusers' ``compile_repeated_blocks()``)."""
+    nets = [model] if isinstance(model, torch.nn.Module) else [getattr(model, n, None) for n in DENOISERS]
+    return any(
+        isinstance(getattr(net, "_orig_mod", None), torch.nn.Module)
+        or any(getattr(m, "_compiled_call_impl", None) is not None for m in net.modules())
+        for net in nets
+        if isinstance(net, torch.nn.Module)
+    )
+
+
 def _uncompiled(module: torch.nn.Module) -> torch.nn.Module:
     """The module that ``torch.compile(module)`` wraps (its hooks and names are the model's own)."""
     inner = getattr(module, "_orig_mod", None)

@@ -54,6 +54,7 @@ from attnmap.capture.pipeline import (
     PromptWatch,
     StepWatch,
     find_run,
+    runs_compiled,
     split_pipeline,
     vae_stride,
     watch_cache_context,
@@ -142,6 +143,7 @@ class Recorder:
         block_size: Any = None,
         experts: str = "merge",
     ) -> None:
+        self._given = model
         self._pipe, nets = split_pipeline(model)
         if isinstance(reductions, str):
             reductions = (reductions,)
@@ -277,7 +279,7 @@ class Recorder:
             roles = frozenset(r for d in self._denoisers for _, r in d.spec.roles)
             self._interceptor = Interceptor(
                 sites, self._on_call, probs=self._on_probs, softmax_roles=roles, one_pass=self.one_pass,
-                wants_lse=self._recording,
+                wants_lse=self._recording, compiled=runs_compiled(self._given),
             )  # fmt: skip
             for den in self._denoisers:
                 handle = den.core.register_forward_pre_hook(self._core_hook(den), with_kwargs=True)
