@@ -127,3 +127,25 @@ def test_a_compiled_forward_that_raises_inside_a_watched_module_leaves_no_stale_
         for block in clean.blocks:
             got, want = rec.get(name, block=block, step=1), clean.get(name, block=block)
             assert torch.equal(got, want), f"{name} block {block} after the failed forward"
+
+
+def test_regional_compilation_of_the_repeated_blocks_records_the_eager_maps() -> None:
+    """diffusers' ``compile_repeated_blocks()`` compiles each transformer block alone (the model is not
+    wrapped): capture sees it as compiled, the output is the compiled model's, the maps are eager
+    capture's, and later captures compile nothing again."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model, kwargs = VIDEO_TRANSFORMERS["wan"]()
+    _, eager = captured(model, kwargs)
+    model.compile_repeated_blocks(backend="eager")
+    plain = run(model, kwargs)
+    out, rec = captured(model, kwargs)
+    assert torch.equal(out, plain)
+    assert_same_maps(rec, eager, 0.0)
+    graphs = counters["stats"]["unique_graphs"]
+    for _ in range(3):
+        again, rec = captured(model, kwargs)
+        assert torch.equal(again, plain)
+        assert_same_maps(rec, eager, 0.0)
+    assert counters["stats"]["unique_graphs"] == graphs, "a later capture compiled the blocks again"
