@@ -233,10 +233,10 @@ class Interceptor:
             ``softmax_roles`` (TimeSformer's eager attention).
         one_pass: run SDPA calls that ``wants_lse(site)`` through :func:`attnmap.reduce.sdpa_with_lse`.
         wants_lse: whether a site's next call will be recorded (only those take the one-pass path).
-        compiled: the sites run inside torch.compile'd code: their forward hooks
-            are then not always-called ones, whose ids torch.compile guards (each capture would compile
-            the graph again: 8 captures, then it runs eagerly), and a site that a raising forward left
-            on the stack is dropped when it is entered again. Otherwise the stack is clean at once.
+        compiled: the sites run inside torch.compile'd code. Their forward hooks are then not
+            always-called ones, whose ids torch.compile guards (each capture would compile the graph
+            again: 8 captures, then it runs eagerly); a site that a raising forward left on the stack
+            is dropped when it is entered again. Otherwise the stack is clean as soon as it raises.
     """
 
     sites: Sequence[Site]
@@ -554,10 +554,12 @@ _UNREADABLE = torch.empty(0)
 
 
 def _readable_mask(mask: Any, nk: int) -> Optional[torch.Tensor]:
-    """A call's mask (at diffusers' dispatcher or transformers' interface) as a tensor. A flex ``BlockMask`` of whole blocks (no ``mask_mod``)
-    that keeps the same key blocks for every query block is the key-padding mask ``[B, H, 1, Nk]``
-    of those blocks; any other ``BlockMask`` (one that varies over the queries, as a sparse pattern
-    does) stands for a mask attnmap cannot read."""
+    """A call's mask (at diffusers' dispatcher or transformers' interface) as a tensor.
+
+    A flex ``BlockMask`` of whole blocks (no ``mask_mod``) that keeps the same key blocks for every
+    query block is the key-padding mask ``[B, H, 1, Nk]`` of those blocks; any other ``BlockMask``
+    (one that varies over the queries, as a sparse or causal pattern does) stands for a mask attnmap
+    cannot read."""
     if mask is None or isinstance(mask, torch.Tensor):
         return mask
     try:
