@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import attnmap
-from tiny_models import VIDEO_TRANSFORMERS, AttentionLog, softmax64
+from tiny_models import VIDEO_TRANSFORMERS, AttentionLog, sana_wm_refiner, softmax64
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::FutureWarning",
@@ -247,13 +247,12 @@ def test_every_video_transformer_of_diffusers_has_a_tiny_model_here() -> None:
 
     names = {n for n in dir(diffusers) if n.endswith("Transformer3DModel")}
     built = {type(build()[0]).__name__ for build in VIDEO_TRANSFORMERS.values()}
-    # not built: SANA-WM's refiner's forward inputs give no grid (pre-packed tokens [B, N, C] and a RoPE the
-    # caller built from frame positions, height and width), and its self-attention keys are a KV cache's
-    # sink + history + the block; JoyImage Edit Plus is no video: a flat list of patches [B, N, C, pt, ph, pw]
-    # of images each of its own size (shape_list). diffusers has no Cosmos3Transformer3DModel: Cosmos 3 is
+    built.add(type(sana_wm_refiner()[0]).__name__)  # no grid in its inputs: tested with a layout below
+    # not built: JoyImage Edit Plus is no video: a flat list of patches [B, N, C, pt, ph, pw] of images
+    # each of its own size (shape_list). diffusers has no Cosmos3Transformer3DModel: Cosmos 3 is
     # Cosmos3OmniTransformer, one packed sequence (no batch) of causal text then video, sound and action
     # tokens, whose video comes as lists of latents and grid shapes
-    later = {"SanaWMLTX2RefinerTransformer3DModel", "JoyImageEditPlusTransformer3DModel"}
+    later = {"JoyImageEditPlusTransformer3DModel"}
     assert names - later <= built, f"video transformers without a tiny model: {sorted(names - later - built)}"
     assert set(FAMILIES) == set(VIDEO_TRANSFORMERS)
 
@@ -448,3 +447,43 @@ def test_a_backend_set_process_wide_by_another_model_is_still_seen() -> None:
         _AttentionBackendRegistry.set_active_backend(active)
     assert rec.metadata["entry_points"] == ["diffusers:flex"]
     assert rec.names == ["cross", "temporal"] and rec.blocks == [0, 1]
+
+
+def test_a_transformer_whose_inputs_give_no_grid_is_warned_then_read_with_a_layout() -> None:
+    """SANA-WM's refiner takes pre-packed tokens and a rotary embedding built by its caller: capture says
+    that no grid came from the inputs and asks for ``layout=``; given one per attention module, its
+    temporal and cross maps equal the float64 softmax of what the entry point saw."""
+    grid = (2, 4, 4)
+    model, kwargs = sana_wm_refiner()
+    plain = run(model, kwargs)
+    with pytest.warns(UserWarning) as caught, attnmap.capture(model) as rec:
+        run(model, kwargs)
+    said = [str(w.message) for w in caught]
+    assert all(m.startswith("attnmap.capture: ") for m in said), said
+    assert any(
+        "'transformer_blocks.0.attn1': the model's forward inputs gave no video grid" in m
+        and "pass layout=" in m
+        for m in said
+    ), said
+    assert rec.names == []
+    sites = {
+        n: n.endswith("attn1")
+        for n, _ in model.named_modules()
+        if re.fullmatch(r"transformer_blocks\.\d\.attn[12]", n)
+    }
+    layouts = {
+        n: attnmap.Layout.self_attn(grid=grid) if is_self else attnmap.Layout.cross(grid=grid, text=6)
+        for n, is_self in sites.items()
+    }
+    log = AttentionLog(model, list(sites))
+    with log.dispatch():
+        with attnmap.capture(model, layout=layouts, keep_cross=True) as rec, log:
+            captured = run(model, kwargs)
+    log.close()
+    assert torch.equal(captured, plain)
+    assert sorted(name for name, *_ in log.calls) == sorted(sites)
+    probs = {name: softmax64(q, k, mask, scale) for name, q, k, mask, scale in log.calls}
+    temporal = torch.stack([temporal_of(p, grid) for n, p in probs.items() if sites[n]]).mean(0)
+    cross = torch.stack([p.mean(1) for n, p in probs.items() if not sites[n]]).mean(0)
+    close("refiner temporal", rec.get("temporal"), temporal)
+    close("refiner cross", rec.get("cross"), cross)

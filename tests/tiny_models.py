@@ -1057,6 +1057,30 @@ def minimax_h3(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, kwargs
 
 
+def sana_wm_refiner(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """diffusers SanaWMLTX2RefinerTransformer3DModel: self + cross to the text (6) over pre-packed
+    tokens [B, N, C] and a rotary embedding its caller builds; nothing in the inputs gives the grid
+    (2, 4, 4), so capture needs ``layout=``. Not in :data:`VIDEO_TRANSFORMERS` for that reason."""
+    from diffusers import SanaWMLTX2RefinerTransformer3DModel
+
+    _seed(seed)
+    model = SanaWMLTX2RefinerTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=4,
+        audio_cross_attention_dim=8, num_layers=2, caption_channels=16,
+    ).eval()  # fmt: skip
+    f, h, w = 2, 4, 4
+    rope = model.build_rotary_emb_for_absolute_positions(1, list(range(f)), h, w, torch.device("cpu"), 24.0)
+    kwargs = {
+        "hidden_states": torch.randn(1, f * h * w, 8),
+        "encoder_hidden_states": torch.randn(1, 6, 16),
+        "timestep": torch.full((1, f * h * w), 500.0),
+        "video_rotary_emb": rope,
+        "return_dict": False,
+    }
+    return model, kwargs
+
+
 def wan_i2v(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
     return wan(seed, i2v=True)
 
