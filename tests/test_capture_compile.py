@@ -149,3 +149,24 @@ def test_regional_compilation_of_the_repeated_blocks_records_the_eager_maps() ->
         assert torch.equal(again, plain)
         assert_same_maps(rec, eager, 0.0)
     assert counters["stats"]["unique_graphs"] == graphs, "a later capture compiled the blocks again"
+
+
+def test_every_way_of_compiling_is_recognised_for_models_and_pipelines() -> None:
+    from types import SimpleNamespace
+
+    from attnmap.capture.pipeline import runs_compiled
+
+    def fresh() -> torch.nn.Module:
+        return VIDEO_TRANSFORMERS["wan"]()[0]
+
+    plain, method, regional = fresh(), fresh(), fresh()
+    method.compile(backend="eager")
+    regional.compile_repeated_blocks(backend="eager")
+    assert not runs_compiled(plain)
+    assert (
+        runs_compiled(torch.compile(plain, backend="eager"))
+        and runs_compiled(method)
+        and runs_compiled(regional)
+    )
+    assert runs_compiled(SimpleNamespace(transformer=plain, transformer_2=method))  # a pipeline's denoisers
+    assert not runs_compiled(SimpleNamespace(transformer=plain))
