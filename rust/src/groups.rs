@@ -886,6 +886,17 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// Random q `[b, h, r, d]` and k `[b, hk, nk, d]` in [-2, 2), from seeds `seed` and `seed + 1`.
+    pub(crate) fn random_qk(
+        (b, h, r, d): (usize, usize, usize, usize),
+        (hk, nk): (usize, usize),
+        seed: u64,
+    ) -> (Array4<f32>, Array4<f32>) {
+        let q = Array4::from_shape_vec((b, h, r, d), noise(b * h * r * d, seed, 2.0)).unwrap();
+        let k = Array4::from_shape_vec((b, hk, nk, d), noise(b * hk * nk * d, seed + 1, 2.0));
+        (q, k.unwrap())
+    }
+
     /// Row `i` of P for batch element `bi` and head `hi` in f64, from the logits one by one
     /// (zero where every key is excluded).
     pub(crate) fn probabilities(p: &Problem, bi: usize, hi: usize, i: usize) -> Vec<f64> {
@@ -967,9 +978,7 @@ pub(crate) mod tests {
         seed: u64,
     ) {
         let nk = cols.len();
-        let q = Array4::from_shape_vec((b, h, r, d), noise(b * h * r * d, seed, 2.0)).unwrap();
-        let k =
-            Array4::from_shape_vec((b, hk, nk, d), noise(b * hk * nk * d, seed + 1, 2.0)).unwrap();
+        let (q, k) = random_qk((b, h, r, d), (hk, nk), seed);
         let p = Problem {
             q: q.view(),
             k: k.view(),

@@ -525,7 +525,7 @@ fn fold_offsets(p: &[f32], out: &mut [f32], g: Grid, (tq, yq, xq): (usize, usize
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::groups::tests::{builds, noise, probabilities as row_probabilities};
+    use crate::groups::tests::{builds, noise, probabilities as row_probabilities, random_qk};
     use ndarray::{Array1, Array3 as A3, Array4 as A4};
 
     /// P of every row and head in f64, materialised: `[B][H][R][Nk]`.
@@ -581,8 +581,7 @@ mod tests {
             per_head,
             bias,
         } = case;
-        let q = A4::from_shape_vec((b, h, r, d), noise(b * h * r * d, seed, 2.0)).unwrap();
-        let k = A4::from_shape_vec((b, hk, nk, d), noise(b * hk * nk * d, seed + 1, 2.0)).unwrap();
+        let (q, k) = random_qk((b, h, r, d), (hk, nk), seed);
         let p = Problem {
             q: q.view(),
             k: k.view(),
