@@ -61,6 +61,12 @@ def _as_slice(rows: list[int]) -> Rows:
     return rows
 
 
+def _misfit(lay: Layout, nq: int, nk: int) -> str:
+    return (
+        f"layout {lay} expects {lay.num_queries} queries and {lay.num_keys} keys, the call has {nq} and {nk}"
+    )
+
+
 class CallReader:
     """Reduces the calls of one capture into named maps (see the module docstring)."""
 
@@ -144,12 +150,8 @@ class CallReader:
             return
         group = self._group(site, place)
         self.layouts.setdefault(group + (place.fold or lay.kind), lay.to_dict())
-        if place.roll:
-            q, k = (torch.cat([t[:, :, place.roll :], t[:, :, : place.roll]], dim=2) for t in (q, k))
-            if mask is not None:
-                mask = torch.cat([mask[..., place.roll :], mask[..., : place.roll]], dim=-1)
-        if place.tiles:
-            order = layouts.untile(lay.grid, place.tiles, q.device)
+        order = layouts.token_order(place, nq, q.device)
+        if order is not None:  # a self or joint call: queries and keys are the same tokens
             q, k = q[:, :, order], k[:, :, order]
             mask = None if mask is None else mask[..., order]
         sel, branches = rows
@@ -168,7 +170,7 @@ class CallReader:
                 per_head=self.options.per_head,
                 scale=call.scale,
                 key_padding_mask=None if mask is None else mask[sel],
-                lse=None if call.lse is None or grouped or place.roll or place.tiles else call.lse[sel],
+                lse=None if call.lse is None or grouped or order is not None else call.lse[sel],
                 backend=self.options.backend,
                 check_finite=False,  # no device sync per call: NaN is flagged on the device instead
                 text_groups=None if groups is None else groups[0],

@@ -610,6 +610,19 @@ def untile(grid: Grid, tiles: Grid, device: torch.device) -> torch.Tensor:
     return tiled.permute(0, 2, 4, 1, 3, 5).flatten().argsort()
 
 
+def token_order(place: Placement, n: int, device: torch.device) -> Optional[torch.Tensor]:
+    """Where, among a call's ``n`` tokens, each token of the placed layout's order sits: the history
+    latents of ``roll`` moved from the front to the back, or the video put back in frame, row order
+    from ``tiles``; None when the call's order is the layout's already."""
+    if place.roll:
+        return torch.cat(
+            [torch.arange(place.roll, n, device=device), torch.arange(place.roll, device=device)]
+        )
+    if place.tiles:
+        return untile(place.layout.grid, place.tiles, device)
+    return None
+
+
 def key_padding(
     mask: torch.Tensor, b: int, h: int, nk: int, video: slice
 ) -> Union[tuple[torch.Tensor, bool], str]:
