@@ -92,17 +92,13 @@ class CallReader:
         if named is not None:
             if layouts.fits(named, nq, nk):
                 return Placement(named, text_len=named.text or None)
-            return Unplaced(
-                f"layout {named} expects {named.num_queries} queries and {named.num_keys} keys, the call has {nq} and {nk}"
-            )
+            return Unplaced(_misfit(named, nq, nk))
         if self.options.layout is not None and layouts.fits(self.options.layout, nq, nk):
             return Placement(self.options.layout, text_len=self.options.layout.text or None)
         found = layouts.place(site, call.index, b, nq, nk, self.forward.inputs, self.forward.spec)
         if isinstance(found, Unplaced) and self.options.layout is not None:
-            lay = self.options.layout
             return Unplaced(
-                f"layout {lay} expects {lay.num_queries} queries and {lay.num_keys} keys, the call has {nq} and {nk}",
-                warn=found.warn or self.forward.inputs.grid is None,
+                _misfit(self.options.layout, nq, nk), warn=found.warn or self.forward.inputs.grid is None
             )
         return found
 
