@@ -22,7 +22,6 @@ from attnmap.capture.accumulate import Rows
 from attnmap.capture.interception import Intercepted, Site, unreadable
 from attnmap.capture.layouts import FamilySpec, Placement, Unplaced, VideoInputs
 from attnmap.layout import Layout
-from attnmap.reduce.native import REDUCTIONS as NATIVE_REDUCTIONS
 
 #: reductions that read only the video query rows (exact under a mask that varies over the others)
 _VIDEO_ROWS = frozenset({"cross", "temporal", "distance"})
@@ -153,7 +152,6 @@ class CallReader:
         sel, branches = rows
         cpu = q.device.type == "cpu"
         groups = self._text_groups(site, place, group) if cpu and "cross" in wanted else None
-        grouped = cpu and set(wanted) <= NATIVE_REDUCTIONS  # the CPU kernel forms the softmax itself
         extra: dict[str, Any] = (
             {} if self.options.block_size is None else {"block_size": self.options.block_size}
         )
@@ -166,7 +164,8 @@ class CallReader:
                 per_head=self.options.per_head,
                 scale=call.scale,
                 key_padding_mask=None if mask is None else mask[sel],
-                lse=None if call.lse is None or grouped or order is not None else call.lse[sel],
+                # on the CPU the native kernel forms each row's softmax itself, whatever the reductions
+                lse=None if call.lse is None or cpu or order is not None else call.lse[sel],
                 backend=self.options.backend,
                 check_finite=False,  # no device sync per call: NaN is flagged on the device instead
                 text_groups=None if groups is None else groups[0],

@@ -21,12 +21,8 @@ import numpy as np
 import torch
 
 from attnmap.layout import Layout
-from attnmap.reduce import contract
 from attnmap.reduce.contract import AttentionCall, BlockGrid, block_grid, finish, frame_grid, group_text
 
-#: The reductions this backend forms: all of them (it forms each row's softmax itself, so a caller
-#: on the CPU can drop its lse).
-REDUCTIONS = frozenset(contract.REDUCTIONS)
 #: The reductions the grouped kernel forms alone (its columns: text keys and frames).
 GROUPED = frozenset({"cross", "temporal", "text"})
 
