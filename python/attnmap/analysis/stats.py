@@ -411,7 +411,7 @@ def summarize_stats(
                 fr, recall = recall_curve(load_stat(store, video_id, name, 2), RECALL_AT)
                 entry = {"recall_at": {f"{f:g}": recall[..., i].tolist() for i, f in enumerate(fr)}}
             elif kind.startswith("received"):
-                r = load_stat(store, video_id, name, 1)
+                r = received[block] if kind == "received" else load_stat(store, video_id, name, 1)
                 lay = layouts.get("cross" if kind.endswith("/text") else "self") or layouts.get("joint")
                 lay = lay if lay is not None and lay.num_keys == r.shape[-1] else None
                 entry = {"sinks": sink_keys(r, k, layout=lay), "top_share": sink_mass(r, k).tolist()}
