@@ -673,16 +673,6 @@ def _bar_strip(bar_h: int, bar_w: int, colormap: str) -> np.ndarray:
     return strip
 
 
-def colorbar_strip(height: int, width: int, colormap: str) -> np.ndarray:
-    """The colour bar that :func:`decor_layout` places in ``height`` x ``width`` frames (with ticks),
-    ``[h, w, 3]`` uint8, high values on top."""
-    decor = decor_layout(height, width, labels=True, colorbar=True, vrange=(0.0, 1.0))
-    if decor is None or decor.bar is None:
-        raise AttnmapError(f"size: frames of {height} x {width} are too small for a colour bar")
-    top, bottom, left, right = decor.bar
-    return _bar_strip(bottom - top, right - left, colormap).copy()
-
-
 def decorate(frame: np.ndarray, decor: Decor, label: Optional[str], colormap: str) -> None:
     """Draw the label, the colour bar and its ticks of ``decor`` into ``frame`` [H, W, 3] uint8, in place."""
     if label and decor.label:
