@@ -484,7 +484,10 @@ def _font(size: int) -> Any:
         return ImageFont.load_default()
 
 
+@functools.lru_cache(maxsize=4096)
 def _text_width(text: str, size: int) -> int:
+    """The advance width of ``text`` at ``size`` pixels: measured once per text, as labels and ticks
+    repeat on every frame."""
     with _FONT_LOCK:
         return math.ceil(_font(size).getlength(text))
 
