@@ -177,12 +177,12 @@ def render_stats(
     out, stem = Path(out_dir), safe_component(video_id)
     written: list[Path] = []
     distance = found.get("distance", {})
+    # the distance figures draw what the summary computed from those maps (float32 lists)
+    summarized = summary.get("distance", {})
     if None in distance:
-        d = stats.load_stat(store, video_id, distance[None], 3)
+        curves = {a: np.asarray(c, dtype=np.float32) for a, c in summarized["mean"]["energy_decay"].items()}
         title = f"{video_id}: attention mass by offset from the query"
-        written.append(
-            energy_decay_figure(stats.energy_decay(d), out / f"{stem}_energy_decay.{fmt}", title=title)
-        )
+        written.append(energy_decay_figure(curves, out / f"{stem}_energy_decay.{fmt}", title=title))
     for kind, suffix in (("blocks", ""), ("blocks/text", "_text")):
         names = found.get(kind, {})
         if None in names:
@@ -195,10 +195,10 @@ def render_stats(
     if distance and summary.get("window"):
         per_block: dict[Optional[int], str] = {b: n for b, n in distance.items() if b is not None}
         per_block = per_block or dict(distance)  # the block mean where no block is stored alone
-        maps = [stats.load_stat(store, video_id, n, 3) for n in per_block.values()]
-        if len({m.shape for m in maps}) == 1:
-            coverage = np.stack([stats.window_coverage(m, summary["window"]) for m in maps])
-            labels = ["mean" if b is None else str(b) for b in per_block]
+        labels = ["mean" if b is None else str(b) for b in per_block]
+        shares = [np.asarray(summarized[label]["window_coverage"], dtype=np.float32) for label in labels]
+        if len({m.shape for m in shares}) == 1:
+            coverage = np.stack(shares)
             path = out / f"{stem}_coverage.{fmt}"
             written.append(coverage_figure(coverage, path, blocks=labels, window=summary["window"]))
     json_path = out / f"{stem}_stats.json"
