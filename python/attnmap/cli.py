@@ -167,10 +167,16 @@ def _open(attention_dir: Path, video_id: Optional[str] = None, *, flag: str = "-
     videos = store.videos()
     if not videos:
         raise CLIError(f"{flag} {str(attention_dir)!r} holds no stored videos (is it an attnmap store?)")
-    if video_id is not None and video_id not in videos:
+    if video_id is not None:
+        _stored(video_id, videos, attention_dir)
+    return store
+
+
+def _stored(video_id: str, videos: list[str], attention_dir: Path) -> None:
+    """A clear error where ``video_id`` is not among the store's ``videos``."""
+    if video_id not in videos:
         shown = ", ".join(videos[:10]) + (" ..." if len(videos) > 10 else "")
         raise CLIError(f"--video-id {video_id!r} is not in {str(attention_dir)!r}; it has: {shown}")
-    return store
 
 
 def _colormap(name: str) -> str:
@@ -515,8 +521,9 @@ def report_cmd(
 
     with _errors():
         store = _open(attention_dir, flag="ATTENTION_DIR")
+        stored = store.videos()
         for vid in video_id or []:
-            _open(attention_dir, vid, flag="ATTENTION_DIR")
+            _stored(vid, stored, attention_dir)
         if not max_mb >= 0:
             raise CLIError(f"--max-mb must be >= 0, got {max_mb}")
         options = _options(
@@ -645,9 +652,10 @@ def stats_cmd(
             raise CLIError(f"--top-k must be >= 1, got {top_k}")
         size = _window_option(window)
         store = _open(attention_dir, flag="ATTENTION_DIR")
-        videos = list(dict.fromkeys(video_id)) if video_id else store.videos()
+        stored = store.videos()
+        videos = list(dict.fromkeys(video_id)) if video_id else stored
         for vid in videos:
-            _open(attention_dir, vid, flag="ATTENTION_DIR")  # names the video when it is not stored
+            _stored(vid, stored, attention_dir)  # names the video when it is not stored
             for path in render_stats.render_stats(
                 store, vid, output, fmt=fmt, share=share, window=size, k=top_k
             ):
