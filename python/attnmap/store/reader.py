@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import numpy as np
 
@@ -63,6 +63,28 @@ def _warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
+FileKey = tuple[int, int, int]
+_T = TypeVar("_T")
+
+
+def _cached(
+    cache: dict[str, tuple[FileKey, Union[_T, StoreError]]], path: str, key: FileKey, load: Callable[[], _T]
+) -> _T:
+    """``load()`` of the file at ``path``, cached until the file is replaced (a new ``key``: inode,
+    mtime or size); a bad file's StoreError is cached the same way and raised again."""
+    cached = cache.get(path)
+    if cached is None or cached[0] != key:
+        try:
+            cached = (key, load())
+        except StoreError as exc:
+            cached = (key, exc)
+        cache[path] = cached
+    found = cached[1]
+    if isinstance(found, StoreError):
+        raise found
+    return found
+
+
 class Store:
     """Reads a store root written by :class:`StoreWriter`. Build it with :func:`open_store`.
 
@@ -76,9 +98,9 @@ class Store:
         if not self.root.is_dir():
             raise FileNotFoundError(f"store root {self.root} is not a directory")
         # path -> (file key, header or the StoreError it raised)
-        self._headers: dict[str, tuple[tuple[int, int, int], Union[Header, StoreError]]] = {}
+        self._headers: dict[str, tuple[FileKey, Union[Header, StoreError]]] = {}
         self._open: OrderedDict[str, Header] = OrderedDict()
-        self._metas: dict[str, tuple[tuple[int, int, int], Union[dict[str, Any], StoreError]]] = {}
+        self._metas: dict[str, tuple[FileKey, Union[dict[str, Any], StoreError]]] = {}
 
     def close(self) -> None:
         """Close the store files kept open (a later read opens them again)."""
@@ -103,20 +125,14 @@ class Store:
         """The checked header of ``path``, cached until the file is replaced (new inode, mtime or
         size); a bad file's StoreError is cached the same way."""
         path = os.fspath(path)
-        key = file_key(path, "a safetensors file")
-        cached = self._headers.get(path)
-        if cached is None or cached[0] != key:
-            old = self._open.pop(path, None)
+
+        def load() -> Header:
+            old = self._open.pop(path, None)  # the replaced file's handle
             if old is not None:
                 old.release()
-            try:
-                cached = (key, read_header(path, step=step))
-            except StoreError as exc:
-                cached = (key, exc)
-            self._headers[path] = cached
-        found = cached[1]
-        if isinstance(found, StoreError):
-            raise found
+            return read_header(path, step=step)
+
+        found = _cached(self._headers, path, file_key(path, "a safetensors file"), load)
         self._open[path] = found
         self._open.move_to_end(path)
         while len(self._open) > MAX_OPEN_FILES:
@@ -192,18 +208,7 @@ class Store:
         return sorted(out)
 
     def _load_metadata(self, path: Path) -> dict[str, Any]:
-        key = file_key(path, "JSON")
-        cached = self._metas.get(str(path))
-        if cached is None or cached[0] != key:
-            try:
-                cached = (key, read_metadata(path))
-            except StoreError as exc:
-                cached = (key, exc)
-            self._metas[str(path)] = cached
-        found = cached[1]
-        if isinstance(found, StoreError):
-            raise found
-        return found
+        return _cached(self._metas, str(path), file_key(path, "JSON"), lambda: read_metadata(path))
 
     def metadata(self, video_id: str) -> dict[str, Any]:
         """The video's metadata dict (the caller's keys plus the store's); a fresh copy."""
