@@ -836,23 +836,25 @@ class _Task:
             )
 
 
+def _display(progress: Optional[Progress], quiet: bool) -> contextlib.AbstractContextManager[Progress]:
+    """The caller's display, or one of this call's own (closed with it; showing nothing when quiet)."""
+    return contextlib.nullcontext(progress) if progress is not None else Progress(enabled=not quiet)
+
+
 @contextlib.contextmanager
 def _task(
     progress: Optional[Progress], quiet: bool, description: str, total: int
 ) -> Iterator[Optional[_Task]]:
     """A task of ``progress``, or of a display of its own for this one render (none when quiet)."""
-    own = Progress() if progress is None and not quiet else None
-    shown = progress or own
-    task = shown.task(description, total) if shown is not None and shown.enabled else None
-    ok = False
-    try:
-        yield task
-        ok = True
-    finally:
-        if task is not None:
-            task.close(ok)
-        if own is not None:
-            own.close()
+    with _display(progress, quiet) as shown:
+        task = shown.task(description, total) if shown.enabled else None
+        ok = False
+        try:
+            yield task
+            ok = True
+        finally:
+            if task is not None:
+                task.close(ok)
 
 
 def _target(output: PathLike, options: RenderOptions) -> Path:
@@ -1203,19 +1205,16 @@ def render_video(
     # Two renders at a time: the Rust render, the colour conversion and libx264 all release the GIL, and
     # one render alone leaves a core idle while its encoder waits on its producer (and back). A failure
     # stops the renders not yet started; finished ones stay, each written atomically.
-    own = Progress(enabled=not quiet) if progress is None else None
-    shown = progress or own
-    pool = ThreadPoolExecutor(max_workers=_WORKERS)
-    try:
-        futures = [pool.submit(run, job) for job in jobs]
-        return [path for future in futures if (path := future.result()) is not None]
-    except BaseException:
-        stopped.set()
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        if own is not None:
-            own.close()
+    with _display(progress, quiet) as shown:
+        pool = ThreadPoolExecutor(max_workers=_WORKERS)
+        try:
+            futures = [pool.submit(run, job) for job in jobs]
+            return [path for future in futures if (path := future.result()) is not None]
+        except BaseException:
+            stopped.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def render_store(
@@ -1243,8 +1242,7 @@ def render_store(
 
     store = open_store(root)
     target = Path(out_dir) if out_dir is not None else Path(root).resolve().parent / "attention_videos"
-    with contextlib.ExitStack() as stack:
-        shown = progress or stack.enter_context(Progress(enabled=not quiet))
+    with _display(progress, quiet) as shown:
         return {
             video_id: render_video(root, video_id, target, options, progress=shown)
             for video_id in store.videos()
