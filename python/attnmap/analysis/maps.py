@@ -11,7 +11,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
@@ -304,6 +304,31 @@ def classify_heads(locality: ArrayLike, num_frames: int, *, margin: float = 0.5)
         raise AttnmapError(f"num_frames must be >= 1, got {num_frames!r}")
     cut = 1.0 / num_frames + margin * (1.0 - 1.0 / num_frames)
     return np.where(loc > cut, "spatial", "temporal")
+
+
+def real_text_length(meta: Mapping[str, Any], stored: int) -> tuple[int, str]:
+    """How many of ``stored`` text tokens are real (not padding), and how that was known: the
+    metadata's ``text_length`` (or ``text_len``), else its ``text_tokens``, else the last target token."""
+    for key in ("text_length", "text_len"):
+        value = meta.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= stored:
+            return value, f"metadata {key}"
+    words = meta.get("text_tokens")
+    if isinstance(words, list) and 0 < len(words) <= stored:
+        return len(words), "metadata text_tokens"
+    targets = meta.get("targets")
+    if isinstance(targets, dict):
+        indices = [int(i) for v in targets.values() if isinstance(v, list) for i in v if isinstance(i, int)]
+        if indices and 0 <= max(indices) < stored:
+            return max(indices) + 1, "the last target token (the metadata has no text length)"
+    return stored, "every stored token (the metadata has no text length)"
+
+
+def real_text_words(meta: Mapping[str, Any], real: int) -> Optional[list[str]]:
+    """The words of the first ``real`` text tokens from the metadata's ``text_tokens``; None where it
+    does not name that many."""
+    words = meta.get("text_tokens")
+    return [str(w) for w in words[:real]] if isinstance(words, list) and len(words) >= real else None
 
 
 def text_self_attention(

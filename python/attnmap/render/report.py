@@ -42,10 +42,10 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import numpy as np
 
 from attnmap._io import atomic_write
+from attnmap.analysis.maps import real_text_length, real_text_words
 from attnmap.analysis.normalization import NORMALIZE
 from attnmap.errors import AttnmapError
 from attnmap.render.options import RenderOptions
-from attnmap.render.videos import real_text_length
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnmap.store import Store
@@ -386,12 +386,7 @@ def _text(src: _Source) -> Optional[dict[str, Any]]:
         return None
     n, how = real_text_length(src.metadata, arr.shape[-1])
     crop = arr[..., :n, :n]
-    words = src.metadata.get("text_tokens")
-    labels = (
-        [str(w) for w in words[:n]]
-        if isinstance(words, list) and len(words) >= n
-        else [str(i) for i in range(n)]
-    )
+    labels = real_text_words(src.metadata, n) or [str(i) for i in range(n)]
     data = {"mean|all|mean": _floats(crop.mean(0) if crop.ndim == 3 else crop)}
     if crop.ndim == 3:
         for h in range(crop.shape[0]):

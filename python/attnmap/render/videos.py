@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import numpy as np
 
-from attnmap.analysis.maps import aggregated_map
+from attnmap.analysis.maps import aggregated_map, real_text_length, real_text_words
 from attnmap.analysis.normalization import bounds
 from attnmap.errors import AttnmapError
 from attnmap.render.heatmap import MAX_FRAMES, MAX_SIDE
@@ -230,24 +230,6 @@ def _bounded(frames: int, what: str) -> int:
 
 def _fps(options: RenderOptions, store: Store, video_id: str, original: Optional[_Original]) -> float:
     return output_fps(options, None if original is None else original.fps, store.metadata(video_id))
-
-
-def real_text_length(meta: Mapping[str, Any], stored: int) -> tuple[int, str]:
-    """How many of ``stored`` text tokens are real (not padding), and how that was known: the
-    metadata's ``text_length`` (or ``text_len``), else its ``text_tokens``, else the last target token."""
-    for key in ("text_length", "text_len"):
-        value = meta.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= stored:
-            return value, f"metadata {key}"
-    words = meta.get("text_tokens")
-    if isinstance(words, list) and 0 < len(words) <= stored:
-        return len(words), "metadata text_tokens"
-    targets = meta.get("targets")
-    if isinstance(targets, dict):
-        indices = [int(i) for v in targets.values() if isinstance(v, list) for i in v if isinstance(i, int)]
-        if indices and 0 <= max(indices) < stored:
-            return max(indices) + 1, "the last target token (the metadata has no text length)"
-    return stored, "every stored token (the metadata has no text length)"
 
 
 def _select_steps(available: list[int], steps: Optional[Sequence[int]], video_id: str) -> list[int]:
@@ -1302,10 +1284,7 @@ def render_figures(
         text = text.mean(axis=0) if text.ndim == 3 else text
         meta = store.metadata(video_id)
         real, how = real_text_length(meta, text.shape[-1])
-        given = meta.get("text_tokens")
-        names_of: Optional[list[str]] = None
-        if isinstance(given, list) and len(given) >= real:
-            names_of = [str(w) for w in given[:real]]
+        names_of = real_text_words(meta, real)
         title = f"text self-attention: {real} real tokens of {text.shape[-1]} ({how})"
         path = out / f"{stem}_text.{fmt}"
         written.append(figures.text_attention(text[:real, :real], path, labels=names_of, title=title))
