@@ -355,6 +355,11 @@ impl Rows {
     }
 }
 
+/// `dst += src * s`, element by element.
+pub(crate) fn add_scaled(dst: &mut [f32], src: &[f32], s: f32) {
+    dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v * s);
+}
+
 impl Work<'_, '_> {
     /// Rows `r0..r0 + ROW_CHUNK` of batch element `b`: `[Hs][rows][C]`.
     fn task(&self, b: usize, r0: usize) -> Result<Vec<f32>> {
@@ -389,13 +394,7 @@ impl Work<'_, '_> {
             let slot = if p.per_head { head } else { 0 };
             let dst = &mut out[slot * rows * c..(slot + 1) * rows * c];
             for (i, row) in dst.chunks_exact_mut(c).enumerate() {
-                let acc = &st.acc[i * c..(i + 1) * c];
-                if st.bad[i] {
-                    row.fill(f32::NAN);
-                } else if st.sum[i] > 0.0 {
-                    let inv = 1.0 / st.sum[i];
-                    row.iter_mut().zip(acc).for_each(|(o, &a)| *o += a * inv);
-                }
+                add_scaled(row, &st.acc[i * c..(i + 1) * c], st.inv(i)); // NaN for a bad row
             }
         }
         Ok(out)

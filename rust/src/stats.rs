@@ -17,7 +17,7 @@ use ndarray::{Array3, Array4, Array5, ArrayView1};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::groups::{zeroed, Groups, Packed, Problem, Rows, Work, MR, NR, ROW_CHUNK};
+use crate::groups::{add_scaled, zeroed, Groups, Packed, Problem, Rows, Work, MR, NR, ROW_CHUNK};
 
 /// Sums of P over pairs of (query block, key block): `rows[i]` is query row `i`'s block (or -1),
 /// `keys[j]` key `j`'s (or -1). Output `[B, Hs, num_rows, num_keys]`, summed over rows.
@@ -448,10 +448,6 @@ fn work_task(work: &Work, plan: &Plan, acc: &mut Acc, b: usize, r0: usize) -> Re
         entropy,
     ));
     Ok(())
-}
-
-fn add_scaled(dst: &mut [f32], src: &[f32], s: f32) {
-    dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v * s);
 }
 
 /// Fold one row `p` (`[Nk]`, normalised) of slot `slot` into the statistics; `keep` takes its
