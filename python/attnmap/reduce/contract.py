@@ -92,10 +92,17 @@ class AttentionCall:
         """Head dimension of the raw sums: H with ``per_head``, else 1 (summed)."""
         return self.heads if self.per_head else 1
 
+    @property
+    def all_pairs(self) -> bool:
+        """Some requested reduction needs every query row and every key (``received``, ``full``,
+        ``entropy``, ``blocks`` over token tiles)."""
+        wanted = set(self.reductions)
+        return bool(wanted & {"received", "full", "entropy"}) or ("blocks" in wanted and not self.cubes)
+
     def row_range(self) -> tuple[int, int]:
         """The query rows ``[lo, hi)`` that some requested reduction needs (probe rows aside)."""
         lay, wanted = self.layout, set(self.reductions)
-        if wanted & {"received", "full", "entropy"} or ("blocks" in wanted and not self.cubes):
+        if self.all_pairs:
             return 0, self.num_queries
         spans = []
         if wanted & {"cross", "temporal", "distance", "blocks"}:  # blocks here: video cubes

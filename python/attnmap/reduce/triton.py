@@ -44,7 +44,7 @@ def sums(call: AttentionCall, **tiles: Optional[int]) -> dict[str, torch.Tensor]
     lay, wanted = call.layout, set(call.reductions)
     nk = call.num_keys
     row_lo, row_hi = call.row_range()
-    if wanted & {"received", "full", "entropy"} or ("blocks" in wanted and not call.cubes):
+    if call.all_pairs:
         keys = (0, nk)
     else:
         spans = []
