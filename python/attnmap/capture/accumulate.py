@@ -139,9 +139,12 @@ class Accumulator:
 
     def step_maps(self, step: int, row: int, per_block: bool) -> dict[str, torch.Tensor]:
         """The maps of one step for one batch row, named as the store expects (``uncond/`` before the
-        name of the other branch, ``/block<b>`` after it)."""
+        name of the other branch, ``/block<b>`` after it); a map no call of the row reached (a word
+        of another row's prompt) is not the row's."""
         out: dict[str, torch.Tensor] = {}
         for key in self.keys(step):
+            if row >= self._maps[key].count.shape[0] or not bool(self._maps[key].count[row] > 0):
+                continue
             prefix = "" if key.branch == "cond" else f"{key.branch}/"
             value = self.value(step, key.branch, key.name, key.block, per_block)
             if value is None:

@@ -129,9 +129,8 @@ class CallReader:
         reductions: tuple[str, ...],
         text_groups: Optional[list[list[int]]],
     ) -> dict[str, torch.Tensor]:
-        extra: dict[str, Any] = (
-            {} if self.options.block_size is None else {"block_size": self.options.block_size}
-        )
+        cubes = self.options.block_size is not None and "blocks" in reductions
+        extra: dict[str, Any] = {"block_size": self.options.block_size} if cubes else {}
         return reduce.attention_sums(
             q,
             k,

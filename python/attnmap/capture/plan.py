@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from attnmap.capture import layouts
+import attnmap.capture.layouts as layouts
 from attnmap.capture.interception import Intercepted, Site, unreadable
 from attnmap.capture.layouts import FamilySpec, Placement, Unplaced, VideoInputs
 from attnmap.layout import SUPPORTED, Layout
