@@ -76,7 +76,11 @@ def test_batched_guidance_reads_each_row_over_its_own_prompt(
     for step in range(2):
         p = step_mean(log.calls[step : step + 1])  # [2n, Nv, 16]: uncond rows, then cond rows
         close(f"cond cross {step}", rec.get("cross", step=step), own_text(p[n:], reals))
-        close(f"uncond cross {step}", rec.get("cross", step=step, branch="uncond"), own_text(p[:n], negative_reals))
+        close(
+            f"uncond cross {step}",
+            rec.get("cross", step=step, branch="uncond"),
+            own_text(p[:n], negative_reals),
+        )
         for row, prompt in enumerate(prompts):
             for word, index in rec.metadata["rows"]["cond"][row]["targets"].items():
                 assert f"({word})" in prompt
@@ -91,7 +95,9 @@ def test_a_one_row_call_over_a_padded_text_trimmed_to_its_real_tokens_is_a_joint
     """Mochi calls attention per row over [video, that row's real text]; with one row and a padded
     text (12 of 16 real) the 12 text tokens were read as prefix tokens before the video."""
     model, kwargs = mochi()
-    kwargs = {k: v[:1] if isinstance(v, torch.Tensor) and v.shape[:1] == (2,) else v for k, v in kwargs.items()}
+    kwargs = {
+        k: v[:1] if isinstance(v, torch.Tensor) and v.shape[:1] == (2,) else v for k, v in kwargs.items()
+    }
     kwargs["encoder_attention_mask"] = torch.arange(16)[None] < 12
     names = ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
     log = AttentionLog(model, names)
@@ -123,7 +129,9 @@ def test_a_text_as_long_as_the_video_is_cross_attention_when_the_module_was_give
         (_, *self_call), (_, *cross_call) = log.calls[2 * block : 2 * block + 2]
         close(f"cross {block}", rec.get("cross", block=block), softmax64(*cross_call).mean(1))
         p = softmax64(*self_call).mean(1)
-        close(f"temporal {block}", rec.get("temporal", block=block), p.reshape(1, 2, 16, 2, 16).sum(-1).mean(2))
+        close(
+            f"temporal {block}", rec.get("temporal", block=block), p.reshape(1, 2, 16, 2, 16).sum(-1).mean(2)
+        )
 
 
 def test_a_text_as_long_as_the_video_with_nothing_to_tell_is_warned_not_guessed() -> None:

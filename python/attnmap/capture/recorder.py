@@ -45,8 +45,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from attnmap import reduce
 import attnmap.capture.layouts as layouts
+from attnmap import reduce
 from attnmap.capture.accumulate import Accumulator, MapKey, Rows
 from attnmap.capture.calls import CallReader
 from attnmap.capture.interception import Intercepted, Interceptor, Site, diffusers_backend
