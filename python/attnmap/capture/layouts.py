@@ -576,9 +576,10 @@ def place(
         row = index % batch  # one call per batch row (Mochi)
     extra = nq - nv
     real = inputs.text_real
-    # the module was given a context and its keys are no more than it: keys from the context, even
-    # where their number equals the queries' (Wan 2.2 TI2V-5B's tiny config: 12 text tokens, 12 video)
-    given_cross = context is not None and 0 <= nk <= context and nq != nk + context
+    # video queries alone, from a module given a context no shorter than the keys: keys from the
+    # context, even where their number equals the queries' (Wan 2.2 TI2V-5B's tiny config: 12 text
+    # tokens, 12 video; a joint call's queries hold the text too: Mochi's [video, real text])
+    given_cross = context is not None and extra == 0 and 0 <= nk <= context
     if nk != nq or given_cross:  # video queries attending to other keys
         image = inputs.contexts.get("image")
         if image is not None and inputs.text_len is not None and nk == image + inputs.text_len:
