@@ -85,6 +85,9 @@ class TinyVLM:
     merge: int
     #: frames per second of the input video
     fps: float = 2.0
+    #: the name prefixes of the LLM's and the vision tower's modules (``"model.language_model."`` ...)
+    llm: str = ""
+    vision: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[Any]:
@@ -186,6 +189,9 @@ def _finish(
     gen.eos_token_id = None  # random weights: never stop early, every run makes max_new_tokens steps
     gen.pad_token_id = PAD
     gen.bos_token_id = BOS
+    names = {n for n, _ in model.named_modules()}
+    llm = next(n for n in ("model.language_model", "model.text_model") if n in names)
+    vision = next(n for n in ("model.visual", "model.vision_tower", "model.vision_model") if n in names)
     return TinyVLM(
         family=family,
         model=model,
@@ -193,6 +199,8 @@ def _finish(
         cells=[r.cells for r in rows],
         segments=[dict(r.segments) for r in rows],
         words=[r.words for r in rows],
+        llm=llm + ".",
+        vision=vision + ".",
         **info,
     )
 

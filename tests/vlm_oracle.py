@@ -94,7 +94,7 @@ class InterfaceLog:
         for modname, module in list(sys.modules.items()):
             fn = getattr(module, "eager_attention_forward", None)
             if modname.startswith("transformers.models.") and callable(fn):
-                setattr(module, "eager_attention_forward", self._wrap("eager", fn))
+                module.eager_attention_forward = self._wrap("eager", fn)
                 self._undo.append(lambda m=module, f=fn: setattr(m, "eager_attention_forward", f))
         return self
 
@@ -109,5 +109,118 @@ class InterfaceLog:
 
 @contextmanager
 def logged(model: torch.nn.Module) -> Iterator[InterfaceLog]:
+    """``with logged(model) as log:`` logs every attention call of ``model`` inside the block."""
     with InterfaceLog(model) as log:
         yield log
+
+
+# -- the reference softmax --------------------------------------------------------------------------
+def probs(call: Call) -> torch.Tensor:
+    """P = softmax(scale * q k^T + mask) of one call in float64, ``[B, H, q, kv]``.
+
+    The KV heads are repeated to the query heads (head ``h`` reads KV head ``h // (H / Hkv)``). The
+    mask is the call's: a bool mask keeps True, a float mask is added (transformers' eager masks hold
+    the dtype's minimum where masked); where the call has no mask and is causal through
+    ``is_causal``, query ``i`` sees keys ``j <= i + (kv - q)`` (a decode step's query is the last
+    row). A ``softcap`` keyword caps the scores as ``softcap * tanh(s / softcap)`` before the mask.
+    A query row that its mask hides entirely is NaN under a bool mask and uniform under a float one
+    (as eager attention gives it).
+    """
+    q, k = call.query.double(), call.key.double()
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
+    k = k.repeat_interleave(heads // kv_heads, dim=1)
+    s = q @ k.transpose(-1, -2) * call.scaling
+    cap = call.kwargs.get("softcap")
+    if cap is not None:
+        s = cap * torch.tanh(s / cap)
+    mask = call.mask
+    if isinstance(mask, torch.Tensor):
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
+    elif mask is None and call.causal:
+        nq, nk = s.shape[-2:]
+        i = torch.arange(nq)[:, None] + (nk - nq)
+        s = s.masked_fill(torch.arange(nk)[None, :] > i, float("-inf"))
+    elif mask is not None:
+        raise TypeError(f"cannot read a mask of type {type(mask).__name__}")
+    return torch.softmax(s, dim=-1)
+
+
+# -- rows of P as maps on the LLM's video grid ------------------------------------------------------
+def _on_grid(rows: torch.Tensor, cells: torch.Tensor, key_offset: int) -> torch.Tensor:
+    """``rows [..., kv]`` read at the keys of ``cells [F, H, W]`` (sequence positions, -1 for none) ->
+    ``[..., F, H, W]``; a cell outside the keys (before ``key_offset``, or none) reads 0."""
+    idx = cells - key_offset
+    inside = (cells >= 0) & (idx >= 0) & (idx < rows.shape[-1])
+    out = rows[..., idx.clamp(0, rows.shape[-1] - 1)]
+    return out * inside
+
+
+def answer_map(
+    p: torch.Tensor, cells: Sequence[torch.Tensor], *, key_offset: int = 0, per_head: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last query row's attention to the video tokens, on the LLM's grid.
+
+    Args:
+        p: ``[B, H, q, kv]`` probabilities of one call (prefill: its last row predicts the first new
+            token; decode: its only row).
+        cells: per batch row ``[F, H, W]`` sequence positions of the video tokens (-1: no token).
+        key_offset: the sequence position of key 0 (a sliding-window cache at decode holds only the
+            last ``kv`` positions).
+        per_head: keep the heads.
+
+    Returns:
+        ``(map, rest)``: ``map [B, F, H, W]`` (``[B, H, F, H, W]`` per head), mean over heads, and
+        ``rest [B]`` (``[B, H]``), the row's mass on every other key (text, system prompt, sinks).
+    """
+    rows = p[:, :, -1]
+    maps = torch.stack([_on_grid(rows[b], cells[b], key_offset) for b in range(len(cells))])
+    rest = 1.0 - maps.flatten(2).sum(-1)
+    if not per_head:
+        maps, rest = maps.mean(1), rest.mean(1)
+    return maps, rest
+
+
+def mass(p: torch.Tensor, positions: Sequence[Sequence[int]], *, key_offset: int = 0) -> torch.Tensor:
+    """The last query row's mass on the keys at ``positions`` (per batch row), mean over heads: ``[B]``."""
+    rows = p[:, :, -1].mean(1)
+    out = []
+    for b, pos in enumerate(positions):
+        idx = torch.tensor(
+            [x - key_offset for x in pos if 0 <= x - key_offset < rows.shape[-1]], dtype=torch.long
+        )
+        out.append(rows[b, idx].sum())
+    return torch.stack(out)
+
+
+def word_map(
+    p: torch.Tensor, cells: Sequence[torch.Tensor], words: Sequence[Sequence[int]], *, key_offset: int = 0
+) -> torch.Tensor:
+    """A prompt word's rows over the video: the mean over the word's query rows (its tokens' sequence
+    positions, per batch row) and heads of their attention to the video tokens, ``[B, F, H, W]``.
+    ``p`` is a prefill call's ``[B, H, N, N]``."""
+    out = []
+    for b in range(len(cells)):
+        rows = p[b, :, list(words[b])].mean(dim=(0, 1))
+        out.append(_on_grid(rows, cells[b], key_offset))
+    return torch.stack(out)
+
+
+def temporal(p: torch.Tensor, cells: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``temporal [B, F, F]`` among the video tokens of a prefill call ``p [B, H, N, N]``: for query
+    frame f and key frame g, the mean over frame f's video tokens (and heads) of their mass on frame
+    g's video tokens. A frame with no tokens (all dropped) gives a row of NaN."""
+    out = []
+    for b, c in enumerate(cells):
+        frames = c.shape[0]
+        pos = [c[f][c[f] >= 0] for f in range(frames)]
+        ph = p[b].mean(0)
+        t = torch.stack(
+            [
+                torch.stack([ph[pos[f]][:, pos[g]].sum(-1).mean() for g in range(frames)])
+                for f in range(frames)
+            ]
+        )
+        out.append(t)
+    return torch.stack(out)
