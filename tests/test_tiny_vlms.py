@@ -18,8 +18,18 @@ from typing import Any
 import pytest
 import torch
 
-from tiny_vlms import BUILDERS, PAD, SECOND_QUESTION, TinyVLM, tokenize
-from vlm_oracle import Call, answer_map, logged, mass, probs, temporal, word_map
+from tiny_vlms import BUILDERS, PAD, SECOND_QUESTION, TinyVLM, qwen2_5_vl, tokenize
+from vlm_oracle import (
+    Call,
+    answer_map,
+    block_major_cells,
+    logged,
+    mass,
+    probs,
+    temporal,
+    window_order,
+    word_map,
+)
 
 FAMILIES = sorted(BUILDERS)
 STEPS = 3
@@ -168,3 +178,51 @@ def test_maps_keep_the_mass(runs: dict[str, Any]) -> None:
             # causal across frames: no video token of a frame sees a later frame's tokens
             assert float(t.triu(1).abs().max()) == 0.0
             assert (t.diagonal(dim1=-2, dim2=-1) > 0).all()
+
+
+def test_qwen_vision_rows_are_block_major() -> None:
+    """The rotary positions the Qwen-style towers give their rows are the cells of block_major_cells."""
+    from transformers.vision_utils import get_vision_position_ids
+
+    grid = (2, 6, 8)
+    ids = get_vision_position_ids(torch.tensor([grid]), 2)
+    cells = block_major_cells(grid, 2)
+    assert torch.equal(ids, cells[:, 1:])
+    assert torch.equal(cells[:, 0], torch.arange(2).repeat_interleave(48))
+
+
+def test_qwen2_5_vl_vision_tower_runs_in_window_order() -> None:
+    """Every block of Qwen2.5-VL's tower sees the patches in window order: the windowed block one
+    call per window, the full-attention block one call per frame; argsort undoes it."""
+    vlm = qwen2_5_vl()
+    model, inputs = vlm
+    visual = model.model.visual
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, x: torch.Tensor) -> None:
+        seen.setdefault(name, x)
+
+    hooks = [
+        visual.patch_embed.register_forward_hook(lambda m, a, out: keep("embed", out)),
+        visual.blocks[0].register_forward_pre_hook(
+            lambda m, a, kw: keep("block", a[0] if a else kw["hidden_states"]), with_kwargs=True
+        ),
+    ]
+    try:
+        with torch.no_grad(), logged(model) as log:
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    embed, block = seen["embed"], seen["block"]
+    same = (block[:, None] == embed[None]).all(-1)
+    assert (same.sum(-1) == 1).all(), "every row of the block's input is one patch"
+    cfg = visual.config
+    order, lengths = window_order(vlm.vision_grid, vlm.merge, cfg.window_size // cfg.patch_size // vlm.merge)
+    assert torch.equal(same.float().argmax(-1), order)
+    assert torch.equal(block[order.argsort()], embed)
+    assert [c.key.shape[2] for c in log.of(vlm.vision + "blocks.0.")] == lengths
+    frame = vlm.vision_grid[1] * vlm.vision_grid[2]
+    assert [c.key.shape[2] for c in log.of(vlm.vision + "blocks.1.")] == [frame] * vlm.vision_grid[0]
+    # the windows are not the frames: this grid's are ragged (2 x 2 merged tokens cut at the edge)
+    assert lengths == [16, 16, 8, 8] * vlm.vision_grid[0]

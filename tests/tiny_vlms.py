@@ -303,6 +303,8 @@ def _qwen_video(
     )
     ids = finished.inputs["input_ids"]
     finished.inputs["mm_token_type_ids"] = (ids == _Q_VIDEO).long() * 2
+    if family == "qwen2_5_vl":  # the processor's seconds per temporal slot (the M-RoPE time axis)
+        finished.inputs["second_per_grid_ts"] = torch.tensor([temporal_patch / fps] * batch)
     return finished
 
 

@@ -224,3 +224,51 @@ def temporal(p: torch.Tensor, cells: Sequence[torch.Tensor]) -> torch.Tensor:
         )
         out.append(t)
     return torch.stack(out)
+
+
+# -- the vision tower's own token order -------------------------------------------------------------
+def block_major_cells(grid: tuple[int, int, int], merge: int) -> torch.Tensor:
+    """``[T*H*W, 3]``: the (t, h, w) patch of each row of a Qwen-style ``pixel_values_videos`` (Qwen2-VL,
+    Qwen2.5-VL, Qwen3-VL, GLM-4.1V, VideoLLaMA3): frame by frame, the ``merge x merge`` blocks in raster
+    order over the merged grid, each block's patches in raster order. The LLM token of row r is
+    ``r // merge**2`` (raster over (t, H / merge, W / merge))."""
+    t, h, w = grid
+    m = merge
+    cells = torch.stack(
+        torch.meshgrid(
+            torch.arange(t),
+            torch.arange(h // m),
+            torch.arange(w // m),
+            torch.arange(m),
+            torch.arange(m),
+            indexing="ij",
+        ),
+        dim=-1,
+    ).reshape(-1, 5)
+    return torch.stack([cells[:, 0], cells[:, 1] * m + cells[:, 3], cells[:, 2] * m + cells[:, 4]], dim=-1)
+
+
+def window_order(grid: tuple[int, int, int], merge: int, window: int) -> tuple[torch.Tensor, list[int]]:
+    """Qwen2.5-VL's vision order: ``(order, lengths)``, where ``order[i]`` is the block-major row (see
+    :func:`block_major_cells`) at position i of the tower's sequence and ``lengths`` the patches of each
+    window call. Each frame is cut into windows of ``window x window`` merged tokens
+    (``window = window_size // patch_size // merge``; the last row and column of windows are cut
+    short), windows in raster order, merged tokens in raster order inside a window, each token's
+    ``merge**2`` patches together. Every block runs in this order: the windowed blocks one call per
+    window, the full-attention blocks one call per frame. Undo it with ``argsort(order)``."""
+    t, h, w = grid
+    hm, wm = h // merge, w // merge
+    unit = merge * merge
+    order: list[int] = []
+    lengths: list[int] = []
+    for f in range(t):
+        for y0 in range(0, hm, window):
+            for x0 in range(0, wm, window):
+                n = 0
+                for y in range(y0, min(y0 + window, hm)):
+                    for x in range(x0, min(x0 + window, wm)):
+                        token = (f * hm + y) * wm + x
+                        order += range(token * unit, (token + 1) * unit)
+                        n += unit
+                lengths.append(n)
+    return torch.tensor(order), lengths
