@@ -2,7 +2,7 @@
 
 Each builder lays a video question out as that family's processor would and returns a
 :class:`TinyVLM`, which unpacks as ``model, inputs = qwen2_vl()``;
-``model.generate(**inputs, max_new_tokens=3, do_sample=False)`` runs in a few tens of milliseconds.
+``model.generate(**inputs, max_new_tokens=3, do_sample=False)`` runs in 25-80 ms on one CPU thread.
 Beside the model and its inputs it keeps what the builder placed where, as an independent
 reference for tests: the sequence position of every video token on the LLM's grid
 (``cells[b][t, h, w]``), the positions of each segment of the prompt (system prompt, question,
@@ -70,9 +70,10 @@ class TinyVLM:
     #: per batch row: [F, H, W] sequence positions of the video tokens on the LLM's grid; -1 where
     #: the model has no token for a cell (VideoLLaMA3's compression dropped it)
     cells: list[torch.Tensor]
-    #: per batch row: {segment: positions}; segments: ``pad``, ``system``, ``template`` (chat
-    #: markup), ``video`` (every video-token id, cells and extras such as a trailing newline),
-    #: ``video_text`` (timestamps, frame markers, begin/end tokens of the video), ``question``
+    #: per batch row: {segment: positions}, a partition of the row: ``pad`` (left padding),
+    #: ``system``, ``template`` (chat markup), ``video`` (the tokens on ``cells``), ``video_extra``
+    #: (a video-token id on no cell: LLaVA-OneVision's trailing newline), ``video_text``
+    #: (timestamps, frame markers, begin/end tokens of the video), ``question``
     segments: list[dict[str, list[int]]]
     #: per batch row: {marked word: positions of its tokens}
     words: list[dict[str, list[int]]]
