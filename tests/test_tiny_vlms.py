@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from tiny_vlms import BUILDERS, PAD, SECOND_QUESTION, TinyVLM, qwen2_5_vl, tokenize
+from tiny_vlms import BUILDERS, PAD, SECOND_QUESTION, TinyVLM, gemma4, qwen2_5_vl, tokenize
 from vlm_oracle import (
     Call,
     answer_map,
@@ -171,7 +171,11 @@ def test_maps_keep_the_mass(runs: dict[str, Any]) -> None:
         if step == 0:
             assert offset == 0
             w = word_map(p, vlm.cells, [words["dog"] for words in vlm.words])
-            assert w.shape == maps.shape and (w >= 0).all() and (w.flatten(1).sum(-1) <= 1 + 1e-12).all()
+            assert w.shape == maps.shape and (w >= 0).all()
+            assert ((w.flatten(1).sum(-1) > 0) & (w.flatten(1).sum(-1) <= 1 + 1e-12)).all()
+            # the prompt's last token as a word is the answer's step 0
+            last = word_map(p, vlm.cells, [[n - 1]] * p.shape[0])
+            torch.testing.assert_close(last, maps, rtol=0, atol=1e-15)
             t = temporal(p, vlm.cells)
             frames = vlm.grid[0]
             assert t.shape == (p.shape[0], frames, frames)
@@ -226,3 +230,33 @@ def test_qwen2_5_vl_vision_tower_runs_in_window_order() -> None:
     assert [c.key.shape[2] for c in log.of(vlm.vision + "blocks.1.")] == [frame] * vlm.vision_grid[0]
     # the windows are not the frames: this grid's are ragged (2 x 2 merged tokens cut at the edge)
     assert lengths == [16, 16, 8, 8] * vlm.vision_grid[0]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_gemma4_sliding_layer_masks_and_cache(attn: str) -> None:
+    """Gemma 4's sliding layer: in the prefill each frame's video span sees itself both ways within
+    the window, every other pair causally; at decode its cache holds the last W keys only."""
+    vlm = gemma4(attn=attn, batch=2)
+    _, calls = _run(vlm)
+    window = vlm.model.config.text_config.sliding_window
+    sliding = [c for c in calls if c.kwargs.get("sliding_window") == window]
+    assert len(sliding) == STEPS
+    prefill, decode = sliding[0], sliding[1:]
+    n = vlm.inputs["input_ids"].shape[1]
+    mask = prefill.mask if prefill.mask.dtype == torch.bool else prefill.mask == 0
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    for b in range(2):
+        span = torch.full((n,), -1)
+        for f, frame in enumerate(vlm.cells[b]):
+            span[frame.flatten()] = f
+        same = (span[:, None] == span[None, :]) & (span[:, None] >= 0)
+        real = vlm.inputs["attention_mask"][b].bool()
+        expected = ((j <= i) | same) & (i - j < window) & real[None, :]
+        rows = real  # pad query rows are masked whole
+        assert torch.equal(mask[b, 0][rows], expected[rows])
+        assert int((same & (j > i))[rows].sum()) > 0
+    for s, call in enumerate(decode, start=1):
+        assert call.key.shape[2] == window
+        # key j is sequence position n + s - W + j: the last W - 1 prefill (or earlier) keys, then the new one
+        kept = n - (window - s)
+        torch.testing.assert_close(call.key[:, :, : window - s], prefill.key[:, :, kept:], rtol=0, atol=0)
