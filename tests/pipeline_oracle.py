@@ -60,33 +60,56 @@ class Text:
 
     ``template``: the text the encoder sees (``{}`` is the prompt); ``crop``: tokens the pipeline drops
     from the front of the encoder's output; ``length``: the most tokens the denoiser's text keeps (the
-    pipeline's ``max_sequence_length``, after the crop); ``tokenizer``: the pipeline's attribute.
+    pipeline's ``max_sequence_length``, after the crop); ``specials``: the tokenizer adds its special
+    tokens (not through a chat template, which writes its own); ``instruction``: text put before the
+    prompt, of whose tokens (padded to the instruction's and ``length`` - 2) the pipeline keeps the
+    first and the last ``length`` - 1 (Sana's complex human instruction); ``cut``: a batch of one
+    prompt keeps only the prompt's real tokens, and the negative prompt is cut to as many (Latte's
+    ``mask_feature``); ``tokenizer``: the pipeline's attribute.
     """
 
     length: int
     template: str = "{}"
     crop: int = 0
+    specials: bool = True
+    instruction: str = ""
+    cut: bool = False
     tokenizer: str = "tokenizer"
 
-    def row(self, tokenizer: Any, prompt: str) -> Row:
+    def row(self, tokenizer: Any, prompt: str, cut: Optional[int] = None) -> Row:
+        """The row of ``prompt`` (its marks stripped), its first ``cut`` tokens only if given; a word cut
+        off is not a target."""
+        length = self.length
         clean, words = marked(prompt)
-        full = self.template.format(clean)
+        full = self.instruction + self.template.format(clean)
+        at = len(self.instruction) + self.template.index("{}")
+        if self.instruction:
+            total = len(tokenizer.encode(self.instruction)) + length - 2
+            keep = [0, *range(total - length + 1, total)]
+        else:
+            total = self.crop + length
+            keep = list(range(self.crop, total))
+        keep = keep[:cut] if cut is not None else keep
         enc = tokenizer(
-            full, max_length=self.length + self.crop, truncation=True, return_offsets_mapping=True
-        )
-        offsets = [tuple(o) for o in enc["offset_mapping"]]
-        at = self.template.index("{}")
+            full, max_length=total, truncation=True, padding="max_length", padding_side="right",
+            add_special_tokens=self.specials, return_offsets_mapping=True,
+        )  # fmt: skip
+        offsets, real = [tuple(o) for o in enc["offset_mapping"]], enc["attention_mask"]
+        text_len = sum(real[p] for p in keep)
+        assert all(real[p] for p in keep[:text_len]), f"{full!r}: the kept real tokens are not a prefix"
         targets = {}
         for word in words:
             spans = [
                 (at + m.start(), at + m.end()) for m in re.finditer(rf"(?<!\w){re.escape(word)}(?!\w)", clean)
             ]
             tokens = [
-                i for i, (s, e) in enumerate(offsets) if e > s and any(s < b and e > a for a, b in spans)
+                keep.index(i)
+                for i, (s, e) in enumerate(offsets)
+                if i in keep and e > s and any(s < b and e > a for a, b in spans)
             ]
-            assert tokens, f"{word!r} has no token in {full!r}"
-            targets[word] = [i - self.crop for i in tokens]
-        return Row(clean, len(offsets) - self.crop, targets)
+            if tokens:
+                targets[word] = tokens
+        return Row(clean, text_len, targets)
 
 
 @dataclass(frozen=True)
@@ -96,7 +119,9 @@ class Site:
     ``pattern``: a regex on the module's name inside its denoiser; ``kind``: ``self`` (video tokens
     only), ``cross`` (video queries; keys: the text from ``text_start`` on), ``joint`` (video and the
     text context in one sequence, the text first or last, the prompt's tokens from ``text_start`` on
-    within the context); ``per_row``: one call per batch row (Mochi).
+    within the context), ``space`` (divided attention: a row's frames in the batch, each frame's
+    queries against the text), ``time`` (a row's positions in the batch, each position's frames
+    against each other); ``per_row``: one call per batch row (Mochi).
     """
 
     pattern: str
@@ -107,12 +132,20 @@ class Site:
 
 
 def branch_rows(
-    tokenizer: Any, text: Text, prompts: Sequence[str], negatives: Optional[Sequence[str]], per_prompt: int
+    tokenizer: Any,
+    text: Text,
+    prompts: Sequence[str],
+    negatives: Optional[Sequence[str]],
+    per_prompt: int,
+    negative_text: Optional[Text] = None,
 ) -> dict[str, list[Row]]:
-    """The rows of each guidance branch, prompt-major (prompt i's videos are rows i*n .. i*n+n-1)."""
+    """The rows of each guidance branch, prompt-major (prompt i's videos are rows i*n .. i*n+n-1);
+    ``negative_text``: how the pipeline encodes its negative prompts, where it differs (Sana)."""
     out = {"cond": [text.row(tokenizer, p) for p in prompts for _ in range(per_prompt)]}
+    cut = out["cond"][0].text_len if text.cut and len(out["cond"]) == 1 else None
     if negatives is not None:
-        out["uncond"] = [text.row(tokenizer, p) for p in negatives for _ in range(per_prompt)]
+        neg = negative_text or text
+        out["uncond"] = [neg.row(tokenizer, p, cut) for p in negatives for _ in range(per_prompt)]
     return out
 
 
@@ -222,12 +255,14 @@ class Oracle:
                     seen[name] = index + 1
                     call_rows = [branch_of[index]]
                 else:
-                    assert p.shape[0] == len(branch_of), (
-                        f"{name}: batch {p.shape[0]} != {len(branch_of)} rows"
-                    )
                     call_rows = branch_of
+                fold = {"space": self.grid[0], "time": self.grid[1] * self.grid[2]}.get(site.kind, 1)
+                assert p.shape[0] == len(call_rows) * fold, (
+                    f"{name}: batch {p.shape[0]} for {len(call_rows)} rows"
+                )
                 for b, (branch, r) in enumerate(call_rows):
-                    for red, value in self._reduce(site, p[b], nv, rows[branch][r]).items():
+                    maps = self._reduce(site, p[b * fold : (b + 1) * fold], nv, rows[branch][r])
+                    for red, value in maps.items():
                         acc.setdefault((step, branch, r, red), []).append(value)
         out: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
         for step in range(steps):
@@ -236,7 +271,15 @@ class Oracle:
         return out
 
     def _reduce(self, site: Site, p: torch.Tensor, nv: int, row: Row) -> dict[str, torch.Tensor]:
-        """One call row's maps: ``temporal`` [F, F] and ``cross`` [Nv, text_len]."""
+        """One batch row's maps (``p``: its call rows [fold, Nq, Nk]): ``temporal`` [F, F], ``cross`` [Nv, text_len]."""
+        if site.kind == "space":  # its frames' queries against the text
+            text = p[..., site.text_start : site.text_start + row.text_len].reshape(nv, -1)
+            assert text.shape[1] == row.text_len
+            return {"cross": text}
+        if site.kind == "time":  # each position's frames against each other
+            assert p.shape[1:] == (self.grid[0], self.grid[0])
+            return {"temporal": p.mean(0)}
+        p = p[0]
         nq, nk = p.shape
         if site.kind == "self":
             assert nq == nk == nv, f"self call {nq}x{nk} on {nv} video tokens"
