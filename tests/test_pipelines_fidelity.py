@@ -42,6 +42,8 @@ def _sana_instruction() -> str:
 
 
 SANA_INSTRUCTION = _sana_instruction()
+#: the system message Cosmos2_5_PredictBasePipeline puts before each prompt (in its _get_prompt_embeds)
+COSMOS25_SYSTEM = "You are a helpful assistant who will provide prompts to an image generator."
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,26 @@ FAMILIES: dict[str, Family] = {
     # front and fill the rest with learnable registers under an all-ones mask; video self- and
     # cross-attention (and an audio stream); one forward on [uncond, cond]
     "ltx2": Family(self_cross(), (2, 8, 8), Text(16), "batched", {"guidance_scale": 4.0}),
+    # Cosmos 2.5 as text-to-world: Qwen2.5-VL through a chat template whose system message the
+    # denoiser's text keeps, padded, no mask; a cond forward then an uncond one (no cache context)
+    "cosmos2.5": Family(
+        self_cross(),
+        (2, 2, 2),
+        Text(32, template=COSMOS25_SYSTEM + " : {} </s>", specials=False),
+        "separate",
+        {"guidance_scale": 3.0},
+    ),
+    # T5Gemma2 text padded with a key-padding mask; joint [video, text] in dual- and single-stream
+    # blocks; its adaptive projected guider runs a cond forward then an uncond one
+    "motif-video": Family(
+        (
+            Site(r"transformer_blocks\.\d+\.attn", "joint", text_first=False),
+            Site(r"single_transformer_blocks\.\d+\.attn", "joint", text_first=False),
+        ),
+        (3, 4, 4),
+        Text(16),
+        "separate",
+    ),
 }
 
 #: variant -> the prompts of the call (marked words in parentheses)

@@ -209,6 +209,51 @@ def cosmos_pipeline(seed: int = 0) -> Any:
     )  # fmt: skip
 
 
+#: a chat template of a system message and a user prompt, for :func:`tiny_models.tokenizer`
+SYSTEM_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% set c = m['content'] if m['content'] is string else m['content'][0]['text'] %}"
+    "{% if m['role'] == 'system' %}{{ c }} : {% else %}{{ c }} </s>{% endif %}{% endfor %}"
+)
+
+
+def cosmos25_pipeline(seed: int = 0) -> Any:
+    """A diffusers Cosmos2_5_PredictBasePipeline run as text-to-world (no image or video): Qwen2.5-VL
+    text through a chat template with its system message (kept whole, every layer's states
+    normalised and concatenated), no mask: 5 frames of 32x32 make the grid (2, 2, 2)."""
+    from diffusers import (
+        AutoencoderKLWan,
+        Cosmos2_5_PredictBasePipeline,
+        CosmosTransformer3DModel,
+        UniPCMultistepScheduler,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    _seed(seed)
+    transformer = CosmosTransformer3DModel(
+        in_channels=17, out_channels=16, num_attention_heads=2, attention_head_dim=12, num_layers=2, mlp_ratio=2,
+        text_embed_dim=32, adaln_lora_dim=4, max_size=(4, 32, 32), patch_size=(1, 2, 2), rope_scale=(2.0, 1.0, 1.0),
+        concat_padding_mask=True, extra_pos_embed_type="learnable",
+    ).eval()  # fmt: skip
+    _seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    ).eval()
+    _seed(seed)
+    encoder = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(
+            text_config=_qwen_config(), vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16,
+            "num_heads": 2, "out_hidden_size": 16}, vision_end_token_id=63, vision_start_token_id=62,
+            image_token_id=61, video_token_id=60,
+        )
+    ).eval()  # fmt: skip
+    tok = tokenizer()
+    tok.chat_template = SYSTEM_CHAT_TEMPLATE
+    return Cosmos2_5_PredictBasePipeline(
+        transformer=transformer, vae=vae, scheduler=UniPCMultistepScheduler(), text_encoder=encoder, tokenizer=tok,
+        safety_checker=_safety_checker(),
+    )  # fmt: skip
+
+
 #: a chat template for :func:`tiny_models.tokenizer`, shaped as a chat model's: an instruction, the
 #: user's prompt, an end-of-turn token
 CHAT_TEMPLATE = (
@@ -376,13 +421,6 @@ def sana_video_pipeline(seed: int = 0) -> Any:
     )  # fmt: skip
 
 
-#: a chat template of a system message and a user prompt, for :func:`tiny_models.tokenizer`
-SYSTEM_CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }} : {% else %}{{ m['content'] }} </s>"
-    "{% endif %}{% endfor %}"
-)
-
-
 def hunyuan15_pipeline(seed: int = 0) -> Any:
     """A diffusers HunyuanVideo15Pipeline (Qwen2.5-VL text through a chat template of a system message,
     cropped; byT5 for quoted text; CFG through its guider, on): 5 frames of 32x32 make the grid (3, 8, 8).
@@ -489,6 +527,43 @@ def ltx2_pipeline(seed: int = 0) -> Any:
     )  # fmt: skip
 
 
+def motif_video_pipeline(seed: int = 0) -> Any:
+    """A diffusers MotifVideoPipeline (a T5Gemma2 encoder, padded with a mask; dual- then single-stream
+    joint blocks; guidance through its adaptive projected guider, on): 9 frames of 32x32 make the grid
+    (3, 4, 4)."""
+    from diffusers import (
+        AdaptiveProjectedGuidance,
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        MotifVideoPipeline,
+        MotifVideoTransformer3DModel,
+    )
+    from transformers import T5Gemma2Encoder, T5Gemma2EncoderConfig, T5Gemma2TextConfig
+
+    _seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    ).eval()
+    _seed(seed)
+    encoder = T5Gemma2Encoder(
+        T5Gemma2EncoderConfig(
+            text_config=T5Gemma2TextConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           intermediate_size=64, vocab_size=64, max_position_embeddings=128,
+                                           head_dim=16, num_key_value_heads=2, dropout_rate=0.0)
+        )
+    ).eval()  # fmt: skip
+    _seed(seed)
+    transformer = MotifVideoTransformer3DModel(
+        in_channels=33, out_channels=16, num_attention_heads=2, attention_head_dim=12, num_layers=1,
+        num_single_layers=1, mlp_ratio=4.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm", text_embed_dim=32,
+        rope_axes_dim=(4, 4, 4),
+    ).eval()  # fmt: skip
+    return MotifVideoPipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder=encoder,
+        tokenizer=tokenizer(), feature_extractor=None, guider=AdaptiveProjectedGuidance(),
+    )  # fmt: skip
+
+
 #: HunyuanVideo's prompt template shaped for :func:`tiny_models.tokenizer` as its real one is for Llama:
 #: the prompt between an instruction (<s> and 4 tokens, cropped by the pipeline) and an end-of-turn token
 HUNYUAN_TEMPLATE_EOT = {"template": "describe the video : {} </s>", "crop_start": 5}
@@ -513,6 +588,8 @@ PIPELINES: dict[str, Callable[[], Any]] = {
     "sana-video": sana_video_pipeline,
     "hunyuanvideo1.5": hunyuan15_pipeline,
     "ltx2": ltx2_pipeline,
+    "cosmos2.5": cosmos25_pipeline,
+    "motif-video": motif_video_pipeline,
 }
 
 #: family -> the keyword arguments of one run (size, steps, the family's text length)
@@ -569,4 +646,6 @@ RUNS: dict[str, dict[str, Any]] = {
         "audio_guidance_rescale": 0.0,
         "use_cross_timestep": False,
     },
+    "cosmos2.5": {**_VIDEO, "num_frames": 5, "height": 32, "width": 32, "max_sequence_length": 32},
+    "motif-video": {**_VIDEO, "num_frames": 9, "height": 32, "width": 32, "max_sequence_length": 16},
 }
