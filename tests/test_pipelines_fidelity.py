@@ -13,6 +13,8 @@ and mask each attention call got, reduced by hand over the family's own token or
 from __future__ import annotations
 
 import inspect
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -63,6 +65,7 @@ class Family:
     videos_per_prompt: bool = True  # the pipeline honours num_videos_per_prompt (CogVideoX makes it 1)
     per_prompt_arg: str = "num_videos_per_prompt"  # its name for it
     negative_text: Optional[Text] = None  # how it encodes negative prompts, where that differs
+    warns: str = ""  # a regex: the one warning capture must give for this family ("": none)
 
 
 def wan_sites() -> tuple[Site, ...]:
@@ -179,6 +182,8 @@ FAMILIES: dict[str, Family] = {
         "batched",
         {"guidance_scale": 6.0},
         negative_text=Text(16),
+        warns=r"2 watched attention module\(s\) of SanaVideoTransformer3DModel ran but produced no map: "
+        r"'transformer_blocks\.0\.attn1', 'transformer_blocks\.1\.attn1'.*linear attention",
     ),
     # Qwen2.5-VL through a chat template (system message cropped), byT5 for quoted text (none here);
     # joint [video, valid image (none in t2v), valid byT5, valid text, padding] under an outer-product
@@ -302,7 +307,9 @@ def test_pipeline_maps_equal_the_oracle_per_step_branch_and_row(family: str, var
 
     oracle = Oracle(pipe, fam.sites, fam.grid, fam.denoisers)
     try:
-        with oracle.dispatch():
+        # capture's warnings are collected, not raised, so that the maps are checked too
+        with warnings.catch_warnings(record=True) as caught, oracle.dispatch():
+            warnings.simplefilter("always")
             with attnmap.capture(pipe, branch="both", keep_cross=True) as rec, oracle:
                 try:
                     captured = run_pipeline(pipe, family, call)
@@ -312,6 +319,7 @@ def test_pipeline_maps_equal_the_oracle_per_step_branch_and_row(family: str, var
                     ) from e
     finally:
         oracle.close()
+    said = [str(w.message) for w in caught if str(w.message).startswith("attnmap")]
 
     prompts = as_list(call["prompt"], 1)
     per_prompt = int(call.get(fam.per_prompt_arg, 1)) if fam.videos_per_prompt else 1
@@ -328,6 +336,10 @@ def test_pipeline_maps_equal_the_oracle_per_step_branch_and_row(family: str, var
     )
     if not torch.equal(plain, captured):
         problems.append("the frames differ from the run without capture")
+    expected = [m for m in said if fam.warns and re.search(fam.warns, m)]
+    if fam.warns and len(expected) != 1:
+        problems.append(f"capture gave {len(expected)} warnings matching {fam.warns!r}, not 1")
+    problems += [f"capture warned: {m[:200]}" for m in said if m not in expected]
     meta = rec.metadata.get("rows")
     expected_meta = {b: [r.as_dict() for r in rs] for b, rs in rows.items()}
     if meta != expected_meta:
