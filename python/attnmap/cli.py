@@ -325,6 +325,7 @@ def video(
     """Render tokens of one stored video: the step evolution (default) or the aggregated map (--use-aggregated),
     as heatmaps or overlays on the original video, one file per token or a grid."""
     import attnmap.render.videos as videos
+    from attnmap.render.progress import Progress
 
     with _errors():
         options = _options(
@@ -356,7 +357,7 @@ def video(
             "branch": _branch(branch),
         }
         if grid or (len(words) == 1 and output.suffix):
-            with videos.Progress(enabled=not _quiet(quiet)) as progress:
+            with Progress(enabled=not _quiet(quiet)) as progress:
                 if grid:
                     path = videos.render_grid(store, video_id, words, output, progress=progress, **common)
                 else:
@@ -368,7 +369,7 @@ def video(
                 f"--output must be a folder (no suffix) when rendering {len(words)} tokens without --grid"
             )
         failed = []
-        with videos.Progress(enabled=not _quiet(quiet)) as progress:
+        with Progress(enabled=not _quiet(quiet)) as progress:
             printer = _Printer(progress)
             for word in words:
                 path = videos.output_path(
@@ -466,6 +467,7 @@ def render_all(
     cannot hold as they are, or that could be read two ways, end in a hash of the exact video id and token.
     Every finished file is printed; a failed render prints an error and the command exits 1."""
     import attnmap.render.videos as videos
+    from attnmap.render.progress import Progress
 
     with _errors():
         store = _open(attention_dir, flag="ATTENTION_DIR")
@@ -475,7 +477,7 @@ def render_all(
         )  # fmt: skip
         target = output if output is not None else attention_dir.resolve().parent / "attention_videos"
         failed = []
-        with videos.Progress(enabled=not _quiet(quiet)) as progress:
+        with Progress(enabled=not _quiet(quiet)) as progress:
             printer = _Printer(progress)
             for video_id in store.videos():
                 try:
