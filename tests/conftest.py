@@ -142,3 +142,14 @@ def colormap_rgb(name: str, x: float) -> np.ndarray:
     import matplotlib
 
     return np.asarray(matplotlib.colormaps[name](x, bytes=True))[:3]
+
+
+def page_data(path: Path) -> dict[str, Any]:
+    """The data a report page carries (its JSON script), as the page's script reads it."""
+    import json
+    import re
+
+    text = path.read_text(encoding="utf-8")
+    found = re.search(r'<script type="application/json" id="[^"]+-data">(.*?)</script>', text, re.S)
+    assert found is not None
+    return json.loads(found.group(1).replace("<\\/", "</"))  # type: ignore[no-any-return]

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from attnmap.analysis.stats import energy_decay
 from attnmap.render import write_video
 from attnmap.store import (
     AGGREGATED_FILE,
@@ -173,9 +174,10 @@ def test_hostile_step_file_is_skipped_and_the_rest_loads(tmp_path: Path, case: s
     assert len(caught) == 1
     with pytest.raises(StoreError, match=r"step_000001\.safetensors"):
         store.load("vid", "token/cat", 1)
-    with pytest.warns(UserWarning, match=r"step_000001\.safetensors"):
-        agg = store.aggregated("vid", "cat")  # no aggregated file: the mean of the good steps
+    agg = store.aggregated("vid", "cat")  # no aggregated file: the mean of the good steps (named once)
     assert agg.metadata["steps"] == [0, 2]
+    with pytest.warns(UserWarning, match=r"step_000001\.safetensors"):
+        assert open_store(tmp_path).aggregated("vid", "cat").metadata["steps"] == [0, 2]
     np.testing.assert_array_equal(agg.map, (written[0]["token/cat"] + written[2]["token/cat"]) / 2)
 
 
@@ -209,8 +211,10 @@ def test_a_step_file_that_is_no_regular_file_never_hangs(tmp_path: Path, kind: s
     with pytest.raises(StoreError, match=r"step_000001\.safetensors is not a regular file"):
         finishes(lambda: store.load_step("vid", "cat", 1))
     assert store.tokens("vid") == ["cat", "dog"]  # from the aggregated file: no step is opened
+    maps = finishes(lambda: store.load_all_steps("vid", "cat"))  # the file was named once
+    assert [m.metadata["step"] for m in maps] == [0, 2]
     with pytest.warns(UserWarning, match=r"step_000001\.safetensors"):
-        maps = finishes(lambda: store.load_all_steps("vid", "cat"))
+        maps = finishes(lambda: open_store(tmp_path).load_all_steps("vid", "cat"))
     assert [m.metadata["step"] for m in maps] == [0, 2]
 
 
@@ -541,3 +545,68 @@ def test_encoder_errors_are_raised_and_nothing_is_renamed(
         finishes(lambda: write_video(frames, out, fps=8))
     assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
     assert not [t for t in threading.enumerate() if t.name == "attnmap-encode"]
+
+
+# -- a step whose bytes fail their checksum, through every command ---------------------------------
+def damage_maps(path: Path) -> None:
+    """Flip every data byte of a safetensors file (its header stays intact): each map fails its CRC-32."""
+    data = bytearray(path.read_bytes())
+    start = 8 + struct.unpack("<Q", data[:8])[0]
+    data[start:] = bytes(b ^ 0x5A for b in data[start:])
+    path.write_bytes(bytes(data))
+
+
+def test_every_command_skips_a_step_that_fails_its_checksum_with_one_warning(tmp_path: Path) -> None:
+    """A run killed before its aggregate, step 1's bytes damaged: every command that reads maps leaves
+    step 1 out and names its file in exactly one warning (it stopped `video` and `report` with
+    "Corrupt store file", and `figures` with unequal series)."""
+    from typer.testing import CliRunner
+
+    import attnmap.render as render
+    from attnmap.cli import app
+    from conftest import page_data
+
+    root = tmp_path / "maps"
+
+    def stats(step: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {
+            "distance": rng.random((3, 4, 5), dtype=np.float32),
+            "received": rng.random(60, dtype=np.float32),
+        }
+
+    written = make_store(root, "vid", steps=3, extra=stats, close=False)
+    bad = root / video_dirname("vid") / step_filename(1)
+    damage_maps(bad)
+    out = tmp_path / "out"
+    store = ["--attention-dir", str(root), "--video-id", "vid"]
+    commands = {
+        "video steps": ["video", *store, "--token", "cat", "--quiet", "--output", str(out / "cat.mp4")],
+        "video folder": ["video", *store, "--quiet", "--output", str(out / "steps")],
+        "video grid": ["video", *store, "--grid", "--quiet", "--output", str(out / "grid.mp4")],
+        "video aggregated": ["video", *store, "--use-aggregated", "--quiet", "--output", str(out / "agg")],
+        "still": ["still", *store, "--token", "dog", "--output", str(out / "dog.png")],
+        "all": ["all", str(root), "--quiet", "--output", str(out / "all")],
+        "report": ["report", str(root), "--output", str(out / "page.html")],
+        "figures": ["figures", *store, "--output", str(out / "figures")],
+        "stats": ["stats", str(root), "--output", str(out / "stats")],
+    }
+    for what, args in commands.items():
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, (what, result.output)
+        warned = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
+        assert len(warned) == 1, (what, result.stderr)
+        assert str(bad) in warned[0] and "do not match their checksum; step 1 is skipped" in warned[0], what
+    # what the commands made of the two good steps
+    assert render.probe_video(out / "cat.mp4")[0] == 2 + 2  # steps 0 and 2, two blended frames between
+    keys = set(page_data(out / "page.html")["videos"][0]["maps"])
+    assert {"cat|0|all|mean|cond", "cat|2|all|mean|cond"} <= keys and "cat|1|all|mean|cond" not in keys
+    assert (out / "figures" / "vid_tokens.png").is_file() and (out / "dog.png").is_file()
+    summary = json.loads((out / "stats" / "vid_stats.json").read_text())
+    expect = ((written[0]["distance"].astype(np.float64) + written[2]["distance"]) / 2).astype(np.float32)
+    got = summary["distance"]["mean"]["energy_decay"]
+    assert got == {a: c.tolist() for a, c in energy_decay(expect[None].astype(np.float64)).items()}
+    # listing reads no map: the intact header lists step 1, and loading it by name names the damage
+    listed = CliRunner().invoke(app, ["list", str(root)])
+    assert listed.exit_code == 0 and "steps 0..2 (3)" in listed.stdout and not listed.stderr
+    with pytest.raises(StoreError, match="do not match their checksum"):
+        open_store(root).load("vid", "token/cat", 1)

@@ -385,9 +385,14 @@ def plan_token(
         k = options.interpolation_steps
         total = len(chosen) + max(0, len(chosen) - 1) * k
         _bounded(total, "interpolation_steps")
-        per_step = np.stack(
-            [_pick_head(store.load(video_id, name, s), head, name).mean(axis=0) for s in chosen]
-        )
+        # a step whose map fails its checksum is skipped (the store names its file in a warning)
+        loaded = [
+            (s, _pick_head(m, head, name).mean(axis=0)) for s, m in store.step_maps(video_id, name, chosen)
+        ]
+        if not loaded:
+            raise KeyError(f"token {token!r} has no good step map {name!r} in video {video_id!r}")
+        chosen = [s for s, _ in loaded]
+        per_step = np.stack([m for _, m in loaded])
         if len(chosen) > 1 and k > 0:
             weights = np.arange(1, k + 1, dtype=np.float32) / (k + 1)
             parts = []
@@ -916,28 +921,33 @@ def render_figures(
     if unknown:
         raise KeyError(f"token {unknown[0]!r} is not stored for video {video_id!r}; it has {stored}")
     written: list[Path] = []
-    steps = store.steps(video_id)
-    if words and steps:
-        series = {w: np.stack([m.map for m in store.load_all_steps(video_id, w)]) for w in words}
+    if words and store.steps(video_id):
+        # each word's good steps (a step that fails its checksum is skipped, named in a warning); the
+        # figure compares the words over the steps they all have
+        loaded = [{m.metadata["step"]: m.map for m in store.load_all_steps(video_id, w)} for w in words]
+        steps = sorted(set.intersection(*(set(one) for one in loaded)))
+        if not steps:
+            raise AttnmapError(f"video {video_id!r}: the words {words} share no good step to compare")
+        series = {w: np.stack([one[s] for s in steps]) for w, one in zip(words, loaded)}
         title = f"{video_id}: tokens over steps and frames"
         written.append(
             figures.temporal_comparison(series, out / f"{stem}_tokens.{fmt}", steps=steps, title=title)
         )
     names = store.names(video_id)
     if "temporal" in names:
-        temporal = store.load(video_id, "temporal")
+        temporal = aggregated_map(store, video_id, "temporal")
         if temporal.ndim == 3:  # per head [H, F, F]
             written.append(figures.head_locality(temporal_locality(temporal), out / f"{stem}_locality.{fmt}"))
             temporal = temporal.mean(axis=0)
         written.append(figures.temporal_matrix(temporal, out / f"{stem}_temporal.{fmt}"))
     blocks = sorted(int(n.rsplit("block", 1)[1]) for n in names if re.fullmatch(r"temporal/block\d+", n))
-    per_block = [store.load(video_id, f"temporal/block{b}") for b in blocks]
+    per_block = [aggregated_map(store, video_id, f"temporal/block{b}") for b in blocks]
     if per_block and all(t.ndim == 3 for t in per_block):
         locality = np.stack([temporal_locality(t) for t in per_block])
         path = out / f"{stem}_locality_blocks.{fmt}"
         written.append(figures.head_locality(locality, path, blocks=blocks))
     if "text" in names:
-        text = store.load(video_id, "text")
+        text = aggregated_map(store, video_id, "text")
         text = text.mean(axis=0) if text.ndim == 3 else text
         meta = store.metadata(video_id)
         real, how = real_text_length(meta, text.shape[-1])

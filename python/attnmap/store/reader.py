@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union
@@ -60,7 +61,7 @@ class AttentionMap:
 
 
 def _warn(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=3)
+    warnings.warn(message, UserWarning, stacklevel=4)
 
 
 FileKey = tuple[int, int, int]
@@ -101,6 +102,17 @@ class Store:
         self._headers: dict[str, tuple[FileKey, Union[Header, StoreError]]] = {}
         self._open: OrderedDict[str, Header] = OrderedDict()
         self._metas: dict[str, tuple[FileKey, Union[dict[str, Any], StoreError]]] = {}
+        self._told: set[str] = set()  # the bad files already named in a warning
+        self._told_lock = threading.Lock()  # renders of one Store run in threads
+
+    def _skip(self, path: Union[str, Path], exc: Exception, consequence: str) -> None:
+        """Warn of the bad file ``path`` (``exc`` says what is wrong) once for this Store: a command that
+        meets the same bad step again (another map of it, another read of the same map) says so once."""
+        with self._told_lock:
+            first = os.fspath(path) not in self._told
+            self._told.add(os.fspath(path))
+        if first:
+            _warn(f"{exc}; {consequence}")
 
     def close(self) -> None:
         """Close the store files kept open (a later read opens them again)."""
@@ -155,7 +167,7 @@ class Store:
         try:
             header = self._header(path, step)
         except StoreError as exc:
-            _warn(f"{exc}; step {step} is skipped")
+            self._skip(path, exc, f"step {step} is skipped")
             return None
         return header if header.metadata.get("run_id") == run else None
 
@@ -178,7 +190,7 @@ class Store:
         try:
             header = self._header(path)
         except StoreError as exc:
-            _warn(f"{exc}; the aggregated maps are the mean of the good steps instead")
+            self._skip(path, exc, "the aggregated maps are the mean of the good steps instead")
             return None
         if header.metadata.get("run_id") != self._video_meta(video_id)["run_id"]:
             return None
@@ -199,7 +211,7 @@ class Store:
             try:
                 video_id = self._load_metadata(meta)["video_id"]
             except StoreError as exc:
-                _warn(f"{exc}; the video is skipped")
+                self._skip(meta, exc, "the video is skipped")
                 continue
             if video_dirname(video_id) != Path(d).name:
                 _warn(f"Store file {meta} is for video {video_id!r}, whose folder is another; it is skipped")
@@ -302,21 +314,46 @@ class Store:
         """
         return self._mean(video_id, name, steps)[0]
 
-    def _mean(self, video_id: str, name: str, steps: Optional[Iterable[int]]) -> tuple[np.ndarray, list[int]]:
+    def step_maps(
+        self, video_id: str, name: str, steps: Optional[Iterable[int]] = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(step, map)`` of one map at each chosen good step of the current run that holds it, in step
+        order: the one read over steps, which every aggregation, series and page goes through.
+
+        A chosen step whose file is bad, or whose map fails its checksum, is skipped with a warning
+        naming the file (once per Store); steps left out are never opened.
+
+        Args:
+            video_id: the video.
+            name: the map name (``token/cat``, ``temporal/block3``, ...).
+            steps: as in :meth:`mean`; None: every step.
+
+        Yields:
+            the step and its map, float32 of the stored shape.
+
+        Example:
+            >>> [s for s, _ in store.step_maps("vid", "temporal")]   # doctest: +SKIP
+            [0, 1, 2]
+        """
         check_name(name)
-        meta = self._video_meta(video_id)
+        run = self._video_meta(video_id)["run_id"]
         files = self._step_files(self._dir(video_id))
-        total: Optional[np.ndarray] = None
-        used = []
         for s in self._chosen(video_id, files, steps):
-            header = self._good_step(s, files[s], meta["run_id"])
+            header = self._good_step(s, files[s], run)
             if header is None or name not in header.entries:
                 continue
             try:
                 arr = header.read(name)
             except StoreError as exc:
-                _warn(f"{exc}; step {s} is skipped")
+                self._skip(header.path, exc, f"step {s} is skipped")
                 continue
+            yield s, arr.astype(np.float32, copy=False)
+
+    def _mean(self, video_id: str, name: str, steps: Optional[Iterable[int]]) -> tuple[np.ndarray, list[int]]:
+        meta = self._video_meta(video_id)
+        total: Optional[np.ndarray] = None
+        used = []
+        for s, arr in self.step_maps(video_id, name, steps):
             if total is None:
                 total = arr.astype(np.float64)
             elif arr.shape != total.shape:
@@ -369,7 +406,7 @@ class Store:
             try:
                 arr = header.read(name)
             except StoreError as exc:
-                _warn(f"{exc}; the aggregated map is the mean of the good steps instead")
+                self._skip(header.path, exc, "the aggregated map is the mean of the good steps instead")
             else:
                 steps = json.loads(header.metadata.get("steps", "[]"))
                 info = {"file": str(path), "steps": steps, "rebuilt": False}
@@ -428,21 +465,19 @@ class Store:
         name = self.map_name(video_id, token, block=block, branch=branch)
         meta = self._video_meta(video_id)
         video = json.loads(json.dumps(meta))  # one copy shared by the maps of this call
-        files = self._step_files(self._dir(video_id))
+        d = self._dir(video_id)
         out = []
-        for step in sorted(files):
-            header = self._good_step(step, files[step], meta["run_id"])
-            if header is None or name not in header.entries:
-                continue
+        for step, arr in self.step_maps(video_id, name):
+            file = str(d / step_filename(step))
             try:
-                arr = self._as_map(header.read(name).astype(np.float32, copy=False), name)
+                token_map = self._as_map(arr, name)
             except StoreError as exc:
-                _warn(f"{exc}; step {step} is skipped")
+                self._skip(file, exc, f"step {step} is skipped")
                 continue
             info = {"video_id": video_id, "token": token, "name": name, "step": step, "steps": [step]}
             out.append(
                 AttentionMap(
-                    arr, {**info, "stored_dtype": meta.get("dtype"), "file": files[step], "video": video}
+                    token_map, {**info, "stored_dtype": meta.get("dtype"), "file": file, "video": video}
                 )
             )
         if not out:
