@@ -12,9 +12,11 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import random
+import re
 import signal
 import struct
 import subprocess
@@ -22,6 +24,7 @@ import sys
 import textwrap
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -244,13 +247,123 @@ def test_an_aggregated_fifo_falls_back_to_the_steps(tmp_path: Path) -> None:
     np.testing.assert_allclose(got.map, (written[0]["token/cat"] + written[1]["token/cat"]) / 2, rtol=1e-6)
 
 
+# -- hostile files of the numpy format -------------------------------------------------------------
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """One .npy member as numpy writes it."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, arr, allow_pickle=True)
+    return buf.getvalue()
+
+
+def forged_bomb(manifest: dict[str, Any]) -> bytes:
+    """A compressed member whose npy header and manifest declare 2 GiB of float32 and whose zip entry
+    declares it too, over 1 KiB of data."""
+    manifest["maps"]["token/cat"]["shape"] = [1 << 29]
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False, "shape": (1 << 29,)})
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("attention_map.npy", head.getvalue() + b"\0" * 1024)
+    data = bytearray(buf.getvalue())
+    central = data.rindex(b"PK\x01\x02")
+    data[central + 24 : central + 28] = struct.pack("<I", 0xFFFFFFF0)  # the uncompressed size it declares
+    return bytes(data)
+
+
+def hostile_numpy(folder: Path) -> dict[str, Callable[[], str]]:
+    """Damages of step 1 of a numpy-format video, each for one reason; each returns the file it names."""
+    manifest_path = folder / "step_001_metadata.json"
+    cat = folder / "cat" / "step_001.npz"
+
+    def edit(change: Callable[[dict[str, Any]], Any]) -> Callable[[], str]:
+        def run() -> str:
+            manifest = json.loads(manifest_path.read_text())
+            change(manifest)
+            manifest_path.write_text(json.dumps(manifest))
+            return str(manifest_path)
+
+        return run
+
+    def member(data: bytes) -> Callable[[], str]:
+        def run() -> str:
+            with zipfile.ZipFile(cat, "w") as zf:
+                zf.writestr("attention_map.npy", data)
+            return str(cat)
+
+        return run
+
+    def bomb() -> str:
+        manifest = json.loads(manifest_path.read_text())
+        cat.write_bytes(forged_bomb(manifest))
+        manifest_path.write_text(json.dumps(manifest))
+        return str(cat)
+
+    def replace(path: Path, data: bytes) -> Callable[[], str]:
+        return lambda: (path.write_bytes(data), str(path))[1]
+
+    def fifo(path: Path) -> Callable[[], str]:
+        return lambda: (path.unlink(), os.mkfifo(path), str(path))[2]
+
+    return {
+        "manifest_not_json": replace(manifest_path, b"\xff{not json"),
+        "manifest_of_another_step": edit(lambda m: m.update(step="2")),
+        "manifest_of_no_run": edit(lambda m: m.pop("run_id")),
+        "manifest_200k_maps": edit(lambda m: m.update(maps={f"token/w{i}": {} for i in range(200_000)})),
+        "manifest_file_outside_the_video": edit(
+            lambda m: m["maps"]["token/cat"].update(file="../../cat.npz")
+        ),
+        "manifest_file_of_another_map": edit(
+            lambda m: m["maps"]["token/cat"].update(file="dog/step_001.npz")
+        ),
+        "manifest_huge_shape": edit(lambda m: m["maps"]["token/cat"].update(shape=[1 << 40, 1 << 40])),
+        "manifest_int8": edit(lambda m: m["maps"]["token/cat"].update(dtype="int8")),
+        "manifest_without_checksum": edit(lambda m: m["maps"]["token/cat"].pop("crc32")),
+        "manifest_fifo": fifo(manifest_path),
+        "npz_not_a_zip": replace(cat, b"PK\x03\x04 truncated"),
+        "npz_an_npy_file": replace(cat, npy_bytes(np.zeros((3, 4, 5), np.float32))),
+        "npz_a_pickle": replace(cat, b"\x80\x04\x95" + bytes(64)),
+        "npz_pickled_object_member": member(
+            npy_bytes(np.array([{"x": 1}] * 60, dtype=object).reshape(3, 4, 5))
+        ),
+        "npz_member_of_another_shape": member(npy_bytes(np.zeros((2, 2), np.float32))),
+        "npz_member_truncated": member(npy_bytes(np.zeros((3, 4, 5), np.float32))[:-8]),
+        "npz_without_the_member": lambda: (zipfile.ZipFile(cat, "w").close(), str(cat))[1],
+        "npz_bytes_fail_checksum": member(npy_bytes(np.full((3, 4, 5), 0.5, np.float32))),
+        "npz_forged_zip_bomb": bomb,
+        "npz_fifo": fifo(cat),
+    }
+
+
+HOSTILE_NUMPY = sorted(hostile_numpy(Path()))
+
+
+@pytest.mark.parametrize("case", HOSTILE_NUMPY)
+def test_hostile_numpy_files_are_skipped_with_one_warning_and_the_rest_loads(
+    tmp_path: Path, case: str
+) -> None:
+    written = make_store(tmp_path, "vid", steps=3, close=False, storage={"storage_format": "numpy"})
+    folder = tmp_path / video_dirname("vid")
+    named = hostile_numpy(folder)[case]()
+    store = open_store(tmp_path)
+    with pytest.warns(UserWarning, match=r"step 1 is skipped") as caught:
+        maps = finishes(lambda: store.load_all_steps("vid", "cat"))
+        assert finishes(lambda: store.aggregated("vid", "cat")).metadata["steps"] == [0, 2]
+    assert [str(w.message) for w in caught if named in str(w.message)] == [str(caught[0].message)]
+    assert len(caught) == 1 and [m.metadata["step"] for m in maps] == [0, 2]
+    for m, s in zip(maps, (0, 2)):
+        np.testing.assert_array_equal(m.map, written[s]["token/cat"])
+    np.testing.assert_array_equal(store.load("vid", "token/dog", 2), written[2]["token/dog"])
+    with pytest.raises(StoreError, match=re.escape(named)):
+        store.load("vid", "token/cat", 1)
+
+
 # -- SIGKILL at random points ---------------------------------------------------------------------
 _KILLED_WRITER = """
     import numpy as np
     from attnmap.store import StoreWriter
-    root, run = sys.argv[1], int(sys.argv[2])
+    root, run, fmt = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     print("go", flush=True)
-    w = StoreWriter(root, "killed", {"prompt": "p"}, dtype="float32")
+    w = StoreWriter(root, "killed", {"prompt": "p"}, dtype="float32", storage_format=fmt)
     for s in range(150):  # about 0.2 s of writing, then the close
         value = float(run * 1000 + s)
         w.write_step(s, {"token/cat": np.full((4, 32, 32), value), "temporal": np.full((4, 4), value)})
@@ -260,13 +373,15 @@ _KILLED_WRITER = """
 """
 
 
-def test_sigkill_at_random_points_leaves_every_finished_step_loadable(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["safetensors", "numpy"])
+def test_sigkill_at_random_points_leaves_every_finished_step_loadable(tmp_path: Path, fmt: str) -> None:
     """Writers killed during their set-up, a step, the close or after it; each next writer takes the dead
-    one's lock over, and every step a writer reported finished loads with its values."""
+    one's lock over, and every step a writer reported finished loads with its values (in either format:
+    the numpy format's manifest, written last, commits its step)."""
     rng = random.Random(1234)
     kills = 0
     for run in range(10):
-        proc = child(_KILLED_WRITER, str(tmp_path), str(run))
+        proc = child(_KILLED_WRITER, str(tmp_path), str(run), fmt)
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "go"
         # the kill point follows the writer's progress, not the clock, so that a fast or a loaded machine
@@ -302,10 +417,9 @@ def test_sigkill_at_random_points_leaves_every_finished_step_loadable(tmp_path: 
             agg = store.aggregated("killed", "cat")
             np.testing.assert_array_equal(agg.map, run_of * 1000 + np.mean(steps))
             assert agg.metadata["rebuilt"] is False or not store.is_complete("killed")
-        d = tmp_path / video_dirname("killed")
-        assert not [
-            p for p in d.iterdir() if p.name.startswith("step_") and not p.name.endswith(".safetensors")
-        ]
+        d = tmp_path / video_dirname("killed")  # no temp file was renamed into a step's name
+        named = r"step_\d{6}\.safetensors" if fmt == "safetensors" else r"step_\d{3,}(\.npz|_metadata\.json)"
+        assert all(re.fullmatch(named, p.name) for p in d.rglob("step_*")), sorted(d.rglob("step_*"))
     assert (
         kills >= 5
     )  # most rounds were killed mid-way (seeded); each next writer took the dead one's lock over
@@ -556,10 +670,22 @@ def damage_maps(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_every_command_skips_a_step_that_fails_its_checksum_with_one_warning(tmp_path: Path) -> None:
+def damage_npz(folder: Path, step: int) -> None:
+    """Rewrite every .npz of a numpy-format step with other values (each still a good .npz)."""
+    for path in folder.rglob(f"step_{step:03d}.npz"):
+        with np.load(path, allow_pickle=False) as data:
+            changed = {k: data[k] + 1 for k in data.files}
+        with open(path, "wb") as f:
+            np.savez(f, **changed)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "numpy"])
+def test_every_command_skips_a_step_that_fails_its_checksum_with_one_warning(
+    tmp_path: Path, fmt: str
+) -> None:
     """A run killed before its aggregate, step 1's bytes damaged: every command that reads maps leaves
     step 1 out and names its file in exactly one warning (it stopped `video` and `report` with
-    "Corrupt store file", and `figures` with unequal series)."""
+    "Corrupt store file", and `figures` with unequal series), in either format."""
     from typer.testing import CliRunner
 
     import attnmap.render as render
@@ -574,9 +700,13 @@ def test_every_command_skips_a_step_that_fails_its_checksum_with_one_warning(tmp
             "received": rng.random(60, dtype=np.float32),
         }
 
-    written = make_store(root, "vid", steps=3, extra=stats, close=False)
-    bad = root / video_dirname("vid") / step_filename(1)
-    damage_maps(bad)
+    written = make_store(root, "vid", steps=3, extra=stats, close=False, storage={"storage_format": fmt})
+    if fmt == "safetensors":
+        bad = str(root / video_dirname("vid") / step_filename(1))
+        damage_maps(Path(bad))
+    else:
+        bad = "step_001.npz"  # the first of its files a command reads
+        damage_npz(root / video_dirname("vid"), 1)
     out = tmp_path / "out"
     store = ["--attention-dir", str(root), "--video-id", "vid"]
     commands = {
@@ -595,7 +725,7 @@ def test_every_command_skips_a_step_that_fails_its_checksum_with_one_warning(tmp
         assert result.exit_code == 0, (what, result.output)
         warned = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
         assert len(warned) == 1, (what, result.stderr)
-        assert str(bad) in warned[0] and "do not match their checksum; step 1 is skipped" in warned[0], what
+        assert bad in warned[0] and "do not match their checksum; step 1 is skipped" in warned[0], what
     # what the commands made of the two good steps
     assert render.probe_video(out / "cat.mp4")[0] == 2 + 2  # steps 0 and 2, two blended frames between
     keys = set(page_data(out / "page.html")["videos"][0]["maps"])

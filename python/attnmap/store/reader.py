@@ -23,19 +23,10 @@ from typing import Any, Callable, Optional, TypeVar, Union
 import numpy as np
 
 from attnmap.errors import AttnmapError, StoreError
-from attnmap.store.format import (
-    AGGREGATED_FILE,
-    DTYPES,
-    METADATA_FILE,
-    STEP_RE,
-    Header,
-    file_key,
-    read_header,
-    token_of,
-    write_aggregated,
-)
+from attnmap.store.format import DTYPES, METADATA_FILE, file_key, token_of
+from attnmap.store.formats import FileFormat, StoreFile, storage, write_aggregated
 from attnmap.store.lock import WriterLock
-from attnmap.store.naming import check_name, check_step, step_filename, video_dirname
+from attnmap.store.naming import check_name, check_step, video_dirname
 from attnmap.store.schema import read_metadata
 
 #: how many store files a Store keeps open between reads (the oldest is closed beyond)
@@ -99,8 +90,8 @@ class Store:
         if not self.root.is_dir():
             raise FileNotFoundError(f"store root {self.root} is not a directory")
         # path -> (file key, header or the StoreError it raised)
-        self._headers: dict[str, tuple[FileKey, Union[Header, StoreError]]] = {}
-        self._open: OrderedDict[str, Header] = OrderedDict()
+        self._headers: dict[str, tuple[FileKey, Union[StoreFile, StoreError]]] = {}
+        self._open: OrderedDict[str, StoreFile] = OrderedDict()
         self._metas: dict[str, tuple[FileKey, Union[dict[str, Any], StoreError]]] = {}
         self._told: set[str] = set()  # the bad files already named in a warning
         self._told_lock = threading.Lock()  # renders of one Store run in threads
@@ -133,46 +124,48 @@ class Store:
             raise KeyError(f"video {video_id!r} is not in the store at {self.root}")
         return path
 
-    def _header(self, path: Union[str, Path], step: Optional[int] = None) -> Header:
-        """The checked header of ``path``, cached until the file is replaced (new inode, mtime or
-        size); a bad file's StoreError is cached the same way."""
+    def _formats(self, video_id: str) -> tuple[FileFormat, FileFormat]:
+        """The formats of the video's steps and of its aggregate (its metadata's ``storage``)."""
+        return storage(self._video_meta(video_id))
+
+    def _header(self, fmt: FileFormat, path: Union[str, Path], step: Optional[int] = None) -> StoreFile:
+        """The checked step or aggregate at ``path`` (in ``fmt``), cached until the file is replaced
+        (new inode, mtime or size); a bad file's StoreError is cached the same way."""
         path = os.fspath(path)
 
-        def load() -> Header:
+        def load() -> StoreFile:
             old = self._open.pop(path, None)  # the replaced file's handle
             if old is not None:
                 old.release()
-            return read_header(path, step=step)
+            return fmt.read(path, step=step)
 
-        found = _cached(self._headers, path, file_key(path, "a safetensors file"), load)
+        found = _cached(self._headers, path, file_key(path, fmt.kind), load)
         self._open[path] = found
         self._open.move_to_end(path)
         while len(self._open) > MAX_OPEN_FILES:
             self._open.popitem(last=False)[1].release()
         return found
 
-    def _step_files(self, d: Path) -> dict[int, str]:
-        """step -> path of every entry named like a step file (nothing is opened)."""
-        files = {}
-        with os.scandir(d) as it:
-            for e in it:
-                m = STEP_RE.match(e.name)
-                if m and e.name == step_filename(int(m.group(1))):
-                    files[int(m.group(1))] = e.path
-        return files
+    def _step_files(self, video_id: str) -> dict[int, str]:
+        """step -> path of every entry named like a step of the video's format (nothing is opened)."""
+        return self._formats(video_id)[0].step_files(self._dir(video_id))
 
-    def _good_step(self, step: int, path: str, run: str) -> Optional[Header]:
-        """The header of a step file of run ``run``; None for another run's file, and for a bad file
-        after a warning naming it."""
+    def _good_step(self, video_id: str, step: int, path: str) -> Optional[StoreFile]:
+        """The header of a step file of the current run; None for another run's file, and for a bad
+        file after a warning naming it."""
+        run = self._video_meta(video_id)["run_id"]
         try:
-            header = self._header(path, step)
+            header = self._header(self._formats(video_id)[0], path, step)
         except StoreError as exc:
             self._skip(path, exc, f"step {step} is skipped")
             return None
         return header if header.metadata.get("run_id") == run else None
 
-    def _current(self, video_id: str, path: Path, step: Optional[int]) -> Header:
-        header = self._header(path, step)
+    def _current(self, video_id: str, step: int) -> StoreFile:
+        """The header of one step of the current run, asked for by name: StoreError when it is bad."""
+        fmt = self._formats(video_id)[0]
+        path = fmt.unit_path(self._dir(video_id), check_step(step))
+        header = self._header(fmt, path, step)
         run = self._video_meta(video_id)["run_id"]
         if header.metadata.get("run_id") != run:
             raise StoreError(
@@ -180,15 +173,16 @@ class Store:
             )
         return header
 
-    def _agg_header(self, video_id: str) -> Optional[Header]:
+    def _agg_header(self, video_id: str) -> Optional[StoreFile]:
         """The current run's aggregated file, or None when it is missing, left by an older run (the
         run died before ``close``) or bad (with a warning): the aggregated maps then come from the
         good steps. An empty file means the run chose not to store them."""
-        path = self._dir(video_id) / AGGREGATED_FILE
+        fmt = self._formats(video_id)[1]
+        path = fmt.unit_path(self._dir(video_id), None)
         if not os.path.lexists(path):
             return None
         try:
-            header = self._header(path)
+            header = self._header(fmt, path)
         except StoreError as exc:
             self._skip(path, exc, "the aggregated maps are the mean of the good steps instead")
             return None
@@ -236,9 +230,8 @@ class Store:
     def steps(self, video_id: str) -> list[int]:
         """Steps of the current run whose files are good, sorted. Files of an older run are left out,
         and so is a bad file, with a warning naming it (loading that step raises StoreError)."""
-        run = self._video_meta(video_id)["run_id"]
-        files = self._step_files(self._dir(video_id))
-        return [s for s in sorted(files) if self._good_step(s, files[s], run) is not None]
+        files = self._step_files(video_id)
+        return [s for s in sorted(files) if self._good_step(video_id, s, files[s]) is not None]
 
     def is_complete(self, video_id: str) -> bool:
         """True when the writer closed the run (the aggregated maps were written)."""
@@ -248,8 +241,7 @@ class Store:
         """Map names of one step (``step=None``: of the aggregated maps, or the union over the good
         steps when the run has no good aggregated file or stored an empty one)."""
         if step is not None:
-            path = self._dir(video_id) / step_filename(step)
-            return sorted(self._current(video_id, path, check_step(step)).entries)
+            return sorted(self._current(video_id, step).entries)
         agg = self._agg_header(video_id)
         if agg is not None and agg.entries:
             return sorted(agg.entries)
@@ -282,10 +274,9 @@ class Store:
         check_name(name)
         if step is None:
             return self._load_aggregated(video_id, name)[0]
-        path = self._dir(video_id) / step_filename(step)
-        header = self._current(video_id, path, check_step(step))
+        header = self._current(video_id, step)
         if name not in header.entries:
-            raise KeyError(f"map {name!r} is not in {path}; it has {sorted(header.entries)}")
+            raise KeyError(f"map {name!r} is not in {header.path}; it has {sorted(header.entries)}")
         return header.read(name).astype(np.float32, copy=False)
 
     def mean(self, video_id: str, name: str, steps: Optional[Iterable[int]] = None) -> np.ndarray:
@@ -336,10 +327,9 @@ class Store:
             [0, 1, 2]
         """
         check_name(name)
-        run = self._video_meta(video_id)["run_id"]
-        files = self._step_files(self._dir(video_id))
+        files = self._step_files(video_id)
         for s in self._chosen(video_id, files, steps):
-            header = self._good_step(s, files[s], run)
+            header = self._good_step(video_id, s, files[s])
             if header is None or name not in header.entries:
                 continue
             try:
@@ -393,7 +383,7 @@ class Store:
         return sorted(chosen)
 
     def _load_aggregated(self, video_id: str, name: str) -> tuple[np.ndarray, dict[str, Any]]:
-        path = self._dir(video_id) / AGGREGATED_FILE
+        path = self._formats(video_id)[1].unit_path(self._dir(video_id), None)
         header = self._agg_header(video_id)
         if header is not None:
             if not header.entries:
@@ -454,7 +444,7 @@ class Store:
         """The ``[F, H, W]`` map of one word at one step (``block``, ``branch``: see :meth:`map_name`)."""
         name = self.map_name(video_id, token, block=block, branch=branch)
         arr = self._as_map(self.load(video_id, name, check_step(step)), name)
-        path = self._dir(video_id) / step_filename(step)
+        path = self._formats(video_id)[0].unit_path(self._dir(video_id), step)
         return AttentionMap(arr, self._map_meta(video_id, token, name, step, [step], str(path)))
 
     def load_all_steps(
@@ -465,10 +455,10 @@ class Store:
         name = self.map_name(video_id, token, block=block, branch=branch)
         meta = self._video_meta(video_id)
         video = json.loads(json.dumps(meta))  # one copy shared by the maps of this call
-        d = self._dir(video_id)
+        d, fmt = self._dir(video_id), self._formats(video_id)[0]
         out = []
         for step, arr in self.step_maps(video_id, name):
-            file = str(d / step_filename(step))
+            file = str(fmt.unit_path(d, step))
             try:
                 token_map = self._as_map(arr, name)
             except StoreError as exc:
@@ -515,8 +505,10 @@ class Store:
                 mean, used = self._mean(video_id, name, None)
                 agg[name], counts[name] = mean.astype(dtype), len(used)
                 steps.update(used)
-            write_aggregated(d, agg, meta["run_id"], sorted(steps), counts, "mean over steps (rebuilt)")
-        return d / AGGREGATED_FILE
+            how = "mean over steps (rebuilt)"
+            return write_aggregated(
+                self._formats(video_id)[1], d, agg, meta["run_id"], sorted(steps), counts, how
+            )
 
     def show(self, video_id: Optional[str] = None) -> Any:
         """The interactive viewer of one video (default: every video) for a notebook: its
@@ -527,11 +519,10 @@ class Store:
 
     def _step_names(self, video_id: str) -> list[str]:
         """The union of the map names of the good steps."""
-        run = self._video_meta(video_id)["run_id"]
-        files = self._step_files(self._dir(video_id))
+        files = self._step_files(video_id)
         names: set[str] = set()
         for s in sorted(files):
-            header = self._good_step(s, files[s], run)
+            header = self._good_step(video_id, s, files[s])
             if header is not None:
                 names.update(header.entries)
         return sorted(names)
