@@ -163,13 +163,16 @@ def test_unknown_keys_are_errors_that_list_the_valid_ones() -> None:
     [
         ({"storage_dtype": "int8"}, "storage_dtype must be one of float16, float32; got 'int8'"),
         ({"store_per_head": "yes"}, "store_per_head must be true or false, got 'yes'"),
-        ({"spatial_downsample_factor": 0}, "spatial_downsample_factor must be >= 1, got 0"),
-        ({"spatial_downsample_factor": 1.5}, "spatial_downsample_factor must be an integer >= 1, got 1.5"),
+        ({"spatial_downsample_factor": 0}, "spatial_downsample_factor: expected an integer >= 1, got 0"),
+        ({"spatial_downsample_factor": 1.5}, "spatial_downsample_factor: expected an integer >= 1, got 1.5"),
         (
             {"visualization_params": {"overlay_alpha": 1.5}},
-            "^attention_analysis.visualization_params.overlay_alpha: expected a number <= 1.0, got 1.5",
+            "^attention_analysis.visualization_params.overlay_alpha: expected a finite number in \\[0, 1\\], got 1.5",
         ),
-        ({"visualization_params": {"fps": 0}}, "visualization_params.fps: expected a number > 0.0, got 0"),
+        (
+            {"visualization_params": {"fps": 0}},
+            "visualization_params.fps: expected a finite number in \\[0.001, 1000\\], got 0",
+        ),
         (
             {"visualization_params": {"figsize": [12]}},
             "visualization_params.figsize: expected \\[width, height\\] in inches",

@@ -6,7 +6,12 @@
 - two writers of one video id at once: the second is refused (or waits), the first loses nothing;
 - a full disk (a small tmpfs, where the tests run as root): writes fail with the disk's error, nothing
   half written is left or renamed into place, the encoder never deadlocks;
-- allocation failures in the Rust core (under an address-space limit): AttnmapError, the process lives.
+- allocation failures in the Rust core (under an address-space limit): AttnmapError, the process lives;
+- hostile files of the numpy format (manifests pointing elsewhere, pickles, forged zip sizes): skipped
+  with one warning naming them;
+- a step whose bytes fail their checksum: every CLI command leaves it out with one warning;
+- numbers the API cannot honour (frame rates, sizes, colours, dpi, counts): an AttnmapError naming the
+  argument and its range, and one ``Error: --flag: ...`` line from the CLI.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import math
 import os
 import random
 import re
@@ -34,6 +40,7 @@ import pytest
 import safetensors.numpy
 
 from attnmap.analysis.stats import energy_decay
+from attnmap.errors import AttnmapError
 from attnmap.render import write_video
 from attnmap.store import (
     AGGREGATED_FILE,
@@ -740,3 +747,214 @@ def test_every_command_skips_a_step_that_fails_its_checksum_with_one_warning(
     assert listed.exit_code == 0 and "steps 0..2 (3)" in listed.stdout and not listed.stderr
     with pytest.raises(StoreError, match="do not match their checksum"):
         open_store(root).load("vid", "token/cat", 1)
+
+
+# -- numbers that cannot be honoured --------------------------------------------------------------
+def _figure(inches: float = 4) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(inches, inches))
+
+
+_MAPS = np.random.default_rng(0).random((3, 4, 5), dtype=np.float32)
+_FRAMES = np.zeros((2, 8, 8, 3), np.uint8)
+
+
+def _loose_numbers(tmp: Path) -> dict[str, tuple[Callable[[], Any], str]]:
+    """Calls of the public API with a number it cannot honour, and the start of the error each gives."""
+    import attnmap.analysis.maps as maps
+    import attnmap.analysis.stats as stats
+    import attnmap.render as render
+    import attnmap.render.figures as figures
+    from attnmap.analysis.rollout import rollout
+    from attnmap.render.options import RenderOptions
+
+    finite = "expected a finite number"
+    return {
+        "write_video fps=inf": (
+            lambda: write_video(_FRAMES, tmp / "a.mp4", fps=math.inf),
+            f"fps: {finite} in [0.001, 1000], got inf",
+        ),
+        "write_video fps=1e-9": (
+            lambda: write_video(_FRAMES, tmp / "a.mp4", fps=1e-9),
+            f"fps: {finite} in [0.001, 1000], got 1e-09",
+        ),
+        "write_video fps=1e300": (
+            lambda: write_video(_FRAMES, tmp / "a.mp4", fps=1e300),
+            f"fps: {finite} in [0.001, 1000], got 1e+300",
+        ),
+        "write_video fps=nan": (
+            lambda: write_video(_FRAMES, tmp / "a.mp4", fps=math.nan),
+            f"fps: {finite} in [0.001, 1000], got nan",
+        ),
+        "write_video gif fps=1000": (
+            lambda: write_video(_FRAMES, tmp / "a.gif", fps=1000),
+            f"fps: {finite} in [0.002, 100], got 1000",
+        ),
+        "write_video crf=1.5": (
+            lambda: write_video(_FRAMES, tmp / "a.mp4", crf=1.5),
+            "crf: expected an integer in [0, 51], got 1.5",
+        ),
+        "iter_video chunk=0": (
+            lambda: render.iter_video(tmp / "a.mp4", chunk=0),
+            "chunk: expected an integer >= 1, got 0",
+        ),
+        "frames colormap=None": (
+            lambda: render.frames(_MAPS, colormap=None),
+            "colormap: expected one of hot, jet",
+        ),
+        "frames outline_color=(300, 0, 0)": (
+            lambda: render.frames(_MAPS, outline=0.5, outline_color=(300, 0, 0)),
+            "outline_color: expected (R, G, B): 3 integers in [0, 255], got (300, 0, 0)",
+        ),
+        "frames size=(2.7, 5.2)": (
+            lambda: render.frames(_MAPS, size=(2.7, 5.2)),
+            "size: expected (H, W): 2 integers >= 1, got (2.7, 5.2)",
+        ),
+        "frames num_frames=1.5": (
+            lambda: render.frames(_MAPS, num_frames=1.5),
+            "num_frames: expected an integer >= 1, got 1.5",
+        ),
+        "frames alpha='x'": (lambda: render.frames(_MAPS, alpha="x"), f"alpha: {finite} in [0, 1], got 'x'"),
+        "frames outline='x'": (
+            lambda: render.frames(_MAPS, outline="x"),
+            f"outline: {finite} in [0, 1], got 'x'",
+        ),
+        "frames vmin='a'": (lambda: render.frames(_MAPS, vmin="a"), f"vmin: {finite}, got 'a'"),
+        "frames gamma=inf": (lambda: render.frames(_MAPS, gamma=math.inf), f"gamma: {finite} > 0, got inf"),
+        "colorize colormap=None": (lambda: render.colorize(_MAPS, None), "colormap: expected one of hot"),
+        "resize size=(2.5, 4)": (
+            lambda: render.resize(_MAPS, (2.5, 4)),
+            "size: expected (H, W): 2 integers >= 1",
+        ),
+        "num_output_frames latent_frames=1.5": (
+            lambda: render.num_output_frames(1.5),
+            "latent_frames: expected an integer >= 1",
+        ),
+        "RenderOptions fps=inf": (
+            lambda: RenderOptions(fps=math.inf),
+            f"fps: {finite} in [0.001, 1000], got inf",
+        ),
+        "RenderOptions static_duration=inf": (
+            lambda: RenderOptions(static_duration=math.inf),
+            f"static_duration: {finite} > 0",
+        ),
+        "RenderOptions figsize=(1e6, 3)": (
+            lambda: RenderOptions(figsize=(1e6, 3)),
+            f"figsize: {finite} in (0, 100], got 1000000.0",
+        ),
+        "RenderOptions interpolation_steps=10**12": (
+            lambda: RenderOptions(interpolation_steps=10**12),
+            "interpolation_steps: expected an integer in [0, 65536], got 1000000000000",
+        ),
+        "RenderOptions colormap='nope'": (
+            lambda: RenderOptions(colormap="nope"),
+            "colormap: expected one of hot",
+        ),
+        "save_figure dpi=100000": (
+            lambda: figures.save_figure(_figure(), tmp / "f.png", dpi=100000),
+            f"dpi: {finite} in [10, 1200], got 100000",
+        ),
+        "save_figure dpi=nan": (
+            lambda: figures.save_figure(_figure(), tmp / "f.png", dpi=math.nan),
+            f"dpi: {finite} in [10, 1200], got nan",
+        ),
+        "save_figure too many pixels": (
+            lambda: figures.save_figure(_figure(100), tmp / "f.png", dpi=1200),
+            "dpi: the figure would be 120000 x 120000 pixels at 1200 dpi, more than 16384 a side",
+        ),
+        "head_locality 40,000 heads": (
+            lambda: figures.head_locality(np.random.default_rng(0).random((1, 40_000)), tmp / "h.png"),
+            "locality: expected at most 128 blocks (rows) and 128 heads (columns) in one figure, got shape [1, 40000]",
+        ),
+        "rollout_frames max_frames=1.5": (
+            lambda: figures.rollout_frames(_FRAMES, _MAPS[:2], tmp / "r.png", max_frames=1.5),
+            "max_frames: expected an integer in [1, 32], got 1.5",
+        ),
+        "colorbar vmin='a'": (lambda: figures.colorbar(tmp / "c.png", vmin="a"), f"vmin: {finite}, got 'a'"),
+        "token_mask threshold=nan": (
+            lambda: maps.token_mask(_MAPS, threshold=math.nan),
+            f"threshold: {finite}, got nan",
+        ),
+        "top_frames k=1.5": (lambda: maps.top_frames(_MAPS, k=1.5), "k: expected an integer >= 1, got 1.5"),
+        "top_regions mask_top_fraction=2": (
+            lambda: maps.top_regions(_MAPS, mask_top_fraction=2),
+            f"mask_top_fraction: {finite} in (0, 1], got 2",
+        ),
+        "classify_heads num_frames=1.5": (
+            lambda: maps.classify_heads(_MAPS[0], 1.5),
+            "num_frames: expected an integer >= 1",
+        ),
+        "classify_heads margin=nan": (
+            lambda: maps.classify_heads(_MAPS[0], 3, margin=math.nan),
+            f"margin: {finite} in [0, 1]",
+        ),
+        "sink_mass k=1.5": (lambda: stats.sink_mass(_MAPS, k=1.5), "k: expected an integer >= 1, got 1.5"),
+        "entropy_summary num_keys=1.5": (
+            lambda: stats.entropy_summary(_MAPS, num_keys=1.5),
+            "num_keys: expected an integer >= 1",
+        ),
+        "window_coverage window=(1.5, 3, 3)": (
+            lambda: stats.window_coverage(_MAPS[None], (1.5, 3, 3)),
+            "window: expected (t, h, w): 3 integers >= 1",
+        ),
+        "rollout discard_ratio=nan": (
+            lambda: rollout([np.full((1, 2, 2), 0.5)], discard_ratio=math.nan),
+            f"discard_ratio: {finite} in [0, 1), got nan",
+        ),
+        "StoreWriter downsample=2.0": (
+            lambda: StoreWriter(tmp / "s", "v", {}, downsample=2.0),
+            "downsample: expected an integer >= 1, got 2.0",
+        ),
+        "map_name block=1.5": (
+            lambda: open_store(tmp / "store").map_name("vid", "cat", block=1.5),
+            "block: expected an integer >= 0, got 1.5",
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def _cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Callable[[], Any], str]]:
+    tmp = tmp_path_factory.mktemp("numbers")
+    make_store(tmp / "store", "vid", steps=1)
+    write_video(_FRAMES, tmp / "a.mp4", fps=8)
+    return _loose_numbers(tmp)
+
+
+@pytest.mark.parametrize("case", sorted(_loose_numbers(Path())))
+def test_a_number_that_cannot_be_honoured_is_an_error_naming_the_argument_and_its_range(
+    _cases: dict[str, tuple[Callable[[], Any], str]], case: str
+) -> None:
+    call, message = _cases[case]
+    with pytest.raises(AttnmapError) as info:
+        finishes(call)
+    assert str(info.value).startswith(message), str(info.value)
+    assert issubclass(AttnmapError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--fps", "1e-9"), ("--fps", "inf"), ("--fps", "1e300"), ("--fps", "nan")]
+)
+def test_the_cli_refuses_a_frame_rate_it_cannot_write_naming_the_flag(
+    tmp_path: Path, flag: str, value: str
+) -> None:
+    """--fps 1e-9 wrote a 24 fps video (the rate became 0 as a fraction); inf and 1e300 failed with
+    messages that did not name --fps. Each is one Error line naming the flag and its range, exit 1,
+    no file."""
+    from typer.testing import CliRunner
+
+    from attnmap.cli import app
+
+    make_store(tmp_path / "store", "vid", steps=2)
+    out = tmp_path / "cat.mp4"
+    for command in (
+        ["video", "--attention-dir", str(tmp_path / "store"), "--video-id", "vid", "--token", "cat"],
+        ["all", str(tmp_path / "store")],
+    ):
+        result = CliRunner().invoke(app, [*command, flag, value, "--quiet", "--output", str(out)])
+        assert result.exit_code == 1, result.output
+        shown = value if value != "1e-9" else "1e-09"
+        assert result.stderr.strip().splitlines() == [
+            f"Error: --fps: expected a finite number in [0.001, 1000], got {float(shown)!r}"
+        ], result.stderr
+        assert not out.exists() and not (tmp_path / "attention_videos").exists()

@@ -22,6 +22,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from attnmap._checks import integer, number
+
 RENDER_EXAMPLES = [
     "attnmap-render demo --output demo_out",
     "attnmap-render list outputs/attention_maps",
@@ -179,15 +181,6 @@ def _stored(video_id: str, videos: list[str], attention_dir: Path) -> None:
         raise CLIError(f"--video-id {video_id!r} is not in {str(attention_dir)!r}; it has: {shown}")
 
 
-def _colormap(name: str) -> str:
-    import attnmap.render as render
-
-    names = list(render.colormap_names())
-    if name not in names:
-        raise CLIError(f"--colormap {name!r} is unknown; valid names: {', '.join(names)}")
-    return name
-
-
 def _words(store: Any, video_id: str, token: list[str]) -> list[str]:
     stored = store.tokens(video_id)
     words = stored if token == ["all"] else list(dict.fromkeys(token))
@@ -277,10 +270,9 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.
 
 
 def _options(**values: Any) -> Any:
+    """The render options of the flags: every value is checked there, and its error names the flag."""
     from attnmap.render.options import RenderOptions
 
-    if "colormap" in values:
-        values["colormap"] = _colormap(values["colormap"])
     return RenderOptions(**values)
 
 
@@ -526,8 +518,7 @@ def report_cmd(
         stored = store.videos()
         for vid in video_id or []:
             _stored(vid, stored, attention_dir)
-        if not max_mb >= 0:
-            raise CLIError(f"--max-mb must be >= 0, got {max_mb}")
+        max_mb = number("--max-mb", max_mb, low=0)
         options = _options(
             colormap=colormap, normalize=normalize, overlay_alpha=overlay_alpha, vmin=vmin, vmax=vmax
         )
@@ -648,10 +639,8 @@ def stats_cmd(
     with _errors():
         if fmt not in ("png", "svg"):
             raise CLIError(f"--format must be png or svg, got {fmt!r}")
-        if not 0.0 < share <= 1.0:
-            raise CLIError(f"--share must lie in (0, 1], got {share}")
-        if top_k < 1:
-            raise CLIError(f"--top-k must be >= 1, got {top_k}")
+        number("--share", share, low=0.0, high=1.0, open_low=True)
+        integer("--top-k", top_k, low=1)
         size = _window_option(window)
         store = _open(attention_dir, flag="ATTENTION_DIR")
         stored = store.videos()

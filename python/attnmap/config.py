@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+from attnmap._checks import integer
 from attnmap.errors import AttnmapError
 from attnmap.render.options import RenderOptions
 from attnmap.store.formats import check_storage
@@ -34,16 +35,6 @@ def _bool(where: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise AttnmapError(f"{where} must be true or false, got {value!r}")
     return value
-
-
-def _number(where: str, value: Any, minimum: float, *, integer: bool = False) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise AttnmapError(f"{where} must be a number >= {minimum}, got {value!r}")
-    if integer and int(value) != value:
-        raise AttnmapError(f"{where} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise AttnmapError(f"{where} must be >= {minimum}, got {value!r}")
-    return int(value) if integer else float(value)
 
 
 def _choice(where: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -128,8 +119,8 @@ class Config:
         if "storage_dtype" in data:
             out["storage_dtype"] = _choice(f"{where}.storage_dtype", data["storage_dtype"], STORAGE_DTYPES)
         if "spatial_downsample_factor" in data:
-            out["spatial_downsample_factor"] = _number(
-                f"{where}.spatial_downsample_factor", data["spatial_downsample_factor"], 1, integer=True
+            out["spatial_downsample_factor"] = integer(
+                f"{where}.spatial_downsample_factor", data["spatial_downsample_factor"], low=1
             )
         if "visualization_params" in data:
             out["visualization_params"] = RenderOptions.from_dict(

@@ -35,9 +35,11 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import numpy as np
 
+from attnmap._checks import integer
 from attnmap.analysis.maps import aggregated_map, real_text_length, real_text_words
 from attnmap.analysis.normalization import bounds
 from attnmap.errors import AttnmapError
+from attnmap.render.codec import FPS_RANGE
 from attnmap.render.decor import Decor, decor_layout, decorate
 from attnmap.render.heatmap import MAX_FRAMES, MAX_SIDE
 from attnmap.render.options import DEFAULT_FPS, RenderOptions
@@ -179,14 +181,17 @@ def map_range(
 
 def output_fps(options: RenderOptions, original_fps: Optional[float], meta: Mapping[str, Any]) -> float:
     """The output frame rate: the options', else the original video's, else the metadata's
-    ``video.fps``, else 10."""
+    ``video.fps`` (each when a video can be written at it, :data:`attnmap.render.codec.FPS_RANGE`),
+    else 10."""
     if options.fps is not None:
         return float(options.fps)
-    if original_fps:
-        return float(original_fps)
-    rate = video_info(meta).get("fps")
-    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate) and rate > 0:
-        return float(rate)
+    for rate in (original_fps, video_info(meta).get("fps")):  # a rate no video is written at is unknown
+        if (
+            isinstance(rate, (int, float))
+            and not isinstance(rate, bool)
+            and FPS_RANGE[0] <= rate <= FPS_RANGE[1]
+        ):
+            return float(rate)
     return float(DEFAULT_FPS)
 
 
@@ -370,6 +375,7 @@ def plan_token(
     """
     if mode not in ("aggregated", "steps"):
         raise AttnmapError(f"mode must be 'aggregated' or 'steps', got {mode!r}")
+    head = None if head is None else integer("head", head, low=0)
     tokens = store.tokens(video_id)
     if token not in tokens:
         raise KeyError(f"token {token!r} is not stored for video {video_id!r}; it has {tokens}")
@@ -646,6 +652,7 @@ def render_grid(
     options = options or RenderOptions()
     if not tokens:
         raise AttnmapError("tokens must name at least one stored word, got none")
+    max_width = integer("max_width", max_width, low=2 * len(tokens), high=MAX_SIDE)
     out = _target(output, options)
     choice: dict[str, Any] = {"block": block, "head": head, "branch": branch}
     plans = [

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, TypeVar, Union
 
 import numpy as np
 
+from attnmap._checks import integer
 from attnmap.errors import AttnmapError, StoreError
 from attnmap.store.format import DTYPES, METADATA_FILE, file_key, token_of
 from attnmap.store.formats import FileFormat, StoreFile, storage, write_aggregated
@@ -422,7 +423,7 @@ class Store:
             branch = "uncond" if self._video_meta(video_id).get("branch") == "uncond" else "cond"
         if branch not in ("cond", "uncond"):
             raise AttnmapError(f"branch must be 'cond', 'uncond' or None, got {branch!r}")
-        name = f"token/{token}" if block is None else f"token/{token}/block{int(block)}"
+        name = f"token/{token}" if block is None else f"token/{token}/block{integer('block', block, low=0)}"
         return name if branch == "cond" else f"uncond/{name}"
 
     def _as_map(self, arr: np.ndarray, name: str) -> np.ndarray:

@@ -13,6 +13,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from attnmap._checks import integer
 from attnmap._io import atomic_write
 from attnmap.errors import AttnmapError
 from attnmap.store.format import (
@@ -96,8 +97,7 @@ class StoreWriter:
         steps_format, agg_format = check_storage(storage_format, aggregated_format, compress=compress)
         if dtype not in DTYPES:
             raise AttnmapError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
-        if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1:
-            raise AttnmapError(f"downsample must be an int >= 1, got {downsample!r}")
+        downsample = integer("downsample", downsample, low=1)
         metadata = dict(metadata or {})
         for key in RESERVED_KEYS:
             if key in metadata and not (key == "video_id" and metadata[key] == video_id):
