@@ -132,12 +132,14 @@ def test_compressed_files_are_smaller(tmp_path: Path) -> None:
 
 
 def test_names_that_are_taken_or_are_numpy_arguments(tmp_path: Path) -> None:
-    """A word named like the aggregate's folder, a word of no plain name, maps named like np.savez's own
-    arguments: each keeps a file of its own and round-trips."""
+    """Words named like the aggregate's folder or like the video folder's files, a word of no plain name,
+    maps named like np.savez's own arguments: each keeps a file of its own and round-trips."""
     maps = {
         "token/aggregated": np.full((1, 2, 2), 1.0),
         "token/attention_videos": np.full((1, 2, 2), 2.0),
         "token/a b/c": np.full((1, 2, 2), 3.0),
+        "token/metadata.json": np.full((1, 2, 2), 6.0),
+        "token/step_1000.npz": np.full((1, 2, 2), 7.0),
         "file": np.full(3, 4.0),
         "allow_pickle": np.full(3, 5.0),
     }
@@ -148,12 +150,12 @@ def test_names_that_are_taken_or_are_numpy_arguments(tmp_path: Path) -> None:
     assert token_folder("attention_videos").startswith("attention_videos-")
     assert (folder / token_folder("aggregated") / "step_1000.npz").is_file()
     assert npz(folder / "step_1000.npz")["allow_pickle"].tolist() == [5.0, 5.0, 5.0]
+    assert (folder / "metadata.json").is_file() and (folder / "step_1000.npz").is_file()
+    assert token_folder("metadata.json").startswith("metadata.json-")
+    assert token_folder("step_1000.npz").startswith("step_1000.npz-")
     store = open_store(tmp_path)
-    assert store.steps("v") == [1000] and sorted(store.tokens("v")) == [
-        "a b/c",
-        "aggregated",
-        "attention_videos",
-    ]
+    words = ["a b/c", "aggregated", "attention_videos", "metadata.json", "step_1000.npz"]
+    assert store.steps("v") == [1000] and sorted(store.tokens("v")) == words
     for name, value in maps.items():
         np.testing.assert_array_equal(store.load("v", name, 1000), value)
         np.testing.assert_array_equal(store.load("v", name), value)

@@ -19,8 +19,8 @@ least three digits)::
 
 Each ``.npz`` is what ``np.savez`` writes (``np.savez_compressed`` with ``compress``): plain arrays, read
 back with ``np.load(path, allow_pickle=False)``. A word whose folder name is taken (``aggregated``,
-``attention_videos``) gets a folder ending in a hash of the word, as the sanitiser does for names it
-changes.
+``attention_videos``, or a name of the video folder's files such as ``metadata.json`` or ``step_000.npz``)
+gets a folder ending in a hash of the word, as the sanitiser does for names it changes.
 
 The manifest lists every map of its step with its file, key, dtype, shape and CRC-32, beside the run id
 and the step, as a safetensors step file's header does. Every file is written to a temp name, fsynced and
@@ -72,8 +72,9 @@ from attnmap.store.schema import read_json
 #: the version of the per-token npz layout and of its metadata files' fields
 LAYOUT_VERSION = "1.1.0"
 AGGREGATED_DIR = "aggregated"
-#: folder names a word never takes (such a word's folder ends in a hash of it)
-TAKEN = frozenset({AGGREGATED_DIR, "attention_videos"})
+#: folder names a word never takes (such a word's folder ends in a hash of it): the aggregate's, the
+#: renders' (auto-render), and the names of the files of a video folder (its metadata, steps, aggregate)
+TAKEN = re.compile(r"^(aggregated|attention_videos|metadata\.json|aggregated\.safetensors|step_\d.*)$")
 #: the key of a word's own map (``token/<word>``) in its .npz
 MAIN_KEY = "attention_map"
 AGGREGATED_MANIFEST = "aggregated_metadata.json"
@@ -90,7 +91,7 @@ _TEMP = re.compile(r"^\..+\.tmp")
 def token_folder(word: str) -> str:
     """The folder of a word's maps: :func:`safe_component` of it, with a hash where the name is taken."""
     name = safe_component(word)
-    if name in TAKEN:
+    if TAKEN.match(name):
         name = f"{name}-{hashlib.sha256(word.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
     return name
 

@@ -1,11 +1,12 @@
 """Reading a store: :func:`open_store`, :class:`Store`, :class:`AttentionMap`.
 
-Every read goes through safetensors (:mod:`attnmap.store.format`) and every ``metadata.json``
-through the schema (:mod:`attnmap.store.schema`). A bad file never stops the rest of the store:
-listing and every read over steps skip it with a warning naming it (a video whose metadata is bad,
-a step that is corrupt, truncated, from another step, not a regular file, or whose bytes fail their
-checksum), and a bad aggregated file falls back to the mean of the good steps. Asking for one bad
-file by name (``load(vid, name, step)``) raises the StoreError.
+Every read goes through the video's file format (:mod:`attnmap.store.formats`: safetensors or the
+numpy layout, as its metadata says) and every ``metadata.json`` through the schema
+(:mod:`attnmap.store.schema`). A bad file never stops the rest of the store: listing and every read
+over steps (:meth:`Store.step_maps`) skip it with a warning naming it, once per Store (a video whose
+metadata is bad, a step that is corrupt, truncated, from another step, not a regular file, or whose
+bytes fail their checksum), and a bad aggregated file falls back to the mean of the good steps.
+Asking for one bad file by name (``load(vid, name, step)``) raises the StoreError.
 """
 
 from __future__ import annotations
