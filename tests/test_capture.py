@@ -108,7 +108,8 @@ DIFFUSERS: dict[str, tuple[Callable[..., Any], dict[str, tuple[int, Layout]]]] =
 @pytest.mark.parametrize("family", sorted(DIFFUSERS))
 def test_diffusers_maps_equal_eager_softmax_per_block(family: str, one_pass: bool) -> None:
     build, sites = DIFFUSERS[family]
-    real = {"ltx": 9}.get(family)  # LTX's mask keeps 9 of its 12 text tokens: cross holds the real ones
+    # the masks keep 9 of LTX's and of HunyuanVideo's 12 text tokens: cross and text hold the real ones
+    real = {"ltx": 9, "hunyuan": 9}.get(family)
     model, kwargs = build()
     plain = run(model, kwargs)
     log = SdpaLog(model, list(sites))
@@ -127,8 +128,10 @@ def test_diffusers_maps_equal_eager_softmax_per_block(family: str, one_pass: boo
     for name, q, k, mask, scale in log.calls:
         block, lay = sites[name]
         for red, value in maps_of(eager_probs(q, k, mask, scale), lay).items():
-            if red == "cross" and lay.kind == "cross" and real is not None:
+            if red == "cross" and real is not None:
                 value = value[..., :real]
+            if red == "text" and real is not None:
+                value = value[..., :real, :real]
             per_block.setdefault((red, block), []).append(value)
     for (red, block), values in per_block.items():
         want = torch.stack(values).mean(0)
@@ -319,16 +322,31 @@ def test_wan_pipeline_cfg_steps_and_prompt_targets(tmp_path: Any) -> None:
     assert rec.steps == [0, 1]
     assert len(log.calls) == 2 * 2 * 2  # steps x branches (separate forwards, cond first) x blocks
     for step in range(2):
-        for j, branch in enumerate(("cond", "uncond")):
-            calls = log.calls[4 * step + 2 * j : 4 * step + 2 * j + 2]
-            cross = torch.stack([eager_probs(q, k, m, s).mean(1) for _, q, k, m, s in calls]).mean(0)
-            want = cross[..., 1].reshape(1, 3, 2, 2)
-            close(f"red step {step} {branch}", rec.get("token/red", step=step, branch=branch), want)
+        calls = log.calls[4 * step : 4 * step + 2]  # the cond forward
+        cross = torch.stack([eager_probs(q, k, m, s).mean(1) for _, q, k, m, s in calls]).mean(0)
+        want = cross[..., 1].reshape(1, 3, 2, 2)
+        close(f"red step {step}", rec.get("token/red", step=step), want)
+        # the negative prompt ("") holds no target word: its branch has no word map, only its padding
+        with pytest.raises(ValueError, match="no map 'token/red'"):
+            rec.get("token/red", step=step, branch="uncond")
+        calls = log.calls[4 * step + 2 : 4 * step + 4]
+        uncond = torch.stack([eager_probs(q, k, m, s).mean(1) for _, q, k, m, s in calls]).mean(0)
+        close(
+            f"uncond padding {step}",
+            rec.get("padding", step=step, branch="uncond"),
+            uncond[..., 1:].sum(-1).reshape(1, 3, 2, 2),
+        )
+    assert rec.metadata["rows"] == {
+        "cond": [{"prompt": "a red ball and a dog", "text_len": 7, "targets": {"red": [1], "dog": [5]}}],
+        "uncond": [{"prompt": "", "text_len": 1, "targets": {}}],
+    }
     store = open_store(tmp_path)
     assert store.steps("v0") == [0, 1] and store.is_complete("v0")
     stored = torch.from_numpy(store.load("v0", "token/red", step=1))
     close("stored red", stored, rec.get("token/red", step=1)[0], 1e-3)
-    assert "uncond/token/red" in store.names("v0", step=0)
+    assert "uncond/padding" in store.names("v0", step=0) and "uncond/token/red" not in store.names(
+        "v0", step=0
+    )
     meta = store.metadata("v0")
     assert meta["targets"] == {"red": [1], "dog": [5]} and meta["grid"] == [3, 2, 2]
     assert meta["video"] == {"fps": None, "frames": 9, "height": 32, "width": 32}  # what the pipeline made

@@ -29,13 +29,14 @@ def test_a_running_mean_counts_each_batch_row_apart() -> None:
     assert torch.isnan(empty.mean()[1]).all()  # a row no call reached is NaN, never a silent zero
 
 
-def test_a_map_that_grows_is_zero_padded_and_one_of_another_rank_is_refused() -> None:
+def test_a_map_that_grows_is_nan_padded_and_one_of_another_rank_is_refused() -> None:
     mean = RunningMean(2, (2, 3), torch.device("cpu"))
     mean.add(torch.ones(1, 2, 3), [0])
     mean.add(torch.full((1, 2, 5), 2.0), [1])  # a row with more text tokens
     got = mean.mean()
     assert got.shape == (2, 2, 5)
-    assert torch.equal(got[0], torch.tensor([[1.0, 1, 1, 0, 0]] * 2)) and torch.equal(
+    nan = float("nan")
+    assert torch.allclose(got[0], torch.tensor([[1.0, 1, 1, nan, nan]] * 2), equal_nan=True) and torch.equal(
         got[1], torch.full((2, 5), 2.0)
     )
     assert mean.add(torch.ones(1, 2), [0]) == "changed shape from (2, 5) to (2,)"
@@ -72,7 +73,7 @@ def test_the_store_sink_writes_each_row_as_a_video(tmp_path: Path) -> None:
     sink = StoreSink(
         tmp_path,
         ["a", "b"],
-        lambda: {"model": "test", "grid": [2, 3, 4]},
+        lambda row: {"model": "test", "grid": [2, 3, 4], "row": row},
         Config.from_dict({"storage_dtype": "float32"}),
     )
     for step in range(2):
@@ -81,21 +82,22 @@ def test_the_store_sink_writes_each_row_as_a_video(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     assert store.is_complete("a") and store.steps("b") == [0, 1] and sink.written == ["a", "b"]
     np.testing.assert_array_equal(store.load("b", "token/cat", step=1), np.full((2, 3, 4), 11.0, np.float32))
+    assert [store.metadata(v)["row"] for v in ("a", "b")] == [0, 1]  # each video gets its row's metadata
     np.testing.assert_array_equal(
         store.load("a", "temporal"), np.full((2, 2), 0.5, np.float32)
     )  # the step mean
     with pytest.raises(
         ValueError, match=r"video_id gives 2 id\(s\) \['a', 'b'\] but the model ran 1 video\(s\)"
     ):
-        StoreSink(tmp_path / "x", ["a", "b"], dict, None).write_step(0, [maps(0)])
+        StoreSink(tmp_path / "x", ["a", "b"], lambda row: {}, None).write_step(0, [maps(0)])
 
 
 def test_auto_render_is_a_sink_the_config_adds_and_runs_after_the_store_closed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert [type(s) for s in store_sinks(tmp_path, ["v"], dict, None)] == [StoreSink]
+    assert [type(s) for s in store_sinks(tmp_path, ["v"], lambda row: {}, None)] == [StoreSink]
     cfg = Config.from_dict({"auto_generate_per_video": True, "auto_generate_videos": True})
-    sinks = store_sinks(tmp_path, ["v"], lambda: {"model": "test"}, cfg)
+    sinks = store_sinks(tmp_path, ["v"], lambda row: {"model": "test"}, cfg)
     assert [type(s) for s in sinks] == [StoreSink, AutoRenderSink]
     calls: list[Any] = []
     fake = types.ModuleType("attnmap.render.videos")

@@ -264,6 +264,15 @@ def temporal_of(pv: torch.Tensor, grid: Grid) -> torch.Tensor:
     return pv.reshape(*pv.shape[:2], f, hw, f, hw).sum(-1).mean(3).mean(1)
 
 
+def own_text(cross: torch.Tensor, reals: list[int]) -> torch.Tensor:
+    """Each row's cross map over its own real text tokens, the columns past them NaN (as wide as the
+    longest)."""
+    out = cross[..., : max(reals)].clone()
+    for i, n in enumerate(reals if len(reals) == out.shape[0] else reals[:1] * out.shape[0]):
+        out[i, ..., n:] = float("nan")
+    return out
+
+
 def expected_maps(
     want: Want, grid: Grid, real: list[int], p: torch.Tensor, row: Optional[int]
 ) -> dict[str, torch.Tensor]:
@@ -280,12 +289,7 @@ def expected_maps(
         out["image/cross"] = p.mean(1)
     elif want.kind == "cross":
         cross = p[..., start : start + length].mean(1)  # [B, Nv, Nt]
-        n = (
-            reals[0]
-            if want.group == "" and len(set(reals)) == 1 and reals[0] < length and want.kind == "cross"
-            else length
-        )
-        out[want.group + "cross"] = cross[..., :n]
+        out[want.group + "cross"] = own_text(cross, reals) if want.group == "" else cross
     elif want.kind == "joint":
         if want.pre:  # [history, video, rest] -> [video, rest, history]
             p = torch.cat([p[:, :, want.pre :], p[:, :, : want.pre]], dim=2)
@@ -294,7 +298,7 @@ def expected_maps(
         v = slice(other, other + nv) if want.text_first else slice(0, nv)
         t0 = 0 if want.text_first else nv
         text = slice(t0 + start, t0 + start + (length if row is None else min(length, p.shape[-1] - nv)))
-        out["cross"] = p[:, :, v, text].mean(1)
+        out["cross"] = own_text(p[:, :, v, text].mean(1), reals)
         out["temporal"] = temporal_of(p[:, :, v, v], grid)
     elif want.kind == "space":  # rows (batch, frame) of H*W queries
         cross = p[..., start : start + length].mean(1)  # [B*F, HW, Nt]
@@ -328,8 +332,10 @@ def run(model: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
 
 
 def close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float = 2e-6) -> None:
+    """Equal within ``atol``, NaN where the reference is NaN (the columns past a row's text)."""
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    err = (got.double() - want.double()).abs().max().item()
+    assert torch.equal(got.isnan(), want.isnan()), f"{name}: NaN at other places than the reference's"
+    err = (got.double() - want.double()).nan_to_num(nan=0.0).abs().max().item()
     assert err <= atol, f"{name}: max abs error {err:.3g} > {atol}"
 
 
@@ -377,9 +383,10 @@ def check_family(family: str, backend: Optional[str]) -> None:
     for (red, block, row), values in per_block.items():
         want = torch.stack(values).mean(0)
         got = rec.get(red, block=block)
-        if row >= 0:  # a call per batch row: its row of the map, padded to the longest text
+        if row >= 0:  # a call per batch row: its row of the map, padded to the longest text with NaN
+            tail = got[row : row + 1, ..., want.shape[-1] :]
             got = got[row : row + 1, ..., : want.shape[-1]]
-            assert not got[..., want.shape[-1] :].any()
+            assert tail.isnan().all(), f"{family} {red}: the columns past row {row}'s text must be NaN"
         close(f"{family} {red} block {block}", got, want)
     layouts = rec.metadata["layouts"]
     assert layouts and all(

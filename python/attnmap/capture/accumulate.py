@@ -2,8 +2,8 @@
 
 Each map is a :class:`RunningMean` over the calls that produced it: a float32 sum ``[B, ...]`` and a
 count per batch row, so that calls made for some rows only (Mochi calls attention once per row)
-count for those rows. A map whose trailing sizes grow between calls (the text of a batch row
-trimmed to its real tokens) is zero-padded to the largest: the missing tokens got no attention.
+count for those rows. A map whose trailing sizes grow between calls is padded with NaN to the largest:
+the positions a row had no call for are not its tokens, never silent zeros.
 Private to :mod:`attnmap.capture`.
 """
 
@@ -35,7 +35,7 @@ def _pad_to(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     pad: list[int] = []
     for have, want in zip(reversed(t.shape), reversed(shape)):
         pad += [0, want - have]
-    return F.pad(t, pad) if any(pad) else t
+    return F.pad(t, pad, value=float("nan")) if any(pad) else t
 
 
 class RunningMean:
@@ -54,7 +54,10 @@ class RunningMean:
             return f"changed shape from {tuple(self.total.shape[1:])} to {tuple(value.shape[1:])}"
         if value.shape[1:] != self.total.shape[1:]:
             grown = tuple(max(a, b) for a, b in zip(self.total.shape[1:], value.shape[1:]))
-            self.total = _pad_to(self.total, (self.total.shape[0], *grown))
+            # the rows that had calls get NaN where they had none; the others start from zero
+            seen = (self.count > 0).reshape(-1, *([1] * (self.total.dim() - 1)))
+            padded = _pad_to(self.total, (self.total.shape[0], *grown))
+            self.total = torch.where(seen, padded, padded.nan_to_num(nan=0.0))
             value = _pad_to(value, (value.shape[0], *grown))
         if value.device != self.total.device:
             value = value.to(self.total.device)
@@ -136,9 +139,12 @@ class Accumulator:
 
     def step_maps(self, step: int, row: int, per_block: bool) -> dict[str, torch.Tensor]:
         """The maps of one step for one batch row, named as the store expects (``uncond/`` before the
-        name of the other branch, ``/block<b>`` after it)."""
+        name of the other branch, ``/block<b>`` after it); a map no call of the row reached (a word
+        of another row's prompt) is not the row's."""
         out: dict[str, torch.Tensor] = {}
         for key in self.keys(step):
+            if row >= self._maps[key].count.shape[0] or not bool(self._maps[key].count[row] > 0):
+                continue
             prefix = "" if key.branch == "cond" else f"{key.branch}/"
             value = self.value(step, key.branch, key.name, key.block, per_block)
             if value is None:

@@ -31,6 +31,7 @@ and the output stays bit-identical.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import sys
 import weakref
@@ -52,6 +53,11 @@ SDPA_BACKENDS = frozenset({"native", "_native_cudnn", "_native_efficient", "_nat
 _TRANSFORMERS_SDPA = frozenset({"sdpa"})
 
 
+#: ``Intercepted.context`` of a module that takes ``encoder_hidden_states`` and was given none
+NO_CONTEXT = -1
+UNKNOWN = -2  # a module whose forward takes no encoder_hidden_states: what its keys are is not known
+
+
 @dataclass(eq=False)
 class Site:
     """One watched module: its qualified name, block number and, per forward, how many calls it made."""
@@ -65,6 +71,9 @@ class Site:
     # constant to torch.compile at every forward, and recompile the graph each time)
     seen: int = 0  # attention calls seen while the capture was open
     token: int = -1  # the site's number for attnmap::observe while its interceptor is open
+    context: int = UNKNOWN  # tokens of the encoder_hidden_states its current forward was given
+    context_arg: Optional[int] = None  # the position of encoder_hidden_states among its forward's args
+    takes_context: bool = False  # its forward takes encoder_hidden_states
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,6 +94,7 @@ class Intercepted:
     entry: str
     index: int = 0
     lse: Optional[torch.Tensor] = None
+    context: Optional[int] = None
 
 
 Emit = Callable[[Site, Intercepted], None]
@@ -116,6 +126,7 @@ def _observe_op() -> Callable[..., None]:
             depth: int,
             index: int,
             entry: str,
+            context: int,
         ) -> None:
             """Hand one attention call to the interceptor open at ``depth`` that watches the module of
             ``token`` (a no-op once it closed)."""
@@ -131,6 +142,7 @@ def _observe_op() -> Callable[..., None]:
                     is_causal=is_causal,
                     entry=entry.removesuffix(":blockmask"),
                     index=index,
+                    context=None if context == UNKNOWN else context,
                 )
                 interceptor._deliver(site, call)
 
@@ -266,7 +278,9 @@ class Interceptor:
             for site in self.sites:
                 site.token = _MODULE_TOKENS.setdefault(site.module, next(_NEXT))
                 _TOKENS[(site.token, self._depth)] = (self, site)
-                self._handles.append(site.module.register_forward_pre_hook(self._push(site)))
+                site.takes_context, site.context_arg = _context_position(site.module)
+                push = site.module.register_forward_pre_hook(self._push(site), with_kwargs=True)
+                self._handles.append(push)
                 pop = site.module.register_forward_hook(self._pop(site), always_call=not self.compiled)
                 self._handles.append(pop)
             self._patch_sdpa()
@@ -303,9 +317,16 @@ class Interceptor:
 
     # -- the module stack ----------------------------------------------------------------
     def _push(self, site: Site) -> Callable[..., None]:
-        def push(module: torch.nn.Module, args: Any) -> None:
+        def push(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             site.calls = 0
             site.entered = True
+            given = kwargs.get("encoder_hidden_states")
+            if given is None and site.context_arg is not None and len(args) > site.context_arg:
+                given = args[site.context_arg]
+            if isinstance(given, torch.Tensor) and given.dim() == 3:
+                site.context = int(given.shape[1])
+            else:
+                site.context = NO_CONTEXT if site.takes_context else UNKNOWN
             if site in self.stack:  # left there by a compiled forward that raised (no pop hook ran)
                 del self.stack[self.stack.index(site) :]
             self.stack.append(site)
@@ -341,10 +362,11 @@ class Interceptor:
             blocked = mask is _UNREADABLE
             self._observe(
                 _SINK[0], query, key, None if blocked else mask, scale, is_causal, site.token, self._depth, index,
-                entry + (":blockmask" if blocked else ""),
+                entry + (":blockmask" if blocked else ""), site.context,
             )  # fmt: skip
             return
-        call = Intercepted(query, key, mask, scale, is_causal, entry, index, lse)
+        context = None if site.context == UNKNOWN else site.context
+        call = Intercepted(query, key, mask, scale, is_causal, entry, index, lse, context)
         self._deliver(site, call)
 
     def _deliver(self, site: Site, call: Intercepted) -> None:
@@ -547,6 +569,18 @@ class Interceptor:
                 self._hand_over(q_i, k_i, None, scale, causal, f"transformers:{name}:varlen")
             return
         self._hand_over(query, key, mask, scale, causal, f"transformers:{name}")
+
+
+def _context_position(module: torch.nn.Module) -> tuple[bool, Optional[int]]:
+    """Whether a module's forward takes ``encoder_hidden_states``, and where among its positional
+    arguments."""
+    try:
+        names = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return False, None
+    if "encoder_hidden_states" not in names:
+        return False, None
+    return True, names.index("encoder_hidden_states")
 
 
 #: stands for a mask attnmap cannot read (a flex BlockMask); such calls are skipped with a reason

@@ -317,6 +317,7 @@ class VideoInputs:
     latent: Optional[Grid] = None  # the input's (F, H, W) before patching
     text_len: Optional[int] = None  # text tokens of the text input (padded)
     text_real: Optional[list[int]] = None  # real (unpadded) text tokens per batch row
+    text_masked: bool = False  # text_real comes from a mask the model was given (else from zero padding)
     text_offset: Optional[list[int]] = (
         None  # where the prompt's tokens start in a joint call's context, per row
     )
@@ -404,6 +405,11 @@ def _length(value: Any) -> Optional[int]:
     return int(value.shape[1]) if isinstance(value, torch.Tensor) and value.dim() == 3 else None
 
 
+def text_input(args: Mapping[str, Any], spec: FamilySpec) -> Optional[torch.Tensor]:
+    """A forward's text input as [B, L, D] (None where it has none of that form)."""
+    return _tokens(args.get(spec.text_input))
+
+
 def read_inputs(core: torch.nn.Module, spec: FamilySpec, args: Mapping[str, Any]) -> VideoInputs:
     """The grid, batch and contexts of one forward of ``core`` (empty where the inputs do not say)."""
     out = VideoInputs()
@@ -444,6 +450,7 @@ def read_inputs(core: torch.nn.Module, spec: FamilySpec, args: Mapping[str, Any]
         out.text_len = int(text.shape[1])
         mask = args.get("encoder_attention_mask", args.get("attention_mask"))
         out.text_real = _real_lengths(text, mask)
+        out.text_masked = isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape == text.shape[:2]
     elif (
         isinstance(given, (list, tuple))
         and given
@@ -529,10 +536,20 @@ def _context_of(nk: int, inputs: VideoInputs) -> str:
 
 
 def place(
-    site: Site, index: int, b: int, nq: int, nk: int, inputs: VideoInputs, spec: FamilySpec
+    site: Site,
+    index: int,
+    b: int,
+    nq: int,
+    nk: int,
+    inputs: VideoInputs,
+    spec: FamilySpec,
+    context: Optional[int] = None,
 ) -> Union[Placement, Unplaced]:
     """The placement of a call with ``b`` batch rows, ``nq`` queries and ``nk`` keys (the
-    ``index``-th of its module in this forward)."""
+    ``index``-th of its module in this forward); ``context``: the tokens of the
+    ``encoder_hidden_states`` the module was given (-1: it takes them and was given none; None: it
+    takes none), which decides a call whose shapes fit self-attention and cross-attention alike (a
+    text as long as the video)."""
     grid, batch = inputs.grid, inputs.batch
     shapes = f"batch {b}, {nq} queries, {nk} keys"
     if grid is None or batch is None:
@@ -559,18 +576,28 @@ def place(
         row = index % batch  # one call per batch row (Mochi)
     extra = nq - nv
     real = inputs.text_real
-    if nk != nq:  # video queries attending to other keys
+    # video queries alone, from a module given a context no shorter than the keys: keys from the
+    # context, even where their number equals the queries' (Wan 2.2 TI2V-5B's tiny config: 12 text
+    # tokens, 12 video; a joint call's queries hold the text too: Mochi's [video, real text])
+    given_cross = context is not None and extra == 0 and 0 <= nk <= context
+    if nk != nq or given_cross:  # video queries attending to other keys
         image = inputs.contexts.get("image")
         if image is not None and inputs.text_len is not None and nk == image + inputs.text_len:
             # the image context before the text in one call (Wan's I2V layout without added k/v)
             lay = Layout.cross(grid, text=nk, prefix=extra)
             return Placement(lay, text_start=(image,), text_len=inputs.text_len, row=row)
-        context = _context_of(nk, inputs)
+        context_name = _context_of(nk, inputs)
         return Placement(
             Layout.cross(grid, text=nk, prefix=extra),
-            context,
+            context_name,
             text_len=min(nk, inputs.text_len or nk),
             row=row,
+        )
+    if extra == 0 and context is None and inputs.text_len == nv:
+        # a text as long as the video, and no word from the module on where its keys came from
+        return Unplaced(
+            f"{shapes}: self-attention or cross-attention to the {nv} text tokens? The module was given no "
+            "encoder_hidden_states to tell; pass layout={module name: attnmap.Layout...}"
         )
     if extra == 0 and spec.tiles:
         if any(n % t for n, t in zip(grid, spec.tiles)):
@@ -579,13 +606,13 @@ def place(
     if extra == 0:
         return Placement(Layout.self_attn(grid), row=row)
     ctx = inputs.joint_context
-    per_row_text = (
-        real[row] if row is not None and real is not None and spec.context == (spec.text_input,) else None
-    )
-    if (
-        per_row_text is not None and extra == per_row_text
-    ):  # the text trimmed to the row's real tokens (Mochi)
-        return Placement(Layout.joint(extra, grid, text_first=spec.text_first), text_len=extra, row=row)
+    alone = spec.context == (spec.text_input,)  # the joint call's context is the text alone
+    rows_real = [real[row]] if row is not None and real else list(real or ())
+    if alone and rows_real and all(extra == n for n in rows_real) and (ctx is None or extra != ctx):
+        # the text trimmed to the row's real tokens (Mochi: one call per row, or one row)
+        starts = (0,) * (1 if row is not None else len(rows_real))
+        lay = Layout.joint(extra, grid, text_first=spec.text_first)
+        return Placement(lay, text_start=starts, text_len=extra, row=row)
     if ctx is not None and extra == ctx:
         starts = tuple(inputs.text_offset or (0,))
         starts = starts if row is None else (starts[row % len(starts)],)
@@ -600,6 +627,15 @@ def place(
         starts = tuple(inputs.text_offset or (0,))
         lay = Layout.joint(extra, grid, text_first=False)
         return Placement(lay, text_start=starts, text_len=inputs.text_len, row=row, roll=extra - ctx)
+    text_like = {inputs.text_len, ctx, *rows_real} - {None}
+    if extra in text_like or (context is not None and context >= 0):
+        # as many extra tokens as a text, or a module given a context: a joint call this family's
+        # spec does not describe; reading them as prefix tokens would be a guess
+        return Unplaced(
+            f"{shapes}: {extra} tokens beside the {grid_s} match no joint layout of this family "
+            f"(text {inputs.text_len}, real {rows_real or None}, context {ctx}, given context {context}); "
+            "pass layout={module name: attnmap.Layout...}"
+        )
     return Placement(Layout.self_attn(grid, prefix=extra), row=row)  # prefix tokens: history latents, CLS
 
 

@@ -19,11 +19,11 @@ import contextlib
 import functools
 import inspect
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
-from attnmap.capture.tokens import parse_targets
 from attnmap.errors import AttnmapError
 
 DENOISERS = ("transformer", "transformer_2", "transformer_3", "unet")
@@ -139,29 +139,73 @@ class StepWatch:
         self._undo.clear()
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt a pipeline encoded, as its denoiser sees it: the clean text, its target words'
+    token indices, its real (unpadded) tokens (None: unknown)."""
+
+    text: str
+    targets: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    real: Optional[int] = None
+
+
+class PromptBook:
+    """The prompt embeddings a pipeline's ``encode_prompt`` returned, row by row, to tell which prompt
+    each batch row of a denoiser forward holds (its text input equals that row of them)."""
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[torch.Tensor, list[Prompt]]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    def add(self, embeds: torch.Tensor, prompts: list[Prompt]) -> None:
+        """``embeds`` [n, L, D] whose row i holds ``prompts[i]``."""
+        self._entries.append((embeds.detach(), prompts))
+
+    def match(self, text: torch.Tensor) -> list[Optional[Prompt]]:
+        """The prompt of each row of a denoiser's text input ``[B, L, D]`` (None: no encoded row equals it)."""
+        out: list[Optional[Prompt]] = []
+        for row in text.detach():
+            found = None
+            for embeds, prompts in reversed(self._entries):  # the latest encoding first
+                if embeds.shape[1:] != row.shape:
+                    continue
+                cast = embeds.to(device=row.device, dtype=row.dtype)
+                hits = (cast == row).flatten(1).all(1).nonzero().flatten().tolist()
+                if hits:
+                    found = prompts[hits[0]]
+                    break
+            out.append(found)
+        return out
+
+
 class PromptWatch:
-    """Strips target marks from the prompt a pipeline encodes and finds where its tokens land.
+    """Strips target marks from the prompts a pipeline encodes and finds where their tokens land.
 
     Args:
         pipe: the pipeline (its ``encode_prompt``, ``tokenizer`` and ``text_encoder``).
-        on_prompt: called with the marked prompt as the pipeline got it, before it is encoded;
-            returns the clean prompt to encode instead (or None to leave it).
+        on_prompts: called with the marked prompts as the pipeline got them (then, flagged, its
+            negative prompts), before they are encoded; returns the clean prompts to encode instead.
         on_ids: called with the ``input_ids`` ``[B, L]`` the text encoder sees and the template's
             ``crop_start`` (tokens the pipeline drops from the front of the encoder's output).
+        on_encoded: called after each ``encode_prompt`` with the clean prompts, the clean negative
+            prompts (None when the call takes none), the videos per prompt and what it returned.
     """
 
     def __init__(
         self,
         pipe: Any,
-        on_prompt: Callable[[str], Optional[str]],
+        on_prompts: Callable[[list[str], bool], list[str]],
         on_ids: Callable[[torch.Tensor, int], None],
+        on_encoded: Callable[[list[str], Optional[list[str]], int, Any], None],
     ) -> None:
         self._undo: list[Callable[[], None]] = []
         self._handles: list[Any] = []
         self.crop = 0
         encode = getattr(pipe, "encode_prompt", None)
         if callable(encode):
-            self._undo.append(_set(pipe, "encode_prompt", self._wrap(encode, on_prompt)))
+            self._undo.append(_set(pipe, "encode_prompt", self._wrap(encode, on_prompts, on_encoded)))
         encoder = getattr(pipe, "text_encoder", None)
         if isinstance(encoder, torch.nn.Module):
 
@@ -173,7 +217,10 @@ class PromptWatch:
             self._handles.append(encoder.register_forward_pre_hook(seen, with_kwargs=True))
 
     def _wrap(
-        self, encode: Callable[..., Any], on_prompt: Callable[[str], Optional[str]]
+        self,
+        encode: Callable[..., Any],
+        on_prompts: Callable[[list[str], bool], list[str]],
+        on_encoded: Callable[[list[str], Optional[list[str]], int, Any], None],
     ) -> Callable[..., Any]:
         try:
             signature: Optional[inspect.Signature] = inspect.signature(encode)
@@ -188,20 +235,29 @@ class PromptWatch:
                 bound = signature.bind(*args, **kwargs)
             except TypeError:
                 return encode(*args, **kwargs)
-            template = bound.arguments.get("prompt_template")
-            if template is None and "prompt_template" in signature.parameters:
-                template = signature.parameters["prompt_template"].default
+            bound.apply_defaults()
+            given = bound.arguments
+            template = given.get("prompt_template")
             crop = template.get("crop_start") if isinstance(template, Mapping) else None
             self.crop = int(crop) if isinstance(crop, int) and not isinstance(crop, bool) else 0
-            prompt = bound.arguments.get("prompt")
-            if isinstance(prompt, str):
-                clean = on_prompt(prompt)
-                if clean is not None:
-                    bound.arguments["prompt"] = clean
-            elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
-                cleaned = [on_prompt(p) if i == 0 else parse_targets(p)[0] for i, p in enumerate(prompt)]
-                bound.arguments["prompt"] = [c if c is not None else p for c, p in zip(cleaned, prompt)]
-            return encode(*bound.args, **bound.kwargs)
+            clean = {}
+            for name in ("prompt", "negative_prompt"):
+                value = given.get(name)
+                texts = [value] if isinstance(value, str) else value
+                if isinstance(texts, (list, tuple)) and texts and all(isinstance(p, str) for p in texts):
+                    clean[name] = on_prompts(list(texts), name == "negative_prompt")
+                    given[name] = clean[name][0] if isinstance(value, str) else clean[name]
+            out = encode(*bound.args, **bound.kwargs)
+            per = given.get("num_videos_per_prompt", given.get("num_images_per_prompt", 1))
+            per = per if isinstance(per, int) and not isinstance(per, bool) and per > 0 else 1
+            if "prompt" in clean:
+                negative = clean.get("negative_prompt")
+                if negative is None and "negative_prompt" in given:  # pipelines encode None as ""
+                    negative = [""] * len(clean["prompt"])
+                if negative is not None and len(negative) == 1 < len(clean["prompt"]):
+                    negative = negative * len(clean["prompt"])
+                on_encoded(clean["prompt"], negative, per, out)
+            return out
 
         return encode_prompt
 
@@ -212,6 +268,27 @@ class PromptWatch:
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
+
+
+def encoded_rows(
+    out: Any, prompts: list[Prompt], negative: Optional[list[Prompt]], per: int
+) -> list[tuple[torch.Tensor, list[Prompt]]]:
+    """What an ``encode_prompt`` returned, as ``(embeddings [n, L, D], the prompt of each row)``: its
+    first 3-D float tensor holds the prompts, its second (where it takes negative prompts) the
+    negative ones, each repeated ``per`` times in a row (diffusers' ``num_videos_per_prompt``)."""
+    tensors = [
+        t
+        for t in (out if isinstance(out, (tuple, list)) else (out,))
+        if isinstance(t, torch.Tensor) and t.dim() == 3 and t.is_floating_point()
+    ]
+    found = []
+    for embeds, texts in zip(tensors, [prompts] if negative is None else [prompts, negative]):
+        n = int(embeds.shape[0])
+        if n == len(texts) * per:
+            found.append((embeds, [texts[i // per] for i in range(n)]))
+        elif n == len(texts):
+            found.append((embeds, list(texts)))
+    return found
 
 
 def find_run(haystack: list[int], needle: list[int]) -> Optional[int]:

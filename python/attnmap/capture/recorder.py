@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import operator
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,21 +45,25 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+import attnmap.capture.layouts as layouts
 from attnmap import reduce
-from attnmap.capture import layouts
 from attnmap.capture.accumulate import Accumulator, MapKey, Rows
-from attnmap.capture.calls import CallReader, Forward, Options
+from attnmap.capture.calls import CallReader
 from attnmap.capture.interception import Intercepted, Interceptor, Site, diffusers_backend
-from attnmap.capture.layouts import FamilySpec
+from attnmap.capture.layouts import FamilySpec, VideoInputs
 from attnmap.capture.pipeline import (
+    Prompt,
+    PromptBook,
     PromptWatch,
     StepWatch,
+    encoded_rows,
     find_run,
     runs_compiled,
     split_pipeline,
     vae_stride,
     watch_cache_context,
 )
+from attnmap.capture.plan import Forward, ModelRow, Options, RowText
 from attnmap.capture.sinks import Sink, StoreSink, store_sinks
 from attnmap.capture.tokens import Targets, find, parse_targets, resolve
 from attnmap.config import Config
@@ -190,7 +195,12 @@ class Recorder:
             block_size=block_size, layouts=self._explicit, layout=explicit_all,
         )  # fmt: skip
         self._reader = CallReader(options, warn=self._warn, add=self._add)
-        self.targets = dict(self._base_targets)
+        self._targets: dict[str, list[int]] = dict(self._base_targets)
+        self._prompts: dict[str, Prompt] = {}  # clean prompt -> as the denoiser sees it
+        self._marked: dict[str, str] = {} if prompt is None else {parse_targets(prompt)[0]: prompt}
+        self._pending: list[str] = []  # the clean prompts of the encode_prompt running now
+        self._book = PromptBook()
+        self._rows_meta: dict[str, list[dict[str, Any]]] = {}  # branch -> per row: prompt, text_len, targets
 
         self._denoisers: list[_Denoiser] = []
         for i, (attr, net) in enumerate(nets):
@@ -288,7 +298,7 @@ class Recorder:
                 if undo is not None:
                     self._closers.append(undo)
             if self._pipe is not None:
-                prompts = PromptWatch(self._pipe, self._on_prompt, self._on_ids)
+                prompts = PromptWatch(self._pipe, self._on_prompts, self._on_ids, self._on_encoded)
                 steps = StepWatch(self._pipe, self._on_scheduler_step)
                 self._closers += [prompts.close, steps.close]
             self._interceptor.__enter__()
@@ -305,12 +315,13 @@ class Recorder:
             return
         if self._prompt_seen is False:
             warnings.warn(
-                f"attnmap.capture: the pipeline's text encoder never saw the tokens of {self.prompt!r}, so the "
-                f"target indices {self.targets} may point at other tokens; pass rec.prompt (the prompt "
+                f"attnmap.capture: the pipeline's text encoder never saw the tokens of {self.prompt!r}, so no "
+                f"batch row holds its target words {self.targets}; pass rec.prompt (the prompt "
                 "without the target parentheses) to the pipeline, or mark the targets in the prompt you pass",
                 stacklevel=2,
             )
         self._warn_silent()
+        self._warn_notes()
         self._finish_step()
         for sink in self._sinks:
             sink.close()
@@ -339,10 +350,52 @@ class Recorder:
             self._current = den
             den.forwards += 1
             self._since_step += 1
-            inputs = layouts.read_inputs(den.core, den.spec, layouts.bind_inputs(den.core, args, kwargs))
-            self._reader.forward = Forward(inputs, self._branch_rows(inputs.batch), den.spec)
+            given = layouts.bind_inputs(den.core, args, kwargs)
+            inputs = layouts.read_inputs(den.core, den.spec, given)
+            rows = self._model_rows(inputs, layouts.text_input(given, den.spec))
+            self._reader.forward = Forward(inputs, rows, den.spec)
 
         return hook
+
+    def _model_rows(self, inputs: VideoInputs, text: Optional[torch.Tensor]) -> list[ModelRow]:
+        """The kept batch rows of a forward: each one's branch, its row in the branch, its prompt."""
+        matched: list[Optional[Prompt]] = []
+        if self._book and text is not None and not isinstance(self._given_targets, Mapping):
+            matched = self._book.match(text)
+        rows = []
+        for branch, indices in self._branch_rows(inputs.batch):
+            meta = []
+            for out, index in enumerate(indices):
+                found = matched[index] if index < len(matched) else None
+                real = inputs.text_real[index] if inputs.text_real and index < len(inputs.text_real) else None
+                if not inputs.text_masked and found is not None and found.real is not None:
+                    real = found.real  # the text encoder's own tokens: its padding need not be zeros
+                if found is not None:
+                    words = found.targets
+                elif self._book and matched:
+                    words = ()
+                    self._warn_once(
+                        "unmatched", f"batch row {index} of the denoiser's text is none of the prompts the "
+                        "pipeline encoded; its word maps are not recorded",
+                    )  # fmt: skip
+                else:
+                    words = tuple((w, tuple(i)) for w, i in self._targets.items())
+                text_row = RowText(found.text if found else None, real, words)
+                rows.append(ModelRow(index, branch, out, len(indices), text_row))
+                meta.append(
+                    {
+                        "prompt": text_row.prompt if found else self.prompt,
+                        "text_len": real,
+                        "targets": {w: list(i) for w, i in words},
+                    }
+                )
+            self._rows_meta[branch] = meta
+        return rows
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if ("", key) not in self._warned:
+            self._warned.add(("", key))
+            warnings.warn(f"attnmap.capture: {message}", stacklevel=4)
 
     def _branch_rows(self, batch: Optional[int]) -> list[tuple[str, list[int]]]:
         """Which model rows of this forward belong to which CFG branch, filtered by ``branch``
@@ -383,53 +436,122 @@ class Recorder:
         return bool(self._reader.forward.rows)
 
     # -- prompts -----------------------------------------------------------------------------
-    def _on_prompt(self, prompt: str) -> Optional[str]:
-        """The pipeline encodes ``prompt``: strip its target marks and find its targets there."""
-        clean, words = parse_targets(prompt)
+    def _on_prompts(self, texts: list[str], negative: bool) -> list[str]:
+        """The pipeline encodes ``texts`` (its prompts, or its negative prompts): strip their target
+        marks; the first prompt with marks (or the words of ``targets=``) gives :attr:`targets`."""
+        clean = [parse_targets(t)[0] for t in texts]
+        for c, t in zip(clean, texts):
+            if c != t or c not in self._marked:  # keep the marks capture(prompt=...) was given
+                self._marked[c] = t
+        self._pending = clean if not negative else self._pending + clean
+        if negative:
+            return clean
+        words = parse_targets(texts[0])[1]
         given = self._given_targets
         deferred = given is not None and not isinstance(given, Mapping) and not self._base_targets
-        if not words and not deferred:
-            return None
-        self.prompt = clean
-        if not isinstance(given, Mapping) and self._tokenizer is not None:
-            chosen = [given] if isinstance(given, str) else list(given or words)
-            self._base_targets = find(prompt, self._tokenizer, chosen)
-            self._set_targets(dict(self._base_targets))
-        self._prompt_seen = None
-        return clean if words else None
+        if words or deferred:
+            self.prompt = clean[0]
+            if not isinstance(given, Mapping) and self._tokenizer is not None:
+                self._base_targets = self._words(texts[0])
+                self._set_targets(dict(self._base_targets))
+            self._prompt_seen = None
+        return clean
+
+    def _words(self, marked: str) -> dict[str, list[int]]:
+        """A prompt's target words and their token indices as the text encoder sees them: the words
+        of ``targets=`` that it holds, else those it marks."""
+        given = self._given_targets
+        clean, marks = parse_targets(marked)
+        words = [given] if isinstance(given, str) else list(given or marks)
+        if given is not None and not isinstance(given, Mapping):
+            words = [
+                w for w in words if re.search(r"(?<!\w)" + re.escape(w.strip()) + r"(?!\w)", clean, re.I)
+            ]
+        if not words or self._tokenizer is None:
+            return {}
+        return find(marked, self._tokenizer, words)
 
     def _on_ids(self, ids: torch.Tensor, crop: int) -> None:
-        """The text encoder sees ``ids``: where the prompt's tokens sit there (a template moves them),
-        less the template's ``crop_start``, is where the denoiser sees them."""
+        """The text encoder sees ``ids``: where each prompt's tokens sit there (a template moves them),
+        less the template's ``crop_start``, is where the denoiser sees them; its tokens that are not
+        padding are the prompt's real ones."""
         tok = self._tokenizer
-        if not self._base_targets or self.prompt is None or tok is None or self._prompt_seen:
+        if tok is None or not self._pending:
             return
+        pad = getattr(tok, "pad_token_id", None)
         try:
-            plain = list(tok(self.prompt, add_special_tokens=False)["input_ids"])
-            special = list(tok(self.prompt, add_special_tokens=True)["input_ids"])
+            runs = {
+                p: (
+                    list(tok(p, add_special_tokens=False)["input_ids"]),
+                    list(tok(p, add_special_tokens=True)["input_ids"]),
+                )
+                for p in dict.fromkeys(self._pending)
+            }
         except Exception:  # a tokenizer that cannot say: keep the indices as they are
             return
-        lead = find_run(special, plain) or 0
-        for row in ids.tolist():
-            pos = find_run(row, plain)
-            if pos is not None:
-                shift = pos - lead - crop
+        rows = ids.tolist()
+        if self.prompt is not None and self._base_targets and not self._prompt_seen:
+            base = list(tok(self.prompt, add_special_tokens=False)["input_ids"])
+            self._prompt_seen = any(find_run(row, base) is not None for row in rows)
+        for row in rows:
+            real = None if pad is None else sum(1 for t in row if t != pad) - crop
+            found = next(
+                (
+                    (p, find_run(row, plain))
+                    for p, (plain, _) in runs.items()
+                    if find_run(row, plain) is not None
+                ),
+                None,
+            )
+            if found is None:
+                empty = [p for p, (plain, _) in runs.items() if not plain]
+                if len(empty) != 1:
+                    continue
+                found = (empty[0], None)
+            prompt, pos = found
+            plain, special = runs[prompt]
+            lead = find_run(special, plain) or 0
+            shift = 0 if pos is None else pos - lead - crop
+            words = self._words(self._marked.get(prompt, prompt))
+            targets = tuple(
+                (w, tuple(i + shift for i in idx)) for w, idx in words.items() if min(idx) + shift >= 0
+            )
+            self._prompts[prompt] = Prompt(prompt, targets, real)
+            if prompt == self.prompt and self._base_targets and pos is not None:
                 self._set_targets({w: [i + shift for i in idx] for w, idx in self._base_targets.items()})
-                self._prompt_seen = True
-                return
-        self._prompt_seen = False
+
+    def _on_encoded(self, prompts: list[str], negative: Optional[list[str]], per: int, out: Any) -> None:
+        """``encode_prompt`` returned: remember which prompt each row of its embeddings holds."""
+
+        def known(texts: list[str]) -> list[Prompt]:
+            found = []
+            for text in texts:
+                prompt = self._prompts.get(text)
+                if prompt is None:  # the text encoder was not seen: indices as the tokenizer gives them
+                    words = self._words(self._marked.get(text, text))
+                    prompt = Prompt(text, tuple((w, tuple(i)) for w, i in words.items()))
+                found.append(prompt)
+            return found
+
+        for embeds, rows in encoded_rows(
+            out, known(prompts), None if negative is None else known(negative), per
+        ):
+            self._book.add(embeds, rows)
+        self._pending = []
 
     def _set_targets(self, targets: dict[str, list[int]]) -> None:
-        self.targets = {w: i for w, i in targets.items() if min(i) >= 0}
+        self._targets = {w: i for w, i in targets.items() if min(i) >= 0}
 
     @property
     def targets(self) -> dict[str, list[int]]:
-        """``{word: [token indices]}`` of the target words, as positions in the text the denoiser sees."""
-        return self._reader.targets
-
-    @targets.setter
-    def targets(self, targets: dict[str, list[int]]) -> None:
-        self._reader.targets = targets
+        """``{word: [token indices]}`` of the target words, as positions in the text the denoiser sees
+        (the first prompt's; a word of another row's prompt at its first row's positions)."""
+        out = dict(self._targets)
+        for rows in self._rows_meta.values():
+            for row in rows:
+                for word, indices in row["targets"].items():
+                    out.setdefault(word, indices)
+        return out
 
     # -- calls -------------------------------------------------------------------------------
     def _on_call(self, site: Site, call: Intercepted) -> None:
@@ -490,15 +612,42 @@ class Recorder:
                 stacklevel=4,
             )
 
+    def _row_maps(self, step: int, row: int) -> dict[str, torch.Tensor]:
+        """The maps of one step of one batch row, as a store video holds them: its ``cross`` and
+        ``text`` maps cut to the row's own real text (the columns past it are NaN in memory)."""
+        maps = self._acc.step_maps(step, row, self.per_block)
+        experts = {d.prefix for d in self._denoisers if d.prefix}
+        for name, value in maps.items():
+            branch = "uncond" if name.startswith("uncond/") else "cond"
+            base = name.removeprefix("uncond/")
+            base = next((base.removeprefix(p) for p in experts if base.startswith(p)), base)
+            base = re.sub(r"/block\d+$", "", base)
+            rows = self._rows_meta.get(branch, [])
+            real = rows[row]["text_len"] if row < len(rows) else None
+            if real is None or base not in ("cross", "text"):
+                continue
+            cut = value[..., :real, :real] if base == "text" else value[..., :real]
+            maps[name] = cut.contiguous()
+        return maps
+
+    def _warn_notes(self) -> None:
+        """One note per reduction that applied to no call of some modules (video cubes on calls without
+        video keys ...)."""
+        for reason, names in sorted(self._reader.notes.items()):
+            listed = ", ".join(repr(n) for n in sorted(names)[:4]) + (
+                f" and {len(names) - 4} more" if len(names) > 4 else ""
+            )
+            warnings.warn(f"attnmap.capture: {reason}: not read on the calls of {listed}", stacklevel=3)
+
     def _finish_step(self) -> None:
         self._warn_nonfinite()
         if self._step in self._written or self._step not in self._acc.steps:
             return
         self._acc.to_cpu(self._step)
         if self._store is not None and not self._sinks:
-            self._sinks = store_sinks(self._store, self._video_ids, lambda: self.metadata, self.config)
+            self._sinks = store_sinks(self._store, self._video_ids, self.video_metadata, self.config)
         rows = self._acc.rows(self._step)
-        maps = [self._acc.step_maps(self._step, row, self.per_block) for row in range(rows)]
+        maps = [self._row_maps(self._step, row) for row in range(rows)]
         for sink in self._sinks:
             sink.write_step(self._step, maps)
         self._written.add(self._step)
@@ -703,12 +852,27 @@ class Recorder:
             "per_head": self.per_head,
             "per_block": self.per_block,
             "entry_points": sorted(self._entries),
+            "rows": {branch: [dict(r) for r in rows] for branch, rows in self._rows_meta.items()},
         }
         for key, value in self._extra_meta.items():
             if isinstance(value, dict) and isinstance(meta.get(key), dict):
                 meta[key] = {**meta[key], **value}
             else:
                 meta[key] = value
+        return meta
+
+    def video_metadata(self, row: int) -> dict[str, Any]:
+        """The metadata of the video of batch row ``row``: :attr:`metadata` with that row's own prompt,
+        real text length and target words (``text_len``)."""
+        meta = self.metadata
+        branch = "cond" if self.branch == "both" else self.branch
+        rows = self._rows_meta.get(branch, [])
+        if row < len(rows):
+            mine = rows[row]
+            if mine["prompt"] is not None:
+                meta["prompt"] = mine["prompt"]
+            meta["targets"] = dict(mine["targets"]) if mine["targets"] or mine["prompt"] else meta["targets"]
+            meta["text_len"] = mine["text_len"]
         return meta
 
     def save(self, path: Union[str, Path], video_id: str, *, batch_index: int = 0) -> Path:
@@ -735,9 +899,9 @@ class Recorder:
                 f"batch_index must be an int in [0, {rows}) (the recorded videos), got {batch_index!r}"
             )
         root = Path(path)
-        sink = StoreSink(root, [video_id], lambda: self.metadata, self.config)
+        sink = StoreSink(root, [video_id], lambda row: self.video_metadata(batch_index), self.config)
         for step in self.steps:
-            sink.write_step(step, [self._acc.step_maps(step, batch_index, self.per_block)])
+            sink.write_step(step, [self._row_maps(step, batch_index)])
         sink.close()
         return root
 

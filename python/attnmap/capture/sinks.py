@@ -34,7 +34,7 @@ class StoreSink:
     Args:
         root: the store root.
         video_ids: the videos' ids, one per batch row.
-        metadata: called once per video when its first step is written.
+        metadata: called with a video's batch row when its first step is written.
         config: storage dtype and formats, compression, downsampling, whether the aggregate is written.
     """
 
@@ -42,7 +42,7 @@ class StoreSink:
         self,
         root: Path,
         video_ids: Sequence[str],
-        metadata: Callable[[], dict[str, Any]],
+        metadata: Callable[[int], dict[str, Any]],
         config: Optional[Config],
     ) -> None:
         self.root, self.video_ids, self.metadata = root, list(video_ids), metadata
@@ -57,10 +57,10 @@ class StoreSink:
                 f"video_id gives {len(self.video_ids)} id(s) {self.video_ids} but the model ran "
                 f"{len(rows)} video(s) per branch; pass one id per video"
             )
-        for vid, maps in zip(self.video_ids, rows):
-            self._writer(vid).write_step(step, maps)
+        for row, (vid, maps) in enumerate(zip(self.video_ids, rows)):
+            self._writer(vid, row).write_step(step, maps)
 
-    def _writer(self, video_id: str) -> Any:
+    def _writer(self, video_id: str, row: int) -> Any:
         from attnmap.store import StoreWriter
 
         writer = self._writers.get(video_id)
@@ -68,7 +68,7 @@ class StoreSink:
             writer = StoreWriter(
                 self.root,
                 video_id,
-                self.metadata(),
+                self.metadata(row),
                 dtype=self.config.storage_dtype,
                 downsample=self.config.spatial_downsample_factor,
                 storage_format=self.config.storage_format,
@@ -125,7 +125,7 @@ class AutoRenderSink:
 
 
 def store_sinks(
-    root: Path, video_ids: Sequence[str], metadata: Callable[[], dict[str, Any]], config: Optional[Config]
+    root: Path, video_ids: Sequence[str], metadata: Callable[[int], dict[str, Any]], config: Optional[Config]
 ) -> list[Sink]:
     """The sinks of ``store=``: the store writer, and auto-render when the config asks for it."""
     store = StoreSink(root, video_ids, metadata, config)
