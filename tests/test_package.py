@@ -107,3 +107,31 @@ def test_capture_and_rollout_stay_callable_whatever_is_imported_first() -> None:
         "print('ok')\n"
     )
     assert fresh_interpreter(code) == "ok"
+
+
+def test_the_repository_root_never_shadows_an_installed_package() -> None:
+    """From the clone's root (a shell, a notebook, ``python -m``), the current folder comes first on
+    sys.path; the top-level ``kernels/`` folder must not take the place of the ``kernels`` package that
+    diffusers imports (installed with transformers)."""
+    root = PYTHON_DIR.parent
+    installed = subprocess.run(
+        [sys.executable, "-c", "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin)"],
+        capture_output=True,
+        text=True,
+        cwd=PYTHON_DIR,  # a folder without a kernels/ of its own: what is installed
+        check=False,
+    )
+    assert installed.returncode == 0 and installed.stdout.strip().endswith("__init__.py"), (
+        f"the kernels package (a dependency of transformers) is not installed: {installed.stderr}"
+    )
+    code = "import kernels\nfrom diffusers import WanTransformer3DModel\nprint(kernels.__file__)\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=False, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == installed.stdout.strip()
+    # the folder still leads to the kernel source, as a plain folder (a namespace portion never wins)
+    assert not (root / "kernels" / "__init__.py").exists()
+    assert (root / "kernels" / "attn_reduce.py").resolve() == (
+        PYTHON_DIR / "attnmap" / "reduce" / "kernels" / "attn_reduce.py"
+    )

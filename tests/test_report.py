@@ -25,6 +25,7 @@ from attnmap.errors import AttnmapError
 from attnmap.render import report
 from attnmap.render.options import RenderOptions
 from attnmap.store import StoreWriter, open_store
+from conftest import page_data
 
 GRID = (3, 4, 6)
 SIZE = (30, 46)  # an odd-free, non-multiple size: every tap of the bilinear resize is a fraction
@@ -159,13 +160,6 @@ def set_control(driver: Any, role: str, value: Any, root: int = 0) -> None:
         str(value),
     )
     wait(driver, root)
-
-
-def page_data(path: Path) -> dict[str, Any]:
-    text = path.read_text(encoding="utf-8")
-    found = re.search(r'<script type="application/json" id="[^"]+-data">(.*?)</script>', text, re.S)
-    assert found is not None
-    return json.loads(found.group(1).replace("<\\/", "</"))  # type: ignore[no-any-return]
 
 
 def backgrounds(video: dict[str, Any]) -> np.ndarray:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import numpy as np
 
+from attnmap._checks import integer, integers, number
 from attnmap._io import atomic_write
 from attnmap.analysis.normalization import Normalize, normalize
 from attnmap.errors import AttnmapError
@@ -70,8 +71,10 @@ def token_mask(
     a = _np(x, name)
     if (threshold is None) == (top_fraction is None):
         raise AttnmapError("give exactly one of threshold= or top_fraction=")
-    if top_fraction is not None and not 0.0 < float(top_fraction) <= 1.0:
-        raise AttnmapError(f"top_fraction must be in (0, 1], got {top_fraction!r}")
+    if top_fraction is not None:
+        top_fraction = number("top_fraction", top_fraction, low=0, high=1, open_low=True)
+    if threshold is not None:
+        threshold = number("threshold", threshold)
     if per_frame and a.ndim < 2:
         raise AttnmapError(f"per_frame needs a map [F, ...], got shape {a.shape}")
     if per_frame:
@@ -88,8 +91,8 @@ def token_mask(
             ]
         )
     a = normalize(a, normalize_first, name=name).astype(np.float64)
-    number = ~np.isnan(a)
-    if not number.any():
+    numeric = ~np.isnan(a)
+    if not numeric.any():
         raise AttnmapError(f"{name}: all of its {a.size} values are NaN; there is nothing to mask")
     if threshold is not None:
         mask = a > float(threshold)  # NaN compares False
@@ -103,7 +106,7 @@ def token_mask(
         return mask
     assert top_fraction is not None
     flat = a.reshape(-1)
-    k = min(math.ceil(float(top_fraction) * flat.size - 1e-9), int(number.sum()))
+    k = min(math.ceil(float(top_fraction) * flat.size - 1e-9), int(numeric.sum()))
     order = np.argsort(-flat, kind="stable")[:k]  # NaN sorts last
     mask = np.zeros(flat.size, dtype=bool)
     mask[order] = True
@@ -249,7 +252,8 @@ def frame_matrix(
         >>> frame_matrix(probs, lay.grid, video=lay.video_q)  # probs [B, H, N, N]
     """
     a = _np(attn, "attn")
-    f, h, w = (int(g) for g in grid)
+    f, h, w = integers("grid", grid, 3, low=1, what="(F, H, W)")
+    prefix = integer("prefix", prefix, low=0)
     nv = f * h * w
     if video is None:
         if a.ndim < 2 or a.shape[-1] != a.shape[-2] or a.shape[-1] != prefix + nv:
@@ -300,8 +304,8 @@ def classify_heads(locality: ArrayLike, num_frames: int, *, margin: float = 0.5)
         ``[...]`` array of str.
     """
     loc = _np(locality, "locality")
-    if num_frames < 1:
-        raise AttnmapError(f"num_frames must be >= 1, got {num_frames!r}")
+    num_frames = integer("num_frames", num_frames, low=1)
+    margin = number("margin", margin, low=0, high=1)
     cut = 1.0 / num_frames + margin * (1.0 - 1.0 / num_frames)
     return np.where(loc > cut, "spatial", "temporal")
 
@@ -365,9 +369,10 @@ def top_frames(m: ArrayLike, k: int = 3) -> list[dict[str, float]]:
     a = _np(m, "map")
     if a.ndim != 3:
         raise AttnmapError(f"map must be [F, H, W], got {a.shape}")
+    k = integer("k", k, low=1)
     mass = a.reshape(a.shape[0], -1).sum(-1)
     total = mass.sum()
-    order = np.argsort(-mass, kind="stable")[: max(0, int(k))]
+    order = np.argsort(-mass, kind="stable")[:k]
     return [{"frame": int(i), "share": float(mass[i] / total) if total else 0.0} for i in order]
 
 
@@ -381,8 +386,10 @@ def top_regions(m: ArrayLike, k: int = 3, *, mask_top_fraction: float = 0.1) -> 
     a = _np(m, "map")
     if a.ndim != 3:
         raise AttnmapError(f"map must be [F, H, W], got {a.shape}")
+    k = integer("k", k, low=1)
+    mask_top_fraction = number("mask_top_fraction", mask_top_fraction, low=0, high=1, open_low=True)
     flat = a.reshape(-1)
-    order = np.argsort(-flat, kind="stable")[: max(0, int(k))]
+    order = np.argsort(-flat, kind="stable")[:k]
     peaks = []
     for i in order:
         f, r, c = np.unravel_index(int(i), a.shape)

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
+from attnmap._checks import integer
 from attnmap._io import atomic_write
 from attnmap.analysis.maps import real_text_length, real_text_words
 from attnmap.analysis.normalization import NORMALIZE
@@ -131,9 +132,11 @@ class _StoreSource(_Source):
         try:
             if step is None:
                 return aggregated_map(self.store, self.video_id, full)
-            return self.store.load(self.video_id, full, step)
         except KeyError:
             return None
+        # through the store's read over steps: a step whose map fails its checksum is left out (the
+        # store names its file in one warning) and the page shows the nearest map it carries
+        return next((arr for _, arr in self.store.step_maps(self.video_id, full, [step])), None)
 
 
 class _RecorderSource(_Source):
@@ -569,8 +572,7 @@ def store_viewer(
         raise AttnmapError(f"video {unknown[0]!r} is not in the store at {store.root}; it has {stored}")
     if not ids:
         raise AttnmapError(f"the store at {store.root} holds no videos")
-    if max_map_bytes < 0:
-        raise AttnmapError(f"max_map_bytes: expected a number of bytes >= 0, got {max_map_bytes}")
+    max_map_bytes = integer("max_map_bytes", max_map_bytes, low=0)
     videos = [_video_data(_StoreSource(store, v), options, max_map_bytes, background) for v in ids]
     return Viewer(_payload(videos, options))
 
@@ -593,7 +595,8 @@ def recorder_viewer(
         max_map_bytes: as in :func:`store_viewer`.
     """
     options = options or RenderOptions()
-    src = _RecorderSource(rec, video_id, batch_index)
+    max_map_bytes = integer("max_map_bytes", max_map_bytes, low=0)
+    src = _RecorderSource(rec, video_id, integer("batch_index", batch_index, low=0))
     return Viewer(_payload([_video_data(src, options, max_map_bytes, True)], options))
 
 
