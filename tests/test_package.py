@@ -39,6 +39,7 @@ def test_public_names_are_the_objects_their_modules_define() -> None:
     import attnmap.reduce.reference
     import attnmap.render
     import attnmap.render.options
+    import attnmap.render.report
     import attnmap.render.videos
     import attnmap.store
 
@@ -55,6 +56,7 @@ def test_public_names_are_the_objects_their_modules_define() -> None:
         "reference": attnmap.reduce.reference,
         "render": attnmap.render,
         "render_video": attnmap.render.videos.render_video,
+        "show": attnmap.render.report.show,
         "store": attnmap.store,
     }
     assert set(attnmap.__all__) == {*expected, "capture", "__version__"}
@@ -134,4 +136,70 @@ def test_the_repository_root_never_shadows_an_installed_package() -> None:
     assert not (root / "kernels" / "__init__.py").exists()
     assert (root / "kernels" / "attn_reduce.py").resolve() == (
         PYTHON_DIR / "attnmap" / "reduce" / "kernels" / "attn_reduce.py"
+    )
+
+
+def _imports() -> dict[str, set[str]]:
+    """Each module of the package -> the package's modules it imports (anywhere in it, lazily or not;
+    ``if TYPE_CHECKING:`` blocks aside), read from the source."""
+    import ast
+
+    root = Path(attnmap.__file__).parent
+    mods = {}
+    for f in root.rglob("*.py"):
+        parts = list(f.relative_to(root.parent).with_suffix("").parts)
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+
+    def known(name: str) -> str:
+        while name not in mods:
+            name = name.rpartition(".")[0]
+        return name
+
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for m, f in mods.items():
+        tree = ast.parse(f.read_text())
+        hidden = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for b in node.body
+            for n in ast.walk(b)
+        }
+        for node in ast.walk(tree):
+            if id(node) in hidden:
+                continue
+            if isinstance(node, ast.Import):
+                edges[m] |= {known(a.name) for a in node.names if a.name.startswith("attnmap")}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("attnmap"):
+                base = str(node.module)  # ``from pkg import x`` runs pkg's __init__ first
+                edges[m] |= {known(base)} | {
+                    f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in mods
+                }
+        edges[m].discard(m)
+    return edges
+
+
+def test_imports_run_one_way() -> None:
+    """No module imports one that imports it back, directly or through others (a submodule that
+    imports its own package, or a store that imports the renderer, would close a cycle)."""
+    edges = _imports()
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            m = todo.pop()
+            if m == goal:
+                return True
+            if m not in seen:
+                seen.add(m)
+                todo += edges[m]
+        return False
+
+    cycles = sorted((a, b) for a in edges for b in edges[a] if reaches(b, a))
+    assert not cycles, f"imports that close a cycle: {cycles}"
+    assert not any(
+        e.startswith(("attnmap.render", "attnmap.capture"))
+        for m in edges
+        if m.startswith("attnmap.store")
+        for e in edges[m]
     )

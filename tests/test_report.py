@@ -409,9 +409,15 @@ def test_panels_show_the_stored_values(browser: Any, tmp_path: Path) -> None:
 
 
 def test_notebook_viewers_are_the_same_viewer_inline(browser: Any, page: Path, tmp_path: Path) -> None:
+    import attnmap
+
     store = open_store(page.parent / "store")
-    one, two = store.show("vid 1"), store.show("vid 2")
-    assert one.video_ids == ["vid 1"] and store.show().video_ids == ["vid 1", "vid 2"]
+    one, two = attnmap.show(store, "vid 1"), attnmap.show(page.parent / "store", "vid 2")
+    assert one.video_ids == ["vid 1"] and attnmap.show(store).video_ids == ["vid 1", "vid 2"]
+    with pytest.raises(
+        attnmap.AttnmapError, match="source must be a Store, a store root or a Recorder, got int"
+    ):
+        attnmap.show(3)
     html = one._repr_html_()
     assert html.startswith('<div class="attnmap-report"') and "<html" not in html
     notebook = tmp_path / "notebook.html"  # two outputs in one page, as a notebook shows them
@@ -445,6 +451,7 @@ def test_recorder_viewer_shows_the_recorded_maps(browser: Any, tmp_path: Path) -
     viewer = report.recorder_viewer(rec, video_id="tiny wan")
     shown = rec.show()  # the notebook entry point: the same viewer, titled by the model
     assert shown.payload["videos"][0]["maps"] == viewer.payload["videos"][0]["maps"]
+    assert attnmap.show(rec).payload["videos"][0]["maps"] == viewer.payload["videos"][0]["maps"]
     assert "attnmapReport.mount(" in shown._repr_html_()
     video = viewer.payload["videos"][0]
     assert video["steps"] == [0, 1] and video["blocks"] == [0, 1] and video["heads"] == 2

@@ -9,6 +9,7 @@ analyse them and render them. The main verbs are here; the rest lives in its mod
   :mod:`attnmap.reduce`;
 - :func:`open_store` (read what capture stored; writing: :mod:`attnmap.store`);
 - :func:`render_video` (a stored video's heatmap videos and overlays) with :class:`RenderOptions`;
+  :func:`show` (the interactive viewer of a store or a Recorder, inline in a notebook);
   frames, video files and figures in :mod:`attnmap.render`;
 - :mod:`attnmap.analysis`: token maps, masks, frame-to-frame matrices, rollout, summaries;
 - :class:`Config` (a YAML ``attention_analysis`` block) and :class:`AttnmapError`, the one error root
@@ -37,6 +38,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "open_store": ("attnmap.store", "open_store"),
     "RenderOptions": ("attnmap.render.options", "RenderOptions"),
     "render_video": ("attnmap.render.videos", "render_video"),
+    "show": ("attnmap.render.report", "show"),
     "analysis": ("attnmap.analysis", None),
     "reduce": ("attnmap.reduce", None),
     "render": ("attnmap.render", None),
@@ -58,6 +60,7 @@ __all__ = [
     "reference",
     "render",
     "render_video",
+    "show",
     "store",
 ]
 
@@ -74,5 +77,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from attnmap.reduce import attention_sums
     from attnmap.reduce import reference as reference
     from attnmap.render.options import RenderOptions
+    from attnmap.render.report import show
     from attnmap.render.videos import render_video
     from attnmap.store import open_store

@@ -21,7 +21,7 @@ shown inline by its ``_repr_html_``.
 
 Example:
     >>> write_report("outputs/attention_maps", "report.html")          # doctest: +SKIP
-    >>> attnmap.open_store("outputs/attention_maps").show("vid_001")    # doctest: +SKIP
+    >>> attnmap.show("outputs/attention_maps", "vid_001")    # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -494,7 +494,7 @@ class Viewer:
     inline, for notebooks) and :meth:`save`.
 
     Example:
-        >>> viewer = attnmap.open_store(root).show("vid_001")   # doctest: +SKIP
+        >>> viewer = attnmap.show(root, "vid_001")   # doctest: +SKIP
         >>> viewer.save("vid_001.html")                          # doctest: +SKIP
     """
 
@@ -598,6 +598,37 @@ def recorder_viewer(
     max_map_bytes = integer("max_map_bytes", max_map_bytes, low=0)
     src = _RecorderSource(rec, video_id, integer("batch_index", batch_index, low=0))
     return Viewer(_payload([_video_data(src, options, max_map_bytes, True)], options))
+
+
+def show(
+    source: Any,
+    video_id: Optional[str] = None,
+    *,
+    batch_index: int = 0,
+    options: Optional[RenderOptions] = None,
+) -> Viewer:
+    """The interactive viewer for a notebook (its ``_repr_html_`` shows it inline): of a store's videos
+    (a :class:`~attnmap.store.Store` or its root; one video, or all), or of what a Recorder holds.
+
+    Args:
+        source: an opened store, a store root, or a :class:`attnmap.capture.Recorder`.
+        video_id: the store video to show (default: every video); for a Recorder, the title.
+        batch_index: a Recorder's batch row to show.
+        options: colormap, normalisation ... (:class:`attnmap.RenderOptions`); None: defaults.
+
+    Example:
+        >>> attnmap.show("outputs/attention_maps", "vid_001")  # doctest: +SKIP
+    """
+    from attnmap.store import Store, open_store
+
+    if isinstance(source, (str, os.PathLike)):
+        source = open_store(source)
+    if isinstance(source, Store):
+        return store_viewer(source, None if video_id is None else [video_id], options=options)
+    if callable(getattr(source, "get", None)) and hasattr(source, "steps"):
+        name = video_id or str(getattr(source, "model_name", "recorder"))
+        return recorder_viewer(source, video_id=name, batch_index=batch_index, options=options)
+    raise AttnmapError(f"source must be a Store, a store root or a Recorder, got {type(source).__name__}")
 
 
 def write_report(

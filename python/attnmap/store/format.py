@@ -25,6 +25,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from attnmap.errors import AttnmapError, StoreError
+from attnmap.store.naming import step_filename
 
 SCHEMA_VERSION = 1
 FORMAT = "attnmap"
@@ -34,7 +35,6 @@ METADATA_FILE = "metadata.json"
 AGGREGATED_FILE = "aggregated.safetensors"
 STEP_RE = re.compile(r"^step_(\d{6,})\.safetensors$")
 BLOCK_RE = re.compile(r"^(.*)/block(\d+)$")
-MAX_DIRNAME = 96
 FP16_MAX = 65504.0
 DTYPES = {"float16": np.float16, "float32": np.float32}
 #: safetensors dtype codes a store file may hold (what :data:`DTYPES` writes), as numpy dtypes
@@ -311,14 +311,10 @@ class Safetensors:
     kind = "a safetensors file"
 
     def unit_path(self, folder: Path, step: Optional[int]) -> Path:
-        from attnmap.store.naming import step_filename
-
         return folder / (AGGREGATED_FILE if step is None else step_filename(step))
 
     def step_files(self, folder: Path) -> dict[int, str]:
         """step -> path of every entry named like a step file (nothing is opened)."""
-        from attnmap.store.naming import step_filename
-
         files = {}
         with os.scandir(folder) as it:
             for e in it:

@@ -512,13 +512,6 @@ class Store:
                 self._formats(video_id)[1], d, agg, meta["run_id"], sorted(steps), counts, how
             )
 
-    def show(self, video_id: Optional[str] = None) -> Any:
-        """The interactive viewer of one video (default: every video) for a notebook: its
-        ``_repr_html_`` shows it inline (see :mod:`attnmap.render.report`)."""
-        from attnmap.render.report import store_viewer
-
-        return store_viewer(self, None if video_id is None else [video_id])
-
     def _step_names(self, video_id: str) -> list[str]:
         """The union of the map names of the good steps."""
         files = self._step_files(video_id)
