@@ -14,6 +14,7 @@ __all__ = [
     "colorize",
     "colormap_names",
     "colormap_table",
+    "kernel_info",
     "normalize",
     "render",
     "resize",
@@ -99,3 +100,4 @@ def attention_stats(
     lse: Optional[np.ndarray] = None,
     return_lse: bool = False,
 ) -> dict[str, Any]: ...
+def kernel_info() -> dict[str, Any]: ...

@@ -39,7 +39,7 @@ const KEY_BLOCK: usize = 256;
 
 /// Which compiled copy of the kernel loops runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Build {
+pub enum Build {
     /// Plain Rust, vectorised by the compiler for the baseline instruction set.
     Plain,
     /// AVX2 + FMA: 6 rows x 16 keys per micro tile.
@@ -57,8 +57,17 @@ pub(crate) const AVX512: u8 = 2;
 
 impl Build {
     /// The fastest copy this CPU runs.
-    pub(crate) fn best() -> Build {
+    pub fn best() -> Build {
         Build::available().pop().unwrap_or(Build::Plain)
+    }
+
+    /// The name of the copy: `"plain"`, `"avx2"` or `"avx512"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Build::Plain => "plain",
+            Build::Avx2 => "avx2",
+            Build::Avx512 => "avx512",
+        }
     }
 
     /// Every copy this CPU runs, slowest first (the tests compare them).

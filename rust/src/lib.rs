@@ -430,6 +430,16 @@ mod bindings {
         Ok(dict)
     }
 
+    /// The CPU attention kernels' threads (rayon's pool: RAYON_NUM_THREADS, else one per logical CPU)
+    /// and the copy of their loops this CPU runs: {"threads": n, "build": "avx512" | "avx2" | "plain"}.
+    #[pyfunction]
+    fn kernel_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+        let dict = PyDict::new(py);
+        dict.set_item("threads", rayon::current_num_threads())?;
+        dict.set_item("build", crate::groups::Build::best().name())?;
+        Ok(dict)
+    }
+
     /// Names of the built-in colormaps.
     #[pyfunction]
     fn colormap_names() -> Vec<&'static str> {
@@ -449,6 +459,7 @@ mod bindings {
         m.add_function(wrap_pyfunction!(rgb_to_yuv420, m)?)?;
         m.add_function(wrap_pyfunction!(attention_groups, m)?)?;
         m.add_function(wrap_pyfunction!(attention_stats, m)?)?;
+        m.add_function(wrap_pyfunction!(kernel_info, m)?)?;
         Ok(())
     }
 }
