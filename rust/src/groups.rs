@@ -458,11 +458,19 @@ pub(crate) struct Rows {
     /// vector add per tile instead of a horizontal sum; folded in by [`Rows::settle`].
     sum16: Vec<f32>,
     ent16: Vec<f32>,
+    /// The AVX-512 build's pending column of each row (`usize::MAX`: none) and its exponentials so
+    /// far in `NR` lanes (`[rows][NR]`): consecutive tiles of one column (a frame's keys) add up as
+    /// vectors, and the column gets their horizontal sum once, when the column changes.
+    pend16: Vec<f32>,
+    pend_col: Vec<usize>,
     /// A NaN or `+inf` logit (or a NaN logsumexp) was seen.
     pub bad: Vec<bool>,
     /// The rows' logsumexp was given: P = exp(logit - max), no running max, no sum.
     pub given: bool,
 }
+
+/// No pending column (see [`Rows`]).
+const NO_COLUMN: usize = usize::MAX;
 
 /// A zeroed buffer of `n` floats, or an error naming `what` where memory runs out.
 pub(crate) fn zeroed(n: usize, what: &'static str) -> Result<Vec<f32>> {
@@ -483,6 +491,8 @@ impl Rows {
             ent: vec![0.0; rows],
             sum16: vec![0.0; rows * NR],
             ent16: vec![0.0; rows * NR],
+            pend16: vec![0.0; rows * NR],
+            pend_col: vec![NO_COLUMN; rows],
             bad: vec![false; rows],
             given: false,
         })
@@ -499,6 +509,7 @@ impl Rows {
         self.ent.fill(0.0);
         self.sum16.fill(0.0);
         self.ent16.fill(0.0);
+        self.pend_col.fill(NO_COLUMN);
         self.bad.fill(false);
         self.given = given.is_some();
         match given {
@@ -518,9 +529,40 @@ impl Rows {
         }
     }
 
-    /// Fold the lane sums of the first `rows` rows into `sum` and `ent`.
-    fn settle(&mut self, rows: usize) {
+    /// Add row `i`'s pending column (if any) into its columns `[.., C]`.
+    #[inline(always)]
+    fn flush(&mut self, i: usize, c: usize) {
+        let col = self.pend_col[i];
+        if col != NO_COLUMN {
+            let lanes: &[f32; NR] = self.pend16[i * NR..(i + 1) * NR].try_into().expect("NR");
+            self.acc[i * c + col] += sum16(lanes);
+            self.pend_col[i] = NO_COLUMN;
+        }
+    }
+
+    /// Add the exponentials `e` of a tile whose keys all go to column `col` to row `i`'s pending
+    /// column, flushing the one pending before where it is another.
+    #[inline(always)]
+    fn pend(&mut self, i: usize, c: usize, col: usize, e: &[f32; NR]) {
+        let lanes = &mut self.pend16[i * NR..(i + 1) * NR];
+        if self.pend_col[i] == col {
+            lanes.iter_mut().zip(e).for_each(|(l, &v)| *l += v);
+        } else {
+            let old = self.pend_col[i];
+            if old != NO_COLUMN {
+                let total = sum16(lanes.as_ref().try_into().expect("NR"));
+                self.acc[i * c + old] += total;
+            }
+            lanes.copy_from_slice(e);
+            self.pend_col[i] = col;
+        }
+    }
+
+    /// Fold the lane sums and pending columns of the first `rows` rows into `sum`, `ent` and
+    /// their columns (`c` of them).
+    fn settle(&mut self, rows: usize, c: usize) {
         for i in 0..rows {
+            self.flush(i, c);
             self.sum[i] += sum16(self.sum16[i * NR..(i + 1) * NR].try_into().expect("NR"));
             self.ent[i] += sum16(self.ent16[i * NR..(i + 1) * NR].try_into().expect("NR"));
         }
@@ -742,7 +784,7 @@ impl Work<'_, '_> {
                 }
             }
         }
-        st.settle(padded);
+        st.settle(padded, self.groups.num_columns);
     }
 
     /// The columns of row state that may hold mass while tile `t` is folded in.
@@ -835,6 +877,7 @@ impl Rows {
                         *e = (*e - delta * s) * shrink;
                     }
                 }
+                self.flush(i, c); // its columns are rescaled below
                 self.sum[i] *= shrink;
                 self.sum16[lanes].iter_mut().for_each(|s| *s *= shrink);
                 self.acc[i * c..i * c + walked]
@@ -1193,7 +1236,12 @@ mod avx512 {
         let acc_row = &mut st.acc[i * c..(i + 1) * c];
         match tile {
             Tile::Skip => {}
-            Tile::Sum(col) => acc_row[col] += _mm512_reduce_add_ps(e),
+            Tile::Sum(col) => {
+                let mut v = [0.0f32; NR];
+                // SAFETY: v holds NR = 16 floats.
+                unsafe { _mm512_storeu_ps(v.as_mut_ptr(), e) };
+                st.pend(i, c, col, &v);
+            }
             Tile::Consecutive(first) => {
                 let p = acc_row[first..first + NR].as_mut_ptr();
                 // SAFETY: p points at NR = 16 floats.
