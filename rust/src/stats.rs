@@ -3,8 +3,8 @@
 //! offset (`distance`), each row's entropy and logsumexp, and rows of P over a range of keys
 //! (`cross`, `text`, `full`), all from one pass over the keys.
 //!
-//! The rows are cut by [`crate::groups::split`] into one piece per thread (heads too, where the rows
-//! are few), each piece a run of tasks of at most [`ROW_CHUNK`] rows. A task takes its rows through
+//! The rows are cut by [`crate::groups::split`] into a few pieces per thread (heads too, where the
+//! rows are few), each piece a run of tasks of at most [`ROW_CHUNK`] rows. A task takes its rows through
 //! its heads with the online softmax of [`crate::groups`], every key its own column, so that once a
 //! head's keys are walked it holds its rows of P exactly (`rows x Nk`, never more), and folds them
 //! into the statistics: the column sums, block sums (the rows of one block summed first, then their
@@ -328,10 +328,10 @@ fn total(x: &[f32]) -> f32 {
 /// its logits is NaN in everything it touches, never a silent number. With a given logsumexp
 /// (`p.lse`), P = exp(logit - lse) and the entropy is `sum P (lse - logit)`.
 ///
-/// The rows are cut into one piece per thread of the pool (fewer where the summed statistics
-/// would cost more than [`PIECE_MEMORY`] of the materialised map); each piece sums into its own
-/// accumulators, merged in piece order at the end, so the same call on the same pool always gives
-/// the same bits.
+/// The rows are cut into [`PIECES_PER_THREAD`] pieces per thread of the pool (fewer where their
+/// summed statistics would cost more than [`PIECE_MEMORY`] of the materialised map), which rayon
+/// hands to whichever thread is free; each piece sums into its own accumulators, merged in piece
+/// order at the end, so the same call on the same pool always gives the same bits.
 pub fn attention_stats(p: &Problem, spec: &Spec) -> Result<Stats> {
     run(p, spec, Build::best())
 }
@@ -339,6 +339,8 @@ pub fn attention_stats(p: &Problem, spec: &Spec) -> Result<Stats> {
 /// The share of the materialised map (`B H R Nk` floats) that the pieces' accumulators may take
 /// together (at least one piece always runs).
 const PIECE_MEMORY: f64 = 0.005;
+/// Pieces per thread of the pool (each with its own accumulators).
+const PIECES_PER_THREAD: usize = 4;
 /// The share of the map that the pieces' rows of P may take together: tasks have fewer rows than
 /// [`ROW_CHUNK`] where many threads share a short call (never fewer than `2 MR`).
 const ROW_MEMORY: f64 = 0.015;
@@ -363,10 +365,12 @@ fn run(p: &Problem, spec: &Spec, build: Build) -> Result<Stats> {
     let threads = rayon::current_num_threads().max(1);
     let map = (b * h * r) as f64 * nk as f64 * 4.0;
     let afford = (PIECE_MEMORY * map / Acc::bytes(&plan).max(1) as f64) as usize;
-    let pieces = threads.min(afford).max(1);
-    // the pieces' rows of P (and their head sums) within ROW_MEMORY of the map
+    // a few pieces per thread, so that a thread held up by other work on a shared machine does
+    // not hold up the call: rayon hands the next piece to whichever thread is free
+    let pieces = (PIECES_PER_THREAD * threads).min(afford).max(1);
+    // the rows of P (and their head sums) of the pieces running at once within ROW_MEMORY of the map
     let buffers = if p.per_head { 1.0 } else { 2.0 };
-    let rows = ROW_MEMORY * (b * h * r) as f64 / (pieces as f64 * buffers);
+    let rows = ROW_MEMORY * (b * h * r) as f64 / (threads.min(pieces) as f64 * buffers);
     let chunk = ((rows as usize) / MR * MR).clamp(2 * MR, ROW_CHUNK);
     let plan = Plan { chunk, ..plan };
     let pieces = split(b, h, r, pieces, chunk);
