@@ -855,7 +855,7 @@ def test_partial_sums_are_checked_by_name() -> None:
         ops.partial_sums(q, k, lay, ("temporal",), keys=(0, 5))
     with pytest.raises(ValueError, match=r"^rows must be a pair \(lo, hi\) with 0 <= lo <= hi <= 32"):
         ops.partial_sums(q, k, lay, ("temporal",), rows=(3, 40))
-    with pytest.raises(ValueError, match=r"^backend must be 'auto' or one of native, reference"):
+    with pytest.raises(ValueError, match=r"^backend must be 'auto' or one of triton, native, reference"):
         ops.partial_sums(q, k, lay, ("temporal",), backend="blocks")
     a = ops.partial_sums(q, k[:, :, :10], lay, ("temporal",), keys=(0, 10))
     b = ops.partial_sums(q, k[:, :, 8:], lay, ("temporal",), keys=(8, 32))
@@ -872,3 +872,36 @@ def test_partial_sums_are_checked_by_name() -> None:
         ops.merge_partials([a, c])
     with pytest.raises(ValueError, match=r"^parts must hold at least one Partial"):
         ops.merge_partials([])
+
+
+@needs_triton
+@pytest.mark.parametrize("shards", [2, 3])
+def test_triton_key_shards_merge_to_the_unsharded_maps(shards: int) -> None:
+    lay = Layout.joint(text=9, grid=(2, 5, 6), text_first=False)  # 69 tokens: several 16 x 16 tiles
+    names = ("cross", "text", "full", "entropy")
+    q, k = make_qk(lay, heads=4, kv_heads=2, d=24, seed=shards, device=TRITON_DEVICE)
+    keep = torch.rand(2, lay.num_keys, generator=torch.Generator().manual_seed(shards)) > 0.25
+    keep[1] = False
+    groups = [[0, 4], [2], [5, 6, 7, 8]]
+    cuts = _cuts(lay.num_keys, shards, seed=shards)
+    whole = _sharded(q, k, lay, names, cuts, "triton", mask=keep.to(q.device), scale=0.3, text_groups=groups)
+    ref = ops.attention_sums(
+        q.cpu(),
+        k.cpu(),
+        lay,
+        names,
+        key_padding_mask=keep,
+        scale=0.3,
+        text_groups=groups,
+        backend="reference",
+    )
+    out = ops.finish_partial(whole)
+    for n in names:
+        assert_close(f"triton/{n}", ref[n], out[n].cpu(), 1e-5)
+    logits = (q.cpu().double() @ k.cpu().double().repeat_interleave(2, 1).transpose(-1, -2)) * 0.3
+    want = torch.logsumexp(logits.masked_fill(~keep[:, None, None, :], float("-inf")), dim=-1)
+    torch.testing.assert_close(whole.lse.cpu().double(), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(
+        ValueError, match=r"^backend='triton' cannot form these partial sums: the Triton kernel"
+    ):
+        ops.partial_sums(q, k, lay, ("temporal",), backend="triton")

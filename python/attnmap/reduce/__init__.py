@@ -164,8 +164,8 @@ def attention_sums(
     return out
 
 
-#: The backends that form partial sums (:func:`partial_sums`), in the order ``auto`` tries them.
-_PARTIAL_BACKENDS = ("native", "reference")
+#: The backends that form partial sums (:func:`partial_sums`).
+_PARTIAL_BACKENDS = ("triton", "native", "reference")
 
 
 def partial_sums(
@@ -195,8 +195,9 @@ def partial_sums(
         rows, keys: ``(lo, hi)`` positions of the layout that q and k hold.
         scale: logit scale, default ``D ** -0.5``.
         key_padding_mask: the shard's keys' mask, as in :func:`attention_sums` (``Nk`` = the shard's).
-        backend: ``"auto"`` (the native kernel for CPU tensors), ``"native"`` or ``"reference"``
-            (float64, P of the shard materialised).
+        backend: ``"auto"`` (the native kernel for CPU tensors, Triton for CUDA ones), ``"native"``,
+            ``"triton"`` (``cross``, ``text``, ``full`` and ``entropy``; CUDA, or the CPU under
+            ``TRITON_INTERPRET=1``) or ``"reference"`` (float64, P of the shard materialised).
         check_finite, text_groups: as in :func:`attention_sums`.
 
     Returns:
@@ -225,17 +226,16 @@ def partial_sums(
     )
     name = backend
     if name == "auto":
-        if call.q.device.type != "cpu":
-            raise AttnmapError(
-                f"partial_sums: no streaming backend forms partial sums of {call.q.device} tensors yet; "
-                "move q and k to the CPU, or pass backend='reference' for small inputs"
-            )
-        name = "native"
+        name = "native" if call.q.device.type == "cpu" else "triton"
     if name not in _PARTIAL_BACKENDS:
         raise AttnmapError(f"backend must be 'auto' or one of {', '.join(_PARTIAL_BACKENDS)}, got {name!r}")
-    if name == "native" and call.q.device.type != "cpu":
-        raise AttnmapError(f"backend='native' cannot form these partial sums: q is on {call.q.device}")
     module = importlib.import_module(BACKENDS[name])
+    reason = module.serves_partial(call)
+    if reason is not None:
+        raise AttnmapError(
+            f"backend={name!r} cannot form these partial sums: {reason} (backend='reference' forms any, "
+            "materialising the shard's P: small inputs only)"
+        )
     with torch.no_grad():
         sums, lse = module.partial(call)
     return Partial(

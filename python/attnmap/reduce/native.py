@@ -259,3 +259,10 @@ def partial(call: PartialCall) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
             lse = found["lse"]
     assert lse is not None
     return sums, torch.from_numpy(lse)
+
+
+def serves_partial(call: PartialCall) -> Optional[str]:
+    """None when the kernels form the call's partial sums (CPU tensors), else why not."""
+    if call.q.device.type != "cpu":
+        return f"q is on {call.q.device}, the native kernel runs on the CPU"
+    return None
