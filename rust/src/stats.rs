@@ -343,7 +343,7 @@ const PIECE_MEMORY: f64 = 0.005;
 const PIECES_PER_THREAD: usize = 4;
 /// The share of the map that the pieces' rows of P may take together: tasks have fewer rows than
 /// [`ROW_CHUNK`] where many threads share a short call (never fewer than `2 MR`).
-const ROW_MEMORY: f64 = 0.015;
+const ROW_MEMORY: f64 = 0.0075;
 
 /// [`attention_stats`] in the given build.
 fn run(p: &Problem, spec: &Spec, build: Build) -> Result<Stats> {
