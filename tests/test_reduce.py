@@ -209,7 +209,7 @@ def test_text_groups_sum_their_columns(name: str, per_head: bool, backend: tuple
 def test_text_groups_are_checked() -> None:
     lay = LAYOUTS["cross"]
     q, k = make_qk(lay)
-    for bad in ([], [[]], [[0, 9]], [[-1]], "ab", [[0.5]], [[True]]):
+    for bad in ([], [[]], [[0, 9]], [[-1]], "ab", [[0.5]], [[True]], [[1, True]], [[[1]]]):
         with pytest.raises(ValueError, match=r"^text_groups must be a sequence of non-empty sequences"):
             ops.attention_sums(q, k, lay, ("cross",), text_groups=bad)  # type: ignore[arg-type]
     lay = LAYOUTS["self-prefix"]

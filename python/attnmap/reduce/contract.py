@@ -307,21 +307,24 @@ def _check_text_groups(groups: object, layout: Layout) -> Optional[tuple[tuple[i
         return None
     if layout.text_k is None:
         raise AttnmapError(f"text_groups: layout {layout} has no text keys to group")
-    bad = AttnmapError(
-        f"text_groups must be a sequence of non-empty sequences of text positions in [0, {layout.text}), "
-        f"got {groups!r}"
-    )
+    def bad() -> AttnmapError:  # its text only where it is raised: capture passes groups every call
+        return AttnmapError(
+            f"text_groups must be a sequence of non-empty sequences of text positions in [0, {layout.text}), "
+            f"got {groups!r}"
+        )
+
     if isinstance(groups, (str, bytes, torch.Tensor)) or not isinstance(groups, Sequence) or not groups:
-        raise bad
+        raise bad()
     out = []
     for g in groups:
         if isinstance(g, (str, bytes)) or not isinstance(g, Sequence) or not g:
-            raise bad
-        if not all(
-            isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i < layout.text for i in g
-        ):
-            raise bad
-        out.append(tuple(sorted({int(i) for i in g})))  # a key counts once in its group
+            raise bad()
+        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in g):
+            raise bad()
+        keys = set(g)  # a key counts once in its group
+        if min(keys) < 0 or max(keys) >= layout.text:
+            raise bad()
+        out.append(tuple(sorted(int(i) for i in keys)))
     return tuple(out)
 
 
