@@ -307,6 +307,7 @@ def _check_text_groups(groups: object, layout: Layout) -> Optional[tuple[tuple[i
         return None
     if layout.text_k is None:
         raise AttnmapError(f"text_groups: layout {layout} has no text keys to group")
+
     def bad() -> AttnmapError:  # its text only where it is raised: capture passes groups every call
         return AttnmapError(
             f"text_groups must be a sequence of non-empty sequences of text positions in [0, {layout.text}), "
