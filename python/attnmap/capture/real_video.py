@@ -325,7 +325,7 @@ def fit(
     sizes = []
     for name, given, have, multiple in (("height", height, h0, ss * ph), ("width", width, w0, ss * pw)):
         if given is None:
-            size = max(multiple, round(have / multiple) * multiple)
+            size = max(multiple, int(have / multiple + 0.5) * multiple)  # the nearest, halves up
         else:
             size = _int(name, given, 1)
             if size % multiple:
