@@ -343,16 +343,28 @@ def _decoded(path: Path) -> np.ndarray:
 
 
 def test_a_video_file_equals_its_decoded_frames(tmp_path: Path) -> None:
+    """A file is decoded chunk by chunk for the frames used (here across a chunk's end): the same maps as
+    its frames decoded with PyAV in hand."""
     pipe = wan_pipeline()
-    path = attnmap.render.write_video(video(9), tmp_path / "clip.mp4", fps=12)
-    from_file = attnmap.capture_video(pipe, path, PROMPT, timesteps=(500,), reductions=("cross", "temporal"))
+    path = attnmap.render.write_video(video(20), tmp_path / "clip.mp4", fps=12)
+    args: dict[str, Any] = {
+        "timesteps": (500,),
+        "start": 1,
+        "frame_step": 2,
+        "reductions": ("cross", "temporal"),
+    }
+    with pytest.warns(UserWarning, match=r"used frames 1\.\.17 of 20"):
+        from_file = attnmap.capture_video(pipe, path, PROMPT, **args)
     frames = _decoded(path)  # PyAV directly
-    from_frames = attnmap.capture_video(pipe, frames, PROMPT, timesteps=(500,), fps=12)
+    with pytest.warns(UserWarning, match=r"used frames 1\.\.17 of 20"):
+        from_frames = attnmap.capture_video(pipe, frames, PROMPT, fps=12, **args)
     for name in ("token/red", "temporal"):
         assert torch.equal(from_file.get(name), from_frames.get(name)), name
-    assert from_file.metadata["video"]["fps"] == 12.0 and from_frames.metadata["video"]["fps"] == 12.0
+    assert (
+        from_file.metadata["video"]["fps"] == 6.0 == from_frames.metadata["video"]["fps"]
+    )  # every 2nd frame
     assert from_file.metadata["source"]["path"] == str(Path(path).resolve())
-    assert from_frames.metadata["source"]["path"] is None
+    assert from_file.metadata["source"]["frames"] == 20 and from_frames.metadata["source"]["path"] is None
 
 
 def test_guidance_records_the_negative_prompt_branch_too() -> None:

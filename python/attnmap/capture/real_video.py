@@ -182,15 +182,49 @@ def family_of(pipe: Any) -> LatentFamily:
 # -- reading and fitting the video --------------------------------------------------------------------
 @dataclass(frozen=True)
 class Source:
-    """The real video as read: its frames ``[T, H, W, 3]`` uint8, frame rate and file (None for frames)."""
+    """The real video: frames in hand ``[T, H, W, 3]`` uint8, or a file (probed, decoded only for the
+    frames used); its frame count, size and rate."""
 
-    frames: np.ndarray
+    frames: Optional[np.ndarray]
+    count: int
+    height: int
+    width: int
     fps: Optional[float]
     path: Optional[Path]
 
+    def pick(self, indices: Sequence[int]) -> np.ndarray:
+        """The frames at ``indices`` (increasing), ``[n, H, W, 3]`` uint8: a file is decoded chunk by chunk
+        up to the last one, keeping only those.
+
+        Raises:
+            AttnmapError: the file decodes fewer frames than its container counts.
+        """
+        if self.frames is not None:
+            return self.frames[list(indices)]
+        from attnmap.render.codec import iter_video
+
+        assert self.path is not None
+        wanted, offset = list(indices), 0
+        kept: list[np.ndarray] = []
+        chunks = iter_video(self.path, 16)
+        try:
+            for chunk in chunks:
+                kept += [chunk[i - offset].copy() for i in wanted[len(kept) :] if i < offset + len(chunk)]
+                offset += len(chunk)
+                if len(kept) == len(wanted):
+                    break
+        finally:
+            chunks.close()
+        if len(kept) < len(wanted):
+            raise AttnmapError(
+                f"video: {str(self.path)!r} decodes {offset} frames, fewer than the {self.count} its container "
+                f"counts (frame {wanted[len(kept)]} is missing)"
+            )
+        return np.stack(kept)
+
 
 def read_source(video: VideoInput, fps: Optional[float] = None) -> Source:
-    """Read a video file (PyAV) or check frames in hand.
+    """Probe a video file (PyAV; nothing decoded yet) or check frames in hand.
 
     Args:
         video: a path, or frames ``[T, H, W, 3]`` uint8 (numpy or torch).
@@ -207,25 +241,26 @@ def read_source(video: VideoInput, fps: Optional[float] = None) -> Source:
         or not 0 < fps <= 1000
     ):
         raise AttnmapError(f"fps must be a frame rate in (0, 1000], got {fps!r}")
-    path: Optional[Path] = None
     if isinstance(video, (str, os.PathLike)):
-        from attnmap.render.codec import read_video
+        from attnmap.render.codec import probe_video
 
         path = Path(video)
         if not path.is_file():
             raise FileNotFoundError(f"video {str(video)!r} does not exist")
-        frames, rate = read_video(path)
+        count, (height, width), rate = probe_video(path)
+        if count == 0:
+            raise AttnmapError(f"video: {str(video)!r} has no frames")
         fps = fps if fps is not None else (float(rate) if rate > 0 else None)
-        path = path.resolve()
-    elif isinstance(video, (np.ndarray, torch.Tensor)):
-        frames = video.detach().cpu().numpy() if isinstance(video, torch.Tensor) else video
-    else:
+        return Source(None, count, height, width, None if fps is None else float(fps), path.resolve())
+    if not isinstance(video, (np.ndarray, torch.Tensor)):
         raise AttnmapError(f"video must be a path or frames [T, H, W, 3] uint8, got {type(video).__name__}")
+    frames = video.detach().cpu().numpy() if isinstance(video, torch.Tensor) else video
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
         raise AttnmapError(
             f"video: expected frames [T, H, W, 3] uint8, got {frames.dtype} {tuple(frames.shape)}"
         )
-    return Source(frames, None if fps is None else float(fps), path)
+    count, height, width = (int(n) for n in frames.shape[:3])
+    return Source(frames, count, height, width, None if fps is None else float(fps), None)
 
 
 @dataclass(frozen=True)
@@ -341,10 +376,10 @@ def fit(
     return Fit(indices, sizes[0], sizes[1], (st, ss), family.causal), changes
 
 
-def pixels(source: Source, chosen: Fit) -> torch.Tensor:
-    """The frames the VAE encodes: ``[1, 3, F, H, W]`` float32 in [-1, 1], resized as :func:`fit` chose
-    (bilinear, antialiased, ``align_corners=False``)."""
-    frames = torch.from_numpy(np.ascontiguousarray(source.frames[list(chosen.indices)]))
+def pixels(used: np.ndarray, chosen: Fit) -> torch.Tensor:
+    """The frames the VAE encodes: ``[1, 3, F, H, W]`` float32 in [-1, 1], the ``used`` frames
+    ``[F, H, W, 3]`` uint8 resized as :func:`fit` chose (bilinear, antialiased, ``align_corners=False``)."""
+    frames = torch.from_numpy(np.ascontiguousarray(used))
     x = frames.permute(0, 3, 1, 2).to(torch.float32)  # [F, 3, H, W]
     if x.shape[-2:] != (chosen.height, chosen.width):
         x = F.interpolate(
@@ -619,7 +654,7 @@ def capture_video(
     steps = check_scheduler(pipe.scheduler, timesteps)
     source = read_source(video, fps)
     chosen, changes = fit(
-        pipe, family, source.frames.shape[:3], height=height, width=width, num_frames=num_frames, start=start,
+        pipe, family, (source.count, source.height, source.width), height=height, width=width, num_frames=num_frames, start=start,
         frame_step=frame_step,
     )  # fmt: skip
     if changes:
@@ -633,16 +668,17 @@ def capture_video(
         given=dict(pipeline_kwargs or {}),
     )  # fmt: skip
 
-    x0 = encode(pipe, family, pixels(source, chosen))
+    used = source.pick(chosen.indices)
+    x0 = encode(pipe, family, pixels(used, chosen))
     generator = torch.Generator(device="cpu").manual_seed(seed)
     noises = [torch.randn(x0.shape, generator=generator).to(x0.device) for _ in range(draws)]
     scheduler = pipe.scheduler
     n_train = int(scheduler.config.num_train_timesteps)
-    whole = source.path is not None and len(chosen.indices) == source.frames.shape[0]
+    whole = source.path is not None and len(chosen.indices) == source.count
     copy = store is not None and not whole
     video_meta: dict[str, Any] = {
-        "height": int(source.frames.shape[1]),
-        "width": int(source.frames.shape[2]),
+        "height": source.height,
+        "width": source.width,
         "frames": len(chosen.indices),
         "fps": rate,
         "path": str(source.path) if whole else None,
@@ -655,7 +691,7 @@ def capture_video(
         "video": video_meta,
         "source": {
             "path": None if source.path is None else str(source.path),
-            "frames": int(source.frames.shape[0]),
+            "frames": source.count,
             "fps": source.fps,
             "indices": list(chosen.indices),
             "size": [chosen.height, chosen.width],
@@ -691,7 +727,7 @@ def capture_video(
 
         target = Path(store) / str(video_meta["path"])
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_video(source.frames[list(chosen.indices)], target, fps=rate or DEFAULT_FPS)
+        write_video(used, target, fps=rate or DEFAULT_FPS)
     return rec
 
 
