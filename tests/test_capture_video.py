@@ -335,6 +335,26 @@ def test_a_pipeline_of_an_unknown_family_is_refused_naming_why() -> None:
         attnmap.capture_video(pipe, "no/such/video.mp4", PROMPT)
 
 
+def test_a_pipeline_that_needs_more_or_runs_no_step_is_refused_naming_why() -> None:
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    pipe = wan_pipeline()
+    i2v = WanImageToVideoPipeline(**{k: v for k, v in pipe.components.items() if k != "transformer_2"})
+    with pytest.raises(
+        AttnmapError, match=r"WanImageToVideoPipeline\.__call__ needs \['image'\], which capture"
+    ):
+        attnmap.capture_video(i2v, video(), PROMPT)
+
+    class OwnSteps(WanPipeline):  # schedules its own steps (as from a strength) and runs none at this one
+        def __call__(self, prompt: Any = None, latents: Any = None, **kwargs: Any) -> Any:
+            return (latents,)
+
+    with pytest.raises(
+        AttnmapError, match=r"OwnSteps ran no transformer forward on the latents it was given"
+    ):
+        attnmap.capture_video(OwnSteps(**pipe.components), video(), PROMPT)
+
+
 def _decoded(path: Path) -> np.ndarray:
     import av
 

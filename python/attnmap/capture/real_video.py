@@ -583,7 +583,36 @@ def _call_kwargs(
     bad = sorted(set(given) & {"latents", "prompt", "num_inference_steps", "output_type", "return_dict"})
     if bad:
         raise AttnmapError(f"pipeline_kwargs must not set {bad}: capture_video sets them")
+    required = [
+        name
+        for name, p in params.items()
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and name not in ("prompt", *kwargs, *given)
+    ]
+    if required:
+        raise AttnmapError(
+            f"pipe: {type(pipe).__name__}.__call__ needs {required}, which capture_video does not give; pass "
+            "them in pipeline_kwargs, or use the family's text-to-video pipeline"
+        )
     return {**kwargs, **given}
+
+
+@contextlib.contextmanager
+def transformer_runs(pipe: Any) -> Iterator[list[int]]:
+    """Counts the forwards of the pipeline's denoisers inside (``[count]``)."""
+    count = [0]
+    _, nets = split_pipeline(pipe)
+
+    def seen(module: torch.nn.Module, args: Any) -> None:
+        count[0] += 1
+
+    handles = [net.register_forward_pre_hook(seen) for _, net in nets]
+    try:
+        yield count
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def capture_video(
@@ -718,8 +747,15 @@ def capture_video(
             model_t = n_train - t if family.reversed_time else t
             for noise in noises:
                 latents = family.arrange(pipe, add_noise(scheduler, x0, noise, t))
-                with one_timestep(pipe, OneTimestep(scheduler, model_t, noise_level(scheduler, t), dtype)):
+                one = OneTimestep(scheduler, model_t, noise_level(scheduler, t), dtype)
+                with one_timestep(pipe, one), transformer_runs(pipe) as runs:
                     pipe(prompt=prompt, latents=latents, **kwargs)
+                if not runs[0]:
+                    raise AttnmapError(
+                        f"pipe: {type(pipe).__name__} ran no transformer forward on the latents it was given at "
+                        f"timestep {t} (a pipeline that schedules its own steps from a strength or an input video "
+                        "does not run one timestep); use the family's text-to-video pipeline"
+                    )
             rec.step()
     if copy and store is not None:
         from attnmap.render.codec import write_video
