@@ -443,6 +443,20 @@ def test_the_store_ties_the_maps_to_the_real_video(tmp_path: Path) -> None:
     with av.open(str(overlay)) as container:
         stream = container.streams.video[0]
         assert (stream.frames, float(stream.average_rate)) == (9, 12.0)  # the real video's frames and rate
+    import json
+    import re
+
+    from attnmap.render.report import write_report
+
+    page = write_report(root, tmp_path / "report.html", video_ids=["long"]).read_text()
+    found = re.search(r'<script type="application/json" id="[^"]+-data">(.*?)</script>', page, re.S)
+    assert found is not None
+    shown = json.loads(found.group(1).replace("<\\/", "</"))["videos"][0]
+    assert (len(shown["background"]), shown["fps"], shown["time"]) == (
+        9,
+        12.0,
+        {"stride": 4},
+    )  # the real frames
     track = summarize(store, "long")["tokens"]["red"]["track"]
     assert [p["latent_frame"] for p in track["points"]] == [0, 1, 1, 1, 1, 2, 2, 2, 2]
     assert track["size"] == [32, 32]
