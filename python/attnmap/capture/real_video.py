@@ -13,7 +13,8 @@ a video-to-video pipeline takes its input, and its transformer runs once per cho
    normalisation (:data:`FAMILIES`) turns the VAE's latents into the latents its transformer denoises;
 3. **noise**: for each timestep and noise draw (a seeded ``torch.Generator``), the pipeline's scheduler's
    forward process: flow matching ``(1 - sigma) x0 + sigma noise`` at ``sigma = t / num_train_timesteps``
-   (``FlowMatchEulerDiscreteScheduler.scale_noise``), DDPM/DDIM ``scheduler.add_noise``;
+   (what ``FlowMatchEulerDiscreteScheduler.scale_noise`` computes at that sigma; the pipelines give
+   their transformer ``t = sigma * num_train_timesteps``), DDPM/DDIM ``scheduler.add_noise``;
 4. **run**: the pipeline itself is called for one denoising step on those latents (``output_type=
    "latent"``, so its VAE decodes nothing), with its scheduler replaced for the call by a one-timestep
    schedule whose step leaves the latents as they are: the pipeline encodes the marked caption with
