@@ -105,8 +105,7 @@ print(json.dumps(out))
 
 
 def _run(mode: str, size: dict[str, Any], cwd: Path) -> dict[str, Any]:
-    """One fresh process (run from ``cwd``: the repository root holds a ``kernels`` folder that would
-    shadow the Hugging Face package of that name)."""
+    """One fresh process, run from ``cwd`` (a scratch folder, not the clone's root)."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]),

@@ -10,6 +10,9 @@ refused, a file equals its decoded frames, and a store ties the maps to the real
 from __future__ import annotations
 
 import copy
+import inspect
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +35,11 @@ from tiny_models import (
     wan_pipeline,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::FutureWarning",
+    "ignore::DeprecationWarning",
+    "ignore:In CPU autocast:UserWarning",  # Mochi's rotary embedding asks CPU autocast for float32
+)
 
 PROMPT = "a (red) ball"
 TIMESTEPS = (300, 900)  # Wan 2.2: 900 >= its boundary (875) runs transformer, 300 runs transformer_2
@@ -56,6 +63,13 @@ class Family:
     cross: Callable[[torch.Tensor], torch.Tensor] = lambda p: p  # [B, Nq, Nk] -> [B, Nv, Nt]
     setup: Callable[[Any], None] = lambda pipe: None
     experts: list[str] = field(default_factory=lambda: ["transformer"])
+    frames: int = 9  # the video's frames: as many as its VAE encodes whole
+    ddim: bool = False  # a DDPM/DDIM scheduler (else flow matching)
+    # compare the frame-to-frame maps of video self-attention ``modules``, not a word's
+    temporal: bool = False
+    quiet: str = ""  # a warning of capture's own this family gives, left aside here
+    token: int = 1  # the position of "red" in the text the transformer sees
+    latent: Callable[[torch.Tensor], torch.Tensor] = lambda h: h  # the latents in the transformer's input
 
 
 def _wan_stats(pipe: Any) -> None:
@@ -112,8 +126,155 @@ FAMILIES = {
         lambda vae, z: z * 1.15258426,
         arrange=lambda x: x.permute(0, 2, 1, 3, 4),  # [B, F, C, H, W]
         cross=lambda p: p[:, 16:, :16],  # joint, the 16 text tokens first
+        ddim=True,
     ),
 }
+
+
+def _pipeline(name: str) -> Callable[[], Any]:
+    """A builder of tests/tiny_pipelines.py's pipeline of a family."""
+
+    def build() -> Any:
+        from tiny_pipelines import PIPELINES
+
+        return PIPELINES[name]()
+
+    return build
+
+
+def _run_kwargs(name: str) -> dict[str, Any]:
+    """The family's own call arguments of tests/tiny_pipelines.py, less the size and steps capture_video sets."""
+    from tiny_pipelines import RUNS
+
+    sizes = {"num_inference_steps", "num_frames", "height", "width"}
+    return {k: v for k, v in RUNS[name].items() if k not in sizes}
+
+
+def _ltx2() -> Any:
+    """tests/tiny_pipelines.py's LTX-2 with a VAE that compresses time as it says it does (4x): its own
+    downsamples space only while reporting 4x in time, which capture_video refuses (tested below)."""
+    from diffusers import AutoencoderKLLTX2Video, LTX2Pipeline
+
+    pipe = _pipeline("ltx2")()
+    torch.manual_seed(0)
+    vae = AutoencoderKLLTX2Video(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8), layers_per_block=(1, 1), decoder_layers_per_block=(1, 1, 1),
+        spatio_temporal_scaling=(True, True), decoder_spatio_temporal_scaling=(True, True),
+        decoder_inject_noise=(False, False, False), downsample_type=("spatiotemporal", "spatiotemporal"),
+        upsample_residual=(False, False), upsample_factor=(1, 1), timestep_conditioning=False, patch_size=1,
+        patch_size_t=1, encoder_causal=True, decoder_causal=False,
+    ).eval()  # fmt: skip
+    vae.use_framewise_encoding = vae.use_framewise_decoding = False
+    return LTX2Pipeline(**{**pipe.components, "vae": vae})
+
+
+LTX2_MEAN, LTX2_STD, LTX2_SCALE = (
+    torch.tensor([0.2, -0.1, 0.05, 0.3]),
+    torch.tensor([0.6, 1.4, 0.9, 2.0]),
+    0.8,
+)
+
+
+def _ltx2_stats(pipe: Any) -> None:
+    pipe.vae.latents_mean.copy_(LTX2_MEAN)
+    pipe.vae.latents_std.copy_(LTX2_STD)
+    pipe.vae.register_to_config(scaling_factor=LTX2_SCALE)
+
+
+def _mochi_stats(pipe: Any) -> None:
+    pipe.vae.register_to_config(scaling_factor=0.8)  # its config's latents_mean and latents_std stay
+
+
+def _mochi(vae: Any, z: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+    return (z - mean) * 0.8 / std
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 4, 1).flatten(1, 3)  # LTX's packed tokens [B, F*H*W, C] (patch 1)
+
+
+def _config_mean_std(vae: Any, z: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+    return (z - mean) / torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+
+
+FAMILIES.update(
+    {
+        "easyanimate": Family(
+            _pipeline("easyanimate"),
+            _run_kwargs("easyanimate"),
+            ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"],
+            (3, 2, 2),
+            lambda vae, z: z * 0.7125,
+            cross=lambda p: p[
+                :, p.shape[-1] - 12 :, : p.shape[-1] - 12
+            ],  # joint: its padded text, then 12 video
+            token=5,  # after its chat template's tokens
+        ),
+        "motif-video": Family(
+            _pipeline("motif-video"),
+            _run_kwargs("motif-video"),
+            ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"],
+            (3, 4, 4),
+            _config_mean_std,
+            cross=lambda p: p[:, :48, 48:],  # joint, the 48 video tokens first
+            latent=lambda h: h[:, :16],  # then its condition's 16 channels and a mask
+        ),
+        "mochi": Family(
+            _pipeline("mochi"),
+            _run_kwargs("mochi"),
+            ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"],
+            (3, 2, 2),
+            _mochi,
+            cross=lambda p: p[:, :12, 12:],
+            setup=_mochi_stats,
+            frames=13,
+        ),  # joint, video first, one call per row over its real text; 13 frames: 1 + 2 x 6
+        "skyreels-v2": Family(
+            _pipeline("skyreels-v2"),
+            _run_kwargs("skyreels-v2"),
+            ["blocks.0.attn2", "blocks.1.attn2"],
+            (3, 2, 2),
+            _wan,
+            setup=_wan_stats,
+        ),
+        "allegro": Family(
+            _pipeline("allegro"),
+            _run_kwargs("allegro"),
+            ["transformer_blocks.0.attn2", "transformer_blocks.1.attn2"],
+            (3, 2, 2),
+            lambda vae, z: z * 0.13,
+            frames=12,
+            ddim=True,
+        ),  # a VAE without the first-frame rule: 12 frames, 4 per latent frame
+        "cogvideox1.5": Family(
+            _pipeline("cogvideox1.5"),
+            _run_kwargs("cogvideox1.5"),
+            ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"],
+            (2, 2, 2),
+            lambda vae, z: z * 1.15258426,
+            arrange=lambda x: x.permute(0, 2, 1, 3, 4),
+            cross=lambda p: p[:, 16:, :16],
+            frames=13,
+            ddim=True,
+        ),  # its temporal patch of 2 takes an even count of latent frames: 13 frames, 4 latent frames
+        "ltx2": Family(
+            _ltx2,
+            _run_kwargs("ltx2"),
+            ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"],
+            (3, 8, 8),
+            lambda vae, z: (z - LTX2_MEAN.view(1, 4, 1, 1, 1)) * LTX2_SCALE / LTX2_STD.view(1, 4, 1, 1, 1),
+            arrange=_tokens,
+            setup=_ltx2_stats,
+            temporal=True,
+            # its text reaches the transformer through its connectors, which capture does not tie to the prompt
+            quiet="batch row 0 of the denoiser's text is none of the prompts the pipeline encoded",
+        ),
+    }
+)
 
 
 @dataclass
@@ -137,23 +298,27 @@ def run(request: pytest.FixtureRequest) -> tuple[str, Run]:
         net = getattr(pipe, expert)
 
         def seen(module: Any, args: Any, kwargs: dict[str, Any], expert: str = expert) -> None:
-            received.append((expert, kwargs["hidden_states"].clone(), kwargs["timestep"].clone()))
+            given = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+            received.append((expert, given["hidden_states"].clone(), given["timestep"].clone()))
 
         handles.append(net.register_forward_pre_hook(seen, with_kwargs=True))
         logs.append(AttentionLog(net, fam.modules))
-    frames = video()
+    frames = video(fam.frames)
     try:
         for log in logs:
             log.__enter__()
-        rec = attnmap.capture_video(
-            pipe,
-            frames,
-            PROMPT,
-            timesteps=TIMESTEPS,
-            noise_draws=DRAWS,
-            seed=SEED,
-            pipeline_kwargs=fam.kwargs,
-        )
+        with warnings.catch_warnings():
+            if fam.quiet:
+                warnings.filterwarnings("ignore", message=f"attnmap.capture: {re.escape(fam.quiet)}")
+            rec = attnmap.capture_video(
+                pipe,
+                frames,
+                PROMPT,
+                timesteps=TIMESTEPS,
+                noise_draws=DRAWS,
+                seed=SEED,
+                pipeline_kwargs=fam.kwargs,
+            )
     finally:
         for log in reversed(logs):
             log.__exit__(None, None, None)
@@ -167,16 +332,16 @@ def run(request: pytest.FixtureRequest) -> tuple[str, Run]:
 def by_hand(name: str, pipe: Any, frames: np.ndarray) -> list[tuple[float, torch.Tensor]]:
     """(timestep, the latents the transformer should get) for each timestep and draw, built by hand."""
     fam = FAMILIES[name]
-    x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].double() / 127.5 - 1.0  # [1, 3, F, H, W]
+    x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # [1, 3, F, H, W]
     with torch.no_grad():
-        z = pipe.vae.encode(x.float()).latent_dist.mode()
+        z = pipe.vae.encode(x).latent_dist.mode()
     x0 = fam.normalise(pipe.vae, z)
     generator = torch.Generator().manual_seed(SEED)
     noises = [torch.randn(x0.shape, generator=generator) for _ in range(DRAWS)]
     out = []
     for t in TIMESTEPS:
         for noise in noises:
-            if name == "cogvideox":  # DDIM: sqrt(alphabar) x0 + sqrt(1 - alphabar) noise
+            if fam.ddim:  # DDIM: sqrt(alphabar) x0 + sqrt(1 - alphabar) noise
                 abar = pipe.scheduler.alphas_cumprod[t]
                 xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
             else:  # flow matching: sigma = t / 1000
@@ -193,10 +358,11 @@ def close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float) -> None
 
 def test_the_transformer_gets_the_vae_latents_normalised_and_noised(run: tuple[str, Run]) -> None:
     name, r = run
+    fam = FAMILIES[name]
     want = by_hand(name, r.pipe, r.frames)
     assert len(r.received) == len(want) == len(TIMESTEPS) * DRAWS  # once per timestep and draw, nothing else
     for i, ((expert, got, timestep), (t, latents)) in enumerate(zip(r.received, want)):
-        close(f"{name} latents {i}", got, latents, 1e-5)
+        close(f"{name} latents {i}", fam.latent(got), latents, 1e-5)
         assert torch.all(timestep == t), f"{name}: timestep {timestep} != {t}"
         if name == "wan2.2":  # the pipeline's own expert for that timestep
             assert expert == ("transformer" if t >= 875 else "transformer_2")
@@ -208,7 +374,7 @@ def test_the_transformer_gets_the_vae_latents_normalised_and_noised(run: tuple[s
 def test_the_maps_equal_a_float64_softmax_of_the_q_and_k_it_saw(run: tuple[str, Run]) -> None:
     name, r = run
     fam = FAMILIES[name]
-    assert r.rec.prompt == "a red ball" and r.rec.targets == {"red": [1]}
+    assert r.rec.prompt == "a red ball" and (fam.temporal or r.rec.targets == {"red": [fam.token]})
     per_step = len(fam.modules) * DRAWS
     assert sum(len(c) for c in r.calls.values()) == per_step * len(TIMESTEPS)
     taken = dict.fromkeys(r.calls, 0)
@@ -216,9 +382,14 @@ def test_the_maps_equal_a_float64_softmax_of_the_q_and_k_it_saw(run: tuple[str, 
         expert = r.received[step * DRAWS][0]  # the transformer that ran this timestep
         calls = r.calls[expert][taken[expert] : taken[expert] + per_step]
         taken[expert] += per_step
-        cross = torch.stack([fam.cross(softmax64(q, k, m, s).mean(1)) for _, q, k, m, s in calls]).mean(0)
-        want = cross[..., 1].reshape(1, *fam.grid)  # red, the mean over blocks and draws
-        close(f"{name} red step {step}", r.rec.get("token/red", step=step), want, 2e-6)
+        probs = torch.stack([fam.cross(softmax64(q, k, m, s).mean(1)) for _, q, k, m, s in calls]).mean(0)
+        if fam.temporal:  # frame i's queries' mass on frame j's keys, the mean over those queries
+            f, h, w = fam.grid
+            want = probs.reshape(1, f, h * w, f, h * w).sum(-1).mean(-2)
+            close(f"{name} temporal step {step}", r.rec.get("temporal", step=step), want, 2e-6)
+        else:
+            want = probs[..., fam.token].reshape(1, *fam.grid)  # red, the mean over blocks and draws
+            close(f"{name} red step {step}", r.rec.get("token/red", step=step), want, 2e-6)
 
 
 def _without_group_norms(vae: Any) -> Any:
@@ -233,29 +404,61 @@ def _without_group_norms(vae: Any) -> Any:
     return vae
 
 
-@pytest.mark.parametrize("name", ["wan", "ltx", "hunyuanvideo", "cogvideox"])
+@pytest.mark.parametrize("name", ["wan", "ltx", "hunyuanvideo", "cogvideox", "mochi", "ltx2"])
 def test_each_frame_is_tied_to_the_latent_frame_its_vae_encodes_it_in(name: str) -> None:
+    """Every second frame from frame 1 of 20: as many as the VAE encodes whole, each tied to the latent
+    frame that changes first when that frame changes (its causal VAE: frame 0 alone, then stride each)."""
     fam = FAMILIES[name]
     pipe = fam.build()
     frames = video(20)
-    with pytest.warns(UserWarning, match=r"used frames 1\.\.17 of 20 \(1 \+ k x 4 frames\)"):
-        rec = attnmap.capture_video(pipe, frames, PROMPT, start=1, frame_step=2, pipeline_kwargs=fam.kwargs)
-    source = rec.metadata["source"]
-    assert source["indices"] == list(range(1, 18, 2)) and source["latent_frames"] == 3
+    with warnings.catch_warnings():
+        if fam.quiet:
+            warnings.filterwarnings("ignore", message=f"attnmap.capture: {re.escape(fam.quiet)}")
+        with pytest.warns(UserWarning, match=r"used frames 1\.\.\d+ of 20 \(1 \+ k x \d frames\)"):
+            rec = attnmap.capture_video(
+                pipe, frames, PROMPT, start=1, frame_step=2, pipeline_kwargs=fam.kwargs
+            )
+    source, stride = rec.metadata["source"], rec.metadata["vae_stride"][0]
+    n = len(source["indices"])  # the most of the 10 frames a VAE of that stride encodes whole
+    assert (n - 1) % stride == 0 and n + stride > 10 and source["indices"] == list(range(1, 2 * n, 2))
     # which latent frame first changes when one frame changes: the one the VAE put it in
-    used = torch.from_numpy(frames[1:18:2]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
-    batch = used.repeat(10, 1, 1, 1, 1)
-    for i in range(9):
+    used = torch.from_numpy(frames[1 : 2 * n : 2]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+    batch = used.repeat(n + 1, 1, 1, 1, 1)
+    for i in range(n):
         batch[i + 1, :, i] += 0.5
     with torch.no_grad():
         z = _without_group_norms(pipe.vae).encode(batch).latent_dist.mode()
     changed = (z[1:] - z[:1]).abs().amax(dim=(1, 3, 4)) > 0  # [frame, latent frame]
     first = changed.int().argmax(dim=1).tolist()
-    assert first == [0, 1, 1, 1, 1, 2, 2, 2, 2]  # frame 0 alone, then 4 frames each: a causal VAE
-    assert source["latent_index"] == first
-    # the metadata's video is those 9 frames: the summary's and the render's rule gives the same
-    assert attnmap.analysis.frame_latents(rec.metadata, 3).tolist() == first
-    assert rec.metadata["video"]["frames"] == 9 and rec.metadata["vae_stride"][0] == 4
+    assert first == [0] + [1 + (i - 1) // stride for i in range(1, n)]  # frame 0 alone, then stride each
+    assert source["latent_index"] == first and source["latent_frames"] == first[-1] + 1
+    # the metadata's video is those frames: the summary's and the render's rule gives the same
+    assert attnmap.analysis.frame_latents(rec.metadata, first[-1] + 1).tolist() == first
+    assert rec.metadata["video"]["frames"] == n
+
+
+def test_a_scheduler_counting_from_pure_noise_gets_the_timestep_the_other_way() -> None:
+    """Mochi's released scheduler inverts its sigmas (pure noise at timestep 0): the noise is the same, the
+    transformer's timestep is N - t."""
+    fam = FAMILIES["mochi"]
+    pipe = fam.build()
+    pipe.scheduler.register_to_config(invert_sigmas=True)
+    got: list[torch.Tensor] = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: got.append(k["timestep"].clone()), with_kwargs=True
+    )
+    rec = attnmap.capture_video(pipe, video(13), PROMPT, timesteps=(300,), pipeline_kwargs=fam.kwargs)
+    handle.remove()
+    assert [float(t) for t in got] == [700.0] and rec.metadata["noise"]["levels"] == [0.3]
+
+
+def test_a_vae_that_does_not_compress_as_its_pipeline_says_is_refused() -> None:
+    """tests/tiny_pipelines.py's LTX-2 VAE downsamples space only, while it (and so the pipeline) says 4x in
+    time: its latent frames cannot be tied to frames."""
+    with pytest.raises(
+        AttnmapError, match=r"its VAE encoded 9 frames of 32x32 into latents \(9, 8, 8\), not the"
+    ):
+        attnmap.capture_video(_pipeline("ltx2")(), video(9), PROMPT, pipeline_kwargs=_run_kwargs("ltx2"))
 
 
 def test_a_size_the_vae_cannot_take_is_resized_with_a_message() -> None:

@@ -42,6 +42,7 @@ import inspect
 import math
 import operator
 import os
+import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -122,7 +123,7 @@ class LatentFamily:
         normalise: ``(vae, z [B, C, F, H, W]) -> x0``: the VAE latents as the transformer denoises them.
         arrange: ``(pipe, x [B, C, F, H, W]) -> latents=`` in the pipeline's own layout.
         causal: the VAE encodes ``1 + k * stride`` frames, frame 0 alone in latent frame 0; else ``k * stride``.
-        reversed_time: the transformer's timestep counts the other way (``N - t``: Mochi).
+        call: the pipeline call's arguments that keep it to one transformer forward per CFG branch.
     """
 
     name: str
@@ -130,21 +131,40 @@ class LatentFamily:
     normalise: Callable[[Any, torch.Tensor], torch.Tensor]
     arrange: Callable[[Any, torch.Tensor], torch.Tensor] = _as_is
     causal: bool = True
-    reversed_time: bool = False
+    call: tuple[tuple[str, Any], ...] = ()
 
 
-#: The families capture_video knows, read from each pipeline's code in diffusers 0.42. Tested with tiny
-#: random pipelines: Wan 2.1 / 2.2, CogVideoX, HunyuanVideo, LTX.
+#: The families capture_video knows, read from each pipeline's code in diffusers 0.42, each tested with a
+#: tiny random pipeline (tests/test_capture_video.py): Wan 2.1 / 2.2, SkyReels-V2, CogVideoX 1.0 / 1.5,
+#: HunyuanVideo, LTX, LTX-2, Mochi, Allegro, EasyAnimate, Motif-Video. Another pipeline is refused as one
+#: whose latents capture_video does not know (Latte's VAE encodes images one by one, Cosmos' scheduler
+#: is EDM's; Kandinsky 5, Sana-Video, HunyuanVideo 1.5 and Cosmos 2.5 are not read yet).
 FAMILIES: tuple[LatentFamily, ...] = (
     LatentFamily("wan", ("WanTransformer3DModel", "SkyReelsV2Transformer3DModel"), _mean_std),
     LatentFamily("cogvideox", ("CogVideoXTransformer3DModel",), _scaled, _frames_first),
     LatentFamily("hunyuanvideo", ("HunyuanVideoTransformer3DModel",), _scaled),
     LatentFamily("ltx", ("LTXVideoTransformer3DModel",), _ltx, _packed),
-    LatentFamily("ltx2", ("LTX2VideoTransformer3DModel",), _ltx, _packed),
-    # MochiPipeline: timestep = 1000 - t (its scheduler's sigmas are inverted, invert_sigmas=True)
-    LatentFamily("mochi", ("MochiTransformer3DModel",), _mochi, reversed_time=True),
+    # LTX2Pipeline's spatio-temporal guidance (stg_scale) and modality guidance (modality_scale) run more
+    # forwards per step, with blocks skipped or the other modality cut: off
+    LatentFamily(
+        "ltx2",
+        ("LTX2VideoTransformer3DModel",),
+        _ltx,
+        _packed,
+        call=(
+            ("stg_scale", 0.0),
+            ("audio_stg_scale", 0.0),
+            ("modality_scale", 1.0),
+            ("audio_modality_scale", 1.0),
+        ),
+    ),
+    LatentFamily("mochi", ("MochiTransformer3DModel",), _mochi),
     # AllegroPipeline.prepare_latents: ceil(num_frames / 4) latent frames for an even frame count
     LatentFamily("allegro", ("AllegroTransformer3DModel",), _scaled, causal=False),
+    # EasyAnimatePipeline decodes 1 / scaling_factor * latents
+    LatentFamily("easyanimate", ("EasyAnimateTransformer3DModel",), _scaled),
+    # MotifVideoPipeline._normalize_latents: (latents - latents_mean) / latents_std, the config's lists
+    LatentFamily("motif-video", ("MotifVideoTransformer3DModel",), _mean_std),
 )
 
 
@@ -512,12 +532,15 @@ class OneTimestep:
 
 
 @contextlib.contextmanager
-def one_timestep(pipe: Any, scheduler: OneTimestep) -> Iterator[None]:
-    """``pipe.scheduler`` is ``scheduler`` inside (past the pipeline's registering ``__setattr__``), and
-    its progress bar is off."""
+def one_timestep(pipe: Any, scheduler: OneTimestep, *, guidance: bool = False) -> Iterator[None]:
+    """``pipe.scheduler`` is ``scheduler`` inside (past the pipeline's registering ``__setattr__``), its
+    progress bar is off, and without ``guidance`` a guider component (MotifVideoPipeline's) is off."""
     undo = [_set(pipe, "scheduler", scheduler)]
     bar = dict(getattr(pipe, "_progress_bar_config", None) or {})
     undo.append(_set(pipe, "_progress_bar_config", {**bar, "disable": True}))
+    guider: Any = getattr(pipe, "guider", None)
+    if not guidance and callable(getattr(guider, "new", None)) and "enabled" in getattr(guider, "config", {}):
+        undo.append(_set(pipe, "guider", guider.new(enabled=False)))
     try:
         yield
     finally:
@@ -549,6 +572,7 @@ def prompt_encoded_once(pipe: Any) -> Iterator[None]:
 # -- the call ---------------------------------------------------------------------------------------------
 def _call_kwargs(
     pipe: Any,
+    family: LatentFamily,
     chosen: Fit,
     *,
     fps: Optional[float],
@@ -563,23 +587,36 @@ def _call_kwargs(
         "height": chosen.height,
         "width": chosen.width,
         "num_frames": len(chosen.indices),
-        "num_inference_steps": 1,
+        "num_inference_steps": 2,  # what the pipeline's own schedule needs (Mochi's divides by steps - 1);
+        # the one-timestep scheduler gives one timestep whatever it asks for
         "output_type": "latent",
         "return_dict": False,
     }
     if fps is not None:
         kwargs["frame_rate"] = fps  # LTX: the rotary embedding's time scale
-    # HunyuanVideo's guidance_scale is an embedded input; its classifier-free guidance is true_cfg_scale
-    knob = "true_cfg_scale" if "true_cfg_scale" in params else "guidance_scale"
+    kwargs.update(dict(family.call))
+    # the classifier-free guidance scales with a value of their own (each > 1 runs the negative
+    # prompt's branch: LTX-2's audio_guidance_scale too; Wan 2.2's guidance_scale_2 is None, the same as
+    # guidance_scale); HunyuanVideo's guidance_scale is an embedded input, its guidance true_cfg_scale
+    knobs = (
+        ["true_cfg_scale"]
+        if "true_cfg_scale" in params
+        else [
+            n
+            for n, p in params.items()
+            if re.fullmatch(r"([a-z]+_)?guidance_scale(_\d+)?", n) and isinstance(p.default, (int, float))
+        ]
+    )
+    for knob in knobs:
+        kwargs[knob] = 1.0
     if guidance:
+        knob = knobs[0] if knobs else "guidance_scale"
         default = params[knob].default if knob in params else None
         scale = guidance_scale if guidance_scale is not None else default
         if not isinstance(scale, (int, float)) or scale <= 1.0:
             scale = 2.0  # any scale above 1 runs both branches; it only mixes predictions, discarded here
         kwargs[knob] = float(scale)
         kwargs["negative_prompt"] = negative_prompt if negative_prompt is not None else ""
-    else:
-        kwargs[knob] = 1.0
     kwargs = {k: v for k, v in kwargs.items() if k in params}
     bad = sorted(set(given) & {"latents", "prompt", "num_inference_steps", "output_type", "return_dict"})
     if bad:
@@ -642,7 +679,8 @@ def capture_video(
 
     Args:
         pipe: a diffusers video pipeline of a family of :data:`FAMILIES` (Wan 2.1/2.2, SkyReels-V2,
-            CogVideoX, HunyuanVideo, LTX, LTX-2, Mochi, Allegro); others are refused, naming why.
+            CogVideoX 1.0/1.5, HunyuanVideo, LTX, LTX-2, Mochi, Allegro, EasyAnimate, Motif-Video); others
+            are refused, naming why.
         video: a video file PyAV reads, or frames ``[T, H, W, 3]`` uint8.
         prompt: the caption, target words marked: ``"a (dog) (jumps) over a fence"``.
         timesteps: the timesteps to noise to and run at (one capture step each), in the scheduler's
@@ -694,12 +732,20 @@ def capture_video(
         )
     rate = None if source.fps is None else source.fps / frame_step
     kwargs = _call_kwargs(
-        pipe, chosen, fps=rate, guidance=guidance, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-        given=dict(pipeline_kwargs or {}),
+        pipe, family, chosen, fps=rate, guidance=guidance, guidance_scale=guidance_scale,
+        negative_prompt=negative_prompt, given=dict(pipeline_kwargs or {}),
     )  # fmt: skip
 
     used = source.pick(chosen.indices)
     x0 = encode(pipe, family, pixels(used, chosen))
+    st, ss = chosen.stride
+    want = (chosen.latent_frames, chosen.height // ss, chosen.width // ss)
+    if tuple(x0.shape[2:]) != want:
+        raise AttnmapError(
+            f"pipe: its VAE encoded {len(chosen.indices)} frames of {chosen.height}x{chosen.width} into latents "
+            f"{tuple(x0.shape[2:])}, not the {want} that the pipeline's VAE factors ({st} in time, {ss} in space) "
+            "give, so its latent frames cannot be tied to the video's frames"
+        )
     generator = torch.Generator(device="cpu").manual_seed(seed)
     noises = [torch.randn(x0.shape, generator=generator).to(x0.device) for _ in range(draws)]
     scheduler = pipe.scheduler
@@ -745,11 +791,12 @@ def capture_video(
     rec = capture(pipe, store=store, video_id=video_id, metadata=meta, **capture_kwargs)
     with rec, prompt_encoded_once(pipe):
         for t in steps:
-            model_t = n_train - t if family.reversed_time else t
+            # a scheduler with invert_sigmas (Mochi's) counts its timesteps from pure noise at 0
+            model_t = n_train - t if scheduler.config.get("invert_sigmas", False) else t
             for noise in noises:
                 latents = family.arrange(pipe, add_noise(scheduler, x0, noise, t))
                 one = OneTimestep(scheduler, model_t, noise_level(scheduler, t), dtype)
-                with one_timestep(pipe, one), transformer_runs(pipe) as runs:
+                with one_timestep(pipe, one, guidance=guidance), transformer_runs(pipe) as runs:
                     pipe(prompt=prompt, latents=latents, **kwargs)
                 if not runs[0]:
                     raise AttnmapError(
