@@ -50,10 +50,12 @@ def block_probs(call: AttentionCall, rows: Union[slice, torch.Tensor], kt: torch
 
     Args:
         call: the validated call.
-        rows: a slice of query positions or a LongTensor of them.
+        rows: a slice of the layout's query positions (within the rows q holds) or a LongTensor of q's rows.
         kt: :func:`keys_t` of the call, ``[B * Hk, D, Nk]``.
     """
     b, h, hk, d, nk = call.batch, call.heads, call.kv_heads, int(call.q.shape[3]), call.num_keys
+    if isinstance(rows, slice):
+        rows = call.local(rows.start, rows.stop)
     qb = call.q[:, :, rows].to(torch.float32)
     r = int(qb.shape[2])
     # heads h = j * g + i share k head j (repeat_interleave order): one batched matmul per k head
