@@ -706,7 +706,8 @@ def test_a_second_writer_of_a_video_is_refused_and_deletes_nothing(tmp_path: Pat
     for s in range(3):
         first.write_step(s, {"token/cat": np.full((2, 3, 4), float(s))})
     lock = tmp_path / video_dirname("v") / LOCK_FILE
-    assert lock.read_text() == str(os.getpid())
+    claim = json.loads(lock.read_text())  # the claim names its writer
+    assert claim["pid"] == os.getpid() and claim["run_id"] == first.run_id and claim["host"]
     with pytest.raises(
         StoreError, match=rf"video 'v' is being written by process {os.getpid()} \(this process"
     ):
@@ -754,7 +755,7 @@ def test_a_dead_writers_lock_is_taken_over(
     lock = tmp_path / video_dirname("v") / LOCK_FILE
     lock.write_text(dead.stdout.strip())  # the pid of a process that has ended
     with StoreWriter(tmp_path, "v", META, dtype="float32") as w:
-        assert lock.read_text() == str(os.getpid())
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
         w.write_step(0, {"token/cat": np.ones((2, 3, 4))})
         with pytest.raises(StoreError, match=rf"is being written by process {os.getpid()}"):
             StoreWriter(tmp_path, "v", META)

@@ -138,7 +138,7 @@ class StoreWriter:
         bad = problem(json.loads(encoded))  # what a reader would refuse (tuples became lists)
         if bad is not None:
             raise AttnmapError(f"metadata: {bad}")
-        self._lock = WriterLock(self.path, video_id, wait=wait)
+        self._lock = WriterLock(self.path, video_id, wait=wait, run_id=self.run_id)
         if self._exists() and not overwrite:
             raise FileExistsError(
                 f"video {video_id!r} already exists in the store at {self.path}; pass overwrite=True"
