@@ -91,14 +91,15 @@ def write(root: str, video: int, fmt: str, attempt: int, steps: int, how: str, c
 
 
 def contend(root: str, video: int, attempt: int, wait: float, how: str, conn: Connection) -> None:
-    """A writer of a video that other writers write at the same time, each its own run. When the test
-    sends ``start`` it reports ``trying`` and opens the video: ``open``, or ``refused <message>``; then
+    """A writer of a video that other writers write at the same time, each its own run. It reports
+    ``ready``; when the test sends ``start`` it reports ``trying`` and opens the video: ``open``, or ``refused <message>``; then
     each ``go`` writes the next step (``step <s>``) and ``close`` closes (``closed``); ``error
     <traceback>`` on any failure."""
     try:
         without_flock(how)
         from attnmap.store import StoreError, StoreWriter
 
+        conn.send_bytes(b"ready")
         conn.recv_bytes()
         conn.send_bytes(b"trying")
         try:
@@ -144,5 +145,36 @@ def read(root: str, videos: int, conn: Connection) -> None:
             if stop:
                 break
         conn.send_bytes(f"read {passes} {checked}".encode())
+    except BaseException:
+        conn.send_bytes(f"error {traceback.format_exc()}".encode())
+
+
+def race(folders: list[str], how: str, barrier: Any, conn: Connection) -> None:
+    """For each folder in turn, at the same moment as the other racers (``barrier``): try to take its
+    writer lock, which holds a dead writer's claim; once every racer has tried, report ``won`` (this
+    racer holds it), ``lost`` (it took it, and the claim is another's now) or ``refused``; ``error
+    <traceback>`` on any failure."""
+    try:
+        without_flock(how)
+        from attnmap.store import StoreError
+        from attnmap.store.lock import WriterLock
+
+        for folder in folders:
+            lock = WriterLock(folder, "v", wait=0)
+            barrier.wait()
+            try:
+                lock.acquire()
+            except StoreError:
+                pass
+            barrier.wait()  # every racer has tried
+            if not lock.held:
+                conn.send_bytes(b"refused")
+                continue
+            try:
+                lock.check()
+                conn.send_bytes(b"won")
+            except StoreError:
+                conn.send_bytes(b"lost")
+            lock.release()
     except BaseException:
         conn.send_bytes(f"error {traceback.format_exc()}".encode())

@@ -174,11 +174,18 @@ def test_many_writers_of_one_root_killed_and_retried_lose_nothing_and_mix_nothin
 def test_writers_of_one_video_at_once_without_flock_one_writes_the_others_are_refused(tmp_path: Path) -> None:
     """Three writers of one video id, each its own run, open it at the same moment, each seeing flock as
     one kind of file system without it gives it (the store told not to use it, flock raising, flock doing
-    nothing): one opens, the two others are refused with a StoreError naming it; the video is its run."""
+    nothing), and each finding the claim of a writer that died: of the three that judge it stale, one
+    removes it and takes the video; the two others are refused with a StoreError naming that one. The
+    video is its run."""
     root = str(tmp_path)
     children = [
         Child(store_writers.contend, root, 0, attempt, 0.0, how) for attempt, how in enumerate(NO_FLOCK)
     ]
+    assert [child.recv() for child in children] == ["ready"] * 3
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    _claim(tmp_path / video_dirname(video_id(0)), pid=int(dead.stdout), start=None)
     for child in children:
         child.conn.send_bytes(b"start")
     assert [child.recv() for child in children] == ["trying"] * 3
@@ -211,10 +218,10 @@ def test_a_waiting_writer_of_one_video_takes_a_killed_writers_place_and_writes_i
     root = str(tmp_path)
     first = Child(store_writers.contend, root, 0, 0, 0.0, "noop")
     first.conn.send_bytes(b"start")
-    assert [first.recv(), first.recv()] == ["trying", "open"]
+    assert [first.recv(), first.recv(), first.recv()] == ["ready", "trying", "open"]
     second = Child(store_writers.contend, root, 0, 1, 60.0, "raises")
     second.conn.send_bytes(b"start")
-    assert second.recv() == "trying"
+    assert [second.recv(), second.recv()] == ["ready", "trying"]
     for s in range(2):
         first.conn.send_bytes(b"go")
         assert first.recv() == f"step {s}"
@@ -232,6 +239,26 @@ def test_a_waiting_writer_of_one_video_takes_a_killed_writers_place_and_writes_i
     for s in range(4):
         stored = {name: store.load(video_id(0), name, s) for name in store.names(video_id(0), s)}
         assert which_attempt(0, s, stored) == 1  # the second run, whole: nothing of the first is left
+
+
+def test_of_the_writers_that_find_a_dead_writers_claim_one_takes_it_round_after_round(tmp_path: Path) -> None:
+    """Five processes without flock race for twenty video folders in turn, each holding the claim of a
+    writer that died: every round exactly one takes the lock and keeps it, the others are refused, and
+    no claim is left behind."""
+    rounds, racers = 20, 5
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    folders = []
+    for r in range(rounds):
+        folders.append(str(_claim(tmp_path / f"v{r}", pid=int(dead.stdout), start=None).parent))
+    barrier = SPAWN.Barrier(racers)
+    children = [Child(store_writers.race, folders, NO_FLOCK[i % 3], barrier) for i in range(racers)]
+    results = [[child.recv() for _ in range(rounds)] for child in children]
+    assert [child.join() for child in children] == [0] * racers
+    for r in range(rounds):
+        assert sorted(result[r] or "" for result in results) == ["refused"] * (racers - 1) + ["won"], r
+        assert os.listdir(folders[r]) == []
 
 
 # -- the claim file ---------------------------------------------------------------------------------
@@ -318,6 +345,35 @@ def test_a_dead_writers_claim_is_taken_over_a_zombie_and_a_reused_pid_too(tmp_pa
         live.kill()
         live.wait()
         zombie.wait()
+
+
+def test_a_stale_claim_is_removed_by_the_writer_holding_the_break_in_claim(tmp_path: Path) -> None:
+    """A dead writer's claim is removed only by the writer holding ``.writer.lock.break``: while a live
+    writer holds it the claim stays (the writer is refused), and a break-in claim whose writer died is
+    removed in turn."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    folder = tmp_path / video_dirname("v")
+    lock = _claim(folder, pid=int(dead.stdout), start=None, token="dead")
+    brk = folder / lock_module.BREAK_FILE
+    brk.write_bytes(
+        lock.read_bytes()
+        .replace(b'"dead"', b'"live"')
+        .replace(dead.stdout.strip().encode(), str(os.getpid()).encode())
+    )
+    with pytest.raises(StoreError, match=rf"is being written by process {int(dead.stdout)} \(lock file"):
+        StoreWriter(tmp_path, "v", META)  # the break-in is this process's, live: the claim stays
+    assert json.loads(lock.read_text())["token"] == "dead"
+    brk.write_bytes(lock.read_bytes())  # a break-in claim whose writer died
+    with StoreWriter(tmp_path, "v", META) as w:
+        assert json.loads(lock.read_text())["pid"] == os.getpid() and not brk.exists()
+        w.write_step(0, {"token/cat": np.ones((1, 2, 2))})
+    assert sorted(os.listdir(folder)) == [
+        "aggregated.safetensors",
+        "metadata.json",
+        "step_000000.safetensors",
+    ]
 
 
 def test_a_claim_not_readable_as_one_is_held(tmp_path: Path) -> None:

@@ -21,8 +21,9 @@ silently does nothing, or excludes only one machine's processes (NFS mounted wit
 keeps the store from calling flock at all (an NFS client whose lock calls hang while its lock daemon
 cannot be reached).
 
-A takeover moves the stale claim aside by rename (of several writers taking over the same claim, one
-moves it), checks that what it moved is the claim it judged, and puts back anything else. A writer
+A stale claim is removed by one writer at a time, the one holding the break-in claim
+(``.writer.lock.break``, itself a claim), which removes it only if it is still the claim judged stale:
+of several writers that judged it so, one removes it, and none removes a claim made after it. A writer
 checks that the claim is still its own before each commit (:meth:`WriterLock.check`): a writer whose
 claim was taken stops with a StoreError instead of writing on.
 
@@ -53,6 +54,8 @@ except ImportError:  # Windows: no flock; the claim's pid tells
     fcntl = None  # type: ignore[assignment]
 
 LOCK_FILE = ".writer.lock"
+#: held by the writer that removes a stale claim, so that of several writers that judged it stale one does
+BREAK_FILE = ".writer.lock.break"
 #: the environment variable that keeps the store from calling flock (``0``, ``false``, ``no``, ``off``)
 FLOCK_ENV = "ATTNMAP_STORE_FLOCK"
 _OFF = ("0", "false", "no", "off")
@@ -68,6 +71,15 @@ def _read(path: str) -> str:
             return f.read(256).strip()
     except (OSError, UnicodeDecodeError):
         return ""
+
+
+def _read_bytes(path: Path) -> Optional[bytes]:
+    """The bytes of a claim file (at most what a claim holds and one more); None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(_MAX_CLAIM + 1)
+    except OSError:
+        return None
 
 
 def _proc_stat(pid: int) -> Optional[tuple[str, str]]:
@@ -226,6 +238,7 @@ class WriterLock:
     ) -> None:
         self._fd: Optional[int] = None
         self._raw = b""
+        self._no_links = False  # the file system has no hard links: claims are created in place
         if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0):
             raise AttnmapError(f"wait must be seconds >= 0 or None (wait as long as it takes), got {wait!r}")
         self.path = Path(folder) / LOCK_FILE
@@ -291,61 +304,94 @@ class WriterLock:
             raise
         return fd, raw
 
+    def _link(self, path: Path) -> Optional[tuple[int, bytes]]:
+        """Put a new claim of this writer at ``path``, made whole under a name of its own and linked:
+        its descriptor and bytes, or None when ``path`` exists (a file system without hard links gets
+        it created in place with O_EXCL: a claim caught half written there is read as held)."""
+        if self._no_links:
+            try:
+                return self._new_claim(path)
+            except FileExistsError:
+                return None
+        tmp = path.with_name(f"{LOCK_FILE}.{uuid.uuid4().hex}")
+        fd, raw = self._new_claim(tmp)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            os.close(fd)
+            return None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in _NO_LINKS:
+                raise
+            self._no_links = True
+            return self._link(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return fd, raw
+
     def _try(self) -> bool:
         """One try: True when this writer now holds the claim."""
-        for _ in range(8):  # a claim released or taken over meanwhile: try again at once
-            tmp = self.path.with_name(f"{LOCK_FILE}.{uuid.uuid4().hex}")
-            fd, raw = self._new_claim(tmp)
-            try:
-                os.link(tmp, self.path)
-            except FileExistsError:
-                os.close(fd)
-                if not self._take_over():
-                    return False
-                continue
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno not in _NO_LINKS:
-                    raise
-                return self._try_exclusive()
-            finally:
-                tmp.unlink(missing_ok=True)
-            self._fd, self._raw = fd, raw
-            return True
-        return False
-
-    def _try_exclusive(self) -> bool:
-        """A try on a file system without hard links: the claim is created in place with O_EXCL (a
-        claim caught half written is read as held)."""
-        for _ in range(8):
-            try:
-                self._fd, self._raw = self._new_claim(self.path)
-            except FileExistsError:
-                if not self._take_over():
-                    return False
-                continue
-            return True
+        for _ in range(8):  # a claim released or removed meanwhile: try again at once
+            taken = self._link(self.path)
+            if taken is not None:
+                self._fd, self._raw = taken
+                return True
+            if not self._take_over():
+                return False
         return False
 
     def _take_over(self) -> bool:
         """Judge the claim in place: False when its writer may still run (``holder`` says who); True
-        when it is gone (released, or stale and now removed): try again."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        except FileNotFoundError:
+        when it is gone (released, or stale and removed): try again."""
+        judged = self._judge(self.path)
+        if judged is None:
             return True
+        raw, self.holder, gone = judged
+        if not gone:
+            return False
+        self._remove(raw)
+        return True
+
+    def _judge(self, path: Path) -> Optional[tuple[bytes, Optional[Claim], bool]]:
+        """The claim at ``path``: its bytes, itself (None: not readable as one) and whether its writer is
+        known to be gone; None when there is none."""
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except FileNotFoundError:
+            return None
         try:
             try:
                 raw = os.read(fd, _MAX_CLAIM + 1)
             except OSError:  # not a file (a folder, a FIFO): never a claim
                 raw = b""
-            self.holder = Claim.parse(raw)
-            if self.holder is None or not self._gone(self.holder, fd):
-                return False
+            claim = Claim.parse(raw)
+            return raw, claim, claim is not None and self._gone(claim, fd)
         finally:
             os.close(fd)
-        self._remove(raw)
-        return True
+
+    def _remove(self, raw: bytes) -> None:
+        """Remove the stale claim whose bytes are ``raw``, holding the break-in claim
+        (``.writer.lock.break``) while it does: of several writers that judged it stale, one removes
+        it, and none removes the claim another writer made after it."""
+        brk = self.path.with_name(BREAK_FILE)
+        taken = self._link(brk)
+        if taken is None:  # another writer removes it now (or died doing it: its break-in is removed)
+            judged = self._judge(brk)
+            if judged is not None and judged[2]:
+                with contextlib.suppress(OSError):
+                    if _read_bytes(brk) == judged[0]:
+                        brk.unlink()
+            time.sleep(0.002)
+            return
+        fd, mine = taken
+        try:
+            if _read_bytes(self.path) == raw:
+                self.path.unlink(missing_ok=True)
+        finally:
+            if _read_bytes(brk) == mine:
+                brk.unlink(missing_ok=True)
+            os.close(fd)
 
     def _gone(self, holder: Claim, fd: int) -> bool:
         """Whether the writer of ``holder`` (its claim open at ``fd``) is known to be gone."""
@@ -360,41 +406,16 @@ class WriterLock:
                 return True  # flock excludes here, and nobody held it
         return holder.pidns == here[2] and not holder.running()
 
-    def _remove(self, raw: bytes) -> None:
-        """Remove the claim whose bytes are ``raw``, should it still be in place: moved aside first (of
-        several writers, one moves it), and put back when what was moved is another writer's claim."""
-        aside = self.path.with_name(f"{LOCK_FILE}.{uuid.uuid4().hex}.old")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return
-        try:
-            with open(aside, "rb") as f:
-                moved = f.read(_MAX_CLAIM + 1)
-            if moved != raw:  # a claim made after the judged one went: it stays
-                with contextlib.suppress(OSError):
-                    os.link(aside, self.path)
-        finally:
-            aside.unlink(missing_ok=True)
-
     # -- holding it -----------------------------------------------------------------------------------
     def _owns(self) -> bool:
-        try:
-            with open(self.path, "rb") as f:
-                return f.read(_MAX_CLAIM + 1) == self._raw
-        except OSError:
-            return False
+        return _read_bytes(self.path) == self._raw
 
     def check(self) -> None:
         """StoreError unless this writer still holds the claim (before each commit)."""
         if self._fd is None:
             raise StoreError(f"video {self.video_id!r}: this writer does not hold its lock {self.path}")
         if not self._owns():
-            try:
-                with open(self.path, "rb") as f:
-                    holder = Claim.parse(f.read(_MAX_CLAIM + 1))
-            except OSError:
-                holder = None
+            holder = Claim.parse(_read_bytes(self.path) or b"")
             by = "removed" if holder is None else f"taken over by process {holder.pid} on {holder.host}"
             raise StoreError(
                 f"video {self.video_id!r}: the writer lock {self.path} was {by} while this writer held it; "

@@ -216,6 +216,7 @@ class StoreWriter:
     def _start(self, encoded: bytes, overwrite: bool) -> None:
         """Under the lock: continue this run when the metadata names it; else commit the new run's
         metadata, then remove the old run's files."""
+        self._lock.check()
         stored = self._stored()
         if stored is not None and stored.get("run_id") == self.run_id:
             self._resume(stored)
