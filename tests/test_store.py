@@ -738,12 +738,13 @@ def test_a_writer_waits_for_the_other_when_asked(tmp_path: Path) -> None:
         StoreWriter(tmp_path, "v", META, wait=-1)
 
 
-@pytest.mark.parametrize("flock", [True, False], ids=["flock", "exclusive-file"])
+@pytest.mark.parametrize("flock", [True, False], ids=["flock", "no-fcntl"])
 def test_a_dead_writers_lock_is_taken_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flock: bool
 ) -> None:
-    """Where flock exists the kernel drops a dead writer's lock; without it (Windows) the lock file is
-    the lock, and one whose pid no longer runs is taken over. A live pid keeps it either way."""
+    """A lock file of attnmap before claims (a bare pid) is a writer of this machine: where flock works
+    nobody holding it says its writer is gone; without fcntl its pid no longer running does. A live
+    writer keeps it either way (tests/test_store_concurrency.py: claims, and flock that does not work)."""
     from attnmap.store import lock as lock_module
 
     if not flock:

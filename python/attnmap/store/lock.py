@@ -10,7 +10,8 @@ local file systems, NFS and Lustre alike (a file system without hard links gets 
 
 - a writer on this machine (the same kernel): where it holds flock on its claim (taken before the
   claim was linked) and flock excludes between two open files here, flock tells; otherwise its pid, in
-  this pid namespace, no longer runs the process that started at ``start`` (a zombie is gone);
+  this pid namespace, no longer runs the process that started at ``start`` (a zombie is gone; on
+  Windows, without flock, a claim is never judged: remove it once its writer is gone);
 - a writer on another machine cannot be asked: its claim holds until it is released, except for a
   writer that continues the same run (``run_id`` equal: the retry of a killed writer); the error names
   the file to remove once that machine's writer is known to be gone.
@@ -157,7 +158,7 @@ class Claim:
         """The claim in ``raw``; a bare pid (the lock of attnmap before claims) is a writer of this
         machine that held flock; None for anything else (a claim still being written, garbage)."""
         text = raw.decode("utf-8", "replace").strip()
-        if text.isdigit() and len(text) < 12:
+        if text.isascii() and text.isdigit() and len(text) < 12 and int(text) > 0:
             host, machine, pidns = _machine()
             return Claim(
                 pid=int(text),
@@ -187,8 +188,9 @@ class Claim:
         return claim
 
     def running(self) -> bool:
-        """Whether this claim's process (of this machine and pid namespace) still runs."""
-        if self.pid == os.getpid():
+        """Whether this claim's process (of this machine and pid namespace) still runs: its pid answers
+        and, where /proc tells (Linux), it is not a zombie and started when the claim says."""
+        if os.name == "nt":  # os.kill(pid, 0) would send it CTRL_C_EVENT: a pid on Windows is never judged
             return True
         try:
             os.kill(self.pid, 0)
