@@ -1,9 +1,9 @@
 """Processes that write and read one store root at once, for ``tests/test_store_concurrency.py``.
 
-Each runs in a process started by multiprocessing's spawn (a fresh interpreter, as under torchrun or
-Ray) and talks to the test through a pipe of its own, one short message at a time, so that a process
-killed with SIGKILL cuts no one else's messages. Each writer can see flock as a file system without it
-gives it (:func:`without_flock`). What a writer writes is known from its video, step and attempt alone
+Each runs in a process of its own, forked from a fresh interpreter (multiprocessing's forkserver; as a
+worker of torchrun or Ray, it shares nothing with the test's process), and talks to the test through a
+pipe of its own, one short message at a time, so that a process killed with SIGKILL cuts no one else's
+messages. Each writer can see flock as a file system without it gives it (:func:`without_flock`). What a writer writes is known from its video, step and attempt alone
 (:func:`maps`), so the test and the reader know what every visible step must hold.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 import traceback
 import warnings
 from multiprocessing.connection import Connection
@@ -124,14 +125,16 @@ def contend(root: str, video: int, attempt: int, wait: float, how: str, conn: Co
 def read(root: str, videos: int, conn: Connection) -> None:
     """Read the store over and over while writers write it, until the test says stop, then once more:
     every video listed has its metadata, and every step listed is exactly one attempt's step (a warning,
-    that is a file the reader skipped, is an error). Reports ``read <passes> <steps checked>`` or
-    ``error <traceback>``."""
+    that is a file the reader skipped, is an error). Reports ``reading`` as its first pass begins, then
+    ``read <passes> <steps checked> <the store module's file>``, or ``error <traceback>``."""
     try:
         warnings.simplefilter("error")
+        import attnmap.store
         from attnmap.store import derive_run_id, open_store
 
         ids = {video_id(v): v for v in range(videos)}
         passes = checked = 0
+        conn.send_bytes(b"reading")
         while True:
             stop = conn.poll()
             with open_store(root) as store:
@@ -144,7 +147,8 @@ def read(root: str, videos: int, conn: Connection) -> None:
             passes += 1
             if stop:
                 break
-        conn.send_bytes(f"read {passes} {checked}".encode())
+            time.sleep(0.01)  # a reader polling, not spinning
+        conn.send_bytes(f"read {passes} {checked} {attnmap.store.__file__}".encode())
     except BaseException:
         conn.send_bytes(f"error {traceback.format_exc()}".encode())
 
@@ -161,12 +165,12 @@ def race(folders: list[str], how: str, barrier: Any, conn: Connection) -> None:
 
         for folder in folders:
             lock = WriterLock(folder, "v", wait=0)
-            barrier.wait()
+            barrier.wait(60)
             try:
                 lock.acquire()
             except StoreError:
                 pass
-            barrier.wait()  # every racer has tried
+            barrier.wait(60)  # every racer has tried
             if not lock.held:
                 conn.send_bytes(b"refused")
                 continue

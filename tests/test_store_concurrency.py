@@ -2,8 +2,9 @@
 
 Batches of videos are written by many processes at once (torchrun, accelerate, Ray), each its own
 videos, on file systems where flock raises, does nothing or locks one machine only (NFS, Lustre). The
-processes here are real (multiprocessing's spawn) and see flock as such a file system gives it
-(``tests/store_writers.py``); writers are killed with SIGKILL at points that follow their progress and
+processes here are real, each a fresh interpreter's (multiprocessing's forkserver: a server started
+fresh forks them, with numpy and the store imported once, not once per process), and see flock as such
+a file system gives it (``tests/store_writers.py``); writers are killed with SIGKILL at points that follow their progress and
 retried with the same run id, while another process reads the store. What is checked:
 
 - every finished step of every video loads, exactly as one attempt of its writer wrote it (every map of
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import random
 import signal
@@ -28,7 +30,7 @@ import sys
 import time
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pytest
@@ -39,15 +41,33 @@ from attnmap.store import LOCK_FILE, StoreError, StoreWriter, derive_run_id, ope
 from attnmap.store import lock as lock_module
 from store_writers import ATTEMPTS, NO_FLOCK, maps, video_id, which_attempt
 
-SPAWN = multiprocessing.get_context("spawn")
+#: processes forked from a spawned server (a clean interpreter that imported what they need once); spawn
+#: itself where there is no forkserver
+PROCESSES = multiprocessing.get_context(
+    "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+)
+PROCESSES.set_forkserver_preload(["store_writers", "attnmap.store"])
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _process_server() -> Iterator[None]:
+    """Start the forkserver with this tree's attnmap and the writers imported: its preload does not see
+    the test's sys.path before Python 3.13, so PYTHONPATH carries it to the server."""
+    if PROCESSES.get_start_method() == "forkserver":
+        paths = [str(TESTS_DIR.parent / "python"), str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("PYTHONPATH", os.pathsep.join(p for p in paths if p))
+            multiprocessing.forkserver.ensure_running()
+    yield
 
 
 class Child:
-    """A process started by spawn running ``target(*args, conn)``, and the test's end of its pipe."""
+    """A process of :data:`PROCESSES` running ``target(*args, conn)``, and the test's end of its pipe."""
 
     def __init__(self, target: Callable[..., None], *args: Any) -> None:
-        self.conn, theirs = SPAWN.Pipe()
-        self.proc = SPAWN.Process(target=target, args=(*args, theirs), daemon=True)
+        self.conn, theirs = PROCESSES.Pipe()
+        self.proc = PROCESSES.Process(target=target, args=(*args, theirs), daemon=True)
         self.proc.start()
         theirs.close()
         self.ended = False
@@ -69,8 +89,12 @@ class Child:
         if self.proc.is_alive():
             os.kill(self.proc.pid, signal.SIGKILL)
 
-    def join(self) -> Optional[int]:
-        self.proc.join(60)
+    def join(self, timeout: float = 60.0) -> Optional[int]:
+        """The exit code; a process still running after ``timeout`` is killed (its code: -SIGKILL)."""
+        self.proc.join(timeout)
+        if self.proc.exitcode is None:
+            self.kill()
+            self.proc.join(10)
         self.conn.close()
         return self.proc.exitcode
 
@@ -86,6 +110,7 @@ def test_many_writers_of_one_root_killed_and_retried_lose_nothing_and_mix_nothin
     videos, steps = 5, 8
     rng = random.Random(34)  # kills in the constructor, in step 0, mid-run and in the close
     reader = Child(store_writers.read, str(root), videos)
+    assert reader.recv() == "reading"  # its first pass begins before any writer: it reads them writing
     reported: dict[tuple[int, int], list[int]] = {}  # (video, step) -> the attempts that reported it
     pending, kills = list(range(videos)), 0
     for attempt in range(ATTEMPTS):
@@ -109,7 +134,10 @@ def test_many_writers_of_one_root_killed_and_retried_lose_nothing_and_mix_nothin
         closed = set()
         live = {c.conn: v for v, c in children.items()}
         while live:
-            for conn in wait(list(live), timeout=120):
+            ready = wait(list(live), timeout=60)
+            if not ready:
+                pytest.fail(f"writers of videos {sorted(live.values())} said nothing for 60 s")
+            for conn in ready:
                 v = live[conn]
                 message = children[v].recv()
                 if message is None:
@@ -137,8 +165,9 @@ def test_many_writers_of_one_root_killed_and_retried_lose_nothing_and_mix_nothin
         reader.conn.send_bytes(b"stop")
     message = reader.recv()
     assert reader.join() == 0 and message is not None
-    passes, checked = map(int, message.split()[1:])
-    assert passes >= 2 and checked >= videos * steps  # the last pass came after every writer closed
+    passes, checked, module = message.split(maxsplit=3)[1:]
+    assert Path(module).is_relative_to(TESTS_DIR.parent / "python")  # the processes ran this tree's store
+    assert int(passes) >= 2 and int(checked) >= videos * steps  # the last pass came after every writer closed
 
     store = open_store(root)
     assert store.videos() == sorted(video_id(v) for v in range(videos))
@@ -183,7 +212,7 @@ def test_writers_of_one_video_at_once_without_flock_one_writes_the_others_are_re
     ]
     assert [child.recv() for child in children] == ["ready"] * 3
     dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, timeout=60
     )
     _claim(tmp_path / video_dirname(video_id(0)), pid=int(dead.stdout), start=None)
     for child in children:
@@ -247,12 +276,12 @@ def test_of_the_writers_that_find_a_dead_writers_claim_one_takes_it_round_after_
     no claim is left behind."""
     rounds, racers = 20, 5
     dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, timeout=60
     )
     folders = []
     for r in range(rounds):
         folders.append(str(_claim(tmp_path / f"v{r}", pid=int(dead.stdout), start=None).parent))
-    barrier = SPAWN.Barrier(racers)
+    barrier = PROCESSES.Barrier(racers)
     children = [Child(store_writers.race, folders, NO_FLOCK[i % 3], barrier) for i in range(racers)]
     results = [[child.recv() for _ in range(rounds)] for child in children]
     assert [child.join() for child in children] == [0] * racers
@@ -343,8 +372,8 @@ def test_a_dead_writers_claim_is_taken_over_a_zombie_and_a_reused_pid_too(tmp_pa
         assert lock.exists() and not (lock.parent / "metadata.json").exists()
     finally:
         live.kill()
-        live.wait()
-        zombie.wait()
+        live.wait(60)
+        zombie.wait(60)
 
 
 def test_a_stale_claim_is_removed_by_the_writer_holding_the_break_in_claim(tmp_path: Path) -> None:
@@ -352,7 +381,7 @@ def test_a_stale_claim_is_removed_by_the_writer_holding_the_break_in_claim(tmp_p
     writer holds it the claim stays (the writer is refused), and a break-in claim whose writer died is
     removed in turn."""
     dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, timeout=60
     )
     folder = tmp_path / video_dirname("v")
     lock = _claim(folder, pid=int(dead.stdout), start=None, token="dead")
