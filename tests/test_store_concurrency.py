@@ -12,13 +12,15 @@ retried with the same run id, while another process reads the store. What is che
   another run wrote is mixed in; a reader never meets a partial step or a video without its metadata;
 - two writers of one video id at once: one writes, the other is refused with a StoreError naming it (or
   waits and then writes its own run whole, after a kill too);
-- the claim file itself: a writer on another machine is never taken over (but a retry of its run does),
-  a dead one is (a zombie, a reused pid), a writer whose claim was taken commits nothing more.
+- the claim file itself: a writer on another machine or in another pid namespace is never taken over
+  (but a retry of its run does), a dead one is (a zombie, a reused pid), a writer whose claim was taken
+  commits nothing more, a claim is written whole or not at all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import multiprocessing
 import multiprocessing.forkserver
@@ -334,6 +336,63 @@ def test_a_writer_on_another_machine_is_never_taken_over_but_a_retry_of_its_run_
         assert json.loads(lock.read_text())["pid"] == os.getpid()
         w.write_step(0, {"token/cat": np.ones((1, 2, 2))})
     assert open_store(tmp_path).steps("v") == [0] and not lock.exists()
+
+
+def test_a_writer_in_another_pid_namespace_is_judged_by_flock_or_else_only_its_retry_takes_over(
+    tmp_path: Path,
+) -> None:
+    """A writer of this machine in another pid namespace (another container, a pod restarted on the same
+    node): its pid means nothing here, so, where flock does not tell, its claim is never judged, however
+    dead that pid is here; a retry of its run takes over. Where it held flock and flock works here, flock
+    tells that it is gone."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, timeout=60
+    )
+    pidns = "pid:[1]"  # not this process's
+    assert lock_module._machine()[2] != pidns
+    folder = tmp_path / video_dirname("v")
+    lock = _claim(folder, pid=int(dead.stdout), pidns=pidns, start=None, run_id="run-7")
+    with pytest.raises(StoreError) as info:
+        StoreWriter(tmp_path, "v", META, wait=0.1, run_id="run-8")
+    assert str(info.value) == (
+        f"video 'v' is being written by process {int(dead.stdout)} in another pid namespace of this machine "
+        f"(another container) (lock file {lock}, run run-7, since 2026-12-07T00:00:00+0000); wait for it to "
+        "finish, or pass wait=<seconds> to wait for it; a writer in another pid namespace cannot be asked "
+        "whether it still runs: once it is gone, remove the lock file, or continue its run with "
+        "run_id='run-7'"
+    )
+    assert not (folder / "metadata.json").exists()
+    with StoreWriter(tmp_path, "v", META, dtype="float32", run_id="run-7") as w:  # its retry takes over
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        w.write_step(0, {"token/cat": np.ones((1, 2, 2))})
+    assert open_store(tmp_path).steps("v") == [0] and not lock.exists()
+    # a claim whose writer held flock (nobody holds it now) on a file system where flock works
+    lock = _claim(tmp_path / video_dirname("w"), pid=int(dead.stdout), pidns=pidns, start=None, flock=True)
+    with StoreWriter(tmp_path, "w", META, dtype="float32") as w:
+        w.write_step(0, {"token/cat": np.ones((1, 2, 2))})
+    assert open_store(tmp_path).steps("w") == [0] and not lock.exists()
+
+
+def test_a_claim_is_written_whole_through_short_writes_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk all but full may take a claim a few bytes at a time (the writer writes on), or take none
+    (ENOSPC: no claim, no temp claim, nothing of the video is left)."""
+    write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: write(fd, bytes(data)[:7]))
+    w = StoreWriter(tmp_path, "v", META, dtype="float32")
+    monkeypatch.undo()
+    claim = lock_module.Claim.parse(w._lock.path.read_bytes())
+    assert claim is not None and claim.pid == os.getpid()
+    w.write_step(0, {"token/cat": np.ones((1, 2, 2))})
+    w.close()
+    assert open_store(tmp_path).steps("v") == [0]
+    monkeypatch.setattr(os, "write", lambda fd, data: 0)
+    with pytest.raises(OSError) as info:
+        StoreWriter(tmp_path, "w", META)
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path / video_dirname("w")) == []
 
 
 def test_a_dead_writers_claim_is_taken_over_a_zombie_and_a_reused_pid_too(tmp_path: Path) -> None:

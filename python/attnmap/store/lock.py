@@ -12,9 +12,10 @@ local file systems, NFS and Lustre alike (a file system without hard links gets 
   claim was linked) and flock excludes between two open files here, flock tells; otherwise its pid, in
   this pid namespace, no longer runs the process that started at ``start`` (a zombie is gone; on
   Windows, without flock, a claim is never judged: remove it once its writer is gone);
-- a writer on another machine cannot be asked: its claim holds until it is released, except for a
-  writer that continues the same run (``run_id`` equal: the retry of a killed writer); the error names
-  the file to remove once that machine's writer is known to be gone.
+- a writer on another machine, or in another pid namespace of this one (another container, a pod
+  restarted on the same node) where flock does not tell, cannot be asked: its claim holds until it is
+  released, except for a writer that continues the same run (``run_id`` equal: the retry of a killed
+  writer); the error names the file to remove once that writer is known to be gone.
 
 flock is never what excludes, so nothing depends on it: where it raises (Lustre without flock),
 silently does nothing, or excludes only one machine's processes (NFS mounted with
@@ -271,9 +272,11 @@ class WriterLock:
                 "readable as a claim); wait for it to finish, or remove the lock file if no writer runs"
             )
         who = f"process {holder.pid}"
-        remote = holder.machine != here[1]
+        remote, other_ns = holder.machine != here[1], holder.pidns != here[2]
         if remote:
             who += f" on {holder.host}" + (" (before a restart)" if holder.host == here[0] else "")
+        elif other_ns:
+            who += " in another pid namespace of this machine (another container)"
         elif holder.pid == os.getpid():
             who += " (this process: close its other StoreWriter first)"
         run = f", run {holder.run_id}" if holder.run_id else ""
@@ -282,9 +285,10 @@ class WriterLock:
             f"video {self.video_id!r} is being written by {who} (lock file {self.path}{run}{since}); wait "
             "for it to finish, or pass wait=<seconds> to wait for it"
         )
-        if remote:
+        if remote or other_ns:
+            elsewhere = "on another machine" if remote else "in another pid namespace"
             message += (
-                "; a writer on another machine cannot be asked whether it still runs: once it is gone, "
+                f"; a writer {elsewhere} cannot be asked whether it still runs: once it is gone, "
                 "remove the lock file"
                 + (f", or continue its run with run_id={holder.run_id!r}" if holder.run_id else "")
             )
@@ -298,7 +302,12 @@ class WriterLock:
         try:
             flock = _flock(fd) is True and _flock_excludes(path)
             raw = _here(self.run_id, flock).encode()
-            os.write(fd, raw)
+            view = memoryview(raw)
+            while view:  # a short write (a disk all but full) is written on, or fails with its error
+                written = os.write(fd, view)
+                if written <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
+                view = view[written:]
             os.fsync(fd)  # whole on the server before another client can read it under the lock's name
         except BaseException:
             os.close(fd)
@@ -398,15 +407,17 @@ class WriterLock:
     def _gone(self, holder: Claim, fd: int) -> bool:
         """Whether the writer of ``holder`` (its claim open at ``fd``) is known to be gone."""
         here = _machine()
-        if holder.machine != here[1]:  # it cannot be asked; a retry of its run takes over
-            return holder.run_id is not None and holder.run_id == self.run_id
-        if holder.flock:
+        if holder.machine == here[1] and holder.flock:
             taken = _flock(fd)
             if taken is False:
                 return False  # held: it runs
             if taken and _flock_excludes(self.path):
                 return True  # flock excludes here, and nobody held it
-        return holder.pidns == here[2] and not holder.running()
+        if holder.machine != here[1] or holder.pidns != here[2]:
+            # its pid cannot be asked (another machine, or another pid namespace: a container of this
+            # machine, a pod restarted on the same node); a retry of its run takes over
+            return holder.run_id is not None and holder.run_id == self.run_id
+        return not holder.running()
 
     # -- holding it -----------------------------------------------------------------------------------
     def _owns(self) -> bool:
