@@ -31,6 +31,7 @@ def fresh_interpreter(code: str) -> str:
 
 def test_public_names_are_the_objects_their_modules_define() -> None:
     import attnmap.analysis
+    import attnmap.capture.real_video
     import attnmap.capture.recorder
     import attnmap.config
     import attnmap.errors
@@ -48,6 +49,7 @@ def test_public_names_are_the_objects_their_modules_define() -> None:
         "Config": attnmap.config.Config,
         "Layout": attnmap.layout.Layout,
         "Recorder": attnmap.capture.recorder.Recorder,
+        "capture_video": attnmap.capture.real_video.capture_video,
         "RenderOptions": attnmap.render.options.RenderOptions,
         "analysis": attnmap.analysis,
         "attention_sums": attnmap.reduce.attention_sums,

@@ -252,6 +252,33 @@ def test_overlays_play_at_the_original_rate(tmp_path: Path) -> None:
         assert {decode(p)[1] for p in forced} == {5.0}
 
 
+def test_an_overlay_on_the_vaes_own_frames_follows_its_stride(tmp_path: Path) -> None:
+    """An original of exactly the 1 + (F - 1) s frames the VAE encoded: frame 0 shows latent frame 0 and
+    each later latent frame covers s frames (a linear map would show latent frame 0 on frame 1)."""
+    import attnmap.render as render
+
+    original = make_original(tmp_path / "o.mp4")  # 9 frames: 3 latent frames of a stride-4 VAE
+    levels = np.array([0.0, 1.0, 0.5], np.float32)
+    maps = np.broadcast_to(levels[:, None, None], (3, 4, 6)).copy()
+    with StoreWriter(tmp_path / "s", "v", {"video": {"frames": 9}, "vae_stride": [4, 8, 8]}) as writer:
+        writer.write_step(0, {"token/cat": maps})
+    options = RenderOptions(labels=False, include_colorbar=False, colormap="viridis")
+    plan, size = autorender.plan_token(
+        open_store(tmp_path / "s"), "v", "cat", options=options, original_video=original
+    )
+    assert (plan.num_frames, plan.temporal_stride, size) == (None, 4, (32, 48))
+    out = autorender.render_token(
+        open_store(tmp_path / "s"), "v", "cat", tmp_path / "cat.mp4", options=options, original_video=original
+    )
+    got, _ = decode(out)
+    background = decode(original)[0]
+    kwargs = {"size": size, "colormap": "viridis", "background": background, "alpha": options.overlay_alpha}
+    want = render.frames(maps, temporal_stride=4, **kwargs)
+    linear = render.frames(maps, num_frames=9, **kwargs)
+    assert np.abs(got.astype(int) - want.astype(int)).max() < 12
+    assert np.abs(linear[1].astype(int) - want[1].astype(int)).max() > 60  # the rules differ on frame 1
+
+
 def test_the_store_refuses_sizes_no_render_could_have(tmp_path: Path) -> None:
     # beyond the schema's bounds (frames <= 2**20, sides <= 2**17) nothing is written at all
     for video in ({"frames": 10**7}, {"height": 10**6, "width": 4}):
@@ -370,7 +397,8 @@ def test_still_overlay_is_the_video_frame(store_root: Path, tmp_path: Path) -> N
         still = np.asarray(image.convert("RGB"))
     background, _ = render.read_video(original)
     maps = store.aggregated("vid 1", "dog").map
-    want = render.frames(maps, size=(32, 48), num_frames=9, background=background, alpha=0.6)[5]
+    # the original has the 9 frames the VAE stride gives: frame 5 is latent frame 2's
+    want = render.frames(maps, size=(32, 48), temporal_stride=4, background=background, alpha=0.6)[5]
     np.testing.assert_array_equal(still, want)  # 32 x 48: below the size that gets decorations
     mean = autorender.render_still(store, "vid 1", "dog", tmp_path / "mean.png", original_video=original)
     with Image.open(mean) as image:

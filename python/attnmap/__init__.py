@@ -3,7 +3,8 @@
 Capture attention maps from video transformers without materialising the N x N map, store them,
 analyse them and render them. The main verbs are here; the rest lives in its module:
 
-- :func:`capture` (a model or pipeline, as it runs) -> :class:`Recorder`;
+- :func:`capture` (a model or pipeline, as it runs) -> :class:`Recorder`; :func:`capture_video`
+  (where a pipeline's transformer looks in a real video: encoded, noised, one step per timestep);
 - :func:`attention_sums` (one attention call's q, k and :class:`Layout` -> small maps), with the
   float64 oracle ``backend="reference"`` (:mod:`attnmap.reference`); backends and ``sdpa_with_lse`` in
   :mod:`attnmap.reduce`;
@@ -31,6 +32,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "AttnmapError": ("attnmap.errors", "AttnmapError"),
     "capture": ("attnmap.capture", None),  # the package, callable as the function
     "Recorder": ("attnmap.capture", "Recorder"),
+    "capture_video": ("attnmap.capture.real_video", "capture_video"),
     "Config": ("attnmap.config", "Config"),
     "Layout": ("attnmap.layout", "Layout"),
     "attention_sums": ("attnmap.reduce", "attention_sums"),
@@ -55,6 +57,7 @@ __all__ = [
     "analysis",
     "attention_sums",
     "capture",
+    "capture_video",
     "open_store",
     "reduce",
     "reference",
@@ -71,6 +74,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover
     from attnmap import analysis, reduce, render, store
     from attnmap.capture import Recorder, capture
+    from attnmap.capture.real_video import capture_video
     from attnmap.config import Config
     from attnmap.errors import AttnmapError
     from attnmap.layout import Layout

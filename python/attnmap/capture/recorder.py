@@ -147,7 +147,7 @@ class Recorder:
         keep_cross: bool = False,
         metadata: Optional[Mapping[str, Any]] = None,
         backend: str = "auto",
-        one_pass: bool = False,
+        one_pass: Optional[bool] = None,
         block_size: Any = None,
         experts: str = "merge",
     ) -> None:
@@ -184,7 +184,7 @@ class Recorder:
         self.reductions = tuple(dict.fromkeys(reductions))
         self.per_block, self.per_head, self.branch = bool(per_block), bool(per_head), branch
         self.backend = backend
-        self.one_pass = bool(one_pass)
+        self.one_pass = None if one_pass is None else bool(one_pass)
         self._blocks = _indices("blocks", blocks)
         self._steps = _indices("steps", steps)
         if store is not None and video_id is None:
@@ -967,7 +967,7 @@ def capture(
     keep_cross: bool = False,
     metadata: Optional[Mapping[str, Any]] = None,
     backend: str = "auto",
-    one_pass: bool = False,
+    one_pass: Optional[bool] = None,
     block_size: Any = None,
     experts: str = "merge",
 ) -> Recorder:
@@ -1005,8 +1005,10 @@ def capture(
             absolute) and the file exists when the context closes.
         backend: the reduction backend of :func:`attnmap.attention_sums`.
         one_pass: run each recorded torch SDPA call through :func:`attnmap.reduce.sdpa_with_lse` and
-            reduce in one pass instead of two (not under torch.compile, nor inside another function
-            mode than ``torch.device``, where SDPA runs as usual so that the outer mode sees it).
+            reduce in one pass instead of two, the rows' logsumexp coming from the kernel SDPA itself
+            picks (its output unchanged); None (default): the calls on the CPU; True: every call;
+            False: none. Never under torch.compile, nor inside another function mode than
+            ``torch.device``, where SDPA runs as usual so that the outer mode sees it.
         block_size: passed to :func:`attnmap.attention_sums` for the ``blocks`` reduction.
         experts: ``"merge"`` (a pipeline's denoisers, Wan 2.2's two experts, record under the same
             names) or ``"apart"`` (a second denoiser's maps are named ``<attribute>/<name>``).

@@ -204,20 +204,25 @@ def frame_plan(
     background_frames: Optional[int] = None,
 ) -> tuple[Optional[int], Optional[int]]:
     """How the aggregated map's latent frames become output frames: ``(num_frames, temporal_stride)``,
-    one of them None. Onto an original video: its frames; a one-frame map: a still held for
-    ``static_duration`` seconds; else the VAE stride, or the metadata's ``video.frames`` when the stride
-    does not give that count. Checked against :data:`MAX_FRAMES` before any work.
+    one of them None. Onto an original video: its frames (by the VAE stride when it has exactly the
+    frames the stride gives: frame 0 is latent frame 0, each later latent frame covers ``stride``
+    frames, as the VAE encoded them); a one-frame map: a still held for ``static_duration`` seconds;
+    else the VAE stride, or the metadata's ``video.frames`` when the stride does not give that count.
+    Checked against :data:`MAX_FRAMES` before any work.
 
     Raises:
         AttnmapError: an output frame count above the limit, naming where it came from.
     """
+    stride = vae_stride(meta)
     if background_frames is not None and latent_frames > 1:
+        if stride is not None and background_frames == 1 + (latent_frames - 1) * stride:
+            _bounded(background_frames, "original video frames")
+            return None, stride
         return _bounded(background_frames, "original video frames"), None
     if latent_frames == 1:
         frames = max(1, round(options.static_duration * fps))
         return _bounded(frames, "static_duration"), None
     meta_frames = _positive_int(video_info(meta).get("frames"))
-    stride = vae_stride(meta)
     if meta_frames is not None and (stride is None or meta_frames != 1 + (latent_frames - 1) * stride):
         return _bounded(meta_frames, "metadata video.frames"), None
     if stride is None:
