@@ -253,17 +253,28 @@ def _widths(rows: Sequence[ModelRow], span: Optional[Span], *, trimmed: bool) ->
     return out
 
 
-def _local_shard(call: Intercepted, forward: Forward, h: int, nq: int, nk: int) -> Optional[Shard]:
-    """A call a context-parallel rank makes outside the templated attention on its chunk of the video
-    rows against keys it was given whole (Wan's cross-attention: the local video rows, the whole
-    text); a whole call every rank makes alike (kept by rank 0). None: neither."""
+def _local_shard(call: Intercepted, forward: Forward, h: int, nq: int, nk: int) -> Union[Shard, str, None]:
+    """Where a call a context-parallel rank makes outside diffusers' templated attention sits in the
+    whole call: its chunk of the video rows against keys it was given whole from the module's context
+    (Wan's cross-attention: the local video rows, the whole text), or a whole call of the video every
+    rank makes alike (kept by rank 0 alone). None: no split; a reason where the rows cannot be placed
+    (local rows against local keys, or a sequence attnmap does not know to be whole or chunked): such a
+    call read as whole would be a part of its maps, or counted once per rank."""
     split, grid = forward.split, forward.inputs.grid
-    if split is None or grid is None:
+    if split is None:
         return None
+    if grid is None:
+        return "a call on a context-parallel rank outside a forward whose video grid attnmap read"
+    whole = grid[0] * grid[1] * grid[2]
     given = call.context is not None and 0 <= nk <= call.context  # keys from the module's context
-    if nk == nq and not given:
-        return None  # local queries against local keys: not a call whose rows attnmap can place
-    return split.local(nq, h, grid[0] * grid[1] * grid[2])
+    shard = split.local(nq, h, whole) if given or nq == nk == whole else None
+    if shard is None:
+        return (
+            f"a call of {nq} queries against {nk} keys on context-parallel rank {split.rank} of {split.world} "
+            "made outside diffusers' templated attention: attnmap cannot tell where its rows sit in the whole "
+            "sequence, nor that another rank does not hold the same call (it is not read)"
+        )
+    return shard
 
 
 def _unshardable(place: Placement) -> Optional[str]:
@@ -296,7 +307,15 @@ def plan_call(
         return Skip(f"its mask ({call.entry}) is not a tensor attnmap can read")
     b, h, nq, _ = (int(s) for s in q.shape)
     nk = int(k.shape[2])
+    if call.shard is not None and forward.split is None:
+        return Skip(
+            "a context-parallel rank's shard of a call in a model whose split attnmap did not find (its "
+            "parallel config is not on the watched model): the ranks' maps could not be added up",
+            anywhere=True,
+        )
     shard = call.shard if call.shard is not None else _local_shard(call, forward, h, nq, nk)
+    if isinstance(shard, str):
+        return Skip(shard)
     place = _place(site, call, b, nq if shard is None else shard.queries, nk, forward, options)
     if isinstance(place, Unplaced):
         return Skip(place.reason, place.warn)
