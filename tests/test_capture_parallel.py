@@ -1,0 +1,185 @@
+"""Capture under diffusers' context parallelism, on CPU processes (gloo).
+
+Two and four real processes (``tests/capture_parallel_worker.py``, one per rank) run a tiny Wan and a
+tiny LTX (whose text is split across the ranks too) under ``ContextParallelConfig``: Ulysses (2), ring
+(2), and both (2 x 2, four processes). Each rank captures two steps per block; rank 0's maps must equal
+what one process captures of the same inputs (every reduction: per query row, per key, fine token tiles
+whose rows lie on several ranks, video cubes, per head), every rank must hold them after each step, the
+outputs must be those of the same parallel run without capture, and only rank 0 may write the store.
+
+Every wait is bounded: the processes' group times out after 60 s, and a run that has not ended after
+:data:`DEADLINE` seconds is killed and fails the test with the ranks' logs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import attnmap
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "capture_parallel_worker.py"
+#: seconds one group of processes may run
+DEADLINE = 240.0
+#: the cases each group runs, ``family:ring:ulysses[:heads][:cubes]`` (see the worker)
+GROUPS = {
+    2: ("wan:1:2", "wan:2:1:cubes", "ltx:1:2:heads", "ltx:2:1"),
+    4: ("wan:2:2:heads", "ltx:2:2:cubes"),
+}
+CASES = [(world, case) for world, cases in GROUPS.items() for case in cases]
+
+
+def _launch(world: int, cases: tuple[str, ...], out: Path) -> None:
+    """Run one group of ``world`` processes over ``cases``; fail with their logs where one fails or
+    the group outlives :data:`DEADLINE` (every process is then killed)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "python"), str(HERE)])}
+    env.pop("TRITON_INTERPRET", None)
+    logs = [out / f"log{rank}.txt" for rank in range(world)]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for rank in range(world):
+            with open(logs[rank], "wb") as log:
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            str(WORKER),
+                            str(rank),
+                            str(world),
+                            f"file://{out}/rendezvous",
+                            str(out),
+                            *cases,
+                        ],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        cwd=HERE.parent,
+                    )
+                )
+        end = time.monotonic() + DEADLINE
+        while any(p.poll() is None for p in procs) and time.monotonic() < end:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break  # one rank failed: the others would wait for it until the group's timeout
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
+    codes = [p.returncode for p in procs]
+    if codes != [0] * world:
+        tails = "\n".join(
+            f"--- rank {r} (exit {c}):\n{logs[r].read_text()[-3000:]}" for r, c in enumerate(codes)
+        )
+        pytest.fail(f"the context-parallel run of {cases} failed (exit codes {codes}):\n{tails}")
+
+
+@pytest.fixture(scope="module")
+def runs(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[int, tuple[Path, list[dict[str, torch.Tensor]]]]]:
+    """Each group's folder and its ranks' results."""
+    found: dict[int, tuple[Path, list[dict[str, torch.Tensor]]]] = {}
+    for world, cases in GROUPS.items():
+        out = tmp_path_factory.mktemp(f"world{world}")
+        _launch(world, cases, out)
+        found[world] = (out, [load_file(str(out / f"rank{r}.safetensors")) for r in range(world)])
+    yield found
+
+
+@pytest.fixture(scope="module")
+def single(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Path, dict[str, dict[str, torch.Tensor]]]]:
+    """What one process captures of each case's inputs, and its store's folder."""
+    sys.path.insert(0, str(HERE))
+    import capture_parallel_worker as worker
+
+    out = tmp_path_factory.mktemp("single")
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="attnmap.capture: blocks with video cubes"
+        )  # no cubes on text
+        for _, case in CASES:
+            found[case] = worker.run_case(case, -1, out)
+    yield out, found
+
+
+def _of(results: dict[str, torch.Tensor], case: str) -> dict[str, torch.Tensor]:
+    return {k[len(case) + 1 :]: v for k, v in results.items() if k.startswith(case + "|")}
+
+
+@pytest.mark.parametrize(("world", "case"), CASES, ids=[f"{w}procs-{c}" for w, c in CASES])
+def test_every_rank_holds_the_single_process_maps(
+    runs: dict[int, tuple[Path, list[dict[str, torch.Tensor]]]],
+    single: tuple[Path, dict[str, dict[str, torch.Tensor]]],
+    world: int,
+    case: str,
+) -> None:
+    want = {k: v for k, v in _of(single[1][case], case).items() if k.count("|") == 2}  # name|step|block
+    names = {k.split("|")[0] for k in want}
+    assert {"cross", "temporal", "received", "blocks", "entropy", "distance", "received/text"} <= names
+    assert {k.split("|")[1] for k in want} == {"0", "1"} and {k.split("|")[2] for k in want} == {"0", "1"}
+    for rank, results in enumerate(runs[world][1]):
+        got = {k: v for k, v in _of(results, case).items() if k.count("|") == 2}
+        assert sorted(got) == sorted(want), f"rank {rank}"
+        for key, value in want.items():
+            assert got[key].shape == value.shape, (rank, key)
+            assert value.abs().nan_to_num().max() > 0, key  # a map of something
+            torch.testing.assert_close(
+                got[key], value, atol=1e-5, rtol=0, equal_nan=True, msg=f"rank {rank} {key}"
+            )
+
+
+@pytest.mark.parametrize(("world", "case"), CASES, ids=[f"{w}procs-{c}" for w, c in CASES])
+def test_output_equals_the_run_without_capture(
+    runs: dict[int, tuple[Path, list[dict[str, torch.Tensor]]]],
+    single: tuple[Path, dict[str, dict[str, torch.Tensor]]],
+    world: int,
+    case: str,
+) -> None:
+    for rank, results in enumerate(runs[world][1]):
+        got = _of(results, case)
+        for step in (0, 1):
+            assert torch.equal(got[f"captured|{step}"], got[f"plain|{step}"]), (rank, step)
+            # and the parallel run is the model's (so the maps above are of the same attention)
+            alone = _of(single[1][case], case)[f"plain|{step}"]
+            torch.testing.assert_close(got[f"plain|{step}"], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("world", "case"), CASES, ids=[f"{w}procs-{c}" for w, c in CASES])
+def test_only_rank_zero_writes_the_store(
+    runs: dict[int, tuple[Path, list[dict[str, torch.Tensor]]]],
+    single: tuple[Path, dict[str, dict[str, torch.Tensor]]],
+    world: int,
+    case: str,
+) -> None:
+    out = runs[world][0]
+    name = case.replace(":", "-")
+    assert [r for r in range(world) if (out / f"store-{name}-rank{r}").exists()] == [0]
+    mine, theirs = (
+        attnmap.open_store(out / f"store-{name}-rank0"),
+        attnmap.open_store(single[0] / f"store-{name}-rank-1"),
+    )
+    assert mine.videos() == theirs.videos() == ["v"] and mine.is_complete("v")
+    assert mine.steps("v") == theirs.steps("v") == [0, 1]
+    meta = mine.metadata("v")
+    ring, ulysses = (int(x) for x in case.split(":")[1:3])
+    assert meta["context_parallel"] == {"ranks": world, "ring": ring, "ulysses": ulysses}
+    for step in (0, 1):
+        assert mine.names("v", step) == theirs.names("v", step)
+        for map_name in mine.names("v", step):
+            a, b = mine.load("v", map_name, step), theirs.load("v", map_name, step)
+            np.testing.assert_allclose(a, b, atol=2e-3, rtol=2e-3, err_msg=map_name)  # float16 on disk
