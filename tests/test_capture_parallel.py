@@ -17,16 +17,21 @@ import os
 import subprocess
 import sys
 import time
+import types
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.overrides import TorchFunctionMode
 
 import attnmap
+import tiny_models
+from tiny_models import softmax64
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "capture_parallel_worker.py"
@@ -103,7 +108,6 @@ def single(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Path, dict[str, dict[str, torch.Tensor]]]]:
     """What one process captures of each case's inputs, and its store's folder."""
-    sys.path.insert(0, str(HERE))
     import capture_parallel_worker as worker
 
     out = tmp_path_factory.mktemp("single")
@@ -183,3 +187,166 @@ def test_only_rank_zero_writes_the_store(
         for map_name in mine.names("v", step):
             a, b = mine.load("v", map_name, step), theirs.load("v", map_name, step)
             np.testing.assert_allclose(a, b, atol=2e-3, rtol=2e-3, err_msg=map_name)  # float16 on disk
+
+
+# -- frameworks whose sharding attnmap cannot see --------------------------------------------------
+# ParaAttention and xDiT are not installed here: the fakes below mimic exactly the points attnmap
+# detects them by (module names, ParaAttention's `func is F.scaled_dot_product_attention`, xDiT's
+# sequence-parallel world size and its `USP` entry point).
+
+
+def _fake_modules(monkeypatch: pytest.MonkeyPatch, **modules: dict[str, Any]) -> dict[str, types.ModuleType]:
+    """Modules named like a framework's, with the given globals, in sys.modules for one test."""
+    made = {}
+    for name, namespace in modules.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(namespace)
+        monkeypatch.setitem(sys.modules, name, module)
+        made[name] = module
+    return made
+
+
+def _para_attn_mode(monkeypatch: pytest.MonkeyPatch) -> type[TorchFunctionMode]:
+    """A function mode like ParaAttention's UlyssesAttnMode: it runs its parallel attention (here: it
+    counts it, then runs SDPA) only when ``func is F.scaled_dot_product_attention``."""
+
+    class UlyssesAttnMode(TorchFunctionMode):
+        disabled = False
+        parallel = 0  # calls it ran its parallel attention for
+
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            if UlyssesAttnMode.disabled:
+                return func(*args, **kwargs)
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                UlyssesAttnMode.parallel += 1
+                return torch.nn.functional.scaled_dot_product_attention(*args, **kwargs)
+            return func(*args, **kwargs)
+
+    UlyssesAttnMode.__module__ = "para_attn.para_attn_interface"
+    _fake_modules(
+        monkeypatch, para_attn={}, **{"para_attn.para_attn_interface": {"UlyssesAttnMode": UlyssesAttnMode}}
+    )
+    return UlyssesAttnMode
+
+
+def test_paraattention_keeps_its_parallelism_and_nothing_is_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    mode = _para_attn_mode(monkeypatch)
+    model, kwargs = tiny_models.wan(0)
+    with torch.no_grad():
+        with mode():
+            alone = model(**kwargs)[0]
+        assert mode.parallel == 4  # 2 blocks x (self, cross)
+        with pytest.warns(
+            UserWarning, match="ParaAttention's UlyssesAttnMode computes this attention"
+        ) as seen:
+            with attnmap.capture(model, reductions=("cross", "temporal")) as rec, mode():
+                captured = model(**kwargs)[0]
+    assert mode.parallel == 8  # every call still ran ParaAttention's parallel attention
+    assert torch.equal(captured, alone)
+    assert len([w for w in seen if "ParaAttention" in str(w.message)]) == 1  # one warning
+    assert rec.names == [] and rec.steps == []  # nothing partial recorded as whole
+
+
+def test_paraattention_disabled_is_read_as_usual(monkeypatch: pytest.MonkeyPatch) -> None:
+    mode = _para_attn_mode(monkeypatch)
+    model, kwargs = tiny_models.wan(0)
+    with torch.no_grad():
+        with attnmap.capture(model, reductions=("temporal",)) as plain:
+            model(**kwargs)
+        monkeypatch.setattr(mode, "disabled", True)
+        with attnmap.capture(model, reductions=("temporal",)) as rec, mode():
+            model(**kwargs)
+    assert mode.parallel == 0
+    torch.testing.assert_close(rec.get("temporal"), plain.get("temporal"), atol=1e-6, rtol=0)
+
+
+#: a user's model calling xDiT's USP by the name it imported (as xDiT's examples' processors do)
+USP_USER = """
+import torch
+from xfuser.model_executor.layers.usp import USP
+
+
+class Net(torch.nn.Module):
+    def forward(self, x):  # [B, H, N, D]
+        return USP(x, x.flip(-1), x)
+"""
+
+
+def _fake_xdit(monkeypatch: pytest.MonkeyPatch, world: int) -> types.ModuleType:
+    """xDiT's distributed state (``world`` sequence-parallel ranks) and USP (here: SDPA, as USP runs
+    on one rank), and a user's module calling USP."""
+
+    def USP(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float = 0.0,
+            is_causal: bool = False) -> torch.Tensor:  # fmt: skip
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=is_causal)
+
+    state = {"get_sequence_parallel_world_size": lambda: world}
+    _fake_modules(
+        monkeypatch,
+        xfuser={},
+        **{"xfuser.core": {}, "xfuser.core.distributed": state, "xfuser.model_executor": {},
+           "xfuser.model_executor.layers": {}, "xfuser.model_executor.layers.usp": {"USP": USP}},
+    )  # fmt: skip
+    user = types.ModuleType("usp_user")
+    monkeypatch.setitem(sys.modules, "usp_user", user)
+    exec(compile(USP_USER, "usp_user.py", "exec"), user.__dict__)
+    return user
+
+
+def test_xdit_usp_across_ranks_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = _fake_xdit(monkeypatch, world=2).Net()
+    x = torch.randn(1, 2, 8, 4)
+    alone = net(x)
+    with pytest.warns(UserWarning, match="xDiT's USP runs this attention split across") as seen:
+        with attnmap.capture(
+            net, layout=attnmap.Layout.self_attn(grid=(2, 2, 2)), reductions=("temporal",)
+        ) as rec:
+            captured = net(x)
+            net(x)
+    assert torch.equal(captured, alone)
+    assert len(seen) == 1 and rec.names == []
+
+
+def test_xdit_usp_on_one_rank_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = _fake_xdit(monkeypatch, world=1).Net()
+    x = torch.randn(1, 2, 8, 4)
+    with attnmap.capture(
+        net, layout=attnmap.Layout.self_attn(grid=(2, 2, 2)), reductions=("temporal",)
+    ) as rec:
+        net(x)
+    p = softmax64(x, x.flip(-1))[0]  # [H, N, N]
+    frames = p.reshape(2, 2, 4, 2, 4).sum(-1).mean(2)  # [H, F, F]: mean over a frame's queries
+    torch.testing.assert_close(rec.get("temporal")[0], frames.mean(0).float(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "own"])
+def test_xdit_processor_across_ranks_is_named(monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:
+    """A processor of xDiT's own (its class defined under ``xfuser``) on a rank's chunk: an SDPA call
+    of its local rows is not read as whole, and a kernel attnmap does not see is named as xDiT's, not
+    as an unknown kernel."""
+    _fake_xdit(monkeypatch, world=2)
+
+    class xFuserAttnProcessor:  # xDiT's name
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            if kernel == "sdpa":
+                return torch.nn.functional.scaled_dot_product_attention(x, x, x)
+            return torch.softmax(x @ x.transpose(-1, -2), -1) @ x
+
+    xFuserAttnProcessor.__module__ = "xfuser.model_executor.layers.attention_processor"
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.processor = xFuserAttnProcessor()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.processor(x)
+
+    net = Net()
+    with pytest.warns(UserWarning, match="xDiT's USP runs this attention split across") as seen:
+        with attnmap.capture(
+            net, layout=attnmap.Layout.self_attn(grid=(2, 2, 2)), reductions=("temporal",)
+        ) as rec:
+            net(torch.randn(1, 2, 8, 4))
+    assert len(seen) == 1 and rec.names == []

@@ -91,6 +91,7 @@ class Site:
     context: int = UNKNOWN  # tokens of the encoder_hidden_states its current forward was given
     context_arg: Optional[int] = None  # the position of encoder_hidden_states among its forward's args
     takes_context: bool = False  # its forward takes encoder_hidden_states
+    refused: Optional[str] = None  # why its current forward's calls are not read (xDiT's processor)
 
 
 @dataclass(frozen=True, eq=False)
@@ -344,6 +345,7 @@ class Interceptor:
         def push(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             site.calls = 0
             site.entered = True
+            site.refused = None if torch.compiler.is_compiling() else parallel.foreign_processor(module)
             given = kwargs.get("encoder_hidden_states")
             if given is None and site.context_arg is not None and len(args) > site.context_arg:
                 given = args[site.context_arg]
@@ -384,6 +386,8 @@ class Interceptor:
         site = self.stack[-1]
         index = site.calls
         site.calls += 1
+        if refused is None and not torch.compiler.is_compiling():  # a framework's sharding
+            refused = site.refused or (None if _alone() else parallel.foreign_mode())
         if torch.compiler.is_compiling() and shard is None and refused is None:
             blocked = mask is _UNREADABLE
             self._observe(
@@ -455,6 +459,10 @@ class Interceptor:
         wrapper = self._sdpa_wrapper(previous)
         for module in [functional, *list(sys.modules.values())]:
             namespace = getattr(module, "__dict__", None)
+            if getattr(module, "__name__", "").startswith("torch._C"):
+                # torch hands a function mode the function of this name in torch._C._nn: left as it is,
+                # a mode sees torch's own SDPA, which _beside_a_mode puts back on functional for it
+                continue
             if isinstance(namespace, dict) and namespace.get("scaled_dot_product_attention") is previous:
                 self._patches.append(_Patch(module, "scaled_dot_product_attention", previous))
                 setattr(module, "scaled_dot_product_attention", wrapper)  # noqa: B010

@@ -49,9 +49,10 @@ XDIT_REFUSED = (
     "these calls are not recorded (run the model with diffusers' enable_parallelism to capture it)"
 )
 PARA_REFUSED = (
-    "ParaAttention's {mode} splits this attention across ranks inside its function mode, where attnmap "
-    "cannot see whole rows or their place in the sequence; these calls are not recorded and its "
-    "parallelism runs as it would alone (run the model with diffusers' enable_parallelism to capture it)"
+    "ParaAttention's {mode} computes this attention its own way inside its function mode (split across "
+    "ranks: Ulysses heads, ring key shards on the rank's chunk of the sequence; or batched, or sparse), "
+    "where attnmap cannot see whole rows or their place in the sequence; these calls are not recorded and "
+    "ParaAttention runs as it would alone (run the model with diffusers' enable_parallelism to capture it)"
 )
 
 
@@ -213,8 +214,16 @@ def widen(out: dict[str, torch.Tensor], shard: Shard, per_head: bool) -> dict[st
 
 
 def foreign_mode() -> Optional[str]:
-    """The refusal of a ParaAttention function mode that is active (its attention split across ranks
-    inside it), None where none is."""
+    """The refusal of a ParaAttention function mode that is active, None where none is.
+
+    ParaAttention's modes (``para_attn.para_attn_interface``: ``UnifiedAttnMode``, ``UlyssesAttnMode``,
+    ``RingAttnMode``; also ``InBatchAttnMode`` and the sparse modes of ``para_attn.sparse_attn``) take
+    every ``F.scaled_dot_product_attention`` call made inside them and compute it their own way: split
+    across ranks (Ulysses' heads, the ring's key shards, on the rank's local chunk of the sequence), or
+    batched, or sparse. attnmap sees the local call the model made, not what the mode computed, so it
+    reads none of them. A mode is known by its class's module (``para_attn`` or below) and its
+    class-level ``disabled`` flag; ParaAttention itself need not be installed (the tests mimic it).
+    """
     from torch.overrides import _get_current_function_mode_stack
 
     for mode in _get_current_function_mode_stack():
@@ -225,7 +234,8 @@ def foreign_mode() -> Optional[str]:
 
 
 def xdit_parallel() -> bool:
-    """xDiT runs with more than one sequence-parallel rank."""
+    """xDiT runs with more than one sequence-parallel rank (its ``xfuser.core.distributed`` state, where
+    it has been imported and initialised; xDiT itself need not be installed)."""
     import sys
 
     state = sys.modules.get("xfuser.core.distributed")
@@ -234,6 +244,16 @@ def xdit_parallel() -> bool:
         return callable(size) and int(size()) > 1
     except Exception:  # its state not initialised: no sequence parallelism
         return False
+
+
+def foreign_processor(module: torch.nn.Module) -> Optional[str]:
+    """The refusal of an attention module whose processor is xDiT's (its class defined under
+    ``xfuser``) while xDiT runs sequence parallelism: such processors run USP's all-to-all and ring
+    kernels on the rank's chunk of the sequence, which attnmap cannot see whole. None otherwise."""
+    processor = getattr(module, "processor", None)
+    if processor is None or type(processor).__module__.split(".")[0] != "xfuser":
+        return None
+    return XDIT_REFUSED if xdit_parallel() else None
 
 
 def _manifest(keys: Sequence[Any], totals: Sequence[torch.Tensor], counts: Sequence[torch.Tensor]) -> int:
@@ -290,6 +310,7 @@ __all__ = [
     "assemble",
     "combine",
     "foreign_mode",
+    "foreign_processor",
     "split_of",
     "widen",
     "xdit_parallel",
