@@ -5,7 +5,10 @@ Run as ``python capture_parallel_worker.py RANK WORLD RENDEZVOUS OUT CASE...`` (
 gloo process group on the CPU, then for each case builds the tiny model (the same seed on every rank),
 enables diffusers' context parallelism on it and runs it twice: without capture, then under
 ``attnmap.capture`` over two steps with its own store root. It writes ``OUT/rank<r>.safetensors``:
-each case's outputs and, on every rank, the maps the recorder holds (``<case>|<name>|<step>|<block>``).
+each case's outputs and, on every rank, the maps the recorder holds (``<case>|<name>|<step>|<block>``),
+and ``OUT/warnings<r>.json``: each case's warnings from attnmap. A case may add ``heads`` (per head),
+``cubes`` (video cubes for ``blocks``) and ``local`` (the self-attention's processors told to attend
+the rank's chunk alone, outside diffusers' templated attention: calls attnmap must refuse).
 
 The CPU needs three shims diffusers 0.42 leaves to an accelerator: the ``cpu:gloo`` backend, one
 device per process (``torch.accelerator.device_count``), ``Logger.warning_once``; and a forward op
@@ -16,6 +19,7 @@ that returns the rows' logsumexp for the ring, which diffusers' native op refuse
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import sys
@@ -81,20 +85,34 @@ def step_inputs(kwargs: dict[str, Any], seed: int, timestep: int) -> dict[str, A
     }
 
 
-def run_case(case: str, rank: int, out: Path) -> dict[str, torch.Tensor]:
+def run_case(case: str, rank: int, out: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     """One case on this rank (``rank`` -1: one process, no parallelism): outputs without and with
-    capture, and the maps held."""
-    import attnmap
-
+    capture and the maps held, and the warnings attnmap gave."""
     family, ring, ulysses, *extra = case.split(":")
-    per_head = "heads" in extra
-    block_size = CUBES if "cubes" in extra else BLOCK_SIZE
     model, kwargs = build(family)
     if rank >= 0:
         from diffusers import ContextParallelConfig
 
         config = ContextParallelConfig(ring_degree=int(ring), ulysses_degree=int(ulysses))
         model.enable_parallelism(config=config)
+        if "local" in extra:  # self-attention on the rank's chunk alone, outside the templated attention
+            for name, module in model.named_modules():
+                if name.endswith("attn1"):
+                    module.processor._parallel_config = None
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        found = _capture(case, model, kwargs, rank, out)
+    return found, [str(w.message) for w in seen if str(w.message).startswith("attnmap")]
+
+
+def _capture(
+    case: str, model: torch.nn.Module, kwargs: dict[str, Any], rank: int, out: Path
+) -> dict[str, torch.Tensor]:
+    import attnmap
+
+    extra = case.split(":")[3:]
+    per_head = "heads" in extra
+    block_size = CUBES if "cubes" in extra else BLOCK_SIZE
     found: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for i, (seed, timestep) in enumerate(STEPS):
@@ -122,7 +140,6 @@ def run_case(case: str, rank: int, out: Path) -> dict[str, torch.Tensor]:
 def main(argv: list[str]) -> None:
     rank, world, rendezvous, out, cases = int(argv[0]), int(argv[1]), argv[2], Path(argv[3]), argv[4:]
     warnings.simplefilter("default")
-    warnings.filterwarnings("error", message="attnmap.capture: skipping")  # a call skipped fails the rank
     shim()
     import torch.distributed as dist
     from safetensors.torch import save_file
@@ -137,9 +154,12 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     try:
         found: dict[str, torch.Tensor] = {}
+        said: dict[str, list[str]] = {}
         for case in cases:
-            found.update(run_case(case, rank, out))
+            maps, said[case] = run_case(case, rank, out)
+            found.update(maps)
         save_file(found, str(out / f"rank{rank}.safetensors"))
+        (out / f"warnings{rank}.json").write_text(json.dumps(said))
     finally:
         dist.destroy_process_group()
 

@@ -13,12 +13,12 @@ Every wait is bounded: the processes' group times out after 60 s, and a run that
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 import types
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,12 +37,17 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "capture_parallel_worker.py"
 #: seconds one group of processes may run
 DEADLINE = 240.0
-#: the cases each group runs, ``family:ring:ulysses[:heads][:cubes]`` (see the worker)
+#: a case whose self-attention attends the rank's chunk alone, outside diffusers' templated attention
+LOCAL = "wan:1:2:local"
+#: the cases each group runs, ``family:ring:ulysses[:heads][:cubes][:local]`` (see the worker)
 GROUPS = {
-    2: ("wan:1:2", "wan:2:1:cubes", "ltx:1:2:heads", "ltx:2:1"),
+    2: ("wan:1:2", "wan:2:1:cubes", "ltx:1:2:heads", "ltx:2:1", LOCAL),
     4: ("wan:2:2:heads", "ltx:2:2:cubes"),
 }
-CASES = [(world, case) for world, cases in GROUPS.items() for case in cases]
+#: the cases a single process captures alike
+CASES = [(world, case) for world, cases in GROUPS.items() for case in cases if case != LOCAL]
+#: a group's folder, its ranks' results and their warnings per case
+Run = tuple[Path, list[dict[str, torch.Tensor]], list[dict[str, list[str]]]]
 
 
 def _launch(world: int, cases: tuple[str, ...], out: Path) -> None:
@@ -91,15 +96,15 @@ def _launch(world: int, cases: tuple[str, ...], out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[dict[int, tuple[Path, list[dict[str, torch.Tensor]]]]]:
-    """Each group's folder and its ranks' results."""
-    found: dict[int, tuple[Path, list[dict[str, torch.Tensor]]]] = {}
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, Run]]:
+    """Each group's run."""
+    found: dict[int, Run] = {}
     for world, cases in GROUPS.items():
         out = tmp_path_factory.mktemp(f"world{world}")
         _launch(world, cases, out)
-        found[world] = (out, [load_file(str(out / f"rank{r}.safetensors")) for r in range(world)])
+        results = [load_file(str(out / f"rank{r}.safetensors")) for r in range(world)]
+        said = [json.loads((out / f"warnings{r}.json").read_text()) for r in range(world)]
+        found[world] = (out, results, said)
     yield found
 
 
@@ -112,12 +117,9 @@ def single(
 
     out = tmp_path_factory.mktemp("single")
     found: dict[str, dict[str, torch.Tensor]] = {}
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="attnmap.capture: blocks with video cubes"
-        )  # no cubes on text
-        for _, case in CASES:
-            found[case] = worker.run_case(case, -1, out)
+    for _, case in CASES:
+        found[case], said = worker.run_case(case, -1, out)
+        assert not [w for w in said if "skipping" in w], said
     yield out, found
 
 
@@ -127,7 +129,7 @@ def _of(results: dict[str, torch.Tensor], case: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(("world", "case"), CASES, ids=[f"{w}procs-{c}" for w, c in CASES])
 def test_every_rank_holds_the_single_process_maps(
-    runs: dict[int, tuple[Path, list[dict[str, torch.Tensor]]]],
+    runs: dict[int, Run],
     single: tuple[Path, dict[str, dict[str, torch.Tensor]]],
     world: int,
     case: str,
@@ -137,6 +139,7 @@ def test_every_rank_holds_the_single_process_maps(
     assert {"cross", "temporal", "received", "blocks", "entropy", "distance", "received/text"} <= names
     assert {k.split("|")[1] for k in want} == {"0", "1"} and {k.split("|")[2] for k in want} == {"0", "1"}
     for rank, results in enumerate(runs[world][1]):
+        assert not [w for w in runs[world][2][rank][case] if "skipping" in w], f"rank {rank}"
         got = {k: v for k, v in _of(results, case).items() if k.count("|") == 2}
         assert sorted(got) == sorted(want), f"rank {rank}"
         for key, value in want.items():
@@ -149,7 +152,7 @@ def test_every_rank_holds_the_single_process_maps(
 
 @pytest.mark.parametrize(("world", "case"), CASES, ids=[f"{w}procs-{c}" for w, c in CASES])
 def test_output_equals_the_run_without_capture(
-    runs: dict[int, tuple[Path, list[dict[str, torch.Tensor]]]],
+    runs: dict[int, Run],
     single: tuple[Path, dict[str, dict[str, torch.Tensor]]],
     world: int,
     case: str,
@@ -165,7 +168,7 @@ def test_output_equals_the_run_without_capture(
 
 @pytest.mark.parametrize(("world", "case"), CASES, ids=[f"{w}procs-{c}" for w, c in CASES])
 def test_only_rank_zero_writes_the_store(
-    runs: dict[int, tuple[Path, list[dict[str, torch.Tensor]]]],
+    runs: dict[int, Run],
     single: tuple[Path, dict[str, dict[str, torch.Tensor]]],
     world: int,
     case: str,
@@ -187,6 +190,20 @@ def test_only_rank_zero_writes_the_store(
         for map_name in mine.names("v", step):
             a, b = mine.load("v", map_name, step), theirs.load("v", map_name, step)
             np.testing.assert_allclose(a, b, atol=2e-3, rtol=2e-3, err_msg=map_name)  # float16 on disk
+
+
+def test_local_rows_outside_the_templated_attention_are_refused(runs: dict[int, Run]) -> None:
+    """A self-attention made on the rank's chunk of the video against its chunk of keys (here: its
+    processor told no parallel config) has rows attnmap cannot place: every rank refuses it with a
+    warning, and keeps only the calls it can place (the cross calls: local rows, the whole text)."""
+    _, results, said = runs[2]
+    for rank in range(2):
+        names = {k.split("|")[0] for k in _of(results[rank], LOCAL) if k.count("|") == 2}
+        assert "cross" in names and all(n == "cross" or n.endswith("/text") for n in names), (rank, names)
+        refused = [w for w in said[rank][LOCAL] if "made outside diffusers' templated attention" in w]
+        assert len(refused) == 2 and all("blocks." in w and ".attn1'" in w for w in refused), said[rank][
+            LOCAL
+        ]
 
 
 # -- frameworks whose sharding attnmap cannot see --------------------------------------------------

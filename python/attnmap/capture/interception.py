@@ -15,15 +15,16 @@ The entry points:
   rank's query rows against the whole keys, with a :class:`~attnmap.capture.parallel.Shard` saying
   where they sit; nothing inside it is read again at SDPA. The dispatcher's own view of such a call
   (the local chunks) is never read;
-- xDiT's ``USP`` (replaced where it is looked up) and ParaAttention's function modes (seen on the
-  mode stack at each SDPA call): their calls are refused with a reason naming the framework, never
-  read as whole, and SDPA runs under a foreign mode as the plain torch function (a mode that asks
-  ``func is F.scaled_dot_product_attention`` gets yes);
+- xDiT's ``USP`` (replaced where it is looked up), xDiT's attention processors and ParaAttention's
+  function modes (seen on the mode stack at each call): their calls are refused with a reason naming
+  the framework, never read as whole, and SDPA runs under a foreign mode as the plain torch function
+  (a mode that asks ``func is F.scaled_dot_product_attention`` gets yes);
 - transformers' attention interface (``AttentionInterface``'s functions: sdpa, flash_attention_*,
   flex_attention) and the ``eager_attention_forward`` of a watched module's modeling file;
 - ``torch.nn.functional.scaled_dot_product_attention``, replaced on ``torch.nn.functional`` and in
-  every module that imported it by name, for every processor that calls it itself (and for the
-  SDPA backends above). A replaced function, unlike a ``TorchFunctionMode``, is traced by
+  every module that imported it by name (never in ``torch._C._nn``, where torch finds the function
+  it hands a function mode), for every processor that calls it itself (and for the SDPA backends
+  above). A replaced function, unlike a ``TorchFunctionMode``, is traced by
   ``torch.compile`` like any other Python, so a compiled model is compiled as it would be alone.
   (While a user's ``TorchFunctionMode`` is active, ``torch.nn.functional.scaled_dot_product_attention``
   is torch's own function again for the length of each call, so that the mode sees the function it
@@ -91,7 +92,6 @@ class Site:
     context: int = UNKNOWN  # tokens of the encoder_hidden_states its current forward was given
     context_arg: Optional[int] = None  # the position of encoder_hidden_states among its forward's args
     takes_context: bool = False  # its forward takes encoder_hidden_states
-    refused: Optional[str] = None  # why its current forward's calls are not read (xDiT's processor)
 
 
 @dataclass(frozen=True, eq=False)
@@ -345,7 +345,6 @@ class Interceptor:
         def push(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             site.calls = 0
             site.entered = True
-            site.refused = None if torch.compiler.is_compiling() else parallel.foreign_processor(module)
             given = kwargs.get("encoder_hidden_states")
             if given is None and site.context_arg is not None and len(args) > site.context_arg:
                 given = args[site.context_arg]
@@ -387,7 +386,9 @@ class Interceptor:
         index = site.calls
         site.calls += 1
         if refused is None and not torch.compiler.is_compiling():  # a framework's sharding
-            refused = site.refused or (None if _alone() else parallel.foreign_mode())
+            refused = parallel.foreign_processor(site.module) or (
+                None if _alone() else parallel.foreign_mode()
+            )
         if torch.compiler.is_compiling() and shard is None and refused is None:
             blocked = mask is _UNREADABLE
             self._observe(

@@ -25,9 +25,27 @@ counts: their sum over the ranks is the single process's. :func:`combine` adds t
 context-parallel group when a step ends (checking first that every rank holds the same maps), so that
 every rank, rank 0 included, then holds the whole maps.
 
-Frameworks whose sharding attnmap cannot see (xDiT's USP, ParaAttention's function modes) are named
-by :func:`foreign_mode` and :data:`XDIT`: their calls are refused with one warning, never read as
-whole. Private to :mod:`attnmap.capture`.
+Under ring attention every reduction is exact too, the per-key ones (``received``, fine ``blocks``)
+included: the shards' keys are the all-gathered views diffusers already holds, so each of the rank's
+rows is reduced against every key in one pass (its softmax over the whole row, never a shard's partial
+sums taken as whole), and no communication is added but the step's one all-reduce.
+
+A call a rank makes outside the templated function is read only where its rows can be placed: its
+chunk of the video against keys given whole (the cross-attention above), or a whole video call every
+rank makes alike (kept by rank 0). Local rows against local keys are refused with a warning.
+
+Frameworks whose sharding attnmap cannot see are refused with one warning naming them, never read as
+whole; neither framework need be installed (detection is by module names, and the tests mimic them):
+- xDiT: its ``USP`` (:data:`XDIT`, replaced where it is looked up) and attention processors whose class
+  is defined under ``xfuser`` (:func:`foreign_processor`), while its ``xfuser.core.distributed`` state
+  says more than one sequence-parallel rank (:func:`xdit_parallel`);
+- ParaAttention: its function modes (:func:`foreign_mode`: a class under ``para_attn`` on the mode
+  stack, not ``disabled``). They run their parallel attention only when ``func is
+  F.scaled_dot_product_attention``; attnmap never replaces SDPA in ``torch._C._nn`` (where torch finds
+  the ``func`` it hands a mode) and puts torch's own back on ``torch.nn.functional`` for the length of
+  each call made under a mode, so the identity holds and their parallelism runs as it would alone.
+
+Private to :mod:`attnmap.capture`.
 """
 
 from __future__ import annotations

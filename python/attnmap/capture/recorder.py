@@ -747,9 +747,10 @@ class Recorder:
             silent = [
                 s for s in den.sites if s.name in den.leaves and s.entered and not s.seen and s.role == "auto"
             ]
-            for reason in dict.fromkeys(s.refused for s in silent if s.refused is not None):
+            refused = {s.name: parallel.foreign_processor(s.module) for s in silent}
+            for reason in dict.fromkeys(r for r in refused.values() if r is not None):
                 self._warn(None, reason)  # a framework's processor that ran kernels attnmap cannot see
-            silent = [s for s in silent if s.refused is None]
+            silent = [s for s in silent if refused[s.name] is None]
             if not silent or den.everything:
                 continue
             linear = [s.name for s in silent if self._is_linear(den, s)]
