@@ -6,7 +6,7 @@ gloo process group on the CPU, then for each case builds the tiny model (the sam
 enables diffusers' context parallelism on it and runs it twice: without capture, then under
 ``attnmap.capture`` over two steps with its own store root. It writes ``OUT/rank<r>.safetensors``:
 each case's outputs and, on every rank, the maps the recorder holds (``<case>|<name>|<step>|<block>``),
-and ``OUT/warnings<r>.json``: each case's warnings from attnmap. A case may add ``heads`` (per head),
+and ``OUT/warnings<r>.json``: each case's warnings from attnmap. A case may add ``heads`` (per head), ``batch`` (two rows, each its own text),
 ``cubes`` (video cubes for ``blocks``) and ``local`` (the self-attention's processors told to attend
 the rank's chunk alone, outside diffusers' templated attention: calls attnmap must refuse).
 
@@ -64,13 +64,18 @@ def shim() -> None:
     attention_dispatch._native_attention_forward_op = lse_forward_op
 
 
-def build(family: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The tiny model of ``family`` and its first step's inputs."""
+def build(family: str, batch: int = 1) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The tiny model of ``family`` and its first step's inputs (``batch`` rows, each its own text)."""
     import tiny_models
 
     model, kwargs = getattr(tiny_models, family)(0)
     if family == "ltx":  # diffusers 0.42 shards LTX's text mask but not its heads: Ulysses fails on it
         kwargs["encoder_attention_mask"] = None
+    if batch > 1:
+        gen = torch.Generator().manual_seed(3)
+        for name in ("hidden_states", "encoder_hidden_states"):
+            shape = kwargs[name].shape
+            kwargs[name] = torch.randn(batch, *shape[1:], generator=gen)
     return model, kwargs
 
 
@@ -81,7 +86,7 @@ def step_inputs(kwargs: dict[str, Any], seed: int, timestep: int) -> dict[str, A
     return {
         **kwargs,
         "hidden_states": torch.randn(hidden.shape, generator=gen),
-        "timestep": torch.tensor([timestep]),
+        "timestep": torch.tensor([timestep] * hidden.shape[0]),
     }
 
 
@@ -89,7 +94,7 @@ def run_case(case: str, rank: int, out: Path) -> tuple[dict[str, torch.Tensor], 
     """One case on this rank (``rank`` -1: one process, no parallelism): outputs without and with
     capture and the maps held, and the warnings attnmap gave."""
     family, ring, ulysses, *extra = case.split(":")
-    model, kwargs = build(family)
+    model, kwargs = build(family, 2 if "batch" in extra else 1)
     if rank >= 0:
         from diffusers import ContextParallelConfig
 
@@ -125,7 +130,7 @@ def _capture(
             per_head=per_head,
             block_size=block_size,
             store=store,
-            video_id="v",
+            video_id=["v", "w"][: kwargs["hidden_states"].shape[0]],
         ) as rec:
             for i, (seed, timestep) in enumerate(STEPS):
                 found[f"{case}|captured|{i}"] = model(**step_inputs(kwargs, seed, timestep))[0]

@@ -4,8 +4,10 @@ Two and four real processes (``tests/capture_parallel_worker.py``, one per rank)
 tiny LTX (whose text is split across the ranks too) under ``ContextParallelConfig``: Ulysses (2), ring
 (2), and both (2 x 2, four processes). Each rank captures two steps per block; rank 0's maps must equal
 what one process captures of the same inputs (every reduction: per query row, per key, fine token tiles
-whose rows lie on several ranks, video cubes, per head), every rank must hold them after each step, the
-outputs must be those of the same parallel run without capture, and only rank 0 may write the store.
+whose rows lie on several ranks, video cubes, per head, a batch of two rows with their own text),
+every rank must hold them after each step, the outputs must be those of the same parallel run without
+capture, and only rank 0 may write the store. A rank's call attnmap cannot place is refused, and so
+are the calls of ParaAttention and xDiT (mimicked by small fake modules: neither is installed).
 
 Every wait is bounded: the processes' group times out after 60 s, and a run that has not ended after
 :data:`DEADLINE` seconds is killed and fails the test with the ranks' logs.
@@ -39,9 +41,9 @@ WORKER = HERE / "capture_parallel_worker.py"
 DEADLINE = 240.0
 #: a case whose self-attention attends the rank's chunk alone, outside diffusers' templated attention
 LOCAL = "wan:1:2:local"
-#: the cases each group runs, ``family:ring:ulysses[:heads][:cubes][:local]`` (see the worker)
+#: the cases each group runs, ``family:ring:ulysses[:heads][:cubes][:batch][:local]`` (see the worker)
 GROUPS = {
-    2: ("wan:1:2", "wan:2:1:cubes", "ltx:1:2:heads", "ltx:2:1", LOCAL),
+    2: ("wan:1:2", "wan:2:1:cubes", "ltx:1:2:heads", "ltx:2:1:batch", LOCAL),
     4: ("wan:2:2:heads", "ltx:2:2:cubes"),
 }
 #: the cases a single process captures alike
@@ -180,16 +182,17 @@ def test_only_rank_zero_writes_the_store(
         attnmap.open_store(out / f"store-{name}-rank0"),
         attnmap.open_store(single[0] / f"store-{name}-rank-1"),
     )
-    assert mine.videos() == theirs.videos() == ["v"] and mine.is_complete("v")
-    assert mine.steps("v") == theirs.steps("v") == [0, 1]
-    meta = mine.metadata("v")
+    videos = ["v", "w"] if "batch" in case else ["v"]
+    assert mine.videos() == theirs.videos() == videos
     ring, ulysses = (int(x) for x in case.split(":")[1:3])
-    assert meta["context_parallel"] == {"ranks": world, "ring": ring, "ulysses": ulysses}
-    for step in (0, 1):
-        assert mine.names("v", step) == theirs.names("v", step)
-        for map_name in mine.names("v", step):
-            a, b = mine.load("v", map_name, step), theirs.load("v", map_name, step)
-            np.testing.assert_allclose(a, b, atol=2e-3, rtol=2e-3, err_msg=map_name)  # float16 on disk
+    for video in videos:
+        assert mine.is_complete(video) and mine.steps(video) == theirs.steps(video) == [0, 1]
+        assert mine.metadata(video)["context_parallel"] == {"ranks": world, "ring": ring, "ulysses": ulysses}
+        for step in (0, 1):
+            assert mine.names(video, step) == theirs.names(video, step)
+            for map_name in mine.names(video, step):
+                a, b = mine.load(video, map_name, step), theirs.load(video, map_name, step)
+                np.testing.assert_allclose(a, b, atol=2e-3, rtol=2e-3, err_msg=map_name)  # float16 on disk
 
 
 def test_local_rows_outside_the_templated_attention_are_refused(runs: dict[int, Run]) -> None:
