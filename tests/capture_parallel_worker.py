@@ -8,7 +8,8 @@ enables diffusers' context parallelism on it and runs it twice: without capture,
 each case's outputs and, on every rank, the maps the recorder holds (``<case>|<name>|<step>|<block>``),
 and ``OUT/warnings<r>.json``: each case's warnings from attnmap. A case may add ``heads`` (per head), ``batch`` (two rows, each its own text),
 ``cubes`` (video cubes for ``blocks``) and ``local`` (the self-attention's processors told to attend
-the rank's chunk alone, outside diffusers' templated attention: calls attnmap must refuse).
+the rank's chunk alone, outside diffusers' templated attention: calls attnmap must refuse), and
+``compiled`` (the model run through ``torch.compile`` with dynamo's eager backend).
 
 The CPU needs three shims diffusers 0.42 leaves to an accelerator: the ``cpu:gloo`` backend, one
 device per process (``torch.accelerator.device_count``), ``Logger.warning_once``; and a forward op
@@ -104,6 +105,8 @@ def run_case(case: str, rank: int, out: Path) -> tuple[dict[str, torch.Tensor], 
             for name, module in model.named_modules():
                 if name.endswith("attn1"):
                     module.processor._parallel_config = None
+    if "compiled" in extra:
+        model = torch.compile(model, backend="eager")
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         found = _capture(case, model, kwargs, rank, out)

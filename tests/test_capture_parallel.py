@@ -41,13 +41,16 @@ WORKER = HERE / "capture_parallel_worker.py"
 DEADLINE = 240.0
 #: a case whose self-attention attends the rank's chunk alone, outside diffusers' templated attention
 LOCAL = "wan:1:2:local"
-#: the cases each group runs, ``family:ring:ulysses[:heads][:cubes][:batch][:local]`` (see the worker)
+#: a case run through torch.compile (dynamo; diffusers' templated attention is then not read)
+COMPILED = "wan:1:2:compiled"
+#: the cases each group runs, ``family:ring:ulysses[:heads][:cubes][:batch][:local][:compiled]``
+#: (see the worker)
 GROUPS = {
-    2: ("wan:1:2", "wan:2:1:cubes", "ltx:1:2:heads", "ltx:2:1:batch", LOCAL),
+    2: ("wan:1:2", "wan:2:1:cubes", "ltx:1:2:heads", "ltx:2:1:batch", LOCAL, COMPILED),
     4: ("wan:2:2:heads", "ltx:2:2:cubes"),
 }
 #: the cases a single process captures alike
-CASES = [(world, case) for world, cases in GROUPS.items() for case in cases if case != LOCAL]
+CASES = [(world, case) for world, cases in GROUPS.items() for case in cases if case not in (LOCAL, COMPILED)]
 #: a group's folder, its ranks' results and their warnings per case
 Run = tuple[Path, list[dict[str, torch.Tensor]], list[dict[str, list[str]]]]
 
@@ -207,6 +210,28 @@ def test_local_rows_outside_the_templated_attention_are_refused(runs: dict[int, 
         assert len(refused) == 2 and all("blocks." in w and ".attn1'" in w for w in refused), said[rank][
             LOCAL
         ]
+
+
+def test_a_compiled_model_records_only_what_it_can_place(
+    runs: dict[int, Run], single: tuple[Path, dict[str, dict[str, torch.Tensor]]]
+) -> None:
+    """Under torch.compile the templated attention is traced, not watched: its calls (a Ulysses rank's
+    SDPA holds half the heads) are refused with one warning, never read as whole; the cross calls are
+    read as without compile, and the output is the compiled run's without capture."""
+    _, results, said = runs[2]
+    want = {k: v for k, v in _of(single[1]["wan:1:2"], "wan:1:2").items() if k.count("|") == 2}
+    cross = {k: v for k, v in want.items() if k.split("|")[0] == "cross" or k.split("|")[0].endswith("/text")}
+    for rank in range(2):
+        got = _of(results[rank], COMPILED)
+        assert sorted(k for k in got if k.count("|") == 2) == sorted(cross), rank
+        for key, value in cross.items():
+            torch.testing.assert_close(
+                got[key], value, atol=1e-5, rtol=0, equal_nan=True, msg=f"rank {rank} {key}"
+            )
+        for step in (0, 1):
+            assert torch.equal(got[f"captured|{step}"], got[f"plain|{step}"])
+        refused = [w for w in said[rank][COMPILED] if "skipping" in w]
+        assert len(refused) == 1 and "under torch.compile it is not read" in refused[0], said[rank][COMPILED]
 
 
 # -- frameworks whose sharding attnmap cannot see --------------------------------------------------

@@ -594,8 +594,14 @@ class Interceptor:
 
     def _templated_wrapper(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def _templated_context_parallel_attention(*args: Any, **kwargs: Any) -> Any:
-            if not self.stack or self._busy or torch.compiler.is_compiling():
+            if not self.stack or self._busy:
                 return original(*args, **kwargs)
+            if torch.compiler.is_compiling():  # not read (the dispatcher says so); nor is any call inside
+                self._busy = True  # (a Ulysses rank's SDPA holds a subset of the heads)
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    self._busy = False
             spy = parallel.OpSpy(kwargs["forward_op"])
             busy, self._busy = self._busy, True  # the forward op's own SDPA is read here, not there
             try:
