@@ -9,7 +9,8 @@ each case's outputs and, on every rank, the maps the recorder holds (``<case>|<n
 and ``OUT/warnings<r>.json``: each case's warnings from attnmap. A case may add ``heads`` (per head), ``batch`` (two rows, each its own text),
 ``cubes`` (video cubes for ``blocks``) and ``local`` (the self-attention's processors told to attend
 the rank's chunk alone, outside diffusers' templated attention: calls attnmap must refuse), and
-``compiled`` (the model run through ``torch.compile`` with dynamo's eager backend).
+``compiled`` (the model run through ``torch.compile`` with dynamo's eager backend). The family
+``wanpipe`` is a whole WanPipeline (a target word, a negative prompt, both branches kept).
 
 The CPU needs three shims diffusers 0.42 leaves to an accelerator: the ``cpu:gloo`` backend, one
 device per process (``torch.accelerator.device_count``), ``Logger.warning_once``; and a forward op
@@ -95,7 +96,13 @@ def run_case(case: str, rank: int, out: Path) -> tuple[dict[str, torch.Tensor], 
     """One case on this rank (``rank`` -1: one process, no parallelism): outputs without and with
     capture and the maps held, and the warnings attnmap gave."""
     family, ring, ulysses, *extra = case.split(":")
-    model, kwargs = build(family, 2 if "batch" in extra else 1)
+    if family == "wanpipe":
+        import tiny_models
+
+        pipe = tiny_models.wan_pipeline(0)
+        model, kwargs = pipe.transformer, {"pipe": pipe}
+    else:
+        model, kwargs = build(family, 2 if "batch" in extra else 1)
     if rank >= 0:
         from diffusers import ContextParallelConfig
 
@@ -109,7 +116,8 @@ def run_case(case: str, rank: int, out: Path) -> tuple[dict[str, torch.Tensor], 
         model = torch.compile(model, backend="eager")
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        found = _capture(case, model, kwargs, rank, out)
+        run = _capture_pipeline if family == "wanpipe" else _capture
+        found = run(case, model, kwargs, rank, out)
     return found, [str(w.message) for w in seen if str(w.message).startswith("attnmap")]
 
 
@@ -143,6 +151,52 @@ def _capture(
             for block in rec.blocks:
                 found[f"{case}|{name}|{step}|{block}"] = rec.get(name, step=step, block=block)
     return {k: v.clone().contiguous() for k, v in found.items()}  # a collective's output waited for
+
+
+def _capture_pipeline(
+    case: str, model: torch.nn.Module, kwargs: dict[str, Any], rank: int, out: Path
+) -> dict[str, torch.Tensor]:
+    """The whole pipeline: a prompt with a target word, a negative prompt (both branches kept), its
+    scheduler's steps; the outputs are the latents after each step."""
+    import attnmap
+
+    pipe = kwargs["pipe"]
+
+    def run(name: str, found: dict[str, torch.Tensor]) -> None:
+        def keep(pipe: Any, i: int, t: Any, state: dict[str, Any]) -> dict[str, Any]:
+            found[f"{case}|{name}|{i}"] = state["latents"].clone()
+            return state
+
+        pipe("a (cat) on a mat" if name == "captured" else "a cat on a mat", negative_prompt="blurry",
+             num_frames=9, height=32, width=32, num_inference_steps=len(STEPS), guidance_scale=5.0,
+             generator=torch.Generator().manual_seed(0), output_type="latent", callback_on_step_end=keep)  # fmt: skip
+
+    found: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        run("plain", found)
+        store = out / f"store-{case.replace(':', '-')}-rank{rank}"
+        with attnmap.capture(
+            pipe,
+            reductions=REDUCTIONS,
+            block_size=BLOCK_SIZE,
+            per_block=True,
+            branch="both",
+            store=store,
+            video_id="v",
+        ) as rec:
+            run("captured", found)
+    from attnmap import AttnmapError
+
+    for name in rec.names:
+        for branch in ("cond", "uncond"):
+            for step in rec.steps:
+                for block in rec.blocks:
+                    try:  # a branch holds the names of its prompt (the negative one has no target word)
+                        got = rec.get(name, step=step, block=block, branch=branch)
+                    except AttnmapError:
+                        continue
+                    found[f"{case}|{name if branch == 'cond' else 'uncond/' + name}|{step}|{block}"] = got
+    return {k: v.clone().contiguous() for k, v in found.items()}
 
 
 def main(argv: list[str]) -> None:
