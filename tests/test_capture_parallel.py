@@ -396,3 +396,23 @@ def test_xdit_processor_across_ranks_is_named(monkeypatch: pytest.MonkeyPatch, k
         ) as rec:
             net(torch.randn(1, 2, 8, 4))
     assert len(seen) == 1 and rec.names == []
+
+
+def test_paraattention_inside_a_call_that_is_not_read_keeps_its_parallelism(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ParaAttention's mode around a call attnmap does not read inside (xDiT's USP here): the mode
+    still sees torch's SDPA as ``F.scaled_dot_product_attention``."""
+    mode = _para_attn_mode(monkeypatch)
+    net = _fake_xdit(monkeypatch, world=2).Net()
+    x = torch.randn(1, 2, 8, 4)
+    with mode():
+        alone = net(x)
+    with pytest.warns(UserWarning, match="xDiT's USP") as seen:
+        with attnmap.capture(
+            net, layout=attnmap.Layout.self_attn(grid=(2, 2, 2)), reductions=("temporal",)
+        ) as rec:
+            with mode():
+                captured = net(x)
+    assert mode.parallel == 2 and torch.equal(captured, alone)
+    assert len(seen) == 1 and rec.names == []

@@ -474,10 +474,10 @@ class Interceptor:
         def scaled_dot_product_attention(*args: Any, **kwargs: Any) -> Any:
             # inside a call whose inner attention is not read: sdpa_with_lse's fallback to SDPA, a
             # context-parallel call read at the templated function, a framework's own parallel attention
+            if not torch.compiler.is_compiling() and not _alone():  # busy or not: the mode sees torch's
+                return self._beside_a_mode(previous, args, kwargs)
             if self._busy:
                 return previous(*args, **kwargs)
-            if not torch.compiler.is_compiling() and not _alone():
-                return self._beside_a_mode(previous, args, kwargs)
             # is_compiling() first: a graph being traced reads no option (each value would be a guard)
             if not torch.compiler.is_compiling() and self.stack and self.one_pass is not False and last:
                 call = bind(_SDPA_ARGS, args, kwargs)
@@ -509,11 +509,12 @@ class Interceptor:
         """An SDPA call while a user's function mode is active: torch.nn.functional holds torch's own
         SDPA for its length, so that the mode sees the function it compares with (ParaAttention runs
         its parallel attention only when ``func is F.scaled_dot_product_attention``), and nothing
-        inside is read. The call itself is read as usual, unless the mode splits it across ranks
-        (ParaAttention): then it is refused with that reason."""
+        inside is read. The call itself is read as usual (unless it is inside a call whose inner
+        attention is not read), or refused where the mode computes it its own way (ParaAttention)."""
         functional = torch.nn.functional
         mine = functional.scaled_dot_product_attention
-        refused = parallel.foreign_mode() if self.stack else None
+        read = bool(self.stack) and not self._busy
+        refused = parallel.foreign_mode() if read else None
         functional.scaled_dot_product_attention = _SDPA
         busy, self._busy = self._busy, True
         try:
@@ -521,7 +522,7 @@ class Interceptor:
         finally:
             self._busy = busy
             functional.scaled_dot_product_attention = mine
-        if self.stack:
+        if read:
             call = bind(_SDPA_ARGS, args, kwargs)
             q, k = call.get("query"), call.get("key")
             if refused is not None and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor):
