@@ -55,7 +55,7 @@ import torch
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._device import DeviceContext
 
-from attnmap.capture import parallel
+import attnmap.capture.parallel as parallel
 from attnmap.capture.parallel import Shard
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention
