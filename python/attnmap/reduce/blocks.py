@@ -3,8 +3,8 @@
 Each block holds ``[B, H, rows, Nk]`` fp32 logits (at most ``BLOCK_ENTRIES`` of them), all heads at
 once: one batched matmul per key head, then ``torch.softmax``; the block is reduced into the running
 sums and dropped. Extra memory is O(rows per block x Nk), never O(Nq x Nk). It serves every
-reduction, honours a caller's ``lse``, and is what ``auto`` falls back to where no faster backend
-serves a call.
+reduction, honours a caller's ``lse`` and per-row key ranges (``key_range``), and is what ``auto``
+falls back to where no faster backend serves a call.
 """
 
 from __future__ import annotations
@@ -63,13 +63,17 @@ def block_probs(call: AttentionCall, rows: Union[slice, torch.Tensor], kt: torch
     else:
         s = torch.bmm(q3, kt).view(b, h, r, nk)
         torch.add(call.bias[:, :, None, :], s, alpha=call.scale, out=s)
+    if call.key_range is not None:
+        s.masked_fill_(~call.key_range.allowed(rows)[:, None], -math.inf)
     if call.lse is not None:
         shift = call.lse[:, :, rows]
         # a row whose lse is -inf (every key masked) has no mass: shift by +inf
         shift = torch.where(torch.isneginf(shift), torch.full_like(shift, math.inf), shift)
         return s.sub_(shift[..., None]).exp_()
     p = torch.softmax(s, dim=-1)  # subtracts the row max: huge logits stay exact
-    if call.bias is not None:
+    if call.key_range is not None:  # a row no key is left to: zero (a NaN row stays NaN)
+        p.masked_fill_(torch.isneginf(s).all(dim=-1, keepdim=True), 0.0)
+    elif call.bias is not None:
         # q and k finite: a row is all -inf exactly when its bias is; zero there (softmax gives NaN).
         # A NaN row (NaN in q or k with check_finite=False) stays NaN, never a silent zero
         dead = torch.isneginf(call.bias).all(dim=-1)

@@ -33,6 +33,8 @@ def serves(call: AttentionCall) -> Optional[str]:
         return f"q is on {call.q.device}, the native kernel runs on the CPU"
     if call.lse is not None:
         return "the native kernel forms each row's softmax itself; a given lse goes to the blocks backend"
+    if call.key_range is not None:
+        return "per-row key ranges (key_range) are reduced by the blocks backend"
     return None
 
 
