@@ -391,13 +391,14 @@ def _check_key_range(
 
     def rows(name: str, t: object, width: int, what: str) -> torch.Tensor:
         ok = isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dtype != torch.bool
-        ok = ok and t.dim() in (1, 2) and t.shape[-1] == width and (t.dim() == 1 or t.shape[0] in (1, b))
-        if not ok:
-            shown = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        if not ok or not isinstance(t, torch.Tensor):
             raise AttnmapError(
-                f"{name} must be an integer tensor [{what}] or [B, {what}] = [{b}, {width}], got {shown}"
+                f"{name} must be an integer tensor [{what}] or [B, {what}], got {type(t).__name__}"
             )
-        assert isinstance(t, torch.Tensor)
+        if t.dim() not in (1, 2) or t.shape[-1] != width or (t.dim() == 2 and t.shape[0] not in (1, b)):
+            raise AttnmapError(
+                f"{name} must be an integer tensor [{what}] or [B, {what}] = [{b}, {width}], got {tuple(t.shape)}"
+            )
         t = t.to(device=q.device, dtype=torch.long)
         return t.reshape(-1 if t.dim() == 2 else 1, width).expand(b, width)
 
