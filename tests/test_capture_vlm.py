@@ -1,0 +1,347 @@
+"""Capture of transformers' video LLMs under ``generate()`` and a plain forward, against the float64
+oracle of tests/vlm_oracle.py (which imports nothing of attnmap) for every family of tests/tiny_vlms.py,
+one prompt and a left-padded batch of two:
+
+- the generated tokens are the same with and without capture;
+- every step's ``answer`` and the rest of its row's mass, every marked word's ``token/<word>``, the
+  prefill's ``temporal`` and ``received`` and the vision tower's ``vision/received`` and
+  ``vision/entropy`` equal the oracle's softmax of the q and k logged at transformers' attention
+  interface in a run without capture (KV heads repeated, the call's mask or causal offset);
+- with eager attention the answer and word maps also equal the rows of ``output_attentions``;
+- each generated token's word is a token map of its step; the slots' frames and timestamps are in
+  the metadata (Qwen3-VL's per-frame spans, VideoLLaMA3's compression mask and ragged grid included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+import attnmap
+from tiny_vlms import BUILDERS, SECOND_QUESTION, TinyVLM, qwen3_vl, tokenizer, videollama3
+from vlm_oracle import (
+    Call,
+    answer_map,
+    block_major_cells,
+    logged,
+    mass,
+    probs,
+    temporal,
+    window_order,
+    word_map,
+)
+
+FAMILIES = sorted(BUILDERS)
+STEPS = 3
+QUESTION = "what is the (dog) doing ?"
+REDUCTIONS = ("cross", "temporal", "received", "entropy")
+TOKENIZER = tokenizer()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _generate(vlm: TinyVLM, **kw: Any) -> Any:
+    model, inputs = vlm
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, **kw)
+
+
+def _captured(vlm: TinyVLM, **kw: Any) -> tuple[Any, Any]:
+    batch = vlm.inputs["input_ids"].shape[0]
+    with attnmap.capture(
+        vlm.model, prompt=[QUESTION, SECOND_QUESTION][:batch], tokenizer=TOKENIZER, reductions=REDUCTIONS,
+        per_block=True,
+    ) as rec:  # fmt: skip
+        out = _generate(vlm, **kw)
+    return rec, out
+
+
+@pytest.fixture(
+    scope="module", params=[(f, b) for f in FAMILIES for b in (1, 2)], ids=lambda p: f"{p[0]}-B{p[1]}"
+)
+def sdpa(request: pytest.FixtureRequest) -> dict[str, Any]:
+    family, batch = request.param
+    vlm = BUILDERS[family](attn="sdpa", batch=batch)
+    with logged(vlm.model) as log:
+        plain = _generate(vlm)
+    rec, out = _captured(vlm)
+    return {"vlm": vlm, "log": log, "plain": plain, "rec": rec, "out": out}
+
+
+def _llm_steps(vlm: TinyVLM, calls: list[Call]) -> list[list[Call]]:
+    llm = [c for c in calls if c.name.startswith(vlm.llm)]
+    layers = len(llm) // STEPS
+    assert len(llm) == STEPS * layers
+    return [llm[s * layers : (s + 1) * layers] for s in range(STEPS)]
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, what: str, atol: float = 2e-6) -> None:
+    """Equal up to float32 rounding, NaN exactly where the reference has no value."""
+    ref = ref.to(got.dtype)
+    assert got.shape == ref.shape, f"{what}: {tuple(got.shape)} != {tuple(ref.shape)}"
+    torch.testing.assert_close(got, ref, rtol=2e-5, atol=atol, equal_nan=True, msg=what)
+
+
+def _grid_ref(vlm: TinyVLM, ref: torch.Tensor) -> torch.Tensor:
+    """The oracle's map with NaN on the cells the model has no token for (it reads them as 0)."""
+    none = torch.stack([c < 0 for c in vlm.cells])
+    return ref.masked_fill(none, float("nan"))
+
+
+def _parts(vlm: TinyVLM, total: int) -> dict[str, list[list[int]]]:
+    """Per part of the row's keys (as capture names them), per batch row, the sequence positions."""
+    n = vlm.inputs["input_ids"].shape[1]
+    out: dict[str, list[list[int]]] = {p: [] for p in ("sink", "system", "video_text", "text", "generated")}
+    for seg in vlm.segments:
+        video_ids = sorted(seg["video"] + seg.get("video_extra", []))
+        first, last = video_ids[0], video_ids[-1]
+        start = len(seg.get("pad", []))
+        out["sink"].append([start])
+        out["system"].append(list(range(start + 1, first)))
+        out["video_text"].append([p for p in range(first, last + 1) if p not in seg["video"]])
+        out["text"].append(list(range(last + 1, n)))
+        out["generated"].append(list(range(n, total)))
+    return out
+
+
+def test_capture_leaves_the_answer_unchanged(sdpa: dict[str, Any]) -> None:
+    assert torch.equal(sdpa["out"], sdpa["plain"])
+    assert sdpa["rec"].steps == list(range(STEPS))
+
+
+def test_answer_and_its_rest_equal_the_oracle(sdpa: dict[str, Any]) -> None:
+    vlm, rec = sdpa["vlm"], sdpa["rec"]
+    n = vlm.inputs["input_ids"].shape[1]
+    for step, calls in enumerate(_llm_steps(vlm, sdpa["log"].calls)):
+        total = n + step
+        maps, rests, parts = [], [], {p: [] for p in ("sink", "system", "video_text", "text", "generated")}
+        for layer, call in enumerate(calls):
+            p = probs(call)
+            offset = total - call.key.shape[2]
+            m, rest = answer_map(p, vlm.cells, key_offset=offset)
+            maps.append(m)
+            rests.append(rest)
+            _close(
+                rec.get("answer", step=step, block=layer),
+                _grid_ref(vlm, m),
+                f"answer step {step} layer {layer}",
+            )
+            for part, positions in _parts(vlm, total).items():
+                parts[part].append(mass(p, positions, key_offset=offset))
+        ref = torch.stack(maps).mean(0)
+        _close(rec.get("answer", step=step), _grid_ref(vlm, ref), f"answer step {step}")
+        total_rest = torch.zeros(ref.shape[0], dtype=torch.float64)
+        for part, values in parts.items():
+            got = rec.get(f"answer/{part}", step=step)
+            _close(got, torch.stack(values).mean(0), f"answer/{part} step {step}")
+            total_rest = total_rest + got.double()
+        # nothing hidden: the video's mass and the named parts make the whole row
+        _close(total_rest, torch.stack(rests).mean(0), f"rest of step {step}")
+        video = rec.get("answer", step=step).double().nansum((1, 2, 3))
+        _close(video + total_rest, torch.ones_like(video), f"whole row of step {step}", atol=1e-5)
+
+
+def test_prompt_words_temporal_and_received_equal_the_oracle(sdpa: dict[str, Any]) -> None:
+    vlm, rec = sdpa["vlm"], sdpa["rec"]
+    prefill = _llm_steps(vlm, sdpa["log"].calls)[0]
+    real = vlm.inputs["attention_mask"].bool()
+    words, temporals, received = [], [], []
+    for call in prefill:
+        p = probs(call)
+        words.append(word_map(p, vlm.cells, [w["dog"] for w in vlm.words]))
+        temporals.append(temporal(p, vlm.cells))
+        ph = p.mean(
+            1
+        )  # [B, N, N]; a pad row is NaN (bool mask) or uniform (float mask): not a query of the row
+        ph = torch.where(real[:, :, None], ph, torch.zeros_like(ph))
+        got = ph.sum(1) / real.sum(1, keepdim=True)
+        received.append(got.masked_fill(~real, float("nan")))
+    _close(rec.get("token/dog", step=0), _grid_ref(vlm, torch.stack(words).mean(0)), "token/dog")
+    _close(rec.get("temporal", step=0), torch.stack(temporals).mean(0), "temporal")
+    ref = torch.stack(received).mean(0)
+    _close(rec.get("received", step=0), ref, "received")
+    cells = torch.stack([c.clamp_min(0) for c in vlm.cells]).flatten(1)
+    on_grid = ref.gather(1, cells).view(-1, *vlm.grid)
+    _close(rec.get("received/video", step=0), _grid_ref(vlm, on_grid), "received/video")
+    assert "token/dog" not in rec.names or set(rec.steps) >= {0}
+    with pytest.raises(attnmap.AttnmapError, match="no map 'token/dog' recorded for step=1"):
+        rec.get("token/dog", step=1)  # prompt words are read in the prefill only
+
+
+def _vision_rows(vlm: TinyVLM, calls: list[Call]) -> list[torch.Tensor]:
+    """Per vision call, ``[b, P, 4]``: (batch row, slot, y, x) of each patch token of its rows, from
+    the builder's grid and the oracle's own orders; ``-1`` for a CLS token."""
+    t, hv, wv = vlm.vision_grid
+    batch = vlm.inputs["input_ids"].shape[0]
+    family = vlm.family
+    if family in ("qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "videollama3", "qwen2_5_vl"):
+        cells = block_major_cells(vlm.vision_grid, vlm.merge)
+        if family == "qwen2_5_vl":
+            cfg = vlm.model.config.vision_config
+            cells = cells[
+                window_order(vlm.vision_grid, vlm.merge, cfg.window_size // cfg.patch_size // vlm.merge)[0]
+            ]
+        seq = torch.cat([torch.cat([torch.full((cells.shape[0], 1), b), cells], 1) for b in range(batch)])
+        out, taken = [], {}
+        for c in calls:
+            off = taken.get(c.name, 0)
+            n = c.key.shape[2]
+            out.append(seq[off : off + n][None])
+            taken[c.name] = off + n
+        return out
+    out = []
+    for c in calls:
+        frames, n = c.key.shape[0], c.key.shape[2]
+        assert frames == batch * t
+        if family == "gemma4":
+            xy = vlm.inputs["video_position_ids"]
+            yx = xy.flip(-1)
+        else:
+            y, x = torch.meshgrid(torch.arange(hv), torch.arange(wv), indexing="ij")
+            yx = torch.stack([y.flatten(), x.flatten()], -1).expand(frames, -1, -1)
+        cls = n - yx.shape[1]
+        yx = torch.cat([torch.full((frames, cls, 2), -1), yx], 1)
+        fr = torch.stack([torch.arange(frames) // t, torch.arange(frames) % t], -1)
+        out.append(torch.cat([fr[:, None].expand(-1, n, -1), yx], -1))
+    return out
+
+
+def _vision_ref(vlm: TinyVLM, calls: list[Call], name: str) -> torch.Tensor:
+    batch = vlm.inputs["input_ids"].shape[0]
+    blocks = sorted(
+        {c.name for c in calls}, key=lambda s: [int(x) if x.isdigit() else x for x in s.split(".")]
+    )
+    per_block = []
+    rows = _vision_rows(vlm, calls)
+    for block in blocks:
+        total = torch.zeros(batch, *vlm.vision_grid, dtype=torch.float64)
+        count = torch.zeros(batch, *vlm.vision_grid, dtype=torch.float64)
+        for c, where in zip(calls, rows):
+            if c.name != block:
+                continue
+            p = probs(c)  # [b, H, n, n]
+            value = p.mean(2).mean(1) if name == "received" else (-torch.special.xlogy(p, p).sum(-1)).mean(1)
+            keep = where[..., 2] >= 0
+            w = where[keep]
+            total.index_put_((w[:, 0], w[:, 1], w[:, 2], w[:, 3]), value[keep], accumulate=True)
+            count.index_put_(
+                (w[:, 0], w[:, 1], w[:, 2], w[:, 3]),
+                torch.ones(w.shape[0], dtype=torch.float64),
+                accumulate=True,
+            )
+        per_block.append(total / count)
+    return torch.stack(per_block).mean(0)
+
+
+def test_vision_tower_per_slot_in_raster_order(sdpa: dict[str, Any]) -> None:
+    vlm, rec = sdpa["vlm"], sdpa["rec"]
+    calls = sdpa["log"].of(vlm.vision)
+    for name in ("received", "entropy"):
+        got = rec.get(f"vision/{name}", step=0)
+        assert got.shape == (vlm.inputs["input_ids"].shape[0], *vlm.vision_grid)
+        _close(got, _vision_ref(vlm, calls, name), f"vision/{name}", atol=1e-5)
+
+
+def test_generated_words_are_token_maps_of_their_steps(sdpa: dict[str, Any]) -> None:
+    vlm, rec, out = sdpa["vlm"], sdpa["rec"], sdpa["out"]
+    n = vlm.inputs["input_ids"].shape[1]
+    for b in range(out.shape[0]):
+        words = rec.video_metadata(b)["answer"]["words"]
+        assert rec.video_metadata(b)["answer"]["tokens"] == out[b, n:].tolist()
+        for step in range(STEPS):
+            token = int(out[b, n + step])
+            word = TOKENIZER.decode([token]).strip() or f"#{token}"  # a blank token goes by its id
+            name = f"answer:{word}" if word in ("dog", "answer") else word  # the names taken before
+            assert words[step] == name
+            _close(rec.get(f"token/{name}", step=step)[b], rec.get("answer", step=step)[b], f"token/{name}")
+            assert n + step in rec.video_metadata(b)["targets"][name]
+            _close(rec.get("token/answer", step=step)[b], rec.get("answer", step=step)[b], "token/answer")
+        assert list(rec.video_metadata(b)["targets"])[:2] == ["answer", "dog"]
+
+
+def test_metadata_puts_the_slots_on_the_input_frames(sdpa: dict[str, Any]) -> None:
+    vlm, rec = sdpa["vlm"], sdpa["rec"]
+    meta = rec.video_metadata(0)
+    assert meta["family"] == vlm.family
+    assert meta["grid"] == list(vlm.grid)
+    assert meta["time"]["slot_frames"] == vlm.slot_frames
+    # the seconds as the processor wrote them into the prompt (one decimal: 0.25 s reads "0.2")
+    stamps = [None if s is None else float(f"{s:.1f}") for s in vlm.timestamps]
+    if vlm.family == "qwen2_5_vl":  # no text: its second_per_grid_ts times each slot's first frame
+        stamps = [f[0] / vlm.fps for f in vlm.slot_frames]
+    assert meta["time"]["timestamps"] == stamps
+    frames = sum(len(f) for f in vlm.slot_frames)
+    assert meta["video"]["frames"] == frames
+    assert meta["vae_stride"][0] == len(vlm.slot_frames[0])
+    if any(s is not None for s in stamps) and len(stamps) > 1:
+        assert meta["video"]["fps"] == pytest.approx(vlm.fps)
+    assert meta["targets"]["dog"] == vlm.words[0]["dog"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eager_output_attentions_rows(family: str) -> None:
+    """With eager attention the answer and word maps are the rows of ``output_attentions``."""
+    vlm = BUILDERS[family](attn="eager", batch=2)
+    rec, out = _captured(vlm, output_attentions=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, _generate(vlm))
+    n = vlm.inputs["input_ids"].shape[1]
+    for step, layers in enumerate(out.attentions):
+        total = n + step
+        maps = [answer_map(a.double(), vlm.cells, key_offset=total - a.shape[-1])[0] for a in layers]
+        _close(rec.get("answer", step=step), _grid_ref(vlm, torch.stack(maps).mean(0)), f"answer step {step}")
+    words = [word_map(a.double(), vlm.cells, [w["dog"] for w in vlm.words]) for a in out.attentions[0]]
+    _close(rec.get("token/dog", step=0), _grid_ref(vlm, torch.stack(words).mean(0)), "token/dog")
+
+
+def test_qwen3_per_frame_spans_and_their_timestamps() -> None:
+    vlm = qwen3_vl(batch=2)
+    rec, _ = _captured(vlm)
+    meta = rec.video_metadata(1)
+    assert vlm.timestamps == [0.25, 1.25]  # the mean time of each slot's two frames at 2 fps
+    assert meta["time"]["timestamps"] == [0.2, 1.2]  # as its processor writes them: one decimal
+    # the video tokens of each slot sit in a span of their own, timestamp text between them
+    cells = vlm.cells[1]
+    assert int(cells[1].min()) - int(cells[0].max()) > 1
+    ids = vlm.inputs["input_ids"][1]
+    between = ids[int(cells[0].max()) + 1 : int(cells[1].min())].tolist()
+    assert "<1.2seconds>" in TOKENIZER.decode(between, skip_special_tokens=True).replace(" ", "")
+
+
+def test_videollama3_compression_leaves_dropped_cells_empty() -> None:
+    vlm = videollama3(batch=2)
+    rec, _ = _captured(vlm)
+    kept = vlm.extra["kept"]
+    assert not bool(kept.all()), "the builder drops static cells"
+    for name in ("answer", "token/dog", "received/video"):
+        value = rec.get(name, step=0)
+        assert torch.equal(value.isnan(), ~kept), name  # NaN exactly where no token is
+    # a frame's temporal row is the mean over its kept tokens only: each row sums to at most 1
+    t = rec.get("temporal", step=0)
+    assert bool((t.sum(-1) <= 1 + 1e-5).all()) and bool((t.triu(1) == 0).all())
+
+
+def test_plain_forward_records_step_zero() -> None:
+    vlm = BUILDERS["qwen2_vl"](batch=1)
+    model, inputs = vlm
+    with logged(model) as log, torch.no_grad():
+        ref = model(**inputs).logits
+    with attnmap.capture(model, targets={"dog": vlm.words[0]["dog"]}) as rec, torch.no_grad():
+        logits = model(**inputs).logits
+    assert torch.equal(logits, ref)
+    assert rec.steps == [0]
+    calls = log.of(vlm.llm)
+    m = torch.stack([answer_map(probs(c), vlm.cells)[0] for c in calls]).mean(0)
+    _close(rec.get("answer"), m, "answer")
+    w = torch.stack([word_map(probs(c), vlm.cells, [vlm.words[0]["dog"]]) for c in calls]).mean(0)
+    _close(rec.get("token/dog"), w, "token/dog")
+    assert rec.tokens == ["answer", "dog"]  # the whole answer (one step, no word generated) and the word
+    _close(rec.get("token/answer"), rec.get("answer"), "token/answer")
