@@ -123,17 +123,20 @@ class _StoreSource(_Source):
     def get(
         self, name: str, *, step: Optional[int] = None, block: Optional[int] = None, branch: str = "cond"
     ) -> Optional[np.ndarray]:
-        from attnmap.analysis.maps import aggregated_map
+        from attnmap.analysis.maps import aggregated_map, on_input_frames
 
         full = ("uncond/" if branch == "uncond" else "") + name + ("" if block is None else f"/block{block}")
         if full not in self._stored:
             return None
         try:
-            if step is None:
-                return aggregated_map(self.store, self.video_id, full)
-            return self.store.load(self.video_id, full, step)
+            arr = (
+                aggregated_map(self.store, self.video_id, full)
+                if step is None
+                else self.store.load(self.video_id, full, step)
+            )
         except KeyError:
             return None
+        return on_input_frames(arr, self.metadata) if name.startswith("token/") else arr
 
 
 class _RecorderSource(_Source):
@@ -168,7 +171,12 @@ class _RecorderSource(_Source):
             return None
         if value.shape[0] <= self.row:
             raise AttnmapError(f"batch_index: expected < {value.shape[0]}, got {self.row}")
-        return np.asarray(value[self.row].detach().float().cpu().numpy(), dtype=np.float32)
+        arr = np.asarray(value[self.row].detach().float().cpu().numpy(), dtype=np.float32)
+        if name.startswith("token/"):
+            from attnmap.analysis.maps import on_input_frames
+
+            arr = on_input_frames(arr, self.metadata)
+        return arr
 
 
 # -- encoding ---------------------------------------------------------------------------------------
