@@ -345,3 +345,72 @@ def test_plain_forward_records_step_zero() -> None:
     _close(rec.get("token/dog"), w, "token/dog")
     assert rec.tokens == ["answer", "dog"]  # the whole answer (one step, no word generated) and the word
     _close(rec.get("token/answer"), rec.get("answer"), "token/answer")
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "videollama3"])
+def test_a_video_llm_store_opens_in_the_render_and_the_report(family: str, tmp_path: Any) -> None:
+    """``store=`` with one id per row: every answer step is a store step, the answer's words are its
+    tokens, the slots go onto the input frames they cover, and the report walks the answer."""
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from attnmap.cli import app
+    from attnmap.render.report import store_viewer
+
+    vlm = BUILDERS[family](batch=2)
+    slot_of = [t for t, group in enumerate(vlm.slot_frames) for _ in group]
+    root = tmp_path / "maps"
+    with attnmap.capture(
+        vlm.model, prompt=[QUESTION, SECOND_QUESTION], tokenizer=TOKENIZER, store=root, video_id=["a", "b"]
+    ) as rec:
+        out = _generate(vlm)
+    rec.save(tmp_path / "saved", "b", batch_index=1)
+    n = vlm.inputs["input_ids"].shape[1]
+    for root_, vid, row in ((root, "a", 0), (root, "b", 1), (tmp_path / "saved", "b", 1)):
+        store = attnmap.open_store(root_)
+        meta = store.metadata(vid)
+        words = meta["answer"]["words"]
+        assert store.steps(vid) == list(range(STEPS)) and meta["answer"]["tokens"] == out[row, n:].tolist()
+        assert store.tokens(vid)[:2] == ["answer", "dog"] and set(words) <= set(store.tokens(vid))
+        for step in range(STEPS):
+            want = rec.get("answer", step=step)[row].numpy()
+            np.testing.assert_allclose(store.load(vid, "token/answer", step), want, rtol=2e-3, atol=1e-4)
+            np.testing.assert_allclose(
+                store.load(vid, f"token/{words[step]}", step), want, rtol=2e-3, atol=1e-4
+            )
+            assert store.load(vid, "answer/sink", step).size == 1
+        assert store.load(vid, "vision/received", 0).shape == vlm.vision_grid
+        assert meta["time"]["slot_frames"] == vlm.slot_frames and meta["grid"] == list(vlm.grid)
+
+    # the input video: as many frames as the slots cover, of the size the model saw
+    frames = sum(len(f) for f in vlm.slot_frames)
+    meta = attnmap.open_store(root).metadata("a")
+    size = (meta["video"]["height"], meta["video"]["width"])
+    rng = np.random.default_rng(0)
+    video = tmp_path / "input.mp4"
+    attnmap.render.write_video(rng.integers(0, 255, (frames, *size, 3), dtype=np.uint8), video, fps=2)
+    runner = CliRunner()
+    stills = []
+    for frame in range(frames):  # lossless stills of the heat alone: one per input frame
+        png = tmp_path / f"still_{frame}.png"
+        result = runner.invoke(
+            app, ["still", "--attention-dir", str(root), "--video-id", "a", "--token", "answer", "--frame",
+                  str(frame), "--output", str(png)],  # 24 x 32 pixels: too small for labels
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        stills.append(np.asarray(Image.open(png)))
+    # each input frame shows the map of the slot that covers it (not a blend with the next slot's)
+    for f in range(1, frames):
+        same = slot_of[f] == slot_of[f - 1]
+        assert np.array_equal(stills[f], stills[f - 1]) == same, f"frames {f - 1} and {f}"
+    result = runner.invoke(
+        app, ["video", "--attention-dir", str(root), "--video-id", "a", "--token", "answer", "--use-aggregated",
+              "--original-video", str(video), "--output", str(tmp_path / "answer.mp4"), "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert attnmap.render.read_video(tmp_path / "answer.mp4")[0].shape[:3] == (frames, *size)
+    viewer = store_viewer(attnmap.open_store(root), ["a"])
+    data = viewer.payload["videos"][0]
+    assert data["tokens"][:2] == ["answer", "dog"] and data["steps"] == list(range(STEPS))
+    assert data["frames"] == frames and data["grid"][0] == frames
