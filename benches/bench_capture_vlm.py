@@ -1,0 +1,266 @@
+"""Capture of a video LLM at Qwen2.5-VL-7B's shapes: memory against eager ``output_attentions``, time
+under ``generate()`` against the uncaptured ``generate()``, and how the cost grows with the frames.
+
+The model is a randomly initialised ``Qwen2_5_VLForConditionalGeneration`` with Qwen2.5-VL-7B's LLM
+layers (hidden 3584, 28 query heads over 4 KV heads of 128, MLP 18944) and vision blocks (hidden
+1280, 16 heads, MLP 3420; patches of 14 pixels merged 2 x 2, windows of 112 pixels), but 2 LLM layers
+and 2 vision blocks (one windowed, one full) and a 64-word vocabulary. A video of 16 frames of
+1008 x 1008 pixels (8 temporal slots of 36 x 36 merged tokens) makes a prompt of 10,436 tokens.
+Plain pytest smoke-runs the same code on a tiny model.
+
+- ``test_prefill_memory``: the peak resident memory (VmHWM, reset through ``/proc/self/clear_refs``)
+  of the prefill forward with capture (default reductions: answer, words, ``temporal``, ``received``,
+  ``vision/received``) over the same forward without, against the bytes eager attention's
+  ``output_attentions`` holds for the prefill (layers x heads x N^2 float32). Target: under 5%.
+- ``test_generate_overhead``: ``generate(max_new_tokens=4)`` with and without capture, interleaved,
+  best of n, wall and CPU time. Target on the CPU: at most 1.5x.
+- ``test_cost_by_frames``: the prefill forward with and without capture at 4, 8 and 16 frames, and
+  the growth of capture's extra time (N^2 over the video rows, as the attention it reads).
+
+Every figure carries the load average of the shared machine (``os.getloadavg``).
+
+    pytest benches/bench_capture_vlm.py -s --benchmark-enable
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable
+
+import pytest
+import torch
+
+import attnmap
+from _timing import best_of
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+
+QUESTION = "what is the (dog) doing ?"
+WORDS = (
+    "<pad> <|im_start|> <|im_end|> <|vision_start|> <|vision_end|> <|video_pad|> <|image_pad|> system user "
+)
+WORDS += "assistant you are a helpful what is the dog doing ?"
+VOCAB = WORDS.split()
+
+
+def _full(request: pytest.FixtureRequest) -> bool:
+    opt = request.config.getoption
+    return not (opt("benchmark_disable") and not opt("benchmark_enable"))
+
+
+def _model(full: bool) -> torch.nn.Module:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {w: i for i, w in enumerate(VOCAB)}
+    if full:
+        text = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4)
+        vision = dict(hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                      patch_size=14, window_size=112)  # fmt: skip
+    else:
+        text = dict(hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+        vision = dict(hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4,
+                      window_size=16)  # fmt: skip
+    half = text["hidden_size"] // text["num_attention_heads"] // 2
+    section = [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]  # sums to head_dim / 2
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(VOCAB), num_hidden_layers=2, max_position_embeddings=32768, pad_token_id=0,
+            bos_token_id=None, eos_token_id=None,
+            rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": 1e6}, **text,
+        ),
+        vision_config=dict(depth=2, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1],
+                           **vision),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _inputs(model: torch.nn.Module, frames: int, side: int) -> dict[str, torch.Tensor]:
+    """``frames`` frames of ``side`` x ``side`` patches (two frames a slot), laid out as the processor does."""
+    ids = {w: i for i, w in enumerate(VOCAB)}
+    grid = (frames // 2, side, side)
+    video = [ids["<|video_pad|>"]] * (grid[0] * (side // 2) ** 2)
+    text = "<|im_start|> system you are a helpful assistant <|im_end|> <|im_start|> user".split()
+    tail = "what is the dog doing ? <|im_end|> <|im_start|> assistant".split()
+    row = [ids[w] for w in text] + [ids["<|vision_start|>"]] + video + [ids["<|vision_end|>"]]
+    row += [ids[w] for w in tail]
+    input_ids = torch.tensor([row])
+    patch = model.config.vision_config.patch_size
+    g = torch.Generator().manual_seed(1)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values_videos": torch.randn(grid[0] * side * side, 3 * 2 * patch * patch, generator=g),
+        "video_grid_thw": torch.tensor([list(grid)]),
+        "mm_token_type_ids": (input_ids == ids["<|video_pad|>"]).long() * 2,
+        "second_per_grid_ts": torch.tensor([1.0]),
+    }
+
+
+def _tokenizer() -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
+
+
+@pytest.fixture(scope="module")
+def setup(request: pytest.FixtureRequest) -> dict[str, Any]:
+    full = _full(request)
+    model = _model(full)
+    side = 72 if full else 8  # patches a side: 36 x 36 merged tokens a slot at full size
+    frames = (4, 8, 16) if full else (2, 4)
+    return {"full": full, "model": model, "side": side, "frames": frames, "tokenizer": _tokenizer()}
+
+
+def _load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def _forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return model(**inputs).logits[:, -1]
+
+    return run
+
+
+def _captured_forward(
+    s: dict[str, Any], inputs: dict[str, torch.Tensor], keep: list[Any]
+) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with attnmap.capture(s["model"], prompt=QUESTION, tokenizer=s["tokenizer"]) as rec, torch.no_grad():
+            out = s["model"](**inputs).logits[:, -1]
+        keep[:] = [rec]
+        return out
+
+    return run
+
+
+def _peak(fn: Callable[[], Any]) -> int:
+    """Bytes of resident memory ``fn`` adds at its peak (VmHWM after a reset, less VmRSS before)."""
+
+    def status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status("VmRSS")
+    fn()
+    return status("VmHWM") - base
+
+
+def _print(info: dict[str, Any]) -> None:
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
+
+
+@pytest.mark.benchmark(group="vlm")
+def test_prefill_memory(benchmark: Any, setup: dict[str, Any]) -> None:
+    model, frames = setup["model"], setup["frames"][-1]
+    inputs = _inputs(model, frames, setup["side"])
+    n = inputs["input_ids"].shape[1]
+    keep: list[Any] = []
+    plain, captured = _forward(model, inputs), _captured_forward(setup, inputs, keep)
+    assert torch.equal(plain(), captured())
+    rec = keep[0]
+    answer = rec.get("answer")
+    rest = sum(rec.get(f"answer/{p}") for p in ("sink", "system", "video_text", "text", "generated"))
+    assert torch.allclose(answer.sum((1, 2, 3)) + rest, torch.ones(1), atol=1e-4)
+    t = rec.get("temporal")  # causal: no frame sees a later one; each row's video mass at most 1
+    assert bool((t.triu(1) == 0).all()) and bool((t.sum(-1) <= 1 + 1e-4).all())
+    benchmark.pedantic(captured, rounds=1, iterations=1, warmup_rounds=0)
+    m_plain = min(_peak(plain) for _ in range(2))
+    m_capture = min(_peak(captured) for _ in range(2))
+    cfg = model.config.text_config
+    eager = cfg.num_hidden_layers * cfg.num_attention_heads * n * n * 4
+    info = {
+        "tokens": n,
+        "frames": frames,
+        "plain_peak_MiB": m_plain / 2**20,
+        "capture_peak_MiB": m_capture / 2**20,
+        "extra_MiB": (m_capture - m_plain) / 2**20,
+        "eager_output_attentions_MiB": eager / 2**20,
+        "extra_vs_eager": (m_capture - m_plain) / eager,
+        "load": _load(),
+    }
+    benchmark.extra_info.update(info)
+    _print(info)
+    if setup["full"]:
+        assert m_capture - m_plain < 0.05 * eager
+
+
+@pytest.mark.benchmark(group="vlm")
+def test_generate_overhead(benchmark: Any, setup: dict[str, Any]) -> None:
+    model, frames = setup["model"], setup["frames"][-1]
+    inputs = _inputs(model, frames, setup["side"])
+    keep: list[Any] = []
+
+    def plain() -> torch.Tensor:
+        with torch.no_grad():
+            return model.generate(**inputs, max_new_tokens=4, do_sample=False)
+
+    def captured() -> torch.Tensor:
+        with attnmap.capture(model, prompt=QUESTION, tokenizer=setup["tokenizer"]) as rec, torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        keep[:] = [rec]
+        return out
+
+    assert torch.equal(plain(), captured())
+    assert keep[0].steps == [0, 1, 2, 3]
+    rounds = 2 if setup["full"] else 1
+    benchmark.pedantic(captured, rounds=1, iterations=1, warmup_rounds=0)
+    (t_plain, t_capture), (c_plain, c_capture) = best_of([plain, captured], rounds)
+    info = {
+        "tokens": inputs["input_ids"].shape[1],
+        "frames": frames,
+        "plain_s": t_plain,
+        "capture_s": t_capture,
+        "ratio": t_capture / t_plain,
+        "cpu_plain_s": c_plain,
+        "cpu_capture_s": c_capture,
+        "cpu_ratio": c_capture / c_plain,
+        "threads": torch.get_num_threads(),
+        "load": _load(),
+    }
+    benchmark.extra_info.update(info)
+    _print(info)
+
+
+@pytest.mark.benchmark(group="vlm")
+def test_cost_by_frames(benchmark: Any, setup: dict[str, Any]) -> None:
+    model = setup["model"]
+    rows = []
+    for frames in setup["frames"]:
+        inputs = _inputs(model, frames, setup["side"])
+        keep: list[Any] = []
+        plain, captured = _forward(model, inputs), _captured_forward(setup, inputs, keep)
+        assert torch.equal(plain(), captured())
+        (t_plain, t_capture), (c_plain, c_capture) = best_of([plain, captured], 1)
+        rows.append((frames, inputs["input_ids"].shape[1], t_plain, t_capture, c_plain, c_capture))
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    for (f0, n0, _, _, cp0, cc0), (f1, n1, _, _, cp1, cc1) in zip(rows, rows[1:]):
+        extra0, extra1 = cc0 - cp0, cc1 - cp1
+        growth = math.log(max(extra1, 1e-9) / max(extra0, 1e-9)) / math.log(n1 / n0)
+        _print({"frames": f"{f0}->{f1}", "tokens": f"{n0}->{n1}", "extra_cpu_s": f"{extra0:.3g}->{extra1:.3g}",
+                "growth_exponent_in_tokens": growth})  # fmt: skip
+    for frames, n, t_plain, t_capture, c_plain, c_capture in rows:
+        info = {
+            "frames": frames,
+            "tokens": n,
+            "plain_s": t_plain,
+            "capture_s": t_capture,
+            "ratio": t_capture / t_plain,
+            "cpu_ratio": c_capture / c_plain,
+            "load": _load(),
+        }
+        benchmark.extra_info[f"frames_{frames}"] = info
+        _print(info)
