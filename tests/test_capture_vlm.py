@@ -116,6 +116,8 @@ def _parts(vlm: TinyVLM, total: int) -> dict[str, list[list[int]]]:
 def test_capture_leaves_the_answer_unchanged(sdpa: dict[str, Any]) -> None:
     assert torch.equal(sdpa["out"], sdpa["plain"])
     assert sdpa["rec"].steps == list(range(STEPS))
+    # every call seen once, at the interface (never again at the torch SDPA call inside it)
+    assert sdpa["rec"].metadata["entry_points"] == ["transformers:sdpa"]
 
 
 def test_answer_and_its_rest_equal_the_oracle(sdpa: dict[str, Any]) -> None:
@@ -293,6 +295,7 @@ def test_eager_output_attentions_rows(family: str) -> None:
     vlm = BUILDERS[family](attn="eager", batch=2)
     rec, out = _captured(vlm, output_attentions=True, return_dict_in_generate=True)
     assert torch.equal(out.sequences, _generate(vlm))
+    assert rec.metadata["entry_points"] == ["transformers:eager"]
     n = vlm.inputs["input_ids"].shape[1]
     for step, layers in enumerate(out.attentions):
         total = n + step
@@ -327,6 +330,20 @@ def test_videollama3_compression_leaves_dropped_cells_empty() -> None:
     # a frame's temporal row is the mean over its kept tokens only: each row sums to at most 1
     t = rec.get("temporal", step=0)
     assert bool((t.sum(-1) <= 1 + 1e-5).all()) and bool((t.triu(1) == 0).all())
+
+
+def test_a_prompt_without_video_is_named_once() -> None:
+    vlm = BUILDERS["qwen2_vl"](batch=1)
+    model, inputs = vlm
+    ids = inputs["input_ids"][:, :5]
+    with pytest.warns(UserWarning) as seen, attnmap.capture(model) as rec, torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    messages = [str(w.message) for w in seen]
+    assert messages == [
+        "attnmap.capture: skipping the attention of module 'model.language_model.layers.0.self_attn': the "
+        "model's inputs give no video to map its tokens onto: its input_ids hold no video token"
+    ]
+    assert rec.steps == []
 
 
 def test_plain_forward_records_step_zero() -> None:

@@ -23,6 +23,10 @@ Map names (per step; ``get`` returns them with a leading batch dim ``B``, and ``
 - ``<name>/space`` and ``<name>/time``: divided attention (Latte, TimeSformer): per frame
   ``[B, F, ...]`` and per position ``[B, HW, ...]``; ``full/space`` ``[B, F, 1+HW, 1+HW]`` and
   ``full/time`` ``[B, HW, F, F]`` feed :func:`attnmap.analysis.rollout.space_time_rollout`;
+- a video LLM's ``answer`` ``[B, F, H, W]`` per answer token with ``answer/<part>`` ``[B]`` beside it,
+  ``token/<word>`` for marked question words and for each generated word, ``temporal``,
+  ``received`` ``[B, N]``, ``received/video`` and ``vision/<name>`` ``[B, T, Hv, Wv]`` (see
+  :mod:`~attnmap.capture.vlm_reader`);
 - ``uncond/<name>`` with ``branch="both"``; ``<denoiser>/<name>`` for a second denoiser kept apart
   (Wan 2.2's ``transformer_2`` with ``experts="apart"``).
 
@@ -1060,13 +1064,25 @@ def capture(
             TimeSformer, timm ViTs: layouts inferred from shapes), a compiled one
             (``torch.compile(model)`` or ``model.compile()``), or a diffusers pipeline (its
             ``transformer``, and ``transformer_2`` where it has one); any other module with ``layout=``.
+            A transformers video LLM (Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), GLM-4.1V, LLaVA-OneVision,
+            LLaVA-NeXT-Video, SmolVLM2, InternVL, VideoLLaMA3, Gemma 4) is read at the attention
+            interface under ``generate()`` or a forward, one step per token of the answer (see
+            :mod:`attnmap.capture.vlm_reader` for its maps: ``answer``, ``answer/<part>``,
+            ``token/<word>``, ``vision/<name>``).
         reductions: names of :data:`REDUCTIONS` (``cross``, ``temporal``, ``text``, ``received``,
-            ``full`` ...); each call gets those its layout supports.
+            ``full`` ...); each call gets those its layout supports. None: ``("cross", "temporal")``,
+            and for a video LLM ``("cross", "temporal", "received")`` (its answer and word maps are
+            always kept; ``temporal`` and ``received`` of the prefill, ``received`` and ``entropy`` of
+            the vision tower as asked).
         targets: words (marked ``"(word)"`` in the prompt by default), a list of words, or a mapping
             word -> token indices; their cross maps ``token/<word>`` ``[F, H, W]`` are kept per step.
+            For a video LLM a mapping gives sequence positions in ``input_ids`` (the same in each row).
         prompt: the prompt, for a model run outside a pipeline; a pipeline's own prompt is read as
             it encodes it (``pipe("a (cat) on a mat")``: the marks are stripped, the targets found).
-        tokenizer: maps words to tokens (a pipeline's own tokenizer by default).
+            For a video LLM: the question with its words marked, or one per batch row; each row's
+            words are found where the question's tokens sit in its ``input_ids``.
+        tokenizer: maps words to tokens (a pipeline's own tokenizer by default); for a video LLM its
+            tokenizer or processor, which also names each generated token's map.
         layout: one Layout for the calls it fits (others are inferred), or ``{module name: Layout}``;
             None: inferred. With a layout, a model without attention modules is watched module by
             module (a model that calls attention itself is watched as itself, ``<root>``).

@@ -276,8 +276,9 @@ class VideoLLMReader:
     def read(self, site: Site, call: Intercepted) -> None:
         """One call of a watched module."""
         if self.inputs is None:
-            if self._silent is not None:
+            if self._silent is not None:  # once for the prompt, not once per module
                 self.warn(site, f"the model's inputs give no video to map its tokens onto: {self._silent}")
+                self._silent = None
             return
         if call.softcap is not None:
             self.warn(site, "its scores are soft-capped (softcap), which attention_sums does not reproduce")
