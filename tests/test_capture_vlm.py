@@ -346,6 +346,26 @@ def test_a_prompt_without_video_is_named_once() -> None:
     assert rec.steps == []
 
 
+def test_a_right_padded_batch_is_refused_with_the_reason() -> None:
+    vlm = BUILDERS["qwen2_vl"](batch=2)
+    model, inputs = vlm
+    right = dict(inputs)
+    right["attention_mask"] = inputs["attention_mask"].flip(-1)  # the pads of row 1 now on the right
+    with pytest.warns(UserWarning, match="a right-padded batch") as seen, attnmap.capture(model) as rec:
+        with torch.no_grad():
+            model(**right)
+    assert len(seen) == 1 and rec.steps == []
+
+
+def test_beam_search_is_named_and_left_alone() -> None:
+    vlm = BUILDERS["qwen2_vl"](batch=1)
+    plain = _generate(vlm, num_beams=2)
+    with pytest.warns(UserWarning, match=r"generate\(\) runs 2 rows for a prompt of 1 \(beam search"):
+        rec, out = _captured(vlm, num_beams=2)
+    assert torch.equal(out, plain)
+    assert rec.names == ["vision/entropy", "vision/received"]  # read before generate() expanded the rows
+
+
 def test_plain_forward_records_step_zero() -> None:
     vlm = BUILDERS["qwen2_vl"](batch=1)
     model, inputs = vlm

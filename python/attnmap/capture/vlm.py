@@ -465,6 +465,8 @@ def read(
     laid = _READERS[spec.grid](spec, model, args, counts)
     if isinstance(laid, str):
         return laid
+    if keep is not None and not bool(keep[:, -1].all()):
+        return "a right-padded batch (generate() answers after each row's last token: pad on the left)"
     rows, video = [], []
     for b in range(ids.shape[0]):
         row = ids[b].tolist()

@@ -232,6 +232,13 @@ class VideoLLMReader:
         seq = None if self.inputs is None else self.inputs.seq
         past = total - ids.shape[1] if total is not None else _cache_length(given)
         announced, self._announced = self._announced, False
+        if announced and seq is not None and ids.shape[0] != seq.batch:
+            self.inputs = None  # generate() expanded its rows: they cannot be told apart
+            self._silent = (
+                f"generate() runs {ids.shape[0]} rows for a prompt of {seq.batch} (beam search and "
+                "num_return_sequences are not read; the vision tower's maps are)"
+            )
+            return
         if seq is None:
             new = None
         elif past == seq.total and ids.shape[0] == seq.batch:
@@ -246,6 +253,17 @@ class VideoLLMReader:
             new = ids[:, seq.total :]  # a step without the cache: the whole sequence again
         else:
             new = None
+        if (new is None or new.shape[1] == 0) and past > 0:
+            # a step that does not follow the answer read so far (beam search, several sequences per
+            # prompt reorder and expand the rows): nothing more is read until the next prompt
+            if seq is not None:
+                self.inputs = None
+                self._silent = (
+                    f"a decode step of {ids.shape[0]} row(s) after {past} positions follows a prompt of "
+                    f"{seq.batch} row(s) and {seq.total} positions (beam search and num_return_sequences "
+                    "are not read)"
+                )
+            return
         if new is None or new.shape[1] == 0:
             self._start(self._build(given))  # a prefill: a new prompt (or the same one again)
             return
