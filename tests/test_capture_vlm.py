@@ -382,6 +382,10 @@ def test_plain_forward_records_step_zero() -> None:
     _close(rec.get("token/dog"), w, "token/dog")
     assert rec.tokens == ["answer", "dog"]  # the whole answer (one step, no word generated) and the word
     _close(rec.get("token/answer"), rec.get("answer"), "token/answer")
+    with attnmap.capture(model.model, targets={"dog": vlm.words[0]["dog"]}) as base, torch.no_grad():
+        model.model(**inputs)  # the base model (no generate, no LM head): the same maps
+    _close(base.get("answer"), m, "answer of the base model")
+    _close(base.get("token/dog"), w, "token/dog of the base model")
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "videollama3"])

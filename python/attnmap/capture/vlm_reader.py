@@ -141,7 +141,9 @@ class VideoLLMReader:
         self._closers.append(handle.remove)
         done = self.vision_root.register_forward_hook(lambda m, a, o: self.flush_vision())
         self._closers.append(done.remove)
-        original: Callable[..., Any] = getattr(self.model, "generate")  # noqa: B009
+        original: Optional[Callable[..., Any]] = getattr(self.model, "generate", None)
+        if original is None:  # a base model (Qwen2VLModel ...): forwards only
+            return
         had = "generate" in vars(self.model)
         reader = self
 
