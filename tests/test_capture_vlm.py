@@ -455,3 +455,33 @@ def test_a_video_llm_store_opens_in_the_render_and_the_report(family: str, tmp_p
     data = viewer.payload["videos"][0]
     assert data["tokens"][:2] == ["answer", "dog"] and data["steps"] == list(range(STEPS))
     assert data["frames"] == frames and data["grid"][0] == frames
+
+
+def test_key_ranges_read_from_a_mask_and_what_they_cannot_say() -> None:
+    """One key range per query row from a call's mask; masks no range can say are named."""
+    from attnmap.capture.sequence import key_ranges
+
+    n = 6
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    causal[:, :2] &= torch.tensor([False, True])  # key 0 is a pad
+    causal[0] = False  # the pad's own query row
+    lo, hi = key_ranges(causal[None, None], batch=1, nq=n, nk=n, causal=True)  # type: ignore[misc]
+    assert lo.tolist() == [[0, 1, 1, 1, 1, 1]] and hi.tolist() == [[0, 2, 3, 4, 5, 6]]
+    additive = torch.zeros(n, n).masked_fill(~causal, torch.finfo(torch.float32).min)
+    assert [t.tolist() for t in key_ranges(additive[None, None], batch=1, nq=n, nk=n, causal=True)] == [
+        lo.tolist(),
+        hi.tolist(),
+    ]
+    lo, hi = key_ranges(None, batch=2, nq=2, nk=5, causal=True)  # type: ignore[misc]
+    assert lo.tolist() == [[0, 0]] * 2 and hi.tolist() == [[4, 5]] * 2  # the decode offset kv - q
+    holes = causal.clone()
+    holes[5, 3] = False
+    assert key_ranges(holes[None, None], batch=1, nq=n, nk=n, causal=True) == (
+        "its mask keeps keys that are not one contiguous range per query row"
+    )
+    biased = additive.clone()
+    biased[5, 5] = -0.5
+    assert "additive biases" in str(key_ranges(biased[None, None], batch=1, nq=n, nk=n, causal=True))
+    heads = torch.stack([causal, causal.T])[None]
+    assert key_ranges(heads, batch=1, nq=n, nk=n, causal=True) == "its mask differs between heads"
+    assert "does not broadcast" in str(key_ranges(causal[None, None], batch=1, nq=n, nk=n + 1, causal=True))
