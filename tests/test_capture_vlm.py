@@ -465,14 +465,18 @@ def test_key_ranges_read_from_a_mask_and_what_they_cannot_say() -> None:
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     causal[:, :2] &= torch.tensor([False, True])  # key 0 is a pad
     causal[0] = False  # the pad's own query row
-    lo, hi = key_ranges(causal[None, None], batch=1, nq=n, nk=n, causal=True)  # type: ignore[misc]
+    found = key_ranges(causal[None, None], batch=1, nq=n, nk=n, causal=True)
+    assert not isinstance(found, str)
+    lo, hi = found
     assert lo.tolist() == [[0, 1, 1, 1, 1, 1]] and hi.tolist() == [[0, 2, 3, 4, 5, 6]]
     additive = torch.zeros(n, n).masked_fill(~causal, torch.finfo(torch.float32).min)
     assert [t.tolist() for t in key_ranges(additive[None, None], batch=1, nq=n, nk=n, causal=True)] == [
         lo.tolist(),
         hi.tolist(),
     ]
-    lo, hi = key_ranges(None, batch=2, nq=2, nk=5, causal=True)  # type: ignore[misc]
+    found = key_ranges(None, batch=2, nq=2, nk=5, causal=True)
+    assert not isinstance(found, str)
+    lo, hi = found
     assert lo.tolist() == [[0, 0]] * 2 and hi.tolist() == [[4, 5]] * 2  # the decode offset kv - q
     holes = causal.clone()
     holes[5, 3] = False
