@@ -142,3 +142,32 @@ def test_key_range_arguments_are_checked() -> None:
         attnmap.attention_sums(q, k, lay, ("temporal",), key_range=(good, good), key_positions=good[:3])
     with pytest.raises(AttnmapError, match="key_positions was given without key_range"):
         attnmap.attention_sums(q, k, lay, ("temporal",), key_positions=good)
+
+
+@pytest.mark.parametrize("kind", ["causal", "window", "span"])
+def test_blocks_of_rows_compute_only_their_window_of_keys(kind: str) -> None:
+    """Small blocks of rows each reduce over the keys their ranges reach (a causal block: its
+    prefix); the keys outside are zeros, and every output equals the dense oracle."""
+    from attnmap.reduce import blocks
+
+    torch.manual_seed(3)
+    b, h, n, d = 2, 4, 20, 8
+    q, k = torch.randn(b, h, n, d), torch.randn(b, 2, n, d)
+    lo, hi = _ranges(kind, b, n)
+    layout = Layout.joint(text=8, grid=(3, 2, 2))
+    call = reduce.prepare_call(q, k, layout, ("temporal", "received", "entropy", "probe", "full"),
+                               probe=torch.tensor([3, 19]), key_range=(lo, hi))  # fmt: skip
+    # the union over the batch (batch row 1 attends from key 1 on: its key 0 is a pad)
+    assert blocks.key_window(call, slice(0, 3)) == (0, 3)
+    assert (
+        blocks.key_window(call, slice(16, 19))
+        == {"causal": (0, 19), "window": (1, 19), "span": (0, 19)}[kind]
+    )
+    assert (
+        blocks.key_window(call, slice(8, 10)) == {"causal": (0, 10), "window": (1, 10), "span": (0, 14)}[kind]
+    )
+    out = blocks.run(call, block_rows=3)
+    p = _oracle(q, k, _dense(lo, hi, torch.arange(n).expand(b, n)), d**-0.5).mean(1)
+    torch.testing.assert_close(out["full"].double(), p, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["received"].double(), p.mean(-2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["probe"].double(), p[:, [3, 19]], rtol=1e-5, atol=1e-6)
