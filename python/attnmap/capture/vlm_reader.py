@@ -395,8 +395,10 @@ class VideoLLMReader:
         self, site: Site, call: Intercepted, row: int, lo: torch.Tensor, hi: torch.Tensor
     ) -> None:
         """``temporal``, ``received`` and ``received/video`` of one batch row of a prefill call: its
-        video tokens first (in raster order, a placeholder for a cell without a token), then its other
-        real tokens, each key masked by where it sits in the sequence."""
+        real tokens that are not video first, then its video tokens in raster order (a placeholder for
+        a cell without a token), each key masked by where it sits in the sequence. Each part is in
+        sequence order, so that a causal block of rows attends a window of keys about as long as its
+        own prefix (the ``blocks`` backend computes no other key)."""
         assert self.inputs is not None
         seq = self.inputs.seq
         q, k = call.query.detach(), call.key.detach()
@@ -405,7 +407,8 @@ class VideoLLMReader:
         f, h, w = seq.grid
         segs = seq.segments(0, n, torch.device("cpu"))[row]
         other = ((segs >= 0) & (segs != _VIDEO)).nonzero().flatten()
-        pos = torch.cat([cells, other])
+        n_other = int(other.numel())
+        pos = torch.cat([other, cells])
         order = pos.clamp_min(0)
         lo_r, hi_r = lo[order].clone(), hi[order].clone()
         none = pos < 0
@@ -414,7 +417,7 @@ class VideoLLMReader:
         dev = q.device
         out = reduce.attention_sums(
             q[row : row + 1][:, :, order.to(dev)], k[row : row + 1][:, :, order.to(dev)],
-            Layout.joint(int(other.numel()), seq.grid, text_first=False), self.prefill_reductions,
+            Layout.joint(n_other, seq.grid, text_first=True), self.prefill_reductions,
             per_head=self.per_head, scale=call.scale, key_range=(lo_r[None].to(dev), hi_r[None].to(dev)),
             key_positions=pos[None].to(dev), backend=self.backend, check_finite=False,
         )  # fmt: skip
@@ -429,10 +432,8 @@ class VideoLLMReader:
             nan = torch.full((*got.shape[:-1], n), float("nan"), device=dev)
             valid = (~none).to(dev)
             maps["received"] = nan.index_copy(-1, pos[~none].to(dev), got[..., valid])
-            video = got[..., : cells.numel()]
-            maps["received/video"] = torch.where(valid[: cells.numel()], video, float("nan")).unflatten(
-                -1, seq.grid
-            )
+            video = torch.where(valid[n_other:], got[..., n_other:], float("nan"))
+            maps["received/video"] = video.unflatten(-1, seq.grid)
         self.add(site, "cond", maps, [row], seq.batch)
 
     # -- the vision tower ---------------------------------------------------------------------
