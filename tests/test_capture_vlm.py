@@ -489,3 +489,51 @@ def test_key_ranges_read_from_a_mask_and_what_they_cannot_say() -> None:
     heads = torch.stack([causal, causal.T])[None]
     assert key_ranges(heads, batch=1, nq=n, nk=n, causal=True) == "its mask differs between heads"
     assert "does not broadcast" in str(key_ranges(causal[None, None], batch=1, nq=n, nk=n + 1, causal=True))
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma4"])
+def test_per_head_maps(family: str) -> None:
+    """``per_head=True``: the answer, its rest and the words keep the LLM's query heads (each reads
+    its KV head), the vision tower's its own."""
+    vlm = BUILDERS[family](batch=2)
+    with logged(vlm.model) as log:
+        _generate(vlm)
+    with attnmap.capture(
+        vlm.model,
+        prompt=[QUESTION, SECOND_QUESTION],
+        tokenizer=TOKENIZER,
+        reductions=REDUCTIONS,
+        per_head=True,
+    ) as rec:
+        _generate(vlm)
+    n = vlm.inputs["input_ids"].shape[1]
+    heads = vlm.model.config.text_config.num_attention_heads
+    for step, calls in enumerate(_llm_steps(vlm, log.calls)):
+        maps, rests = zip(*(answer_map(probs(c), vlm.cells, key_offset=n + step - c.key.shape[2], per_head=True)
+                            for c in calls))  # fmt: skip
+        got = rec.get("answer", step=step)
+        assert got.shape == (2, heads, *vlm.grid)
+        none = torch.stack([c < 0 for c in vlm.cells])[:, None]
+        _close(
+            got, torch.stack(maps).mean(0).masked_fill(none, float("nan")), f"answer per head, step {step}"
+        )
+        rest = sum(
+            rec.get(f"answer/{p}", step=step) for p in ("sink", "system", "video_text", "text", "generated")
+        )
+        _close(rest, torch.stack(rests).mean(0), f"rest per head, step {step}")
+    prefill = _llm_steps(vlm, log.calls)[0]
+    words = []
+    for c in prefill:
+        p = probs(c)
+        words.append(torch.stack([p[b, :, vlm.words[b]["dog"]].mean(1) for b in range(2)]))  # [B, H, N]
+    cells = torch.stack([cl.clamp_min(0).flatten() for cl in vlm.cells])
+    ref = torch.stack(words).mean(0).gather(2, cells[:, None].expand(-1, heads, -1)).unflatten(-1, vlm.grid)
+    _close(rec.get("token/dog", step=0), ref, "token/dog per head")
+    vision_heads = rec.get("vision/received", step=0)
+    assert vision_heads.shape[:2] == (2, log.of(vlm.vision)[0].query.shape[1])
+    _close(
+        vision_heads.mean(1),
+        _vision_ref(vlm, log.of(vlm.vision), "received"),
+        "vision/received per head",
+        atol=1e-5,
+    )
