@@ -491,6 +491,20 @@ def test_key_ranges_read_from_a_mask_and_what_they_cannot_say() -> None:
     assert "does not broadcast" in str(key_ranges(causal[None, None], batch=1, nq=n, nk=n + 1, causal=True))
 
 
+def test_marked_words_come_from_the_longest_prompt_in_the_row() -> None:
+    """A row holding a prompt that runs inside another's tokens takes the words of the longer one;
+    a prompt seen twice gives the run after the row's video."""
+    from attnmap.capture.vlm import word_positions
+
+    short, long = ([3, 4], {"dog": [1]}), ([1, 2, 3, 4, 5], {"cat": [1], "dog": [3]})
+    for prompts in ([short, long], [long, short]):
+        assert word_positions([9, 1, 2, 3, 4, 5, 7], 1, prompts) == {"cat": (2,), "dog": (4,)}
+        assert word_positions([9, 3, 4, 7], 1, prompts) == {"dog": (2,)}
+    assert word_positions([3, 4, 8, 3, 4], 3, [short]) == {"dog": (4,)}  # after the video first
+    assert word_positions([3, 4, 8, 3, 4], 5, [short]) == {"dog": (1,)}  # else the first run
+    assert word_positions([9, 8], 0, [short, long]) == {}
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma4"])
 def test_per_head_maps(family: str) -> None:
     """``per_head=True``: the answer, its rest and the words keep the LLM's query heads (each reads

@@ -397,7 +397,7 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
 
 
 def _timestamps(
-    spec: VLMSpec, args: Mapping[str, Any], row: list[int], cells: torch.Tensor, tokenizer: Any, tp: int
+    spec: VLMSpec, args: Mapping[str, Any], row: list[int], cells: torch.Tensor, tokenizer: Any
 ) -> list[Optional[float]]:
     """Each slot's time as the processor gives it (None where it gives none)."""
     frames = cells.shape[0]
@@ -480,7 +480,7 @@ def read(
     seq = SequenceMap(rows, laid.llm, video)
     frames = laid.llm[0]
     slot_frames = [list(range(t * laid.temporal, (t + 1) * laid.temporal)) for t in range(frames)]
-    stamps = _timestamps(spec, args, rows[0].ids, rows[0].cells, tokenizer, laid.temporal)
+    stamps = _timestamps(spec, args, rows[0].ids, rows[0].cells, tokenizer)
     fps: Optional[float] = None
     ts = args.get("second_per_grid_ts")
     if spec.time == "grid_ts" and isinstance(ts, torch.Tensor) and ts.numel() and float(ts.flatten()[0]) > 0:
@@ -498,9 +498,9 @@ def read(
 def word_positions(
     row: Sequence[int], after: int, prompts: Sequence[tuple[list[int], dict[str, list[int]]]]
 ) -> dict[str, tuple[int, ...]]:
-    """A row's marked words: the first prompt whose tokens (``(ids, {word: indices among them})``)
+    """A row's marked words: the longest prompt whose tokens (``(ids, {word: indices among them})``)
     run inside the row, looked for after its video first, gives its words' positions."""
-    for plain, found in prompts:
+    for plain, found in sorted(prompts, key=lambda p: -len(p[0])):
         n = len(plain)
         if not n:
             continue
