@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import attnmap
-from _timing import best_of
+from _timing import machine, record, timed
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -123,6 +123,7 @@ def peak_bytes(fn: Callable[[], Any]) -> int:
 @pytest.mark.benchmark(group="capture")
 @pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass", "one-pass"])
 def test_capture_overhead(benchmark: Any, setup: dict[str, Any], one_pass: bool) -> None:
+    start = machine()
     keep: list[Any] = []
     plain, captured = plain_run(setup), captured_run(setup, keep, one_pass)
     # correctness first: the output is bit-identical and the maps are probabilities
@@ -147,7 +148,7 @@ def test_capture_overhead(benchmark: Any, setup: dict[str, Any], one_pass: bool)
 
     rounds = {"smoke": 1, "cpu-scaled": 5}.get(setup["label"], 7)
     benchmark.pedantic(captured, rounds=rounds, iterations=1, warmup_rounds=0)
-    (t_plain, t_capture), (c_plain, c_capture) = best_of([plain, captured], rounds)
+    t_plain, t_capture = timed([plain, captured], rounds)
     m_plain, m_capture = peak_bytes(plain), peak_bytes(captured)
     kept = sum(
         rec.get(n, step=s).numel() * 4 for s in rec.steps for n in rec.names
@@ -156,19 +157,16 @@ def test_capture_overhead(benchmark: Any, setup: dict[str, Any], one_pass: bool)
         "size": setup["label"],
         "mode": "one-pass" if one_pass else "two-pass",
         "device": setup["device"],
-        "plain_s": t_plain,
-        "capture_s": t_capture,
-        "ratio": t_capture / t_plain,
-        "cpu_plain_s": c_plain,
-        "cpu_capture_s": c_capture,
-        "cpu_ratio": c_capture / c_plain,
+        **t_plain.as_dict("plain"),
+        **t_capture.as_dict("capture"),
+        "ratio": t_capture.wall / t_plain.wall,
+        "cpu_ratio": t_capture.cpu_best / t_plain.cpu_best,
         "peak_plain_MiB": m_plain / 2**20,
         "peak_capture_MiB": m_capture / 2**20,
         "extra_MiB": (m_capture - m_plain) / 2**20,
         "kept_maps_MiB": kept / 2**20,
     }
-    benchmark.extra_info.update(info)
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
+    record(benchmark, info, start)
 
 
 @pytest.mark.benchmark(group="capture")
@@ -181,6 +179,7 @@ def test_compiled_capture_overhead(benchmark: Any, setup: dict[str, Any]) -> Non
     """
     from torch._dynamo.utils import counters
 
+    start = machine()
     torch._dynamo.reset()
     compiled = {**setup, "model": torch.compile(setup["model"])}
     keep: list[Any] = []
@@ -197,23 +196,20 @@ def test_compiled_capture_overhead(benchmark: Any, setup: dict[str, Any]) -> Non
 
     rounds = {"smoke": 1, "cpu-scaled": 5}.get(setup["label"], 7)
     benchmark.pedantic(captured, rounds=rounds, iterations=1, warmup_rounds=0)
-    (t_plain, t_capture, t_eager, t_eager_cap), (c_plain, c_capture, _, _) = best_of(
-        [plain, captured, eager_plain, eager_captured], rounds
-    )
+    t_plain, t_capture, t_eager, t_eager_cap = timed([plain, captured, eager_plain, eager_captured], rounds)
     # every round's capture (a new one each) ran the graphs compiled above: none was compiled again
     assert counters["stats"]["unique_graphs"] == graphs, "the timed rounds recompiled the model"
     info = {
         "size": setup["label"],
         "mode": "compiled",
         "device": setup["device"],
-        "plain_s": t_plain,
-        "capture_s": t_capture,
-        "ratio": t_capture / t_plain,
-        "cpu_ratio": c_capture / c_plain,
-        "eager_plain_s": t_eager,
-        "eager_capture_s": t_eager_cap,
-        "eager_ratio": t_eager_cap / t_eager,
+        **t_plain.as_dict("plain"),
+        **t_capture.as_dict("capture"),
+        "ratio": t_capture.wall / t_plain.wall,
+        "cpu_ratio": t_capture.cpu_best / t_plain.cpu_best,
+        **t_eager.as_dict("eager_plain"),
+        **t_eager_cap.as_dict("eager_capture"),
+        "eager_ratio": t_eager_cap.wall / t_eager.wall,
     }
-    benchmark.extra_info.update(info)
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
+    record(benchmark, info, start)
     torch._dynamo.reset()

@@ -19,6 +19,8 @@ import matplotlib
 import numpy as np
 import pytest
 
+from _timing import machine, record, timed
+
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
@@ -111,6 +113,7 @@ def _matplotlib(root: Path, original: Path, out: Path, frames_per_token: int) ->
 
 @pytest.mark.benchmark(group="cli-overlay")
 def test_cli_overlay_vs_matplotlib(benchmark, request, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    start = machine()
     opt = request.config.getoption
     full = bool(opt("benchmark_enable")) or not opt("benchmark_disable")
     cfg = FULL if full else SMOKE
@@ -128,26 +131,28 @@ def test_cli_overlay_vs_matplotlib(benchmark, request, tmp_path: Path) -> None: 
     rest = decoded[:, int(h * 0.75) : int(h * 0.9), int(w * 0.6) : int(w * 0.85)].astype(float)
     assert corner[..., 0].mean() > rest[..., 0].mean() + 40  # the bright corner is hot's red/yellow
 
-    per_frame_mpl = _matplotlib(root, original, tmp_path, cfg["subset"])
-    rounds = 2 if full else 1
-    start = time.perf_counter()
-    benchmark.pedantic(_attnmap, args=(root, tmp_path / "out"), rounds=rounds, iterations=1)
-    stats = getattr(benchmark, "stats", None)
-    ours = stats.stats.mean if stats is not None else time.perf_counter() - start
+    per_frame: list[float] = []
+    t_mpl, t_ours = timed(
+        [
+            lambda: per_frame.append(_matplotlib(root, original, tmp_path, cfg["subset"])),
+            lambda: _attnmap(root, tmp_path / "out"),
+        ],
+        2 if full else 1,
+    )
+    per_frame_mpl = min(per_frame)  # the frames alone, without the original's decode
+    ours = t_ours.wall
     baseline = per_frame_mpl * cfg["frames"] * len(TOKENS) * 2  # attention + overlay videos
     outputs = 2 * len(TOKENS) * cfg["frames"]
-    benchmark.extra_info.update(
-        attnmap_s=ours,
-        attnmap_frames_per_s=outputs / ours,
-        matplotlib_s_extrapolated=baseline,
-        matplotlib_s_per_frame=per_frame_mpl,
-        speedup=baseline / ours,
-    )
-    print(
-        f"\nattnmap-render {ours:.2f} s for {outputs} frames ({outputs / ours:.0f} frames/s); "
-        f"matplotlib per-frame {per_frame_mpl * 1000:.0f} ms/frame -> {baseline:.1f} s extrapolated; "
-        f"speedup {baseline / ours:.1f}x"
-    )
+    info = {
+        **t_ours.as_dict("attnmap"),
+        "attnmap_frames_per_s": outputs / ours,
+        "matplotlib_s_extrapolated": baseline,
+        "matplotlib_s_per_frame": per_frame_mpl,
+        "matplotlib_cores": t_mpl.cores,
+        "speedup": baseline / ours,
+    }
+    record(benchmark, info, start)
+    benchmark.pedantic(_attnmap, args=(root, tmp_path / "out"), rounds=1, iterations=1)
     if full:  # the target (measured 16-22x on the loaded 2-core machine, benches/README.md)
         assert baseline / ours >= 10, f"attnmap-render is {baseline / ours:.1f}x the per-frame script"
 
@@ -156,9 +161,9 @@ def test_cli_overlay_vs_matplotlib(benchmark, request, tmp_path: Path) -> None: 
 def test_report_of_a_wan480_store(benchmark, request, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """``attnmap-render report`` of a Wan 480p store (3 tokens, 50 steps, an 81-frame original): its time
     against reading every map it carries from the store, and its size (at most 25 MB)."""
-    from _timing import best_of
     from attnmap.render.report import write_report
 
+    start = machine()
     opt = request.config.getoption
     full = bool(opt("benchmark_enable")) or not opt("benchmark_disable")
     cfg = FULL if full else SMOKE
@@ -180,13 +185,16 @@ def test_report_of_a_wan480_store(benchmark, request, tmp_path: Path) -> None:  
     text = page.read_text()
     assert all(f'"{t}|mean|all|mean|cond"' in text for t in TOKENS)  # every token's step mean is carried
     assert all(f'"{t}|{steps - 1}|all|mean|cond"' in text for t in TOKENS)  # and every step's
-    (ours, reading), (ours_cpu, _) = best_of([report, read_maps], 3 if full else 1)
+    t_report, t_read = timed([report, read_maps], 3 if full else 1)
     benchmark.pedantic(report, rounds=1, iterations=1)
-    benchmark.extra_info.update(report_s=ours, read_s=reading, ratio=ours / reading, bytes=size)
-    print(
-        f"\nreport of {len(TOKENS)} tokens x {steps} steps of {cfg['grid']} over {cfg['frames']} frames of "
-        f"{cfg['size']}: {ours:.2f} s (CPU {ours_cpu:.2f} s), {size / 1e6:.1f} MB; reading the maps alone "
-        f"{reading:.2f} s ({ours / reading:.1f}x)"
-    )
+    info = {
+        "tokens": len(TOKENS),
+        "steps": steps,
+        **t_report.as_dict("report"),
+        **t_read.as_dict("read"),
+        "ratio": t_report.wall / t_read.wall,
+        "bytes": size,
+    }
+    record(benchmark, info, start)
     if full:
         assert size <= REPORT_MAX_BYTES, f"the page weighs {size / 1e6:.1f} MB"

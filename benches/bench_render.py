@@ -11,7 +11,6 @@ the Rust path at >= 600 frames/s and >= 10x the vectorised baseline.
 from __future__ import annotations
 
 import pathlib
-import time
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ import pytest
 import torch
 from matplotlib import colormaps
 
+from _timing import machine, record, timed
 from attnmap import render
 
 TARGET_FRAMES_PER_S = 600
@@ -98,25 +98,6 @@ def figure_per_frame(x: dict[str, Any], n: int) -> None:
         plt.close(fig)
 
 
-def per_frame_seconds(fn: Any, repeat: int = 3) -> float:
-    return best_seconds(fn, repeat)[0]
-
-
-def best_seconds(fn: Any, repeat: int = 3) -> tuple[float, float]:
-    """Best wall-clock and best process CPU seconds (all threads) of ``repeat`` calls of ``fn``.
-
-    The CPU time does not grow when other processes share the cores, so on a busy machine it tells
-    what the wall time would be on an idle one (divided by the cores the call keeps busy).
-    """
-    wall, cpu = float("inf"), float("inf")
-    for _ in range(repeat):
-        c0, w0 = time.process_time(), time.perf_counter()
-        fn()
-        w1, c1 = time.perf_counter(), time.process_time()
-        wall, cpu = min(wall, w1 - w0), min(cpu, c1 - c0)
-    return wall, cpu
-
-
 @pytest.mark.benchmark(group="render")
 @pytest.mark.parametrize("provider", ["rust", "vectorised", "matplotlib_figure"])
 def test_render(benchmark: Any, request: pytest.FixtureRequest, provider: str) -> None:
@@ -144,19 +125,27 @@ def test_render_ratios(request: pytest.FixtureRequest, capsys: pytest.CaptureFix
     ``render.frames`` (normalise, checks, fused pass, output allocation). With ``--benchmark-enable`` the
     issue's targets are asserted on the wall-clock figures.
     """
+    start = machine()
     x = make_inputs(request)
     np.testing.assert_array_equal(rust(x).shape, vectorised(x).shape)
     n = x["frames"]
-    wall_rust, cpu_rust = best_seconds(lambda: rust(x), repeat=7)
-    wall_vec, cpu_vec = best_seconds(lambda: vectorised(x))
-    t_fig = per_frame_seconds(lambda: figure_per_frame(x, 3), repeat=1) / 3
+    t_rust, t_vec = timed([lambda: rust(x), lambda: vectorised(x)], 3)
+    t_rust = min(t_rust, *timed([lambda: rust(x)], 4), key=lambda t: t.wall)  # best of 7 in all
+    (t_figure,) = timed([lambda: figure_per_frame(x, 3)], 1)
+    wall_rust, wall_vec, t_fig = t_rust.wall, t_vec.wall, t_figure.wall / 3
+    info = {
+        "frames": n,
+        **t_rust.as_dict("rust"),
+        **t_vec.as_dict("vectorised"),
+        "rust_frames_per_s": n / wall_rust,
+        "vectorised_frames_per_s": n / wall_vec,
+        "rust_vs_vectorised": wall_vec / wall_rust,
+        "rust_vs_vectorised_cpu": t_vec.cpu_best / t_rust.cpu_best,
+        "figure_frames_per_s": 1 / t_fig,
+        "rust_vs_figure": t_fig * n / wall_rust,
+    }
     with capsys.disabled():
-        print(
-            f"\nrender {n}x{x['size']}: rust {n / wall_rust:.0f} frames/s (CPU {cpu_rust * 1e3:.0f} ms, "
-            f"{n / cpu_rust:.0f} frames per CPU-second), vectorised {n / wall_vec:.0f} frames/s "
-            f"(CPU {cpu_vec * 1e3:.0f} ms), {wall_vec / wall_rust:.1f}x wall, {cpu_vec / cpu_rust:.1f}x CPU; "
-            f"matplotlib figure {1 / t_fig:.1f} frames/s ({t_fig * n / wall_rust:.0f}x)"
-        )
+        record(None, info, start)
     assert wall_rust < wall_vec
     if full_size(request):
         assert n / wall_rust >= TARGET_FRAMES_PER_S, f"rust renders {n / wall_rust:.0f} frames/s"
@@ -183,13 +172,18 @@ def test_render_plus_encode_vs_encode(
         )
         render.write_video(chunks, tmp_path / "both.mp4")
 
-    t_enc = per_frame_seconds(encode_only, repeat=2)
-    t_both = per_frame_seconds(render_and_encode, repeat=2)
+    start = machine()
+    t_enc, t_both = timed([encode_only, render_and_encode], 2)
     decoded, _ = render.read_video(tmp_path / "both.mp4")
     assert decoded.shape == video.shape
     assert np.abs(decoded.astype(int) - video.astype(int)).mean() < 6
+    info = {
+        "frames": x["frames"],
+        **t_enc.as_dict("encode"),
+        **t_both.as_dict("render_and_encode"),
+        "encode_frames_per_s": x["frames"] / t_enc.wall,
+        "render_and_encode_frames_per_s": x["frames"] / t_both.wall,
+        "ratio": t_both.wall / t_enc.wall,
+    }
     with capsys.disabled():
-        print(
-            f"\nencode {x['frames']} frames: {x['frames'] / t_enc:.0f} frames/s alone, "
-            f"{x['frames'] / t_both:.0f} frames/s with rendering ({t_both / t_enc:.2f}x the encode alone)"
-        )
+        record(None, info, start)

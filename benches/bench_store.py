@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from _timing import best_of
+from _timing import machine, record, timed
 from attnmap.store import AGGREGATED_FILE, StoreWriter, open_store, step_filename, video_dirname
 
 WORDS = ("kiss", "flowers")
@@ -50,6 +50,7 @@ def _wan_steps(benchmark: Any) -> tuple[tuple[int, int, int], list[dict[str, np.
 @pytest.mark.benchmark(group="store-load")
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_load_one_token_all_steps(benchmark: Any, tmp_path: Path, dtype: str) -> None:
+    start = machine()
     grid, per_step = _wan_steps(benchmark)
     steps = len(per_step)
     written = []
@@ -92,23 +93,22 @@ def test_load_one_token_all_steps(benchmark: Any, tmp_path: Path, dtype: str) ->
     np.testing.assert_allclose(agg.map, np.mean(written, axis=0), atol=2 * tol + 1e-6)
 
     repeat = 3 if benchmark.disabled else 15
-    (t_ours, t_np, t_cold), _ = best_of([ours, numpy_read, cold], repeat)  # interleaved rounds
-    ratio = t_ours / t_np
+    t_ours, t_np, t_cold = timed([ours, numpy_read, cold], repeat)  # interleaved rounds
+    ratio = t_ours.wall / t_np.wall
     step_bytes = files[0].stat().st_size
-    benchmark.extra_info.update(
-        ratio_vs_numpy=ratio,
-        cold_ratio_vs_numpy=t_cold / t_np,
-        numpy_ms=t_np * 1e3,
-        ours_ms=t_ours * 1e3,
-        cold_ms=t_cold * 1e3,
-        bytes_per_step=step_bytes,
-    )
-    print(
-        f"\n[store {dtype} grid={grid} steps={steps}] ours {t_ours * 1e3:.2f} ms, numpy {t_np * 1e3:.2f} ms, "
-        f"ratio {ratio:.2f}x; cold (new Store) {t_cold * 1e3:.2f} ms, {t_cold / t_np:.2f}x; "
-        f"bytes per step file {step_bytes} ({len(WORDS)} tokens + temporal), "
-        f"per token map {int(np.prod(grid)) * np.dtype(dtype).itemsize}"
-    )
+    info = {
+        "dtype": dtype,
+        "grid": list(grid),
+        "steps": steps,
+        **t_ours.as_dict("ours"),
+        **t_np.as_dict("numpy"),
+        **t_cold.as_dict("cold"),
+        "ratio_vs_numpy": ratio,
+        "cold_ratio_vs_numpy": t_cold.wall / t_np.wall,
+        "bytes_per_step": step_bytes,
+        "bytes_per_token_map": int(np.prod(grid)) * np.dtype(dtype).itemsize,
+    }
+    record(benchmark, info, start)
     if not benchmark.disabled:
         assert ratio < 1.5, f"loading is {ratio:.2f}x numpy reading the same bytes (target 1.5x)"
     benchmark(ours)
@@ -119,6 +119,7 @@ def test_load_one_token_all_steps(benchmark: Any, tmp_path: Path, dtype: str) ->
 def test_write_steps_and_close(benchmark: Any, tmp_path: Path, dtype: str) -> None:
     from safetensors.numpy import save_file
 
+    start = machine()
     grid, per_step = _wan_steps(benchmark)
     steps = len(per_step)
     meta = {"targets": {w: [i] for i, w in enumerate(WORDS)}}
@@ -153,11 +154,14 @@ def test_write_steps_and_close(benchmark: Any, tmp_path: Path, dtype: str) -> No
     store.close()
 
     repeat = 2 if benchmark.disabled else 7
-    (t_ours, t_base), _ = best_of([ours, baseline], repeat)
-    ratio = t_ours / t_base
-    benchmark.extra_info.update(ratio_vs_save_file=ratio, ours_ms=t_ours * 1e3, save_file_ms=t_base * 1e3)
-    print(
-        f"\n[store write {dtype} grid={grid} steps={steps}] ours {t_ours * 1e3:.1f} ms (steps + close), "
-        f"save_file + fsync + rename {t_base * 1e3:.1f} ms, ratio {ratio:.2f}x"
-    )
+    t_ours, t_base = timed([ours, baseline], repeat)
+    info = {
+        "dtype": dtype,
+        "grid": list(grid),
+        "steps": steps,
+        **t_ours.as_dict("ours"),
+        **t_base.as_dict("save_file"),
+        "ratio_vs_save_file": t_ours.wall / t_base.wall,
+    }
+    record(benchmark, info, start)
     benchmark(ours)

@@ -101,16 +101,18 @@ def make_store(
     seed: int = 0,
     dtype: str = "float32",
     close: bool = True,
+    storage: Optional[Mapping[str, Any]] = None,
 ) -> dict[int, dict[str, np.ndarray]]:
     """Write a video of random token maps (and a temporal matrix) into ``root``; returns what was
-    written, step -> name -> array, to check loads against."""
+    written, step -> name -> array, to check loads against. ``storage``: the writer's
+    ``storage_format``, ``aggregated_format``, ``compress``."""
     from attnmap.store import StoreWriter
 
     rng = np.random.default_rng(seed)
     meta = {"model": "test", "targets": {w: list(i) for w, i in tokens.items()}, "grid": list(grid)}
     meta.update(metadata or {})
     written: dict[int, dict[str, np.ndarray]] = {}
-    writer = StoreWriter(root, video_id, meta, dtype=dtype)
+    writer = StoreWriter(root, video_id, meta, dtype=dtype, **(storage or {}))
     for step in range(steps):
         maps = {f"token/{w}": rng.random(grid, dtype=np.float32) for w in tokens}
         maps["temporal"] = rng.random((grid[0], grid[0]), dtype=np.float32)
@@ -142,3 +144,14 @@ def colormap_rgb(name: str, x: float) -> np.ndarray:
     import matplotlib
 
     return np.asarray(matplotlib.colormaps[name](x, bytes=True))[:3]
+
+
+def page_data(path: Path) -> dict[str, Any]:
+    """The data a report page carries (its JSON script), as the page's script reads it."""
+    import json
+    import re
+
+    text = path.read_text(encoding="utf-8")
+    found = re.search(r'<script type="application/json" id="[^"]+-data">(.*?)</script>', text, re.S)
+    assert found is not None
+    return json.loads(found.group(1).replace("<\\/", "</"))  # type: ignore[no-any-return]

@@ -12,9 +12,13 @@ import torch
 from attnmap.analysis import (
     NORMALIZE,
     classify_heads,
+    frame_latents,
     frame_matrix,
     load_token_map,
+    mask_rle,
+    mask_track,
     normalize,
+    rle_mask,
     summarize,
     temporal_locality,
     text_self_attention,
@@ -22,8 +26,10 @@ from attnmap.analysis import (
     token_mask,
     top_frames,
     top_regions,
+    word_masks,
     write_summary,
 )
+from attnmap.errors import AttnmapError
 from attnmap.store import StoreWriter, open_store
 
 
@@ -63,7 +69,7 @@ def test_token_mask_threshold_and_top_fraction_by_hand() -> None:
         token_mask(x)
     with pytest.raises(ValueError, match="exactly one"):
         token_mask(x, threshold=0.1, top_fraction=0.1)
-    with pytest.raises(ValueError, match=r"top_fraction must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"^top_fraction: expected a finite number in \(0, 1\], got 0.0$"):
         token_mask(x, top_fraction=0.0)
 
 
@@ -234,6 +240,79 @@ def test_summary_and_token_map_without_stored_aggregated_maps(tmp_path: Path) ->
     assert summarize(without, "v", k=2) == summarize(with_agg, "v", k=2)
     np.testing.assert_array_equal(load_token_map(without, "v", "cat"), load_token_map(with_agg, "v", "cat"))
     assert load_token_map(without, "v", "cat")[2, 1, 1] == pytest.approx(1.5)
+
+
+# -- word masks and tracks on the video's frames ---------------------------------------------------
+def test_frame_latents_by_hand() -> None:
+    causal = {"video": {"frames": 9}, "vae_stride": [4, 8, 8]}
+    assert frame_latents(causal, 3).tolist() == [0, 1, 1, 1, 1, 2, 2, 2, 2]
+    whole = {"video": {"frames": 12}, "vae_stride": [4, 8, 8]}  # 3 x 4: a VAE without the first-frame rule
+    assert frame_latents(whole, 3).tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    # 6 frames of 3 latent frames, no stride gives it: the nearest of torch's linear map
+    src = (np.arange(6) + 0.5) * 3 / 6 - 0.5
+    assert frame_latents({"video": {"frames": 6}}, 3).tolist() == np.clip(np.floor(src + 0.5), 0, 2).tolist()
+    assert frame_latents({}, 4).tolist() == [0, 1, 2, 3]  # no video: one frame per latent frame
+    with pytest.raises(AttnmapError, match="latent_frames must be an int >= 1"):
+        frame_latents(causal, 0)
+
+
+def test_word_masks_and_their_track_by_hand() -> None:
+    m = np.zeros((2, 4, 4))
+    m[0, 1, 2] = 5.0  # latent frame 0: one cell
+    m[1, 2:4, 0:2] = 3.0  # latent frame 1: a 2 x 2 block
+    masks = word_masks(m, [0, 1, 1], top_fraction=1 / 16)
+    assert masks.shape == (3, 4, 4) and masks[0].sum() == 1 and masks[0, 1, 2]
+    assert np.array_equal(masks[1], masks[2]) and masks[1].sum() == 1  # the top 1/16 of frame 1
+    block = word_masks(m, [0, 1, 1], threshold=0.5)  # each latent frame normalised on its own
+    assert block[1].sum() == 4 and block[1, 2:4, 0:2].all()
+    track = mask_track(block, size=(40, 80))  # a 4 x 4 grid over a 40 x 80 video: cells of 10 x 20 pixels
+    assert track[0] == {"x": (2 + 0.5) * 20, "y": (1 + 0.5) * 10, "area": 1 / 16}
+    assert track[1] == track[2] == {"x": (0.5 + 0.5) * 20, "y": (2.5 + 0.5) * 10, "area": 4 / 16}
+    assert mask_track(np.zeros((1, 2, 2), dtype=bool)) == [None]
+    with pytest.raises(AttnmapError, match="latents must be latent frames in"):
+        word_masks(m, [0, 2], top_fraction=0.1)
+
+
+def test_mask_rle_is_cocos_column_major_runs() -> None:
+    mask = np.array([[False, True], [True, True]])  # column-major: 0, 1, 1, 1
+    assert mask_rle(mask) == {"size": [2, 2], "counts": [1, 3]}
+    starts_set = np.array([[True, False, False]])  # starts with a one: a zero-length run of zeros first
+    assert mask_rle(starts_set) == {"size": [1, 3], "counts": [0, 1, 2]}
+    rng = np.random.default_rng(0)
+    for shape in ((1, 1), (3, 5), (7, 4)):
+        m = rng.random(shape) > 0.5
+        assert np.array_equal(rle_mask(mask_rle(m)), m)
+    with pytest.raises(AttnmapError, match="sum to H\\*W = 4"):
+        rle_mask({"size": [2, 2], "counts": [1, 2]})
+
+
+def test_the_summary_has_each_words_mask_and_track_on_every_video_frame(tmp_path: Path) -> None:
+    cat = np.zeros((3, 2, 2))
+    cat[0, 0, 0] = 1.0
+    cat[1, 1, 1] = 1.0
+    cat[2, 0, 1] = 1.0
+    meta = {
+        "targets": {"cat": [1]},
+        "grid": [3, 2, 2],
+        "vae_stride": [4, 8, 8],
+        "video": {"frames": 9, "height": 16, "width": 32},
+    }
+    w = StoreWriter(tmp_path, "v", meta, dtype="float32")
+    w.write_step(0, {"token/cat": cat})
+    w.close()
+    s = summarize(open_store(tmp_path), "v", mask_top_fraction=0.25)["tokens"]["cat"]
+    assert s["masks"]["rule"] == {"top_fraction": 0.25, "per": "latent frame"}
+    cells = [(0, 0)] + [(1, 1)] * 4 + [(0, 1)] * 4  # frame 0 alone, then 4 frames per latent frame
+    assert len(s["masks"]["frames"]) == 9 and s["track"]["size"] == [16, 32]
+    for i, (frame, (r, c)) in enumerate(zip(s["masks"]["frames"], cells)):
+        want = np.zeros((2, 2), dtype=bool)
+        want[r, c] = True
+        assert np.array_equal(rle_mask(frame), want)
+        latent = 0 if i == 0 else (i - 1) // 4 + 1
+        assert s["track"]["points"][i] == {
+            "frame": i, "latent_frame": latent, "x": (c + 0.5) * 16, "y": (r + 0.5) * 8, "area": 0.25,
+        }  # fmt: skip
+    json.dumps(s)  # JSON-safe
 
 
 # -- NaN stays visible ----------------------------------------------------------------------------

@@ -571,7 +571,8 @@ def test_hooks_and_mode_are_removed_on_exit_and_on_error_and_nesting_is_safe() -
     with attnmap.capture(model, reductions=("temporal",)) as outer:
         with attnmap.capture(model, reductions=("temporal",)) as inner:
             run(model, kwargs)
-    close("nested", inner.get("temporal"), outer.get("temporal"), 0)
+    # the outer capture reduces in one pass (it sees SDPA itself), the inner one in two
+    close("nested", inner.get("temporal"), outer.get("temporal"), 1e-6)
     assert torch._C._len_torch_function_stack() == stack_depth
     for m in sites:
         assert not m._forward_hooks and not m._forward_pre_hooks

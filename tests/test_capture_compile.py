@@ -26,7 +26,9 @@ def run(model: Any, kwargs: dict[str, Any]) -> torch.Tensor:
 
 
 def captured(model: Any, kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
-    with attnmap.capture(model, reductions=("cross", "temporal"), per_block=True) as rec:
+    """The eager capture, reduced in two passes as a compiled graph's calls are (the one-pass path
+    takes the lse from an aten op a graph would not see as SDPA)."""
+    with attnmap.capture(model, reductions=("cross", "temporal"), per_block=True, one_pass=False) as rec:
         out = run(model, kwargs)
     return out, rec
 
@@ -126,7 +128,10 @@ def test_a_compiled_forward_that_raises_inside_a_watched_module_leaves_no_stale_
     for name in clean.names:
         for block in clean.blocks:
             got, want = rec.get(name, block=block, step=1), clean.get(name, block=block)
-            assert torch.equal(got, want), f"{name} block {block} after the failed forward"
+            # within rounding: the calls that run outside the graph again reduce in one pass
+            assert torch.allclose(got, want, rtol=0, atol=1e-6), (
+                f"{name} block {block} after the failed forward"
+            )
 
 
 def test_regional_compilation_of_the_repeated_blocks_records_the_eager_maps() -> None:

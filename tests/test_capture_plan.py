@@ -190,3 +190,38 @@ def test_each_video_of_a_batch_is_stored_with_its_own_prompt_words_and_text_leng
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert rec.tokens == ["cat", "dog"]
+
+
+def _masks(b: int, h: int, nq: int, nk: int) -> dict[str, torch.Tensor]:
+    """The mask forms the families pass, each keeping keys 0..5 of row 0 and 0..3 of row 1."""
+    keep = torch.zeros(b, nk, dtype=torch.bool)
+    keep[0, :6], keep[1, :4] = True, True
+    additive = torch.zeros(b, nk).masked_fill(~keep, -10000.0)  # LTX's -10000, not -inf
+    return {
+        "bool [B, 1, 1, Nk]": keep[:, None, None, :],
+        "additive [B, 1, 1, Nk]": additive[:, None, None, :],
+        "bool [B, H, 1, Nk]": keep[:, None, None, :].expand(b, h, 1, nk),
+        "bool [B, 1, Nq, Nk]": keep[:, None, None, :].expand(b, 1, nq, nk),
+        "additive [B, H, Nq, Nk]": additive[:, None, None, :].expand(b, h, nq, nk).contiguous(),
+    }
+
+
+@pytest.mark.parametrize("form", list(_masks(2, 2, 12, 8)))
+def test_every_mask_form_is_read_per_row(form: str) -> None:
+    """Key padding per row, bool or additive, 2 to 4 dims broadcast as SDPA broadcasts them: each row's
+    maps are its own softmax, its masked keys get nothing."""
+    mask = _masks(2, 2, 12, 8)[form]
+
+    class Attention(torch.nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, k, attn_mask=mask)
+
+    model = Attention()
+    q, k = torch.randn(2, 2, 12, 16), torch.randn(2, 2, 8, 16)
+    lay = attnmap.Layout.cross((3, 2, 2), text=8)
+    with attnmap.capture(model, layout=lay, reductions=("cross", "received")) as rec:
+        model(q, k)
+    p = softmax64(q, k, mask).mean(1)
+    close("cross", rec.get("cross"), p)  # an explicit layout: every key is the row's text
+    close("received", rec.get("received/text"), p.mean(1))
+    assert torch.equal(rec.get("cross")[:, :, 6:] == 0, torch.ones(2, 12, 2, dtype=torch.bool))

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import matplotlib
 import numpy as np
 import pytest
@@ -308,3 +314,25 @@ def test_attention_stats_names_bad_arguments() -> None:
             _native.attention_stats(q, k, **args)
     with pytest.raises(_native.AttnmapError, match=r"^k: expected \[B, Hk, Nk, D\]"):
         _native.attention_stats(q, np.zeros((1, 3, 5, 8), np.float32), scale=1.0)
+
+
+def test_kernel_info_names_the_kernels_threads_and_build() -> None:
+    # rayon's pool takes RAYON_NUM_THREADS when it starts: a fresh process, as the benches record it
+    code = "from attnmap import _native; import json; print(json.dumps(_native.kernel_info()))"
+    env = {**os.environ, "RAYON_NUM_THREADS": "3", "PYTHONPATH": str(Path(_native.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    info = json.loads(done.stdout)
+    assert info["threads"] == 3
+    flags: set[str] = set()
+    if Path("/proc/cpuinfo").exists():  # the build follows the CPU's instruction sets
+        flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+                 for f in line.split(":", 1)[1].split()}  # fmt: skip
+        want = (
+            "avx512"
+            if {"avx512f", "avx2", "fma"} <= flags
+            else "avx2"
+            if {"avx2", "fma"} <= flags
+            else "plain"
+        )
+        assert info["build"] == want, flags & {"avx512f", "avx2", "fma"}
+    assert _native.kernel_info()["build"] == info["build"]

@@ -31,6 +31,7 @@ def fresh_interpreter(code: str) -> str:
 
 def test_public_names_are_the_objects_their_modules_define() -> None:
     import attnmap.analysis
+    import attnmap.capture.real_video
     import attnmap.capture.recorder
     import attnmap.config
     import attnmap.errors
@@ -39,6 +40,7 @@ def test_public_names_are_the_objects_their_modules_define() -> None:
     import attnmap.reduce.reference
     import attnmap.render
     import attnmap.render.options
+    import attnmap.render.report
     import attnmap.render.videos
     import attnmap.store
 
@@ -47,6 +49,7 @@ def test_public_names_are_the_objects_their_modules_define() -> None:
         "Config": attnmap.config.Config,
         "Layout": attnmap.layout.Layout,
         "Recorder": attnmap.capture.recorder.Recorder,
+        "capture_video": attnmap.capture.real_video.capture_video,
         "RenderOptions": attnmap.render.options.RenderOptions,
         "analysis": attnmap.analysis,
         "attention_sums": attnmap.reduce.attention_sums,
@@ -55,6 +58,7 @@ def test_public_names_are_the_objects_their_modules_define() -> None:
         "reference": attnmap.reduce.reference,
         "render": attnmap.render,
         "render_video": attnmap.render.videos.render_video,
+        "show": attnmap.render.report.show,
         "store": attnmap.store,
     }
     assert set(attnmap.__all__) == {*expected, "capture", "__version__"}
@@ -107,3 +111,97 @@ def test_capture_and_rollout_stay_callable_whatever_is_imported_first() -> None:
         "print('ok')\n"
     )
     assert fresh_interpreter(code) == "ok"
+
+
+def test_the_repository_root_never_shadows_an_installed_package() -> None:
+    """From the clone's root (a shell, a notebook, ``python -m``), the current folder comes first on
+    sys.path; the top-level ``kernels/`` folder must not take the place of the ``kernels`` package that
+    diffusers imports (installed with transformers)."""
+    root = PYTHON_DIR.parent
+    installed = subprocess.run(
+        [sys.executable, "-c", "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin)"],
+        capture_output=True,
+        text=True,
+        cwd=PYTHON_DIR,  # a folder without a kernels/ of its own: what is installed
+        check=False,
+    )
+    assert installed.returncode == 0 and installed.stdout.strip().endswith("__init__.py"), (
+        f"the kernels package (a dependency of transformers) is not installed: {installed.stderr}"
+    )
+    code = "import kernels\nfrom diffusers import WanTransformer3DModel\nprint(kernels.__file__)\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=False, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == installed.stdout.strip()
+    # the folder still leads to the kernel source, as a plain folder (a namespace portion never wins)
+    assert not (root / "kernels" / "__init__.py").exists()
+    assert (root / "kernels" / "attn_reduce.py").resolve() == (
+        PYTHON_DIR / "attnmap" / "reduce" / "kernels" / "attn_reduce.py"
+    )
+
+
+def _imports() -> dict[str, set[str]]:
+    """Each module of the package -> the package's modules it imports (anywhere in it, lazily or not;
+    ``if TYPE_CHECKING:`` blocks aside), read from the source."""
+    import ast
+
+    root = Path(attnmap.__file__).parent
+    mods = {}
+    for f in root.rglob("*.py"):
+        parts = list(f.relative_to(root.parent).with_suffix("").parts)
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+
+    def known(name: str) -> str:
+        while name not in mods:
+            name = name.rpartition(".")[0]
+        return name
+
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for m, f in mods.items():
+        tree = ast.parse(f.read_text())
+        hidden = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for b in node.body
+            for n in ast.walk(b)
+        }
+        for node in ast.walk(tree):
+            if id(node) in hidden:
+                continue
+            if isinstance(node, ast.Import):
+                edges[m] |= {known(a.name) for a in node.names if a.name.startswith("attnmap")}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("attnmap"):
+                base = str(node.module)  # ``from pkg import x`` runs pkg's __init__ first
+                edges[m] |= {known(base)} | {
+                    f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in mods
+                }
+        edges[m].discard(m)
+    return edges
+
+
+def test_imports_run_one_way() -> None:
+    """No module imports one that imports it back, directly or through others (a submodule that
+    imports its own package, or a store that imports the renderer, would close a cycle)."""
+    edges = _imports()
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            m = todo.pop()
+            if m == goal:
+                return True
+            if m not in seen:
+                seen.add(m)
+                todo += edges[m]
+        return False
+
+    cycles = sorted((a, b) for a in edges for b in edges[a] if reaches(b, a))
+    assert not cycles, f"imports that close a cycle: {cycles}"
+    assert not any(
+        e.startswith(("attnmap.render", "attnmap.capture"))
+        for m in edges
+        if m.startswith("attnmap.store")
+        for e in edges[m]
+    )

@@ -92,15 +92,27 @@ def test_colorbar_helpers() -> None:
             {"size": (4, 4), "background": np.zeros((2, 2, 3), np.uint8)},
             "background: expected frames of size (4, 4)",
         ),
-        ((np.zeros((2, 2), np.float32),), {"alpha": -0.1}, "alpha: expected a value in [0, 1]"),
+        (
+            (np.zeros((2, 2), np.float32),),
+            {"alpha": -0.1},
+            "alpha: expected a finite number in [0, 1], got -0.1",
+        ),
         (
             (np.zeros((2, 2), np.float32),),
             {"colormap": "Hot"},
-            'colormap: unknown colormap "Hot"; expected one of hot',
+            "colormap: expected one of hot, jet, viridis",
         ),
         ((np.zeros((2, 2), np.float32),), {"normalize": "minmax"}, "normalize: expected one of"),
-        ((np.zeros((2, 2), np.float32),), {"size": (0, 3)}, "size: expected positive (H, W)"),
-        ((np.zeros((2, 2), np.float32),), {"percentile": (1,)}, "percentile: expected (lo, hi) in 0..100"),
+        (
+            (np.zeros((2, 2), np.float32),),
+            {"size": (0, 3)},
+            "size: expected (H, W): 2 integers >= 1, got (0, 3)",
+        ),
+        (
+            (np.zeros((2, 2), np.float32),),
+            {"percentile": (1,)},
+            "percentile: expected (lo, hi) with 0 <= lo < hi <= 100, got (1,)",
+        ),
         ((np.zeros((2, 2), np.float32),), {"size": (200_000, 3)}, "size: expected at most 131072 pixels"),
         (
             (np.zeros((2, 2, 2), np.float32),),
@@ -127,7 +139,11 @@ def test_colorbar_helpers() -> None:
             {"size": (4096, 4096), "num_frames": 400},
             "num_frames: 400 frames of 4096 x 4096 RGB would take 18.8 GiB, more than 16 GiB",
         ),
-        ((np.zeros((2, 2), np.float32),), {"num_frames": 2.5}, "num_frames: expected a positive number"),
+        (
+            (np.zeros((2, 2), np.float32),),
+            {"num_frames": 2.5},
+            "num_frames: expected an integer >= 1, got 2.5",
+        ),
     ],
 )
 def test_bad_input_names_the_argument(args: tuple, kwargs: dict, message: str) -> None:
@@ -218,8 +234,8 @@ def test_write_video_streams_from_iter_frames(tmp_path: pathlib.Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"crf": -5}, "crf: expected an integer in 0..51 for libx264"),
-        ({"crf": 60}, "crf: expected an integer in 0..51 for libx264"),
+        ({"crf": -5}, "crf: expected an integer in [0, 51], got -5 (the range of libx264"),
+        ({"crf": 60}, "crf: expected an integer in [0, 51], got 60 (the range of libx264"),
         ({"codec": "nonexistent"}, "codec: 'nonexistent' is not an encoder"),
     ],
 )
@@ -385,5 +401,5 @@ def test_the_limits_are_named_constants() -> None:
     # refused when iter_frames is called, before any work
     with pytest.raises(AttnmapError, match=r"^chunk: 96 frames of 8192 x 8192 RGB would take 18.0 GiB"):
         render.iter_frames(np.zeros((2, 2, 2), np.float32), size=(8192, 8192), num_frames=200, chunk=96)
-    with pytest.raises(AttnmapError, match=r"^chunk: expected a positive number of frames"):
+    with pytest.raises(AttnmapError, match=r"^chunk: expected an integer >= 1, got 0"):
         render.iter_frames(np.zeros((2, 2, 2), np.float32), chunk=0)

@@ -139,9 +139,9 @@ def test_cli_stats(statistics: dict[str, np.ndarray], tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["--window", "1,2"], "Error: --window must be three positive ints t,h,w"),
-        (["--share", "0"], r"Error: --share must lie in (0, 1]"),
+        (["--share", "0"], "Error: --share: expected a finite number in (0, 1], got 0.0"),
         (["--format", "gif"], "Error: --format must be png or svg"),
-        (["--top-k", "0"], "Error: --top-k must be >= 1"),
+        (["--top-k", "0"], "Error: --top-k: expected an integer >= 1, got 0"),
         (["--video-id", "nope"], "Error: --video-id 'nope' is not in"),
     ],
 )

@@ -25,6 +25,7 @@ from attnmap.errors import AttnmapError
 from attnmap.render import report
 from attnmap.render.options import RenderOptions
 from attnmap.store import StoreWriter, open_store
+from conftest import page_data
 
 GRID = (3, 4, 6)
 SIZE = (30, 46)  # an odd-free, non-multiple size: every tap of the bilinear resize is a fraction
@@ -161,13 +162,6 @@ def set_control(driver: Any, role: str, value: Any, root: int = 0) -> None:
     wait(driver, root)
 
 
-def page_data(path: Path) -> dict[str, Any]:
-    text = path.read_text(encoding="utf-8")
-    found = re.search(r'<script type="application/json" id="[^"]+-data">(.*?)</script>', text, re.S)
-    assert found is not None
-    return json.loads(found.group(1).replace("<\\/", "</"))  # type: ignore[no-any-return]
-
-
 def backgrounds(video: dict[str, Any]) -> np.ndarray:
     """The page's overlay frames decoded with Pillow."""
     frames = []
@@ -270,8 +264,8 @@ def test_canvas_equals_render_frames(
     carried = report.dequantize(video["maps"][key])
     common = {
         "size": SIZE,
-        "temporal_stride": None,
-        "num_frames": 9,
+        "temporal_stride": 4,  # the original has the 9 frames of 3 latent frames by the VAE stride
+        "num_frames": None,
         "colormap": colormap,
         "normalize": state["normalize"],
         "background": backgrounds(video),
@@ -415,9 +409,15 @@ def test_panels_show_the_stored_values(browser: Any, tmp_path: Path) -> None:
 
 
 def test_notebook_viewers_are_the_same_viewer_inline(browser: Any, page: Path, tmp_path: Path) -> None:
+    import attnmap
+
     store = open_store(page.parent / "store")
-    one, two = store.show("vid 1"), store.show("vid 2")
-    assert one.video_ids == ["vid 1"] and store.show().video_ids == ["vid 1", "vid 2"]
+    one, two = attnmap.show(store, "vid 1"), attnmap.show(page.parent / "store", "vid 2")
+    assert one.video_ids == ["vid 1"] and attnmap.show(store).video_ids == ["vid 1", "vid 2"]
+    with pytest.raises(
+        attnmap.AttnmapError, match="source must be a Store, a store root or a Recorder, got int"
+    ):
+        attnmap.show(3)
     html = one._repr_html_()
     assert html.startswith('<div class="attnmap-report"') and "<html" not in html
     notebook = tmp_path / "notebook.html"  # two outputs in one page, as a notebook shows them
@@ -451,6 +451,7 @@ def test_recorder_viewer_shows_the_recorded_maps(browser: Any, tmp_path: Path) -
     viewer = report.recorder_viewer(rec, video_id="tiny wan")
     shown = rec.show()  # the notebook entry point: the same viewer, titled by the model
     assert shown.payload["videos"][0]["maps"] == viewer.payload["videos"][0]["maps"]
+    assert attnmap.show(rec).payload["videos"][0]["maps"] == viewer.payload["videos"][0]["maps"]
     assert "attnmapReport.mount(" in shown._repr_html_()
     video = viewer.payload["videos"][0]
     assert video["steps"] == [0, 1] and video["blocks"] == [0, 1] and video["heads"] == 2

@@ -108,9 +108,9 @@ def test_rollout_errors() -> None:
     a = np.full((1, 2, 2), 0.5)
     with pytest.raises(ValueError, match="head_fusion must be"):
         rollout([a[:, None]], head_fusion="median")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"discard_ratio must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"^discard_ratio: expected a finite number in \[0, 1\), got 1.0$"):
         rollout([a], discard_ratio=1.0)
-    with pytest.raises(ValueError, match="start_layer must be"):
+    with pytest.raises(ValueError, match=r"^start_layer: expected an integer in \[0, 0\], got 1$"):
         rollout([a], start_layer=1)
     with pytest.raises(ValueError, match="sequence"):
         rollout(a)
@@ -239,7 +239,7 @@ def test_space_time_on_timesformer() -> None:
 def test_space_time_errors() -> None:
     sp = [np.full((2, 3, 3), 1 / 3)]
     tm = [np.full((2, 2, 2), 0.5)]
-    with pytest.raises(ValueError, match="num_frames must be"):
+    with pytest.raises(ValueError, match=r"^num_frames: expected an integer >= 1, got 0$"):
         space_time_rollout(sp, tm, num_frames=0)
     with pytest.raises(ValueError, match="one map per block"):
         space_time_rollout(sp, tm + tm, num_frames=2)

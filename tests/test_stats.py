@@ -70,9 +70,9 @@ def test_window_coverage_and_smallest_window_by_brute_force() -> None:
             fewest = min(math.prod(v) for v in windows)
             assert math.prod(got[head]) == fewest, (share, head, got[head])
             assert stats.window_coverage(d[head], got[head]) >= share - 1e-6
-    with pytest.raises(ValueError, match=r"^share must be a number in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"^share: expected a finite number in \(0, 1\], got 0.0$"):
         stats.smallest_window(d, 0.0)
-    with pytest.raises(ValueError, match=r"^window must be three positive ints"):
+    with pytest.raises(ValueError, match=r"^window: expected \(t, h, w\): 3 integers >= 1, got \(1, 0, 1\)$"):
         stats.window_coverage(d, (1, 0, 1))
     with pytest.raises(ValueError, match=r"^distance must be \[\.\.\., F, H, W\]"):
         stats.energy_decay(np.ones((3, 3)))
@@ -87,7 +87,7 @@ def test_recall_curve_by_hand() -> None:
     fr, recall = stats.recall_curve(blocks[0])
     assert fr.shape == (100,) and recall.shape == (100,) and recall[-1] == pytest.approx(1.0)
     assert np.all(np.diff(recall) >= 0)
-    with pytest.raises(ValueError, match=r"^fractions must be numbers in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"^fractions: expected a finite number in \(0, 1\], got 0.0$"):
         stats.recall_curve(blocks, [0.0])
 
 
@@ -114,7 +114,7 @@ def test_sink_keys_name_where_they_sit() -> None:
     np.testing.assert_allclose(stats.sink_mass(received, 2), 0.85)
     with pytest.raises(ValueError, match=r"^layout .* has 4 keys, received has 3"):
         stats.sink_keys(received[:3], layout=lay)
-    with pytest.raises(ValueError, match=r"^k must be a positive int"):
+    with pytest.raises(ValueError, match=r"^k: expected an integer >= 1, got 0$"):
         stats.sink_keys(received, 0)
 
 

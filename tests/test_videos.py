@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from attnmap.render import videos as autorender
+from attnmap.render.decor import decor_layout
 from attnmap.render.options import RenderOptions
+from attnmap.render.progress import Progress
 from attnmap.store import StoreWriter, open_store, video_dirname
 from render_builders import decode, make_original, make_store
 
@@ -94,9 +96,9 @@ def test_render_store_and_figures(store_root: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"overlay_alpha": 1.5}, "overlay_alpha: expected a number <= 1.0"),
+        ({"overlay_alpha": 1.5}, "overlay_alpha: expected a finite number in \\[0, 1\\], got 1.5"),
         ({"normalize": "minmax_frame"}, "normalize: expected one of global, frame"),
-        ({"threshold": 1.5}, "threshold: expected a number <= 1.0"),
+        ({"threshold": 1.5}, "threshold: expected a finite number in \\[0, 1\\], got 1.5"),
         ({"video_format": "avi"}, "video_format: expected one of"),
     ],
 )
@@ -123,29 +125,6 @@ def test_output_names_never_collide() -> None:
     # a plain pair keeps its plain name; the meeting point of a_b + c and a + b_c is told apart by a hash
     assert autorender.output_path("d", "shapes", "ball", "overlay").name == "shapes_ball_overlay.mp4"
     assert autorender.output_stem("a_b", "c") != autorender.output_stem("a", "b_c")
-
-
-def test_draw_label_equals_pillow_drawing_the_text() -> None:
-    """The cached glyph mask blended in numpy against Pillow drawing onto the darkened box itself."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    rng = np.random.default_rng(1)
-    frame = rng.integers(0, 256, (200, 320, 3), dtype=np.uint8)
-    text = "cat | step 3 (2/5)"
-    size = 10  # a twentieth of the short side
-    font = ImageFont.load_default(size=size)
-    pad = 3
-    box_h, box_w = size + 2 * pad, int(np.ceil(font.getlength(text))) + 2 * pad
-    region = Image.fromarray(frame[:box_h, :box_w] // 3)
-    ImageDraw.Draw(region).text((pad, box_h / 2), text, fill=(255, 255, 255), font=font, anchor="lm")
-    expected = frame.copy()
-    expected[:box_h, :box_w] = np.asarray(region)
-    for _ in range(2):  # the second call draws from the cache
-        drawn = frame.copy()
-        assert autorender.draw_label(drawn, text) == box_h
-        assert np.abs(drawn.astype(int) - expected.astype(int)).max() <= 1
-    assert (drawn[:box_h, :box_w] > 200).all(axis=-1).sum() > 20  # white glyph pixels exist
-    np.testing.assert_array_equal(drawn[box_h:], frame[box_h:])  # nothing drawn outside the box
 
 
 def test_render_video_streams_the_original(store_root: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -238,78 +217,6 @@ def test_a_render_video_stopped_early_keeps_finished_renders(
         assert decode(tmp_path / "out" / name)[0].shape == (9, 32, 48, 3)
 
 
-# -- legibility: labels, colour bar and ticks laid out for any size ---------------------------------------
-SIZES = [
-    (48, 64),
-    (64, 64),
-    (96, 128),
-    (120, 90),
-    (240, 426),
-    (480, 832),
-    (720, 1280),
-    (1080, 1920),
-    (64, 2000),
-]
-
-
-@pytest.mark.parametrize(("height", "width"), SIZES, ids=[f"{h}x{w}" for h, w in SIZES])
-def test_decorations_fit_and_never_overlap(height: int, width: int) -> None:
-    label = "triangle | mean of steps 0..49 | block 12 | head 3 | t=3.25s"
-    decor = autorender.decor_layout(height, width, labels=True, colorbar=True, vrange=(0.000358, 0.5))
-    assert decor is not None
-    assert height < 64 or (
-        decor.bar is not None and len(decor.ticks) >= 2
-    )  # 48 high: room for the label only
-    boxes = decor.boxes(height, width, label)
-    for i, (what, top, bottom, left, right) in enumerate(boxes):
-        assert 0 <= top < bottom <= height and 0 <= left < right <= width, (what, top, bottom, left, right)
-        for other, t2, b2, l2, r2 in boxes[i + 1 :]:
-            assert bottom <= t2 or b2 <= top or right <= l2 or r2 <= left, f"{what} overlaps {other}"
-    # decorate draws only inside those boxes, and something inside each
-    frame = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    drawn = frame.copy()
-    autorender.decorate(drawn, decor, label, "viridis")
-    changed = (drawn != frame).any(-1)
-    inside = np.zeros_like(changed)
-    for what, top, bottom, left, right in boxes:
-        inside[top:bottom, left:right] = True
-        assert changed[top:bottom, left:right].mean() > 0.2, what
-    assert not (changed & ~inside).any()
-    # the font grows with the frame, from 10 pixels
-    assert decor.label == max(10, min(28, round(min(height, width) / 20)))
-
-
-def test_colour_bar_and_ticks_show_the_range() -> None:
-    decor = autorender.decor_layout(480, 832, labels=True, colorbar=True, vrange=(0.0, 2.0))
-    assert decor is not None and decor.bar is not None
-    assert [t for _, t in decor.ticks] == ["2.00", "1.50", "1.00", "0.50", "0.00"]
-    frame = np.zeros((480, 832, 3), np.uint8)
-    autorender.decorate(frame, decor, None, "viridis")
-    top, bottom, left, right = decor.bar
-    column = frame[top + 1 : bottom - 1, (left + right) // 2].astype(int)
-    table = np.asarray(matplotlib.colormaps["viridis"](np.linspace(1, 0, bottom - top))[:, :3] * 255)[1:-1]
-    assert np.abs(column - table).max() <= 3  # high values on top, matplotlib's colours
-    # each tick mark sits on the bar's row of its value
-    for (y, _), value in zip(decor.ticks, (2.0, 1.5, 1.0, 0.5, 0.0)):
-        assert (frame[y, left - 3 : left] == 255).all()
-        assert abs(1 - (y - top) / (bottom - 1 - top) - value / 2.0) < 1.5 / (bottom - top)
-    per_frame = autorender.decor_layout(480, 832, labels=False, colorbar=True, vrange=None)
-    assert per_frame is not None and [t for _, t in per_frame.ticks] == ["max", "min"]
-
-
-def test_small_frames_get_no_decorations_and_long_labels_are_cut() -> None:
-    assert autorender.decor_layout(47, 200, labels=True, colorbar=True, vrange=(0, 1)) is None
-    assert autorender.decor_layout(200, 63, labels=True, colorbar=True, vrange=(0, 1)) is None
-    frame = np.full((96, 128, 3), 255, np.uint8)
-    text = "a very long label that cannot fit in a small frame at all"
-    height = autorender.draw_label(frame, text)
-    assert 0 < height < 30 and (frame[height:] == 255).all()
-    darkened = np.flatnonzero((frame[:height] < 255).any(axis=(0, 2)))
-    assert darkened.max() >= 120  # the box spans the width: the text was cut to fit it, in the smallest font
-    cut, size = autorender._fit(text, 10, 128)
-    assert cut.endswith("...") and text.startswith(cut[:-3]) and size == 10
-
-
 def test_demo_sized_overlay_labels_are_readable(store_root: Path, tmp_path: Path) -> None:
     """96 x 128 frames: the label's white glyphs sit in their box, above the bar and its ticks."""
     store = open_store(store_root)
@@ -319,7 +226,7 @@ def test_demo_sized_overlay_labels_are_readable(store_root: Path, tmp_path: Path
     out = autorender.render_token(open_store(tmp_path / "s"), "small", "ball", tmp_path / "b.mp4")
     frames, fps = decode(out)
     assert frames.shape == (9, 96, 128, 3) and fps == 8
-    decor = autorender.decor_layout(96, 128, labels=True, colorbar=True, vrange=(0.0, 1.0))
+    decor = decor_layout(96, 128, labels=True, colorbar=True, vrange=(0.0, 1.0))
     assert decor is not None and decor.bar is not None
     label_rows = frames[4, : decor.label_h]
     assert (label_rows.min(-1) > 200).sum() > 30  # white text drawn (and decoded) in the label row
@@ -345,6 +252,33 @@ def test_overlays_play_at_the_original_rate(tmp_path: Path) -> None:
         assert {decode(p)[1] for p in forced} == {5.0}
 
 
+def test_an_overlay_on_the_vaes_own_frames_follows_its_stride(tmp_path: Path) -> None:
+    """An original of exactly the 1 + (F - 1) s frames the VAE encoded: frame 0 shows latent frame 0 and
+    each later latent frame covers s frames (a linear map would show latent frame 0 on frame 1)."""
+    import attnmap.render as render
+
+    original = make_original(tmp_path / "o.mp4")  # 9 frames: 3 latent frames of a stride-4 VAE
+    levels = np.array([0.0, 1.0, 0.5], np.float32)
+    maps = np.broadcast_to(levels[:, None, None], (3, 4, 6)).copy()
+    with StoreWriter(tmp_path / "s", "v", {"video": {"frames": 9}, "vae_stride": [4, 8, 8]}) as writer:
+        writer.write_step(0, {"token/cat": maps})
+    options = RenderOptions(labels=False, include_colorbar=False, colormap="viridis")
+    plan, size = autorender.plan_token(
+        open_store(tmp_path / "s"), "v", "cat", options=options, original_video=original
+    )
+    assert (plan.num_frames, plan.temporal_stride, size) == (None, 4, (32, 48))
+    out = autorender.render_token(
+        open_store(tmp_path / "s"), "v", "cat", tmp_path / "cat.mp4", options=options, original_video=original
+    )
+    got, _ = decode(out)
+    background = decode(original)[0]
+    kwargs = {"size": size, "colormap": "viridis", "background": background, "alpha": options.overlay_alpha}
+    want = render.frames(maps, temporal_stride=4, **kwargs)
+    linear = render.frames(maps, num_frames=9, **kwargs)
+    assert np.abs(got.astype(int) - want.astype(int)).max() < 12
+    assert np.abs(linear[1].astype(int) - want[1].astype(int)).max() > 60  # the rules differ on frame 1
+
+
 def test_the_store_refuses_sizes_no_render_could_have(tmp_path: Path) -> None:
     # beyond the schema's bounds (frames <= 2**20, sides <= 2**17) nothing is written at all
     for video in ({"frames": 10**7}, {"height": 10**6, "width": 4}):
@@ -356,7 +290,7 @@ def test_the_store_refuses_sizes_no_render_could_have(tmp_path: Path) -> None:
     ("meta", "options", "mode", "message"),
     [
         ({"video": {"frames": 10**6}}, {}, "aggregated", "metadata video.frames: 1000000 output frames"),
-        ({}, {"interpolation_steps": 100000}, "steps", "interpolation_steps: 200003 output frames"),
+        ({}, {"interpolation_steps": 40000}, "steps", "interpolation_steps: 80003 output frames"),
         (
             {"video": {"height": 4000, "width": 8000, "frames": 9000}},
             {},
@@ -440,7 +374,7 @@ def test_one_progress_display_writes_whole_lines(store_root: Path, tmp_path: Pat
     import io
 
     stream = io.StringIO()
-    with autorender.Progress(stream=stream) as progress:
+    with Progress(stream=stream) as progress:
         paths = autorender.render_video(store_root, "vid 1", tmp_path / "out", progress=progress)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2 * len(paths) == 8
@@ -463,7 +397,8 @@ def test_still_overlay_is_the_video_frame(store_root: Path, tmp_path: Path) -> N
         still = np.asarray(image.convert("RGB"))
     background, _ = render.read_video(original)
     maps = store.aggregated("vid 1", "dog").map
-    want = render.frames(maps, size=(32, 48), num_frames=9, background=background, alpha=0.6)[5]
+    # the original has the 9 frames the VAE stride gives: frame 5 is latent frame 2's
+    want = render.frames(maps, size=(32, 48), temporal_stride=4, background=background, alpha=0.6)[5]
     np.testing.assert_array_equal(still, want)  # 32 x 48: below the size that gets decorations
     mean = autorender.render_still(store, "vid 1", "dog", tmp_path / "mean.png", original_video=original)
     with Image.open(mean) as image:

@@ -1,7 +1,7 @@
 """Type stubs for attnmap._native, the Rust core: rendering and the CPU attention kernel (rust/src/lib.rs)."""
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Literal, Optional, overload
 
 import numpy as np
 
@@ -14,6 +14,7 @@ __all__ = [
     "colorize",
     "colormap_names",
     "colormap_table",
+    "kernel_info",
     "normalize",
     "render",
     "resize",
@@ -58,6 +59,7 @@ def colorize(values: np.ndarray, colormap: str = "hot") -> np.ndarray: ...
 def colormap_table(name: str) -> np.ndarray: ...
 def colormap_names() -> list[str]: ...
 def rgb_to_yuv420(frames: np.ndarray) -> np.ndarray: ...
+@overload
 def attention_groups(
     q: np.ndarray,
     k: np.ndarray,
@@ -67,7 +69,22 @@ def attention_groups(
     scale: float,
     bias: Optional[np.ndarray] = None,
     per_head: bool = False,
+    lse: Optional[np.ndarray] = None,
+    return_lse: Literal[False] = False,
 ) -> np.ndarray: ...
+@overload
+def attention_groups(
+    q: np.ndarray,
+    k: np.ndarray,
+    columns: np.ndarray,
+    num_columns: int,
+    *,
+    scale: float,
+    bias: Optional[np.ndarray] = None,
+    per_head: bool = False,
+    lse: Optional[np.ndarray] = None,
+    return_lse: Literal[True],
+) -> tuple[np.ndarray, np.ndarray]: ...
 def attention_stats(
     q: np.ndarray,
     k: np.ndarray,
@@ -80,4 +97,7 @@ def attention_stats(
     entropy: bool = False,
     blocks: Optional[Sequence[tuple[np.ndarray, np.ndarray, int, int]]] = None,
     distance: Optional[tuple[int, int, int, int, int]] = None,
+    lse: Optional[np.ndarray] = None,
+    return_lse: bool = False,
 ) -> dict[str, Any]: ...
+def kernel_info() -> dict[str, Any]: ...

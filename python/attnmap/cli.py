@@ -22,6 +22,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from attnmap._checks import integer, number
+
 RENDER_EXAMPLES = [
     "attnmap-render demo --output demo_out",
     "attnmap-render list outputs/attention_maps",
@@ -179,15 +181,6 @@ def _stored(video_id: str, videos: list[str], attention_dir: Path) -> None:
         raise CLIError(f"--video-id {video_id!r} is not in {str(attention_dir)!r}; it has: {shown}")
 
 
-def _colormap(name: str) -> str:
-    import attnmap.render as render
-
-    names = list(render.colormap_names())
-    if name not in names:
-        raise CLIError(f"--colormap {name!r} is unknown; valid names: {', '.join(names)}")
-    return name
-
-
 def _words(store: Any, video_id: str, token: list[str]) -> list[str]:
     stored = store.tokens(video_id)
     words = stored if token == ["all"] else list(dict.fromkeys(token))
@@ -277,10 +270,9 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.
 
 
 def _options(**values: Any) -> Any:
+    """The render options of the flags: every value is checked there, and its error names the flag."""
     from attnmap.render.options import RenderOptions
 
-    if "colormap" in values:
-        values["colormap"] = _colormap(values["colormap"])
     return RenderOptions(**values)
 
 
@@ -325,6 +317,7 @@ def video(
     """Render tokens of one stored video: the step evolution (default) or the aggregated map (--use-aggregated),
     as heatmaps or overlays on the original video, one file per token or a grid."""
     import attnmap.render.videos as videos
+    from attnmap.render.progress import Progress
 
     with _errors():
         options = _options(
@@ -356,7 +349,7 @@ def video(
             "branch": _branch(branch),
         }
         if grid or (len(words) == 1 and output.suffix):
-            with videos.Progress(enabled=not _quiet(quiet)) as progress:
+            with Progress(enabled=not _quiet(quiet)) as progress:
                 if grid:
                     path = videos.render_grid(store, video_id, words, output, progress=progress, **common)
                 else:
@@ -368,7 +361,7 @@ def video(
                 f"--output must be a folder (no suffix) when rendering {len(words)} tokens without --grid"
             )
         failed = []
-        with videos.Progress(enabled=not _quiet(quiet)) as progress:
+        with Progress(enabled=not _quiet(quiet)) as progress:
             printer = _Printer(progress)
             for word in words:
                 path = videos.output_path(
@@ -466,6 +459,7 @@ def render_all(
     cannot hold as they are, or that could be read two ways, end in a hash of the exact video id and token.
     Every finished file is printed; a failed render prints an error and the command exits 1."""
     import attnmap.render.videos as videos
+    from attnmap.render.progress import Progress
 
     with _errors():
         store = _open(attention_dir, flag="ATTENTION_DIR")
@@ -475,7 +469,7 @@ def render_all(
         )  # fmt: skip
         target = output if output is not None else attention_dir.resolve().parent / "attention_videos"
         failed = []
-        with videos.Progress(enabled=not _quiet(quiet)) as progress:
+        with Progress(enabled=not _quiet(quiet)) as progress:
             printer = _Printer(progress)
             for video_id in store.videos():
                 try:
@@ -524,8 +518,7 @@ def report_cmd(
         stored = store.videos()
         for vid in video_id or []:
             _stored(vid, stored, attention_dir)
-        if not max_mb >= 0:
-            raise CLIError(f"--max-mb must be >= 0, got {max_mb}")
+        max_mb = number("--max-mb", max_mb, low=0)
         options = _options(
             colormap=colormap, normalize=normalize, overlay_alpha=overlay_alpha, vmin=vmin, vmax=vmax
         )
@@ -646,10 +639,8 @@ def stats_cmd(
     with _errors():
         if fmt not in ("png", "svg"):
             raise CLIError(f"--format must be png or svg, got {fmt!r}")
-        if not 0.0 < share <= 1.0:
-            raise CLIError(f"--share must lie in (0, 1], got {share}")
-        if top_k < 1:
-            raise CLIError(f"--top-k must be >= 1, got {top_k}")
+        number("--share", share, low=0.0, high=1.0, open_low=True)
+        integer("--top-k", top_k, low=1)
         size = _window_option(window)
         store = _open(attention_dir, flag="ATTENTION_DIR")
         stored = store.videos()

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+from attnmap._checks import integer
 from attnmap.errors import AttnmapError
 from attnmap.render.options import RenderOptions
+from attnmap.store.formats import check_storage
 
 STORAGE_DTYPES = ("float16", "float32")
-#: what the store writes (safetensors: no pickle on load, one file per step)
-STORAGE_FORMATS = ("safetensors",)
 
 
 def _check_keys(data: Mapping[str, Any], valid: tuple[str, ...], where: str) -> None:
@@ -37,16 +37,6 @@ def _bool(where: str, value: Any) -> bool:
     return value
 
 
-def _number(where: str, value: Any, minimum: float, *, integer: bool = False) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise AttnmapError(f"{where} must be a number >= {minimum}, got {value!r}")
-    if integer and int(value) != value:
-        raise AttnmapError(f"{where} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise AttnmapError(f"{where} must be >= {minimum}, got {value!r}")
-    return int(value) if integer else float(value)
-
-
 def _choice(where: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise AttnmapError(f"{where} must be one of {', '.join(choices)}; got {value!r}")
@@ -59,14 +49,17 @@ class Config:
 
     Attributes:
         store_attention: write the captured maps to the store.
-        storage_format: ``"safetensors"``, what the store writes (other formats are refused: they
-            would need pickle to load).
-        compress_attention: must be false: safetensors files are not compressed (true is refused).
+        storage_format: what the store writes: ``"safetensors"`` (one file per step) or ``"numpy"``
+            (``<video_id>/<token>/step_000.npz`` with ``step_000_metadata.json``, see
+            :mod:`attnmap.store.npz`); ``"torch"`` is refused (torch.save writes pickle).
+        compress_attention: compressed ``.npz`` files (``np.savez_compressed``); needs a numpy format
+            (safetensors files are not compressed: true is refused with safetensors alone).
         storage_dtype: dtype of stored maps (float16 or float32).
         store_per_head: keep a map per head (H as the first dim) instead of the head mean.
         store_per_block: keep ``<name>/block<b>`` maps beside the block means.
         store_aggregated_attention: write the step-averaged maps when a video completes.
-        aggregated_storage_format: ``"safetensors"``, as ``storage_format``.
+        aggregated_storage_format: the step-aggregated maps' format, as ``storage_format``
+            (numpy: ``<video_id>/aggregated/<token>_aggregated.npz`` with its ``_metadata.json``).
         auto_generate_videos: render every stored video at the end of the batch.
         auto_generate_per_video: render a video's maps as soon as its capture completes.
         spatial_downsample_factor: integer spatial downsampling of stored token maps.
@@ -116,22 +109,18 @@ class Config:
         ):
             if name in data:
                 out[name] = _bool(f"{where}.{name}", data[name])
-        for name in ("storage_format", "aggregated_storage_format"):
-            if name in data and data[name] not in STORAGE_FORMATS:
-                raise AttnmapError(
-                    f"{where}.{name}: attnmap stores safetensors only (loading {data[name]!r} files would "
-                    f"need pickle); set it to safetensors or remove the key, got {data[name]!r}"
-                )
-        if out.get("compress_attention"):
-            raise AttnmapError(
-                f"{where}.compress_attention: safetensors files are stored uncompressed; set it to false "
-                "or remove the key (spatial_downsample_factor and storage_dtype: float16 make stores smaller)"
-            )
+        steps, aggregated = check_storage(
+            data.get("storage_format", "safetensors"),
+            data.get("aggregated_storage_format", data.get("storage_format", "safetensors")),
+            compress=out.get("compress_attention", False),
+            where=f"{where}.",
+        )
+        out["storage_format"], out["aggregated_storage_format"] = steps, aggregated
         if "storage_dtype" in data:
             out["storage_dtype"] = _choice(f"{where}.storage_dtype", data["storage_dtype"], STORAGE_DTYPES)
         if "spatial_downsample_factor" in data:
-            out["spatial_downsample_factor"] = _number(
-                f"{where}.spatial_downsample_factor", data["spatial_downsample_factor"], 1, integer=True
+            out["spatial_downsample_factor"] = integer(
+                f"{where}.spatial_downsample_factor", data["spatial_downsample_factor"], low=1
             )
         if "visualization_params" in data:
             out["visualization_params"] = RenderOptions.from_dict(

@@ -351,15 +351,11 @@ def _run_shapes(root: Path, original: Path, video: SyntheticVideo) -> tuple[Shap
     return model, time.perf_counter() - start
 
 
-def _run_wan(root: Path, steps: int = 3) -> float:
-    """A tiny randomly initialised diffusers WanTransformer3DModel for a few steps under capture (its
-    layouts inferred: attn1 video self-attention, attn2 video->text); returns the seconds it took."""
+def _tiny_wan_transformer(seed: int = 0) -> Any:
+    """A tiny randomly initialised diffusers WanTransformer3DModel (2 blocks of 2 heads, 4 latent channels)."""
     from diffusers import WanTransformer3DModel
 
-    import attnmap
-
-    start = time.perf_counter()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model: Any = WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
@@ -374,7 +370,71 @@ def _run_wan(root: Path, steps: int = 3) -> float:
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
     )
-    model.eval()
+    return model.eval()
+
+
+def tiny_wan_pipeline(seed: int = 0, words: Sequence[str] = TEXT_TOKENS) -> Any:
+    """A diffusers ``WanPipeline`` of tiny randomly initialised parts, built offline from config classes:
+    a word-level tokenizer of ``words`` (others are unknown tokens), a 2-layer UMT5 text encoder, Wan's
+    VAE (strides 4 in time, 8 in space, 4 latent channels) and :func:`_tiny_wan_transformer`. Its maps
+    come from random weights: it shows the real pipeline path, not where a trained model looks.
+
+    Example:
+        >>> pipe = tiny_wan_pipeline()  # doctest: +SKIP
+        >>> attnmap.capture_video(pipe, make_video().frames, PROMPT)  # doctest: +SKIP
+    """
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+    torch.manual_seed(seed)
+    encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=max(64, len(vocab)),
+            d_model=32,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    ).eval()
+    vae: Any = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=encoder,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae.eval(),
+        transformer=_tiny_wan_transformer(seed),
+    )
+
+
+def _run_wan(root: Path, steps: int = 3) -> float:
+    """A tiny randomly initialised diffusers WanTransformer3DModel for a few steps under capture (its
+    layouts inferred: attn1 video self-attention, attn2 video->text); returns the seconds it took."""
+    import attnmap
+
+    start = time.perf_counter()
+    model = _tiny_wan_transformer()
     latents = torch.randn(1, 4, 3, 8, 8)  # [B, C, F, H, W]: 9 video frames of 64 x 64 through Wan's VAE
     text = torch.randn(1, 16, 32)
     metadata = {"video": {"height": 64, "width": 64, "fps": 8, "frames": 9}, "random_weights": True}

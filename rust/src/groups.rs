@@ -6,28 +6,85 @@
 //! that frame's video keys, gives the frame-to-frame (temporal) rows. This is `P @ G` for a 0/1
 //! matrix G, computed in one pass over the keys with an online softmax (running row max and sum),
 //! so a row costs one q k^T product and one exp per key: about half of what an attention forward
-//! (which also multiplies P by V) costs.
+//! (which also multiplies P by V) costs. Where the caller gives each row's logsumexp (`lse`, from
+//! the attention forward), P = exp(logit - lse) directly: no running max, no rescaling, no sum.
+//! Each row's logsumexp can be returned too, so that sums over disjoint key shards merge exactly as
+//! attention outputs do (`out = sum_i exp(lse_i - lse) out_i`).
 //!
-//! Layout of the work: a task takes [`ROW_CHUNK`] query rows of one batch element through every
-//! head; per head it walks the keys in blocks of [`KEY_BLOCK`] (kept in cache) and, within a block,
-//! micro tiles of [`MR`] rows x [`NR`] keys whose logits live in registers. Keys are packed once per
-//! call as `[tile][d][NR]`. The loops are plain Rust compiled twice, plain and for AVX2 + FMA
-//! (chosen at run time), and vectorised by the compiler.
+//! Layout of the work: [`split`] cuts the rows of every batch element (and, where the rows alone are
+//! too few for the threads, groups of heads) into tasks of at most [`ROW_CHUNK`] rows; a task takes
+//! its rows through its heads, and per head walks the keys in blocks of [`KEY_BLOCK`] (kept in
+//! cache) and, within a block, micro tiles of rows x [`NR`] keys whose logits live in registers.
+//! Keys are packed once per call as `[tile][d][NR]`. The loops are plain Rust compiled three times,
+//! plain, for AVX2 + FMA and for AVX-512 ([`Build`], chosen at run time).
 
-use ndarray::{Array4, ArrayView1, ArrayView3, ArrayView4};
+use ndarray::{Array3, Array4, ArrayView1, ArrayView3, ArrayView4};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
-/// Keys per micro tile (two AVX2 vectors).
+/// Keys per micro tile (one AVX-512 vector, two AVX2 vectors).
 pub(crate) const NR: usize = 16;
-/// Query rows per micro tile: `MR * NR / 8` = 12 accumulators stay in registers (of 16).
-pub(crate) const MR: usize = 6;
+/// Query rows per micro tile of the AVX-512 build (12 rows x 2 tiles = 24 accumulators of 32
+/// registers), and the multiple a task's rows are padded to.
+pub(crate) const MR: usize = 12;
+/// Query rows per micro tile of the AVX2 and plain builds: `HALF * NR / 8` = 12 accumulators stay
+/// in registers (of 16).
+const HALF: usize = 6;
 /// Query rows per task (a multiple of `MR`).
 pub(crate) const ROW_CHUNK: usize = 60;
-/// Keys walked per pass over a task's rows (a multiple of `NR`), so that their packed copy stays in
-/// the L2 cache while every row of the task uses it.
+/// Keys walked per pass over a task's rows (a multiple of `2 NR`), so that their packed copy stays
+/// in the L2 cache while every row of the task uses it.
 const KEY_BLOCK: usize = 256;
+
+/// Which compiled copy of the kernel loops runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Build {
+    /// Plain Rust, vectorised by the compiler for the baseline instruction set.
+    Plain,
+    /// AVX2 + FMA: 6 rows x 16 keys per micro tile.
+    Avx2,
+    /// AVX-512 (F) on top of AVX2 + FMA: 12 rows x 32 keys per micro tile.
+    Avx512,
+}
+
+/// [`Build`] as a const parameter of the generic loops.
+pub(crate) const PLAIN: u8 = 0;
+#[cfg(target_arch = "x86_64")]
+pub(crate) const AVX2: u8 = 1;
+#[cfg(target_arch = "x86_64")]
+pub(crate) const AVX512: u8 = 2;
+
+impl Build {
+    /// The fastest copy this CPU runs.
+    pub fn best() -> Build {
+        Build::available().pop().unwrap_or(Build::Plain)
+    }
+
+    /// The name of the copy: `"plain"`, `"avx2"` or `"avx512"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Build::Plain => "plain",
+            Build::Avx2 => "avx2",
+            Build::Avx512 => "avx512",
+        }
+    }
+
+    /// Every copy this CPU runs, slowest first (the tests compare them).
+    pub(crate) fn available() -> Vec<Build> {
+        #[allow(unused_mut)]
+        let mut out = vec![Build::Plain];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            out.push(Build::Avx2);
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                out.push(Build::Avx512);
+            }
+        }
+        out
+    }
+}
 
 /// How the keys of one micro tile map to columns, decided once per call.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -74,9 +131,7 @@ impl Groups {
             keys: columns.len(),
         })
     }
-}
 
-impl Groups {
     /// Every key its own column, padded to whole tiles (so every tile is `Consecutive`): the
     /// columns are the rows of P, `ceil(nk / NR) * NR` of them (those past `nk` stay zero).
     pub fn identity(nk: usize) -> Self {
@@ -111,6 +166,9 @@ pub struct Problem<'a> {
     pub k: ArrayView4<'a, f32>,
     /// Additive bias per key `[B, Hm, Nk]`, `Hm` 1 or H (`-inf` excludes a key).
     pub bias: Option<ArrayView3<'a, f32>>,
+    /// Each row's logsumexp of `scale * q k^T + bias`, `[B, H, R]`, given by the caller: then
+    /// P = exp(logit - lse) as it stands (`-inf`: a row with no key, P = 0; NaN: a NaN row).
+    pub lse: Option<ArrayView3<'a, f32>>,
     /// Logit scale.
     pub scale: f32,
     /// Keep heads apart (`[B, H, R, C]`) or sum them (`[B, 1, R, C]`).
@@ -119,7 +177,7 @@ pub struct Problem<'a> {
 
 impl Problem<'_> {
     pub(crate) fn check(&self, groups: &Groups) -> Result<()> {
-        let (b, h, _, d) = self.q.dim();
+        let (b, h, r, d) = self.q.dim();
         let (kb, hk, nk, kd) = self.k.dim();
         if kb != b || kd != d || hk == 0 || !h.is_multiple_of(hk) || d == 0 {
             return Err(Error::invalid(
@@ -148,7 +206,17 @@ impl Problem<'_> {
                 ));
             }
         }
-        let (_, _, r, _) = self.q.dim();
+        if let Some(lse) = &self.lse {
+            if lse.dim() != (b, h, r) {
+                return Err(Error::invalid(
+                    "lse",
+                    format!(
+                        "expected one logsumexp per row, [B, H, R] = [{b}, {h}, {r}], got {:?}",
+                        lse.shape()
+                    ),
+                ));
+            }
+        }
         let hs = if self.per_head { h } else { 1 };
         let entries = [b, hs, r, groups.num_columns]
             .iter()
@@ -173,58 +241,145 @@ impl Problem<'_> {
     }
 }
 
-/// `P @ G` per query row: `[B, Hs, R, C]` with `Hs` H (`per_head`) or 1 (the sum over heads).
+/// One task: rows `r0..r0 + rows` of batch element `b`, through heads `h0..h1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Task {
+    pub b: usize,
+    pub h0: usize,
+    pub h1: usize,
+    pub r0: usize,
+    pub rows: usize,
+}
+
+/// The tasks of a call with `b` batch elements, `h` heads and `r` query rows, as `pieces` runs of
+/// about equal work (fewer where there is less work than that), in order.
+///
+/// Every task takes all heads, unless the rows are too few to give each thread of the pool `2 MR`
+/// of them: then the heads are split into groups too (a batch of one short sequence still fills
+/// every core). The rows of each (batch element, head group) are cut into runs at multiples of
+/// `MR`, one run per piece, and each run into tasks of at most `chunk` rows. The cut depends only
+/// on the sizes, `pieces` and the pool's thread count, so the same call always gives the same tasks.
+pub(crate) fn split(b: usize, h: usize, r: usize, pieces: usize, chunk: usize) -> Vec<Vec<Task>> {
+    let want = rayon::current_num_threads().max(1) * 2 * MR;
+    let rows = b.saturating_mul(r);
+    let wanted_groups = if rows >= want || rows == 0 {
+        1
+    } else {
+        h.min(want.div_ceil(rows)).max(1)
+    };
+    let per = h.div_ceil(wanted_groups).max(1);
+    let groups = h.div_ceil(per).max(1);
+    let units = rows.saturating_mul(groups);
+    if units == 0 {
+        return Vec::new();
+    }
+    let pieces = pieces.clamp(1, units.div_ceil(MR));
+    let chunk = chunk.max(1);
+    // piece p starts at unit p * units / pieces, moved to the nearest multiple of MR in its segment
+    let start = |p: usize| -> usize {
+        let u = (units as u128 * p as u128 / pieces as u128) as usize;
+        let (seg, off) = (u / r, u % r);
+        seg * r + ((off + MR / 2) / MR * MR).min(r)
+    };
+    let mut out = Vec::with_capacity(pieces);
+    for p in 0..pieces {
+        let (lo, hi) = (start(p), start(p + 1));
+        let mut tasks = Vec::new();
+        let mut u = lo;
+        while u < hi {
+            let (seg, off) = (u / r, u % r);
+            let end = hi.min((seg + 1) * r);
+            let n = (end - u).min(chunk);
+            let (bi, g) = (seg / groups, seg % groups);
+            tasks.push(Task {
+                b: bi,
+                h0: g * per,
+                h1: ((g + 1) * per).min(h),
+                r0: off,
+                rows: n,
+            });
+            u += n;
+        }
+        if !tasks.is_empty() {
+            out.push(tasks);
+        }
+    }
+    out
+}
+
+/// `P @ G` per query row: `[B, Hs, R, C]` with `Hs` H (`per_head`) or 1 (the sum over heads), and
+/// with `with_lse` each row's logsumexp `[B, H, R]` over the keys (`-inf` for a row with no key).
 ///
 /// A row whose keys are all excluded is zero; a row with NaN or `+inf` among its logits (NaN or
-/// inf in q or k) is NaN in every column, never a silent number.
-pub fn grouped_sums(p: &Problem, groups: &Groups) -> Result<Array4<f32>> {
-    run(p, groups, has_avx2_fma())
+/// inf in q or k) is NaN in every column, never a silent number. With `per_head`, the rows and
+/// their logsumexp are what shards of the keys need to merge exactly.
+pub fn grouped_sums(
+    p: &Problem,
+    groups: &Groups,
+    with_lse: bool,
+) -> Result<(Array4<f32>, Option<Array3<f32>>)> {
+    run(p, groups, Build::best(), with_lse)
 }
 
-/// Whether this CPU runs the AVX2 + FMA build of the kernels.
-pub(crate) fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma");
-    #[cfg(not(target_arch = "x86_64"))]
-    return false;
-}
-
-/// [`grouped_sums`] with the AVX2 + FMA build (`fast`) or the plain one.
-fn run(p: &Problem, groups: &Groups, fast: bool) -> Result<Array4<f32>> {
+/// [`grouped_sums`] in the given build.
+fn run(
+    p: &Problem,
+    groups: &Groups,
+    build: Build,
+    with_lse: bool,
+) -> Result<(Array4<f32>, Option<Array3<f32>>)> {
     p.check(groups)?;
     let (b, h, r, _) = p.q.dim();
     let c = groups.num_columns;
     let hs = if p.per_head { h } else { 1 };
     let mut out = Array4::from_shape_vec((b, hs, r, c), zeroed(b * hs * r * c, "num_columns")?)
         .expect("sized to the shape");
-    if r == 0 || c == 0 {
-        return Ok(out);
+    let mut lse = match with_lse {
+        true => Some(Array3::from_shape_vec((b, h, r), zeroed(b * h * r, "lse")?).expect("sized")),
+        false => None,
+    };
+    if r == 0 || (c == 0 && !with_lse) {
+        return Ok((out, lse));
     }
     let packed = Packed::new(p, groups.tiles.len());
-    let chunks = r.div_ceil(ROW_CHUNK);
     let work = Work {
         p,
         groups,
         keys: &packed.keys,
         biases: &packed.biases,
-        fast,
+        build,
         prefix: false,
     };
-    let parts: Vec<Vec<f32>> = (0..b * chunks)
-        .into_par_iter()
-        .map(|t| work.task(t / chunks, (t % chunks) * ROW_CHUNK))
+    // each task writes its own rows: many small pieces, balanced by rayon's work stealing
+    let pieces = 4 * rayon::current_num_threads().max(1);
+    let tasks: Vec<Task> = split(b, h, r, pieces, ROW_CHUNK)
+        .into_iter()
+        .flatten()
+        .collect();
+    let parts: Vec<(Vec<f32>, Vec<f32>)> = tasks
+        .par_iter()
+        .map(|&t| work.task(t, with_lse))
         .collect::<Result<_>>()?;
-    for (t, part) in parts.iter().enumerate() {
-        let (bi, r0) = (t / chunks, (t % chunks) * ROW_CHUNK);
-        let rows = ROW_CHUNK.min(r - r0);
-        for (hi, block) in part.chunks_exact(rows * c).enumerate() {
-            let mut dst = out.slice_mut(ndarray::s![bi, hi, r0..r0 + rows, ..]);
-            let src = ndarray::ArrayView2::from_shape((rows, c), block).expect("rows x columns");
-            dst.assign(&src);
+    for (t, (part, rows_lse)) in tasks.iter().zip(&parts) {
+        let rows = t.rows;
+        if c > 0 {
+            for (k, block) in part.chunks_exact(rows * c).enumerate() {
+                let slot = if p.per_head { t.h0 + k } else { 0 };
+                let src =
+                    ndarray::ArrayView2::from_shape((rows, c), block).expect("rows x columns");
+                // heads split over tasks add up in task order (fixed by `split`)
+                out.slice_mut(ndarray::s![t.b, slot, t.r0..t.r0 + rows, ..])
+                    .zip_mut_with(&src, |o, &v| *o += v);
+            }
+        }
+        if let Some(lse) = lse.as_mut() {
+            for (k, row) in rows_lse.chunks_exact(rows).enumerate() {
+                lse.slice_mut(ndarray::s![t.b, t.h0 + k, t.r0..t.r0 + rows])
+                    .assign(&ArrayView1::from(row));
+            }
         }
     }
-    Ok(out)
+    Ok((out, lse))
 }
 
 /// The keys and biases of a call, laid out once for every task.
@@ -281,10 +436,11 @@ pub(crate) struct Work<'a, 'v> {
     pub keys: &'a [Vec<f32>],
     /// Bias per `(b, bias head)`, `-inf` past `Nk`.
     pub biases: &'a [Vec<f32>],
-    /// Run the AVX2 + FMA build (only set when the CPU has both).
-    pub fast: bool,
+    /// The compiled copy of the loops to run (only one the CPU has).
+    pub build: Build,
     /// Column `j` is key `j` (every key its own column): while the keys are walked in order, only
-    /// the columns of the keys walked so far hold mass, so a raised max rescales only those.
+    /// the columns of the keys walked so far hold mass, so a raised max rescales only those, and
+    /// each column is written once (stored, not added: the row state needs no zeroing).
     pub prefix: bool,
 }
 
@@ -292,15 +448,29 @@ pub(crate) struct Work<'a, 'v> {
 pub(crate) struct Rows {
     /// `[rows][C]` unnormalised column sums, relative to `max`.
     pub acc: Vec<f32>,
-    /// Running row max of the logits.
+    /// Running row max of the logits; with a given logsumexp, that (`+inf` for a row with no key).
     pub max: Vec<f32>,
-    /// Running row sum of `exp(logit - max)`.
+    /// Running row sum of `exp(logit - max)` (0 with a given logsumexp).
     pub sum: Vec<f32>,
     /// Running row sum of `exp(logit - max) * (logit - max)` (kept for the entropy only).
     pub ent: Vec<f32>,
-    /// A NaN or `+inf` logit was seen.
+    /// `sum` and `ent` in `NR` lanes per row (`[rows][NR]`), as the AVX-512 build adds them: one
+    /// vector add per tile instead of a horizontal sum; folded in by [`Rows::settle`].
+    sum16: Vec<f32>,
+    ent16: Vec<f32>,
+    /// The AVX-512 build's pending column of each row (`usize::MAX`: none) and its exponentials so
+    /// far in `NR` lanes (`[rows][NR]`): consecutive tiles of one column (a frame's keys) add up as
+    /// vectors, and the column gets their horizontal sum once, when the column changes.
+    pend16: Vec<f32>,
+    pend_col: Vec<usize>,
+    /// A NaN or `+inf` logit (or a NaN logsumexp) was seen.
     pub bad: Vec<bool>,
+    /// The rows' logsumexp was given: P = exp(logit - max), no running max, no sum.
+    pub given: bool,
 }
+
+/// No pending column (see [`Rows`]).
+const NO_COLUMN: usize = usize::MAX;
 
 /// A zeroed buffer of `n` floats, or an error naming `what` where memory runs out.
 pub(crate) fn zeroed(n: usize, what: &'static str) -> Result<Vec<f32>> {
@@ -319,23 +489,93 @@ impl Rows {
             max: vec![0.0; rows],
             sum: vec![0.0; rows],
             ent: vec![0.0; rows],
+            sum16: vec![0.0; rows * NR],
+            ent16: vec![0.0; rows * NR],
+            pend16: vec![0.0; rows * NR],
+            pend_col: vec![NO_COLUMN; rows],
             bad: vec![false; rows],
+            given: false,
         })
     }
 
-    fn reset(&mut self) {
-        self.acc.fill(0.0);
-        self.max.fill(f32::NEG_INFINITY);
+    /// Start a head: zero the sums (and the columns unless `keep_acc`: every column is stored
+    /// before it is read), and take the rows' logsumexp where it is given (the rows past it are
+    /// padding: no key).
+    fn reset(&mut self, keep_acc: bool, given: Option<ArrayView1<f32>>) {
+        if !keep_acc {
+            self.acc.fill(0.0);
+        }
         self.sum.fill(0.0);
         self.ent.fill(0.0);
+        self.sum16.fill(0.0);
+        self.ent16.fill(0.0);
+        self.pend_col.fill(NO_COLUMN);
         self.bad.fill(false);
+        self.given = given.is_some();
+        match given {
+            None => self.max.fill(f32::NEG_INFINITY),
+            Some(lse) => {
+                self.max.fill(f32::INFINITY);
+                for ((m, bad), &v) in self.max.iter_mut().zip(self.bad.iter_mut()).zip(lse) {
+                    // -inf: no key, P = 0 (as exp(logit - inf)); NaN: a NaN row
+                    *m = if v == f32::NEG_INFINITY {
+                        f32::INFINITY
+                    } else {
+                        v
+                    };
+                    *bad = v.is_nan();
+                }
+            }
+        }
+    }
+
+    /// Add row `i`'s pending column (if any) into its columns `[.., C]`.
+    #[inline(always)]
+    fn flush(&mut self, i: usize, c: usize) {
+        let col = self.pend_col[i];
+        if col != NO_COLUMN {
+            let lanes: &[f32; NR] = self.pend16[i * NR..(i + 1) * NR].try_into().expect("NR");
+            self.acc[i * c + col] += sum16(lanes);
+            self.pend_col[i] = NO_COLUMN;
+        }
+    }
+
+    /// Add the exponentials `e` of a tile whose keys all go to column `col` to row `i`'s pending
+    /// column, flushing the one pending before where it is another.
+    #[inline(always)]
+    fn pend(&mut self, i: usize, c: usize, col: usize, e: &[f32; NR]) {
+        let lanes = &mut self.pend16[i * NR..(i + 1) * NR];
+        if self.pend_col[i] == col {
+            lanes.iter_mut().zip(e).for_each(|(l, &v)| *l += v);
+        } else {
+            let old = self.pend_col[i];
+            if old != NO_COLUMN {
+                let total = sum16(lanes.as_ref().try_into().expect("NR"));
+                self.acc[i * c + old] += total;
+            }
+            lanes.copy_from_slice(e);
+            self.pend_col[i] = col;
+        }
+    }
+
+    /// Fold the lane sums and pending columns of the first `rows` rows into `sum`, `ent` and
+    /// their columns (`c` of them).
+    fn settle(&mut self, rows: usize, c: usize) {
+        for i in 0..rows {
+            self.flush(i, c);
+            self.sum[i] += sum16(self.sum16[i * NR..(i + 1) * NR].try_into().expect("NR"));
+            self.ent[i] += sum16(self.ent16[i * NR..(i + 1) * NR].try_into().expect("NR"));
+        }
     }
 
     /// Row `i`'s entropy `-sum P ln P` from its sums: `ln sum - ent / sum` (0 for a row with no
-    /// key, NaN for a row with a NaN or `+inf` logit).
+    /// key, NaN for a row with a NaN or `+inf` logit); with a given logsumexp,
+    /// `sum P (lse - logit) = -ent`.
     pub fn entropy(&self, i: usize) -> f32 {
         if self.bad[i] {
             f32::NAN
+        } else if self.given {
+            -self.ent[i]
         } else if self.sum[i] > 0.0 {
             self.sum[i].ln() - self.ent[i] / self.sum[i]
         } else {
@@ -343,103 +583,117 @@ impl Rows {
         }
     }
 
-    /// `1 / sum` of row `i` (0 for a row with no key, NaN for a bad row).
+    /// `1 / sum` of row `i` (0 for a row with no key, NaN for a bad row; 1 with a given
+    /// logsumexp: the columns are P already).
     pub fn inv(&self, i: usize) -> f32 {
         if self.bad[i] {
             f32::NAN
+        } else if self.given {
+            1.0
         } else if self.sum[i] > 0.0 {
             1.0 / self.sum[i]
         } else {
             0.0
         }
     }
+
+    /// Row `i`'s logsumexp over the keys, `max + ln sum` (the given one where it was given;
+    /// `-inf` for a row with no key, NaN for a bad row).
+    pub fn lse(&self, i: usize) -> f32 {
+        if self.bad[i] {
+            f32::NAN
+        } else if self.given {
+            if self.max[i] == f32::INFINITY {
+                f32::NEG_INFINITY
+            } else {
+                self.max[i]
+            }
+        } else if self.sum[i] > 0.0 {
+            self.max[i] + self.sum[i].ln()
+        } else {
+            f32::NEG_INFINITY
+        }
+    }
 }
 
 /// `dst += src * s`, element by element.
+#[inline(always)]
 pub(crate) fn add_scaled(dst: &mut [f32], src: &[f32], s: f32) {
     dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v * s);
 }
 
+/// `dst = src * s`, element by element.
+#[inline(always)]
+pub(crate) fn set_scaled(dst: &mut [f32], src: &[f32], s: f32) {
+    dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v * s);
+}
+
 impl Work<'_, '_> {
-    /// Rows `r0..r0 + ROW_CHUNK` of batch element `b`: `[Hs][rows][C]`.
-    fn task(&self, b: usize, r0: usize) -> Result<Vec<f32>> {
+    /// One task's rows: `[Hs][rows][C]` (`Hs` its heads with `per_head`, else 1: their sum) and,
+    /// with `with_lse`, each row's logsumexp `[heads][rows]`.
+    fn task(&self, t: Task, with_lse: bool) -> Result<(Vec<f32>, Vec<f32>)> {
         #[cfg(target_arch = "x86_64")]
-        if self.fast {
-            // SAFETY: `fast` says the CPU has AVX2 and FMA.
-            return unsafe { self.task_fast(b, r0) };
+        match self.build {
+            // SAFETY: `build` is one that `Build::available` found on this CPU.
+            Build::Avx512 => return unsafe { self.task_avx512(t, with_lse) },
+            Build::Avx2 => return unsafe { self.task_avx2(t, with_lse) },
+            Build::Plain => {}
         }
-        self.task_any::<false>(b, r0)
+        self.task_any::<PLAIN>(t, with_lse)
     }
 
-    /// [`Work::task_any`] compiled for AVX2 with fused multiply-adds, tiles in [`avx2`].
+    /// [`Work::task_any`] compiled for AVX2 with fused multiply-adds.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    fn task_fast(&self, b: usize, r0: usize) -> Result<Vec<f32>> {
-        self.task_any::<true>(b, r0)
+    fn task_avx2(&self, t: Task, with_lse: bool) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.task_any::<AVX2>(t, with_lse)
+    }
+
+    /// [`Work::task_any`] compiled for AVX-512.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn task_avx512(&self, t: Task, with_lse: bool) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.task_any::<AVX512>(t, with_lse)
     }
 
     #[inline(always)]
-    fn task_any<const FAST: bool>(&self, b: usize, r0: usize) -> Result<Vec<f32>> {
+    fn task_any<const B: u8>(&self, t: Task, with_lse: bool) -> Result<(Vec<f32>, Vec<f32>)> {
         let p = self.p;
-        let (_, h, r, d) = p.q.dim();
+        let d = p.q.dim().3;
         let c = self.groups.num_columns;
-        let rows = ROW_CHUNK.min(r - r0);
-        let padded = rows.div_ceil(MR) * MR;
-        let hs = if p.per_head { h } else { 1 };
-        let mut out = zeroed(hs * rows * c, "num_columns")?;
-        let mut q = vec![0.0f32; padded * d];
+        let padded = t.rows.div_ceil(MR) * MR;
+        let heads = t.h1 - t.h0;
+        let hs = if p.per_head { heads } else { 1 };
+        let mut out = zeroed(hs * t.rows * c, "num_columns")?;
+        let mut lse = zeroed(if with_lse { heads * t.rows } else { 0 }, "lse")?;
+        let mut q = zeroed(padded * d, "q")?;
         let mut st = Rows::new(padded, c, "num_columns")?;
-        for head in 0..h {
-            self.softmax_head::<FAST, false>(b, head, r0, rows, &mut q, &mut st);
-            let slot = if p.per_head { head } else { 0 };
-            let dst = &mut out[slot * rows * c..(slot + 1) * rows * c];
-            for (i, row) in dst.chunks_exact_mut(c).enumerate() {
-                add_scaled(row, &st.acc[i * c..(i + 1) * c], st.inv(i)); // NaN for a bad row
+        for head in t.h0..t.h1 {
+            self.softmax_any::<B>(t.b, head, t.r0, t.rows, &mut q, &mut st, false);
+            let slot = if p.per_head { head - t.h0 } else { 0 };
+            let dst = &mut out[slot * t.rows * c..(slot + 1) * t.rows * c];
+            if c > 0 {
+                for (i, row) in dst.chunks_exact_mut(c).enumerate() {
+                    add_scaled(row, &st.acc[i * c..(i + 1) * c], st.inv(i)); // NaN for a bad row
+                }
+            }
+            if with_lse {
+                for (i, x) in lse[(head - t.h0) * t.rows..][..t.rows]
+                    .iter_mut()
+                    .enumerate()
+                {
+                    *x = st.lse(i);
+                }
             }
         }
-        Ok(out)
+        Ok((out, lse))
     }
 
-    /// [`Work::softmax_head`] in the build the CPU allows, with the entropy sums or not.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn softmax(
-        &self,
-        b: usize,
-        head: usize,
-        r0: usize,
-        rows: usize,
-        q: &mut [f32],
-        st: &mut Rows,
-        entropy: bool,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if self.fast {
-            // SAFETY: `fast` says the CPU has AVX2 and FMA.
-            return unsafe { self.softmax_fast(b, head, r0, rows, q, st, entropy) };
-        }
-        self.softmax_any::<false>(b, head, r0, rows, q, st, entropy);
-    }
-
-    /// [`Work::softmax_any`] compiled for AVX2 with fused multiply-adds.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    fn softmax_fast(
-        &self,
-        b: usize,
-        head: usize,
-        r0: usize,
-        rows: usize,
-        q: &mut [f32],
-        st: &mut Rows,
-        entropy: bool,
-    ) {
-        self.softmax_any::<true>(b, head, r0, rows, q, st, entropy);
-    }
-
+    /// One head's online softmax for rows `r0..r0 + rows` of batch element `b` in build `B` (the
+    /// caller runs in a function compiled for it), with the entropy sums or not.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn softmax_any<const FAST: bool>(
+    pub(crate) fn softmax_any<const B: u8>(
         &self,
         b: usize,
         head: usize,
@@ -450,9 +704,9 @@ impl Work<'_, '_> {
         entropy: bool,
     ) {
         if entropy {
-            self.softmax_head::<FAST, true>(b, head, r0, rows, q, st);
+            self.softmax_head::<B, true>(b, head, r0, rows, q, st);
         } else {
-            self.softmax_head::<FAST, false>(b, head, r0, rows, q, st);
+            self.softmax_head::<B, false>(b, head, r0, rows, q, st);
         }
     }
 
@@ -460,7 +714,7 @@ impl Work<'_, '_> {
     /// left in `st` (relative column sums, max, sum, and with `ENT` the entropy sums); `q` is
     /// scratch for the scaled query rows (`[padded rows][D]`).
     #[inline(always)]
-    fn softmax_head<const FAST: bool, const ENT: bool>(
+    fn softmax_head<const B: u8, const ENT: bool>(
         &self,
         b: usize,
         head: usize,
@@ -474,34 +728,63 @@ impl Work<'_, '_> {
         let hk = p.k.dim().1;
         let hm = self.biases.len() / p.q.dim().0;
         let padded = rows.div_ceil(MR) * MR;
-        debug_assert!(st.max.len() >= padded && q.len() >= padded * d);
+        assert!(st.max.len() >= padded && q.len() >= padded * d);
         for (i, dst) in q.chunks_exact_mut(d).enumerate().take(rows) {
             let src = p.q.slice(ndarray::s![b, head, r0 + i, ..]);
             dst.iter_mut().zip(src).for_each(|(x, &v)| *x = v * p.scale);
         }
-        st.reset();
+        let given = p
+            .lse
+            .as_ref()
+            .map(|l| l.slice(ndarray::s![b, head, r0..r0 + rows]));
+        st.reset(self.prefix, given);
         let ntiles = self.groups.tiles.len();
         let block = KEY_BLOCK / NR;
         let keys = &self.keys[b * hk + head / (h / hk)];
         let bias = &self.biases[b * hm + if hm == 1 { 0 } else { head }];
         for t0 in (0..ntiles).step_by(block) {
+            let t1 = (t0 + block).min(ntiles);
             for m0 in (0..padded).step_by(MR) {
-                let qt = &q[m0 * d..(m0 + MR) * d];
-                for t in t0..(t0 + block).min(ntiles) {
-                    let kt = &keys[t * d * NR..(t + 1) * d * NR];
-                    let bt = &bias[t * NR..(t + 1) * NR];
-                    #[cfg(target_arch = "x86_64")]
-                    if FAST {
-                        // SAFETY: FAST is only set under `target_feature(enable = "avx2,fma")`, on a
-                        // CPU with AVX2 and FMA.
-                        unsafe { avx2::fold_tile::<ENT>(self, qt, kt, d, t, bt, st, m0) };
-                        continue;
+                #[cfg(target_arch = "x86_64")]
+                if B == AVX512 {
+                    let qt = &q[m0 * d..(m0 + MR) * d];
+                    let mut t = t0;
+                    while t < t1 {
+                        let n = if t + 2 <= t1 { 2 } else { 1 };
+                        let kt = &keys[t * d * NR..(t + n) * d * NR];
+                        let bt = &bias[t * NR..(t + n) * NR];
+                        // SAFETY: B is AVX512 only in a function compiled for AVX-512, run on a
+                        // CPU that has it.
+                        unsafe {
+                            if n == 2 {
+                                avx512::fold_tiles::<2, ENT>(self, qt, kt, d, t, bt, st, m0);
+                            } else {
+                                avx512::fold_tiles::<1, ENT>(self, qt, kt, d, t, bt, st, m0);
+                            }
+                        }
+                        t += n;
                     }
-                    let mut s = micro(qt, kt, d);
-                    self.epilogue::<ENT>(&mut s, t, bt, st, m0);
+                    continue;
+                }
+                for m in (m0..m0 + MR).step_by(HALF) {
+                    let qt = &q[m * d..(m + HALF) * d];
+                    for t in t0..t1 {
+                        let kt = &keys[t * d * NR..(t + 1) * d * NR];
+                        let bt = &bias[t * NR..(t + 1) * NR];
+                        #[cfg(target_arch = "x86_64")]
+                        if B == AVX2 {
+                            // SAFETY: B is AVX2 only in a function compiled for AVX2 + FMA, run
+                            // on a CPU that has both.
+                            unsafe { avx2::fold_tile::<ENT>(self, qt, kt, d, t, bt, st, m) };
+                            continue;
+                        }
+                        let mut s = micro(qt, kt, d);
+                        self.epilogue::<ENT>(&mut s, t, bt, st, m);
+                    }
                 }
             }
         }
+        st.settle(padded, self.groups.num_columns);
     }
 
     /// The columns of row state that may hold mass while tile `t` is folded in.
@@ -519,7 +802,7 @@ impl Work<'_, '_> {
     #[inline(always)]
     fn epilogue<const ENT: bool>(
         &self,
-        s: &mut [[f32; NR]; MR],
+        s: &mut [[f32; NR]; HALF],
         t: usize,
         bias: &[f32],
         st: &mut Rows,
@@ -536,9 +819,12 @@ impl Work<'_, '_> {
                 bad |= x.is_nan() | (*x == f32::INFINITY);
             }
             st.bad[i] |= bad;
-            st.raise_max::<ENT>(i, c, walked, max16(srow));
-            if st.max[i] == f32::NEG_INFINITY {
-                continue; // every key so far excluded
+            if !st.given {
+                st.raise_max::<ENT>(i, c, walked, max16(srow));
+                if st.max[i] == f32::NEG_INFINITY {
+                    st.skip(i, c, tile, self.prefix);
+                    continue; // every key so far excluded
+                }
             }
             let m = st.max[i];
             let mut e = [0.0f32; NR];
@@ -558,6 +844,9 @@ impl Work<'_, '_> {
             match tile {
                 Tile::Skip => {}
                 Tile::Sum(col) => acc[col] += total,
+                Tile::Consecutive(first) if self.prefix => {
+                    acc[first..first + NR].copy_from_slice(&e)
+                }
                 Tile::Consecutive(first) => acc[first..first + NR]
                     .iter_mut()
                     .zip(&e)
@@ -576,17 +865,37 @@ impl Rows {
         if top > self.max[i] {
             if self.max[i] > f32::NEG_INFINITY {
                 let shrink = (self.max[i] - top).exp();
+                let lanes = i * NR..(i + 1) * NR;
                 if ENT {
                     // sum e (x - m) with m raised by delta: every term shrinks and loses delta * e
                     let delta = top - self.max[i];
                     self.ent[i] = (self.ent[i] - delta * self.sum[i]) * shrink;
+                    for (e, &s) in self.ent16[lanes.clone()]
+                        .iter_mut()
+                        .zip(&self.sum16[lanes.clone()])
+                    {
+                        *e = (*e - delta * s) * shrink;
+                    }
                 }
+                self.flush(i, c); // its columns are rescaled below
                 self.sum[i] *= shrink;
+                self.sum16[lanes].iter_mut().for_each(|s| *s *= shrink);
                 self.acc[i * c..i * c + walked]
                     .iter_mut()
                     .for_each(|a| *a *= shrink);
             }
             self.max[i] = top;
+        }
+    }
+}
+
+impl Rows {
+    /// Row `i` passes over a tile whose keys are all excluded so far: in prefix mode its columns,
+    /// which are stored rather than added to, are set to zero.
+    #[inline(always)]
+    fn skip(&mut self, i: usize, c: usize, tile: Tile, prefix: bool) {
+        if let (true, Tile::Consecutive(first)) = (prefix, tile) {
+            self.acc[i * c + first..i * c + first + NR].fill(0.0);
         }
     }
 }
@@ -601,10 +910,10 @@ fn scatter(acc: &mut [f32], cols: &[i64], e: &[f32; NR]) {
     }
 }
 
-/// Logits of `MR` rows (`q`, `[MR][d]`, scaled) against one tile of keys (`[d][NR]`).
+/// Logits of `HALF` rows (`q`, `[HALF][d]`, scaled) against one tile of keys (`[d][NR]`).
 #[inline(always)]
-fn micro(q: &[f32], k: &[f32], d: usize) -> [[f32; NR]; MR] {
-    let mut acc = [[0.0f32; NR]; MR];
+fn micro(q: &[f32], k: &[f32], d: usize) -> [[f32; NR]; HALF] {
+    let mut acc = [[0.0f32; NR]; HALF];
     for p in 0..d {
         let kv: &[f32; NR] = k[p * NR..(p + 1) * NR].try_into().expect("NR lanes");
         for (r, row) in acc.iter_mut().enumerate() {
@@ -623,7 +932,7 @@ fn micro(q: &[f32], k: &[f32], d: usize) -> [[f32; NR]; MR] {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Rows, Tile, Work, MR, NR};
+    use super::{Rows, Tile, Work, HALF, NR};
 
     /// [`Work::epilogue`] of [`super::micro`]'s tile, vectorised; same arguments.
     ///
@@ -641,11 +950,11 @@ mod avx2 {
         st: &mut Rows,
         m0: usize,
     ) {
-        assert!(q.len() >= MR * d && k.len() >= d * NR && bias.len() >= NR);
+        assert!(q.len() >= HALF * d && k.len() >= d * NR && bias.len() >= NR);
         let (qp, kp) = (q.as_ptr(), k.as_ptr());
-        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        let mut acc = [[_mm256_setzero_ps(); 2]; HALF];
         for p in 0..d {
-            // SAFETY: p < d, so p * NR + 16 <= d * NR and r * d + p < MR * d (asserted above).
+            // SAFETY: p < d, so p * NR + 16 <= d * NR and r * d + p < HALF * d (asserted above).
             let (k0, k1) = unsafe {
                 (
                     _mm256_loadu_ps(kp.add(p * NR)),
@@ -672,16 +981,8 @@ mod avx2 {
             let i = m0 + ri;
             let s0 = _mm256_add_ps(row[0], b0);
             let s1 = _mm256_add_ps(row[1], b1);
-            // The row max is raised only when a logit passes it by more than SLACK (or is NaN), so
-            // most tiles skip the horizontal max: exp(logit - max) stays below e^(2 SLACK) (the
-            // bar max + SLACK is rounded in fp32), far from overflow.
-            let bar = _mm256_set1_ps(st.max[i] + super::SLACK);
-            let over = _mm256_or_ps(
-                _mm256_cmp_ps::<_CMP_NLE_UQ>(s0, bar),
-                _mm256_cmp_ps::<_CMP_NLE_UQ>(s1, bar),
-            );
-            if _mm256_movemask_ps(over) != 0 {
-                let bad = _mm256_or_ps(
+            let bad = || {
+                _mm256_or_ps(
                     _mm256_or_ps(
                         _mm256_cmp_ps::<_CMP_UNORD_Q>(s0, s0),
                         _mm256_cmp_ps::<_CMP_UNORD_Q>(s1, s1),
@@ -690,18 +991,38 @@ mod avx2 {
                         _mm256_cmp_ps::<_CMP_EQ_OQ>(s0, inf),
                         _mm256_cmp_ps::<_CMP_EQ_OQ>(s1, inf),
                     ),
+                )
+            };
+            if st.given {
+                st.bad[i] |= _mm256_movemask_ps(bad()) != 0;
+            } else {
+                // The row max is raised only when a logit passes it by more than SLACK (or is
+                // NaN), so most tiles skip the horizontal max: exp(logit - max) stays below
+                // e^(2 SLACK) (the bar max + SLACK is rounded in fp32), far from overflow.
+                let bar = _mm256_set1_ps(st.max[i] + super::SLACK);
+                let over = _mm256_or_ps(
+                    _mm256_cmp_ps::<_CMP_NLE_UQ>(s0, bar),
+                    _mm256_cmp_ps::<_CMP_NLE_UQ>(s1, bar),
                 );
-                st.bad[i] |= _mm256_movemask_ps(bad) != 0;
-                st.raise_max::<ENT>(i, c, walked, unsafe { hmax(_mm256_max_ps(s0, s1)) });
-            }
-            if st.max[i] == f32::NEG_INFINITY {
-                continue; // every key so far excluded
+                if _mm256_movemask_ps(over) != 0 {
+                    st.bad[i] |= _mm256_movemask_ps(bad()) != 0;
+                    st.raise_max::<ENT>(i, c, walked, unsafe { hmax(_mm256_max_ps(s0, s1)) });
+                }
+                if st.max[i] == f32::NEG_INFINITY {
+                    st.skip(i, c, tile, work.prefix);
+                    continue; // every key so far excluded
+                }
             }
             let m = _mm256_set1_ps(st.max[i]);
             let (x0, x1) = (_mm256_sub_ps(s0, m), _mm256_sub_ps(s1, m));
             let e0 = unsafe { exp_small(x0) };
             let e1 = unsafe { exp_small(x1) };
-            let total = unsafe { hsum(_mm256_add_ps(e0, e1)) };
+            let need_total = !st.given || matches!(tile, Tile::Sum(_));
+            let total = if need_total {
+                unsafe { hsum(_mm256_add_ps(e0, e1)) }
+            } else {
+                0.0
+            };
             st.sum[i] += total;
             if ENT {
                 // exp(x) is 0 below EXP_LOW (and at -inf): clamp x so that 0 * x stays 0
@@ -722,8 +1043,16 @@ mod avx2 {
                     let p = dst.as_mut_ptr();
                     // SAFETY: dst holds NR = 16 floats.
                     unsafe {
-                        _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), e0));
-                        _mm256_storeu_ps(p.add(8), _mm256_add_ps(_mm256_loadu_ps(p.add(8)), e1));
+                        if work.prefix {
+                            _mm256_storeu_ps(p, e0);
+                            _mm256_storeu_ps(p.add(8), e1);
+                        } else {
+                            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), e0));
+                            _mm256_storeu_ps(
+                                p.add(8),
+                                _mm256_add_ps(_mm256_loadu_ps(p.add(8)), e1),
+                            );
+                        }
                     }
                 }
                 Tile::Mixed => {
@@ -781,7 +1110,7 @@ mod avx2 {
     unsafe fn exp_small(x: __m256) -> __m256 {
         unsafe {
             let low = _mm256_set1_ps(super::EXP_LOW);
-            let xc = _mm256_max_ps(x, low);
+            let xc = _mm256_min_ps(_mm256_max_ps(x, low), _mm256_set1_ps(super::EXP_CLAMP));
             let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
                 _mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)),
             );
@@ -798,8 +1127,175 @@ mod avx2 {
                 _mm256_set1_epi32(127),
             ));
             let y = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+            let y = _mm256_blendv_ps(
+                y,
+                _mm256_set1_ps(f32::INFINITY),
+                _mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_set1_ps(super::EXP_HIGH)),
+            );
             _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, low), y)
         }
+    }
+}
+
+/// The micro tile and its update in AVX-512: 12 rows against one or two tiles of 16 keys, each row's
+/// logits of a tile one vector, kept in registers from the product to the exponentials.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Rows, Tile, Work, MR, NR};
+
+    /// The logits of the `MR` rows `q` (`[MR][d]`, scaled) against the `TILES` tiles from tile `t`
+    /// (`k`: `[TILES][d][NR]`, `bias`: `[TILES * NR]`), folded into rows `m0..m0 + MR` of `st`,
+    /// tile after tile for each row.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 (F), AVX2 and FMA.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn fold_tiles<const TILES: usize, const ENT: bool>(
+        work: &Work,
+        q: &[f32],
+        k: &[f32],
+        d: usize,
+        t: usize,
+        bias: &[f32],
+        st: &mut Rows,
+        m0: usize,
+    ) {
+        assert!(q.len() >= MR * d && k.len() >= TILES * d * NR && bias.len() >= TILES * NR);
+        let (qp, kp) = (q.as_ptr(), k.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); TILES]; MR];
+        for p in 0..d {
+            let mut kv = [_mm512_setzero_ps(); TILES];
+            for (j, v) in kv.iter_mut().enumerate() {
+                // SAFETY: (j * d + p) * NR + 16 <= TILES * d * NR (asserted above).
+                *v = unsafe { _mm512_loadu_ps(kp.add((j * d + p) * NR)) };
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                // SAFETY: r * d + p < MR * d (asserted above).
+                let a = _mm512_set1_ps(unsafe { *qp.add(r * d + p) });
+                for (x, &kj) in row.iter_mut().zip(&kv) {
+                    *x = _mm512_fmadd_ps(a, kj, *x);
+                }
+            }
+        }
+        let mut bv = [_mm512_setzero_ps(); TILES];
+        for (j, v) in bv.iter_mut().enumerate() {
+            // SAFETY: bias holds TILES * NR floats (asserted above).
+            *v = unsafe { _mm512_loadu_ps(bias.as_ptr().add(j * NR)) };
+        }
+        for (ri, row) in acc.iter().enumerate() {
+            for (j, (&x, &b)) in row.iter().zip(&bv).enumerate() {
+                unsafe { fold_row::<ENT>(work, st, m0 + ri, t + j, _mm512_add_ps(x, b)) };
+            }
+        }
+    }
+
+    /// Fold the logits `s` of row `i` over tile `t` into the row's state.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 (F), AVX2 and FMA.
+    #[inline(always)]
+    unsafe fn fold_row<const ENT: bool>(work: &Work, st: &mut Rows, i: usize, t: usize, s: __m512) {
+        let c = work.groups.num_columns;
+        let tile = work.groups.tiles[t];
+        let bad = || {
+            _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(s, s)
+                | _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(s, _mm512_set1_ps(f32::INFINITY))
+        };
+        if st.given {
+            st.bad[i] |= bad() != 0;
+        } else {
+            // the max is raised only past max + SLACK (see the AVX2 build)
+            let bar = _mm512_set1_ps(st.max[i] + super::SLACK);
+            if _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(s, bar) != 0 {
+                st.bad[i] |= bad() != 0;
+                st.raise_max::<ENT>(i, c, work.walked(t), _mm512_reduce_max_ps(s));
+            }
+            if st.max[i] == f32::NEG_INFINITY {
+                st.skip(i, c, tile, work.prefix);
+                return; // every key so far excluded
+            }
+        }
+        let x = _mm512_sub_ps(s, _mm512_set1_ps(st.max[i]));
+        let e = unsafe { exp(x) };
+        let lanes = i * NR..(i + 1) * NR;
+        if !st.given {
+            let p = st.sum16[lanes.clone()].as_mut_ptr();
+            // SAFETY: p points at NR = 16 floats.
+            unsafe { _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), e)) };
+        }
+        if ENT {
+            // exp(x) is 0 below EXP_LOW (and at -inf): clamp x so that 0 * x stays 0
+            let xc = _mm512_max_ps(x, _mm512_set1_ps(super::EXP_LOW));
+            let p = st.ent16[lanes].as_mut_ptr();
+            // SAFETY: p points at NR = 16 floats.
+            unsafe { _mm512_storeu_ps(p, _mm512_fmadd_ps(e, xc, _mm512_loadu_ps(p))) };
+        }
+        let acc_row = &mut st.acc[i * c..(i + 1) * c];
+        match tile {
+            Tile::Skip => {}
+            Tile::Sum(col) => {
+                let mut v = [0.0f32; NR];
+                // SAFETY: v holds NR = 16 floats.
+                unsafe { _mm512_storeu_ps(v.as_mut_ptr(), e) };
+                st.pend(i, c, col, &v);
+            }
+            Tile::Consecutive(first) => {
+                let p = acc_row[first..first + NR].as_mut_ptr();
+                // SAFETY: p points at NR = 16 floats.
+                unsafe {
+                    if work.prefix {
+                        _mm512_storeu_ps(p, e);
+                    } else {
+                        _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), e));
+                    }
+                }
+            }
+            Tile::Mixed => {
+                let mut v = [0.0f32; NR];
+                // SAFETY: v holds NR = 16 floats.
+                unsafe { _mm512_storeu_ps(v.as_mut_ptr(), e) };
+                super::scatter(acc_row, &work.groups.columns[t * NR..(t + 1) * NR], &v);
+            }
+        }
+    }
+
+    /// [`exp`] on a slice of 16 values (for the tests).
+    #[cfg(test)]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) fn exp_in_place(x: &mut [f32]) {
+        assert_eq!(x.len(), 16);
+        // SAFETY: 16 floats in and out; this function has AVX-512.
+        unsafe { _mm512_storeu_ps(x.as_mut_ptr(), exp(_mm512_loadu_ps(x.as_ptr()))) }
+    }
+
+    /// [`super::exp_small`] on 16 lanes, with `2^n` applied by `scalef` (which overflows to
+    /// `+inf` past `ln f32::MAX` by itself).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 (F) (inlined into such a function).
+    #[inline(always)]
+    unsafe fn exp(x: __m512) -> __m512 {
+        let low = _mm512_set1_ps(super::EXP_LOW);
+        let xc = _mm512_min_ps(_mm512_max_ps(x, low), _mm512_set1_ps(89.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(super::LN2_HI), xc);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(super::LN2_LO), r);
+        let mut y = _mm512_set1_ps(super::EXP_POLY[0]);
+        for &coef in &super::EXP_POLY[1..] {
+            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(coef));
+        }
+        let y = _mm512_fmadd_ps(
+            _mm512_mul_ps(y, r),
+            r,
+            _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+        );
+        let y = _mm512_scalef_ps(y, n);
+        _mm512_maskz_mov_ps(!_mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, low), y)
     }
 }
 
@@ -819,7 +1315,7 @@ fn max16(x: &[f32; NR]) -> f32 {
 
 /// Sum of 16 values as a tree of lane-wise sums.
 #[inline(always)]
-fn sum16(x: &[f32; NR]) -> f32 {
+pub(crate) fn sum16(x: &[f32; NR]) -> f32 {
     let mut h = [0.0f32; 8];
     for j in 0..8 {
         h[j] = x[j] + x[j + 8];
@@ -827,13 +1323,13 @@ fn sum16(x: &[f32; NR]) -> f32 {
     ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]))
 }
 
-/// `exp(x)` for `x <= 88` (and `-inf`, which gives 0) to about 2 ulp, in branch-free steps the
-/// compiler vectorises: `x = n ln 2 + r` with `|r| <= ln 2 / 2`, a degree-6 polynomial for
-/// `exp(r)`, and `2^n` written into the exponent bits.
+/// `exp(x)` to about 2 ulp for `x <= 88` (`+inf` past `ln f32::MAX`, `exp(88)` between; 0 below
+/// `EXP_LOW` and at `-inf`), in branch-free steps the compiler vectorises: `x = n ln 2 + r` with
+/// `|r| <= ln 2 / 2`, a degree-6 polynomial for `exp(r)`, and `2^n` written into the exponent bits.
 #[inline(always)]
 fn exp_small(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let xc = x.max(EXP_LOW);
+    let xc = x.clamp(EXP_LOW, EXP_CLAMP); // NaN stays NaN
     let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let y = EXP_POLY[1..]
@@ -843,6 +1339,8 @@ fn exp_small(x: f32) -> f32 {
     let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
     if x < EXP_LOW {
         0.0
+    } else if x > EXP_HIGH {
+        f32::INFINITY
     } else {
         y * scale
     }
@@ -852,6 +1350,10 @@ fn exp_small(x: f32) -> f32 {
 const SLACK: f32 = 8.0;
 /// Below this, `exp(x) < 2^-125`: flushed to 0.
 const EXP_LOW: f32 = -87.0;
+/// `ln f32::MAX`: above it, `exp(x)` is `+inf` (only a given logsumexp far below a logit gets here).
+const EXP_HIGH: f32 = 88.722_84;
+/// The largest `x` whose `2^n` fits the exponent bits of [`exp_small`].
+const EXP_CLAMP: f32 = 88.0;
 /// ln 2 in two parts, the first exact in few bits, so that `x - n ln 2` loses nothing.
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
@@ -920,13 +1422,9 @@ pub(crate) mod tests {
         logits.iter().map(|&l| (l - m).exp() / z).collect()
     }
 
-    /// The builds this CPU runs: the plain one, and AVX2 + FMA where it has both.
-    pub(crate) fn builds() -> Vec<bool> {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            return vec![false, true];
-        }
-        vec![false]
+    /// The builds this CPU runs: the plain one, AVX2 + FMA and AVX-512 where it has them.
+    pub(crate) fn builds() -> Vec<Build> {
+        Build::available()
     }
 
     /// P @ G in f64 with the N x N map materialised, row by row.
@@ -982,14 +1480,264 @@ pub(crate) mod tests {
             q: q.view(),
             k: k.view(),
             bias: bias.as_ref().map(|x| x.view()),
+            lse: None,
             scale: 0.4,
             per_head,
         };
         let groups = Groups::new(Array1::from(cols.to_vec()).view(), c).unwrap();
         let want = reference(&p, cols, c);
-        assert_close(&grouped_sums(&p, &groups).unwrap(), &want, 2e-6 * h as f64);
-        assert_close(&run(&p, &groups, false).unwrap(), &want, 2e-6 * h as f64);
-        // the plain build
+        assert_close(
+            &grouped_sums(&p, &groups, false).unwrap().0,
+            &want,
+            2e-6 * h as f64,
+        );
+        for build in builds() {
+            assert_close(
+                &run(&p, &groups, build, false).unwrap().0,
+                &want,
+                2e-6 * h as f64,
+            );
+        }
+    }
+
+    /// Each row's logsumexp in f64 (`-inf` where every key is excluded).
+    pub(crate) fn logsumexp(p: &Problem, bi: usize, hi: usize, i: usize) -> f64 {
+        let (_, h, _, d) = p.q.dim();
+        let (_, hk, nk, _) = p.k.dim();
+        let logits: Vec<f64> = (0..nk)
+            .map(|j| {
+                let dot: f64 = (0..d)
+                    .map(|e| p.q[[bi, hi, i, e]] as f64 * p.k[[bi, hi / (h / hk), j, e]] as f64)
+                    .sum();
+                let bias = p.bias.as_ref().map_or(0.0, |x| {
+                    x[[bi, if x.dim().1 == 1 { 0 } else { hi }, j]] as f64
+                });
+                dot * p.scale as f64 + bias
+            })
+            .collect();
+        let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        if m == f64::NEG_INFINITY {
+            return m;
+        }
+        m + logits.iter().map(|&l| (l - m).exp()).sum::<f64>().ln()
+    }
+
+    /// Run `f` on a pool of `threads` threads.
+    pub(crate) fn on_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(f)
+    }
+
+    #[test]
+    fn split_covers_every_row_and_head_once() {
+        for (b, h, r, pieces, chunk, threads) in [
+            (1, 2, 8192, 2, 60, 2),
+            (3, 5, 71, 7, 24, 4),
+            (1, 2, 13, 16, 60, 16), // too few rows for 16 threads: heads split
+            (2, 12, 4, 64, 60, 16),
+            (1, 1, 1, 1, 60, 1),
+            (1, 3, 0, 4, 60, 2),
+        ] {
+            let tasks = on_threads(threads, || split(b, h, r, pieces, chunk));
+            assert!(tasks.len() <= pieces);
+            let mut seen = vec![0u8; b * h * r];
+            for t in tasks.iter().flatten() {
+                assert!(
+                    t.rows >= 1 && t.rows <= chunk && t.r0 + t.rows <= r,
+                    "{t:?}"
+                );
+                assert!(t.h0 < t.h1 && t.h1 <= h, "{t:?}");
+                for head in t.h0..t.h1 {
+                    for i in t.r0..t.r0 + t.rows {
+                        seen[(t.b * h + head) * r + i] += 1;
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&n| n == 1), "{b} {h} {r}: {tasks:?}");
+            if r > 0 && b * r < threads * 2 * MR && h > 1 {
+                assert!(
+                    tasks.iter().flatten().any(|t| t.h1 - t.h0 < h),
+                    "heads not split"
+                );
+            }
+        }
+        // pieces of equal rows, cut at multiples of MR
+        let tasks = on_threads(2, || split(1, 2, 8192, 2, 60));
+        let rows: Vec<usize> = tasks
+            .iter()
+            .map(|p| p.iter().map(|t| t.rows).sum())
+            .collect();
+        assert_eq!(rows, vec![4092, 4100]);
+    }
+
+    /// `(sums [B, H, R, C], lse [B, H, R])` of a problem made per head, in one build.
+    fn per_head_sums(p: &Problem, groups: &Groups, build: Build) -> (Array4<f32>, Array3<f32>) {
+        let p = Problem {
+            per_head: true,
+            ..*p
+        };
+        let (sums, lse) = run(&p, groups, build, true).unwrap();
+        (sums, lse.unwrap())
+    }
+
+    #[test]
+    fn lse_returned_and_given() {
+        let cols = joint_columns(8, 3, 16);
+        let (b, h, r, nk) = (2, 4, 29, cols.len());
+        let (q, k) = random_qk((b, h, r, 24), (2, nk), 11);
+        let mut bias = Array3::<f32>::zeros((b, h, nk));
+        bias.slice_mut(ndarray::s![0, 1, 3..20])
+            .fill(f32::NEG_INFINITY);
+        bias.slice_mut(ndarray::s![1, 2, ..])
+            .fill(f32::NEG_INFINITY); // a head with no key
+        let groups = Groups::new(Array1::from(cols.clone()).view(), 11).unwrap();
+        let p = Problem {
+            q: q.view(),
+            k: k.view(),
+            bias: Some(bias.view()),
+            lse: None,
+            scale: 0.3,
+            per_head: true,
+        };
+        let want = reference(&p, &cols, 11);
+        let mut exact = Array3::<f32>::zeros((b, h, r));
+        for ((bi, hi, i), x) in exact.indexed_iter_mut() {
+            *x = logsumexp(&p, bi, hi, i) as f32;
+        }
+        for build in builds() {
+            let (sums, lse) = per_head_sums(&p, &groups, build);
+            assert_close(&sums, &want, 2e-6);
+            for (got, want) in lse.iter().zip(exact.iter()) {
+                assert!(
+                    got == want || (got - want).abs() <= 2e-6 * want.abs().max(1.0),
+                    "lse {got} vs {want}"
+                );
+            }
+            // the lse given back: P = exp(logit - lse), the same sums without a running max
+            let given = Problem {
+                lse: Some(exact.view()),
+                ..p
+            };
+            let (again, lse_again) = per_head_sums(&given, &groups, build);
+            assert_close(&again, &want, 4e-6);
+            assert_eq!(lse_again, exact);
+            // a logsumexp ln 2 too high halves every P, as the contract says
+            let shifted = exact.mapv(|x| x + std::f32::consts::LN_2);
+            let half = Problem {
+                lse: Some(shifted.view()),
+                per_head: false,
+                ..p
+            };
+            let summed = run(&half, &groups, build, false).unwrap().0;
+            let want_half = reference(
+                &Problem {
+                    per_head: false,
+                    ..p
+                },
+                &cols,
+                11,
+            ) / 2.0;
+            assert_close(&summed, &want_half, 8e-6);
+        }
+        // a NaN logsumexp is a NaN row
+        let mut nan = exact.clone();
+        nan[[0, 0, 5]] = f32::NAN;
+        let bad = Problem {
+            lse: Some(nan.view()),
+            ..p
+        };
+        let (sums, _) = per_head_sums(&bad, &groups, Build::best());
+        assert!(sums
+            .slice(ndarray::s![0, 0, 5, ..])
+            .iter()
+            .all(|x| x.is_nan()));
+        assert!(sums
+            .slice(ndarray::s![0, 0, 4, ..])
+            .iter()
+            .all(|x| x.is_finite()));
+    }
+
+    #[test]
+    fn key_shards_merge_like_attention_outputs() {
+        // three shards of the keys (one of them fully masked for some rows' head), merged by their
+        // lse: out = sum_i exp(lse_i - lse) out_i with lse = logsumexp_i lse_i
+        let cols = joint_columns(10, 4, 12);
+        let (b, h, r, nk, d) = (1, 2, 17, cols.len(), 16);
+        let (q, k) = random_qk((b, h, r, d), (h, nk), 21);
+        let mut bias = Array3::<f32>::zeros((b, h, nk));
+        bias.slice_mut(ndarray::s![0, 1, 20..40])
+            .fill(f32::NEG_INFINITY);
+        let full = Problem {
+            q: q.view(),
+            k: k.view(),
+            bias: Some(bias.view()),
+            lse: None,
+            scale: 0.5,
+            per_head: true,
+        };
+        let want = reference(&full, &cols, 14);
+        for build in builds() {
+            let mut parts = Vec::new();
+            for (lo, hi) in [(0, 20), (20, 40), (40, nk)] {
+                let ks = k.slice(ndarray::s![.., .., lo..hi, ..]);
+                let bs = bias.slice(ndarray::s![.., .., lo..hi]);
+                let shard = Problem {
+                    k: ks,
+                    bias: Some(bs),
+                    ..full
+                };
+                let g = Groups::new(Array1::from(cols[lo..hi].to_vec()).view(), 14).unwrap();
+                parts.push(per_head_sums(&shard, &g, build));
+            }
+            let mut merged = Array4::<f64>::zeros((b, h, r, 14));
+            for bi in 0..b {
+                for hi in 0..h {
+                    for i in 0..r {
+                        let lses: Vec<f64> =
+                            parts.iter().map(|p| p.1[[bi, hi, i]] as f64).collect();
+                        let m = lses.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let total = m + lses.iter().map(|&l| (l - m).exp()).sum::<f64>().ln();
+                        for ((sums, _), &l) in parts.iter().zip(&lses) {
+                            let w = (l - total).exp(); // 0 for a shard with no key (-inf)
+                            for cc in 0..14 {
+                                merged[[bi, hi, i, cc]] += w * sums[[bi, hi, i, cc]] as f64;
+                            }
+                        }
+                    }
+                }
+            }
+            let merged = merged.mapv(|x| x as f32);
+            assert_close(&merged, &want, 4e-6);
+        }
+    }
+
+    #[test]
+    fn any_thread_count_gives_the_same_sums() {
+        // few rows and many threads: heads are split over tasks and add up in task order
+        let cols = joint_columns(5, 2, 16);
+        let nk = cols.len();
+        let (q, k) = random_qk((2, 6, 9, 16), (3, nk), 31);
+        let groups = Groups::new(Array1::from(cols.clone()).view(), 7).unwrap();
+        for per_head in [false, true] {
+            let p = Problem {
+                q: q.view(),
+                k: k.view(),
+                bias: None,
+                lse: None,
+                scale: 0.4,
+                per_head,
+            };
+            let want = reference(&p, &cols, 7);
+            for threads in [1, 2, 3, 16] {
+                let once = on_threads(threads, || grouped_sums(&p, &groups, false).unwrap().0);
+                let twice = on_threads(threads, || grouped_sums(&p, &groups, false).unwrap().0);
+                assert_eq!(once, twice, "{threads} threads");
+                assert_close(&once, &want, 4e-6);
+            }
+        }
     }
 
     #[test]
@@ -1045,10 +1793,11 @@ pub(crate) mod tests {
             q: q.view(),
             k: k.view(),
             bias: None,
+            lse: None,
             scale: 1.0,
             per_head: true,
         };
-        let out = grouped_sums(&p, &groups).unwrap();
+        let out = grouped_sums(&p, &groups, false).unwrap().0;
         for i in 0..6 {
             let row = out.slice(ndarray::s![0, 0, i, ..]);
             assert_eq!(row.iter().all(|x| x.is_nan()), i == 3, "row {i} of head 0");
@@ -1059,13 +1808,15 @@ pub(crate) mod tests {
             .slice(ndarray::s![0, 1, .., ..])
             .iter()
             .all(|x| x.is_nan()));
-        let plain = run(&p, &groups, false).unwrap(); // the plain build flags the same rows
-        assert!(plain
-            .iter()
-            .zip(out.iter())
-            .all(|(a, b)| a.is_nan() == b.is_nan()));
+        for build in builds() {
+            let other = run(&p, &groups, build, false).unwrap().0; // every build flags the same rows
+            assert!(other
+                .iter()
+                .zip(out.iter())
+                .all(|(a, b)| a.is_nan() == b.is_nan()));
+        }
         let huge = Groups::new(Array1::from(vec![0i64; nk]).view(), 1usize << 61).unwrap();
-        let e = grouped_sums(&p, &huge).err().unwrap().to_string();
+        let e = grouped_sums(&p, &huge, false).err().unwrap().to_string();
         assert!(e.starts_with("num_columns: the output"), "{e}");
     }
 
@@ -1080,31 +1831,62 @@ pub(crate) mod tests {
             q: q.view(),
             k: k.view(),
             bias: None,
+            lse: None,
             scale: 1.0,
             per_head: false,
         };
-        let out = grouped_sums(&p, &groups).unwrap();
-        assert_eq!(out.into_raw_vec_and_offset().0, vec![0.0, 1.0, 0.0, 1.0]);
+        for build in builds() {
+            let out = run(&p, &groups, build, false).unwrap().0;
+            assert_eq!(out.into_raw_vec_and_offset().0, vec![0.0, 1.0, 0.0, 1.0]);
+        }
+    }
+
+    /// `exp` of every value in one build's own code.
+    fn exp_with(build: Build, xs: &[f32]) -> Vec<f32> {
+        let mut out = xs.to_vec();
+        match build {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has what the build needs (Build::available).
+            Build::Avx2 => out
+                .chunks_exact_mut(8)
+                .for_each(|c| unsafe { avx2::exp_in_place(c) }),
+            #[cfg(target_arch = "x86_64")]
+            Build::Avx512 => out
+                .chunks_exact_mut(16)
+                .for_each(|c| unsafe { avx512::exp_in_place(c) }),
+            _ => out.iter_mut().for_each(|x| *x = exp_small(*x)),
+        }
+        out
     }
 
     #[test]
     fn exp_matches_std_over_its_range() {
-        let xs: Vec<f32> = (0..200_000).map(|i| 10.0 - i as f32 * 4.9e-4).collect(); // 10 .. -88
-        let mut lanes = xs.clone();
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            for chunk in lanes.chunks_exact_mut(8) {
-                // SAFETY: the CPU has AVX2 and FMA.
-                unsafe { avx2::exp_in_place(chunk) };
-            }
-        } else {
-            lanes.iter_mut().for_each(|x| *x = exp_small(*x));
-        }
+        let mut xs: Vec<f32> = (0..200_000).map(|i| 10.0 - i as f32 * 4.9e-4).collect(); // 10 .. -88
+        xs.extend([
+            88.0,
+            80.0,
+            50.0,
+            89.0,
+            100.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+        ]);
+        xs.extend([87.5, 88.9, 1e30, -87.5, -86.9, 1.0, -1.0, 20.0]);
+        assert_eq!(xs.len() % 16, 0); // whole vectors of every build
+        let exps = builds()
+            .into_iter()
+            .map(|build| exp_with(build, &xs))
+            .collect::<Vec<_>>();
         let mut worst = 0.0f64;
-        for (&x, &vector) in xs.iter().zip(&lanes) {
+        for (i, &x) in xs.iter().enumerate() {
             let want = (x as f64).exp();
-            if want > 1e-37 {
-                for got in [exp_small(x) as f64, vector as f64] {
+            for got in exps.iter().map(|e| e[i] as f64) {
+                if x > 88.8 {
+                    assert_eq!(got, f64::INFINITY, "exp({x})");
+                } else if x < -87.0 {
+                    assert_eq!(got, 0.0, "exp({x})");
+                } else if want > 1e-37 {
                     worst = worst.max((got - want).abs() / want);
                 }
             }
@@ -1126,14 +1908,15 @@ pub(crate) mod tests {
             q: q.view(),
             k: k.view(),
             bias: None,
+            lse: None,
             scale: 1.0,
             per_head: false,
         };
-        let e = grouped_sums(&p, &groups).err().unwrap().to_string();
+        let e = grouped_sums(&p, &groups, false).err().unwrap().to_string();
         assert!(e.starts_with("columns:"), "{e}");
         let k3 = Array4::<f32>::zeros((1, 3, 3, 8));
         let p = Problem { k: k3.view(), ..p };
-        let e = grouped_sums(&p, &groups).err().unwrap().to_string();
+        let e = grouped_sums(&p, &groups, false).err().unwrap().to_string();
         assert!(e.starts_with("k:"), "{e}");
         let k = Array4::<f32>::zeros((1, 1, 3, 8));
         let bias = Array3::<f32>::zeros((1, 2, 4));
@@ -1142,7 +1925,15 @@ pub(crate) mod tests {
             bias: Some(bias.view()),
             ..p
         };
-        let e = grouped_sums(&p, &groups).err().unwrap().to_string();
+        let e = grouped_sums(&p, &groups, false).err().unwrap().to_string();
         assert!(e.starts_with("bias:"), "{e}");
+        let lse = Array3::<f32>::zeros((1, 2, 3));
+        let p = Problem {
+            bias: None,
+            lse: Some(lse.view()),
+            ..p
+        };
+        let e = grouped_sums(&p, &groups, false).err().unwrap().to_string();
+        assert!(e.starts_with("lse: expected one logsumexp per row"), "{e}");
     }
 }

@@ -298,6 +298,7 @@ mod bindings {
         q: &'a PyReadonlyArray4<'_, f32>,
         k: &'a PyReadonlyArray4<'_, f32>,
         bias: &'a Option<PyReadonlyArray3<'_, f32>>,
+        lse: &'a Option<PyReadonlyArray3<'_, f32>>,
         scale: f64,
         per_head: bool,
     ) -> crate::groups::Problem<'a> {
@@ -305,6 +306,7 @@ mod bindings {
             q: q.as_array(),
             k: k.as_array(),
             bias: bias.as_ref().map(|b| b.as_array()),
+            lse: lse.as_ref().map(|x| x.as_array()),
             scale: scale as f32,
             per_head,
         }
@@ -312,9 +314,12 @@ mod bindings {
 
     /// Attention probabilities summed into key groups, per query row: q (B, H, R, D) and k (B, Hk, Nk, D)
     /// float32, columns (Nk,) int64 (each key's column in 0..num_columns, or -1), bias (B, 1 or H, Nk)
-    /// additive float32 or None. Returns (B, H or 1, R, num_columns) float32.
+    /// additive float32 or None, lse (B, H, R) float32 each row's logsumexp when the caller has it (then
+    /// P = exp(logit - lse), no running max). Returns (B, H or 1, R, num_columns) float32, and with
+    /// return_lse a pair of it and each row's logsumexp over the keys (B, H, R).
     #[pyfunction]
-    #[pyo3(signature = (q, k, columns, num_columns, *, scale, bias=None, per_head=false))]
+    #[pyo3(signature = (q, k, columns, num_columns, *, scale, bias=None, per_head=false, lse=None,
+                        return_lse=false))]
     #[allow(clippy::too_many_arguments)]
     fn attention_groups<'py>(
         py: Python<'py>,
@@ -325,11 +330,18 @@ mod bindings {
         scale: f64,
         bias: Option<PyReadonlyArray3<'py, f32>>,
         per_head: bool,
-    ) -> PyResult<Bound<'py, PyArray4<f32>>> {
+        lse: Option<PyReadonlyArray3<'py, f32>>,
+        return_lse: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let groups = crate::groups::Groups::new(columns.as_array(), num_columns)?;
-        let problem = problem(&q, &k, &bias, scale, per_head);
-        let out = py.detach(|| crate::groups::grouped_sums(&problem, &groups))?;
-        Ok(out.into_pyarray(py))
+        let problem = problem(&q, &k, &bias, &lse, scale, per_head);
+        let (out, rows_lse) =
+            py.detach(|| crate::groups::grouped_sums(&problem, &groups, return_lse))?;
+        let out = out.into_pyarray(py).into_any();
+        match rows_lse {
+            Some(l) => Ok((out, l.into_pyarray(py)).into_pyobject(py)?.into_any()),
+            None => Ok(out),
+        }
     }
 
     /// One query block's and one key block's number per row and key, and the numbers of each.
@@ -346,10 +358,12 @@ mod bindings {
     /// list of (B, Hs, num_row_blocks, num_key_blocks), P summed by (row block, key block) for each
     /// (row_blocks (R,), key_blocks (Nk,), num_row_blocks, num_key_blocks) with -1 for none; and
     /// "distance" (B, Hs, F, H, W), P of the video rows row_start.. and keys key_start.. summed by
-    /// (|dt|, |dy|, |dx|), for distance = (row_start, key_start, F, H, W). Hs is H with per_head, else 1.
+    /// (|dt|, |dy|, |dx|), for distance = (row_start, key_start, F, H, W); with return_lse, "lse"
+    /// (B, H, R), each row's logsumexp over the keys. Hs is H with per_head, else 1. A given lse
+    /// (B, H, R) float32 sets P = exp(logit - lse) (no running max).
     #[pyfunction]
     #[pyo3(signature = (q, k, *, scale, bias=None, per_head=false, dense=None, received=false,
-                        entropy=false, blocks=None, distance=None))]
+                        entropy=false, blocks=None, distance=None, lse=None, return_lse=false))]
     #[allow(clippy::too_many_arguments)]
     fn attention_stats<'py>(
         py: Python<'py>,
@@ -363,6 +377,8 @@ mod bindings {
         entropy: bool,
         blocks: Option<Vec<BlockSpec<'py>>>,
         distance: Option<(usize, usize, usize, usize, usize)>,
+        lse: Option<PyReadonlyArray3<'py, f32>>,
+        return_lse: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
         use crate::stats::{Blocks, Grid, Spec};
 
@@ -387,8 +403,9 @@ mod bindings {
                 height,
                 width,
             }),
+            lse: return_lse,
         };
-        let problem = problem(&q, &k, &bias, scale, per_head);
+        let problem = problem(&q, &k, &bias, &lse, scale, per_head);
         let out = py.detach(|| crate::stats::attention_stats(&problem, &spec))?;
         let dict = PyDict::new(py);
         if let Some(x) = out.dense {
@@ -407,6 +424,19 @@ mod bindings {
         if let Some(x) = out.distance {
             dict.set_item("distance", x.into_pyarray(py))?;
         }
+        if let Some(x) = out.lse {
+            dict.set_item("lse", x.into_pyarray(py))?;
+        }
+        Ok(dict)
+    }
+
+    /// The CPU attention kernels' threads (rayon's pool: RAYON_NUM_THREADS, else one per logical CPU)
+    /// and the copy of their loops this CPU runs: {"threads": n, "build": "avx512" | "avx2" | "plain"}.
+    #[pyfunction]
+    fn kernel_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+        let dict = PyDict::new(py);
+        dict.set_item("threads", rayon::current_num_threads())?;
+        dict.set_item("build", crate::groups::Build::best().name())?;
         Ok(dict)
     }
 
@@ -429,6 +459,7 @@ mod bindings {
         m.add_function(wrap_pyfunction!(rgb_to_yuv420, m)?)?;
         m.add_function(wrap_pyfunction!(attention_groups, m)?)?;
         m.add_function(wrap_pyfunction!(attention_stats, m)?)?;
+        m.add_function(wrap_pyfunction!(kernel_info, m)?)?;
         Ok(())
     }
 }

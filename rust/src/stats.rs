@@ -1,15 +1,18 @@
 //! Exact attention statistics on the CPU, without the N x N map: column sums (`received`), sums
 //! over pairs of query and key blocks (token tiles, video cubes, frames), mass by spatio-temporal
-//! offset (`distance`), each row's entropy, and rows of P over a range of keys (`cross`, `text`,
-//! `full`), all from one pass over the keys.
+//! offset (`distance`), each row's entropy and logsumexp, and rows of P over a range of keys
+//! (`cross`, `text`, `full`), all from one pass over the keys.
 //!
-//! Each task takes rows of one batch element through every head with the online softmax of
-//! [`crate::groups`], every key its own column, so that once a head's keys are walked the task
-//! holds its rows of P exactly (`ROW_CHUNK` rows x `Nk`, never more). It then folds them into the
-//! statistics: the column sums and block sums of a thread's tasks add into that thread's
-//! accumulators (summed at the end), the rows' own outputs (entropy, the dense columns) are kept
-//! per task. The entropy comes from the row's sums in the same pass: with `m` the row max,
-//! `l = sum exp(s - m)` and `u = sum exp(s - m) (s - m)`, `-sum P ln P = ln l - u / l`.
+//! The rows are cut by [`crate::groups::split`] into a few pieces per thread (heads too, where the
+//! rows are few), each piece a run of tasks of at most [`ROW_CHUNK`] rows. A task takes its rows through
+//! its heads with the online softmax of [`crate::groups`], every key its own column, so that once a
+//! head's keys are walked it holds its rows of P exactly (`rows x Nk`, never more), and folds them
+//! into the statistics: the column sums, block sums (the rows of one block summed first, then their
+//! key runs once) and offset sums add into the piece's accumulators, merged in piece order at the
+//! end; the rows' own outputs (entropy, logsumexp, the dense columns) are kept per task. The entropy
+//! comes from the row's sums in the same pass: with `m` the row max, `l = sum exp(s - m)` and
+//! `u = sum exp(s - m) (s - m)`, `-sum P ln P = ln l - u / l`. With the rows' logsumexp given,
+//! P = exp(s - lse) from the start and the entropy is `sum P (lse - s)`.
 
 use std::ops::Range;
 
@@ -17,7 +20,10 @@ use ndarray::{Array3, Array4, Array5, ArrayView1};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::groups::{add_scaled, zeroed, Groups, Packed, Problem, Rows, Work, MR, NR, ROW_CHUNK};
+use crate::groups::{
+    add_scaled, set_scaled, split, sum16, zeroed, Build, Groups, Packed, Problem, Rows, Task, Work,
+    MR, NR, ROW_CHUNK,
+};
 
 /// Sums of P over pairs of (query block, key block): `rows[i]` is query row `i`'s block (or -1),
 /// `keys[j]` key `j`'s (or -1). Output `[B, Hs, num_rows, num_keys]`, summed over rows.
@@ -62,6 +68,8 @@ pub struct Spec<'a> {
     /// Video query/key pairs summed by `(|dt|, |dy|, |dx|)` over the video rows:
     /// `[B, Hs, F, H, W]`.
     pub distance: Option<Grid>,
+    /// Each row's logsumexp over the keys, per head: `[B, H, R]`.
+    pub lse: bool,
 }
 
 /// The statistics asked for (None or empty where not).
@@ -71,6 +79,7 @@ pub struct Stats {
     pub entropy: Option<Array3<f32>>,
     pub blocks: Vec<Array4<f32>>,
     pub distance: Option<Array5<f32>>,
+    pub lse: Option<Array3<f32>>,
 }
 
 /// A run of consecutive keys of one block.
@@ -113,9 +122,13 @@ struct Plan {
     hs: usize,
     r: usize,
     nk: usize,
+    per_head: bool,
+    /// Rows per task.
+    chunk: usize,
     dense: Option<Range<usize>>,
     received: bool,
     entropy: bool,
+    lse: bool,
     /// Per block output: the query rows' blocks, the key runs, and the output's sizes.
     blocks: Vec<(Vec<i64>, Vec<Run>, usize, usize)>,
     distance: Option<Grid>,
@@ -197,9 +210,12 @@ impl Plan {
             hs,
             r,
             nk,
+            per_head: p.per_head,
+            chunk: ROW_CHUNK,
             dense: spec.dense.clone(),
             received: spec.received,
             entropy: spec.entropy,
+            lse: spec.lse,
             blocks,
             distance: spec.distance,
         })
@@ -210,22 +226,34 @@ impl Plan {
     }
 }
 
-/// A thread's summed statistics and the rows its tasks kept, plus its scratch buffers.
+/// The summed statistics of one piece of the work (a run of tasks, on one thread), the rows its
+/// tasks kept, and its scratch buffers.
 struct Acc {
     received: Vec<f32>,
     blocks: Vec<Vec<f32>>,
     distance: Vec<f32>,
-    /// `(task, dense [Hs][rows][len], entropy [Hs][rows])`.
-    rows: Vec<(usize, Vec<f32>, Vec<f32>)>,
+    rows: Vec<Kept>,
     scratch: Option<Scratch>,
 }
 
-/// Per-thread buffers reused by every task: the online-softmax state, the head sum of the rows
-/// and the scaled query rows.
+/// The rows' own outputs of one task: `dense` `[Hs][rows][len]`, `entropy` `[Hs][rows]`, `lse`
+/// `[heads][rows]` (each empty where not asked for).
+struct Kept {
+    task: Task,
+    dense: Vec<f32>,
+    entropy: Vec<f32>,
+    lse: Vec<f32>,
+}
+
+/// Buffers reused by every task of a piece: the online-softmax state, the head sum of the rows,
+/// the scaled query rows, a block's rows summed, each row's scale and the rows ordered by block.
 struct Scratch {
     st: Rows,
     summed: Vec<f32>,
     q: Vec<f32>,
+    tmp: Vec<f32>,
+    scale: Vec<f32>,
+    order: Vec<(i64, usize)>,
 }
 
 impl Acc {
@@ -254,6 +282,15 @@ impl Acc {
         })
     }
 
+    /// Bytes of the summed statistics of one piece.
+    fn bytes(plan: &Plan) -> usize {
+        let (b, hs) = (plan.b, plan.hs);
+        let received = if plan.received { plan.nk } else { 0 };
+        let blocks: usize = plan.blocks.iter().map(|(_, _, nr, nc)| nr * nc).sum();
+        let distance = plan.distance.and_then(|g| g.tokens()).unwrap_or(0);
+        (b * hs).saturating_mul(received + blocks + distance) * 4
+    }
+
     fn merge(mut self, other: Acc) -> Acc {
         add(&mut self.received, &other.received);
         for (a, o) in self.blocks.iter_mut().zip(&other.blocks) {
@@ -265,71 +302,100 @@ impl Acc {
     }
 }
 
+#[inline(always)]
 fn add(dst: &mut [f32], src: &[f32]) {
     dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
+}
+
+/// The sum of `x`, in `NR` independent lanes (so that it vectorises) folded as a tree.
+#[inline(always)]
+fn total(x: &[f32]) -> f32 {
+    if x.len() < 2 * NR {
+        return x.iter().sum();
+    }
+    let mut lanes = [0.0f32; NR];
+    let chunks = x.chunks_exact(NR);
+    let rest = chunks.remainder();
+    for c in chunks {
+        lanes.iter_mut().zip(c).for_each(|(l, &v)| *l += v);
+    }
+    rest.iter().fold(sum16(&lanes), |s, &v| s + v)
 }
 
 /// Every statistic of `spec` for the rows of `p.q`, exact (softmax over every key).
 ///
 /// A row whose keys are all excluded contributes zero (entropy 0); a row with NaN or `+inf` among
-/// its logits is NaN in everything it touches, never a silent number.
+/// its logits is NaN in everything it touches, never a silent number. With a given logsumexp
+/// (`p.lse`), P = exp(logit - lse) and the entropy is `sum P (lse - logit)`.
+///
+/// The rows are cut into [`PIECES_PER_THREAD`] pieces per thread of the pool (fewer where their
+/// summed statistics would cost more than [`PIECE_MEMORY`] of the materialised map), which rayon
+/// hands to whichever thread is free; each piece sums into its own accumulators, merged in piece
+/// order at the end, so the same call on the same pool always gives the same bits.
 pub fn attention_stats(p: &Problem, spec: &Spec) -> Result<Stats> {
-    run(p, spec, crate::groups::has_avx2_fma())
+    run(p, spec, Build::best())
 }
 
-/// [`attention_stats`] with the AVX2 + FMA build (`fast`) or the plain one.
-fn run(p: &Problem, spec: &Spec, fast: bool) -> Result<Stats> {
+/// The share of the materialised map (`B H R Nk` floats) that the pieces' accumulators may take
+/// together (at least one piece always runs).
+const PIECE_MEMORY: f64 = 0.005;
+/// Pieces per thread of the pool (each with its own accumulators).
+const PIECES_PER_THREAD: usize = 4;
+/// The share of the map that the pieces' rows of P may take together: tasks have fewer rows than
+/// [`ROW_CHUNK`] where many threads share a short call (never fewer than `2 MR`).
+const ROW_MEMORY: f64 = 0.0075;
+
+/// [`attention_stats`] in the given build.
+fn run(p: &Problem, spec: &Spec, build: Build) -> Result<Stats> {
     let nk = p.k.dim().2;
     let ntiles = nk.div_ceil(NR);
     let groups = Groups::identity(nk);
     p.check(&groups)?;
     let plan = Plan::new(p, spec)?;
-    let (b, r) = (plan.b, plan.r);
+    let (b, h, r) = (plan.b, p.q.dim().1, plan.r);
     let packed = Packed::new(p, ntiles);
     let work = Work {
         p,
         groups: &groups,
         keys: &packed.keys,
         biases: &packed.biases,
-        fast,
+        build,
         prefix: true,
     };
-    let chunks = r.div_ceil(ROW_CHUNK);
-    let tasks = b * chunks;
-    // one accumulator per thread, not per task: at most as many pieces as threads
-    let per_piece = tasks.div_ceil(rayon::current_num_threads().max(1)).max(1);
-    let acc = (0..tasks)
-        .into_par_iter()
-        .with_min_len(per_piece)
-        .try_fold(
-            || None,
-            |acc: Option<Acc>, t| {
-                let mut acc = match acc {
-                    Some(acc) => acc,
-                    None => Acc::new(&plan)?,
-                };
-                work_task(&work, &plan, &mut acc, t / chunks, (t % chunks) * ROW_CHUNK)?;
-                Ok::<_, Error>(Some(acc))
-            },
-        )
-        .try_reduce(
-            || None,
-            |a, o| {
-                Ok(match (a, o) {
-                    (Some(a), Some(o)) => Some(a.merge(o)),
-                    (a, o) => a.or(o),
-                })
-            },
-        )?;
-    let acc = match acc {
-        Some(acc) => acc,
+    let threads = rayon::current_num_threads().max(1);
+    let map = (b * h * r) as f64 * nk as f64 * 4.0;
+    let afford = (PIECE_MEMORY * map / Acc::bytes(&plan).max(1) as f64) as usize;
+    // a few pieces per thread, so that a thread held up by other work on a shared machine does
+    // not hold up the call: rayon hands the next piece to whichever thread is free
+    let pieces = (PIECES_PER_THREAD * threads).min(afford).max(1);
+    // the rows of P (and their head sums) of the pieces running at once within ROW_MEMORY of the map
+    let buffers = if p.per_head { 1.0 } else { 2.0 };
+    let rows = ROW_MEMORY * (b * h * r) as f64 / (threads.min(pieces) as f64 * buffers);
+    let chunk = ((rows as usize) / MR * MR).clamp(2 * MR, ROW_CHUNK);
+    let plan = Plan { chunk, ..plan };
+    let pieces = split(b, h, r, pieces, chunk);
+    let accs: Vec<Acc> = pieces
+        .par_iter()
+        .map(|tasks| {
+            let mut acc = Acc::new(&plan)?;
+            for &t in tasks {
+                work_task(&work, &plan, &mut acc, t)?;
+            }
+            acc.scratch = None;
+            Ok(acc)
+        })
+        .collect::<Result<_>>()?;
+    let mut accs = accs.into_iter();
+    let acc = match accs.next() {
+        Some(first) => accs.fold(first, Acc::merge),
         None => Acc::new(&plan)?, // no rows
     };
-    assemble(&plan, acc, chunks)
+    assemble(&plan, h, acc)
 }
 
-/// The outputs from the summed accumulator and the rows each task kept.
-fn assemble(plan: &Plan, acc: Acc, chunks: usize) -> Result<Stats> {
+/// The outputs from the summed accumulator and the rows each task kept (in task order: heads
+/// split over tasks add up in the same order every time).
+fn assemble(plan: &Plan, h: usize, acc: Acc) -> Result<Stats> {
     let (b, hs, r, nk) = (plan.b, plan.hs, plan.r, plan.nk);
     let nd = plan.dense_len();
     let mut dense = match &plan.dense {
@@ -344,21 +410,39 @@ fn assemble(plan: &Plan, acc: Acc, chunks: usize) -> Result<Stats> {
     } else {
         None
     };
-    for (t, d, e) in &acc.rows {
-        let (bi, r0) = (t / chunks, (t % chunks) * ROW_CHUNK);
-        let rows = ROW_CHUNK.min(r - r0);
-        for s in 0..hs {
+    let mut lse = if plan.lse {
+        Some(Array3::from_shape_vec((b, h, r), zeroed(b * h * r, "lse")?).expect("sized"))
+    } else {
+        None
+    };
+    for Kept {
+        task: t,
+        dense: d,
+        entropy: e,
+        lse: l,
+    } in &acc.rows
+    {
+        let (bi, r0, rows) = (t.b, t.r0, t.rows);
+        let slots = if plan.per_head { t.h1 - t.h0 } else { 1 };
+        for k in 0..slots {
+            let s = if plan.per_head { t.h0 + k } else { 0 };
             if let Some(out) = dense.as_mut() {
                 let src =
-                    ndarray::ArrayView2::from_shape((rows, nd), &d[s * rows * nd..][..rows * nd])
+                    ndarray::ArrayView2::from_shape((rows, nd), &d[k * rows * nd..][..rows * nd])
                         .expect("rows x columns");
                 out.slice_mut(ndarray::s![bi, s, r0..r0 + rows, ..])
-                    .assign(&src);
+                    .zip_mut_with(&src, |o, &v| *o += v);
             }
             if let Some(out) = entropy.as_mut() {
-                let src = ArrayView1::from(&e[s * rows..(s + 1) * rows]);
+                let src = ArrayView1::from(&e[k * rows..(k + 1) * rows]);
                 out.slice_mut(ndarray::s![bi, s, r0..r0 + rows])
-                    .assign(&src);
+                    .zip_mut_with(&src, |o, &v| *o += v);
+            }
+        }
+        if let Some(out) = lse.as_mut() {
+            for k in 0..t.h1 - t.h0 {
+                out.slice_mut(ndarray::s![bi, t.h0 + k, r0..r0 + rows])
+                    .assign(&ArrayView1::from(&l[k * rows..(k + 1) * rows]));
             }
         }
     }
@@ -380,123 +464,209 @@ fn assemble(plan: &Plan, acc: Acc, chunks: usize) -> Result<Stats> {
         entropy,
         blocks,
         distance,
+        lse,
     })
 }
 
-/// Rows `r0..r0 + ROW_CHUNK` of batch element `b` into `acc`.
-fn work_task(work: &Work, plan: &Plan, acc: &mut Acc, b: usize, r0: usize) -> Result<()> {
-    let (_, h, _, d) = work.p.q.dim();
+/// One task's rows into `acc`, in the build the work asks for.
+fn work_task(work: &Work, plan: &Plan, acc: &mut Acc, t: Task) -> Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    match work.build {
+        // SAFETY: `build` is one that `Build::available` found on this CPU.
+        Build::Avx512 => return unsafe { work_task_avx512(work, plan, acc, t) },
+        Build::Avx2 => return unsafe { work_task_avx2(work, plan, acc, t) },
+        Build::Plain => {}
+    }
+    work_task_any::<{ crate::groups::PLAIN }>(work, plan, acc, t)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn work_task_avx2(work: &Work, plan: &Plan, acc: &mut Acc, t: Task) -> Result<()> {
+    work_task_any::<{ crate::groups::AVX2 }>(work, plan, acc, t)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn work_task_avx512(work: &Work, plan: &Plan, acc: &mut Acc, t: Task) -> Result<()> {
+    work_task_any::<{ crate::groups::AVX512 }>(work, plan, acc, t)
+}
+
+/// Rows `t.r0..t.r0 + t.rows` of batch element `t.b` through heads `t.h0..t.h1` into `acc`.
+#[inline(always)]
+fn work_task_any<const B: u8>(work: &Work, plan: &Plan, acc: &mut Acc, t: Task) -> Result<()> {
+    let d = work.p.q.dim().3;
     let c = work.groups.num_columns;
+    let per_head = work.p.per_head;
+    let chunk = plan.chunk;
     if acc.scratch.is_none() {
-        let padded = ROW_CHUNK.div_ceil(MR) * MR;
+        let padded = chunk.div_ceil(MR) * MR;
         acc.scratch = Some(Scratch {
             st: Rows::new(padded, c, "k")?,
-            summed: if work.p.per_head {
+            summed: if per_head {
                 Vec::new()
             } else {
-                zeroed(ROW_CHUNK * c, "k")?
+                zeroed(chunk * c, "k")?
             },
             q: zeroed(padded * d, "q")?,
+            tmp: zeroed(if plan.blocks.is_empty() { 0 } else { c }, "k")?,
+            scale: vec![0.0; padded],
+            order: Vec::with_capacity(padded),
         });
     }
-    let rows = ROW_CHUNK.min(plan.r - r0);
-    let hs = plan.hs;
+    let rows = t.rows;
+    let heads = t.h1 - t.h0;
+    let slots = if per_head { heads } else { 1 };
     let nd = plan.dense_len();
-    let mut dense = zeroed(if nd > 0 { hs * rows * nd } else { 0 }, "dense")?;
-    let mut entropy = zeroed(if plan.entropy { hs * rows } else { 0 }, "entropy")?;
+    let mut dense = zeroed(if nd > 0 { slots * rows * nd } else { 0 }, "dense")?;
+    let mut entropy = zeroed(if plan.entropy { slots * rows } else { 0 }, "entropy")?;
+    let mut lse = zeroed(if plan.lse { heads * rows } else { 0 }, "lse")?;
     let mut scratch = acc.scratch.take().expect("made above");
-    if !work.p.per_head {
-        scratch.summed.fill(0.0);
-    }
-    let Scratch { st, summed, q } = &mut scratch;
-    for head in 0..h {
-        work.softmax(b, head, r0, rows, q, st, plan.entropy);
-        let slot = if work.p.per_head { head } else { 0 };
+    let Scratch {
+        st,
+        summed,
+        q,
+        tmp,
+        scale,
+        order,
+    } = &mut scratch;
+    // one head (or heads kept apart): each head's rows go to the statistics as they are; else the
+    // heads' rows are summed first and go once
+    let direct = per_head || heads == 1;
+    for head in t.h0..t.h1 {
+        work.softmax_any::<B>(t.b, head, t.r0, rows, q, st, plan.entropy);
+        let slot = if per_head { head - t.h0 } else { 0 };
         for i in 0..rows {
             if plan.entropy {
                 entropy[slot * rows + i] += st.entropy(i);
             }
-            let inv = st.inv(i);
-            let row = &mut st.acc[i * c..(i + 1) * c];
-            if work.p.per_head {
-                row.iter_mut().for_each(|a| *a *= inv);
-                let keep = &mut dense[(slot * rows + i) * nd..][..nd];
-                sink(plan, acc, b, slot, r0 + i, &row[..plan.nk], keep);
-            } else {
-                add_scaled(&mut summed[i * c..(i + 1) * c], row, inv);
+            if plan.lse {
+                lse[(head - t.h0) * rows + i] = st.lse(i);
+            }
+            scale[i] = st.inv(i); // NaN for a bad row
+        }
+        if direct {
+            let keep = &mut dense[slot * rows * nd..(slot + 1) * rows * nd];
+            let out_slot = if per_head { head } else { 0 };
+            let sunk = Sunk {
+                rows: &st.acc,
+                c,
+                scale: &scale[..rows],
+            };
+            sink(plan, acc, (t.b, out_slot, t.r0), sunk, keep, tmp, order);
+        } else {
+            for i in 0..rows {
+                let (dst, src) = (&mut summed[i * c..(i + 1) * c], &st.acc[i * c..(i + 1) * c]);
+                if head == t.h0 {
+                    set_scaled(dst, src, scale[i]);
+                } else {
+                    add_scaled(dst, src, scale[i]);
+                }
             }
         }
     }
-    if !work.p.per_head {
-        for i in 0..rows {
-            let keep = &mut dense[i * nd..(i + 1) * nd];
-            sink(
-                plan,
-                acc,
-                b,
-                0,
-                r0 + i,
-                &summed[i * c..i * c + plan.nk],
-                keep,
-            );
-        }
+    if !direct {
+        scale[..rows].fill(1.0);
+        let sunk = Sunk {
+            rows: summed,
+            c,
+            scale: &scale[..rows],
+        };
+        sink(plan, acc, (t.b, 0, t.r0), sunk, &mut dense, tmp, order);
     }
     acc.scratch = Some(scratch);
-    acc.rows.push((
-        b * plan.r.div_ceil(ROW_CHUNK) + r0 / ROW_CHUNK,
+    acc.rows.push(Kept {
+        task: t,
         dense,
         entropy,
-    ));
+        lse,
+    });
     Ok(())
 }
 
-/// Fold one row `p` (`[Nk]`, normalised) of slot `slot` into the statistics; `keep` takes its
-/// dense columns.
+/// A task's rows of P for one output slot: row `i` is `rows[i * c..][..Nk] * scale[i]`.
+struct Sunk<'a> {
+    rows: &'a [f32],
+    c: usize,
+    scale: &'a [f32],
+}
+
+/// Fold a task's rows (batch element, output slot, first row `at`) into the statistics; `keep`
+/// takes their dense columns (`[rows][len]`). Rows of the same block are summed first (into
+/// `tmp`), so that each block's key runs are summed once per block and task, not per row.
+#[inline(always)]
 fn sink(
     plan: &Plan,
     acc: &mut Acc,
-    b: usize,
-    slot: usize,
-    row: usize,
-    p: &[f32],
+    (b, slot, r0): (usize, usize, usize),
+    sunk: Sunk,
     keep: &mut [f32],
+    tmp: &mut [f32],
+    order: &mut Vec<(i64, usize)>,
 ) {
-    let hs = plan.hs;
+    let (hs, nk) = (plan.hs, plan.nk);
+    let n = sunk.scale.len();
+    let row = |i: usize| &sunk.rows[i * sunk.c..i * sunk.c + nk];
     if let Some(d) = &plan.dense {
-        keep.copy_from_slice(&p[d.clone()]);
+        let nd = d.end - d.start;
+        for i in 0..n {
+            set_scaled(
+                &mut keep[i * nd..(i + 1) * nd],
+                &row(i)[d.clone()],
+                sunk.scale[i],
+            );
+        }
     }
     if plan.received {
-        add(&mut acc.received[(b * hs + slot) * plan.nk..][..plan.nk], p);
+        let dst = &mut acc.received[(b * hs + slot) * nk..][..nk];
+        for i in 0..n {
+            add_scaled(dst, row(i), sunk.scale[i]);
+        }
     }
     for ((rows, runs, nr, nc), out) in plan.blocks.iter().zip(acc.blocks.iter_mut()) {
-        let g = rows[row];
-        if g < 0 {
-            continue;
-        }
-        let dst = &mut out[((b * hs + slot) * nr + g as usize) * nc..][..*nc];
-        for run in runs {
-            dst[run.block] += p[run.start..run.end].iter().sum::<f32>();
+        order.clear();
+        order.extend((0..n).filter_map(|i| {
+            let g = rows[r0 + i];
+            (g >= 0).then_some((g, i))
+        }));
+        order.sort_unstable(); // by block, then row: the same order every time
+        for group in order.chunk_by(|x, y| x.0 == y.0) {
+            let sum = &mut tmp[..nk];
+            let (_, first) = group[0];
+            set_scaled(sum, row(first), sunk.scale[first]);
+            for &(_, i) in &group[1..] {
+                add_scaled(sum, row(i), sunk.scale[i]);
+            }
+            let dst = &mut out[((b * hs + slot) * nr + group[0].0 as usize) * nc..][..*nc];
+            for run in runs {
+                dst[run.block] += total(&sum[run.start..run.end]);
+            }
         }
     }
     if let Some(g) = plan.distance {
         let nv = g.frames * g.height * g.width;
-        if row >= g.row_start && row < g.row_start + nv {
-            let v = row - g.row_start;
+        for i in 0..n {
+            let row_at = r0 + i;
+            if row_at < g.row_start || row_at >= g.row_start + nv {
+                continue;
+            }
+            let v = row_at - g.row_start;
             let (tq, yq, xq) = (
                 v / (g.height * g.width),
                 v / g.width % g.height,
                 v % g.width,
             );
-            let video = &p[g.key_start..g.key_start + nv];
+            let video = &row(i)[g.key_start..g.key_start + nv];
             let out = &mut acc.distance[(b * hs + slot) * nv..][..nv];
-            fold_offsets(video, out, g, (tq, yq, xq));
+            fold_offsets(video, sunk.scale[i], out, g, (tq, yq, xq));
         }
     }
 }
 
-/// Add a video row `p` (`[F * H * W]`, keys in raster order) of a query at `(tq, yq, xq)` into
-/// `out[|dt|][|dy|][|dx|]`.
-fn fold_offsets(p: &[f32], out: &mut [f32], g: Grid, (tq, yq, xq): (usize, usize, usize)) {
+/// Add a video row `p * s` (`p`: `[F * H * W]`, keys in raster order) of a query at `(tq, yq, xq)`
+/// into `out[|dt|][|dy|][|dx|]`.
+#[inline(always)]
+fn fold_offsets(p: &[f32], s: f32, out: &mut [f32], g: Grid, (tq, yq, xq): (usize, usize, usize)) {
     let (h, w) = (g.height, g.width);
     for tk in 0..g.frames {
         let dt = tq.abs_diff(tk);
@@ -509,11 +679,11 @@ fn fold_offsets(p: &[f32], out: &mut [f32], g: Grid, (tq, yq, xq): (usize, usize
             dst[1..=xq]
                 .iter_mut()
                 .zip(left.iter().rev())
-                .for_each(|(o, &v)| *o += v);
+                .for_each(|(o, &v)| *o += v * s);
             dst[..w - xq]
                 .iter_mut()
                 .zip(right)
-                .for_each(|(o, &v)| *o += v);
+                .for_each(|(o, &v)| *o += v * s);
         }
     }
 }
@@ -521,7 +691,9 @@ fn fold_offsets(p: &[f32], out: &mut [f32], g: Grid, (tq, yq, xq): (usize, usize
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::groups::tests::{builds, noise, probabilities as row_probabilities, random_qk};
+    use crate::groups::tests::{
+        builds, logsumexp, noise, on_threads, probabilities as row_probabilities, random_qk,
+    };
     use ndarray::{Array1, Array3 as A3, Array4 as A4};
 
     /// P of every row and head in f64, materialised: `[B][H][R][Nk]`.
@@ -542,6 +714,7 @@ mod tests {
             q: q.view(),
             k: k.view(),
             bias: None,
+            lse: None,
             scale: 1.0,
             per_head,
         }
@@ -582,6 +755,7 @@ mod tests {
             q: q.view(),
             k: k.view(),
             bias: bias.as_ref().map(|x| x.view()),
+            lse: None,
             scale: 0.4,
             per_head,
         };
@@ -611,18 +785,36 @@ mod tests {
                 },
             ],
             distance: Some(grid),
+            lse: true,
         };
         let probs = probabilities(&p);
         let hs = if per_head { h } else { 1 };
         let tol = 3e-6 * h as f64;
-        for fast in builds() {
-            let out = run(&p, &spec, fast).unwrap();
-            let (dense, received, entropy, distance) = (
+        let mut exact = A3::<f32>::zeros((b, h, r));
+        for ((bi, hi, i), x) in exact.indexed_iter_mut() {
+            *x = logsumexp(&p, bi, hi, i) as f32;
+        }
+        let given = Problem {
+            lse: Some(exact.view()),
+            ..p
+        };
+        // each build, with the row statistics formed online and with the exact lse given
+        let runs = builds()
+            .into_iter()
+            .flat_map(|build| [(build, &p), (build, &given)]);
+        for (build, problem) in runs {
+            let out = run(problem, &spec, build).unwrap();
+            let (dense, received, entropy, distance, lse) = (
                 out.dense.unwrap(),
                 out.received.unwrap(),
                 out.entropy.unwrap(),
                 out.distance.unwrap(),
+                out.lse.unwrap(),
             );
+            for (got, want) in lse.iter().zip(exact.iter()) {
+                let ok = got == want || (got - want).abs() <= 3e-6 * want.abs().max(1.0);
+                assert!(ok, "lse {got} vs {want}");
+            }
             let nv = grid.frames * grid.height * grid.width;
             for bi in 0..b {
                 for s in 0..hs {
@@ -727,6 +919,38 @@ mod tests {
     }
 
     #[test]
+    fn any_thread_count_and_few_rows() {
+        // 16 threads for 5 rows: the heads are split over tasks, their rows add up in task order
+        for (threads, per_head) in [(16, false), (16, true), (3, false), (1, true)] {
+            let case = || Case {
+                b: 1,
+                h: 4,
+                hk: 2,
+                r: 5,
+                nk: 40,
+                d: 8,
+                per_head,
+                bias: None,
+            };
+            on_threads(threads, || check(case(), grid(1, 3, 1, 2, 2), 5));
+        }
+        // the same call on the same pool gives the same bits
+        let (q, k) = random_qk((1, 2, 150, 16), (2, 300), 6);
+        let p = unbiased(&q, &k, false);
+        let spec = || Spec {
+            received: true,
+            entropy: true,
+            ..Spec::default()
+        };
+        for threads in [2, 7] {
+            let a = on_threads(threads, || attention_stats(&p, &spec()).unwrap());
+            let b = on_threads(threads, || attention_stats(&p, &spec()).unwrap());
+            assert_eq!(a.received, b.received);
+            assert_eq!(a.entropy, b.entropy);
+        }
+    }
+
+    #[test]
     fn masks_and_dead_rows() {
         let (b, h, nk) = (2, 2, 40);
         let mut bias = A3::<f32>::zeros((b, h, nk));
@@ -808,7 +1032,7 @@ mod tests {
             entropy: true,
             ..Spec::default()
         };
-        let out = run(&p, &spec, false).unwrap();
+        let out = run(&p, &spec, Build::Plain).unwrap();
         let (dense, entropy) = (out.dense.unwrap(), out.entropy.unwrap());
         for i in 0..6 {
             assert_eq!(entropy[[0, 0, i]].is_nan(), i == 3);

@@ -1,7 +1,8 @@
 """Analysis of captured maps: token maps, masks, frame-to-frame matrices, rollout, summaries.
 
 - :mod:`attnmap.analysis.normalization`: the one normalisation vocabulary (``global``, ``frame``, ...);
-- :mod:`attnmap.analysis.maps`: token maps, masks, temporal matrices and locality, summaries;
+- :mod:`attnmap.analysis.maps`: token maps, masks, temporal matrices and locality, summaries; a word's
+  mask on each frame of the video and its track (the masks' centroids), in the JSON summary;
 - :mod:`attnmap.analysis.rollout`: attention rollout, plain, divided space-time and temporal.
 
 Names load lazily (rollout needs torch, the rest only numpy).
@@ -23,6 +24,11 @@ _MODULES: dict[str, str] = {
     "aggregated_map": "maps",
     "token_map": "maps",
     "token_mask": "maps",
+    "frame_latents": "maps",
+    "word_masks": "maps",
+    "mask_track": "maps",
+    "mask_rle": "maps",
+    "rle_mask": "maps",
     "load_token_map": "maps",
     "on_input_frames": "maps",
     "frame_matrix": "maps",
@@ -44,10 +50,14 @@ __all__ = [
     "aggregated_map",
     "classify_heads",
     "cls_space_time_map",
+    "frame_latents",
     "frame_matrix",
     "load_token_map",
+    "mask_rle",
+    "mask_track",
     "normalize",
     "on_input_frames",
+    "rle_mask",
     "rollout",
     "space_time_rollout",
     "summarize",
@@ -58,6 +68,7 @@ __all__ = [
     "token_mask",
     "top_frames",
     "top_regions",
+    "word_masks",
     "write_summary",
 ]
 
@@ -71,9 +82,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from attnmap.analysis.maps import (
         aggregated_map,
         classify_heads,
+        frame_latents,
         frame_matrix,
         load_token_map,
+        mask_rle,
+        mask_track,
         on_input_frames,
+        rle_mask,
         summarize,
         temporal_locality,
         text_self_attention,
@@ -81,6 +96,7 @@ if TYPE_CHECKING:  # pragma: no cover
         token_mask,
         top_frames,
         top_regions,
+        word_masks,
         write_summary,
     )
     from attnmap.analysis.normalization import NORMALIZE, normalize

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import numpy as np
 
+from attnmap._checks import integer, integers, number
 from attnmap._io import atomic_write
 from attnmap.analysis.normalization import Normalize, normalize
 from attnmap.errors import AttnmapError
@@ -70,8 +71,10 @@ def token_mask(
     a = _np(x, name)
     if (threshold is None) == (top_fraction is None):
         raise AttnmapError("give exactly one of threshold= or top_fraction=")
-    if top_fraction is not None and not 0.0 < float(top_fraction) <= 1.0:
-        raise AttnmapError(f"top_fraction must be in (0, 1], got {top_fraction!r}")
+    if top_fraction is not None:
+        top_fraction = number("top_fraction", top_fraction, low=0, high=1, open_low=True)
+    if threshold is not None:
+        threshold = number("threshold", threshold)
     if per_frame and a.ndim < 2:
         raise AttnmapError(f"per_frame needs a map [F, ...], got shape {a.shape}")
     if per_frame:
@@ -88,8 +91,8 @@ def token_mask(
             ]
         )
     a = normalize(a, normalize_first, name=name).astype(np.float64)
-    number = ~np.isnan(a)
-    if not number.any():
+    numeric = ~np.isnan(a)
+    if not numeric.any():
         raise AttnmapError(f"{name}: all of its {a.size} values are NaN; there is nothing to mask")
     if threshold is not None:
         mask = a > float(threshold)  # NaN compares False
@@ -103,7 +106,7 @@ def token_mask(
         return mask
     assert top_fraction is not None
     flat = a.reshape(-1)
-    k = min(math.ceil(float(top_fraction) * flat.size - 1e-9), int(number.sum()))
+    k = min(math.ceil(float(top_fraction) * flat.size - 1e-9), int(numeric.sum()))
     order = np.argsort(-flat, kind="stable")[:k]  # NaN sorts last
     mask = np.zeros(flat.size, dtype=bool)
     mask[order] = True
@@ -277,7 +280,8 @@ def frame_matrix(
         >>> frame_matrix(probs, lay.grid, video=lay.video_q)  # probs [B, H, N, N]
     """
     a = _np(attn, "attn")
-    f, h, w = (int(g) for g in grid)
+    f, h, w = integers("grid", grid, 3, low=1, what="(F, H, W)")
+    prefix = integer("prefix", prefix, low=0)
     nv = f * h * w
     if video is None:
         if a.ndim < 2 or a.shape[-1] != a.shape[-2] or a.shape[-1] != prefix + nv:
@@ -328,8 +332,8 @@ def classify_heads(locality: ArrayLike, num_frames: int, *, margin: float = 0.5)
         ``[...]`` array of str.
     """
     loc = _np(locality, "locality")
-    if num_frames < 1:
-        raise AttnmapError(f"num_frames must be >= 1, got {num_frames!r}")
+    num_frames = integer("num_frames", num_frames, low=1)
+    margin = number("margin", margin, low=0, high=1)
     cut = 1.0 / num_frames + margin * (1.0 - 1.0 / num_frames)
     return np.where(loc > cut, "spatial", "temporal")
 
@@ -393,9 +397,10 @@ def top_frames(m: ArrayLike, k: int = 3) -> list[dict[str, float]]:
     a = _np(m, "map")
     if a.ndim != 3:
         raise AttnmapError(f"map must be [F, H, W], got {a.shape}")
+    k = integer("k", k, low=1)
     mass = a.reshape(a.shape[0], -1).sum(-1)
     total = mass.sum()
-    order = np.argsort(-mass, kind="stable")[: max(0, int(k))]
+    order = np.argsort(-mass, kind="stable")[:k]
     return [{"frame": int(i), "share": float(mass[i] / total) if total else 0.0} for i in order]
 
 
@@ -409,8 +414,10 @@ def top_regions(m: ArrayLike, k: int = 3, *, mask_top_fraction: float = 0.1) -> 
     a = _np(m, "map")
     if a.ndim != 3:
         raise AttnmapError(f"map must be [F, H, W], got {a.shape}")
+    k = integer("k", k, low=1)
+    mask_top_fraction = number("mask_top_fraction", mask_top_fraction, low=0, high=1, open_low=True)
     flat = a.reshape(-1)
-    order = np.argsort(-flat, kind="stable")[: max(0, int(k))]
+    order = np.argsort(-flat, kind="stable")[:k]
     peaks = []
     for i in order:
         f, r, c = np.unravel_index(int(i), a.shape)
@@ -421,29 +428,207 @@ def top_regions(m: ArrayLike, k: int = 3, *, mask_top_fraction: float = 0.1) -> 
     return {"peaks": peaks, "box": box}
 
 
+# ------------------------------------------------------------------------------------------
+# word masks and tracks on the video's own frames
+# ------------------------------------------------------------------------------------------
+def _positive(value: Any) -> Optional[int]:
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+    return int(value) if ok else None
+
+
+def frame_latents(meta: Mapping[str, Any], latent_frames: int) -> np.ndarray:
+    """The latent frame each frame of the video in the metadata is encoded in.
+
+    The video has ``video.frames`` frames (one per latent frame when the metadata does not say); with
+    the VAE's temporal stride ``s`` (``vae_stride[0]``): ``1 + (F - 1) s`` frames are a causal VAE's
+    (frame 0 alone in latent frame 0, then ``s`` frames each, as Wan's, HunyuanVideo's, CogVideoX's and
+    LTX's VAEs encode them), ``F s`` frames a non-causal one's (``s`` each); any other count is spread
+    evenly (the nearest latent frame of a linear map, as a render without the stride interpolates).
+
+    Args:
+        meta: a video's metadata (``video.frames``, ``vae_stride``).
+        latent_frames: F, the maps' frame count.
+
+    Returns:
+        int64 ``[T]``: latent frame per video frame, non-decreasing, 0 first and F - 1 last.
+    """
+    f = _positive(latent_frames)
+    if f is None:
+        raise AttnmapError(f"latent_frames must be an int >= 1, got {latent_frames!r}")
+    video = meta.get("video")
+    frames = _positive(video.get("frames")) if isinstance(video, dict) else None
+    stride = meta.get("vae_stride")
+    s = _positive(stride[0]) if isinstance(stride, (list, tuple)) and stride else None
+    t = np.arange(frames or f)
+    if frames is None or frames == f:
+        return t
+    if s is not None and frames == 1 + (f - 1) * s:
+        return np.where(t == 0, 0, (t - 1) // s + 1)
+    if s is not None and frames == f * s:
+        return t // s
+    return np.clip(np.floor((t + 0.5) * f / frames), 0, f - 1).astype(np.int64)
+
+
+def word_masks(
+    m: ArrayLike,
+    latents: Union[Sequence[int], np.ndarray],
+    *,
+    threshold: Optional[float] = None,
+    top_fraction: Optional[float] = None,
+    normalize_first: Normalize = "global",
+    name: str = "map",
+) -> np.ndarray:
+    """A word's mask on each frame of the video: its latent frame's mask (:func:`token_mask` with
+    ``per_frame``: each latent frame normalised and cut on its own).
+
+    Args:
+        m: the word's ``[F, H, W]`` map.
+        latents: the latent frame of each video frame (:func:`frame_latents`).
+        threshold, top_fraction, normalize_first: the rule of :func:`token_mask`.
+        name: what the warnings call the map.
+
+    Returns:
+        bool ``[T, H, W]`` at the latent grid's resolution, one per video frame.
+    """
+    a = _np(m, name)
+    if a.ndim != 3:
+        raise AttnmapError(f"{name} must be [F, H, W], got {a.shape}")
+    index = np.asarray(list(latents), dtype=np.int64)
+    if index.ndim != 1 or index.size == 0 or index.min() < 0 or index.max() >= a.shape[0]:
+        raise AttnmapError(f"latents must be latent frames in [0, {a.shape[0]}), one per video frame")
+    masks = token_mask(
+        a,
+        threshold=threshold,
+        top_fraction=top_fraction,
+        normalize_first=normalize_first,
+        per_frame=True,
+        name=name,
+    )
+    return masks[index]
+
+
+def mask_track(masks: ArrayLike, size: Optional[Sequence[int]] = None) -> list[Optional[dict[str, float]]]:
+    """The centroid of each frame's mask: where the word is, frame by frame (a track).
+
+    Args:
+        masks: bool ``[T, H, W]`` (:func:`word_masks`).
+        size: (height, width) of the video the grid covers (the whole frame): x and y in its pixels;
+            None: in grid cells.
+
+    Returns:
+        per frame ``{"x", "y", "area"}`` (cell centres ``(col + 0.5, row + 0.5)`` scaled to ``size``;
+        ``area`` the fraction of the frame in the mask), or None for an empty mask.
+    """
+    a = np.asarray(masks)
+    if a.dtype != bool or a.ndim != 3:
+        raise AttnmapError(f"masks must be bool [T, H, W], got {a.dtype} {a.shape}")
+    rows, cols = a.shape[1:]
+    height, width = (rows, cols) if size is None else (float(size[0]), float(size[1]))
+    out: list[Optional[dict[str, float]]] = []
+    for frame in a:
+        r, c = np.nonzero(frame)
+        if r.size == 0:
+            out.append(None)
+            continue
+        out.append(
+            {
+                "x": float((c.mean() + 0.5) * width / cols),
+                "y": float((r.mean() + 0.5) * height / rows),
+                "area": float(r.size / frame.size),
+            }
+        )
+    return out
+
+
+def mask_rle(mask: ArrayLike) -> dict[str, Any]:
+    """A 2-D mask as COCO's uncompressed run-length encoding: ``{"size": [H, W], "counts": [...]}``,
+    runs in column-major order, the first one of zeros (0 when the mask starts set)."""
+    a = np.asarray(mask)
+    if a.dtype != bool or a.ndim != 2:
+        raise AttnmapError(f"mask must be bool [H, W], got {a.dtype} {a.shape}")
+    flat = a.reshape(-1, order="F")
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    counts = ([0] if flat[0] else []) + runs
+    return {"size": [int(a.shape[0]), int(a.shape[1])], "counts": [int(n) for n in counts]}
+
+
+def rle_mask(rle: Mapping[str, Any]) -> np.ndarray:
+    """The bool ``[H, W]`` mask of a :func:`mask_rle` encoding."""
+    try:
+        h, w = (int(v) for v in rle["size"])
+        counts = [int(n) for n in rle["counts"]]
+    except (KeyError, TypeError, ValueError):
+        raise AttnmapError(f"rle must be {{'size': [H, W], 'counts': [...]}}, got {rle!r}") from None
+    if min(counts, default=0) < 0 or sum(counts) != h * w:
+        raise AttnmapError(f"rle counts must be >= 0 and sum to H*W = {h * w}, got {sum(counts)}")
+    values = np.arange(len(counts)) % 2 == 1
+    return np.repeat(values, counts).reshape((h, w), order="F")
+
+
 _BLOCK = re.compile(r"^temporal/block(\d+)$")
 
 
-def summarize(store: Store, video_id: str, *, k: int = 3, mask_top_fraction: float = 0.1) -> dict[str, Any]:
-    """A JSON-safe summary of one video .
+def summarize(
+    store: Store,
+    video_id: str,
+    *,
+    k: int = 3,
+    mask_top_fraction: float = 0.1,
+    mask_threshold: Optional[float] = None,
+) -> dict[str, Any]:
+    """A JSON-safe summary of one video.
 
     Args:
         store: an open store.
         video_id: the video.
         k: how many frames and peaks per token.
-        mask_top_fraction: the fraction of positions in each token's region box.
+        mask_top_fraction: the fraction of positions in each token's region box, and the rule of its
+            masks on each frame (the top fraction of each latent frame).
+        mask_threshold: cut the masks at this value of each latent frame's ``global`` normalisation
+            instead of ``mask_top_fraction``.
 
     Returns:
         ``{"video_id", "model", "prompt", "grid", "steps",
-        "tokens": {word: {"frames": [{"frame", "share"}], "peaks": [...], "box": {...}}},
-        "temporal_locality": {"mean": float | None, "blocks": {b: [per-head] or float}}}``
+        "tokens": {word: {"frames": [{"frame", "share"}], "peaks": [...], "box": {...},
+        "masks": {"rule", "frames": [COCO RLE per video frame]},
+        "track": {"size": [H, W], "points": [{"frame", "latent_frame", "x", "y", "area"}]}}},
+        "temporal_locality": {"mean": float | None, "blocks": {b: [per-head] or float}}}``: ``masks``
+        has one mask per frame of the video (``video.frames``, each its latent frame's, see
+        :func:`frame_latents`) at the latent grid's resolution, and ``track`` its centroid in the
+        video's pixels (``x``, ``y`` None where the mask is empty).
     """
     meta = store.metadata(video_id)
+    video: dict[str, Any] = meta["video"] if isinstance(meta.get("video"), dict) else {}
+    rule: dict[str, Any] = (
+        {"threshold": float(mask_threshold), "normalize": "global", "per": "latent frame"}
+        if mask_threshold is not None
+        else {"top_fraction": float(mask_top_fraction), "per": "latent frame"}
+    )
     tokens: dict[str, Any] = {}
     for word in store.tokens(video_id):
         m = aggregated_map(store, video_id, store.map_name(video_id, word))
         m = m.mean(0) if m.ndim == 4 else m  # per-head [H, F, H, W]
-        tokens[word] = {"frames": top_frames(m, k), **top_regions(m, k, mask_top_fraction=mask_top_fraction)}
+        latents = frame_latents(meta, m.shape[0])
+        masks = word_masks(
+            m,
+            latents,
+            threshold=mask_threshold,
+            top_fraction=None if mask_threshold is not None else mask_top_fraction,
+            name=f"token map {word!r} of video {video_id!r}",
+        )
+        height, width = _positive(video.get("height")), _positive(video.get("width"))
+        size = (height, width) if height is not None and width is not None else m.shape[1:]
+        points = [
+            {"frame": i, "latent_frame": int(j), **(p or {"x": None, "y": None, "area": 0.0})}
+            for i, (j, p) in enumerate(zip(latents, mask_track(masks, size)))
+        ]
+        tokens[word] = {
+            "frames": top_frames(m, k),
+            **top_regions(m, k, mask_top_fraction=mask_top_fraction),
+            "masks": {"rule": rule, "frames": [mask_rle(f) for f in masks]},
+            "track": {"size": [int(size[0]), int(size[1])], "points": points},
+        }
     names = store.names(video_id)
     blocks: dict[str, Any] = {}
     for name in names:

@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 
+from attnmap._checks import number
 from attnmap.errors import AttnmapError
 
 Normalize = Literal["global", "frame", "percentile", "max", "sum", "fixed", "none"]
@@ -60,6 +61,8 @@ def bounds(
     """The (lo, hi) that a whole-map ``method`` maps to (0, 1), from the finite values of ``x``
     (``frame`` has one pair per frame: use :func:`normalize`). A map with no finite value gives (0, 1)."""
     method = check(method)
+    vmin = None if vmin is None else number("vmin", vmin)
+    vmax = None if vmax is None else number("vmax", vmax)
     if method == "frame":
         raise AttnmapError("normalize: 'frame' has bounds per frame, not one pair for the map")
     if method == "fixed":
@@ -70,8 +73,10 @@ def bounds(
     if method == "none" or finite.size == 0:
         return 0.0, 1.0
     if method == "percentile":
-        lo, hi = (float(p) for p in percentile)
-        if not 0.0 <= lo < hi <= 100.0:
+        if not isinstance(percentile, (tuple, list)) or len(percentile) != 2:
+            raise AttnmapError(f"percentile: expected (lo, hi) with 0 <= lo < hi <= 100, got {percentile!r}")
+        lo, hi = (number("percentile", p, low=0, high=100) for p in percentile)
+        if not lo < hi:
             raise AttnmapError(f"percentile: expected (lo, hi) with 0 <= lo < hi <= 100, got {percentile!r}")
         low, high = (float(v) for v in np.percentile(finite, [lo, hi]))
     elif method == "global":

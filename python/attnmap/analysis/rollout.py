@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from attnmap._callable import make_module_callable
+from attnmap._checks import integer, number
 from attnmap.errors import AttnmapError
 
 HeadFusion = Literal["mean", "max", "min"]
@@ -82,12 +83,7 @@ def _check_layers(attentions: Sequence[ArrayLike], start_layer: int) -> None:
         raise AttnmapError("attentions must be a sequence (list/tuple) of per-layer maps, first layer first")
     if len(attentions) == 0:
         raise AttnmapError("attentions must hold at least one layer")
-    if (
-        isinstance(start_layer, bool)
-        or not isinstance(start_layer, int)
-        or not 0 <= start_layer < len(attentions)
-    ):
-        raise AttnmapError(f"start_layer must be an int in [0, {len(attentions)}), got {start_layer!r}")
+    integer("start_layer", start_layer, low=0, high=len(attentions) - 1)
 
 
 def _discard(a: torch.Tensor, ratio: float, keep_column: Optional[int]) -> torch.Tensor:
@@ -137,8 +133,7 @@ def rollout(
     """
     _check_layers(attentions, start_layer)
     device = _device(attentions)
-    if not 0.0 <= float(discard_ratio) < 1.0:
-        raise AttnmapError(f"discard_ratio must be in [0, 1), got {discard_ratio!r}")
+    discard_ratio = number("discard_ratio", discard_ratio, low=0, high=1, open_high=True)
     result: Optional[torch.Tensor] = None
     for i, layer in enumerate(attentions):
         a = _fuse(_as_tensor(layer, f"attentions[{i}]", device), head_fusion, f"attentions[{i}]")
@@ -146,7 +141,11 @@ def rollout(
             raise AttnmapError(
                 f"attentions[{i}] must be square and match the other layers, got {tuple(a.shape)}"
             )
-        if cls_index is not None and not -a.shape[-1] <= cls_index < a.shape[-1]:
+        if cls_index is not None and (
+            isinstance(cls_index, bool)
+            or not isinstance(cls_index, (int, np.integer))
+            or not -a.shape[-1] <= cls_index < a.shape[-1]
+        ):
             raise AttnmapError(
                 f"cls_index must be a token position < {a.shape[-1]} or None, got {cls_index!r}"
             )
@@ -192,9 +191,7 @@ def space_time_rollout(
     device = _device(space)
     if len(time) != len(space):
         raise AttnmapError(f"space and time must have one map per block, got {len(space)} and {len(time)}")
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-        raise AttnmapError(f"num_frames must be an int >= 1, got {num_frames!r}")
-    t_ = num_frames
+    t_ = integer("num_frames", num_frames, low=1)
     result: Optional[torch.Tensor] = None
     for i, (s_map, t_map) in enumerate(zip(space, time)):
         s = _fuse(_as_tensor(s_map, f"space[{i}]", device), head_fusion, f"space[{i}]")

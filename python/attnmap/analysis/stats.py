@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
+from attnmap._checks import integer, integers, number
 from attnmap.analysis.maps import _np, aggregated_map
 from attnmap.errors import AttnmapError
 from attnmap.layout import Layout
@@ -89,11 +90,7 @@ def coverage_table(distance: ArrayLike) -> np.ndarray:
 
 
 def _window(window: Sequence[int], grid: Sequence[int]) -> tuple[int, int, int]:
-    ok = len(window) == 3 and all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in window
-    )
-    if not ok:
-        raise AttnmapError(f"window must be three positive ints (t, h, w), got {window!r}")
+    window = integers("window", window, 3, low=1, what="(t, h, w)")
     return (
         min(int(window[0]) // 2, grid[0] - 1),
         min(int(window[1]) // 2, grid[1] - 1),
@@ -129,8 +126,7 @@ def smallest_window(distance: ArrayLike, share: float = 0.9) -> np.ndarray:
         ``[..., 3]`` int64: the odd extents ``(t, h, w)`` (up to ``2F-1``, ``2H-1``, ``2W-1``: the
         whole grid from any query).
     """
-    if not (isinstance(share, (int, float)) and 0.0 < float(share) <= 1.0):
-        raise AttnmapError(f"share must be a number in (0, 1], got {share!r}")
+    share = number("share", share, low=0, high=1, open_low=True)
     table = coverage_table(distance)
     f, h, w = table.shape[-3:]
     extents = np.stack(
@@ -162,9 +158,13 @@ def recall_curve(
     b = _np(blocks, "blocks")
     if b.ndim < 2 or 0 in b.shape[-2:]:
         raise AttnmapError(f"blocks must be [..., R, C], got shape {b.shape}")
-    fr = np.arange(1, 101) / 100.0 if fractions is None else np.asarray(list(fractions), dtype=np.float64)
-    if fr.ndim != 1 or fr.size == 0 or not np.all((fr > 0) & (fr <= 1)):
-        raise AttnmapError(f"fractions must be numbers in (0, 1], got {fractions!r}")
+    if fractions is not None and (isinstance(fractions, (str, bytes)) or not list(fractions)):
+        raise AttnmapError(f"fractions: expected finite numbers in (0, 1], got {fractions!r}")
+    fr = (
+        np.arange(1, 101) / 100.0
+        if fractions is None
+        else np.asarray([number("fractions", f, low=0, high=1, open_low=True) for f in fractions])
+    )
     c = b.shape[-1]
     kept = np.cumsum(-np.sort(-b, axis=-1), axis=-1)  # mass of the top 1, 2, ... blocks per row
     total = kept[..., -1:]
@@ -204,8 +204,7 @@ def sink_keys(received: ArrayLike, k: int = 5, *, layout: Optional[Layout] = Non
     r = _np(received, "received")
     if r.ndim not in (1, 2) or r.shape[-1] == 0:
         raise AttnmapError(f"received must be [N] or [H, N], got shape {r.shape}")
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-        raise AttnmapError(f"k must be a positive int, got {k!r}")
+    k = integer("k", k, low=1)
     if layout is not None and layout.num_keys != r.shape[-1]:
         raise AttnmapError(f"layout {layout} has {layout.num_keys} keys, received has {r.shape[-1]}")
     if r.ndim == 2:
@@ -219,7 +218,7 @@ def sink_mass(received: ArrayLike, k: int = 1) -> np.ndarray:
     r = _np(received, "received")
     if r.ndim < 1 or r.shape[-1] == 0:
         raise AttnmapError(f"received must be [..., N], got shape {r.shape}")
-    top = -np.sort(-r, axis=-1)[..., : max(1, int(k))].sum(axis=-1)
+    top = -np.sort(-r, axis=-1)[..., : integer("k", k, low=1)].sum(axis=-1)
     return np.asarray(_shares(top, r.sum(axis=-1)), dtype=np.float32)
 
 
@@ -253,8 +252,9 @@ def head_classes(
         ``[...]`` array of str.
     """
     d = _distance(distance)
-    if not 0.0 <= margin <= 1.0:
-        raise AttnmapError(f"margin must lie in [0, 1], got {margin!r}")
+    margin = number("margin", margin, low=0, high=1)
+    sink_share = number("sink_share", sink_share, low=0, high=1)
+    sink_keys_count = integer("sink_keys_count", sink_keys_count, low=1)
     f, h, w = d.shape[-3:]
     ry, rx = h // 8, w // 8
     table = coverage_table(d)
@@ -293,6 +293,7 @@ def entropy_summary(entropy: ArrayLike, num_keys: Optional[int] = None) -> dict[
     """Mean, min and max of the rows' entropy ``[..., Nq]`` per leading index; with ``num_keys``
     also the mean relative to uniform attention (``ln Nk``: 1 = as flat as possible)."""
     e = _np(entropy, "entropy")
+    num_keys = None if num_keys is None else integer("num_keys", num_keys, low=1)
     if e.ndim < 1 or e.shape[-1] == 0:
         raise AttnmapError(f"entropy must be [..., Nq], got shape {e.shape}")
     out: dict[str, Any] = {

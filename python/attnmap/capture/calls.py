@@ -87,8 +87,9 @@ class CallReader:
         if plan.order is not None:  # a self or joint call: queries and keys are the same tokens
             q, k = q[:, :, plan.order], k[:, :, plan.order]
         cpu = q.device.type == "cpu"
-        # on the CPU the native kernel forms each row's softmax itself, whatever the reductions
-        lse = None if call.lse is None or cpu or plan.order is not None else call.lse[plan.select]
+        lse = None  # the rows' logsumexp from the attention itself (one pass), in the plan's token order
+        if call.lse is not None:
+            lse = (call.lse if plan.order is None else call.lse[:, :, plan.order])[plan.select]
         columns = plan.text_groups and cpu and "cross" in plan.reductions and not self.options.keep_cross
         columns = columns and self.forward.targets
         done: list[tuple[RowGroup, dict[str, torch.Tensor]]] = []

@@ -248,7 +248,8 @@ class Interceptor:
         emit: gets ``(site, call)`` for every attention call inside a site.
         probs: gets ``(site, probabilities)`` for softmax calls inside sites whose role is in
             ``softmax_roles`` (TimeSformer's eager attention).
-        one_pass: run SDPA calls that ``wants_lse(site)`` through :func:`attnmap.reduce.sdpa_with_lse`.
+        one_pass: run SDPA calls that ``wants_lse(site)`` through :func:`attnmap.reduce.sdpa_with_lse`
+            (None: those with CPU tensors).
         wants_lse: whether a site's next call will be recorded (only those take the one-pass path).
         compiled: the sites run inside torch.compile'd code. Their forward hooks are then not
             always-called ones, whose ids torch.compile guards (each capture would compile the graph
@@ -260,7 +261,7 @@ class Interceptor:
     emit: Emit
     probs: Optional[Probs] = None
     softmax_roles: frozenset[str] = frozenset()
-    one_pass: bool = False
+    one_pass: Optional[bool] = False
     wants_lse: Callable[[Site], bool] = lambda site: False
     compiled: bool = False
     stack: list[Site] = field(default_factory=list)
@@ -448,8 +449,12 @@ class Interceptor:
             # torch hands this wrapper as the function it intercepted (torch looks it up by name)
             if self._busy:
                 return previous(*args, **kwargs)
-            if self.stack and self.one_pass and last and not torch.compiler.is_compiling() and _alone():
-                found = self.one_pass_sdpa(bind(_SDPA_ARGS, args, kwargs))
+            # is_compiling() first: a graph being traced reads no option (each value would be a guard)
+            if not torch.compiler.is_compiling() and self.stack and self.one_pass is not False and last:
+                call = bind(_SDPA_ARGS, args, kwargs)
+                q = call.get("query")
+                cpu = isinstance(q, torch.Tensor) and q.device.type == "cpu"
+                found = self.one_pass_sdpa(call) if (self.one_pass or cpu) and _alone() else None
                 if found is not None:
                     self.seen_sdpa(args, kwargs, found[1])
                     return found[0]

@@ -560,8 +560,10 @@ def place(
     nv = f * h * w
     grid_s = f"grid {grid} ({nv} video tokens)"
     # divided attention: frames or positions folded into the batch (Latte)
+    given = context is not None and 0 <= nk <= context  # keys from the context the module was given
     if f > 1 and b == batch * f and nq in (h * w, h * w + 1):
-        lay = Layout.self_attn((1, h, w), prefix=nq - h * w) if nk == nq else Layout.cross((1, h, w), text=nk)
+        self_ = nk == nq and not given  # a text as long as a frame (Latte's cut negative prompt) is cross
+        lay = Layout.self_attn((1, h, w), prefix=nq - h * w) if self_ else Layout.cross((1, h, w), text=nk)
         return Placement(lay, _context_of(nk, inputs), text_len=inputs.text_len, fold="space", grid=grid)
     if h * w > 1 and b == batch * h * w and nq == nk == f:
         return Placement(Layout.self_attn((f, 1, 1)), fold="time", grid=grid)
@@ -579,7 +581,7 @@ def place(
     # video queries alone, from a module given a context no shorter than the keys: keys from the
     # context, even where their number equals the queries' (Wan 2.2 TI2V-5B's tiny config: 12 text
     # tokens, 12 video; a joint call's queries hold the text too: Mochi's [video, real text])
-    given_cross = context is not None and extra == 0 and 0 <= nk <= context
+    given_cross = given and extra == 0
     if nk != nq or given_cross:  # video queries attending to other keys
         image = inputs.contexts.get("image")
         if image is not None and inputs.text_len is not None and nk == image + inputs.text_len:

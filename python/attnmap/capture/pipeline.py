@@ -18,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -116,6 +117,25 @@ def watch_cache_context(
     return _set(core, "cache_context", cache_context)
 
 
+class _Stepped:
+    """A scheduler's ``step`` that calls ``advance()`` after it. A copy of the scheduler (LTX-2 deep-copies
+    its scheduler for the audio stream) gets its own plain ``step``: never this one, which would step
+    the watched scheduler and advance the capture for the copy's steps."""
+
+    def __init__(self, scheduler: Any, step: Callable[..., Any], advance: Callable[[], None]) -> None:
+        self.scheduler, self.step, self.advance = scheduler, step, advance
+        functools.update_wrapper(self, step)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.step(*args, **kwargs)
+        self.advance()
+        return out
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        copy = memo.get(id(self.scheduler))  # the scheduler's copy, made before its attributes
+        return None if copy is None else type(copy).step.__get__(copy)
+
+
 class StepWatch:
     """Calls ``advance()`` after each ``scheduler.step`` of the pipeline (its denoising steps)."""
 
@@ -124,14 +144,7 @@ class StepWatch:
         scheduler = getattr(pipe, "scheduler", None)
         step = getattr(scheduler, "step", None)
         if callable(step):
-
-            @functools.wraps(step)
-            def stepped(*args: Any, **kwargs: Any) -> Any:
-                out = step(*args, **kwargs)
-                advance()
-                return out
-
-            self._undo.append(_set(scheduler, "step", stepped))
+            self._undo.append(_set(scheduler, "step", _Stepped(scheduler, step, advance)))
 
     def close(self) -> None:
         for undo in reversed(self._undo):
@@ -154,27 +167,28 @@ class PromptBook:
     each batch row of a denoiser forward holds (its text input equals that row of them)."""
 
     def __init__(self) -> None:
-        self._entries: list[tuple[torch.Tensor, list[Prompt]]] = []
+        self._entries: list[tuple[torch.Tensor, list[Prompt], bool]] = []
 
     def __bool__(self) -> bool:
         return bool(self._entries)
 
-    def add(self, embeds: torch.Tensor, prompts: list[Prompt]) -> None:
-        """``embeds`` [n, L, D] whose row i holds ``prompts[i]``."""
-        self._entries.append((embeds.detach(), prompts))
+    def add(self, embeds: torch.Tensor, prompts: list[Prompt], negative: bool) -> None:
+        """``embeds`` [n, L, D] whose row i holds ``prompts[i]``, the pipeline's negative prompts or not."""
+        self._entries.append((embeds.detach(), prompts, negative))
 
-    def match(self, text: torch.Tensor) -> list[Optional[Prompt]]:
-        """The prompt of each row of a denoiser's text input ``[B, L, D]`` (None: no encoded row equals it)."""
-        out: list[Optional[Prompt]] = []
+    def match(self, text: torch.Tensor) -> list[Optional[tuple[Prompt, bool]]]:
+        """The prompt of each row of a denoiser's text input ``[B, L, D]``, and whether it is a negative
+        prompt (None: no encoded row equals it)."""
+        out: list[Optional[tuple[Prompt, bool]]] = []
         for row in text.detach():
             found = None
-            for embeds, prompts in reversed(self._entries):  # the latest encoding first
+            for embeds, prompts, negative in reversed(self._entries):  # the latest encoding first
                 if embeds.shape[1:] != row.shape:
                     continue
                 cast = embeds.to(device=row.device, dtype=row.dtype)
                 hits = (cast == row).flatten(1).all(1).nonzero().flatten().tolist()
                 if hits:
-                    found = prompts[hits[0]]
+                    found = (prompts[hits[0]], negative)
                     break
             out.append(found)
         return out
@@ -187,18 +201,20 @@ class PromptWatch:
         pipe: the pipeline (its ``encode_prompt``, ``tokenizer`` and ``text_encoder``).
         on_prompts: called with the marked prompts as the pipeline got them (then, flagged, its
             negative prompts), before they are encoded; returns the clean prompts to encode instead.
-        on_ids: called with the ``input_ids`` ``[B, L]`` the text encoder sees and the template's
-            ``crop_start`` (tokens the pipeline drops from the front of the encoder's output).
-        on_encoded: called after each ``encode_prompt`` with the clean prompts, the clean negative
-            prompts (None when the call takes none), the videos per prompt and what it returned.
+        on_ids: called with the ``input_ids`` ``[B, L]`` the text encoder saw, the template's
+            ``crop_start`` (tokens the pipeline drops from the front of the encoder's output) and the
+            encoder's hidden states ``[B, L, D]`` (its last, then each layer's, newest first).
+        on_encoded: called after each ``encode_prompt`` with its lists of clean prompts, each with
+            whether they are negative prompts (the prompts, then the negative prompts where it takes
+            them), the videos per prompt and what it returned.
     """
 
     def __init__(
         self,
         pipe: Any,
         on_prompts: Callable[[list[str], bool], list[str]],
-        on_ids: Callable[[torch.Tensor, int], None],
-        on_encoded: Callable[[list[str], Optional[list[str]], int, Any], None],
+        on_ids: Callable[[torch.Tensor, int, list[torch.Tensor]], None],
+        on_encoded: Callable[[list[tuple[list[str], bool]], int, Any], None],
     ) -> None:
         self._undo: list[Callable[[], None]] = []
         self._handles: list[Any] = []
@@ -209,18 +225,20 @@ class PromptWatch:
         encoder = getattr(pipe, "text_encoder", None)
         if isinstance(encoder, torch.nn.Module):
 
-            def seen(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            def seen(
+                module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+            ) -> None:
                 ids = args[0] if args else kwargs.get("input_ids")
                 if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point():
-                    on_ids(ids, self.crop)
+                    on_ids(ids, self.crop, _hidden_states(out, ids.shape))
 
-            self._handles.append(encoder.register_forward_pre_hook(seen, with_kwargs=True))
+            self._handles.append(encoder.register_forward_hook(seen, with_kwargs=True))
 
     def _wrap(
         self,
         encode: Callable[..., Any],
         on_prompts: Callable[[list[str], bool], list[str]],
-        on_encoded: Callable[[list[str], Optional[list[str]], int, Any], None],
+        on_encoded: Callable[[list[tuple[list[str], bool]], int, Any], None],
     ) -> Callable[..., Any]:
         try:
             signature: Optional[inspect.Signature] = inspect.signature(encode)
@@ -240,23 +258,26 @@ class PromptWatch:
             template = given.get("prompt_template")
             crop = template.get("crop_start") if isinstance(template, Mapping) else None
             self.crop = int(crop) if isinstance(crop, int) and not isinstance(crop, bool) else 0
+            asked = _negative_call(given, sys._getframe(1).f_locals)
             clean = {}
             for name in ("prompt", "negative_prompt"):
                 value = given.get(name)
                 texts = [value] if isinstance(value, str) else value
                 if isinstance(texts, (list, tuple)) and texts and all(isinstance(p, str) for p in texts):
-                    clean[name] = on_prompts(list(texts), name == "negative_prompt")
+                    clean[name] = on_prompts(list(texts), asked or name == "negative_prompt")
                     given[name] = clean[name][0] if isinstance(value, str) else clean[name]
             out = encode(*bound.args, **bound.kwargs)
             per = given.get("num_videos_per_prompt", given.get("num_images_per_prompt", 1))
             per = per if isinstance(per, int) and not isinstance(per, bool) and per > 0 else 1
             if "prompt" in clean:
+                lists = [(clean["prompt"], asked)]
                 negative = clean.get("negative_prompt")
                 if negative is None and "negative_prompt" in given:  # pipelines encode None as ""
                     negative = [""] * len(clean["prompt"])
-                if negative is not None and len(negative) == 1 < len(clean["prompt"]):
-                    negative = negative * len(clean["prompt"])
-                on_encoded(clean["prompt"], negative, per, out)
+                if negative is not None:
+                    n = len(clean["prompt"])
+                    lists.append((negative * n if len(negative) == 1 < n else negative, True))
+                on_encoded(lists, per, out)
             return out
 
         return encode_prompt
@@ -270,24 +291,127 @@ class PromptWatch:
         self._undo.clear()
 
 
+#: Pipeline modules between the text encoder and the denoiser, by class name: their output rows hold
+#: their input rows' prompts, each row's real tokens (by the mask they are given) moved to the front in
+#: order (LTX-2's text connectors fill the rest with learnt registers, diffusers' connectors.py).
+RELAYS = frozenset({"LTX2TextConnectors"})
+
+
+def watch_relays(
+    pipe: Any, on_relay: Callable[[torch.Tensor, torch.Tensor, Any], None]
+) -> Callable[[], None]:
+    """Call ``on_relay(embeddings, mask, outputs)`` after each forward of a pipeline's relay module
+    (:data:`RELAYS`); returns the undo."""
+    handles = []
+    for value in list(vars(pipe).values()):
+        if isinstance(value, torch.nn.Module) and type(value).__name__ in RELAYS:
+
+            def seen(
+                module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+            ) -> None:
+                names = list(inspect.signature(module.forward).parameters)
+                given = {**dict(zip(names, args)), **kwargs}
+                embeds, mask = (given.get(n) for n in names[:2])
+                if isinstance(embeds, torch.Tensor) and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                    on_relay(embeds.flatten(2) if embeds.dim() == 4 else embeds, mask, out)
+
+            handles.append(value.register_forward_hook(seen, with_kwargs=True))
+
+    def undo() -> None:
+        for handle in handles:
+            handle.remove()
+
+    return undo
+
+
+def relayed(prompt: Prompt, mask: torch.Tensor) -> Prompt:
+    """``prompt`` once a relay moved the real tokens of its row (``mask`` [L] nonzero) to the front."""
+    kept = {int(p): j for j, p in enumerate(mask.nonzero().flatten().tolist())}
+    targets = tuple((w, tuple(kept[p] for p in ps)) for w, ps in prompt.targets if all(p in kept for p in ps))
+    return Prompt(prompt.text, targets, len(kept))
+
+
+def _negative_call(given: Mapping[str, Any], caller: Mapping[str, Any]) -> bool:
+    """Whether an ``encode_prompt`` that takes no negative prompt encodes the pipeline's negative
+    prompts as its ``prompt``: the calling ``__call__`` passed its own ``negative_prompt`` (Kandinsky 5,
+    HunyuanVideo encode them in a call of their own)."""
+    if "negative_prompt" in given:
+        return False
+    prompt, negative = given.get("prompt"), caller.get("negative_prompt")
+    if negative is None or prompt is None:
+        return False
+    return prompt is negative or (prompt == negative and caller.get("prompt") != prompt)
+
+
+def _hidden_states(out: Any, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """A text encoder's outputs ``[B, L, D]``: its last hidden state, then each layer's (newest first),
+    where a pipeline may take its text embeddings from."""
+    found: list[torch.Tensor] = []
+    first = out[0] if isinstance(out, (tuple, list)) else getattr(out, "last_hidden_state", out)
+    layers = out.get("hidden_states") if isinstance(out, Mapping) else getattr(out, "hidden_states", None)
+    for t in [first, *reversed(list(layers or ()))]:
+        if isinstance(t, torch.Tensor) and t.dim() == 3 and tuple(t.shape[:2]) == tuple(shape):
+            if not any(t is f for f in found):
+                found.append(t.detach())
+    return found
+
+
+def align_prompt(
+    prompt: Prompt,
+    text: torch.Tensor,
+    ids: list[int],
+    outputs: list[torch.Tensor],
+    at: dict[str, tuple[int, ...]],
+    pad: Any,
+) -> Prompt:
+    """``prompt`` as one row ``text`` [L, D] of the embeddings a pipeline made of it says: each position
+    of ``text`` that is one of the encoder's outputs ``[N, D]`` (as given, or cast) comes from that
+    encoder position, whatever the pipeline cut or picked (a template's crop, a first token and the
+    last L - 1); the words (``at``: their encoder positions) and the real tokens (not ``pad``) follow.
+    Unchanged where no output explains the row (the pipeline transformed its embeddings)."""
+    best: Optional[list[int]] = None
+    probe = torch.randn(text.shape[-1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(text.device)
+    for output in outputs:
+        if output.shape[-1] != text.shape[-1]:  # projected before the denoiser: nothing to find
+            continue
+        cand = output.to(device=text.device, dtype=text.dtype)
+        index: dict[float, list[int]] = {}  # equal rows have equal keys: only those are compared
+        for p, key in enumerate((cand.double() @ probe).tolist()):
+            index.setdefault(key, []).append(p)
+        source = [
+            next((p for p in index.get(key, ()) if torch.equal(cand[p], text[j])), -1)
+            for j, key in enumerate((text.double() @ probe).tolist())
+        ]
+        if best is None or sum(p >= 0 for p in source) > sum(p >= 0 for p in best):
+            best = source
+    if best is None or not any(p >= 0 for p in best):
+        return prompt
+    where = {p: j for j, p in reversed(list(enumerate(best))) if p >= 0}
+    targets = tuple((w, tuple(where[p] for p in ps)) for w, ps in at.items() if all(p in where for p in ps))
+    real = sum(1 for p in best if p >= 0 and (pad is None or ids[p] != pad))
+    return Prompt(prompt.text, targets, real)
+
+
 def encoded_rows(
-    out: Any, prompts: list[Prompt], negative: Optional[list[Prompt]], per: int
-) -> list[tuple[torch.Tensor, list[Prompt]]]:
-    """What an ``encode_prompt`` returned, as ``(embeddings [n, L, D], the prompt of each row)``: its
-    first 3-D float tensor holds the prompts, its second (where it takes negative prompts) the
-    negative ones, each repeated ``per`` times in a row (diffusers' ``num_videos_per_prompt``)."""
+    out: Any, lists: Sequence[tuple[list[Prompt], bool]], per: int
+) -> list[tuple[torch.Tensor, list[Prompt], bool]]:
+    """What an ``encode_prompt`` returned, as ``(embeddings [n, L, D], the prompt of each row, whether
+    they are negative prompts)``: its first 3-D float tensor holds the first list of prompts, its second
+    (where it takes negative prompts) the second, each prompt repeated ``per`` times in a row
+    (diffusers' ``num_videos_per_prompt``)."""
     tensors = [
         t
         for t in (out if isinstance(out, (tuple, list)) else (out,))
         if isinstance(t, torch.Tensor) and t.dim() == 3 and t.is_floating_point()
     ]
     found = []
-    for embeds, texts in zip(tensors, [prompts] if negative is None else [prompts, negative]):
+    for embeds, (texts, neg) in zip(tensors, lists):
         n = int(embeds.shape[0])
         if n == len(texts) * per:
-            found.append((embeds, [texts[i // per] for i in range(n)]))
+            found.append((embeds, [texts[i // per] for i in range(n)], neg))
         elif n == len(texts):
-            found.append((embeds, list(texts)))
+            found.append((embeds, list(texts), neg))
     return found
 
 

@@ -61,12 +61,15 @@ from attnmap.capture.pipeline import (
     PromptBook,
     PromptWatch,
     StepWatch,
+    align_prompt,
     encoded_rows,
     find_run,
+    relayed,
     runs_compiled,
     split_pipeline,
     vae_stride,
     watch_cache_context,
+    watch_relays,
 )
 from attnmap.capture.plan import Forward, ModelRow, Options, RowText
 from attnmap.capture.sinks import Sink, StoreSink, store_sinks
@@ -153,7 +156,7 @@ class Recorder:
         keep_cross: bool = False,
         metadata: Optional[Mapping[str, Any]] = None,
         backend: str = "auto",
-        one_pass: bool = False,
+        one_pass: Optional[bool] = None,
         block_size: Any = None,
         experts: str = "merge",
     ) -> None:
@@ -201,7 +204,7 @@ class Recorder:
         self.reductions = tuple(dict.fromkeys(reductions))
         self.per_block, self.per_head, self.branch = bool(per_block), bool(per_head), branch
         self.backend = backend
-        self.one_pass = bool(one_pass)
+        self.one_pass = None if one_pass is None else bool(one_pass)
         self._blocks = _indices("blocks", blocks)
         self._steps = _indices("steps", steps)
         if store is not None and video_id is None:
@@ -221,6 +224,8 @@ class Recorder:
             {parse_targets(prompt)[0]: prompt} if isinstance(prompt, str) and self._vlm_spec is None else {}
         )
         self._pending: list[str] = []  # the clean prompts of the encode_prompt running now
+        # clean prompt -> (its ids, the encoder's outputs of its row, its words' encoder positions, pad id)
+        self._sources: dict[str, tuple[list[int], list[torch.Tensor], dict[str, tuple[int, ...]], Any]] = {}
         self._book = PromptBook()
         self._rows_meta: dict[str, list[dict[str, Any]]] = {}  # branch -> per row: prompt, text_len, targets
 
@@ -406,7 +411,7 @@ class Recorder:
             if self._pipe is not None:
                 prompts = PromptWatch(self._pipe, self._on_prompts, self._on_ids, self._on_encoded)
                 steps = StepWatch(self._pipe, self._on_scheduler_step)
-                self._closers += [prompts.close, steps.close]
+                self._closers += [prompts.close, steps.close, watch_relays(self._pipe, self._on_relay)]
             self._interceptor.__enter__()
         except BaseException:
             self._teardown()
@@ -465,17 +470,24 @@ class Recorder:
 
     def _model_rows(self, inputs: VideoInputs, text: Optional[torch.Tensor]) -> list[ModelRow]:
         """The kept batch rows of a forward: each one's branch, its row in the branch, its prompt."""
-        matched: list[Optional[Prompt]] = []
+        matched: list[Optional[tuple[Prompt, bool]]] = []
         if self._book and text is not None and not isinstance(self._given_targets, Mapping):
             matched = self._book.match(text)
+        reals = inputs.text_real or []
+        if inputs.batch is not None and inputs.batch > 1 and text is not None and text.shape[0] == 1:
+            # one text row for every video row (Kandinsky 5 with several videos per prompt)
+            matched, reals = matched * inputs.batch, reals * inputs.batch
         rows = []
-        for branch, indices in self._branch_rows(inputs.batch):
+        for branch, indices in self._branch_rows(inputs.batch, matched):
             meta = []
             for out, index in enumerate(indices):
-                found = matched[index] if index < len(matched) else None
-                real = inputs.text_real[index] if inputs.text_real and index < len(inputs.text_real) else None
-                if not inputs.text_masked and found is not None and found.real is not None:
-                    real = found.real  # the text encoder's own tokens: its padding need not be zeros
+                hit = matched[index] if index < len(matched) else None
+                found = None if hit is None else hit[0]
+                real = reals[index] if index < len(reals) else None
+                if found is not None and found.real is not None:
+                    # the prompt's own tokens among those the model attends: a text without a mask need
+                    # not be padded with zeros (CogVideoX), a mask may keep registers (LTX-2)
+                    real = found.real if real is None else min(real, found.real)
                 if found is not None:
                     words = found.targets
                 elif self._book and matched:
@@ -503,18 +515,28 @@ class Recorder:
             self._warned.add(("", key))
             warnings.warn(f"attnmap.capture: {message}", stacklevel=4)
 
-    def _branch_rows(self, batch: Optional[int]) -> list[tuple[str, list[int]]]:
+    def _branch_rows(
+        self, batch: Optional[int], matched: Sequence[Optional[tuple[Prompt, bool]]] = ()
+    ) -> list[tuple[str, list[int]]]:
         """Which model rows of this forward belong to which CFG branch, filtered by ``branch``
-        (the rows of an unknown batch: [0] stands for all)."""
+        (the rows of an unknown batch: [0] stands for all): the forward's cache-context label (Wan,
+        HunyuanVideo; a guider's ``pred_cond`` / ``pred_uncond``), else the prompt each row holds (a
+        negative one is ``uncond``: Cosmos and Kandinsky 5 run the branches apart without a label),
+        else diffusers' batched guidance, [uncond rows, cond rows]."""
         n = batch or 1
-        if self._label in ("cond", "uncond"):  # separate CFG forwards (Wan, HunyuanVideo)
-            rows = [(self._label, list(range(n)))]
+        labels = {"cond": "cond", "uncond": "uncond", "pred_cond": "cond", "pred_uncond": "uncond"}
+        label = labels.get(self._label or "")  # "cond_uncond" (batched guidance) is no one branch
+        if label is not None:
+            rows = [(label, list(range(n)))]
+        elif batch is not None and len(matched) == n and all(m is not None for m in matched):
+            negative = [i for i, m in enumerate(matched) if m is not None and m[1]]
+            rows = [("uncond", negative), ("cond", [i for i in range(n) if i not in negative])]
         elif self._guidance() and batch is not None and batch % 2 == 0:
             # batched CFG (CogVideoX, LTX: cache_context "cond_uncond"): diffusers stacks [uncond, cond]
             rows = [("uncond", list(range(n // 2))), ("cond", list(range(n // 2, n)))]
         else:
             rows = [("cond", list(range(n)))]
-        return [(b, r) for b, r in rows if self.branch in ("both", b)]
+        return [(b, r) for b, r in rows if r and self.branch in ("both", b)]
 
     def _guidance(self) -> bool:
         """Whether the pipeline runs classifier-free guidance now."""
@@ -577,10 +599,11 @@ class Recorder:
             return {}
         return find(marked, self._tokenizer, words)
 
-    def _on_ids(self, ids: torch.Tensor, crop: int) -> None:
-        """The text encoder sees ``ids``: where each prompt's tokens sit there (a template moves them),
-        less the template's ``crop_start``, is where the denoiser sees them; its tokens that are not
-        padding are the prompt's real ones."""
+    def _on_ids(self, ids: torch.Tensor, crop: int, outputs: Sequence[torch.Tensor]) -> None:
+        """The text encoder saw ``ids`` and gave ``outputs`` (its hidden states): where each prompt's
+        tokens sit there (a template moves them), less the template's ``crop_start``, is where the
+        denoiser sees them, until :meth:`_on_encoded` finds them in what it returned; its tokens that
+        are not padding are the prompt's real ones."""
         tok = self._tokenizer
         if tok is None or not self._pending:
             return
@@ -599,14 +622,9 @@ class Recorder:
         if self.prompt is not None and self._base_targets and not self._prompt_seen:
             base = list(tok(self.prompt, add_special_tokens=False)["input_ids"])
             self._prompt_seen = any(find_run(row, base) is not None for row in rows)
-        for row in rows:
-            real = None if pad is None else sum(1 for t in row if t != pad) - crop
-            found = next(
-                (
-                    (p, find_run(row, plain))
-                    for p, (plain, _) in runs.items()
-                    if find_run(row, plain) is not None
-                ),
+        for i, row in enumerate(rows):
+            found: Optional[tuple[str, Optional[int]]] = next(
+                ((p, hit) for p, (plain, _) in runs.items() if (hit := find_run(row, plain)) is not None),
                 None,
             )
             if found is None:
@@ -616,18 +634,20 @@ class Recorder:
                 found = (empty[0], None)
             prompt, pos = found
             plain, special = runs[prompt]
-            lead = find_run(special, plain) or 0
-            shift = 0 if pos is None else pos - lead - crop
+            start = 0 if pos is None else pos - (find_run(special, plain) or 0)  # the encoder's index 0
             words = self._words(self._marked.get(prompt, prompt))
-            targets = tuple(
-                (w, tuple(i + shift for i in idx)) for w, idx in words.items() if min(idx) + shift >= 0
-            )
+            at = {w: tuple(start + j for j in idx) for w, idx in words.items()}  # in the encoder's row
+            real = None if pad is None else sum(1 for t in row if t != pad) - crop
+            targets = tuple((w, tuple(j - crop for j in js)) for w, js in at.items() if min(js) >= crop)
             self._prompts[prompt] = Prompt(prompt, targets, real)
+            self._sources[prompt] = (row, [o[i] for o in outputs], at, pad)
             if prompt == self.prompt and self._base_targets and pos is not None:
-                self._set_targets({w: [i + shift for i in idx] for w, idx in self._base_targets.items()})
+                shift = start - crop
+                self._set_targets({w: [j + shift for j in idx] for w, idx in self._base_targets.items()})
 
-    def _on_encoded(self, prompts: list[str], negative: Optional[list[str]], per: int, out: Any) -> None:
-        """``encode_prompt`` returned: remember which prompt each row of its embeddings holds."""
+    def _on_encoded(self, lists: list[tuple[list[str], bool]], per: int, out: Any) -> None:
+        """``encode_prompt`` returned: remember which prompt each row of its embeddings holds, and find
+        each prompt's words and real tokens in them (a template's crop, a selection of positions)."""
 
         def known(texts: list[str]) -> list[Prompt]:
             found = []
@@ -639,11 +659,33 @@ class Recorder:
                 found.append(prompt)
             return found
 
-        for embeds, rows in encoded_rows(
-            out, known(prompts), None if negative is None else known(negative), per
-        ):
-            self._book.add(embeds, rows)
+        for embeds, rows, neg in encoded_rows(out, [(known(texts), neg) for texts, neg in lists], per):
+            aligned: dict[str, Prompt] = {}
+            for r, prompt in enumerate(rows):
+                source = self._sources.get(prompt.text)
+                if source is not None and prompt.text not in aligned:
+                    aligned[prompt.text] = align_prompt(prompt, embeds[r], *source)
+            self._book.add(embeds, [aligned.get(p.text, p) for p in rows], neg)
         self._pending = []
+        self._sources.clear()
+
+    def _on_relay(self, embeds: torch.Tensor, mask: torch.Tensor, out: Any) -> None:
+        """A relay module (LTX-2's text connectors) turned encoded embeddings into the denoiser's text:
+        its output rows hold the same prompts, their real tokens first."""
+        matched = self._book.match(embeds)
+        if not any(m is not None for m in matched):
+            return
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        for t in outputs:
+            if (
+                isinstance(t, torch.Tensor)
+                and t.dim() == 3
+                and t.is_floating_point()
+                and t.shape[0] == len(matched)
+            ):
+                for b, hit in enumerate(matched):
+                    if hit is not None:
+                        self._book.add(t[b : b + 1], [relayed(hit[0], mask[b])], hit[1])
 
     def _set_targets(self, targets: dict[str, list[int]]) -> None:
         self._targets = {w: i for w, i in targets.items() if min(i) >= 0}
@@ -1053,7 +1095,7 @@ def capture(
     keep_cross: bool = False,
     metadata: Optional[Mapping[str, Any]] = None,
     backend: str = "auto",
-    one_pass: bool = False,
+    one_pass: Optional[bool] = None,
     block_size: Any = None,
     experts: str = "merge",
 ) -> Recorder:
@@ -1103,8 +1145,10 @@ def capture(
             absolute) and the file exists when the context closes.
         backend: the reduction backend of :func:`attnmap.attention_sums`.
         one_pass: run each recorded torch SDPA call through :func:`attnmap.reduce.sdpa_with_lse` and
-            reduce in one pass instead of two (not under torch.compile, nor inside another function
-            mode than ``torch.device``, where SDPA runs as usual so that the outer mode sees it).
+            reduce in one pass instead of two, the rows' logsumexp coming from the kernel SDPA itself
+            picks (its output unchanged); None (default): the calls on the CPU; True: every call;
+            False: none. Never under torch.compile, nor inside another function mode than
+            ``torch.device``, where SDPA runs as usual so that the outer mode sees it.
         block_size: passed to :func:`attnmap.attention_sums` for the ``blocks`` reduction.
         experts: ``"merge"`` (a pipeline's denoisers, Wan 2.2's two experts, record under the same
             names) or ``"apart"`` (a second denoiser's maps are named ``<attribute>/<name>``).

@@ -35,7 +35,7 @@ class StoreSink:
         root: the store root.
         video_ids: the videos' ids, one per batch row.
         metadata: called with a video's batch row when its first step is written.
-        config: storage dtype, downsampling, whether the aggregate is written.
+        config: storage dtype and formats, compression, downsampling, whether the aggregate is written.
     """
 
     def __init__(
@@ -71,6 +71,9 @@ class StoreSink:
                 self.metadata(row),
                 dtype=self.config.storage_dtype,
                 downsample=self.config.spatial_downsample_factor,
+                storage_format=self.config.storage_format,
+                aggregated_format=self.config.aggregated_storage_format,
+                compress=self.config.compress_attention,
             )
             self._writers[video_id] = writer
         return writer

@@ -12,7 +12,13 @@ to one backend, each in its own module that imports only the contract:
 - ``blocks`` (:mod:`attnmap.reduce.blocks`): torch on any device, blocks of query rows at a time;
 - ``reference`` (:mod:`attnmap.reduce.reference`): P materialised whole, the tests' oracle.
 
-``auto`` picks the first of triton, native and blocks that serves the call.
+``auto`` picks the first of triton, native and blocks that serves the call. With the rows'
+logsumexp given (``lse``), every backend takes P = exp(logit - lse) in one pass.
+
+:func:`partial_sums` forms the reductions of a shard of the keys per row and head with each row's
+logsumexp, which :func:`merge_partials` merges exactly across shards (as ring attention merges its
+outputs) and :func:`finish_partial` turns into ``attention_sums``' outputs
+(:mod:`attnmap.reduce.partial`).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from attnmap.reduce.contract import (
     prepare_call,
 )
 from attnmap.reduce.lse import sdpa_with_lse
+from attnmap.reduce.partial import PARTIAL, Partial, finish_partial, merge_partials, prepare_partial
 
 #: backend name -> the module that implements it (``serves(call)`` and ``run(call)``).
 BACKENDS: dict[str, str] = {
@@ -177,15 +184,105 @@ def attention_sums(
     return out
 
 
+#: The backends that form partial sums (:func:`partial_sums`).
+_PARTIAL_BACKENDS = ("triton", "native", "reference")
+
+
+def partial_sums(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: Layout,
+    reductions: Reductions = ("cross", "temporal"),
+    *,
+    rows: Optional[tuple[int, int]] = None,
+    keys: Optional[tuple[int, int]] = None,
+    scale: Optional[float] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    check_finite: bool = True,
+    text_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> Partial:
+    """The reductions of a shard of the keys, per query row and head, with each row's logsumexp over
+    the shard: what merges exactly across shards (:func:`merge_partials`), as ring attention merges
+    its outputs, into :func:`attention_sums`' outputs (:func:`finish_partial`).
+
+    Args:
+        q: ``[B, H, R, D]``, the layout's query positions ``rows`` (all of them by default).
+        k: ``[B, Hk, Nk_shard, D]``, the layout's key positions ``keys`` (all by default).
+        layout: the whole call's layout (positions of text, video and prefix tokens).
+        reductions: some of :data:`PARTIAL`: ``cross``, ``temporal``, ``text``, ``full``, ``entropy``
+            (the others sum over rows per key: run :func:`attention_sums` with the merged lse).
+        rows, keys: ``(lo, hi)`` positions of the layout that q and k hold.
+        scale: logit scale, default ``D ** -0.5``.
+        key_padding_mask: the shard's keys' mask, as in :func:`attention_sums` (``Nk`` = the shard's).
+        backend: ``"auto"`` (the native kernel for CPU tensors, Triton for CUDA ones), ``"native"``,
+            ``"triton"`` (``cross``, ``text``, ``full`` and ``entropy``; CUDA, or the CPU under
+            ``TRITON_INTERPRET=1``) or ``"reference"`` (float64, P of the shard materialised).
+        check_finite, text_groups: as in :func:`attention_sums`.
+
+    Returns:
+        a :class:`Partial`: ``sums[name]`` ``[B, H, R_name, C]`` fp32, each row's P over the shard's
+        keys normalised over them and summed into the reduction's columns, and ``lse`` ``[B, H, R]``.
+
+    Example:
+        >>> lay = Layout.self_attn(grid=(2, 2, 2))
+        >>> q = k = torch.randn(1, 2, 8, 16)
+        >>> parts = [partial_sums(q, k[:, :, lo:hi], lay, ("temporal",), keys=(lo, hi)) for lo, hi in ((0, 3), (3, 8))]
+        >>> whole = finish_partial(merge_partials(parts))
+        >>> torch.allclose(whole["temporal"], attention_sums(q, k, lay, ("temporal",))["temporal"], atol=1e-6)
+        True
+    """
+    call = prepare_partial(
+        q,
+        k,
+        layout,
+        (reductions,) if isinstance(reductions, str) else tuple(reductions),
+        rows=rows,
+        keys=keys,
+        scale=scale,
+        key_padding_mask=key_padding_mask,
+        check_finite=check_finite,
+        text_groups=text_groups,
+    )
+    name = backend
+    if name == "auto":
+        name = "native" if call.q.device.type == "cpu" else "triton"
+    if name not in _PARTIAL_BACKENDS:
+        raise AttnmapError(f"backend must be 'auto' or one of {', '.join(_PARTIAL_BACKENDS)}, got {name!r}")
+    module = importlib.import_module(BACKENDS[name])
+    reason = module.serves_partial(call)
+    if reason is not None:
+        raise AttnmapError(
+            f"backend={name!r} cannot form these partial sums: {reason} (backend='reference' forms any, "
+            "materialising the shard's P: small inputs only)"
+        )
+    with torch.no_grad():
+        sums, lse = module.partial(call)
+    return Partial(
+        layout=call.layout,
+        reductions=call.reductions,
+        rows=call.rows,
+        keys=(call.keys,),
+        text_groups=call.text_groups,
+        sums=sums,
+        lse=lse,
+    )
+
+
 __all__ = [
     "BACKENDS",
     "FULL_LIMIT",
+    "PARTIAL",
     "REDUCTIONS",
     "AttentionCall",
     "KeyRange",
+    "Partial",
     "attention_sums",
     "backend",
     "choose",
+    "finish_partial",
+    "merge_partials",
+    "partial_sums",
     "prepare_call",
     "sdpa_with_lse",
 ]

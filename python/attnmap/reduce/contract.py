@@ -330,21 +330,25 @@ def _check_text_groups(groups: object, layout: Layout) -> Optional[tuple[tuple[i
         return None
     if layout.text_k is None:
         raise AttnmapError(f"text_groups: layout {layout} has no text keys to group")
-    bad = AttnmapError(
-        f"text_groups must be a sequence of non-empty sequences of text positions in [0, {layout.text}), "
-        f"got {groups!r}"
-    )
+
+    def bad() -> AttnmapError:  # its text only where it is raised: capture passes groups every call
+        return AttnmapError(
+            f"text_groups must be a sequence of non-empty sequences of text positions in [0, {layout.text}), "
+            f"got {groups!r}"
+        )
+
     if isinstance(groups, (str, bytes, torch.Tensor)) or not isinstance(groups, Sequence) or not groups:
-        raise bad
+        raise bad()
     out = []
     for g in groups:
         if isinstance(g, (str, bytes)) or not isinstance(g, Sequence) or not g:
-            raise bad
-        if not all(
-            isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i < layout.text for i in g
-        ):
-            raise bad
-        out.append(tuple(sorted({int(i) for i in g})))  # a key counts once in its group
+            raise bad()
+        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in g):
+            raise bad()
+        keys = set(g)  # a key counts once in its group
+        if min(keys) < 0 or max(keys) >= layout.text:
+            raise bad()
+        out.append(tuple(sorted(int(i) for i in keys)))
     return tuple(out)
 
 
@@ -411,11 +415,15 @@ def _check_key_range(
     return KeyRange(lo=lo, hi=hi, positions=pos)
 
 
+def group_columns(t: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The text-key columns of ``t`` (last dim) summed into one column per group."""
+    return torch.stack([t[..., list(g)].sum(dim=-1) for g in groups], dim=-1)
+
+
 def group_text(call: AttentionCall, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``cross`` with one column per text group (the sum of its keys' columns)."""
     if call.text_groups is not None and "cross" in out:
-        t = out["cross"]
-        out["cross"] = torch.stack([t[..., list(g)].sum(dim=-1) for g in call.text_groups], dim=-1)
+        out["cross"] = group_columns(out["cross"], call.text_groups)
     return out
 
 
@@ -489,19 +497,45 @@ def finish(call: AttentionCall, sums: dict[str, torch.Tensor]) -> dict[str, torc
     rows, ``received`` over all rows and ``distance`` over the video rows; they are divided here, as
     is the head sum (``entropy`` and the rest arrive per row).
     """
+    counts = block_grid(call).counts if "blocks" in call.reductions else None
+    return means(
+        sums,
+        call.reductions,
+        call.layout,
+        heads=call.heads,
+        per_head=call.per_head,
+        num_queries=call.num_queries,
+        block_counts=counts,
+    )
+
+
+def means(
+    sums: dict[str, torch.Tensor],
+    reductions: Sequence[str],
+    layout: Layout,
+    *,
+    heads: int,
+    per_head: bool,
+    num_queries: int,
+    block_counts: Optional[np.ndarray] = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`finish` for raw sums described by their parts: the ``layout``, ``heads`` (the divisor of
+    a head sum), ``num_queries`` (of ``received``) and ``block_counts`` (the query rows of each block
+    row of ``blocks``)."""
     out: dict[str, torch.Tensor] = {}
-    for name in call.reductions:
+    for name in reductions:
         t = sums[name]
         if name == "temporal":
-            t = t / call.layout.frame_tokens
+            t = t / layout.frame_tokens
         elif name == "received":
-            t = t / call.num_queries
+            t = t / num_queries
         elif name == "distance":
-            t = t / call.layout.num_video
+            t = t / layout.num_video
         elif name == "blocks":
-            counts = torch.tensor(block_grid(call).counts, device=t.device)
+            assert block_counts is not None
+            counts = torch.tensor(block_counts, device=t.device)
             t = t / counts.clamp_min(1.0)[:, None]
-        if not call.per_head:
-            t = t.squeeze(1) / call.heads
+        if not per_head:
+            t = t.squeeze(1) / heads
         out[name] = t.to(torch.float32)
     return out

@@ -6,22 +6,34 @@ no block of P in memory beyond a task's rows):
 - :func:`attnmap._native.attention_groups` sums it into key columns, one per text key (or per atom
   of text groups) and one per frame: ``cross``, ``temporal`` and ``text`` alone take this path,
   memory O(rows x columns);
-- :func:`attnmap._native.attention_stats` keeps each task's rows of P whole (60 rows x Nk) and folds
-  them into everything else: ``received`` (column sums), ``blocks`` and ``temporal`` (sums over
-  pairs of query and key blocks), ``distance``, ``entropy`` (from the row's sums in the same pass),
-  and the dense rows of ``cross``, ``text``, ``full`` and ``probe``.
+- :func:`attnmap._native.attention_stats` keeps each task's rows of P whole (up to 60 rows x Nk)
+  and folds them into everything else: ``received`` (column sums), ``blocks`` and ``temporal`` (sums
+  over pairs of query and key blocks), ``distance``, ``entropy`` (from the row's sums in the same
+  pass), and the dense rows of ``cross``, ``text``, ``full`` and ``probe``.
+
+With the rows' logsumexp given (``lse``, e.g. from :func:`attnmap.reduce.sdpa_with_lse`), both take
+P = exp(logit - lse) as it stands: no running max, no rescaling, no row sums.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
 from attnmap.layout import Layout
-from attnmap.reduce.contract import AttentionCall, BlockGrid, block_grid, finish, frame_grid, group_text
+from attnmap.reduce.contract import (
+    AttentionCall,
+    BlockGrid,
+    block_grid,
+    finish,
+    frame_grid,
+    group_columns,
+    group_text,
+)
+from attnmap.reduce.partial import PartialCall
 
 #: The reductions the grouped kernel forms alone (its columns: text keys and frames).
 GROUPED = frozenset({"cross", "temporal", "text"})
@@ -31,8 +43,6 @@ def serves(call: AttentionCall) -> Optional[str]:
     """None when the kernels can reduce the call, else the reason they cannot."""
     if call.q.device.type != "cpu":
         return f"q is on {call.q.device}, the native kernel runs on the CPU"
-    if call.lse is not None:
-        return "the native kernel forms each row's softmax itself; a given lse goes to the blocks backend"
     if call.key_range is not None:
         return "per-row key ranges (key_range) are reduced by the blocks backend"
     return None
@@ -85,6 +95,11 @@ def _cpu_array(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).numpy()
 
 
+def _lse_rows(call: AttentionCall, rows: Union[slice, torch.Tensor]) -> Optional[np.ndarray]:
+    """The caller's logsumexp of the query rows ``rows`` (``[B, H, R]``), or None."""
+    return None if call.lse is None else np.ascontiguousarray(_cpu_array(call.lse[:, :, rows]))
+
+
 def sums(call: AttentionCall, grouped: bool = True) -> dict[str, torch.Tensor]:
     """``cross``, ``temporal`` and ``text`` as raw sums (see :func:`finish`) from the Rust kernel:
     each row's P summed into one column per text key and one per frame, in one pass over the keys
@@ -103,6 +118,7 @@ def sums(call: AttentionCall, grouped: bool = True) -> dict[str, torch.Tensor]:
         scale=call.scale,
         bias=None if call.bias is None else _cpu_array(call.bias),
         per_head=call.per_head,
+        lse=_lse_rows(call, slice(lo, hi)),
     )
     rows = torch.from_numpy(out)  # [B, Hs, hi - lo, C]
     sums: dict[str, torch.Tensor] = {}
@@ -137,7 +153,9 @@ def stats_sums(call: AttentionCall) -> dict[str, torch.Tensor]:
     if "probe" in wanted:
         assert call.probe is not None
         probes = _cpu_array(call.q[:, :, call.probe])
-        sums["probe"] = torch.from_numpy(_native.attention_stats(probes, k, dense=(0, nk), **common)["dense"])
+        lse = _lse_rows(call, call.probe)
+        probe = _native.attention_stats(probes, k, dense=(0, nk), lse=lse, **common)
+        sums["probe"] = torch.from_numpy(probe["dense"])
     if not wanted - {"probe"}:
         return sums
     lo, hi = call.row_range()
@@ -165,6 +183,7 @@ def stats_sums(call: AttentionCall) -> dict[str, torch.Tensor]:
         entropy="entropy" in wanted,
         blocks=blocks or None,
         distance=distance,
+        lse=_lse_rows(call, slice(lo, hi)),
         **common,
     )
     if dense is not None:
@@ -184,3 +203,68 @@ def stats_sums(call: AttentionCall) -> dict[str, torch.Tensor]:
         if name in out:
             sums[name] = torch.from_numpy(out[name])
     return {name: t.contiguous() for name, t in sums.items()}
+
+
+def partial(call: PartialCall) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The per-row sums of a shard of the keys, per head, normalised over the shard, and each row's
+    logsumexp over it (see :mod:`attnmap.reduce.partial`): the grouped kernel for ``cross``,
+    ``temporal`` and ``text``, the statistics kernel for ``full`` and ``entropy``."""
+    from attnmap import _native
+
+    lay, wanted = call.layout, set(call.reductions)
+    k0, k1 = call.keys
+    q, k = _cpu_array(call.q), _cpu_array(call.k)
+    common: dict[str, Any] = {
+        "scale": call.scale,
+        "bias": None if call.bias is None else _cpu_array(call.bias),
+        "per_head": True,
+    }
+    sums: dict[str, torch.Tensor] = {}
+    lse: Optional[np.ndarray] = None
+    if wanted & GROUPED:
+        text, frames = bool(wanted & {"cross", "text"}), "temporal" in wanted
+        groups = call.text_groups if "text" not in wanted else None  # text needs every text key
+        cols, t, merge = _key_columns(lay, text, frames, groups)
+        num = t + (lay.frames if frames else 0)
+        out, lse = _native.attention_groups(
+            q, k, np.ascontiguousarray(cols[k0:k1]), num, return_lse=True, **common
+        )
+        rows = torch.from_numpy(out)  # [B, H, R, C]
+        if "cross" in wanted:
+            cross = rows[:, :, call.row_span("cross"), :t]
+            if merge is not None:  # the kernel's columns are atoms of the groups
+                cross = cross @ merge
+            elif call.text_groups is not None:  # every text key's column (text wants them)
+                cross = group_columns(cross, call.text_groups)
+            sums["cross"] = cross.contiguous()
+        if frames:
+            sums["temporal"] = rows[:, :, call.row_span("temporal"), t:].contiguous()
+        if "text" in wanted:
+            sums["text"] = rows[:, :, call.row_span("text"), :t].contiguous()
+    if wanted & {"full", "entropy"}:
+        found = _native.attention_stats(
+            q,
+            k,
+            dense=(0, k1 - k0) if "full" in wanted else None,
+            entropy="entropy" in wanted,
+            return_lse=lse is None,
+            **common,
+        )
+        if "full" in wanted:
+            dense = torch.from_numpy(found["dense"])
+            full = dense.new_zeros(*dense.shape[:3], lay.num_keys)
+            full[..., k0:k1] = dense
+            sums["full"] = full
+        if "entropy" in wanted:
+            sums["entropy"] = torch.from_numpy(found["entropy"])
+        if lse is None:
+            lse = found["lse"]
+    assert lse is not None
+    return sums, torch.from_numpy(lse)
+
+
+def serves_partial(call: PartialCall) -> Optional[str]:
+    """None when the kernels form the call's partial sums (CPU tensors), else why not."""
+    if call.q.device.type != "cpu":
+        return f"q is on {call.q.device}, the native kernel runs on the CPU"
+    return None

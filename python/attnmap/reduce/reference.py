@@ -4,7 +4,7 @@ torch, P held whole.
 Same contract as the other backends (the same validated call, float32 outputs), but it builds P = softmax(scale * q k^T + mask) as one float64 ``[B, H, Nq, Nk]`` tensor with
 ``torch.softmax`` and slices it, each reduction written the plain way (``distance`` from every
 pair's offset, ``entropy`` as ``-sum P ln P``). It is what every backend is tested against; use it
-on small inputs only.
+on small inputs only. :func:`partial` does the same for the partial sums of a shard of the keys.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from attnmap.reduce.contract import AttentionCall, block_grid, group_text
+from attnmap.reduce.contract import AttentionCall, block_grid, group_columns, group_text
+from attnmap.reduce.partial import PartialCall
 
 F64 = torch.float64
 
@@ -104,3 +105,59 @@ def sums_of(call: AttentionCall) -> dict[str, torch.Tensor]:
         r = r if call.per_head else r.mean(dim=1)
         out[name] = r.to(device=call.q.device, dtype=torch.float32).contiguous()
     return out
+
+
+def partial(call: PartialCall) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The per-row sums of a shard of the keys (see :mod:`attnmap.reduce.partial`), from P over the
+    shard materialised in float64: each row's logsumexp over the shard's keys, P = exp(logit - lse)
+    (zero for a row whose shard keys are all masked), and its columns summed key by key."""
+    lay, wanted = call.layout, set(call.reductions)
+    h, hk = call.heads, int(call.k.shape[1])
+    k0, k1 = call.keys
+    logits = (
+        call.q.to(F64) @ call.k.to(F64).repeat_interleave(h // hk, dim=1).transpose(-1, -2)
+    ) * call.scale
+    if call.bias is not None:
+        logits = logits + call.bias[:, :, None, :].to(F64)
+    lse = torch.logsumexp(logits, dim=-1)
+    p = torch.exp(logits - torch.where(torch.isneginf(lse), math.inf, lse)[..., None]).cpu()
+    position = torch.arange(k0, k1)  # each shard key's position in the layout
+    sums: dict[str, torch.Tensor] = {}
+
+    def columns(rows: slice, column: torch.Tensor, count: int) -> torch.Tensor:
+        """P of ``rows`` summed into ``count`` columns (``column[j]`` of key j, -1: none)."""
+        keep = column >= 0
+        out = p.new_zeros(*p.shape[:2], rows.stop - rows.start, count)
+        return out.index_add_(-1, column[keep], p[:, :, rows][..., keep])
+
+    text_col = torch.full_like(position, -1)
+    if lay.text_k is not None:
+        tk = lay.text_k
+        inside = (position >= tk.start) & (position < tk.stop)
+        text_col[inside] = position[inside] - tk.start
+    if "cross" in wanted:
+        cross = columns(call.row_span("cross"), text_col, lay.text)
+        sums["cross"] = cross if call.text_groups is None else group_columns(cross, call.text_groups)
+    if "text" in wanted:
+        sums["text"] = columns(call.row_span("text"), text_col, lay.text)
+    if "temporal" in wanted:
+        vk = lay.video_k
+        assert vk is not None
+        frame = torch.full_like(position, -1)
+        inside = (position >= vk.start) & (position < vk.stop)
+        frame[inside] = (position[inside] - vk.start) // lay.frame_tokens
+        sums["temporal"] = columns(call.row_span("temporal"), frame, lay.frames)
+    if "full" in wanted:
+        sums["full"] = columns(call.row_span("full"), position, lay.num_keys)
+    if "entropy" in wanted:
+        sums["entropy"] = -torch.special.xlogy(p, p).sum(dim=-1)
+    dev = call.q.device
+    return (
+        {name: t.to(device=dev, dtype=torch.float32) for name, t in sums.items()},
+        lse.to(device=dev, dtype=torch.float32),
+    )
+
+
+def serves_partial(call: PartialCall) -> Optional[str]:
+    """Every call's partial sums (on small inputs: the shard's P is held whole)."""
+    return None

@@ -12,7 +12,8 @@ from typing import Any, Optional
 
 import torch
 
-from attnmap.reduce.contract import AttentionCall, block_grid, finish, group_text
+from attnmap.reduce.contract import AttentionCall, block_grid, finish, group_columns, group_text
+from attnmap.reduce.partial import PartialCall
 
 
 def serves(call: AttentionCall) -> Optional[str]:
@@ -113,3 +114,67 @@ def sums(call: AttentionCall, **tiles: Optional[int]) -> dict[str, torch.Tensor]
             rows, call.k, rows=(0, int(rows.shape[2])), keys=(0, nk), dense=(0, nk), lse=lse, **common
         )["dense"]
     return {name: t.contiguous() for name, t in out.items()}
+
+
+def serves_partial(call: PartialCall) -> Optional[str]:
+    """None where the kernel forms the call's partial sums (its dense rows and entropy), else why not."""
+    if not call.q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"the Triton kernel needs CUDA tensors (q is on {call.q.device})"
+    if "temporal" in call.reductions:
+        return "the Triton kernel keeps no per-row frame sums; temporal partial sums run on the CPU"
+    if int(call.q.shape[3]) > 256:
+        return f"the Triton kernel takes head dims up to 256, q has {int(call.q.shape[3])}"
+    return None
+
+
+def partial(call: PartialCall) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The per-row sums of a shard of the keys (``cross``, ``text``, ``full``, ``entropy``; see
+    :mod:`attnmap.reduce.partial`) from one launch: the shard's P stored densely per head over the
+    columns asked for, each row's entropy and logsumexp over the shard."""
+    from attnmap.reduce.kernels.attn_reduce import attn_reduce
+
+    lay, wanted = call.layout, set(call.reductions)
+    k0, k1 = call.keys
+    nk, rows = k1 - k0, int(call.q.shape[2])
+    tk = lay.text_k
+    text_lo = text_hi = 0  # the shard's text keys, as the shard's columns
+    if tk is not None:
+        text_lo, text_hi = min(max(tk.start, k0), k1) - k0, max(min(tk.stop, k1), k0) - k0
+    if "full" in wanted:
+        dense = (0, nk)
+    elif wanted & {"cross", "text"}:
+        dense = (text_lo, text_hi)
+    else:
+        dense = (0, 0)
+    found = attn_reduce(
+        call.q,
+        call.k,
+        scale=call.scale,
+        rows=(0, rows),
+        keys=(0, nk),
+        dense=dense,
+        entropy="entropy" in wanted,
+        bias=call.bias,
+        per_head=True,
+        return_lse=True,
+    )
+    b, h, dev = int(call.q.shape[0]), call.heads, call.q.device
+    sums: dict[str, torch.Tensor] = {}
+    for name in ("cross", "text"):
+        if name in wanted:
+            assert tk is not None
+            span = call.row_span(name)
+            out = torch.zeros(b, h, span.stop - span.start, lay.text, dtype=torch.float32, device=dev)
+            if text_hi > text_lo:
+                got = found["dense"][:, :, span, text_lo - dense[0] : text_hi - dense[0]]
+                out[..., text_lo + k0 - tk.start : text_hi + k0 - tk.start] = got
+            if name == "cross" and call.text_groups is not None:
+                out = group_columns(out, call.text_groups)
+            sums[name] = out
+    if "full" in wanted:
+        full = torch.zeros(b, h, rows, lay.num_keys, dtype=torch.float32, device=dev)
+        full[..., k0:k1] = found["dense"]
+        sums["full"] = full
+    if "entropy" in wanted:
+        sums["entropy"] = found["entropy"]
+    return sums, found["lse"]

@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from attnmap import _native
+from attnmap._checks import integer, number
 from attnmap._io import atomic_path
 from attnmap.errors import AttnmapError
 
@@ -33,6 +34,12 @@ _CONTAINERS: dict[str, tuple[str, str, str]] = {
     ".gif": ("gif", "gif", "pal8"),
 }
 _DEFAULT_CRF = {"libx264": 18, "libvpx-vp9": 32}
+#: the frame rates a video is written at: a rate is kept as a fraction of denominator at most 1001
+#: (NTSC's 30000/1001), so slower than one frame in 1000 s would be 0 fps; faster than 1000 fps no
+#: player shows
+FPS_RANGE = (0.001, 1000.0)
+#: a GIF stores each frame's delay in whole 1/100 s (at most 65,535): its rates
+GIF_FPS_RANGE = (0.002, 100.0)
 _QUEUE_CHUNKS = 4
 
 
@@ -231,8 +238,8 @@ def write_video(
     suffix = out.suffix.lower()
     if suffix not in _CONTAINERS:
         raise AttnmapError(f"path: expected a suffix in {', '.join(_CONTAINERS)}, got {str(out)!r}")
-    if not (isinstance(fps, (int, float)) and fps > 0):
-        raise AttnmapError(f"fps: expected a positive number, got {fps!r}")
+    low, high = GIF_FPS_RANGE if suffix == ".gif" else FPS_RANGE
+    fps = number("fps", fps, low=low, high=high)
     parent = out.parent if str(out.parent) else pathlib.Path(".")
     if not parent.is_dir():
         raise FileNotFoundError(f"path: cannot write {str(out)!r}: folder {str(parent)!r} does not exist")
@@ -242,8 +249,11 @@ def write_video(
     codec = codec or default_codec
     _check_codec(codec)
     top = _MAX_CRF.get(codec, 63)
-    if crf is not None and (isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= top):
-        raise AttnmapError(f"crf: expected an integer in 0..{top} for {codec} (lower is better), got {crf!r}")
+    if crf is not None:
+        try:
+            crf = integer("crf", crf, low=0, high=top)
+        except AttnmapError as exc:
+            raise AttnmapError(f"{exc} (the range of {codec}; lower is better)") from None
     opts = {k: str(v) for k, v in (options or {}).items()}
     quality = crf if crf is not None else _DEFAULT_CRF.get(codec)
     if quality is not None and codec in _DEFAULT_CRF:
@@ -254,7 +264,7 @@ def write_video(
     # An error anywhere (the frames, the encoder, the container's close) leaves `out` as it was:
     # atomic_path removes the temp file and renames nothing into place.
     with atomic_path(out, suffix=suffix) as tmp:
-        encoder = _Encoder(tmp, fmt, codec, pix_fmt, float(fps), opts)
+        encoder = _Encoder(tmp, fmt, codec, pix_fmt, fps, opts)
         try:
             for chunk in _chunks(frames):
                 if chunk.dtype != np.uint8 or chunk.ndim != 4 or chunk.shape[-1] != 3:
@@ -309,6 +319,7 @@ def iter_video(path: PathLike, chunk: int = 16) -> Generator[np.ndarray, None, N
     Returns:
         an iterator of [t, H, W, 3] uint8 arrays.
     """
+    chunk = integer("chunk", chunk, low=1)
     container = _open_video(path)
 
     def gen() -> Generator[np.ndarray, None, None]:

@@ -26,6 +26,7 @@ import matplotlib.ticker
 import numpy as np
 from matplotlib.figure import Figure
 
+from attnmap._checks import integer, number
 from attnmap._io import atomic_path
 from attnmap.errors import AttnmapError
 
@@ -33,6 +34,15 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: Suffixes :func:`save_figure` writes, and the matplotlib format of each.
 FORMATS = {".png": "png", ".svg": "svg"}
+#: the resolutions a figure is saved at (dots per inch)
+DPI_RANGE = (10, 1200)
+#: the longest side of a saved figure in pixels (a PNG of 16,384 x 16,384 RGBA is 1 GiB in memory)
+MAX_FIGURE_SIDE = 16384
+#: the most rows and columns of a block x head grid (Wan 14B has 40 blocks of 40 heads, a 72B video LLM
+#: 80 layers of 64)
+MAX_GRID = 128
+#: the most panels of :func:`rollout_frames`
+MAX_PANELS = 32
 
 
 def _subplots(nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
@@ -43,13 +53,14 @@ def _subplots(nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[Figure, An
     return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
-def save_figure(fig: Figure, path: PathLike, *, dpi: int = 120) -> Path:
+def save_figure(fig: Figure, path: PathLike, *, dpi: float = 120) -> Path:
     """Write ``fig`` to ``path`` (PNG or SVG by suffix) atomically and close it.
 
     Args:
         fig: a matplotlib figure.
         path: the output file; its suffix must be ``.png`` or ``.svg``. Missing folders are made.
-        dpi: resolution of PNG output.
+        dpi: resolution of PNG output, in :data:`DPI_RANGE`; the figure may be at most
+            :data:`MAX_FIGURE_SIDE` pixels a side.
 
     Returns:
         The path written.
@@ -59,6 +70,13 @@ def save_figure(fig: Figure, path: PathLike, *, dpi: int = 120) -> Path:
     if fmt is None:
         raise AttnmapError(f"path must end in .png or .svg, got {str(path)!r}")
     try:
+        dpi = number("dpi", dpi, low=DPI_RANGE[0], high=DPI_RANGE[1])
+        width, height = (float(v) * dpi for v in fig.get_size_inches())
+        if max(width, height) > MAX_FIGURE_SIDE:
+            raise AttnmapError(
+                f"dpi: the figure would be {width:.0f} x {height:.0f} pixels at {dpi:g} dpi, more than "
+                f"{MAX_FIGURE_SIDE} a side; lower dpi"
+            )
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out, suffix=out.suffix) as tmp:
             fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
@@ -88,8 +106,8 @@ def _square(name: str, value: object, axes: str) -> np.ndarray:
     return arr
 
 
-def _check_colormap(colormap: str) -> str:
-    if colormap not in matplotlib.colormaps:
+def _check_colormap(colormap: Any) -> str:
+    if not isinstance(colormap, str) or colormap not in matplotlib.colormaps:
         raise AttnmapError(f"colormap must be a matplotlib colormap name such as 'hot', got {colormap!r}")
     return colormap
 
@@ -256,7 +274,8 @@ def head_locality(
     uniformly over frames would keep.
 
     Args:
-        locality: ``[L, H]`` (blocks x heads) or ``[H]`` for one block, values in [0, 1].
+        locality: ``[L, H]`` (blocks x heads) or ``[H]`` for one block, values in [0, 1]; at most
+            :data:`MAX_GRID` of each.
         path: output ``.png`` or ``.svg``.
         blocks: the L block numbers for the rows (default 0..L-1).
         title: figure title.
@@ -293,10 +312,20 @@ def block_head_grid(
     """
     arr = _array(name, values, (1, 2))
     arr = arr[None, :] if arr.ndim == 1 else arr
+    if max(arr.shape) > MAX_GRID:
+        raise AttnmapError(
+            f"{name}: expected at most {MAX_GRID} blocks (rows) and {MAX_GRID} heads (columns) in one figure, "
+            f"got shape {list(arr.shape)}"
+        )
     rows = [str(b) for b in range(arr.shape[0])] if blocks is None else [str(b) for b in blocks]
     if len(rows) != arr.shape[0]:
         raise AttnmapError(f"blocks must label the {arr.shape[0]} rows of {name}, got {len(rows)}")
-    fig, ax = _subplots(figsize=(max(4.0, 0.6 * arr.shape[1] + 2.5), max(2.5, 0.45 * arr.shape[0] + 1.5)))
+    side = 60.0  # inches (7,200 pixels at the default dpi): a large grid gets smaller cells
+    width, height = (
+        min(side, max(4.0, 0.6 * arr.shape[1] + 2.5)),
+        min(side, max(2.5, 0.45 * arr.shape[0] + 1.5)),
+    )
+    fig, ax = _subplots(figsize=(width, height))
     image = ax.imshow(arr, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, label=label)
     ax.set_xticks(range(arr.shape[1]), [str(h) for h in range(arr.shape[1])])
@@ -328,7 +357,7 @@ def rollout_frames(
         path: output ``.png`` or ``.svg``.
         alpha: opacity of the map, in [0, 1].
         colormap: a matplotlib colormap name.
-        max_frames: at most this many panels, evenly spaced over T.
+        max_frames: at most this many panels (1 to :data:`MAX_PANELS`), evenly spaced over T.
         title: figure title.
 
     Returns:
@@ -342,10 +371,8 @@ def rollout_frames(
         arr = np.broadcast_to(arr, (video.shape[0], *arr.shape))
     if arr.shape[0] != video.shape[0]:
         raise AttnmapError(f"maps must have one map per frame ({video.shape[0]}), got shape {arr.shape}")
-    if not 0.0 <= alpha <= 1.0:
-        raise AttnmapError(f"alpha must be in [0, 1], got {alpha}")
-    if max_frames < 1:
-        raise AttnmapError(f"max_frames must be >= 1, got {max_frames}")
+    alpha = number("alpha", alpha, low=0, high=1)
+    max_frames = integer("max_frames", max_frames, low=1, high=MAX_PANELS)
     _check_colormap(colormap)
     picks = np.unique(np.linspace(0, video.shape[0] - 1, min(max_frames, video.shape[0])).round().astype(int))
     height, width = video.shape[1:3]
@@ -392,8 +419,9 @@ def colorbar(
         The path written.
     """
     _check_colormap(colormap)
-    if not (np.isfinite(vmin) and np.isfinite(vmax) and vmax > vmin):
-        raise AttnmapError(f"vmin and vmax must be finite with vmin < vmax, got {vmin} and {vmax}")
+    vmin, vmax = number("vmin", vmin), number("vmax", vmax)
+    if not vmax > vmin:
+        raise AttnmapError(f"vmin, vmax: expected vmin < vmax, got {vmin} and {vmax}")
     fig, ax = _subplots(figsize=(5, 0.8))
     norm = matplotlib.colors.Normalize(vmin=vmin, vmax=vmax)
     fig.colorbar(

@@ -22,6 +22,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from attnmap import _native
+from attnmap._checks import integer, integers, number
 from attnmap.analysis.normalization import bounds
 from attnmap.analysis.normalization import check as check_normalize
 from attnmap.errors import AttnmapError
@@ -31,6 +32,7 @@ __all__ = [
     "MAX_FRAMES",
     "MAX_FRAME_PIXELS",
     "MAX_SIDE",
+    "check_colormap",
     "colorize",
     "colormap_names",
     "colormap_table",
@@ -65,6 +67,15 @@ def colormap_names() -> list[str]:
     return list(_native.colormap_names())
 
 
+def check_colormap(name: Any, argument: str = "colormap") -> str:
+    """``name`` when it is one of :func:`colormap_names`, else an AttnmapError naming ``argument`` and
+    the names there are."""
+    names = colormap_names()
+    if not isinstance(name, str) or name not in names:
+        raise AttnmapError(f"{argument}: expected one of {', '.join(names)}, got {name!r}")
+    return name
+
+
 def colormap_table(name: str) -> np.ndarray:
     """The RGB table of a colormap, for colorbars and legends.
 
@@ -74,7 +85,7 @@ def colormap_table(name: str) -> np.ndarray:
     Returns:
         [256, 3] uint8; level i equals ``matplotlib.colormaps[name](i, bytes=True)[:3]``.
     """
-    return _native.colormap_table(name)
+    return _native.colormap_table(check_colormap(name, "name"))
 
 
 def colorize(values: Any, colormap: str = "hot") -> np.ndarray:
@@ -93,7 +104,7 @@ def colorize(values: Any, colormap: str = "hot") -> np.ndarray:
     arr = np.asarray(values)
     if arr.dtype.kind not in "fiu":
         raise AttnmapError(f"values: expected a float array, got dtype {arr.dtype}")
-    return _native.colorize(np.ascontiguousarray(arr, dtype=np.float32), colormap)
+    return _native.colorize(np.ascontiguousarray(arr, dtype=np.float32), check_colormap(colormap))
 
 
 def _as_maps(maps: Any) -> np.ndarray:
@@ -129,14 +140,12 @@ def num_output_frames(
     """
     if num_frames is not None and temporal_stride is not None:
         raise AttnmapError("num_frames: give num_frames or temporal_stride, not both")
+    latent_frames = integer("latent_frames", latent_frames, low=1)
     if num_frames is not None:
-        if not _is_int(num_frames) or num_frames < 1:
-            raise AttnmapError(f"num_frames: expected a positive number of frames, got {num_frames!r}")
-        total, arg = int(num_frames), "num_frames"
+        total, arg = integer("num_frames", num_frames, low=1), "num_frames"
     elif temporal_stride is not None:
-        if not _is_int(temporal_stride) or temporal_stride < 1:
-            raise AttnmapError(f"temporal_stride: expected a positive stride, got {temporal_stride!r}")
-        total, arg = 1 + (latent_frames - 1) * int(temporal_stride), "temporal_stride"
+        stride = integer("temporal_stride", temporal_stride, low=1)
+        total, arg = 1 + (latent_frames - 1) * stride, "temporal_stride"
     else:
         total, arg = latent_frames, "maps"
     if total > MAX_FRAMES:
@@ -145,10 +154,6 @@ def num_output_frames(
             + (f" (1 + ({latent_frames} - 1) x {temporal_stride})" if arg == "temporal_stride" else "")
         )
     return total
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _check_bytes(nbytes: int, arg: str, what: str, hint: str = "") -> None:
@@ -186,10 +191,12 @@ def normalize(
         [F, h, w] float32 in [0, 1].
     """
     mode = check_normalize(mode)
-    try:
-        lo, hi = (float(p) for p in percentile)
-    except (TypeError, ValueError):
-        raise AttnmapError(f"percentile: expected (lo, hi) in 0..100, got {percentile!r}") from None
+    if not isinstance(percentile, (tuple, list)) or len(percentile) != 2:
+        raise AttnmapError(f"percentile: expected (lo, hi) with 0 <= lo < hi <= 100, got {percentile!r}")
+    lo, hi = (number("percentile", p, low=0, high=100) for p in percentile)
+    vmin = None if vmin is None else number("vmin", vmin)
+    vmax = None if vmax is None else number("vmax", vmax)
+    gamma = number("gamma", gamma, low=0, open_low=True)
     arr = _as_maps(maps)
     if mode in ("max", "sum", "none"):  # a fixed range measured here (the core knows the other four)
         vmin, vmax = bounds(arr, mode, vmin=vmin, vmax=vmax)
@@ -235,12 +242,7 @@ def resize(
 
 
 def _check_size(size: Any, arg: str = "size") -> tuple[int, int]:
-    try:
-        h, w = (int(s) for s in size)
-    except (TypeError, ValueError):
-        raise AttnmapError(f"{arg}: expected (H, W), got {size!r}") from None
-    if h < 1 or w < 1:
-        raise AttnmapError(f"{arg}: expected positive (H, W), got {size!r}")
+    h, w = integers(arg, size, 2, low=1, what="(H, W)")
     if max(h, w) > MAX_SIDE or h * w > MAX_FRAME_PIXELS:
         raise AttnmapError(
             f"{arg}: expected at most {MAX_SIDE} pixels a side and {MAX_FRAME_PIXELS} a frame "
@@ -377,16 +379,15 @@ def iter_frames(
     Returns:
         an iterator of [t, H, W, 3] uint8 arrays (t <= chunk), in order, covering every output frame.
     """
-    if not _is_int(chunk) or chunk < 1:
-        raise AttnmapError(f"chunk: expected a positive number of frames, got {chunk!r}")
+    chunk = integer("chunk", chunk, low=1)
     arr = _as_maps(maps)
     total = num_output_frames(arr.shape[0], num_frames, temporal_stride)
     out_size = None if size is None else _check_size(size)
-    if not 0.0 <= alpha <= 1.0:
-        raise AttnmapError(f"alpha: expected a value in [0, 1], got {alpha}")
-    r, g, b = (int(c) for c in outline_color)
+    alpha = number("alpha", alpha, low=0, high=1)
+    outline = None if outline is None else number("outline", outline, low=0, high=1)
+    r, g, b = integers("outline_color", outline_color, 3, low=0, high=255, what="(R, G, B)")
     rgb = (r, g, b)
-    _native.colormap_table(colormap)  # fail on an unknown name before the first chunk is asked for
+    check_colormap(colormap)  # an unknown name fails before the first chunk is asked for
     bg: Optional[np.ndarray] = None
     stream: Optional[_BackgroundStream] = None
     if _is_stream(background):

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
+from attnmap._checks import integer, number
 from attnmap.analysis.normalization import check as check_normalize
 from attnmap.errors import AttnmapError
 
@@ -22,6 +23,8 @@ from attnmap.errors import AttnmapError
 VIDEO_FORMATS = ("mp4", "webm", "gif", "mkv", "mov")
 #: frames per second when neither the options, the original video nor the metadata give one
 DEFAULT_FPS = 10
+#: the largest figure side in inches (a figure of the documented configs is 12 x 8 to 16 x 10)
+MAX_FIGSIZE = 100.0
 
 
 @dataclass(frozen=True)
@@ -62,22 +65,26 @@ class RenderOptions:
     figsize: Optional[tuple[float, float]] = None
 
     def __post_init__(self) -> None:
-        _check_str("colormap", self.colormap)
+        from attnmap.render.codec import FPS_RANGE
+        from attnmap.render.heatmap import MAX_FRAMES, check_colormap
+
+        check_colormap(self.colormap)
         if self.fps is not None:
-            _check_number("fps", self.fps, low=0.0, open_low=True)
-        _check_number("overlay_alpha", self.overlay_alpha, low=0.0, high=1.0)
+            number("fps", self.fps, low=FPS_RANGE[0], high=FPS_RANGE[1])
+        number("overlay_alpha", self.overlay_alpha, low=0.0, high=1.0)
         check_normalize(self.normalize)
         for name in ("vmin", "vmax"):
             if getattr(self, name) is not None:
-                _check_number(name, getattr(self, name))
+                number(name, getattr(self, name))
         if self.vmin is not None and self.vmax is not None and not self.vmax > self.vmin:
             raise AttnmapError(f"vmin, vmax: expected vmin < vmax, got {self.vmin} and {self.vmax}")
         if self.normalize == "fixed" and (self.vmin is None or self.vmax is None):
             raise AttnmapError("normalize: 'fixed' needs vmin and vmax")
         if self.threshold is not None:
-            _check_number("threshold", self.threshold, low=0.0, high=1.0)
-        _check_int("interpolation_steps", self.interpolation_steps, 0)
-        _check_number("static_duration", self.static_duration, low=0.0, open_low=True)
+            number("threshold", self.threshold, low=0.0, high=1.0)
+        # the blended frames between two steps are output frames: at most a render's MAX_FRAMES
+        integer("interpolation_steps", self.interpolation_steps, low=0, high=MAX_FRAMES)
+        number("static_duration", self.static_duration, low=0.0, open_low=True)
         for name in ("include_colorbar", "labels", "include_timestamp"):
             if not isinstance(getattr(self, name), bool):
                 raise AttnmapError(f"{name}: expected true or false, got {getattr(self, name)!r}")
@@ -90,7 +97,7 @@ class RenderOptions:
             if not isinstance(fs, (list, tuple)) or len(fs) != 2:
                 raise AttnmapError(f"figsize: expected [width, height] in inches, got {fs!r}")
             for v in fs:
-                _check_number("figsize", v, low=0.0, open_low=True)
+                number("figsize", v, low=0.0, high=MAX_FIGSIZE, open_low=True)
             object.__setattr__(self, "figsize", (float(fs[0]), float(fs[1])))
 
     @classmethod
@@ -130,30 +137,3 @@ class RenderOptions:
         if self.figsize is not None:
             out["figsize"] = list(self.figsize)
         return out
-
-
-def _check_str(name: str, value: Any) -> None:
-    if not isinstance(value, str) or not value:
-        raise AttnmapError(f"{name}: expected a non-empty name, got {value!r}")
-
-
-def _check_number(
-    name: str,
-    value: Any,
-    *,
-    low: Optional[float] = None,
-    high: Optional[float] = None,
-    open_low: bool = False,
-) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise AttnmapError(f"{name}: expected a number, got {value!r}")
-    if low is not None and (value < low or (open_low and value == low)):
-        side = ">" if open_low else ">="
-        raise AttnmapError(f"{name}: expected a number {side} {low}, got {value!r}")
-    if high is not None and value > high:
-        raise AttnmapError(f"{name}: expected a number <= {high}, got {value!r}")
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise AttnmapError(f"{name}: expected an integer >= {low}, got {value!r}")

@@ -21,7 +21,7 @@ shown inline by its ``_repr_html_``.
 
 Example:
     >>> write_report("outputs/attention_maps", "report.html")          # doctest: +SKIP
-    >>> attnmap.open_store("outputs/attention_maps").show("vid_001")    # doctest: +SKIP
+    >>> attnmap.show("outputs/attention_maps", "vid_001")    # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
+from attnmap._checks import integer
 from attnmap._io import atomic_write
 from attnmap.analysis.maps import real_text_length, real_text_words
 from attnmap.analysis.normalization import NORMALIZE
@@ -129,14 +130,17 @@ class _StoreSource(_Source):
         if full not in self._stored:
             return None
         try:
-            arr = (
-                aggregated_map(self.store, self.video_id, full)
-                if step is None
-                else self.store.load(self.video_id, full, step)
-            )
+            if step is None:
+                arr: Optional[np.ndarray] = aggregated_map(self.store, self.video_id, full)
+            else:
+                # through the store's read over steps: a step whose map fails its checksum is left out
+                # (the store names its file in one warning) and the page shows the nearest map it carries
+                arr = next((a for _, a in self.store.step_maps(self.video_id, full, [step])), None)
         except KeyError:
             return None
-        return on_input_frames(arr, self.metadata) if name.startswith("token/") else arr
+        if arr is None or not name.startswith("token/"):
+            return arr
+        return on_input_frames(arr, self.metadata)  # a video LLM's slots onto the input frames
 
 
 class _RecorderSource(_Source):
@@ -499,7 +503,7 @@ class Viewer:
     inline, for notebooks) and :meth:`save`.
 
     Example:
-        >>> viewer = attnmap.open_store(root).show("vid_001")   # doctest: +SKIP
+        >>> viewer = attnmap.show(root, "vid_001")   # doctest: +SKIP
         >>> viewer.save("vid_001.html")                          # doctest: +SKIP
     """
 
@@ -577,8 +581,7 @@ def store_viewer(
         raise AttnmapError(f"video {unknown[0]!r} is not in the store at {store.root}; it has {stored}")
     if not ids:
         raise AttnmapError(f"the store at {store.root} holds no videos")
-    if max_map_bytes < 0:
-        raise AttnmapError(f"max_map_bytes: expected a number of bytes >= 0, got {max_map_bytes}")
+    max_map_bytes = integer("max_map_bytes", max_map_bytes, low=0)
     videos = [_video_data(_StoreSource(store, v), options, max_map_bytes, background) for v in ids]
     return Viewer(_payload(videos, options))
 
@@ -601,8 +604,40 @@ def recorder_viewer(
         max_map_bytes: as in :func:`store_viewer`.
     """
     options = options or RenderOptions()
-    src = _RecorderSource(rec, video_id, batch_index)
+    max_map_bytes = integer("max_map_bytes", max_map_bytes, low=0)
+    src = _RecorderSource(rec, video_id, integer("batch_index", batch_index, low=0))
     return Viewer(_payload([_video_data(src, options, max_map_bytes, True)], options))
+
+
+def show(
+    source: Any,
+    video_id: Optional[str] = None,
+    *,
+    batch_index: int = 0,
+    options: Optional[RenderOptions] = None,
+) -> Viewer:
+    """The interactive viewer for a notebook (its ``_repr_html_`` shows it inline): of a store's videos
+    (a :class:`~attnmap.store.Store` or its root; one video, or all), or of what a Recorder holds.
+
+    Args:
+        source: an opened store, a store root, or a :class:`attnmap.capture.Recorder`.
+        video_id: the store video to show (default: every video); for a Recorder, the title.
+        batch_index: a Recorder's batch row to show.
+        options: colormap, normalisation ... (:class:`attnmap.RenderOptions`); None: defaults.
+
+    Example:
+        >>> attnmap.show("outputs/attention_maps", "vid_001")  # doctest: +SKIP
+    """
+    from attnmap.store import Store, open_store
+
+    if isinstance(source, (str, os.PathLike)):
+        source = open_store(source)
+    if isinstance(source, Store):
+        return store_viewer(source, None if video_id is None else [video_id], options=options)
+    if callable(getattr(source, "get", None)) and hasattr(source, "steps"):
+        name = video_id or str(getattr(source, "model_name", "recorder"))
+        return recorder_viewer(source, video_id=name, batch_index=batch_index, options=options)
+    raise AttnmapError(f"source must be a Store, a store root or a Recorder, got {type(source).__name__}")
 
 
 def write_report(

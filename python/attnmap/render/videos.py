@@ -11,7 +11,8 @@ decoded chunk by chunk in step, so memory stays bounded, then encoded by :func:`
 - the overlay of either on the original video (``original_video=``), with an optional outline of the
   thresholded mask;
 - a grid of several tokens side by side with their words (:func:`render_grid`);
-- a colour bar and labels of the token, step and time drawn into the frames.
+- a colour bar and labels of the token, step and time drawn into the frames (:mod:`attnmap.render.decor`),
+  and one progress display per command (:mod:`attnmap.render.progress`).
 
 :func:`render_video` is what capture calls at the end of a video when ``auto_generate_per_video`` is set:
 it writes ``<video_id>_<token>_attention.<fmt>`` and, when an original video is known,
@@ -20,16 +21,12 @@ it writes ``<video_id>_<token>_attention.<fmt>`` and, when an original video is 
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
 import json
 import math
 import os
 import re
-import sys
 import threading
-import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -38,11 +35,15 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import numpy as np
 
+from attnmap._checks import integer
 from attnmap.analysis.maps import aggregated_map, on_input_frames, real_text_length, real_text_words
 from attnmap.analysis.normalization import bounds
 from attnmap.errors import AttnmapError
+from attnmap.render.codec import FPS_RANGE
+from attnmap.render.decor import Decor, decor_layout, decorate
 from attnmap.render.heatmap import MAX_FRAMES, MAX_SIDE
 from attnmap.render.options import DEFAULT_FPS, RenderOptions
+from attnmap.render.progress import Progress, Task, display, render_task
 from attnmap.store.naming import safe_component
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -180,14 +181,17 @@ def map_range(
 
 def output_fps(options: RenderOptions, original_fps: Optional[float], meta: Mapping[str, Any]) -> float:
     """The output frame rate: the options', else the original video's, else the metadata's
-    ``video.fps``, else 10."""
+    ``video.fps`` (each when a video can be written at it, :data:`attnmap.render.codec.FPS_RANGE`),
+    else 10."""
     if options.fps is not None:
         return float(options.fps)
-    if original_fps:
-        return float(original_fps)
-    rate = video_info(meta).get("fps")
-    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate) and rate > 0:
-        return float(rate)
+    for rate in (original_fps, video_info(meta).get("fps")):  # a rate no video is written at is unknown
+        if (
+            isinstance(rate, (int, float))
+            and not isinstance(rate, bool)
+            and FPS_RANGE[0] <= rate <= FPS_RANGE[1]
+        ):
+            return float(rate)
     return float(DEFAULT_FPS)
 
 
@@ -200,20 +204,25 @@ def frame_plan(
     background_frames: Optional[int] = None,
 ) -> tuple[Optional[int], Optional[int]]:
     """How the aggregated map's latent frames become output frames: ``(num_frames, temporal_stride)``,
-    one of them None. Onto an original video: its frames; a one-frame map: a still held for
-    ``static_duration`` seconds; else the VAE stride, or the metadata's ``video.frames`` when the stride
-    does not give that count. Checked against :data:`MAX_FRAMES` before any work.
+    one of them None. Onto an original video: its frames (by the VAE stride when it has exactly the
+    frames the stride gives: frame 0 is latent frame 0, each later latent frame covers ``stride``
+    frames, as the VAE encoded them); a one-frame map: a still held for ``static_duration`` seconds;
+    else the VAE stride, or the metadata's ``video.frames`` when the stride does not give that count.
+    Checked against :data:`MAX_FRAMES` before any work.
 
     Raises:
         AttnmapError: an output frame count above the limit, naming where it came from.
     """
+    stride = vae_stride(meta)
     if background_frames is not None and latent_frames > 1:
+        if stride is not None and background_frames == 1 + (latent_frames - 1) * stride:
+            _bounded(background_frames, "original video frames")
+            return None, stride
         return _bounded(background_frames, "original video frames"), None
     if latent_frames == 1:
         frames = max(1, round(options.static_duration * fps))
         return _bounded(frames, "static_duration"), None
     meta_frames = _positive_int(video_info(meta).get("frames"))
-    stride = vae_stride(meta)
     if meta_frames is not None and (stride is None or meta_frames != 1 + (latent_frames - 1) * stride):
         return _bounded(meta_frames, "metadata video.frames"), None
     if stride is None:
@@ -371,6 +380,7 @@ def plan_token(
     """
     if mode not in ("aggregated", "steps"):
         raise AttnmapError(f"mode must be 'aggregated' or 'steps', got {mode!r}")
+    head = None if head is None else integer("head", head, low=0)
     tokens = store.tokens(video_id)
     if token not in tokens:
         raise KeyError(f"token {token!r} is not stored for video {video_id!r}; it has {tokens}")
@@ -386,9 +396,14 @@ def plan_token(
         k = options.interpolation_steps
         total = len(chosen) + max(0, len(chosen) - 1) * k
         _bounded(total, "interpolation_steps")
-        per_step = np.stack(
-            [_pick_head(store.load(video_id, name, s), head, name).mean(axis=0) for s in chosen]
-        )
+        # a step whose map fails its checksum is skipped (the store names its file in a warning)
+        loaded = [
+            (s, _pick_head(m, head, name).mean(axis=0)) for s, m in store.step_maps(video_id, name, chosen)
+        ]
+        if not loaded:
+            raise KeyError(f"token {token!r} has no good step map {name!r} in video {video_id!r}")
+        chosen = [s for s, _ in loaded]
+        per_step = np.stack([m for _, m in loaded])
         if len(chosen) > 1 and k > 0:
             weights = np.arange(1, k + 1, dtype=np.float32) / (k + 1)
             parts = []
@@ -449,229 +464,6 @@ def _pick_head(arr: np.ndarray, head: Optional[int], name: str) -> np.ndarray:
     return arr
 
 
-# -- drawing -----------------------------------------------------------------------------------
-_FONT_LOCK = threading.Lock()
-#: Frames smaller than this (height, width) get no label and no colour bar: there is no room to read them.
-MIN_DECORATED = (48, 64)
-_MIN_FONT = 10
-
-
-@functools.lru_cache(maxsize=16)
-def _font(size: int) -> Any:
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-@functools.lru_cache(maxsize=4096)
-def _text_width(text: str, size: int) -> int:
-    """The advance width of ``text`` at ``size`` pixels: measured once per text, as labels and ticks
-    repeat on every frame."""
-    with _FONT_LOCK:
-        return math.ceil(_font(size).getlength(text))
-
-
-@functools.lru_cache(maxsize=512)
-def _text_mask(text: str, size: int, box_h: int, box_w: int, pad: int) -> np.ndarray:
-    """The coverage [box_h, box_w] uint8 of ``text`` in a font of ``size`` pixels, ``pad`` pixels from the
-    left and centred in height (Pillow's "lm" anchor): drawn once per text, since most frames of a video
-    repeat their label."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("L", (box_w, box_h), 0)
-    with _FONT_LOCK:  # one FreeType face is shared by the renders running at the same time
-        ImageDraw.Draw(image).text((pad, box_h / 2), text, fill=255, font=_font(size), anchor="lm")
-    mask = np.asarray(image)
-    mask.flags.writeable = False
-    return mask
-
-
-def _blend_text(frame: np.ndarray, y0: int, x0: int, mask: np.ndarray) -> None:
-    """White text by ``mask`` over the frame darkened to a third, in place at (y0, x0)."""
-    h = min(mask.shape[0], frame.shape[0] - y0)
-    w = min(mask.shape[1], frame.shape[1] - x0)
-    if h <= 0 or w <= 0:
-        return
-    region = frame[y0 : y0 + h, x0 : x0 + w]
-    cover = mask[:h, :w, None].astype(np.uint16)
-    dark = region // 3
-    # white over the darkened box by the glyph coverage, rounded as Pillow blends a mask
-    tmp = (255 - dark) * cover + 128
-    region[...] = dark + (((tmp >> 8) + tmp) >> 8).astype(np.uint8)
-
-
-def _fit(text: str, size: int, width: int) -> tuple[str, int]:
-    """``text`` and a font size (``size`` down to 10 pixels) whose box fits ``width``; cut with "..."
-    when even the smallest font is too wide."""
-    pad = max(3, size // 3)
-    for s in range(size, _MIN_FONT - 1, -1):
-        if _text_width(text, s) + 2 * pad <= width:
-            return text, s
-    s = _MIN_FONT
-    while len(text) > 1 and _text_width(text + "...", s) + 2 * pad > width:
-        text = text[:-1]
-    return text.rstrip() + "...", s
-
-
-def font_size(height: int, width: int) -> int:
-    """The label font of a frame: a twentieth of its short side, 10 to 28 pixels."""
-    return int(min(28, max(_MIN_FONT, round(min(height, width) / 20))))
-
-
-def _label_box(text: str, size: int, height: int, width: int) -> tuple[str, int, int, int, int]:
-    """The label as drawn: (text, font size, pad, box height, box width)."""
-    text, size = _fit(text, size, width)
-    pad = max(3, size // 3)
-    return text, size, pad, min(height, size + 2 * pad), min(width, _text_width(text, size) + 2 * pad)
-
-
-def draw_label(frame: np.ndarray, text: str, *, size: Optional[int] = None) -> int:
-    """Draw ``text`` in white on a dark box (the frame at a third of its brightness) at the top left of
-    ``frame`` ``[H, W, 3]`` uint8, in place: the font scaled to the frame (:func:`font_size`), shrunk or the
-    text cut so that the box fits the width.
-
-    Returns:
-        The height of the box drawn (0 when nothing fits).
-    """
-    height, width = frame.shape[:2]
-    text, size, pad, box_h, box_w = _label_box(text, size or font_size(height, width), height, width)
-    if box_h <= 0 or box_w <= 0:
-        return 0
-    _blend_text(frame, 0, 0, _text_mask(text, size, box_h, box_w, pad))
-    return box_h
-
-
-@dataclass(frozen=True)
-class Decor:
-    """Where the label, the colour bar and its ticks go in frames of one size: the label across the top,
-    the bar below it at the right edge, its tick labels to its left, spaced so that none overlaps another.
-
-    Attributes:
-        label: the label's font size, or 0 without labels.
-        label_h: the height of the label row (the bar starts below it).
-        bar: (top, bottom, left, right) of the bar in pixels, or None without one.
-        ticks: (y, text) of each tick, top to bottom.
-        tick_font: the ticks' font size.
-    """
-
-    label: int
-    label_h: int
-    bar: Optional[tuple[int, int, int, int]]
-    ticks: tuple[tuple[int, str], ...]
-    tick_font: int
-
-    def tick_boxes(self) -> list[tuple[int, int, int, int, str]]:
-        """(top, bottom, left, right, text) of each tick label's dark box, left of the bar."""
-        if self.bar is None:
-            return []
-        left = self.bar[2]
-        pad = max(2, self.tick_font // 4)
-        box_h = self.tick_font + 2 * pad
-        out = []
-        for y, text in self.ticks:
-            box_w = _text_width(text, self.tick_font) + 2 * pad
-            x0 = max(0, left - 3 - box_w)
-            out.append((y - box_h // 2, y - box_h // 2 + box_h, x0, left - 3, text))
-        return out
-
-    def boxes(self, height: int, width: int, label: Optional[str]) -> list[tuple[str, int, int, int, int]]:
-        """(what, top, bottom, left, right) of everything :func:`decorate` draws in a frame of this size:
-        the label, the bar with its tick marks, each tick label. No two of them overlap."""
-        out = []
-        if label and self.label:
-            _, _, _, box_h, box_w = _label_box(label, self.label, height, width)
-            out.append(("label", 0, box_h, 0, box_w))
-        if self.bar is not None:
-            top, bottom, left, right = self.bar
-            out.append(("bar", top, bottom, max(0, left - 3), right))
-            out += [("tick " + text, y0, y1, x0, x1) for y0, y1, x0, x1, text in self.tick_boxes()]
-        return out
-
-
-def _tick_text(values: Sequence[float]) -> list[str]:
-    """Tick labels with as many decimals as the ticks' spacing needs (one more than its first digit), in
-    scientific notation for very large or small values; more digits until the labels differ."""
-    top = max(abs(v) for v in values)
-    spacing = min((abs(b - a) for a, b in zip(values, values[1:])), default=0.0) or top or 1.0
-    first = math.floor(math.log10(spacing))
-    scientific = top >= 1e4 or 0 < top < 1e-3
-    for extra in range(1, 6):
-        if scientific:
-            digits = max(0, math.floor(math.log10(top)) - first + extra)
-            texts = [f"{v:.{digits}e}" for v in values]
-        else:
-            texts = [f"{v:.{max(0, extra - first)}f}" for v in values]
-        if len(set(texts)) == len(texts):
-            return texts
-    return texts
-
-
-def decor_layout(
-    height: int, width: int, *, labels: bool, colorbar: bool, vrange: Optional[tuple[float, float]]
-) -> Optional[Decor]:
-    """Lay out the decorations of ``height`` x ``width`` frames (None: nothing drawn, below
-    :data:`MIN_DECORATED` or nothing asked for). ``vrange`` is the (low, high) value the bar's ends show;
-    None labels them "min" and "max" (a range per frame)."""
-    if height < MIN_DECORATED[0] or width < MIN_DECORATED[1] or not (labels or colorbar):
-        return None
-    size = font_size(height, width)
-    margin = max(2, min(height, width) // 60)
-    label_h = size + 2 * max(3, size // 3) if labels else 0
-    if not colorbar:
-        return Decor(size, label_h, None, (), 0)
-    tick_font = max(_MIN_FONT, round(size * 0.85))
-    bar_w = max(5, width // 40)
-    right = width - margin
-    # the bar's ends carry the first and last ticks: half a tick label more is kept above and below it
-    half = (tick_font + 2 * max(2, tick_font // 4)) // 2 + 1
-    top, bottom = label_h + 2 * margin + half, height - 2 * margin - half
-    if bottom - top < 2 * tick_font:
-        return Decor(size if labels else 0, label_h, None, (), 0)
-    count = int(min(5, max(2, (bottom - top) // (3 * tick_font) + 1)))
-    if vrange is None:
-        texts = ["max", "min"]
-        count = 2
-    else:
-        lo, hi = vrange
-        texts = _tick_text([hi - (hi - lo) * i / (count - 1) for i in range(count)])
-    ys = [round(top + (bottom - 1 - top) * i / (count - 1)) for i in range(count)]
-    return Decor(
-        size if labels else 0, label_h, (top, bottom, right - bar_w, right), tuple(zip(ys, texts)), tick_font
-    )
-
-
-@functools.lru_cache(maxsize=32)
-def _bar_strip(bar_h: int, bar_w: int, colormap: str) -> np.ndarray:
-    """A vertical colour bar [bar_h, bar_w, 3] uint8, high values on top, in a 1-pixel dark frame."""
-    import attnmap.render as render
-
-    ramp = np.linspace(1.0, 0.0, bar_h, dtype=np.float32)[:, None].repeat(2, axis=1)
-    strip = render.frames(
-        ramp, size=(bar_h, bar_w), colormap=colormap, normalize="fixed", vmin=0.0, vmax=1.0
-    )[0]
-    strip[[0, -1]] = 40
-    strip[:, [0, -1]] = 40
-    strip.flags.writeable = False
-    return strip
-
-
-def decorate(frame: np.ndarray, decor: Decor, label: Optional[str], colormap: str) -> None:
-    """Draw the label, the colour bar and its ticks of ``decor`` into ``frame`` [H, W, 3] uint8, in place."""
-    if label and decor.label:
-        draw_label(frame, label, size=decor.label)
-    if decor.bar is None:
-        return
-    top, bottom, left, right = decor.bar
-    frame[top:bottom, left:right] = _bar_strip(bottom - top, right - left, colormap)
-    for (y, _), (y0, y1, x0, x1, text) in zip(decor.ticks, decor.tick_boxes()):
-        pad = max(2, decor.tick_font // 4)
-        _blend_text(frame, y0, x0, _text_mask(text, decor.tick_font, y1 - y0, x1 - x0, pad))
-        frame[y, left - 3 : left] = 255  # the tick mark
-
-
 def _chunks(plan: _Plan, size: tuple[int, int], options: RenderOptions) -> Iterator[np.ndarray]:
     import attnmap.render as render
 
@@ -700,7 +492,7 @@ def _decorated(
     labels: Sequence[str],
     decor: Optional[Decor],
     colormap: str,
-    task: Optional[_Task],
+    task: Optional[Task],
 ) -> Iterator[np.ndarray]:
     index = 0
     for chunk in chunks:
@@ -718,125 +510,6 @@ def _plan_decor(plan: _Plan, size: tuple[int, int], options: RenderOptions) -> O
     return decor_layout(
         size[0], size[1], labels=options.labels, colorbar=options.include_colorbar, vrange=vrange
     )
-
-
-class Progress:
-    """One progress display for a whole command, shared by the renders running at the same time.
-
-    On a terminal it is one rich display with a bar per render running; otherwise (a log, a pipe) one
-    plain line when a render starts and one when it ends, written whole under a lock, so that the lines
-    of two renders never interleave. ``enabled=False`` shows nothing.
-
-    Example:
-        >>> with Progress() as progress:                                          # doctest: +SKIP
-        ...     render_video(root, "vid", "out", progress=progress)
-    """
-
-    def __init__(self, *, enabled: bool = True, stream: Any = None) -> None:
-        self.enabled = enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.lock = threading.Lock()
-        self._rich: Any = None
-        isatty = getattr(self.stream, "isatty", None)
-        if enabled and callable(isatty) and isatty():
-            try:
-                from rich.console import Console
-                from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-                from rich.progress import Progress as RichProgress
-            except ImportError:  # pragma: no cover - typer brings rich
-                pass
-            else:
-                self._rich = RichProgress(
-                    TextColumn("{task.description}"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TimeRemainingColumn(),
-                    console=Console(file=self.stream),
-                    transient=True,
-                )
-                self._rich.start()
-
-    @property
-    def live(self) -> bool:
-        """Whether bars are being drawn on a terminal (rather than plain lines, or nothing)."""
-        return self._rich is not None
-
-    def task(self, description: str, total: int) -> _Task:
-        """A render of ``total`` frames; advance it, then close it."""
-        return _Task(self, description, total)
-
-    def line(self, text: str) -> None:
-        """One whole line on the display's stream (above the bars on a terminal)."""
-        if not self.enabled:
-            return
-        with self.lock:
-            if self._rich is not None:
-                self._rich.console.print(text, markup=False, highlight=False)
-            else:
-                self.stream.write(text + "\n")
-                self.stream.flush()
-
-    def close(self) -> None:
-        if self._rich is not None:
-            self._rich.stop()
-            self._rich = None
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-class _Task:
-    def __init__(self, progress: Progress, description: str, total: int) -> None:
-        self.progress, self.description, self.total, self.done = progress, description, total, 0
-        self.start = time.perf_counter()
-        self.id: Any = None
-        if progress._rich is not None:
-            with progress.lock:
-                self.id = progress._rich.add_task(description, total=total)
-        else:
-            progress.line(f"rendering {description}: {total} frames")
-
-    def advance(self, frames: int) -> None:
-        self.done += frames
-        if self.id is not None:
-            with self.progress.lock:
-                self.progress._rich.update(self.id, advance=frames)
-
-    def close(self, ok: bool = True) -> None:
-        if self.id is not None:
-            with self.progress.lock:
-                self.progress._rich.remove_task(self.id)
-            self.id = None
-        elif self.progress.enabled:
-            seconds = time.perf_counter() - self.start
-            what = "done" if ok else "FAILED"
-            self.progress.line(
-                f"{what} {self.description}: {self.done}/{self.total} frames in {seconds:.1f} s"
-            )
-
-
-def _display(progress: Optional[Progress], quiet: bool) -> contextlib.AbstractContextManager[Progress]:
-    """The caller's display, or one of this call's own (closed with it; showing nothing when quiet)."""
-    return contextlib.nullcontext(progress) if progress is not None else Progress(enabled=not quiet)
-
-
-@contextlib.contextmanager
-def _task(
-    progress: Optional[Progress], quiet: bool, description: str, total: int
-) -> Iterator[Optional[_Task]]:
-    """A task of ``progress``, or of a display of its own for this one render (none when quiet)."""
-    with _display(progress, quiet) as shown:
-        task = shown.task(description, total) if shown.enabled else None
-        ok = False
-        try:
-            yield task
-            ok = True
-        finally:
-            if task is not None:
-                task.close(ok)
 
 
 def _target(output: PathLike, options: RenderOptions) -> Path:
@@ -937,7 +610,7 @@ def render_token(
     )
     decor = _plan_decor(plan, size, options)
     _make_parent(out)
-    with _task(progress, quiet, f"{video_id}/{token} -> {out.name}", plan.frames) as task:
+    with render_task(progress, quiet, f"{video_id}/{token} -> {out.name}", plan.frames) as task:
         chunks = _decorated(_chunks(plan, size, options), plan.labels, decor, options.colormap, task)
         return _write(chunks, out, plan.fps, plan.frames)
 
@@ -984,6 +657,7 @@ def render_grid(
     options = options or RenderOptions()
     if not tokens:
         raise AttnmapError("tokens must name at least one stored word, got none")
+    max_width = integer("max_width", max_width, low=2 * len(tokens), high=MAX_SIDE)
     out = _target(output, options)
     choice: dict[str, Any] = {"block": block, "head": head, "branch": branch}
     plans = [
@@ -1016,7 +690,7 @@ def render_grid(
             yield np.concatenate([p[:n] for p in parts], axis=2)
 
     _make_parent(out)
-    with _task(progress, quiet, f"{video_id} grid -> {out.name}", frames) as task:
+    with render_task(progress, quiet, f"{video_id} grid -> {out.name}", frames) as task:
         return _write(
             _decorated(grid_chunks(), [], None, options.colormap, task), out, plans[0][0].fps, frames
         )
@@ -1187,7 +861,7 @@ def render_video(
     # Two renders at a time: the Rust render, the colour conversion and libx264 all release the GIL, and
     # one render alone leaves a core idle while its encoder waits on its producer (and back). A failure
     # stops the renders not yet started; finished ones stay, each written atomically.
-    with _display(progress, quiet) as shown:
+    with display(progress, quiet) as shown:
         pool = ThreadPoolExecutor(max_workers=_WORKERS)
         try:
             futures = [pool.submit(run, job) for job in jobs]
@@ -1224,7 +898,7 @@ def render_store(
 
     store = open_store(root)
     target = Path(out_dir) if out_dir is not None else Path(root).resolve().parent / "attention_videos"
-    with _display(progress, quiet) as shown:
+    with display(progress, quiet) as shown:
         return {
             video_id: render_video(root, video_id, target, options, progress=shown)
             for video_id in store.videos()
@@ -1259,28 +933,33 @@ def render_figures(
     if unknown:
         raise KeyError(f"token {unknown[0]!r} is not stored for video {video_id!r}; it has {stored}")
     written: list[Path] = []
-    steps = store.steps(video_id)
-    if words and steps:
-        series = {w: np.stack([m.map for m in store.load_all_steps(video_id, w)]) for w in words}
+    if words and store.steps(video_id):
+        # each word's good steps (a step that fails its checksum is skipped, named in a warning); the
+        # figure compares the words over the steps they all have
+        loaded = [{m.metadata["step"]: m.map for m in store.load_all_steps(video_id, w)} for w in words]
+        steps = sorted(set.intersection(*(set(one) for one in loaded)))
+        if not steps:
+            raise AttnmapError(f"video {video_id!r}: the words {words} share no good step to compare")
+        series = {w: np.stack([one[s] for s in steps]) for w, one in zip(words, loaded)}
         title = f"{video_id}: tokens over steps and frames"
         written.append(
             figures.temporal_comparison(series, out / f"{stem}_tokens.{fmt}", steps=steps, title=title)
         )
     names = store.names(video_id)
     if "temporal" in names:
-        temporal = store.load(video_id, "temporal")
+        temporal = aggregated_map(store, video_id, "temporal")
         if temporal.ndim == 3:  # per head [H, F, F]
             written.append(figures.head_locality(temporal_locality(temporal), out / f"{stem}_locality.{fmt}"))
             temporal = temporal.mean(axis=0)
         written.append(figures.temporal_matrix(temporal, out / f"{stem}_temporal.{fmt}"))
     blocks = sorted(int(n.rsplit("block", 1)[1]) for n in names if re.fullmatch(r"temporal/block\d+", n))
-    per_block = [store.load(video_id, f"temporal/block{b}") for b in blocks]
+    per_block = [aggregated_map(store, video_id, f"temporal/block{b}") for b in blocks]
     if per_block and all(t.ndim == 3 for t in per_block):
         locality = np.stack([temporal_locality(t) for t in per_block])
         path = out / f"{stem}_locality_blocks.{fmt}"
         written.append(figures.head_locality(locality, path, blocks=blocks))
     if "text" in names:
-        text = store.load(video_id, "text")
+        text = aggregated_map(store, video_id, "text")
         text = text.mean(axis=0) if text.ndim == 3 else text
         meta = store.metadata(video_id)
         real, how = real_text_length(meta, text.shape[-1])

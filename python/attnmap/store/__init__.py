@@ -1,10 +1,16 @@
-"""The attention store: one folder per video under a root, metadata JSON and safetensors maps.
+"""The attention store: one folder per video under a root, metadata JSON and safetensors maps (or the
+per-token ``.npz`` layout of the numpy format, :mod:`attnmap.store.npz`).
 
 Layout on disk (``<dir>`` is the sanitised video id, see :func:`video_dirname`)::
 
-    root/<dir>/metadata.json                  video metadata + store keys (run id, schema, ...)
+    root/<dir>/metadata.json                  video metadata + store keys (run id, schema, format, ...)
     root/<dir>/step_000003.safetensors        every map of step 3 (names are keys, never paths)
     root/<dir>/aggregated.safetensors         the step-aggregated maps (mean over steps)
+
+    with storage_format="numpy":
+    root/<dir>/<token>/step_003.npz           the word's maps of step 3, and step_003_metadata.json
+    root/<dir>/step_003.npz                   the step's other maps; step_003_metadata.json commits it
+    root/<dir>/aggregated/<token>_aggregated.npz, aggregated.npz, and their _metadata.json
 
 Every file is written atomically (temp file, fsync, rename, fsync of the folder), so a run
 killed at any moment leaves each finished step loadable. Each step file carries the run id in
@@ -13,11 +19,12 @@ the same video id are never mixed in. A run that died before ``close`` has no ag
 :meth:`Store.aggregated` then averages the finished steps and :meth:`Store.rebuild_aggregated`
 writes the file.
 
-Loading goes through safetensors' ``safe_open`` (never a pickle) with attnmap's own checks on top:
-only regular files, bounded shapes, the run and step each file names, a CRC-32 per map, and
-``metadata.json`` checked against a schema. A bad file is skipped with a warning naming it; a bad
-aggregated file falls back to the mean of the good steps (:meth:`Store.mean`, the one aggregation
-over steps). One writer per video id at a time (a lock file with its pid; ``wait=`` to wait).
+Loading goes through safetensors' ``safe_open`` (or ``np.load(allow_pickle=False)``; never a pickle)
+with attnmap's own checks on top: only regular files, bounded shapes, the run and step each file
+names, a CRC-32 per map, and ``metadata.json`` checked against a schema. A bad file is skipped with a
+warning naming it (once per :class:`Store`); a bad aggregated file falls back to the mean of the good
+steps (:meth:`Store.mean`, the one aggregation over steps). One writer per video id at a time (a lock
+file with its pid; ``wait=`` to wait).
 
 Example:
     >>> w = StoreWriter(root, "vid 1", {"prompt": "a (cat)"})

@@ -1,5 +1,6 @@
-"""The store's files: names, constants, the safetensors encoding, and reading a file through the
-safetensors library with the checks attnmap adds to the library's own.
+"""The store's files: names and constants every format shares, and the safetensors format (the default):
+its encoding, and reading a file through the safetensors library with the checks attnmap adds to the
+library's own. :class:`Safetensors` is this format behind the interface of :mod:`attnmap.store.formats`.
 
 safetensors' ``safe_open`` parses and checks every header (JSON, dtypes, shapes that match their
 offsets, offsets without overlaps or gaps, a buffer that ends where the last tensor does, never a
@@ -24,14 +25,16 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from attnmap.errors import AttnmapError, StoreError
+from attnmap.store.naming import step_filename
 
 SCHEMA_VERSION = 1
 FORMAT = "attnmap"
+#: the file formats a store writes (``storage_format``): safetensors, or the per-token numpy layout
+STORAGE_FORMATS = ("safetensors", "numpy")
 METADATA_FILE = "metadata.json"
 AGGREGATED_FILE = "aggregated.safetensors"
 STEP_RE = re.compile(r"^step_(\d{6,})\.safetensors$")
 BLOCK_RE = re.compile(r"^(.*)/block(\d+)$")
-MAX_DIRNAME = 96
 FP16_MAX = 65504.0
 DTYPES = {"float16": np.float16, "float32": np.float32}
 #: safetensors dtype codes a store file may hold (what :data:`DTYPES` writes), as numpy dtypes
@@ -57,6 +60,7 @@ RESERVED_KEYS = (
     "finished",
     "complete",
     "steps_written",
+    "storage",
 )
 
 ArrayLike = Any  # numpy array or torch tensor
@@ -74,28 +78,6 @@ def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> by
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     sums = json.dumps({k: checksum(v) for k, v in arrays.items()}, separators=(",", ":"))
     return save(arrays, metadata={**metadata, CHECKSUM_KEY: sums})
-
-
-def write_aggregated(
-    path: Path,
-    maps: Mapping[str, np.ndarray],
-    run_id: str,
-    steps: list[int],
-    counts: Mapping[str, int],
-    how: str,
-) -> None:
-    """Write ``aggregated.safetensors`` into the video folder ``path`` atomically."""
-    from attnmap._io import atomic_write
-
-    meta = {
-        "format": FORMAT,
-        "schema_version": str(SCHEMA_VERSION),
-        "run_id": run_id,
-        "steps": json.dumps(steps),
-        "counts": json.dumps(dict(counts)),
-        "aggregation": how,
-    }
-    atomic_write(path / AGGREGATED_FILE, encode(maps, meta))
 
 
 PathLike = Union[str, Path]
@@ -318,3 +300,40 @@ def token_of(name: str) -> Optional[tuple[str, Optional[int]]]:
     if m:
         return m.group(1), int(m.group(2))
     return rest, None
+
+
+class Safetensors:
+    """The safetensors format: one file per step, ``step_000003.safetensors``, and
+    ``aggregated.safetensors``, each every map of its step (names are keys) with the run, the step and the
+    maps' CRC-32 in its metadata, written whole to a temp name, fsynced and renamed."""
+
+    name = "safetensors"
+    kind = "a safetensors file"
+
+    def unit_path(self, folder: Path, step: Optional[int]) -> Path:
+        return folder / (AGGREGATED_FILE if step is None else step_filename(step))
+
+    def step_files(self, folder: Path) -> dict[int, str]:
+        """step -> path of every entry named like a step file (nothing is opened)."""
+        files = {}
+        with os.scandir(folder) as it:
+            for e in it:
+                m = STEP_RE.match(e.name)
+                if m and e.name == step_filename(int(m.group(1))):
+                    files[int(m.group(1))] = e.path
+        return files
+
+    def run_files(self, folder: Path) -> list[Path]:
+        return [p for p in folder.iterdir() if STEP_RE.match(p.name) or p.name == AGGREGATED_FILE]
+
+    def read(self, path: PathLike, *, step: Optional[int] = None) -> Header:
+        return read_header(path, step=step)
+
+    def write(
+        self, folder: Path, step: Optional[int], maps: Mapping[str, np.ndarray], metadata: Mapping[str, str]
+    ) -> Path:
+        from attnmap._io import atomic_write
+
+        path = self.unit_path(folder, step)
+        atomic_write(path, encode(maps, metadata))
+        return path

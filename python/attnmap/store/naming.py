@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 
 from attnmap.errors import AttnmapError
-from attnmap.store.format import MAX_DIRNAME
+
+#: The longest directory name a video id becomes (longer ids end in a hash of the exact id).
+MAX_DIRNAME = 96
 
 
 def check_video_id(video_id: Any) -> str:

@@ -1,40 +1,34 @@
 """Reading a store: :func:`open_store`, :class:`Store`, :class:`AttentionMap`.
 
-Every read goes through safetensors (:mod:`attnmap.store.format`) and every ``metadata.json``
-through the schema (:mod:`attnmap.store.schema`). A bad file never stops the rest of the store:
-listing and every read over steps skip it with a warning naming it (a video whose metadata is bad,
-a step that is corrupt, truncated, from another step, not a regular file, or whose bytes fail their
-checksum), and a bad aggregated file falls back to the mean of the good steps. Asking for one bad
-file by name (``load(vid, name, step)``) raises the StoreError.
+Every read goes through the video's file format (:mod:`attnmap.store.formats`: safetensors or the
+numpy layout, as its metadata says) and every ``metadata.json`` through the schema
+(:mod:`attnmap.store.schema`). A bad file never stops the rest of the store: listing and every read
+over steps (:meth:`Store.step_maps`) skip it with a warning naming it, once per Store (a video whose
+metadata is bad, a step that is corrupt, truncated, from another step, not a regular file, or whose
+bytes fail their checksum), and a bad aggregated file falls back to the mean of the good steps.
+Asking for one bad file by name (``load(vid, name, step)``) raises the StoreError.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union
 
 import numpy as np
 
+from attnmap._checks import integer
 from attnmap.errors import AttnmapError, StoreError
-from attnmap.store.format import (
-    AGGREGATED_FILE,
-    DTYPES,
-    METADATA_FILE,
-    STEP_RE,
-    Header,
-    file_key,
-    read_header,
-    token_of,
-    write_aggregated,
-)
+from attnmap.store.format import DTYPES, METADATA_FILE, file_key, token_of
+from attnmap.store.formats import FileFormat, StoreFile, storage, write_aggregated
 from attnmap.store.lock import WriterLock
-from attnmap.store.naming import check_name, check_step, step_filename, video_dirname
+from attnmap.store.naming import check_name, check_step, video_dirname
 from attnmap.store.schema import read_metadata
 
 #: how many store files a Store keeps open between reads (the oldest is closed beyond)
@@ -60,7 +54,7 @@ class AttentionMap:
 
 
 def _warn(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=3)
+    warnings.warn(message, UserWarning, stacklevel=4)
 
 
 FileKey = tuple[int, int, int]
@@ -98,9 +92,20 @@ class Store:
         if not self.root.is_dir():
             raise FileNotFoundError(f"store root {self.root} is not a directory")
         # path -> (file key, header or the StoreError it raised)
-        self._headers: dict[str, tuple[FileKey, Union[Header, StoreError]]] = {}
-        self._open: OrderedDict[str, Header] = OrderedDict()
+        self._headers: dict[str, tuple[FileKey, Union[StoreFile, StoreError]]] = {}
+        self._open: OrderedDict[str, StoreFile] = OrderedDict()
         self._metas: dict[str, tuple[FileKey, Union[dict[str, Any], StoreError]]] = {}
+        self._told: set[str] = set()  # the bad files already named in a warning
+        self._told_lock = threading.Lock()  # renders of one Store run in threads
+
+    def _skip(self, path: Union[str, Path], exc: Exception, consequence: str) -> None:
+        """Warn of the bad file ``path`` (``exc`` says what is wrong) once for this Store: a command that
+        meets the same bad step again (another map of it, another read of the same map) says so once."""
+        with self._told_lock:
+            first = os.fspath(path) not in self._told
+            self._told.add(os.fspath(path))
+        if first:
+            _warn(f"{exc}; {consequence}")
 
     def close(self) -> None:
         """Close the store files kept open (a later read opens them again)."""
@@ -121,46 +126,48 @@ class Store:
             raise KeyError(f"video {video_id!r} is not in the store at {self.root}")
         return path
 
-    def _header(self, path: Union[str, Path], step: Optional[int] = None) -> Header:
-        """The checked header of ``path``, cached until the file is replaced (new inode, mtime or
-        size); a bad file's StoreError is cached the same way."""
+    def _formats(self, video_id: str) -> tuple[FileFormat, FileFormat]:
+        """The formats of the video's steps and of its aggregate (its metadata's ``storage``)."""
+        return storage(self._video_meta(video_id))
+
+    def _header(self, fmt: FileFormat, path: Union[str, Path], step: Optional[int] = None) -> StoreFile:
+        """The checked step or aggregate at ``path`` (in ``fmt``), cached until the file is replaced
+        (new inode, mtime or size); a bad file's StoreError is cached the same way."""
         path = os.fspath(path)
 
-        def load() -> Header:
+        def load() -> StoreFile:
             old = self._open.pop(path, None)  # the replaced file's handle
             if old is not None:
                 old.release()
-            return read_header(path, step=step)
+            return fmt.read(path, step=step)
 
-        found = _cached(self._headers, path, file_key(path, "a safetensors file"), load)
+        found = _cached(self._headers, path, file_key(path, fmt.kind), load)
         self._open[path] = found
         self._open.move_to_end(path)
         while len(self._open) > MAX_OPEN_FILES:
             self._open.popitem(last=False)[1].release()
         return found
 
-    def _step_files(self, d: Path) -> dict[int, str]:
-        """step -> path of every entry named like a step file (nothing is opened)."""
-        files = {}
-        with os.scandir(d) as it:
-            for e in it:
-                m = STEP_RE.match(e.name)
-                if m and e.name == step_filename(int(m.group(1))):
-                    files[int(m.group(1))] = e.path
-        return files
+    def _step_files(self, video_id: str) -> dict[int, str]:
+        """step -> path of every entry named like a step of the video's format (nothing is opened)."""
+        return self._formats(video_id)[0].step_files(self._dir(video_id))
 
-    def _good_step(self, step: int, path: str, run: str) -> Optional[Header]:
-        """The header of a step file of run ``run``; None for another run's file, and for a bad file
-        after a warning naming it."""
+    def _good_step(self, video_id: str, step: int, path: str) -> Optional[StoreFile]:
+        """The header of a step file of the current run; None for another run's file, and for a bad
+        file after a warning naming it."""
+        run = self._video_meta(video_id)["run_id"]
         try:
-            header = self._header(path, step)
+            header = self._header(self._formats(video_id)[0], path, step)
         except StoreError as exc:
-            _warn(f"{exc}; step {step} is skipped")
+            self._skip(path, exc, f"step {step} is skipped")
             return None
         return header if header.metadata.get("run_id") == run else None
 
-    def _current(self, video_id: str, path: Path, step: Optional[int]) -> Header:
-        header = self._header(path, step)
+    def _current(self, video_id: str, step: int) -> StoreFile:
+        """The header of one step of the current run, asked for by name: StoreError when it is bad."""
+        fmt = self._formats(video_id)[0]
+        path = fmt.unit_path(self._dir(video_id), check_step(step))
+        header = self._header(fmt, path, step)
         run = self._video_meta(video_id)["run_id"]
         if header.metadata.get("run_id") != run:
             raise StoreError(
@@ -168,17 +175,18 @@ class Store:
             )
         return header
 
-    def _agg_header(self, video_id: str) -> Optional[Header]:
+    def _agg_header(self, video_id: str) -> Optional[StoreFile]:
         """The current run's aggregated file, or None when it is missing, left by an older run (the
         run died before ``close``) or bad (with a warning): the aggregated maps then come from the
         good steps. An empty file means the run chose not to store them."""
-        path = self._dir(video_id) / AGGREGATED_FILE
+        fmt = self._formats(video_id)[1]
+        path = fmt.unit_path(self._dir(video_id), None)
         if not os.path.lexists(path):
             return None
         try:
-            header = self._header(path)
+            header = self._header(fmt, path)
         except StoreError as exc:
-            _warn(f"{exc}; the aggregated maps are the mean of the good steps instead")
+            self._skip(path, exc, "the aggregated maps are the mean of the good steps instead")
             return None
         if header.metadata.get("run_id") != self._video_meta(video_id)["run_id"]:
             return None
@@ -199,7 +207,7 @@ class Store:
             try:
                 video_id = self._load_metadata(meta)["video_id"]
             except StoreError as exc:
-                _warn(f"{exc}; the video is skipped")
+                self._skip(meta, exc, "the video is skipped")
                 continue
             if video_dirname(video_id) != Path(d).name:
                 _warn(f"Store file {meta} is for video {video_id!r}, whose folder is another; it is skipped")
@@ -224,9 +232,8 @@ class Store:
     def steps(self, video_id: str) -> list[int]:
         """Steps of the current run whose files are good, sorted. Files of an older run are left out,
         and so is a bad file, with a warning naming it (loading that step raises StoreError)."""
-        run = self._video_meta(video_id)["run_id"]
-        files = self._step_files(self._dir(video_id))
-        return [s for s in sorted(files) if self._good_step(s, files[s], run) is not None]
+        files = self._step_files(video_id)
+        return [s for s in sorted(files) if self._good_step(video_id, s, files[s]) is not None]
 
     def is_complete(self, video_id: str) -> bool:
         """True when the writer closed the run (the aggregated maps were written)."""
@@ -236,8 +243,7 @@ class Store:
         """Map names of one step (``step=None``: of the aggregated maps, or the union over the good
         steps when the run has no good aggregated file or stored an empty one)."""
         if step is not None:
-            path = self._dir(video_id) / step_filename(step)
-            return sorted(self._current(video_id, path, check_step(step)).entries)
+            return sorted(self._current(video_id, step).entries)
         agg = self._agg_header(video_id)
         if agg is not None and agg.entries:
             return sorted(agg.entries)
@@ -270,10 +276,9 @@ class Store:
         check_name(name)
         if step is None:
             return self._load_aggregated(video_id, name)[0]
-        path = self._dir(video_id) / step_filename(step)
-        header = self._current(video_id, path, check_step(step))
+        header = self._current(video_id, step)
         if name not in header.entries:
-            raise KeyError(f"map {name!r} is not in {path}; it has {sorted(header.entries)}")
+            raise KeyError(f"map {name!r} is not in {header.path}; it has {sorted(header.entries)}")
         return header.read(name).astype(np.float32, copy=False)
 
     def mean(self, video_id: str, name: str, steps: Optional[Iterable[int]] = None) -> np.ndarray:
@@ -302,21 +307,45 @@ class Store:
         """
         return self._mean(video_id, name, steps)[0]
 
-    def _mean(self, video_id: str, name: str, steps: Optional[Iterable[int]]) -> tuple[np.ndarray, list[int]]:
+    def step_maps(
+        self, video_id: str, name: str, steps: Optional[Iterable[int]] = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(step, map)`` of one map at each chosen good step of the current run that holds it, in step
+        order: the one read over steps, which every aggregation, series and page goes through.
+
+        A chosen step whose file is bad, or whose map fails its checksum, is skipped with a warning
+        naming the file (once per Store); steps left out are never opened.
+
+        Args:
+            video_id: the video.
+            name: the map name (``token/cat``, ``temporal/block3``, ...).
+            steps: as in :meth:`mean`; None: every step.
+
+        Yields:
+            the step and its map, float32 of the stored shape.
+
+        Example:
+            >>> [s for s, _ in store.step_maps("vid", "temporal")]   # doctest: +SKIP
+            [0, 1, 2]
+        """
         check_name(name)
-        meta = self._video_meta(video_id)
-        files = self._step_files(self._dir(video_id))
-        total: Optional[np.ndarray] = None
-        used = []
+        files = self._step_files(video_id)
         for s in self._chosen(video_id, files, steps):
-            header = self._good_step(s, files[s], meta["run_id"])
+            header = self._good_step(video_id, s, files[s])
             if header is None or name not in header.entries:
                 continue
             try:
                 arr = header.read(name)
             except StoreError as exc:
-                _warn(f"{exc}; step {s} is skipped")
+                self._skip(header.path, exc, f"step {s} is skipped")
                 continue
+            yield s, arr.astype(np.float32, copy=False)
+
+    def _mean(self, video_id: str, name: str, steps: Optional[Iterable[int]]) -> tuple[np.ndarray, list[int]]:
+        meta = self._video_meta(video_id)
+        total: Optional[np.ndarray] = None
+        used = []
+        for s, arr in self.step_maps(video_id, name, steps):
             if total is None:
                 total = arr.astype(np.float64)
             elif arr.shape != total.shape:
@@ -356,7 +385,7 @@ class Store:
         return sorted(chosen)
 
     def _load_aggregated(self, video_id: str, name: str) -> tuple[np.ndarray, dict[str, Any]]:
-        path = self._dir(video_id) / AGGREGATED_FILE
+        path = self._formats(video_id)[1].unit_path(self._dir(video_id), None)
         header = self._agg_header(video_id)
         if header is not None:
             if not header.entries:
@@ -369,7 +398,7 @@ class Store:
             try:
                 arr = header.read(name)
             except StoreError as exc:
-                _warn(f"{exc}; the aggregated map is the mean of the good steps instead")
+                self._skip(header.path, exc, "the aggregated map is the mean of the good steps instead")
             else:
                 steps = json.loads(header.metadata.get("steps", "[]"))
                 info = {"file": str(path), "steps": steps, "rebuilt": False}
@@ -395,7 +424,7 @@ class Store:
             branch = "uncond" if self._video_meta(video_id).get("branch") == "uncond" else "cond"
         if branch not in ("cond", "uncond"):
             raise AttnmapError(f"branch must be 'cond', 'uncond' or None, got {branch!r}")
-        name = f"token/{token}" if block is None else f"token/{token}/block{int(block)}"
+        name = f"token/{token}" if block is None else f"token/{token}/block{integer('block', block, low=0)}"
         return name if branch == "cond" else f"uncond/{name}"
 
     def _as_map(self, arr: np.ndarray, name: str) -> np.ndarray:
@@ -417,7 +446,7 @@ class Store:
         """The ``[F, H, W]`` map of one word at one step (``block``, ``branch``: see :meth:`map_name`)."""
         name = self.map_name(video_id, token, block=block, branch=branch)
         arr = self._as_map(self.load(video_id, name, check_step(step)), name)
-        path = self._dir(video_id) / step_filename(step)
+        path = self._formats(video_id)[0].unit_path(self._dir(video_id), step)
         return AttentionMap(arr, self._map_meta(video_id, token, name, step, [step], str(path)))
 
     def load_all_steps(
@@ -428,21 +457,19 @@ class Store:
         name = self.map_name(video_id, token, block=block, branch=branch)
         meta = self._video_meta(video_id)
         video = json.loads(json.dumps(meta))  # one copy shared by the maps of this call
-        files = self._step_files(self._dir(video_id))
+        d, fmt = self._dir(video_id), self._formats(video_id)[0]
         out = []
-        for step in sorted(files):
-            header = self._good_step(step, files[step], meta["run_id"])
-            if header is None or name not in header.entries:
-                continue
+        for step, arr in self.step_maps(video_id, name):
+            file = str(fmt.unit_path(d, step))
             try:
-                arr = self._as_map(header.read(name).astype(np.float32, copy=False), name)
+                token_map = self._as_map(arr, name)
             except StoreError as exc:
-                _warn(f"{exc}; step {step} is skipped")
+                self._skip(file, exc, f"step {step} is skipped")
                 continue
             info = {"video_id": video_id, "token": token, "name": name, "step": step, "steps": [step]}
             out.append(
                 AttentionMap(
-                    arr, {**info, "stored_dtype": meta.get("dtype"), "file": files[step], "video": video}
+                    token_map, {**info, "stored_dtype": meta.get("dtype"), "file": file, "video": video}
                 )
             )
         if not out:
@@ -480,23 +507,17 @@ class Store:
                 mean, used = self._mean(video_id, name, None)
                 agg[name], counts[name] = mean.astype(dtype), len(used)
                 steps.update(used)
-            write_aggregated(d, agg, meta["run_id"], sorted(steps), counts, "mean over steps (rebuilt)")
-        return d / AGGREGATED_FILE
-
-    def show(self, video_id: Optional[str] = None) -> Any:
-        """The interactive viewer of one video (default: every video) for a notebook: its
-        ``_repr_html_`` shows it inline (see :mod:`attnmap.render.report`)."""
-        from attnmap.render.report import store_viewer
-
-        return store_viewer(self, None if video_id is None else [video_id])
+            how = "mean over steps (rebuilt)"
+            return write_aggregated(
+                self._formats(video_id)[1], d, agg, meta["run_id"], sorted(steps), counts, how
+            )
 
     def _step_names(self, video_id: str) -> list[str]:
         """The union of the map names of the good steps."""
-        run = self._video_meta(video_id)["run_id"]
-        files = self._step_files(self._dir(video_id))
+        files = self._step_files(video_id)
         names: set[str] = set()
         for s in sorted(files):
-            header = self._good_step(s, files[s], run)
+            header = self._good_step(video_id, s, files[s])
             if header is not None:
                 names.update(header.entries)
         return sorted(names)

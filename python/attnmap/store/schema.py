@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from attnmap.errors import StoreError
-from attnmap.store.format import DTYPES, FORMAT, SCHEMA_VERSION, loads_bounded
+from attnmap.store.format import DTYPES, FORMAT, SCHEMA_VERSION, STORAGE_FORMATS, loads_bounded
 
 #: the largest metadata.json read
 MAX_METADATA_BYTES = 16 << 20
@@ -64,6 +64,12 @@ def _video(v: Any) -> bool:
     return isinstance(v, dict) and all(check(v[k]) for k, check in fields.items() if k in v)
 
 
+def _storage(v: Any) -> bool:
+    names = {"steps": lambda f: f in STORAGE_FORMATS, "aggregated": lambda f: f in STORAGE_FORMATS}
+    checks: dict[str, Check] = {**names, "compressed": lambda c: isinstance(c, bool)}
+    return isinstance(v, dict) and all(k in checks and checks[k](x) for k, x in v.items())
+
+
 _TRIPLE = _optional(_list_of(_int(1, MAX_FRAMES), 3))
 _STEPS = _optional(_list_of(_int(0, MAX_INDEX)))
 
@@ -91,6 +97,10 @@ OPTIONAL: dict[str, tuple[str, Check]] = {
     ),
     "text_tokens": ("a list of str", _optional(_list_of(lambda t: isinstance(t, str)))),
     "checksum": ("'crc32'", lambda v: v == "crc32"),
+    "storage": (
+        f"{{steps, aggregated: {' or '.join(map(repr, STORAGE_FORMATS))}; compressed: true or false}}",
+        _storage,
+    ),
 }
 
 
@@ -109,11 +119,12 @@ def problem(meta: Any) -> Optional[str]:
     return None
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
-    """Read and check a video's ``metadata.json`` (see the module docstring).
+def read_json(path: Path, what: str) -> Any:
+    """A store file of JSON read with bounds: a regular file (a FIFO never blocks the open) of at most
+    :data:`MAX_METADATA_BYTES`, UTF-8, integers of at most 20 digits, no NaN.
 
     Raises:
-        StoreError: naming ``path``: missing, not a regular file, too large, not JSON, or off the schema.
+        StoreError: naming ``path``; ``what`` says what the file was expected to be.
     """
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO never blocks the open
@@ -122,17 +133,26 @@ def read_metadata(path: Path) -> dict[str, Any]:
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise StoreError(f"Store file {path} is not a regular file (expected JSON); it is never read")
+            raise StoreError(f"Store file {path} is not a regular file (expected {what}); it is never read")
         if st.st_size > MAX_METADATA_BYTES:
             raise StoreError(
-                f"Corrupt store file {path}: {st.st_size} bytes, more than {MAX_METADATA_BYTES} for metadata"
+                f"Corrupt store file {path}: {st.st_size} bytes, more than {MAX_METADATA_BYTES} for {what}"
             )
         raw = f.read(st.st_size + 1)  # a size, not the bound: read() allocates what it is asked for
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise StoreError(f"Corrupt store file {path}: not UTF-8 ({exc})") from None
-    meta = loads_bounded(text, "its JSON", path)
+    return loads_bounded(text, "its JSON", path)
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """Read and check a video's ``metadata.json`` (see the module docstring).
+
+    Raises:
+        StoreError: naming ``path``: missing, not a regular file, too large, not JSON, or off the schema.
+    """
+    meta = read_json(path, "metadata JSON")
     bad = problem(meta)
     if bad is not None:
         raise StoreError(f"Corrupt store file {path}: {bad}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -12,10 +13,10 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from attnmap._checks import integer
 from attnmap._io import atomic_write
 from attnmap.errors import AttnmapError
 from attnmap.store.format import (
-    AGGREGATED_FILE,
     CHECKSUM_KEY,
     DTYPES,
     FORMAT,
@@ -23,16 +24,15 @@ from attnmap.store.format import (
     METADATA_FILE,
     RESERVED_KEYS,
     SCHEMA_VERSION,
-    STEP_RE,
+    STORAGE_FORMATS,
     ArrayLike,
     downsample_spatial,
-    encode,
     is_token_name,
     to_numpy,
-    write_aggregated,
 )
+from attnmap.store.formats import check_storage, file_format, step_metadata, write_aggregated
 from attnmap.store.lock import WriterLock
-from attnmap.store.naming import check_name, check_step, check_video_id, step_filename, video_dirname
+from attnmap.store.naming import check_name, check_step, check_video_id, video_dirname
 from attnmap.store.reader import Store
 from attnmap.store.schema import problem
 
@@ -67,6 +67,10 @@ class StoreWriter:
             process, or another StoreWriter of this one) holds the video's lock; 0 raises a
             StoreError naming it at once, None waits as long as it takes. The lock is dropped by
             :meth:`close`, by leaving a ``with`` block, or when the process ends.
+        storage_format: ``"safetensors"`` (one file per step) or ``"numpy"`` (the per-token ``.npz``
+            layout, :mod:`attnmap.store.npz`); ``"torch"`` is refused (torch.save writes pickle).
+        aggregated_format: the aggregated maps' format; None: ``storage_format``.
+        compress: compressed ``.npz`` files (``np.savez_compressed``); needs the numpy format.
 
     Example:
         >>> with StoreWriter("attention_maps", "vid", {"prompt": "a (cat)"}) as w:
@@ -83,14 +87,17 @@ class StoreWriter:
         downsample: int = 1,
         overwrite: bool = True,
         wait: Optional[float] = 0.0,
+        storage_format: str = "safetensors",
+        aggregated_format: Optional[str] = None,
+        compress: bool = False,
     ) -> None:
         from attnmap import __version__
 
         self.video_id = check_video_id(video_id)
+        steps_format, agg_format = check_storage(storage_format, aggregated_format, compress=compress)
         if dtype not in DTYPES:
             raise AttnmapError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
-        if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1:
-            raise AttnmapError(f"downsample must be an int >= 1, got {downsample!r}")
+        downsample = integer("downsample", downsample, low=1)
         metadata = dict(metadata or {})
         for key in RESERVED_KEYS:
             if key in metadata and not (key == "video_id" and metadata[key] == video_id):
@@ -101,6 +108,9 @@ class StoreWriter:
         self.root = Path(root)
         self.path = self.root / video_dirname(video_id)
         self._np_dtype = DTYPES[dtype]
+        video = metadata.get("video")
+        self.steps_format = file_format(steps_format, compress=compress, video=video)
+        self.aggregated_format = file_format(agg_format, compress=compress, video=video)
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._steps: list[int] = []
         self._closed = False
@@ -115,6 +125,7 @@ class StoreWriter:
             "downsample": downsample,
             "aggregation": _aggregation("mean over the written steps", downsample),
             "checksum": CHECKSUM_KEY,
+            "storage": {"steps": steps_format, "aggregated": agg_format, "compressed": compress},
             "created": _now(),
             "complete": False,
         }
@@ -149,13 +160,17 @@ class StoreWriter:
             raise FileExistsError(
                 f"video {self.video_id!r} already exists in the store at {self.path}; pass overwrite=True"
             )
-        old = [p for p in self.path.iterdir() if STEP_RE.match(p.name) or p.name == AGGREGATED_FILE]
+        # the old run's files, in whichever format it wrote
+        old = [p for name in STORAGE_FORMATS for p in file_format(name).run_files(self.path)]
         # The commit point: once metadata.json names the new run, files of the old run are ignored.
         atomic_write(self.path / METADATA_FILE, encoded)
         for p in old:
             p.unlink(missing_ok=True)
         for p in self.path.glob(".*.tmp*"):  # temp files of a dead writer (a live one holds the lock)
             p.unlink(missing_ok=True)
+        for folder in {p.parent for p in old} - {self.path}:  # a format's subfolders left empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
     # -- context manager --------------------------------------------------------------------
     def __enter__(self) -> StoreWriter:
@@ -189,7 +204,8 @@ class StoreWriter:
         return np.ascontiguousarray(arr.astype(self._np_dtype))
 
     def write_step(self, step: int, maps: Mapping[str, ArrayLike]) -> Path:
-        """Write every map of one step atomically to ``step_<step>.safetensors``.
+        """Write every map of one step atomically: ``step_<step>.safetensors``, or the numpy format's
+        files of the step (its manifest last).
 
         Args:
             step: int >= 0, not written before in this run.
@@ -197,7 +213,7 @@ class StoreWriter:
                 ``[F, F]``, ``text`` ``[Nt, Nt]``, ``<name>/block<b>``; per-head maps have H first.
 
         Returns:
-            Path of the step file.
+            Path of the step file (the numpy format: the step's manifest).
         """
         if self._closed:
             raise AttnmapError("this StoreWriter is closed; open a new one to write another run")
@@ -212,14 +228,7 @@ class StoreWriter:
                 raise AttnmapError(
                     f"map {name!r} has shape {arr.shape} at step {step} but {self._shapes[name]} before"
                 )
-        meta = {
-            "format": FORMAT,
-            "schema_version": str(SCHEMA_VERSION),
-            "run_id": self.run_id,
-            "step": str(step),
-        }
-        path = self.path / step_filename(step)
-        atomic_write(path, encode(prepared, meta))
+        path = self.steps_format.write(self.path, step, prepared, step_metadata(self.run_id, step))
         for name, arr in prepared.items():
             self._shapes[name] = arr.shape
         self._steps.append(step)
@@ -254,7 +263,7 @@ class StoreWriter:
             counts = {}
             how = "given by the caller" if agg else "not stored (mean over the steps on load)"
         steps = sorted(self._steps)
-        write_aggregated(self.path, agg, self.run_id, steps, counts, how)
+        write_aggregated(self.aggregated_format, self.path, agg, self.run_id, steps, counts, how)
         # the caller's "steps" was a snapshot taken when the writer opened; the store knows them all
         self.metadata.update(
             complete=True,

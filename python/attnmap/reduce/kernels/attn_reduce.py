@@ -423,6 +423,7 @@ def attn_reduce(
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
     head_groups: Optional[int] = None,
+    return_lse: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Reduce softmax(scale * q k^T + bias) over query rows ``rows`` without storing it.
 
@@ -444,11 +445,14 @@ def attn_reduce(
         per_head: keep heads apart (Hs = H), else sum them (Hs = 1).
         block_m, block_n: tile sizes (powers of two >= 16); chosen from dtype and D when None.
         head_groups: output slots the heads are split into (a divisor of H; H with ``per_head``).
+        return_lse: also return ``lse`` ``[B, H, Nq]``, each row's logsumexp over the keys (the given
+            one where ``lse`` was given; ``-inf`` for a row with no key and outside ``rows``).
 
     Returns:
         raw sums in fp32, by name, of what was asked: ``dense`` ``[B, Hs, hi - lo, dense columns]``,
         ``received`` ``[B, Hs, Nk]``, ``temporal`` ``[B, Hs, F, F]``, ``entropy`` ``[B, Hs, Nq]``
-        (zero outside ``rows``), ``blocks`` ``[B, Hs, RB, CB]``, ``distance`` ``[B, Hs, F, H, W]``.
+        (zero outside ``rows``), ``blocks`` ``[B, Hs, RB, CB]``, ``distance`` ``[B, Hs, F, H, W]``;
+        ``lse`` ``[B, H, Nq]`` with ``return_lse``.
     """
     b, h, nq, d = (int(s) for s in q.shape)
     nk = int(k.shape[2])
@@ -552,4 +556,11 @@ def attn_reduce(
         x = torch.arange(dw, device=dev)
         bins = (x[:, None] - x[None, :]).abs().reshape(-1)
         out["distance"] = dist_buf.new_zeros(b, groups, df, dh, dw).index_add_(-1, bins, dist_buf.flatten(-2))
-    return {name: slots(t) for name, t in out.items()}
+    found = {name: slots(t) for name, t in out.items()}
+    if return_lse:
+        if lse is not None:
+            found["lse"] = lse
+        else:  # shift + ln(1 / inv): -inf where no key (inv 0), NaN for a NaN row (inv NaN)
+            dead = torch.full_like(shift, float("-inf"))
+            found["lse"] = torch.where(inv == 0, dead, shift - torch.log(inv))
+    return found

@@ -1,0 +1,1 @@
+../python/attnmap/reduce/kernels/attn_reduce.py
