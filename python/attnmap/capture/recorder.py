@@ -50,8 +50,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 import attnmap.capture.layouts as layouts
+import attnmap.capture.vlm as vlm
 from attnmap import reduce
-from attnmap.capture import vlm
 from attnmap.capture.accumulate import Accumulator, MapKey, Rows
 from attnmap.capture.calls import CallReader
 from attnmap.capture.interception import Intercepted, Interceptor, Site, diffusers_backend
