@@ -5,8 +5,8 @@ The model is a randomly initialised ``Qwen2_5_VLForConditionalGeneration`` with 
 layers (hidden 3584, 28 query heads over 4 KV heads of 128, MLP 18944) and vision blocks (hidden
 1280, 16 heads, MLP 3420; patches of 14 pixels merged 2 x 2, windows of 112 pixels), but 2 LLM layers
 and 2 vision blocks (one windowed, one full) and a 64-word vocabulary. A video of 16 frames of
-1008 x 1008 pixels (8 temporal slots of 36 x 36 merged tokens) makes a prompt of 10,436 tokens.
-Plain pytest smoke-runs the same code on a tiny model.
+1008 x 1008 pixels (8 temporal slots of 36 x 36 merged tokens) makes a prompt of 10,389 tokens
+(10,368 video, 21 text). Plain pytest smoke-runs the same code on a tiny model.
 
 - ``test_prefill_memory``: the peak resident memory (VmHWM, reset through ``/proc/self/clear_refs``)
   of the prefill forward with capture (default reductions: answer, words, ``temporal``, ``received``,
