@@ -213,3 +213,82 @@ def test_compiled_capture_overhead(benchmark: Any, setup: dict[str, Any]) -> Non
     }
     record(benchmark, info, start)
     torch._dynamo.reset()
+
+
+@pytest.mark.benchmark(group="capture")
+def test_capture_floor(benchmark: Any, setup: dict[str, Any]) -> None:
+    """What capture cannot cost less than on this model, from its parts, in the same rounds: the
+    uncaptured forward; one block's self-attention SDPA call; the reduction capture runs on it
+    (``temporal``, with the lse SDPA gave: one pass); the same q k^T products alone through torch's
+    BLAS (``torch.mm`` in chunks of 256 rows that stay in cache: what any exact reduction must
+    compute, without its exponentials and sums); and the cross call's reduction over the targets.
+    ``floor`` = 1 + blocks * (self + cross reductions) / forward: capture's ratio if nothing but the
+    reduction cost anything."""
+    if CUDA:
+        pytest.skip("the floor is a CPU figure: the GPU path reduces with the Triton kernel")
+    start = machine()
+    model, kwargs = setup["model"], setup["kwargs"]
+    cfg = model.config
+    _, _, frames, height, width = kwargs["hidden_states"].shape
+    grid = (frames, height // 2, width // 2)
+    n, text = grid[0] * grid[1] * grid[2], kwargs["encoder_hidden_states"].shape[1]
+    heads, dim = cfg.num_attention_heads, cfg.attention_head_dim
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, dim) for _ in range(3))
+    kt, vt = torch.randn(1, heads, text, dim), torch.randn(1, heads, text, dim)
+    _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+    self_layout = attnmap.Layout.self_attn(grid=grid)
+    cross_layout = attnmap.Layout.cross(grid=grid, text=text)
+    groups = [[3], [5, 6], list(range(12, text))]  # the bench's two targets and the padded tail
+    # correctness first: the one-pass reduction equals the two-pass one (and rows sum to 1)
+    one = attnmap.attention_sums(q, k, self_layout, ("temporal",), lse=lse, check_finite=False)
+    two = attnmap.attention_sums(q, k, self_layout, ("temporal",), check_finite=False)
+    torch.testing.assert_close(one["temporal"], two["temporal"], rtol=1e-4, atol=1e-6)
+
+    forward = plain_run({**setup, "kwargs": kwargs})
+
+    def sdpa() -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    def sdpa_cross() -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, kt, vt)
+
+    def reduce_self() -> dict[str, torch.Tensor]:
+        return attnmap.attention_sums(q, k, self_layout, ("temporal",), lse=lse, check_finite=False)
+
+    def reduce_cross() -> dict[str, torch.Tensor]:
+        return attnmap.attention_sums(q, kt, cross_layout, ("cross",), text_groups=groups, check_finite=False)
+
+    def products() -> None:
+        for h in range(heads):
+            keys = k[0, h].T
+            for r in range(0, n, 256):
+                torch.mm(q[0, h, r : r + 256], keys)
+
+    rounds = {"smoke": 1}.get(setup["label"], 5)
+    benchmark.pedantic(reduce_self, rounds=rounds, iterations=1, warmup_rounds=0)
+    t_fwd, t_sdpa, t_self, t_mm, t_cross, t_sdpa_cross = timed(
+        [forward, sdpa, reduce_self, products, reduce_cross, sdpa_cross], rounds, warmup=True
+    )
+    blocks = cfg.num_layers
+    per_forward = STEPS  # plain_run runs STEPS forwards
+    extra = per_forward * blocks * (t_self.wall + t_cross.wall)
+    flops = 2 * heads * n * n * dim
+    info = {
+        "size": setup["label"],
+        "tokens": n,
+        "text": text,
+        **t_fwd.as_dict("forwards"),
+        **t_sdpa.as_dict("sdpa_self"),
+        **t_self.as_dict("reduce_self"),
+        **t_mm.as_dict("qk_products_blas"),
+        **t_cross.as_dict("reduce_cross"),
+        **t_sdpa_cross.as_dict("sdpa_cross"),
+        "reduce_self_vs_sdpa": t_self.wall / t_sdpa.wall,
+        "reduce_self_vs_blas_products": t_self.wall / t_mm.wall,
+        "reduce_self_gflops": flops / t_self.wall / 1e9,
+        "blas_products_gflops": flops / t_mm.wall / 1e9,
+        "attention_share_of_forward": per_forward * blocks * (t_sdpa.wall + t_sdpa_cross.wall) / t_fwd.wall,
+        "floor": 1 + extra / t_fwd.wall,
+    }
+    record(benchmark, info, start)

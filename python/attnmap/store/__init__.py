@@ -23,8 +23,13 @@ Loading goes through safetensors' ``safe_open`` (or ``np.load(allow_pickle=False
 with attnmap's own checks on top: only regular files, bounded shapes, the run and step each file
 names, a CRC-32 per map, and ``metadata.json`` checked against a schema. A bad file is skipped with a
 warning naming it (once per :class:`Store`); a bad aggregated file falls back to the mean of the good
-steps (:meth:`Store.mean`, the one aggregation over steps). One writer per video id at a time (a lock
-file with its pid; ``wait=`` to wait).
+steps (:meth:`Store.mean`, the one aggregation over steps).
+
+Many processes may write one root at once, each its own videos: a video's files never leave its
+folder, and the commit points (a step's file or manifest, ``metadata.json``) are renames. One writer per
+video id at a time: a claim file that names its writer (``.writer.lock``, :mod:`attnmap.store.lock`),
+which never depends on flock; ``wait=`` to wait. A writer given its run's ``run_id`` again (a retry)
+continues the run: the steps it committed never change.
 
 Example:
     >>> w = StoreWriter(root, "vid 1", {"prompt": "a (cat)"})
@@ -48,7 +53,7 @@ from attnmap.store.format import (
 from attnmap.store.lock import LOCK_FILE
 from attnmap.store.naming import safe_component, step_filename, video_dirname
 from attnmap.store.reader import AttentionMap, Store, open_store
-from attnmap.store.writer import StoreWriter
+from attnmap.store.writer import StoreWriter, derive_run_id
 
 __all__ = [
     "AGGREGATED_FILE",
@@ -60,6 +65,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreWriter",
+    "derive_run_id",
     "downsample_spatial",
     "open_store",
     "safe_component",
