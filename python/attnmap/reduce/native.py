@@ -43,6 +43,8 @@ def serves(call: AttentionCall) -> Optional[str]:
     """None when the kernels can reduce the call, else the reason they cannot."""
     if call.q.device.type != "cpu":
         return f"q is on {call.q.device}, the native kernel runs on the CPU"
+    if call.key_range is not None:
+        return "per-row key ranges (key_range) are reduced by the blocks backend"
     return None
 
 
