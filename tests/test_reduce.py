@@ -1016,6 +1016,11 @@ def test_query_shards_are_checked_by_name() -> None:
         ops.attention_sums(q[:, :, 3:], k[:, :, :5], lay, ("temporal",), rows=(3, 12))
     with pytest.raises(ValueError, match=r"^rows: 'probe' reads rows by their query index"):
         ops.attention_sums(q[:, :, 3:], k, lay, ("probe",), probe=torch.tensor([4]), rows=(3, 12))
+    with pytest.raises(
+        ValueError, match=r"^rows: not with key_range \(a shard of the query rows with per-row"
+    ):
+        ranges = (torch.zeros(9, dtype=torch.long), torch.full((9,), 12))
+        ops.attention_sums(q[:, :, 3:], k, lay, ("temporal",), rows=(3, 12), key_range=ranges)
     with pytest.raises(ValueError, match=r"^lse must have shape \[B, H, Nq\] = \(2, 2, 9\)"):
         ops.attention_sums(q[:, :, 3:], k, lay, ("temporal",), rows=(3, 12), lse=torch.zeros(2, 2, 12))
     # distance on a shard: the native kernel reads the grid from the first video row, auto takes blocks

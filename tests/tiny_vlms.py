@@ -59,6 +59,32 @@ def tokenize(text: str) -> list[int]:
     return ids
 
 
+def tokenizer() -> Any:
+    """A Hugging Face fast tokenizer of the tiny vocabulary (what a processor's tokenizer does for
+    capture: a question's ids as :func:`tokenize` gives them, and any id decoded). Every id past
+    :data:`WORDS` is a special token ``<extra_<id>>`` (the families' special tokens among them), which
+    ``decode(..., skip_special_tokens=True)`` drops."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    extra = [f"<extra_{i}>" for i in range(len(WORDS), VOCAB_SIZE)]
+    vocab = {**WORD_IDS, **{t: len(WORDS) + i for i, t in enumerate(extra)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Split(Regex(r"<\|[^|]+\|>|[0-9]|[<>.:,?]|[^0-9<>.:,?]+"), "isolated"),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=extra,
+    )
+
+
 @dataclass
 class TinyVLM:
     """A tiny video LLM, its inputs for one video question, and where the builder put each token."""

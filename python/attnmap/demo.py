@@ -456,6 +456,91 @@ def _run_wan(root: Path, steps: int = 3) -> float:
     return time.perf_counter() - start
 
 
+#: the tiny video LLM's text: chat markup and the words its demo questions and answers use
+_VLM_WORDS = (
+    "<pad> <|im_start|> <|im_end|> <|vision_start|> <|vision_end|> <|video_pad|> <|image_pad|> system user "
+    "assistant you are a helpful what is the dog cat ball doing where does it go ? , . runs jumps"
+).split()
+
+
+def tiny_video_llm(
+    question: str = "what is the dog doing ?", *, frames: int = 4, seed: int = 0
+) -> tuple[torch.nn.Module, Any, dict[str, torch.Tensor]]:
+    """A tiny randomly initialised Qwen2-VL, a tokenizer of its vocabulary and the inputs of one video
+    question, built offline (nothing is downloaded).
+
+    The model has 2 LLM layers of 4 query heads over 2 KV heads and a 2-block vision tower; the video
+    is ``frames`` random frames of 24 x 32 pixels, two per temporal slot, so the LLM's grid is
+    ``(frames / 2, 3, 4)``. The prompt is laid out as Qwen2-VL's processor lays it out:
+    ``<|im_start|> system ... <|im_end|> <|im_start|> user <|vision_start|> <|video_pad|> * F*H*W
+    <|vision_end|> <question> <|im_end|> <|im_start|> assistant``.
+
+    Args:
+        question: words of the demo vocabulary (:data:`_VLM_WORDS`), separated by spaces.
+        frames: input frames, an even number >= 2.
+        seed: the weights' and the pixels' seed.
+
+    Returns:
+        ``(model, tokenizer, inputs)``: ``model.generate(**inputs, max_new_tokens=4)`` answers.
+
+    Example:
+        >>> model, tokenizer, inputs = tiny_video_llm()
+        >>> inputs["video_grid_thw"].tolist()
+        [[2, 6, 8]]
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    if frames < 2 or frames % 2:
+        raise AttnmapError(f"frames must be an even number >= 2 (two per temporal slot), got {frames!r}")
+    vocab = {w: i for i, w in enumerate(_VLM_WORDS)}
+    unknown = [w for w in question.split() if w not in vocab]
+    if unknown:
+        raise AttnmapError(f"question: the words {unknown} are not in the tiny vocabulary {_VLM_WORDS}")
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    specials = [w for w in _VLM_WORDS if w.startswith("<")]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", additional_special_tokens=specials
+    )
+    ids = {w: vocab[w] for w in specials}
+    cfg = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(_VLM_WORDS), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
+            bos_token_id=None, eos_token_id=None,
+            rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 1e4},
+        ),
+        vision_config=dict(
+            depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
+            spatial_merge_size=2, temporal_patch_size=2,
+        ),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
+    model.generation_config.eos_token_id = None  # random weights: answer max_new_tokens tokens
+    model.generation_config.pad_token_id = 0
+    grid = (frames // 2, 6, 8)  # patches of 4 pixels: 24 x 32 pixel frames
+    video = ["<|video_pad|>"] * (grid[0] * (grid[1] // 2) * (grid[2] // 2))
+    text = (
+        "<|im_start|> system you are a helpful assistant . <|im_end|> <|im_start|> user <|vision_start|> "
+        + " ".join(video)
+        + f" <|vision_end|> {question} <|im_end|> <|im_start|> assistant"
+    )
+    input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    g = torch.Generator().manual_seed(seed + 1)
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values_videos": torch.randn(grid[0] * grid[1] * grid[2], 3 * 2 * 4 * 4, generator=g),
+        "video_grid_thw": torch.tensor([list(grid)]),
+        "mm_token_type_ids": (input_ids == ids["<|video_pad|>"]).long() * 2,
+    }
+    return model, tokenizer, inputs
+
+
 def run(output: Path, *, quiet: bool = False, log: Optional[Log] = None, wan: bool = True) -> dict[str, Any]:
     """Run the whole demo into ``output`` (see the module docstring).
 

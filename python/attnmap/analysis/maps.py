@@ -158,6 +158,34 @@ def token_map(
     return normalize(m, normalize_by, name="token map")
 
 
+def slot_of_frames(meta: Mapping[str, Any], slots: int) -> Optional[list[int]]:
+    """For each input frame, the temporal slot of a video LLM's grid that covers it, from the
+    metadata's ``time.slot_frames`` (``[[0, 1], [2, 3]]``: two frames a slot); None where the metadata
+    has none, or not one list of consecutive frames per slot of a grid of ``slots``."""
+    time = meta.get("time")
+    groups = time.get("slot_frames") if isinstance(time, Mapping) else None
+    if (
+        not isinstance(groups, list)
+        or len(groups) != slots
+        or not all(isinstance(g, list) and g for g in groups)
+    ):
+        return None
+    frames = [f for g in groups for f in g]
+    if frames != list(range(len(frames))) or not all(isinstance(f, int) for f in frames):
+        return None
+    return [slot for slot, g in enumerate(groups) for _ in g]
+
+
+def on_input_frames(maps: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
+    """A video LLM's map ``[..., F, H, W]`` over its temporal slots as ``[..., frames, H, W]`` over the
+    input frames, each frame the map of the slot that covers it (``time.slot_frames``); unchanged
+    where the metadata says nothing of slots (a diffusion model's latents)."""
+    slots = slot_of_frames(meta, maps.shape[-3]) if maps.ndim >= 3 else None
+    if slots is None or len(slots) == maps.shape[-3]:
+        return maps
+    return np.take(maps, slots, axis=-3)
+
+
 def aggregated_map(store: Store, video_id: str, name: str) -> np.ndarray:
     """The step-aggregated map ``name``: the aggregated file's, or :meth:`Store.mean` over the good
     steps when the run stored no aggregated maps (``store_aggregated_attention: false``)."""

@@ -97,6 +97,16 @@ class Accumulator:
             slot = self._maps[key] = RunningMean(batch, tuple(value.shape[1:]), value.device)
         return slot.add(value, rows)
 
+    def alias(self, step: int, name: str, new: str, rows: list[int]) -> None:
+        """Add a step's map ``name`` (of every branch and block) under the name ``new`` too, for the
+        batch ``rows`` that have it (a video LLM's answer under the word it generated)."""
+        for key in [k for k in self._maps if (k.step, k.name) == (step, name)]:
+            slot = self._maps[key]
+            have = [r for r in rows if r < slot.count.shape[0] and bool(slot.count[r] > 0)]
+            if have:
+                value = slot.mean()[have]
+                self.add(MapKey(step, key.branch, new, key.block), value, have, slot.total.shape[0])
+
     def keys(self, step: Optional[int] = None) -> list[MapKey]:
         keys = [k for k in self._maps if step is None or k.step == step]
         return sorted(keys, key=MapKey.order)

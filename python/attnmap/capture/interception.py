@@ -19,8 +19,10 @@ The entry points:
   function modes (seen on the mode stack at each call): their calls are refused with a reason naming
   the framework, never read as whole, and SDPA runs under a foreign mode as the plain torch function
   (a mode that asks ``func is F.scaled_dot_product_attention`` gets yes);
-- transformers' attention interface (``AttentionInterface``'s functions: sdpa, flash_attention_*,
-  flex_attention) and the ``eager_attention_forward`` of a watched module's modeling file;
+- transformers' attention interface (``AttentionInterface``'s functions: flash_attention_*,
+  flex_attention; its sdpa for sites read there, ``Site.interface``: a video LLM's, before the sdpa
+  function packs grouped queries) and the ``eager_attention_forward`` of a watched module's
+  modeling file;
 - ``torch.nn.functional.scaled_dot_product_attention``, replaced on ``torch.nn.functional`` and in
   every module that imported it by name (never in ``torch._C._nn``, where torch finds the function
   it hands a function mode), for every processor that calls it itself (and for the SDPA backends
@@ -92,6 +94,7 @@ class Site:
     context: int = UNKNOWN  # tokens of the encoder_hidden_states its current forward was given
     context_arg: Optional[int] = None  # the position of encoder_hidden_states among its forward's args
     takes_context: bool = False  # its forward takes encoder_hidden_states
+    interface: bool = False  # read at transformers' attention interface, its "sdpa" function included
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,7 +106,8 @@ class Intercepted:
     ``"transformers:eager"`` ...); ``index`` is the call's position among its module's calls in this
     forward; ``lse`` the rows' logsumexp when the call ran through :func:`attnmap.reduce.sdpa_with_lse`;
     ``shard`` where a context-parallel rank's call sits in the whole call (its query rows, heads);
-    ``refused`` why a call cannot be read (a framework's sharding attnmap cannot see).
+    ``refused`` why a call cannot be read (a framework's sharding attnmap cannot see); ``softcap``
+    the cap transformers' interface was asked to put on the scores (``cap * tanh(s / cap)``).
     """
 
     query: torch.Tensor
@@ -117,6 +121,7 @@ class Intercepted:
     context: Optional[int] = None
     shard: Optional[Shard] = None
     refused: Optional[str] = None
+    softcap: Optional[float] = None
 
 
 Emit = Callable[[Site, Intercepted], None]
@@ -379,6 +384,7 @@ class Interceptor:
         lse: Optional[torch.Tensor] = None,
         shard: Optional[Shard] = None,
         refused: Optional[str] = None,
+        softcap: Optional[float] = None,
     ) -> None:
         """One call of the innermost site: delivered now, or, inside a graph being compiled, through
         the opaque ``attnmap::observe`` when the graph runs."""
@@ -397,7 +403,21 @@ class Interceptor:
             )  # fmt: skip
             return
         context = None if site.context == UNKNOWN else site.context
-        call = Intercepted(query, key, mask, scale, is_causal, entry, index, lse, context, shard, refused)
+        cap = None if softcap is None else float(softcap)
+        call = Intercepted(
+            query,
+            key,
+            mask,
+            scale,
+            is_causal,
+            entry,
+            index,
+            lse,
+            context,
+            shard=shard,
+            refused=refused,
+            softcap=cap,
+        )
         self._deliver(site, call)
 
     def _deliver(self, site: Site, call: Intercepted) -> None:
@@ -666,7 +686,7 @@ class Interceptor:
         if interface is not None:
             mapping = interface._global_mapping
             for name, fn in list(mapping.items()):
-                if name in _TRANSFORMERS_SDPA or name.startswith("paged|") or not callable(fn):
+                if name.startswith("paged|") or not callable(fn):
                     continue
                 self._patches.append(_Patch(mapping, name, fn, mapping=True))
                 mapping[name] = self._interface_wrapper(name, fn)
@@ -687,6 +707,8 @@ class Interceptor:
             module.eager_attention_forward = self._interface_wrapper("eager", eager)  # type: ignore[attr-defined]
 
     def _interface_wrapper(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        sdpa = name in _TRANSFORMERS_SDPA
+
         def attention(
             module: torch.nn.Module,
             query: Any,
@@ -696,8 +718,16 @@ class Interceptor:
             *args: Any,
             **kwargs: Any,
         ) -> Any:
-            out = original(module, query, key, value, attention_mask, *args, **kwargs)
-            self.seen_interface(name, query, key, attention_mask, kwargs)
+            if sdpa and not (self.stack and self.stack[-1].interface):
+                # the torch SDPA entry point sees it (diffusers' and transformers' video encoders)
+                return original(module, query, key, value, attention_mask, *args, **kwargs)
+            busy, self._busy = self._busy, True  # the torch SDPA call inside is this one: seen here
+            try:
+                out = original(module, query, key, value, attention_mask, *args, **kwargs)
+            finally:
+                self._busy = busy
+            named = dict(zip(("dropout", "scaling"), args))
+            self.seen_interface(name, query, key, attention_mask, {**named, **kwargs})
             return out
 
         attention.__wrapped__ = original  # type: ignore[attr-defined]
@@ -717,6 +747,7 @@ class Interceptor:
             return
         mask = _readable_mask(attention_mask, int(key.shape[2]))
         scale = kwargs.get("scaling", kwargs.get("scale"))
+        cap = kwargs.get("softcap")
         causal = bool(kwargs.get("is_causal", False)) and query.shape[2] > 1
         cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
         if isinstance(cu_q, torch.Tensor) and isinstance(cu_k, torch.Tensor) and query.shape[0] == 1:
@@ -726,7 +757,7 @@ class Interceptor:
                 q_i, k_i = query[:, :, bq[i] : bq[i + 1]], key[:, :, bk[i] : bk[i + 1]]
                 self._hand_over(q_i, k_i, None, scale, causal, f"transformers:{name}:varlen")
             return
-        self._hand_over(query, key, mask, scale, causal, f"transformers:{name}")
+        self._hand_over(query, key, mask, scale, causal, f"transformers:{name}", softcap=cap)
 
 
 def _context_position(module: torch.nn.Module) -> tuple[bool, Optional[int]]:

@@ -303,6 +303,8 @@ def plan_call(
         return Skip("query/key are not [B, H, N, D] tensors")
     if call.is_causal:
         return Skip("causal attention is not supported")
+    if call.softcap is not None:
+        return Skip("its scores are soft-capped (softcap), which attention_sums does not reproduce")
     if unreadable(call.attn_mask):
         return Skip(f"its mask ({call.entry}) is not a tensor attnmap can read")
     b, h, nq, _ = (int(s) for s in q.shape)

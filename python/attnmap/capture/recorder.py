@@ -23,6 +23,10 @@ Map names (per step; ``get`` returns them with a leading batch dim ``B``, and ``
 - ``<name>/space`` and ``<name>/time``: divided attention (Latte, TimeSformer): per frame
   ``[B, F, ...]`` and per position ``[B, HW, ...]``; ``full/space`` ``[B, F, 1+HW, 1+HW]`` and
   ``full/time`` ``[B, HW, F, F]`` feed :func:`attnmap.analysis.rollout.space_time_rollout`;
+- a video LLM's ``answer`` ``[B, F, H, W]`` per answer token with ``answer/<part>`` ``[B]`` beside it,
+  ``token/<word>`` for marked question words and for each generated word, ``temporal``,
+  ``received`` ``[B, N]``, ``received/video`` and ``vision/<name>`` ``[B, T, Hv, Wv]`` (see
+  :mod:`~attnmap.capture.vlm_reader`);
 - ``uncond/<name>`` with ``branch="both"``; ``<denoiser>/<name>`` for a second denoiser kept apart
   (Wan 2.2's ``transformer_2`` with ``experts="apart"``).
 
@@ -52,6 +56,7 @@ import torch
 
 import attnmap.capture.layouts as layouts
 import attnmap.capture.parallel as parallel
+import attnmap.capture.vlm as vlm
 from attnmap import reduce
 from attnmap.capture.accumulate import Accumulator, MapKey, Rows
 from attnmap.capture.calls import CallReader
@@ -75,6 +80,7 @@ from attnmap.capture.pipeline import (
 from attnmap.capture.plan import Forward, ModelRow, Options, RowText
 from attnmap.capture.sinks import Sink, StoreSink, store_sinks
 from attnmap.capture.tokens import Targets, find, parse_targets, resolve
+from attnmap.capture.vlm_reader import VideoLLMReader
 from attnmap.config import Config
 from attnmap.errors import AttnmapError
 from attnmap.layout import Layout
@@ -82,6 +88,9 @@ from attnmap.layout import Layout
 #: The reductions capture accepts (every one of :data:`attnmap.reduce.REDUCTIONS` but ``probe``,
 #: which needs query indices).
 REDUCTIONS = tuple(r for r in reduce.REDUCTIONS if r != "probe")
+#: What ``reductions=None`` records: a video LLM also the prefill's and the vision tower's ``received``.
+DEFAULT_REDUCTIONS = ("cross", "temporal")
+VLM_REDUCTIONS = ("cross", "temporal", "received")
 BRANCHES = ("cond", "uncond", "both")
 EXPERTS = ("merge", "apart")
 
@@ -137,9 +146,9 @@ class Recorder:
         self,
         model: Any,
         *,
-        reductions: Sequence[str] = ("cross", "temporal"),
+        reductions: Optional[Sequence[str]] = None,
         targets: Optional[Targets] = None,
-        prompt: Optional[str] = None,
+        prompt: Union[str, Sequence[str], None] = None,
         tokenizer: Any = None,
         layout: Union[Layout, Mapping[str, Layout], None] = None,
         blocks: Optional[Iterable[int]] = None,
@@ -159,6 +168,9 @@ class Recorder:
     ) -> None:
         self._given = model
         self._pipe, nets = split_pipeline(model)
+        self._vlm_spec = vlm.spec_of(model) if self._pipe is None else None
+        if reductions is None:
+            reductions = VLM_REDUCTIONS if self._vlm_spec is not None else DEFAULT_REDUCTIONS
         if isinstance(reductions, str):
             reductions = (reductions,)
         bad = [r for r in reductions if r not in REDUCTIONS]
@@ -185,7 +197,15 @@ class Recorder:
             and targets is not None
             and not isinstance(targets, Mapping)
         )
-        self.prompt, self._base_targets = (None, {}) if later else resolve(targets, prompt, tokenizer)
+        self._vlm_prompts: list[tuple[list[int], dict[str, list[int]]]] = []
+        self._vlm_positions: Optional[dict[str, list[int]]] = None
+        self._base_targets: dict[str, list[int]]
+        if self._vlm_spec is not None:
+            self.prompt, self._base_targets = self._vlm_targets(targets, prompt, tokenizer), {}
+        elif prompt is not None and not isinstance(prompt, str):
+            raise AttnmapError(f"prompt must be a str (a list of prompts is for video LLMs), got {prompt!r}")
+        else:
+            self.prompt, self._base_targets = (None, {}) if later else resolve(targets, prompt, tokenizer)
         self._prompt_seen: Optional[bool] = None
         self.reductions = tuple(dict.fromkeys(reductions))
         self.per_block, self.per_head, self.branch = bool(per_block), bool(per_head), branch
@@ -206,7 +226,9 @@ class Recorder:
         self._reader = CallReader(options, warn=self._warn, add=self._add)
         self._targets: dict[str, list[int]] = dict(self._base_targets)
         self._prompts: dict[str, Prompt] = {}  # clean prompt -> as the denoiser sees it
-        self._marked: dict[str, str] = {} if prompt is None else {parse_targets(prompt)[0]: prompt}
+        self._marked: dict[str, str] = (
+            {parse_targets(prompt)[0]: prompt} if isinstance(prompt, str) and self._vlm_spec is None else {}
+        )
         self._pending: list[str] = []  # the clean prompts of the encode_prompt running now
         # clean prompt -> (its ids, the encoder's outputs of its row, its words' encoder positions, pad id)
         self._sources: dict[str, tuple[list[int], list[torch.Tensor], dict[str, tuple[int, ...]], Any]] = {}
@@ -214,7 +236,10 @@ class Recorder:
         self._rows_meta: dict[str, list[dict[str, Any]]] = {}  # branch -> per row: prompt, text_len, targets
 
         self._denoisers: list[_Denoiser] = []
-        for i, (attr, net) in enumerate(nets):
+        self._vlm: Optional[VideoLLMReader] = None
+        if self._vlm_spec is not None:
+            self._denoisers.append(self._watch_vlm(model, self._vlm_spec))
+        for i, (attr, net) in enumerate(nets if self._vlm_spec is None else []):
             self._denoisers.append(self._watch(attr, net, layout is not None, experts == "apart" and i > 0))
         self._check_names()
         self._vae = vae_stride(self._pipe)
@@ -277,6 +302,84 @@ class Recorder:
             attr, core, spec, sites, f"{attr}/" if apart else "", everything=everything, leaves=leaves
         )
 
+    def _watch_vlm(self, model: torch.nn.Module, spec: vlm.VLMSpec) -> _Denoiser:
+        """A video LLM: its language model's and vision tower's attention modules, read at
+        transformers' attention interface by a :class:`VideoLLMReader`."""
+        llm_name, vision_name = vlm.parts(model)
+        modules = dict(model.named_modules())
+        generic = layouts.GENERIC
+        llm = layouts.find_sites(modules[llm_name], generic, prefix=llm_name)
+        vision = layouts.find_sites(modules[vision_name], generic, prefix=vision_name)
+        sites = llm + vision
+        names = [s.name for s in sites]
+        leaves = {n for n in names if not any(o.startswith(n + ".") for o in names)}
+        llm = [s for s in llm if s.name in leaves]
+        vision = [s for s in vision if s.name in leaves]
+        for site in sites:
+            site.interface = True
+        self._vlm = VideoLLMReader(
+            model, spec, llm=llm, vision=vision, vision_root=modules[vision_name], reductions=self.reductions,
+            per_head=self.per_head, backend=self.backend, tokenizer=self._tokenizer, prompts=self._vlm_prompts,
+            positions=self._vlm_positions, add=self._add, warn=self._warn, step=self._vlm_step,
+            alias=self._alias,
+        )  # fmt: skip
+        return _Denoiser("", model, layouts.FamilySpec(family=spec.family), sites, leaves=leaves)
+
+    def _vlm_targets(self, targets: Optional[Targets], prompt: Any, tokenizer: Any) -> Optional[str]:
+        """A video LLM's marked words: ``targets`` as ``{word: sequence positions}``, or the words of
+        each prompt (marked, or those of ``targets`` it holds) and their token indices among the
+        prompt's own tokens, found in each batch row when the model runs. Returns the first prompt
+        without its marks."""
+        if prompt is None:
+            prompts: list[str] = []
+        elif isinstance(prompt, str):
+            prompts = [prompt]
+        elif isinstance(prompt, Sequence) and all(isinstance(p, str) for p in prompt):
+            prompts = list(prompt)
+        else:
+            raise AttnmapError(f"prompt must be a str or a list of str (one per batch row), got {prompt!r}")
+        if isinstance(targets, Mapping):
+            self._vlm_positions = resolve(targets, None, None)[1]
+            return parse_targets(prompts[0])[0] if prompts else None
+        tok = getattr(tokenizer, "tokenizer", tokenizer)
+        given = [targets] if isinstance(targets, str) else list(targets or [])
+        for marked in prompts:
+            clean, marks = parse_targets(marked)
+            words = [
+                w for w in given if re.search(r"(?<!\w)" + re.escape(w.strip()) + r"(?!\w)", clean, re.I)
+            ]
+            words = words if given else marks
+            if not words:
+                continue
+            if tok is None:
+                raise AttnmapError(
+                    f"the words {words} of prompt {marked!r} need tokenizer= (the model's tokenizer or "
+                    "processor) to find their tokens; or pass targets={word: [sequence positions]}"
+                )
+            plain = list(tok(clean, add_special_tokens=False)["input_ids"])
+            special = list(tok(clean, add_special_tokens=True)["input_ids"])
+            lead = find_run(special, plain) or 0
+            found = find(marked, tok, words)
+            self._vlm_prompts.append(
+                (
+                    plain,
+                    {w: [i - lead for i in idx if 0 <= i - lead < len(plain)] for w, idx in found.items()},
+                )
+            )
+        if given and not self._vlm_prompts and prompts:
+            raise AttnmapError(f"targets {given} are in none of the prompts {prompts}")
+        return parse_targets(prompts[0])[0] if prompts else None
+
+    def _vlm_step(self, step: int) -> None:
+        """The video LLM moved to answer step ``step`` (0: a new prompt's prefill)."""
+        if step != self._step:
+            self._finish_step()
+            self._step = step
+            self._since_step = 0
+
+    def _alias(self, step: int, name: str, new: str, rows: list[int]) -> None:
+        self._acc.alias(step, name, new, rows)
+
     def _check_names(self) -> None:
         names = {s.name for d in self._denoisers for s in d.sites}
         missing = sorted(set(self._explicit) - names)
@@ -305,12 +408,15 @@ class Recorder:
                 sites, self._on_call, probs=self._on_probs, softmax_roles=roles, one_pass=self.one_pass,
                 wants_lse=self._recording, compiled=runs_compiled(self._given),
             )  # fmt: skip
-            for den in self._denoisers:
+            for den in self._denoisers if self._vlm is None else []:
                 handle = den.core.register_forward_pre_hook(self._core_hook(den), with_kwargs=True)
                 self._closers.append(handle.remove)
                 undo = watch_cache_context(den.core, self._on_label)
                 if undo is not None:
                     self._closers.append(undo)
+            if self._vlm is not None:
+                self._vlm.open()
+                self._closers.append(self._vlm.close)
             if self._pipe is not None:
                 prompts = PromptWatch(self._pipe, self._on_prompts, self._on_ids, self._on_encoded)
                 steps = StepWatch(self._pipe, self._on_scheduler_step)
@@ -601,6 +707,10 @@ class Recorder:
         """``{word: [token indices]}`` of the target words, as positions in the text the denoiser sees
         (the first prompt's; a word of another row's prompt at its first row's positions)."""
         out = dict(self._targets)
+        if self._vlm is not None:
+            for row in self._vlm.metadata()["answers"] if self._vlm.inputs is not None else []:
+                for word, positions in row["targets"].items():
+                    out.setdefault(word, positions)
         for rows in self._rows_meta.values():
             for row in rows:
                 for word, indices in row["targets"].items():
@@ -611,7 +721,10 @@ class Recorder:
     def _on_call(self, site: Site, call: Intercepted) -> None:
         self._entries.add(call.entry)
         if self._recording(site):
-            self._reader.read(site, call)
+            if self._vlm is not None:
+                self._vlm.read(site, call)
+            else:
+                self._reader.read(site, call)
 
     def _on_probs(self, site: Site, probs: torch.Tensor) -> None:
         self._entries.add("softmax")
@@ -701,6 +814,8 @@ class Recorder:
             return
         if self._step not in self._acc.steps:
             return
+        if self._vlm is not None:  # the whole answer is a token too: the step scrubber walks it
+            self._acc.alias(self._step, "answer", "token/answer", list(range(self._acc.rows(self._step))))
         self._acc.to_cpu(self._step)
         writes = self._split is None or self._split.rank == 0
         if self._store is not None and not self._sinks and writes:
@@ -959,6 +1074,13 @@ class Recorder:
             **({} if self._split is None else {"context_parallel": self._split.describe()}),
             "rows": {branch: [dict(r) for r in rows] for branch, rows in self._rows_meta.items()},
         }
+        if self._vlm is not None:
+            meta.update(self._vlm.metadata(), layout=None, layouts={})
+            meta.pop("answers", None)
+        return self._merge_extra(meta)
+
+    def _merge_extra(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """``meta`` with the caller's ``metadata=`` merged over it (a dict over a dict key by key)."""
         for key, value in self._extra_meta.items():
             if isinstance(value, dict) and isinstance(meta.get(key), dict):
                 meta[key] = {**meta[key], **value}
@@ -970,6 +1092,12 @@ class Recorder:
         """The metadata of the video of batch row ``row``: :attr:`metadata` with that row's own prompt,
         real text length and target words (``text_len``)."""
         meta = self.metadata
+        if self._vlm is not None:
+            mine = self._vlm.metadata(row)
+            meta.update(targets=mine["targets"], answer=mine["answer"])
+            if mine.get("prompt") is not None:
+                meta["prompt"] = mine["prompt"]
+            return self._merge_extra(meta)
         branch = "cond" if self.branch == "both" else self.branch
         rows = self._rows_meta.get(branch, [])
         if row < len(rows):
@@ -1014,9 +1142,9 @@ class Recorder:
 def capture(
     model: Any,
     *,
-    reductions: Sequence[str] = ("cross", "temporal"),
+    reductions: Optional[Sequence[str]] = None,
     targets: Optional[Targets] = None,
-    prompt: Optional[str] = None,
+    prompt: Union[str, Sequence[str], None] = None,
     tokenizer: Any = None,
     layout: Union[Layout, Mapping[str, Layout], None] = None,
     blocks: Optional[Iterable[int]] = None,
@@ -1041,13 +1169,25 @@ def capture(
             TimeSformer, timm ViTs: layouts inferred from shapes), a compiled one
             (``torch.compile(model)`` or ``model.compile()``), or a diffusers pipeline (its
             ``transformer``, and ``transformer_2`` where it has one); any other module with ``layout=``.
+            A transformers video LLM (Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), GLM-4.1V, LLaVA-OneVision,
+            LLaVA-NeXT-Video, SmolVLM2, InternVL, VideoLLaMA3, Gemma 4) is read at the attention
+            interface under ``generate()`` or a forward, one step per token of the answer (see
+            :mod:`attnmap.capture.vlm_reader` for its maps: ``answer``, ``answer/<part>``,
+            ``token/<word>``, ``vision/<name>``).
         reductions: names of :data:`REDUCTIONS` (``cross``, ``temporal``, ``text``, ``received``,
-            ``full`` ...); each call gets those its layout supports.
+            ``full`` ...); each call gets those its layout supports. None: ``("cross", "temporal")``,
+            and for a video LLM ``("cross", "temporal", "received")`` (its answer and word maps are
+            always kept; ``temporal`` and ``received`` of the prefill, ``received`` and ``entropy`` of
+            the vision tower as asked).
         targets: words (marked ``"(word)"`` in the prompt by default), a list of words, or a mapping
             word -> token indices; their cross maps ``token/<word>`` ``[F, H, W]`` are kept per step.
+            For a video LLM a mapping gives sequence positions in ``input_ids`` (the same in each row).
         prompt: the prompt, for a model run outside a pipeline; a pipeline's own prompt is read as
             it encodes it (``pipe("a (cat) on a mat")``: the marks are stripped, the targets found).
-        tokenizer: maps words to tokens (a pipeline's own tokenizer by default).
+            For a video LLM: the question with its words marked, or one per batch row; each row's
+            words are found where the question's tokens sit in its ``input_ids``.
+        tokenizer: maps words to tokens (a pipeline's own tokenizer by default); for a video LLM its
+            tokenizer or processor, which also names each generated token's map.
         layout: one Layout for the calls it fits (others are inferred), or ``{module name: Layout}``;
             None: inferred. With a layout, a model without attention modules is watched module by
             module (a model that calls attention itself is watched as itself, ``<root>``).

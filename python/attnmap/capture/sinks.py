@@ -86,8 +86,26 @@ class StoreSink:
     def close(self) -> None:
         # store_aggregated_attention: false leaves the aggregate empty (the steps stay loadable)
         aggregated: Optional[dict[str, Any]] = None if self.config.store_aggregated_attention else {}
-        for writer in self._writers.values():
+        for vid, writer in self._writers.items():
+            self._refresh(writer, self.metadata(self.video_ids.index(vid)))
             writer.close(aggregated)
+
+    @staticmethod
+    def _refresh(writer: Any, final: dict[str, Any]) -> None:
+        """Merge what was learnt after a video's first step (a video LLM's answer words, the blocks
+        seen) into its metadata, where the result is still JSON-safe and within the store's schema."""
+        import json
+
+        from attnmap.store import RESERVED_KEYS
+        from attnmap.store.schema import problem
+
+        merged = {**writer.metadata, **{k: v for k, v in final.items() if k not in RESERVED_KEYS}}
+        try:
+            checked = json.loads(json.dumps(merged, allow_nan=False))
+        except (TypeError, ValueError):
+            return
+        if problem(checked) is None:
+            writer.metadata.update(checked)
 
     def abort(self) -> None:
         """The capture failed: drop each writer's lock, leaving its finished steps loadable."""

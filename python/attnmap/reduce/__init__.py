@@ -32,7 +32,15 @@ import torch
 
 from attnmap.errors import AttnmapError
 from attnmap.layout import Layout
-from attnmap.reduce.contract import FULL_LIMIT, REDUCTIONS, AttentionCall, BlockSize, Reductions, prepare_call
+from attnmap.reduce.contract import (
+    FULL_LIMIT,
+    REDUCTIONS,
+    AttentionCall,
+    BlockSize,
+    KeyRange,
+    Reductions,
+    prepare_call,
+)
 from attnmap.reduce.lse import sdpa_with_lse
 from attnmap.reduce.partial import PARTIAL, Partial, finish_partial, merge_partials, prepare_partial
 
@@ -87,6 +95,8 @@ def attention_sums(
     text_groups: Optional[Sequence[Sequence[int]]] = None,
     block_size: Optional[BlockSize] = None,
     rows: Optional[tuple[int, int]] = None,
+    key_range: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    key_positions: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
     """Reduce the attention probabilities of one call into small maps, never holding [Nq, Nk] per head.
 
@@ -137,7 +147,15 @@ def attention_sums(
             divided by the whole layout's counts (``received`` by every query, ``temporal`` by a
             frame's tokens ...), so that the outputs of the shards of the queries add up exactly to
             the whole call's; ``lse`` is then ``[B, H, hi - lo]``, the rows' logsumexp over every
-            key. Not with ``probe``.
+            key. Not with ``probe`` nor ``key_range``.
+        key_range: ``(lo, hi)``, integer tensors ``[B, Nq]`` (or ``[Nq]`` for every batch row): query
+            row ``i`` attends only the keys whose position lies in ``[lo[i], hi[i])`` (with the
+            ``key_padding_mask`` as well): causal attention with a decode offset, a sliding window, a
+            bidirectional span. A row left with no key contributes zero. Reduced by the ``blocks``
+            and ``reference`` backends (``auto`` picks ``blocks``).
+        key_positions: ``[Nk]`` or ``[B, Nk]`` integers, the position of each key that ``key_range``
+            is read against (default ``0 .. Nk-1``), so that the keys may come in a layout's order
+            (a video LLM's video tokens first) and still be masked by where they sit in the sequence.
 
     Returns:
         dict from reduction name to a float32 tensor on q's device.
@@ -166,6 +184,8 @@ def attention_sums(
         text_groups=text_groups,
         block_size=block_size,
         rows=rows,
+        key_range=key_range,
+        key_positions=key_positions,
     )
     module = choose(backend, call)
     with torch.no_grad():
@@ -264,6 +284,7 @@ __all__ = [
     "PARTIAL",
     "REDUCTIONS",
     "AttentionCall",
+    "KeyRange",
     "Partial",
     "attention_sums",
     "backend",

@@ -3,8 +3,8 @@
 Each block holds ``[B, H, rows, Nk]`` fp32 logits (at most ``BLOCK_ENTRIES`` of them), all heads at
 once: one batched matmul per key head, then ``torch.softmax``; the block is reduced into the running
 sums and dropped. Extra memory is O(rows per block x Nk), never O(Nq x Nk). It serves every
-reduction, honours a caller's ``lse``, and is what ``auto`` falls back to where no faster backend
-serves a call.
+reduction, honours a caller's ``lse`` and per-row key ranges (``key_range``), and is what ``auto``
+falls back to where no faster backend serves a call.
 """
 
 from __future__ import annotations
@@ -41,8 +41,24 @@ def keys_t(call: AttentionCall) -> torch.Tensor:
     return call.k.to(torch.float32).reshape(b * hk, nk, d).transpose(1, 2)
 
 
-def block_probs(call: AttentionCall, rows: Union[slice, torch.Tensor], kt: torch.Tensor) -> torch.Tensor:
-    """P for some query rows, every head at once: ``[B, H, R, Nk]`` fp32.
+def key_window(call: AttentionCall, rows: Union[slice, torch.Tensor]) -> tuple[int, int]:
+    """The keys ``[k0, k1)`` (in the call's key order) that some of ``rows`` may attend under its
+    ``key_range``: every key without one. A causal block of rows in sequence order attends about
+    half the keys; the rest of its row are zeros, never computed."""
+    if call.key_range is None:
+        return 0, call.num_keys
+    some = call.key_range.allowed(rows).any(dim=1).any(dim=0).nonzero()
+    return (int(some[0]), int(some[-1]) + 1) if some.numel() else (0, 0)
+
+
+def block_probs(
+    call: AttentionCall,
+    rows: Union[slice, torch.Tensor],
+    kt: torch.Tensor,
+    window: Optional[tuple[int, int]] = None,
+) -> torch.Tensor:
+    """P for some query rows, every head at once: ``[B, H, R, Nk]`` fp32 (``[B, H, R, k1 - k0]``:
+    the keys of ``window`` only, every other key of these rows masked).
 
     One batched matmul per k head with the scale (and the bias) fused in, then ``torch.softmax``,
     which walks each row in cache: about 1.6x faster on the CPU than separate max, exp, sum and
@@ -52,10 +68,13 @@ def block_probs(call: AttentionCall, rows: Union[slice, torch.Tensor], kt: torch
         call: the validated call.
         rows: a slice of the layout's query positions (within the rows q holds) or a LongTensor of q's rows.
         kt: :func:`keys_t` of the call, ``[B * Hk, D, Nk]``.
+        window: keys ``(k0, k1)`` that hold every key these rows may attend (:func:`key_window`).
     """
-    b, h, hk, d, nk = call.batch, call.heads, call.kv_heads, int(call.q.shape[3]), call.num_keys
+    b, h, hk, d = call.batch, call.heads, call.kv_heads, int(call.q.shape[3])
     if isinstance(rows, slice):
         rows = call.local(rows.start, rows.stop)
+    k0, k1 = window or (0, call.num_keys)
+    kt, nk = kt[..., k0:k1], k1 - k0
     qb = call.q[:, :, rows].to(torch.float32)
     r = int(qb.shape[2])
     # heads h = j * g + i share k head j (repeat_interleave order): one batched matmul per k head
@@ -64,14 +83,23 @@ def block_probs(call: AttentionCall, rows: Union[slice, torch.Tensor], kt: torch
         s = torch.baddbmm(q3.new_zeros(()), q3, kt, beta=0, alpha=call.scale).view(b, h, r, nk)
     else:
         s = torch.bmm(q3, kt).view(b, h, r, nk)
-        torch.add(call.bias[:, :, None, :], s, alpha=call.scale, out=s)
+        torch.add(call.bias[:, :, None, k0:k1], s, alpha=call.scale, out=s)
+    allowed = None
+    if call.key_range is not None:
+        allowed = call.key_range.allowed(rows)[..., k0:k1]
+        s.masked_fill_(~allowed[:, None], -math.inf)
     if call.lse is not None:
         shift = call.lse[:, :, rows]
         # a row whose lse is -inf (every key masked) has no mass: shift by +inf
         shift = torch.where(torch.isneginf(shift), torch.full_like(shift, math.inf), shift)
         return s.sub_(shift[..., None]).exp_()
     p = torch.softmax(s, dim=-1)  # subtracts the row max: huge logits stay exact
-    if call.bias is not None:
+    if allowed is not None:  # a row no key is left to: zero (a NaN row stays NaN)
+        keep = allowed[:, None]
+        if call.bias is not None:
+            keep = keep & ~torch.isneginf(call.bias[:, :, None, k0:k1])
+        p.masked_fill_(~keep.any(dim=-1, keepdim=True), 0.0)
+    elif call.bias is not None:
         # q and k finite: a row is all -inf exactly when its bias is; zero there (softmax gives NaN).
         # A NaN row (NaN in q or k with check_finite=False) stays NaN, never a silent zero
         dead = torch.isneginf(call.bias).all(dim=-1)
@@ -87,10 +115,12 @@ def probe_rows(call: AttentionCall, kt: torch.Tensor) -> torch.Tensor:
     """The ``probe`` rows summed over heads (or per head): ``[B, Hs, Q, Nk]`` fp32."""
     assert call.probe is not None
     step = max(1, BLOCK_ENTRIES // max(1, call.batch * call.heads * call.num_keys))
-    parts = [
-        _head_sum(call, block_probs(call, call.probe[i : i + step], kt))
-        for i in range(0, len(call.probe), step)
-    ]
+    parts = []
+    for i in range(0, len(call.probe), step):
+        rows = call.probe[i : i + step]
+        k0, k1 = key_window(call, rows)
+        part = _head_sum(call, block_probs(call, rows, kt, (k0, k1)))
+        parts.append(torch.nn.functional.pad(part, (k0, call.num_keys - k1)))
     return torch.cat(parts, dim=2)
 
 
@@ -155,10 +185,12 @@ def sums(call: AttentionCall, block_rows: Optional[int] = None) -> dict[str, tor
     hw = lay.frame_tokens
     for r0 in range(lo, hi, step):
         r1 = min(r0 + step, hi)
-        heads = block_probs(call, slice(r0, r1), kt)  # [B, H, R, Nk]
+        k0, k1 = key_window(call, slice(r0, r1))
+        heads = block_probs(call, slice(r0, r1), kt, (k0, k1))  # [B, H, R, k1 - k0]
         if "entropy" in wanted:  # per head, before the head sum
             sums["entropy"][:, :, r0:r1] = _head_sum(call, torch.special.entr(heads).sum(dim=-1))
-        p = _head_sum(call, heads)  # [B, Hs, R, Nk]
+        p = _head_sum(call, heads)  # [B, Hs, R, Nk]: the keys outside the window are zeros
+        p = p if (k0, k1) == (0, nk) else torch.nn.functional.pad(p, (k0, nk - k1))
         del heads
         if "blocks" in wanted:
             ids = block_q[r0:r1]

@@ -51,6 +51,27 @@ BlockSize = Union[int, Sequence[int]]
 
 
 @dataclass(frozen=True)
+class KeyRange:
+    """Which keys each query row may attend: those whose position lies in ``[lo, hi)`` of the row.
+
+    ``lo``, ``hi`` ``[B, Nq]`` and ``positions`` ``[B, Nk]`` are int64 (expanded views where the
+    caller gave one row for the batch). A causal row ``i`` with offset ``o`` is ``[0, i + o + 1)``, a
+    sliding window of ``W`` keys ``[i + o - W + 1, i + o + 1)``; a bidirectional span reaches its last
+    key. Positions let the keys come in any order (a layout's order), still masked by where they sit
+    in the sequence; a key at a position no range holds (e.g. -1) is never attended.
+    """
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    positions: torch.Tensor
+
+    def allowed(self, rows: Union[slice, torch.Tensor]) -> torch.Tensor:
+        """``[B, R, Nk]`` bool: the keys each of the query ``rows`` may attend."""
+        pos = self.positions[:, None, :]
+        return (pos >= self.lo[:, rows, None]) & (pos < self.hi[:, rows, None])
+
+
+@dataclass(frozen=True)
 class AttentionCall:
     """One validated call of :func:`attention_sums` (shared by every backend).
 
@@ -58,7 +79,8 @@ class AttentionCall:
     (``-inf`` for excluded keys); ``lse`` the caller's logsumexp ``[B, H, Nq]`` in fp32;
     ``text_groups`` the text-key positions summed into each column of ``cross``; ``block_size``
     the blocks of ``blocks``: ``(bq, bk)`` token tiles or ``(t, h, w)`` video cubes; ``shard`` the
-    layout's query positions ``[lo, hi)`` that q holds (None: all of them).
+    layout's query positions ``[lo, hi)`` that q holds (None: all of them); ``key_range`` the keys each
+    query row may attend (:class:`KeyRange`; None: every key the bias keeps).
     """
 
     q: torch.Tensor
@@ -73,6 +95,7 @@ class AttentionCall:
     text_groups: Optional[tuple[tuple[int, ...], ...]] = None
     block_size: Optional[tuple[int, ...]] = None
     shard: Optional[tuple[int, int]] = None  # the query positions q holds, None: all of them
+    key_range: Optional[KeyRange] = None
 
     @property
     def batch(self) -> int:
@@ -419,6 +442,39 @@ def _check_block_size(block_size: object, wanted: bool, layout: Layout) -> Optio
     return size * 2 if len(size) == 1 else size
 
 
+def _check_key_range(
+    key_range: object, positions: object, q: torch.Tensor, num_keys: int
+) -> Optional[KeyRange]:
+    if key_range is None:
+        if positions is not None:
+            raise AttnmapError("key_positions was given without key_range; pass key_range=(lo, hi) too")
+        return None
+    b, nq = int(q.shape[0]), int(q.shape[2])
+    if not isinstance(key_range, (tuple, list)) or len(key_range) != 2:
+        raise AttnmapError(f"key_range must be a pair (lo, hi) of integer tensors [B, Nq], got {key_range!r}")
+
+    def rows(name: str, t: object, width: int, what: str) -> torch.Tensor:
+        ok = isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dtype != torch.bool
+        if not ok or not isinstance(t, torch.Tensor):
+            raise AttnmapError(
+                f"{name} must be an integer tensor [{what}] or [B, {what}], got {type(t).__name__}"
+            )
+        if t.dim() not in (1, 2) or t.shape[-1] != width or (t.dim() == 2 and t.shape[0] not in (1, b)):
+            raise AttnmapError(
+                f"{name} must be an integer tensor [{what}] or [B, {what}] = [{b}, {width}], got {tuple(t.shape)}"
+            )
+        t = t.to(device=q.device, dtype=torch.long)
+        return t.reshape(-1 if t.dim() == 2 else 1, width).expand(b, width)
+
+    lo = rows("key_range[0] (lo)", key_range[0], nq, "Nq")
+    hi = rows("key_range[1] (hi)", key_range[1], nq, "Nq")
+    if positions is None:
+        pos = torch.arange(num_keys, device=q.device).expand(b, num_keys)
+    else:
+        pos = rows("key_positions", positions, num_keys, "Nk")
+    return KeyRange(lo=lo, hi=hi, positions=pos)
+
+
 def group_columns(t: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
     """The text-key columns of ``t`` (last dim) summed into one column per group."""
     return torch.stack([t[..., list(g)].sum(dim=-1) for g in groups], dim=-1)
@@ -446,6 +502,8 @@ def prepare_call(
     text_groups: Optional[Sequence[Sequence[int]]] = None,
     block_size: Optional[BlockSize] = None,
     rows: Optional[tuple[int, int]] = None,
+    key_range: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    key_positions: Optional[torch.Tensor] = None,
 ) -> AttentionCall:
     """Validate the arguments of :func:`attention_sums` (ValueError naming the argument)."""
     if not isinstance(layout, Layout):
@@ -459,6 +517,11 @@ def prepare_call(
     layout.check(layout.num_queries if rows is not None else nq, nk, argument="layout")
     nq = layout.num_queries
     names = _check_reductions(reductions, layout)
+    if rows is not None and key_range is not None:
+        raise AttnmapError(
+            "rows: not with key_range (a shard of the query rows with per-row key ranges is not supported); "
+            "pass every query (rows=None)"
+        )
     if rows is not None and "probe" in names:
         raise AttnmapError(
             "rows: 'probe' reads rows by their query index; ask attention_sums for the probe rows with "
@@ -497,6 +560,7 @@ def prepare_call(
         text_groups=_check_text_groups(text_groups, layout),
         block_size=size,
         shard=shard,
+        key_range=_check_key_range(key_range, key_positions, q, nk),
     )
 
 

@@ -48,6 +48,8 @@ def serves(call: AttentionCall) -> Optional[str]:
     vq = call.layout.video_q
     if "distance" in call.reductions and not call.rows[0] <= vq.start <= vq.stop <= call.rows[1]:
         return "distance needs every video query row in q (the kernel reads the grid from the first one)"
+    if call.key_range is not None:
+        return "per-row key ranges (key_range) are reduced by the blocks backend"
     return None
 
 

@@ -29,6 +29,8 @@ def probabilities(call: AttentionCall) -> torch.Tensor:
     logits = (q @ k.transpose(-1, -2)) * call.scale
     if call.bias is not None:
         logits = logits + call.bias[:, :, None, :].to(F64)
+    if call.key_range is not None:
+        logits = logits.masked_fill(~call.key_range.allowed(slice(None))[:, None], -math.inf)
     if call.lse is not None:
         lse = call.lse.to(F64)
         lse[torch.isneginf(lse)] = math.inf

@@ -27,6 +27,8 @@ def serves(call: AttentionCall) -> Optional[str]:
         import triton  # noqa: F401
     except ImportError:
         return "Triton is not installed (pip install attnmap[triton])"
+    if call.key_range is not None:
+        return "per-row key ranges (key_range) are reduced by the blocks backend"
     if int(call.q.shape[3]) > 256:
         return f"the Triton kernel takes head dims up to 256, q has {int(call.q.shape[3])}"
     return None

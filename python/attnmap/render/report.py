@@ -124,19 +124,23 @@ class _StoreSource(_Source):
     def get(
         self, name: str, *, step: Optional[int] = None, block: Optional[int] = None, branch: str = "cond"
     ) -> Optional[np.ndarray]:
-        from attnmap.analysis.maps import aggregated_map
+        from attnmap.analysis.maps import aggregated_map, on_input_frames
 
         full = ("uncond/" if branch == "uncond" else "") + name + ("" if block is None else f"/block{block}")
         if full not in self._stored:
             return None
         try:
             if step is None:
-                return aggregated_map(self.store, self.video_id, full)
+                arr: Optional[np.ndarray] = aggregated_map(self.store, self.video_id, full)
+            else:
+                # through the store's read over steps: a step whose map fails its checksum is left out
+                # (the store names its file in one warning) and the page shows the nearest map it carries
+                arr = next((a for _, a in self.store.step_maps(self.video_id, full, [step])), None)
         except KeyError:
             return None
-        # through the store's read over steps: a step whose map fails its checksum is left out (the
-        # store names its file in one warning) and the page shows the nearest map it carries
-        return next((arr for _, arr in self.store.step_maps(self.video_id, full, [step])), None)
+        if arr is None or not name.startswith("token/"):
+            return arr
+        return on_input_frames(arr, self.metadata)  # a video LLM's slots onto the input frames
 
 
 class _RecorderSource(_Source):
@@ -171,7 +175,12 @@ class _RecorderSource(_Source):
             return None
         if value.shape[0] <= self.row:
             raise AttnmapError(f"batch_index: expected < {value.shape[0]}, got {self.row}")
-        return np.asarray(value[self.row].detach().float().cpu().numpy(), dtype=np.float32)
+        arr = np.asarray(value[self.row].detach().float().cpu().numpy(), dtype=np.float32)
+        if name.startswith("token/"):
+            from attnmap.analysis.maps import on_input_frames
+
+            arr = on_input_frames(arr, self.metadata)
+        return arr
 
 
 # -- encoding ---------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 import numpy as np
 
 from attnmap._checks import integer
-from attnmap.analysis.maps import aggregated_map, real_text_length, real_text_words
+from attnmap.analysis.maps import aggregated_map, on_input_frames, real_text_length, real_text_words
 from attnmap.analysis.normalization import bounds
 from attnmap.errors import AttnmapError
 from attnmap.render.codec import FPS_RANGE
@@ -426,7 +426,7 @@ def plan_token(
         else:
             maps = _pick_head(aggregated_map(store, video_id, name), head, name)
             what = "mean of steps"
-        maps = maps.astype(np.float32)
+        maps = on_input_frames(maps.astype(np.float32), meta)  # a video LLM's slots onto its input frames
         frames = None if background is None else background.frames
         num_frames, stride = frame_plan(
             meta, maps.shape[0], fps=fps, options=options, background_frames=frames
