@@ -905,3 +905,148 @@ def test_triton_key_shards_merge_to_the_unsharded_maps(shards: int) -> None:
         ValueError, match=r"^backend='triton' cannot form these partial sums: the Triton kernel"
     ):
         ops.partial_sums(q, k, lay, ("temporal",), backend="triton")
+
+
+# -- query shards (context parallelism: each rank holds some query rows against every key) -------
+
+SHARD_BACKENDS = ["native", "blocks", "reference", pytest.param("triton", marks=needs_triton)]
+SHARD_NAMES = ("cross", "temporal", "text", "received", "full", "blocks", "distance", "entropy")
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["mean", "per_head"])
+@pytest.mark.parametrize("given_lse", [False, True], ids=["two-pass", "lse"])
+@pytest.mark.parametrize("name", list(STATS_LAYOUTS))
+@pytest.mark.parametrize("backend", SHARD_BACKENDS)
+def test_query_shards_add_up_to_the_whole_call(
+    name: str, backend: str, given_lse: bool, per_head: bool
+) -> None:
+    # cuts inside frames, inside the text and an empty shard: each shard's outputs have the whole
+    # layout's shapes, zero outside its rows, and their sum is the float64 oracle's for every row
+    lay = STATS_LAYOUTS[name]
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    q, k = make_qk(lay, heads=4, kv_heads=2, d=24, seed=len(name), device=device)
+    keep = torch.rand(2, lay.num_keys, generator=torch.Generator().manual_seed(len(name))) > 0.2
+    cubes_ok = lay.supports("blocks", block_size=(2, 2, 3))  # video cubes need video keys
+    names = tuple(n for n in SHARD_NAMES if lay.supports(n) and (n != "blocks" or cubes_ok))
+    if backend == "native":  # its distance reads the grid from the first video row: auto takes blocks
+        names = tuple(n for n in names if n != "distance")
+    kw: dict[str, object] = {
+        "scale": 0.3,
+        "per_head": per_head,
+        "block_size": (2, 2, 3) if cubes_ok else None,
+    }
+    cubes = ops.attention_sums(q, k, lay, names, key_padding_mask=keep, backend="reference", **kw)
+    tiles = ops.attention_sums(
+        q,
+        k,
+        lay,
+        ("blocks",),
+        key_padding_mask=keep,
+        backend="reference",
+        scale=0.3,
+        per_head=per_head,
+        block_size=(5, 7),
+    )
+    lse = None
+    if given_lse:  # each row's logsumexp over every key, as a ring's merged lse gives it
+        logits = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * 0.3
+        lse = torch.logsumexp(
+            logits.masked_fill(~keep[:, None, None, :].to(q.device), float("-inf")), -1
+        ).float()
+    total: dict[str, torch.Tensor] = {}
+    cuts = [(0, 5), (5, 5), *_cuts(lay.num_queries - 5, 3, seed=len(name))]
+    cuts = [(lo + 5 * (i > 1), hi + 5 * (i > 1)) for i, (lo, hi) in enumerate(cuts)]
+    assert cuts[-1][1] == lay.num_queries
+    for lo, hi in cuts:
+        shard = {"rows": (lo, hi), "key_padding_mask": keep.to(q.device), "backend": backend}
+        if lse is not None:
+            shard["lse"] = lse[:, :, lo:hi]
+        out = ops.attention_sums(q[:, :, lo:hi], k, lay, names, **shard, **kw)  # type: ignore[arg-type]
+        out["tiles"] = ops.attention_sums(
+            q[:, :, lo:hi],
+            k,
+            lay,
+            ("blocks",),
+            **shard,
+            scale=0.3,
+            per_head=per_head,
+            block_size=(5, 7),  # type: ignore[arg-type]
+        )["blocks"]
+        for n, t in out.items():
+            total[n] = total[n] + t if n in total else t
+        if "entropy" in out and lo < hi:  # zero outside the shard's rows
+            assert bool((out["entropy"][..., :lo] == 0).all() and (out["entropy"][..., hi:] == 0).all())
+    for n in names:
+        assert_close(f"{backend}/{n}", cubes[n], total[n].cpu(), 1e-5)
+    assert_close(f"{backend}/blocks tiles", tiles["blocks"], total["tiles"].cpu(), 1e-5)
+
+
+def test_query_shards_with_text_groups_and_the_native_grouped_path(
+    native_calls: list[tuple[int, ...]],
+) -> None:
+    lay = Layout.joint(text=9, grid=(3, 2, 3))
+    q, k = make_qk(lay, heads=2, seed=5)
+    groups = [[0, 3], [1, 2], [8]]
+    ref = ops.attention_sums(q, k, lay, ("cross", "temporal"), text_groups=groups, backend="reference")
+    total = {}
+    for lo, hi in ((0, 4), (4, 13), (13, 27)):
+        out = ops.attention_sums(
+            q[:, :, lo:hi], k, lay, ("cross", "temporal"), text_groups=groups, rows=(lo, hi)
+        )
+        total = {n: total[n] + t if n in total else t for n, t in out.items()}
+    assert [c[2] for c in native_calls] == [0, 4, 14]  # the grouped kernel read only each shard's video rows
+    for n in ("cross", "temporal"):
+        assert_close(n, ref[n], total[n], 1e-5)
+
+
+def test_query_shards_are_checked_by_name() -> None:
+    lay = Layout.self_attn(grid=(2, 2, 3))
+    q, k = make_qk(lay, heads=2, seed=6)
+    with pytest.raises(
+        ValueError,
+        match=r"^rows must be a pair \(lo, hi\) with 0 <= lo <= hi <= 12 \(the layout's queries\), got \(3, 20\)",
+    ):
+        ops.attention_sums(q[:, :, 3:], k, lay, ("temporal",), rows=(3, 20))
+    with pytest.raises(ValueError, match=r"^rows \(3, 8\) holds 5 query positions, but q holds 9 rows"):
+        ops.attention_sums(q[:, :, 3:], k, lay, ("temporal",), rows=(3, 8))
+    with pytest.raises(
+        ValueError,
+        match=r"^layout Layout.self_attn\(grid=\(2, 2, 3\), prefix=0\) expects 12 queries and 12 keys, but the call has 12 queries and 5 keys",
+    ):
+        ops.attention_sums(q[:, :, 3:], k[:, :, :5], lay, ("temporal",), rows=(3, 12))
+    with pytest.raises(ValueError, match=r"^rows: 'probe' reads rows by their query index"):
+        ops.attention_sums(q[:, :, 3:], k, lay, ("probe",), probe=torch.tensor([4]), rows=(3, 12))
+    with pytest.raises(
+        ValueError, match=r"^rows: not with key_range \(a shard of the query rows with per-row"
+    ):
+        ranges = (torch.zeros(9, dtype=torch.long), torch.full((9,), 12))
+        ops.attention_sums(q[:, :, 3:], k, lay, ("temporal",), rows=(3, 12), key_range=ranges)
+    with pytest.raises(ValueError, match=r"^lse must have shape \[B, H, Nq\] = \(2, 2, 9\)"):
+        ops.attention_sums(q[:, :, 3:], k, lay, ("temporal",), rows=(3, 12), lse=torch.zeros(2, 2, 12))
+    # distance on a shard: the native kernel reads the grid from the first video row, auto takes blocks
+    call = ops.prepare_call(q[:, :, 3:], k, lay, ("distance",), rows=(3, 12))
+    assert ops.choose("auto", call).__name__ == "attnmap.reduce.blocks"
+    with pytest.raises(
+        ValueError, match=r"^backend='native' cannot reduce this call: distance needs every video query row"
+    ):
+        ops.attention_sums(q[:, :, 3:], k, lay, ("distance",), rows=(3, 12), backend="native")
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_ring_query_shard_reads_per_key_reductions_with_the_merged_lse(backend: str) -> None:
+    # a ring rank: its query rows meet the key shards one by one; the merged lse makes received,
+    # blocks and distance exact in one pass over the gathered keys, and the ranks' outputs add up
+    lay = Layout.self_attn(grid=(3, 2, 4), prefix=1)
+    q, k = make_qk(lay, heads=2, d=16, seed=9)
+    names = ("received", "blocks", "distance")
+    ref = ops.attention_sums(q, k, lay, names, block_size=(1, 2, 2), backend="reference")
+    total: dict[str, torch.Tensor] = {}
+    ranks = [(0, 7), (7, 13), (13, 19), (19, 25)]
+    for lo, hi in ranks:
+        merged = _sharded(q[:, :, lo:hi], k, lay, ("entropy",), ranks, backend, rows=(lo, hi))
+        out = ops.attention_sums(
+            q[:, :, lo:hi], k, lay, names, rows=(lo, hi), lse=merged.lse, block_size=(1, 2, 2), backend="auto"
+        )
+        total = {n: total[n] + t if n in total else t for n, t in out.items()}
+    for n in names:
+        assert_close(n, ref[n], total[n], 1e-5)

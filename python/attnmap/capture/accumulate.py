@@ -127,6 +127,15 @@ class Accumulator:
         """Batch rows of the maps of a step (0 when none)."""
         return next((slot.total.shape[0] for k, slot in self._maps.items() if k.step == step), 0)
 
+    def running(self, step: int) -> list[tuple[MapKey, RunningMean]]:
+        """A step's running means, in key order (the same order on every rank of a capture)."""
+        return [(k, self._maps[k]) for k in self.keys(step)]
+
+    def drop(self, step: int) -> None:
+        """Forget a step's maps."""
+        for key in self.keys(step):
+            del self._maps[key]
+
     def to_cpu(self, step: int) -> None:
         for key, slot in self._maps.items():
             if key.step == step:

@@ -17,10 +17,11 @@ import torch
 
 from attnmap import reduce
 from attnmap.capture.interception import Intercepted, Site
+from attnmap.capture.parallel import widen
 from attnmap.capture.plan import CallPlan, Forward, ModelRow, Options, RowGroup, Rows, Skip, plan_call
 
 Add = Callable[[Site, str, dict[str, torch.Tensor], Rows, int], None]  # site, branch, maps, rows, batch
-Warn = Callable[[Site, str], None]
+Warn = Callable[[Optional[Site], str], None]  # None: a reason the same for every module
 
 __all__ = ["CallReader", "Forward", "Options"]
 
@@ -68,7 +69,7 @@ class CallReader:
         plan = plan_call(site, call, self.forward, self.options, self.notes)
         if isinstance(plan, Skip):
             if plan.warn:
-                self.warn(site, plan.reason)
+                self.warn(None if plan.anywhere else site, plan.reason)
             return
         for reason in plan.warnings:
             self.warn(site, reason)
@@ -132,7 +133,9 @@ class CallReader:
     ) -> dict[str, torch.Tensor]:
         cubes = self.options.block_size is not None and "blocks" in reductions
         extra: dict[str, Any] = {"block_size": self.options.block_size} if cubes else {}
-        return reduce.attention_sums(
+        if plan.shard is not None:  # a context-parallel rank's rows of the whole call
+            extra["rows"] = (plan.q_offset, plan.q_offset + int(q.shape[2]))
+        out = reduce.attention_sums(
             q,
             k,
             plan.layout,
@@ -146,6 +149,7 @@ class CallReader:
             text_groups=text_groups,
             **extra,
         )
+        return out if plan.shard is None else widen(out, plan.shard, self.options.per_head)
 
     def _unfold(self, plan: CallPlan, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Divided attention's outputs per model row: space ``[B, F, ...]``, time ``[B, HW, ...]``;

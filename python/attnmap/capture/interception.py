@@ -9,16 +9,28 @@ The entry points:
   xformers, hub kernels ...). Modules import it by name, so it is replaced where it is looked up:
   in every loaded module that holds it. Backends that end in torch SDPA (``native`` and the
   ``_native_*`` variants) are left to the SDPA entry point below, so that a call is seen once;
+- under diffusers' context parallelism, ``_templated_context_parallel_attention`` (replaced the same
+  way): the ``forward_op`` it is given is watched (:class:`~attnmap.capture.parallel.OpSpy`), and
+  its calls (Ulysses' whole sequence for a head subset, the ring's key shards) become one call of the
+  rank's query rows against the whole keys, with a :class:`~attnmap.capture.parallel.Shard` saying
+  where they sit; nothing inside it is read again at SDPA. The dispatcher's own view of such a call
+  (the local chunks) is never read;
+- xDiT's ``USP`` (replaced where it is looked up), xDiT's attention processors and ParaAttention's
+  function modes (seen on the mode stack at each call): their calls are refused with a reason naming
+  the framework, never read as whole, and SDPA runs under a foreign mode as the plain torch function
+  (a mode that asks ``func is F.scaled_dot_product_attention`` gets yes);
 - transformers' attention interface (``AttentionInterface``'s functions: flash_attention_*,
   flex_attention; its sdpa for sites read there, ``Site.interface``: a video LLM's, before the sdpa
   function packs grouped queries) and the ``eager_attention_forward`` of a watched module's
   modeling file;
 - ``torch.nn.functional.scaled_dot_product_attention``, replaced on ``torch.nn.functional`` and in
-  every module that imported it by name, for every processor that calls it itself (and for the
-  SDPA backends above). A replaced function, unlike a ``TorchFunctionMode``, is traced by
+  every module that imported it by name (never in ``torch._C._nn``, where torch finds the function
+  it hands a function mode), for every processor that calls it itself (and for the SDPA backends
+  above). A replaced function, unlike a ``TorchFunctionMode``, is traced by
   ``torch.compile`` like any other Python, so a compiled model is compiled as it would be alone.
-  (While it is replaced, a user's ``TorchFunctionMode`` gets the wrapper as the ``func`` of an SDPA
-  call, since torch looks the function up by name; calling it runs SDPA unchanged);
+  (While a user's ``TorchFunctionMode`` is active, ``torch.nn.functional.scaled_dot_product_attention``
+  is torch's own function again for the length of each call, so that the mode sees the function it
+  compares with);
 - softmax calls, through a ``TorchFunctionMode`` entered only for the families that read eager
   probabilities (TimeSformer).
 
@@ -45,10 +57,16 @@ import torch
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._device import DeviceContext
 
+import attnmap.capture.parallel as parallel
+from attnmap.capture.parallel import Shard
+
 _SDPA = torch.nn.functional.scaled_dot_product_attention
 _SOFTMAX = (torch.Tensor.softmax, torch.softmax, torch.nn.functional.softmax)
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _DISPATCH_ARGS = (*_SDPA_ARGS[:-1], "enable_gqa", "attention_kwargs")
+#: diffusers' templated context-parallel attention, and its positional arguments
+_TEMPLATED = "_templated_context_parallel_attention"
+_TEMPLATED_ARGS = (*_SDPA_ARGS[:-1], "enable_gqa", "return_lse")
 #: diffusers backends whose implementation calls torch SDPA (seen there, not at the dispatcher)
 SDPA_BACKENDS = frozenset({"native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math"})
 #: transformers attention functions that call torch SDPA
@@ -87,7 +105,9 @@ class Intercepted:
     (views, never copies); ``entry`` names the entry point (``"sdpa"``, ``"diffusers:flex"``,
     ``"transformers:eager"`` ...); ``index`` is the call's position among its module's calls in this
     forward; ``lse`` the rows' logsumexp when the call ran through :func:`attnmap.reduce.sdpa_with_lse`;
-    ``softcap`` the cap transformers' interface was asked to put on the scores (``cap * tanh(s / cap)``).
+    ``shard`` where a context-parallel rank's call sits in the whole call (its query rows, heads);
+    ``refused`` why a call cannot be read (a framework's sharding attnmap cannot see); ``softcap``
+    the cap transformers' interface was asked to put on the scores (``cap * tanh(s / cap)``).
     """
 
     query: torch.Tensor
@@ -99,6 +119,8 @@ class Intercepted:
     index: int = 0
     lse: Optional[torch.Tensor] = None
     context: Optional[int] = None
+    shard: Optional[Shard] = None
+    refused: Optional[str] = None
     softcap: Optional[float] = None
 
 
@@ -270,8 +292,9 @@ class Interceptor:
     _mode: Optional[_Mode] = None
     _observe: Callable[..., None] = lambda *args: None  # attnmap::observe, once open
     _registry: Any = None  # diffusers' attention backend registry, once open
-    _busy: bool = False  # inside the one-pass path's own SDPA call
+    _busy: bool = False  # inside a call whose inner attention is not read (ours, or one read whole)
     _depth: int = 0  # how many interceptors were open when this one opened
+    _templated: int = 0  # context-parallel calls read at the templated function
 
     # -- opening and closing -------------------------------------------------------------
     def __enter__(self) -> Interceptor:
@@ -292,6 +315,7 @@ class Interceptor:
             self._patch_sdpa()
             self._patch_diffusers()
             self._patch_transformers()
+            self._patch_xdit()
             if self.softmax_roles:
                 self._mode = _Mode(self)
                 self._mode.__enter__()
@@ -358,6 +382,8 @@ class Interceptor:
         is_causal: bool,
         entry: str,
         lse: Optional[torch.Tensor] = None,
+        shard: Optional[Shard] = None,
+        refused: Optional[str] = None,
         softcap: Optional[float] = None,
     ) -> None:
         """One call of the innermost site: delivered now, or, inside a graph being compiled, through
@@ -365,7 +391,11 @@ class Interceptor:
         site = self.stack[-1]
         index = site.calls
         site.calls += 1
-        if torch.compiler.is_compiling():
+        if refused is None and not torch.compiler.is_compiling():  # a framework's sharding
+            refused = parallel.foreign_processor(site.module) or (
+                None if _alone() else parallel.foreign_mode()
+            )
+        if torch.compiler.is_compiling() and shard is None and refused is None:
             blocked = mask is _UNREADABLE
             self._observe(
                 _SINK[0], query, key, None if blocked else mask, scale, is_causal, site.token, self._depth, index,
@@ -374,7 +404,20 @@ class Interceptor:
             return
         context = None if site.context == UNKNOWN else site.context
         cap = None if softcap is None else float(softcap)
-        call = Intercepted(query, key, mask, scale, is_causal, entry, index, lse, context, cap)
+        call = Intercepted(
+            query,
+            key,
+            mask,
+            scale,
+            is_causal,
+            entry,
+            index,
+            lse,
+            context,
+            shard=shard,
+            refused=refused,
+            softcap=cap,
+        )
         self._deliver(site, call)
 
     def _deliver(self, site: Site, call: Intercepted) -> None:
@@ -437,6 +480,10 @@ class Interceptor:
         wrapper = self._sdpa_wrapper(previous)
         for module in [functional, *list(sys.modules.values())]:
             namespace = getattr(module, "__dict__", None)
+            if getattr(module, "__name__", "").startswith("torch._C"):
+                # torch hands a function mode the function of this name in torch._C._nn: left as it is,
+                # a mode sees torch's own SDPA, which _beside_a_mode puts back on functional for it
+                continue
             if isinstance(namespace, dict) and namespace.get("scaled_dot_product_attention") is previous:
                 self._patches.append(_Patch(module, "scaled_dot_product_attention", previous))
                 setattr(module, "scaled_dot_product_attention", wrapper)  # noqa: B010
@@ -445,8 +492,10 @@ class Interceptor:
         last = previous is _SDPA  # the capture opened first: nothing of attnmap's below it
 
         def scaled_dot_product_attention(*args: Any, **kwargs: Any) -> Any:
-            # inside our own call: sdpa_with_lse's fallback to SDPA, or a user's function mode that
-            # torch hands this wrapper as the function it intercepted (torch looks it up by name)
+            # inside a call whose inner attention is not read: sdpa_with_lse's fallback to SDPA, a
+            # context-parallel call read at the templated function, a framework's own parallel attention
+            if not torch.compiler.is_compiling() and not _alone():  # busy or not: the mode sees torch's
+                return self._beside_a_mode(previous, args, kwargs)
             if self._busy:
                 return previous(*args, **kwargs)
             # is_compiling() first: a graph being traced reads no option (each value would be a guard)
@@ -474,40 +523,86 @@ class Interceptor:
         scaled_dot_product_attention.__doc__ = getattr(previous, "__doc__", None)
         return scaled_dot_product_attention
 
+    def _beside_a_mode(
+        self, previous: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """An SDPA call while a user's function mode is active: torch.nn.functional holds torch's own
+        SDPA for its length, so that the mode sees the function it compares with (ParaAttention runs
+        its parallel attention only when ``func is F.scaled_dot_product_attention``), and nothing
+        inside is read. The call itself is read as usual (unless it is inside a call whose inner
+        attention is not read), or refused where the mode computes it its own way (ParaAttention)."""
+        functional = torch.nn.functional
+        mine = functional.scaled_dot_product_attention
+        read = bool(self.stack) and not self._busy
+        refused = parallel.foreign_mode() if read else None
+        functional.scaled_dot_product_attention = _SDPA
+        busy, self._busy = self._busy, True
+        try:
+            out = previous(*args, **kwargs)
+        finally:
+            self._busy = busy
+            functional.scaled_dot_product_attention = mine
+        if read:
+            call = bind(_SDPA_ARGS, args, kwargs)
+            q, k = call.get("query"), call.get("key")
+            if refused is not None and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor):
+                self._hand_over(q, k, None, None, False, "sdpa", refused=refused)
+            elif refused is None:
+                self.seen_sdpa(args, kwargs, None)
+        return out
+
     # -- diffusers' dispatcher ---------------------------------------------------------------
     def _patch_diffusers(self) -> None:
         dispatch = sys.modules.get("diffusers.models.attention_dispatch")
         if dispatch is None:
             return
-        original = getattr(dispatch, "dispatch_attention_fn", None)
-        if original is None:
-            return
-        wrapper = self._dispatch_wrapper(original)
+        for name, make in (
+            ("dispatch_attention_fn", self._dispatch_wrapper),
+            (_TEMPLATED, self._templated_wrapper),
+        ):
+            original = getattr(dispatch, name, None)
+            if original is not None:
+                self._replace(name, original, make(original))
+
+    def _replace(self, name: str, original: Any, wrapper: Any) -> None:
+        """``wrapper`` for ``original`` in every loaded module that holds it as ``name``."""
         for module in list(sys.modules.values()):
-            if getattr(module, "dispatch_attention_fn", None) is original:
-                self._patches.append(_Patch(module, "dispatch_attention_fn", original))
-                setattr(module, "dispatch_attention_fn", wrapper)  # noqa: B010
+            if getattr(module, name, None) is original:
+                self._patches.append(_Patch(module, name, original))
+                setattr(module, name, wrapper)
 
     def _dispatch_wrapper(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def dispatch_attention_fn(*args: Any, **kwargs: Any) -> Any:
+            before = self._templated
             out = original(*args, **kwargs)
-            self.seen_dispatch(args, kwargs)
+            self.seen_dispatch(args, kwargs, read=self._templated > before)
             return out
 
         dispatch_attention_fn.__wrapped__ = original  # type: ignore[attr-defined]
         return dispatch_attention_fn
 
-    def seen_dispatch(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-        if not self.stack:
+    def seen_dispatch(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], *, read: bool = False) -> None:
+        """A dispatcher call inside a site (``read``: its context-parallel attention was read at the
+        templated function)."""
+        if not self.stack or self._busy:
             return
         call = bind(_DISPATCH_ARGS, args, kwargs)
         backend = call.get("backend")
         if backend is None:
             backend = "native" if self._registry is None else self._registry._active_backend
         name = str(getattr(backend, "value", backend))
-        if name in SDPA_BACKENDS and call.get("parallel_config") is None:
-            return  # the SDPA entry point saw it
         q, k = _blhd(call.get("query")), _blhd(call.get("key"))
+        if call.get("parallel_config") is not None:  # the local chunks of a context-parallel call
+            if not read and q is not None and k is not None:
+                reason = (
+                    f"its context-parallel attention (diffusers backend {name!r}) did not go through "
+                    "_templated_context_parallel_attention where attnmap reads it"
+                    + (" (under torch.compile it is not read)" if torch.compiler.is_compiling() else "")
+                )
+                self._hand_over(q, k, None, None, False, f"diffusers:{name}", refused=reason)
+            return
+        if name in SDPA_BACKENDS:
+            return  # the SDPA entry point saw it
         if q is not None and k is not None:
             self._hand_over(
                 q,
@@ -517,6 +612,72 @@ class Interceptor:
                 bool(call.get("is_causal", False)),
                 f"diffusers:{name}",
             )
+
+    def _templated_wrapper(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def _templated_context_parallel_attention(*args: Any, **kwargs: Any) -> Any:
+            if not self.stack or self._busy:
+                return original(*args, **kwargs)
+            if torch.compiler.is_compiling():  # not read (the dispatcher says so); nor is any call inside
+                self._busy = True  # (a Ulysses rank's SDPA holds a subset of the heads)
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    self._busy = False
+            spy = parallel.OpSpy(kwargs["forward_op"])
+            busy, self._busy = self._busy, True  # the forward op's own SDPA is read here, not there
+            try:
+                out = original(*args, **{**kwargs, "forward_op": spy})
+            finally:
+                self._busy = busy
+            self.seen_templated(spy, bind(_TEMPLATED_ARGS, args, kwargs))
+            return out
+
+        _templated_context_parallel_attention.__wrapped__ = original  # type: ignore[attr-defined]
+        return _templated_context_parallel_attention
+
+    def seen_templated(self, spy: parallel.OpSpy, call: Mapping[str, Any]) -> None:
+        """One rank's context-parallel attention, from the calls its forward op made."""
+        self._templated += 1
+        config = call.get("_parallel_config")
+        found = parallel.assemble(spy.calls, config)
+        backend = diffusers_backend(None)
+        if isinstance(found, str):
+            q, k = _blhd(call.get("query")), _blhd(call.get("key"))
+            if q is not None and k is not None:
+                self._hand_over(q, k, None, None, False, f"diffusers:{backend}", refused=found)
+            return
+        self._hand_over(
+            found.query,
+            found.key,
+            found.mask,
+            found.scale,
+            bool(call.get("is_causal", False)),
+            f"diffusers:{backend}:{found.mode}",
+            shard=found.shard,
+        )
+
+    # -- xDiT ----------------------------------------------------------------------------------
+    def _patch_xdit(self) -> None:
+        for modname, name in parallel.XDIT:
+            original = getattr(sys.modules.get(modname), name, None)
+            if callable(original):
+                self._replace(name, original, self._xdit_wrapper(original))
+
+    def _xdit_wrapper(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def USP(query: Any, key: Any, *args: Any, **kwargs: Any) -> Any:  # xDiT's name
+            if not self.stack or self._busy or not parallel.xdit_parallel():
+                return original(query, key, *args, **kwargs)
+            busy, self._busy = self._busy, True  # nothing inside is read
+            try:
+                out = original(query, key, *args, **kwargs)
+            finally:
+                self._busy = busy
+            if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor):
+                self._hand_over(query, key, None, None, False, "xdit:usp", refused=parallel.XDIT_REFUSED)
+            return out
+
+        USP.__wrapped__ = original  # type: ignore[attr-defined]
+        return USP
 
     # -- transformers' attention interface ---------------------------------------------------
     def _patch_transformers(self) -> None:
@@ -575,7 +736,12 @@ class Interceptor:
     def seen_interface(
         self, name: str, query: Any, key: Any, attention_mask: Any, kwargs: Mapping[str, Any]
     ) -> None:
-        if not self.stack or not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor):
+        if (
+            not self.stack
+            or self._busy
+            or not isinstance(query, torch.Tensor)
+            or not isinstance(key, torch.Tensor)
+        ):
             return
         if query.dim() != 4 or key.dim() != 4:
             return

@@ -11,8 +11,10 @@ Each model batch row is a :class:`ModelRow`: its branch, its place among the bra
 text (:class:`RowText`: the prompt it holds, its real length, its target words), so rows that differ
 (the positive and the negative prompt under guidance, a batch of prompts, padded text) are each read
 over their own tokens. A plan's ``q_offset`` is where its first query sits in the whole sequence (the
-query rows of a shard of a longer sequence, or a decode step's rows at the end of the keys). Private
-to :mod:`attnmap.capture`.
+query rows of a shard of a longer sequence, or a decode step's rows at the end of the keys). A call of
+a context-parallel rank (:mod:`attnmap.capture.parallel`) is placed as the whole call it is a shard of
+(its :class:`~attnmap.capture.parallel.Shard`, or its rows found at the rank's chunk of the video) and
+read at its rows. Private to :mod:`attnmap.capture`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 import attnmap.capture.layouts as layouts
 from attnmap.capture.interception import Intercepted, Site, unreadable
 from attnmap.capture.layouts import FamilySpec, Placement, Unplaced, VideoInputs
+from attnmap.capture.parallel import Shard, Split
 from attnmap.layout import SUPPORTED, Layout
 
 #: reductions that read only the video query rows (exact under a mask that varies over the others)
@@ -78,6 +81,7 @@ class Forward:
     inputs: VideoInputs = field(default_factory=VideoInputs)
     rows: list[ModelRow] = field(default_factory=lambda: [ModelRow(0, "cond", 0, 1)])
     spec: FamilySpec = layouts.GENERIC
+    split: Optional[Split] = None  # the model's context-parallel split (its calls see local chunks)
 
     @property
     def targets(self) -> bool:
@@ -137,15 +141,18 @@ class CallPlan:
     grid: Optional[layouts.Grid] = None
     text_groups: bool = False
     q_offset: int = 0
+    shard: Optional[Shard] = None  # a context-parallel rank's rows and heads of the whole call
     warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Skip:
-    """A call that is not read: ``warn`` it (once per module and reason), or pass it over quietly."""
+    """A call that is not read: ``warn`` it (once per module and reason; ``anywhere``: once per
+    capture, a reason that is the same for every module), or pass it over quietly."""
 
     reason: str
     warn: bool = True
+    anywhere: bool = False
 
 
 def _misfit(lay: Layout, nq: int, nk: int) -> str:
@@ -246,11 +253,51 @@ def _widths(rows: Sequence[ModelRow], span: Optional[Span], *, trimmed: bool) ->
     return out
 
 
+def _local_shard(call: Intercepted, forward: Forward, h: int, nq: int, nk: int) -> Union[Shard, str, None]:
+    """Where a call a context-parallel rank makes outside diffusers' templated attention sits in the
+    whole call: its chunk of the video rows against keys it was given whole from the module's context
+    (Wan's cross-attention: the local video rows, the whole text), or a whole call of the video every
+    rank makes alike (kept by rank 0 alone). None: no split; a reason where the rows cannot be placed
+    (local rows against local keys, or a sequence attnmap does not know to be whole or chunked): such a
+    call read as whole would be a part of its maps, or counted once per rank."""
+    split, grid = forward.split, forward.inputs.grid
+    if split is None:
+        return None
+    if grid is None:
+        return "a call on a context-parallel rank outside a forward whose video grid attnmap read"
+    whole = grid[0] * grid[1] * grid[2]
+    given = call.context is not None and 0 <= nk <= call.context  # keys from the module's context
+    shard = split.local(nq, h, whole) if given or nq == nk == whole else None
+    if shard is None:
+        return (
+            f"a call of {nq} queries against {nk} keys on context-parallel rank {split.rank} of {split.world} "
+            "made outside diffusers' templated attention: attnmap cannot tell where its rows sit in the whole "
+            "sequence, nor that another rank does not hold the same call (it is not read)"
+        )
+    return shard
+
+
+def _unshardable(place: Placement) -> Optional[str]:
+    """Why a context-parallel rank's shard of a call cannot be read at its rows, None if it can: the
+    sequence diffusers splits is the video (self-attention) or the video against a context."""
+    lay = place.layout
+    if lay.kind not in ("self", "cross") or lay.prefix or place.fold or place.row is not None:
+        return (
+            f"a context-parallel shard of a {lay.kind} call (prefix {lay.prefix}) is not read: the order "
+            "of its gathered tokens in the whole sequence is not known"
+        )
+    if place.roll or place.tiles:
+        return "a context-parallel shard of a call whose tokens are reordered is not read"
+    return None
+
+
 def plan_call(
     site: Site, call: Intercepted, forward: Forward, options: Options, notes: dict[str, set[str]]
 ) -> Union[CallPlan, Skip]:
     """Place one call (see the module docstring); ``notes`` collects reductions that do not apply to
     a kind of call (reason -> module names), for one note when the capture closes."""
+    if call.refused is not None:
+        return Skip(call.refused, anywhere=True)
     q, k = call.query, call.key
     if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 or k.dim() != 4:
         return Skip("query/key are not [B, H, N, D] tensors")
@@ -262,14 +309,28 @@ def plan_call(
         return Skip(f"its mask ({call.entry}) is not a tensor attnmap can read")
     b, h, nq, _ = (int(s) for s in q.shape)
     nk = int(k.shape[2])
-    place = _place(site, call, b, nq, nk, forward, options)
+    if call.shard is not None and forward.split is None:
+        return Skip(
+            "a context-parallel rank's shard of a call in a model whose split attnmap did not find (its "
+            "parallel config is not on the watched model): the ranks' maps could not be added up",
+            anywhere=True,
+        )
+    shard = call.shard if call.shard is not None else _local_shard(call, forward, h, nq, nk)
+    if isinstance(shard, str):
+        return Skip(shard)
+    place = _place(site, call, b, nq if shard is None else shard.queries, nk, forward, options)
     if isinstance(place, Unplaced):
         return Skip(place.reason, place.warn)
     lay = place.layout
+    if shard is not None:
+        reason = _unshardable(place)
+        if reason is not None:
+            return Skip(reason)
     mask: Optional[torch.Tensor] = None
     vary = False
     if call.attn_mask is not None:
-        kp = layouts.key_padding(call.attn_mask, b, h, nk, lay.video_q)
+        video = lay.video_q if shard is None else slice(0, nq)  # a shard's rows: all video (no prefix)
+        kp = layouts.key_padding(call.attn_mask, b, h, nk, video)
         if isinstance(kp, str):
             return Skip(kp)
         mask, vary = kp
@@ -339,5 +400,7 @@ def plan_call(
         fold=place.fold,
         grid=place.grid or lay.grid,
         text_groups=not group and place.fold is None and all(g.span is not None for g in groups),
+        q_offset=0 if shard is None else shard.rows[0],
+        shard=shard,
         warnings=tuple(dict.fromkeys(warnings)),
     )

@@ -30,6 +30,11 @@ Map names (per step; ``get`` returns them with a leading batch dim ``B``, and ``
 - ``uncond/<name>`` with ``branch="both"``; ``<denoiser>/<name>`` for a second denoiser kept apart
   (Wan 2.2's ``transformer_2`` with ``experts="apart"``).
 
+Under diffusers' context parallelism (:mod:`~attnmap.capture.parallel`) every rank opens the capture
+around the same run; each reads its own rows and heads, and when a step ends the ranks' maps are
+added up over the context-parallel group, so that each holds the maps one process would have
+captured. Only rank 0 writes ``store=``.
+
 Example:
     >>> with attnmap.capture(pipe) as rec:  # doctest: +SKIP
     ...     pipe("a (cat) on a (mat)", num_frames=81)
@@ -50,6 +55,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 import attnmap.capture.layouts as layouts
+import attnmap.capture.parallel as parallel
 import attnmap.capture.vlm as vlm
 from attnmap import reduce
 from attnmap.capture.accumulate import Accumulator, MapKey, Rows
@@ -252,6 +258,9 @@ class Recorder:
         self._seen_blocks: set[int] = set()
         self._entries: set[str] = set()
         self._active = False
+        self._split: Optional[parallel.Split] = None  # the model's context-parallel split, once seen
+        self._combined: set[int] = set()  # steps whose maps hold every rank's
+        self._uncombined: Optional[str] = None  # why the ranks' maps can no longer be combined
 
     # -- setting up --------------------------------------------------------------------------
     @staticmethod
@@ -464,7 +473,9 @@ class Recorder:
             given = layouts.bind_inputs(den.core, args, kwargs)
             inputs = layouts.read_inputs(den.core, den.spec, given)
             rows = self._model_rows(inputs, layouts.text_input(given, den.spec))
-            self._reader.forward = Forward(inputs, rows, den.spec)
+            split = parallel.split_of(den.core)
+            self._split = split or self._split
+            self._reader.forward = Forward(inputs, rows, den.spec, split)
 
         return hook
 
@@ -548,13 +559,14 @@ class Recorder:
             flag = isinstance(scale, (int, float)) and scale > 1.0
         return bool(flag)
 
-    def _warn(self, site: Site, reason: str) -> None:
-        if (site.name, reason) in self._warned:
+    def _warn(self, site: Optional[Site], reason: str) -> None:
+        """One warning per module and reason (``site`` None: per reason, the same for every module)."""
+        key = ("" if site is None else site.name, reason)
+        if key in self._warned:
             return
-        self._warned.add((site.name, reason))
-        warnings.warn(
-            f"attnmap.capture: skipping the attention of module {site.name!r}: {reason}", stacklevel=3
-        )
+        self._warned.add(key)
+        where = "attention calls" if site is None else f"the attention of module {site.name!r}"
+        warnings.warn(f"attnmap.capture: skipping {where}: {reason}", stacklevel=3)
 
     def _recording(self, site: Site) -> bool:
         if self._steps is not None and self._step not in self._steps:
@@ -796,18 +808,50 @@ class Recorder:
 
     def _finish_step(self) -> None:
         self._warn_nonfinite()
-        if self._step in self._written or self._step not in self._acc.steps:
+        if self._step in self._written:
+            return
+        if self._split is not None and not self._combine(self._step, self._split):
+            return
+        if self._step not in self._acc.steps:
             return
         if self._vlm is not None:  # the whole answer is a token too: the step scrubber walks it
             self._acc.alias(self._step, "answer", "token/answer", list(range(self._acc.rows(self._step))))
         self._acc.to_cpu(self._step)
-        if self._store is not None and not self._sinks:
+        writes = self._split is None or self._split.rank == 0
+        if self._store is not None and not self._sinks and writes:
             self._sinks = store_sinks(self._store, self._video_ids, self.video_metadata, self.config)
         rows = self._acc.rows(self._step)
         maps = [self._row_maps(self._step, row) for row in range(rows)]
         for sink in self._sinks:
             sink.write_step(self._step, maps)
         self._written.add(self._step)
+
+    def _combine(self, step: int, split: parallel.Split) -> bool:
+        """Add up the ranks' maps of ``step`` over the context-parallel group (every rank gets here at
+        the end of each step); False when they were not (the step's maps are then dropped with one
+        warning, never kept as partial maps)."""
+        if step in self._combined:
+            return True
+        found: Union[list[torch.Tensor], str]
+        if self._uncombined is not None:
+            found = self._uncombined
+        else:
+            running = self._acc.running(step)
+            keys = [k.order() for k, _ in running]
+            found = parallel.combine(
+                keys, [r.total for _, r in running], [r.count for _, r in running], split
+            )
+            if isinstance(found, list):
+                for (_, slot), total in zip(running, found):
+                    slot.total = total
+                self._combined.add(step)
+                return True
+            if "failed" in found:  # the group is broken: no collective any more
+                self._uncombined = found
+        if step in self._acc.steps:
+            self._acc.drop(step)
+            self._warn(None, f"step {step}'s maps are not recorded: {found}")
+        return False
 
     # -- never silently empty ----------------------------------------------------------------
     def _warn_silent(self) -> None:
@@ -818,6 +862,10 @@ class Recorder:
             silent = [
                 s for s in den.sites if s.name in den.leaves and s.entered and not s.seen and s.role == "auto"
             ]
+            refused = {s.name: parallel.foreign_processor(s.module) for s in silent}
+            for reason in dict.fromkeys(r for r in refused.values() if r is not None):
+                self._warn(None, reason)  # a framework's processor that ran kernels attnmap cannot see
+            silent = [s for s in silent if refused[s.name] is None]
             if not silent or den.everything:
                 continue
             linear = [s.name for s in silent if self._is_linear(den, s)]
@@ -867,7 +915,10 @@ class Recorder:
     # -- reading -----------------------------------------------------------------------------
     @property
     def steps(self) -> list[int]:
-        """The steps with recorded maps."""
+        """The steps with recorded maps (under context parallelism: the finished steps, whose maps
+        hold every rank's)."""
+        if self._split is not None:
+            return [s for s in self._acc.steps if s in self._combined]
         return self._acc.steps
 
     @property
@@ -922,6 +973,17 @@ class Recorder:
         if block is not None and not self.per_block:
             raise AttnmapError("block= needs capture(..., per_block=True); maps were averaged over blocks")
         steps = self.steps if step is None else [int(step)]
+        if (
+            self._split is not None
+            and step is not None
+            and int(step) in self._acc.steps
+            and int(step) not in self._combined
+        ):
+            raise AttnmapError(
+                f"step {step} is not finished: under context parallelism each rank holds only its own rows and "
+                "heads until the step ends (the scheduler's step, rec.step(), or the capture's close) and the "
+                "ranks' maps are added up"
+            )
         values = [
             v for s in steps if (v := self._acc.value(s, branch, name, block, self.per_block)) is not None
         ]
@@ -1009,6 +1071,7 @@ class Recorder:
             "per_head": self.per_head,
             "per_block": self.per_block,
             "entry_points": sorted(self._entries),
+            **({} if self._split is None else {"context_parallel": self._split.describe()}),
             "rows": {branch: [dict(r) for r in rows] for branch, rows in self._rows_meta.items()},
         }
         if self._vlm is not None:

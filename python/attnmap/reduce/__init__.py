@@ -94,6 +94,7 @@ def attention_sums(
     check_finite: bool = True,
     text_groups: Optional[Sequence[Sequence[int]]] = None,
     block_size: Optional[BlockSize] = None,
+    rows: Optional[tuple[int, int]] = None,
     key_range: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     key_positions: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
@@ -140,6 +141,13 @@ def attention_sums(
             ``(t, h, w)`` gives video cubes of the grid (video queries to video keys only, cubes in
             raster order, edge cubes smaller), ``[B, C, C]`` with
             ``C = ceil(F / t) * ceil(H / h) * ceil(W / w)``; ``(1, H, W)`` is exactly ``temporal``.
+        rows: ``(lo, hi)``, the layout's query positions that q holds (one rank's query shard under
+            context parallelism; every key is in k, and each row's softmax is over all of them).
+            The outputs then have the whole layout's shapes, zero outside those rows, and are
+            divided by the whole layout's counts (``received`` by every query, ``temporal`` by a
+            frame's tokens ...), so that the outputs of the shards of the queries add up exactly to
+            the whole call's; ``lse`` is then ``[B, H, hi - lo]``, the rows' logsumexp over every
+            key. Not with ``probe`` nor ``key_range``.
         key_range: ``(lo, hi)``, integer tensors ``[B, Nq]`` (or ``[Nq]`` for every batch row): query
             row ``i`` attends only the keys whose position lies in ``[lo[i], hi[i])`` (with the
             ``key_padding_mask`` as well): causal attention with a decode offset, a sliding window, a
@@ -175,6 +183,7 @@ def attention_sums(
         check_finite=check_finite,
         text_groups=text_groups,
         block_size=block_size,
+        rows=rows,
         key_range=key_range,
         key_positions=key_positions,
     )

@@ -66,11 +66,13 @@ def block_probs(
 
     Args:
         call: the validated call.
-        rows: a slice of query positions or a LongTensor of them.
+        rows: a slice of the layout's query positions (within the rows q holds) or a LongTensor of q's rows.
         kt: :func:`keys_t` of the call, ``[B * Hk, D, Nk]``.
         window: keys ``(k0, k1)`` that hold every key these rows may attend (:func:`key_window`).
     """
     b, h, hk, d = call.batch, call.heads, call.kv_heads, int(call.q.shape[3])
+    if isinstance(rows, slice):
+        rows = call.local(rows.start, rows.stop)
     k0, k1 = window or (0, call.num_keys)
     kt, nk = kt[..., k0:k1], k1 - k0
     qb = call.q[:, :, rows].to(torch.float32)

@@ -8,6 +8,11 @@ summed over heads; ``temporal`` summed over the query frame's rows, ``blocks`` o
 query rows, ``received`` and ``distance`` over all (video) rows, ``entropy`` per row), and
 :func:`finish` divides them into the contract's means. :func:`block_grid` says which block each
 query and key belongs to (token tiles or video cubes; also the frames of ``temporal``).
+
+A call's q may hold a shard of the layout's query rows (``rows``, the query range of one rank under
+context parallelism): the raw sums then have the whole layout's shapes, zero outside those rows, and
+the means divide by the whole layout's counts, so that the outputs of the shards add up to the
+whole call's. :func:`place_rows` puts a backend's per-row sums where their layout positions are.
 """
 
 from __future__ import annotations
@@ -73,8 +78,9 @@ class AttentionCall:
     ``bias`` is the key padding mask as an additive fp32 bias ``[B, Hm, Nk]`` with ``Hm`` 1 or H
     (``-inf`` for excluded keys); ``lse`` the caller's logsumexp ``[B, H, Nq]`` in fp32;
     ``text_groups`` the text-key positions summed into each column of ``cross``; ``block_size``
-    the blocks of ``blocks``: ``(bq, bk)`` token tiles or ``(t, h, w)`` video cubes; ``key_range``
-    the keys each query row may attend (:class:`KeyRange`; None: every key the bias keeps).
+    the blocks of ``blocks``: ``(bq, bk)`` token tiles or ``(t, h, w)`` video cubes; ``shard`` the
+    layout's query positions ``[lo, hi)`` that q holds (None: all of them); ``key_range`` the keys each
+    query row may attend (:class:`KeyRange`; None: every key the bias keeps).
     """
 
     q: torch.Tensor
@@ -88,6 +94,7 @@ class AttentionCall:
     lse: Optional[torch.Tensor]
     text_groups: Optional[tuple[tuple[int, ...], ...]] = None
     block_size: Optional[tuple[int, ...]] = None
+    shard: Optional[tuple[int, int]] = None  # the query positions q holds, None: all of them
     key_range: Optional[KeyRange] = None
 
     @property
@@ -104,7 +111,17 @@ class AttentionCall:
 
     @property
     def num_queries(self) -> int:
-        return int(self.q.shape[2])
+        """The layout's query positions (q holds ``rows`` of them)."""
+        return self.layout.num_queries
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """The layout's query positions ``[lo, hi)`` that q holds."""
+        return (0, self.layout.num_queries) if self.shard is None else self.shard
+
+    def local(self, lo: int, hi: int) -> slice:
+        """q's rows at the layout positions ``lo..hi`` (within :attr:`rows`)."""
+        return slice(lo - self.rows[0], hi - self.rows[0])
 
     @property
     def num_keys(self) -> int:
@@ -123,18 +140,22 @@ class AttentionCall:
         return bool(wanted & {"received", "full", "entropy"}) or ("blocks" in wanted and not self.cubes)
 
     def row_range(self) -> tuple[int, int]:
-        """The query rows ``[lo, hi)`` that some requested reduction needs (probe rows aside)."""
+        """The layout's query positions ``[lo, hi)`` that some requested reduction needs (probe rows
+        aside), within the rows q holds (``lo == hi`` when none)."""
         lay, wanted = self.layout, set(self.reductions)
         if self.all_pairs:
-            return 0, self.num_queries
-        spans = []
-        if wanted & {"cross", "temporal", "distance", "blocks"}:  # blocks here: video cubes
-            spans.append(lay.video_q)
-        if "text" in wanted and lay.text_q is not None:
-            spans.append(lay.text_q)
-        if not spans:
-            return 0, 0
-        return min(s.start for s in spans), max(s.stop for s in spans)
+            lo, hi = 0, self.num_queries
+        else:
+            spans = []
+            if wanted & {"cross", "temporal", "distance", "blocks"}:  # blocks here: video cubes
+                spans.append(lay.video_q)
+            if "text" in wanted and lay.text_q is not None:
+                spans.append(lay.text_q)
+            if not spans:
+                return 0, 0
+            lo, hi = min(s.start for s in spans), max(s.stop for s in spans)
+        lo, hi = max(lo, self.rows[0]), min(hi, self.rows[1])
+        return (lo, hi) if lo < hi else (self.rows[0], self.rows[0])
 
     @property
     def cubes(self) -> bool:
@@ -195,6 +216,26 @@ def block_grid(call: AttentionCall) -> BlockGrid:
 def frame_grid(layout: Layout) -> BlockGrid:
     """The frames of ``temporal`` as blocks: cubes ``(1, H, W)``."""
     return _block_grid(layout, (1, layout.grid[1], layout.grid[2]))
+
+
+def place_rows(t: torch.Tensor, lo: int, span: slice) -> torch.Tensor:
+    """Per-row sums ``t`` ``[B, Hs, R, ...]`` of the layout positions ``lo..lo + R`` as the rows of
+    ``span`` (the layout positions a reduction keeps: its video or text queries), zero at the
+    positions ``t`` does not hold: ``[B, Hs, len(span), ...]``. A view where ``t`` holds them all."""
+    first, last = max(span.start, lo), min(span.stop, lo + int(t.shape[2]))
+    if (first, last) == (span.start, span.stop):
+        return t[:, :, first - lo : last - lo]
+    out = t.new_zeros(*t.shape[:2], span.stop - span.start, *t.shape[3:])
+    if first < last:
+        out[:, :, first - span.start : last - span.start] = t[:, :, first - lo : last - lo]
+    return out
+
+
+def frame_sums(t: torch.Tensor, lo: int, layout: Layout) -> torch.Tensor:
+    """Per-row sums over key frames ``t`` ``[B, Hs, R, F]`` of the layout positions ``lo..lo + R``
+    summed into their query frames: ``[B, Hs, F, F]`` (the raw sums of ``temporal``)."""
+    video = place_rows(t, lo, layout.video_q)  # [B, Hs, Nv, F]
+    return video.unflatten(2, (layout.frames, layout.frame_tokens)).sum(dim=3)
 
 
 def _check_qk(q: object, k: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,6 +328,25 @@ def _check_mask(mask: object, q: torch.Tensor, num_keys: int, check_finite: bool
             f"key_padding_mask must be bool (True = keep) or an additive float bias, got {flat.dtype}"
         )
     return bias.expand(b, bias.shape[1], num_keys).contiguous()
+
+
+def _check_rows(rows: object, layout: Layout, size: int) -> tuple[int, int]:
+    """``rows``: the layout's query positions ``(lo, hi)`` that q's ``size`` rows hold."""
+    n = layout.num_queries
+    ok = (
+        isinstance(rows, (tuple, list))
+        and len(rows) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in rows)
+        and 0 <= rows[0] <= rows[1] <= n
+    )
+    if not ok:
+        raise AttnmapError(
+            f"rows must be a pair (lo, hi) with 0 <= lo <= hi <= {n} (the layout's queries), got {rows!r}"
+        )
+    lo, hi = int(rows[0]), int(rows[1])  # type: ignore[index]
+    if hi - lo != size:
+        raise AttnmapError(f"rows ({lo}, {hi}) holds {hi - lo} query positions, but q holds {size} rows")
+    return lo, hi
 
 
 def _check_probe(
@@ -441,6 +501,7 @@ def prepare_call(
     check_finite: bool = True,
     text_groups: Optional[Sequence[Sequence[int]]] = None,
     block_size: Optional[BlockSize] = None,
+    rows: Optional[tuple[int, int]] = None,
     key_range: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     key_positions: Optional[torch.Tensor] = None,
 ) -> AttentionCall:
@@ -452,8 +513,20 @@ def prepare_call(
     nk = int(k.shape[2])
     if check_finite:
         _check_finite(q, k)
-    layout.check(nq, nk, argument="layout")
+    shard = None if rows is None else _check_rows(rows, layout, nq)
+    layout.check(layout.num_queries if rows is not None else nq, nk, argument="layout")
+    nq = layout.num_queries
     names = _check_reductions(reductions, layout)
+    if rows is not None and key_range is not None:
+        raise AttnmapError(
+            "rows: not with key_range (a shard of the query rows with per-row key ranges is not supported); "
+            "pass every query (rows=None)"
+        )
+    if rows is not None and "probe" in names:
+        raise AttnmapError(
+            "rows: 'probe' reads rows by their query index; ask attention_sums for the probe rows with "
+            "every query (rows=None)"
+        )
     if scale is None:
         scale = d**-0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -486,6 +559,7 @@ def prepare_call(
         lse=_check_lse(lse, q, check_finite),
         text_groups=_check_text_groups(text_groups, layout),
         block_size=size,
+        shard=shard,
         key_range=_check_key_range(key_range, key_positions, q, nk),
     )
 

@@ -30,8 +30,10 @@ from attnmap.reduce.contract import (
     block_grid,
     finish,
     frame_grid,
+    frame_sums,
     group_columns,
     group_text,
+    place_rows,
 )
 from attnmap.reduce.partial import PartialCall
 
@@ -43,6 +45,9 @@ def serves(call: AttentionCall) -> Optional[str]:
     """None when the kernels can reduce the call, else the reason they cannot."""
     if call.q.device.type != "cpu":
         return f"q is on {call.q.device}, the native kernel runs on the CPU"
+    vq = call.layout.video_q
+    if "distance" in call.reductions and not call.rows[0] <= vq.start <= vq.stop <= call.rows[1]:
+        return "distance needs every video query row in q (the kernel reads the grid from the first one)"
     if call.key_range is not None:
         return "per-row key ranges (key_range) are reduced by the blocks backend"
     return None
@@ -96,7 +101,7 @@ def _cpu_array(t: torch.Tensor) -> np.ndarray:
 
 
 def _lse_rows(call: AttentionCall, rows: Union[slice, torch.Tensor]) -> Optional[np.ndarray]:
-    """The caller's logsumexp of the query rows ``rows`` (``[B, H, R]``), or None."""
+    """The caller's logsumexp of q's rows ``rows`` (``[B, H, R]``), or None."""
     return None if call.lse is None else np.ascontiguousarray(_cpu_array(call.lse[:, :, rows]))
 
 
@@ -111,25 +116,25 @@ def sums(call: AttentionCall, grouped: bool = True) -> dict[str, torch.Tensor]:
     cols, t, merge = _key_columns(lay, text, frames, call.text_groups if grouped else None)
     lo, hi = call.row_range()
     out = _native.attention_groups(
-        _cpu_array(call.q[:, :, lo:hi]),
+        _cpu_array(call.q[:, :, call.local(lo, hi)]),
         _cpu_array(call.k),
         cols,
         t + (lay.frames if frames else 0),
         scale=call.scale,
         bias=None if call.bias is None else _cpu_array(call.bias),
         per_head=call.per_head,
-        lse=_lse_rows(call, slice(lo, hi)),
+        lse=_lse_rows(call, call.local(lo, hi)),
     )
     rows = torch.from_numpy(out)  # [B, Hs, hi - lo, C]
     sums: dict[str, torch.Tensor] = {}
-    video = rows[:, :, lay.video_q.start - lo : lay.video_q.stop - lo]
     if "cross" in wanted:
-        sums["cross"] = video[..., :t].contiguous() if merge is None else video[..., :t] @ merge
+        video = place_rows(rows[..., :t], lo, lay.video_q)
+        sums["cross"] = video.contiguous() if merge is None else video @ merge
     if frames:
-        sums["temporal"] = video[..., t:].unflatten(2, (lay.frames, lay.frame_tokens)).sum(dim=3)
+        sums["temporal"] = frame_sums(rows[..., t:], lo, lay)
     if "text" in wanted and lay.text_q is not None:
         assert merge is None
-        sums["text"] = rows[:, :, lay.text_q.start - lo : lay.text_q.stop - lo, :t].contiguous()
+        sums["text"] = place_rows(rows[..., :t], lo, lay.text_q).contiguous()
     return sums
 
 
@@ -176,32 +181,35 @@ def stats_sums(call: AttentionCall) -> dict[str, torch.Tensor]:
     if "distance" in wanted and vk is not None:
         distance = (lay.video_q.start - lo, vk.start, *lay.grid)
     out = _native.attention_stats(
-        _cpu_array(call.q[:, :, lo:hi]),
+        _cpu_array(call.q[:, :, call.local(lo, hi)]),
         k,
         dense=dense,
         received="received" in wanted,
         entropy="entropy" in wanted,
         blocks=blocks or None,
         distance=distance,
-        lse=_lse_rows(call, slice(lo, hi)),
+        lse=_lse_rows(call, call.local(lo, hi)),
         **common,
     )
+    every = slice(0, call.num_queries)
     if dense is not None:
         rows = torch.from_numpy(out["dense"])
         vq, tq = lay.video_q, lay.text_q
         if "full" in wanted:
-            sums["full"] = rows
+            sums["full"] = place_rows(rows, lo, every)
         if "cross" in wanted and tk is not None:
-            sums["cross"] = rows[:, :, vq.start - lo : vq.stop - lo, tk.start - dense[0] : tk.stop - dense[0]]
+            sums["cross"] = place_rows(rows[..., tk.start - dense[0] : tk.stop - dense[0]], lo, vq)
         if "text" in wanted and tk is not None and tq is not None:
-            sums["text"] = rows[:, :, tq.start - lo : tq.stop - lo, tk.start - dense[0] : tk.stop - dense[0]]
+            sums["text"] = place_rows(rows[..., tk.start - dense[0] : tk.stop - dense[0]], lo, tq)
     found = iter(out.get("blocks", []))
     for name in ("temporal", "blocks"):
         if name in wanted:
             sums[name] = torch.from_numpy(next(found))
-    for name in ("received", "entropy", "distance"):
+    for name in ("received", "distance"):
         if name in out:
             sums[name] = torch.from_numpy(out[name])
+    if "entropy" in out:
+        sums["entropy"] = place_rows(torch.from_numpy(out["entropy"]), lo, every)
     return {name: t.contiguous() for name, t in sums.items()}
 
 

@@ -21,7 +21,8 @@ F64 = torch.float64
 
 
 def probabilities(call: AttentionCall) -> torch.Tensor:
-    """The whole P ``[B, H, Nq, Nk]`` in float64 (rows whose keys are all masked are zero)."""
+    """The whole P ``[B, H, Nq, Nk]`` in float64 (rows whose keys are all masked are zero; so are the
+    rows a query shard does not hold)."""
     h, hk = call.heads, call.kv_heads
     q = call.q.to(F64)
     k = call.k.to(F64).repeat_interleave(h // hk, dim=1)
@@ -33,10 +34,16 @@ def probabilities(call: AttentionCall) -> torch.Tensor:
     if call.lse is not None:
         lse = call.lse.to(F64)
         lse[torch.isneginf(lse)] = math.inf
-        return torch.exp(logits - lse[..., None])
-    dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
-    p = torch.softmax(logits, dim=-1)
-    return torch.where(dead, torch.zeros_like(p), p)
+        p = torch.exp(logits - lse[..., None])
+    else:
+        dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
+        p = torch.softmax(logits, dim=-1)
+        p = torch.where(dead, torch.zeros_like(p), p)
+    if call.shard is None:
+        return p
+    whole = p.new_zeros(*p.shape[:2], call.num_queries, p.shape[3])
+    whole[:, :, call.rows[0] : call.rows[1]] = p
+    return whole
 
 
 def serves(call: AttentionCall) -> Optional[str]:

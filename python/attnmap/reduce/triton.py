@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from attnmap.reduce.contract import AttentionCall, block_grid, finish, group_columns, group_text
+from attnmap.reduce.contract import AttentionCall, block_grid, finish, group_columns, group_text, place_rows
 from attnmap.reduce.partial import PartialCall
 
 
@@ -46,7 +46,8 @@ def sums(call: AttentionCall, **tiles: Optional[int]) -> dict[str, torch.Tensor]
 
     lay, wanted = call.layout, set(call.reductions)
     nk = call.num_keys
-    row_lo, row_hi = call.row_range()
+    row_lo, row_hi = call.row_range()  # layout positions; the kernel indexes q's rows from ``off``
+    off = call.rows[0]
     if call.all_pairs:
         keys = (0, nk)
     else:
@@ -63,13 +64,15 @@ def sums(call: AttentionCall, **tiles: Optional[int]) -> dict[str, torch.Tensor]
     else:
         dense = (0, 0)
     temporal = distance = blocks = None
+    vq_lo = lay.video_q.start - off  # q's row of the first video query (< 0 when a shard starts past it)
     if "temporal" in wanted and lay.video_k is not None:
-        temporal = (lay.video_q.start, lay.video_k.start, lay.num_video, lay.frame_tokens, lay.frames)
+        temporal = (vq_lo, lay.video_k.start, lay.num_video, lay.frame_tokens, lay.frames)
     if "distance" in wanted and lay.video_k is not None:
-        distance = (lay.video_q.start, lay.video_k.start, *lay.grid)
+        distance = (vq_lo, lay.video_k.start, *lay.grid)
     if "blocks" in wanted:
         grid = block_grid(call)
-        ids = tuple(torch.tensor(a, device=call.q.device) for a in (grid.query, grid.key))
+        query = grid.query[off : call.rows[1]]  # q's rows' blocks
+        ids = tuple(torch.tensor(a, device=call.q.device) for a in (query, grid.key))
         blocks = (ids[0], ids[1], grid.rows, grid.cols)
     common: dict[str, Any] = {"scale": call.scale, "bias": call.bias, "per_head": call.per_head, **tiles}
     out: dict[str, torch.Tensor] = {}
@@ -77,7 +80,7 @@ def sums(call: AttentionCall, **tiles: Optional[int]) -> dict[str, torch.Tensor]
         found = attn_reduce(
             call.q,
             call.k,
-            rows=(row_lo, row_hi),
+            rows=(row_lo - off, row_hi - off),
             keys=keys,
             dense=dense,
             received="received" in wanted,
@@ -89,21 +92,22 @@ def sums(call: AttentionCall, **tiles: Optional[int]) -> dict[str, torch.Tensor]
             **common,
         )
         c_lo = dense[0]
+        every = slice(0, call.num_queries)
         if "cross" in wanted:
-            vq, tk = lay.video_q, lay.text_k
+            tk = lay.text_k
             assert tk is not None
-            out["cross"] = found["dense"][
-                :, :, vq.start - row_lo : vq.stop - row_lo, tk.start - c_lo : tk.stop - c_lo
-            ]
+            out["cross"] = place_rows(
+                found["dense"][..., tk.start - c_lo : tk.stop - c_lo], row_lo, lay.video_q
+            )
         if "text" in wanted:
             tq, tk = lay.text_q, lay.text_k
             assert tq is not None and tk is not None
-            out["text"] = found["dense"][
-                :, :, tq.start - row_lo : tq.stop - row_lo, tk.start - c_lo : tk.stop - c_lo
-            ]
+            out["text"] = place_rows(found["dense"][..., tk.start - c_lo : tk.stop - c_lo], row_lo, tq)
         if "full" in wanted:
-            out["full"] = found["dense"]
-        for name in ("received", "temporal", "entropy", "blocks", "distance"):
+            out["full"] = place_rows(found["dense"], row_lo, every)
+        if "entropy" in wanted:  # [B, Hs, q's rows]
+            out["entropy"] = place_rows(found["entropy"], off, every)
+        for name in ("received", "temporal", "blocks", "distance"):
             if name in wanted:
                 out[name] = found[name]
     if "probe" in wanted:
