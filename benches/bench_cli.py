@@ -1,4 +1,5 @@
-"""attnmap-render's overlay videos against a per-frame matplotlib script (as in the source documents).
+"""attnmap-render's overlay videos against a per-frame matplotlib script (the common
+way to draw heatmap overlays).
 
 Wan-480p-sized store: 21 latent frames of 30 x 52 tokens, 3 tokens, overlaid on an 81-frame 480 x 832
 video (VAE temporal stride 4): 3 overlay videos of 81 frames. The baseline draws each output frame as a
@@ -71,7 +72,7 @@ def _attnmap(root: Path, out: Path) -> list[Path]:
 
 
 def _matplotlib(root: Path, original: Path, out: Path, frames_per_token: int) -> float:
-    """The source documents' way: one matplotlib figure per output frame. Returns seconds per frame."""
+    """The common per-frame way: one matplotlib figure per output frame. Returns seconds per frame."""
     store = open_store(root)
     with av.open(str(original)) as container:
         background = [fr.to_ndarray(format="rgb24") for fr in container.decode(video=0)]

@@ -2,7 +2,7 @@
 
 Providers in one group: the Rust path (``attnmap.render.frames``), a vectorised baseline (torch
 interpolate + matplotlib colormap + numpy blend) and a matplotlib figure per frame (imshow + alpha, as
-the source documents do; timed on a few frames and extrapolated per frame). A second group times
+the common per-frame scripts do; timed on a few frames and extrapolated per frame). A second group times
 render + libx264 encode against the encode alone. Plain pytest smoke-runs small sizes; the full size
 runs with ``pytest benches/bench_render.py --benchmark-enable``, which also asserts the issue's targets:
 the Rust path at >= 600 frames/s and >= 10x the vectorised baseline.
