@@ -734,8 +734,9 @@ def test_a_writer_waits_for_the_other_when_asked(tmp_path: Path) -> None:
     second.write_step(0, {"token/cat": np.zeros((2, 3, 4))})
     second.close()
     assert open_store(tmp_path).aggregated("v", "cat").map.max() == 0.0
-    with pytest.raises(ValueError, match="wait must be seconds >= 0 or None"):
-        StoreWriter(tmp_path, "v", META, wait=-1)
+    for bad in (-1, float("nan")):  # NaN would never reach its deadline: a wait that never ends
+        with pytest.raises(ValueError, match="wait must be seconds >= 0 or None"):
+            StoreWriter(tmp_path, "v", META, wait=bad)
 
 
 @pytest.mark.parametrize("flock", [True, False], ids=["flock", "no-fcntl"])

@@ -464,6 +464,23 @@ def test_a_stale_claim_is_removed_by_the_writer_holding_the_break_in_claim(tmp_p
     ]
 
 
+def test_a_break_in_claim_is_judged_by_flock_on_its_own_file(tmp_path: Path) -> None:
+    """A break-in claim that says its writer holds flock, of a live process, whose file nobody flocks, is
+    a writer gone (its claim's file descriptor closed): flock is asked of the break-in file, not of the
+    lock file beside it."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, timeout=60
+    )
+    folder = tmp_path / video_dirname("v")
+    lock = _claim(folder, pid=int(dead.stdout), start=None, token="dead")
+    brk = folder / lock_module.BREAK_FILE
+    brk.write_bytes(json.dumps({**json.loads(lock.read_text()), "pid": os.getpid(), "flock": True,
+                                "start": None}).encode())  # fmt: skip
+    with StoreWriter(tmp_path, "v", META) as w:
+        assert json.loads(lock.read_text())["pid"] == os.getpid() and not brk.exists()
+        w.write_step(0, {"token/cat": np.ones((1, 2, 2))})
+
+
 def test_a_claim_not_readable_as_one_is_held(tmp_path: Path) -> None:
     """A claim caught half written (a file system without hard links creates it in place) is held."""
     folder = tmp_path / video_dirname("v")

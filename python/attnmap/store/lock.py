@@ -242,7 +242,7 @@ class WriterLock:
         self._fd: Optional[int] = None
         self._raw = b""
         self._no_links = False  # the file system has no hard links: claims are created in place
-        if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0):
+        if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0):
             raise AttnmapError(f"wait must be seconds >= 0 or None (wait as long as it takes), got {wait!r}")
         self.path = Path(folder) / LOCK_FILE
         self.video_id = video_id
@@ -377,7 +377,7 @@ class WriterLock:
             except OSError:  # not a file (a folder, a FIFO): never a claim
                 raw = b""
             claim = Claim.parse(raw)
-            return raw, claim, claim is not None and self._gone(claim, fd)
+            return raw, claim, claim is not None and self._gone(claim, fd, path)
         finally:
             os.close(fd)
 
@@ -404,14 +404,14 @@ class WriterLock:
                 brk.unlink(missing_ok=True)
             os.close(fd)
 
-    def _gone(self, holder: Claim, fd: int) -> bool:
-        """Whether the writer of ``holder`` (its claim open at ``fd``) is known to be gone."""
+    def _gone(self, holder: Claim, fd: int, path: Path) -> bool:
+        """Whether the writer of ``holder`` (its claim at ``path``, open at ``fd``) is known to be gone."""
         here = _machine()
         if holder.machine == here[1] and holder.flock:
             taken = _flock(fd)
             if taken is False:
                 return False  # held: it runs
-            if taken and _flock_excludes(self.path):
+            if taken and _flock_excludes(path):
                 return True  # flock excludes here, and nobody held it
         if holder.machine != here[1] or holder.pidns != here[2]:
             # its pid cannot be asked (another machine, or another pid namespace: a container of this
