@@ -242,7 +242,9 @@ class WriterLock:
         self._fd: Optional[int] = None
         self._raw = b""
         self._no_links = False  # the file system has no hard links: claims are created in place
-        if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0):
+        if wait is not None and (
+            isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0
+        ):
             raise AttnmapError(f"wait must be seconds >= 0 or None (wait as long as it takes), got {wait!r}")
         self.path = Path(folder) / LOCK_FILE
         self.video_id = video_id
