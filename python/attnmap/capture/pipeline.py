@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from attnmap.capture.tokens import run_positions
 from attnmap.errors import AttnmapError
 
 DENOISERS = ("transformer", "transformer_2", "transformer_3", "unet")
@@ -417,10 +418,5 @@ def encoded_rows(
 
 def find_run(haystack: list[int], needle: list[int]) -> Optional[int]:
     """The first position of ``needle`` as a run inside ``haystack`` (None when absent or empty)."""
-    n = len(needle)
-    if not n:
-        return None
-    for i in range(len(haystack) - n + 1):
-        if haystack[i : i + n] == needle:
-            return i
-    return None
+    hits = run_positions(haystack, needle)
+    return hits[0] if hits else None

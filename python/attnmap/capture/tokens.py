@@ -70,7 +70,8 @@ def _encode(tokenizer: Any, text: str) -> dict[str, Any]:
         return dict(tokenizer(text, add_special_tokens=True))
 
 
-def _sublist_positions(haystack: Sequence[int], needle: Sequence[int]) -> list[int]:
+def run_positions(haystack: Sequence[int], needle: Sequence[int]) -> list[int]:
+    """Every position where ``needle`` runs inside ``haystack`` (none for an empty needle)."""
     n = len(needle)
     return [i for i in range(len(haystack) - n + 1) if n and list(haystack[i : i + n]) == list(needle)]
 
@@ -127,7 +128,7 @@ def find(prompt: str, tokenizer: Any, words: Optional[Sequence[str]] = None) -> 
         else:
             for variant in (word, " " + word, word.lower(), " " + word.lower()):
                 sub = tokenizer(variant, add_special_tokens=False)["input_ids"]
-                for pos in _sublist_positions(ids, sub):
+                for pos in run_positions(ids, sub):
                     found += range(pos, pos + len(sub))
         if not found:
             raise AttnmapError(
