@@ -121,9 +121,12 @@ def test_capture_leaves_the_answer_unchanged(sdpa: dict[str, Any]) -> None:
 
 
 def test_answer_and_its_rest_equal_the_oracle(sdpa: dict[str, Any]) -> None:
-    vlm, rec = sdpa["vlm"], sdpa["rec"]
+    _answer_equals_the_oracle(sdpa["vlm"], sdpa["log"].calls, sdpa["rec"])
+
+
+def _answer_equals_the_oracle(vlm: TinyVLM, log: list[Call], rec: Any) -> None:
     n = vlm.inputs["input_ids"].shape[1]
-    for step, calls in enumerate(_llm_steps(vlm, sdpa["log"].calls)):
+    for step, calls in enumerate(_llm_steps(vlm, log)):
         total = n + step
         maps, rests, parts = [], [], {p: [] for p in ("sink", "system", "video_text", "text", "generated")}
         for layer, call in enumerate(calls):
@@ -153,8 +156,11 @@ def test_answer_and_its_rest_equal_the_oracle(sdpa: dict[str, Any]) -> None:
 
 
 def test_prompt_words_temporal_and_received_equal_the_oracle(sdpa: dict[str, Any]) -> None:
-    vlm, rec = sdpa["vlm"], sdpa["rec"]
-    prefill = _llm_steps(vlm, sdpa["log"].calls)[0]
+    _prefill_equals_the_oracle(sdpa["vlm"], sdpa["log"].calls, sdpa["rec"])
+
+
+def _prefill_equals_the_oracle(vlm: TinyVLM, log: list[Call], rec: Any) -> None:
+    prefill = _llm_steps(vlm, log)[0]
     real = vlm.inputs["attention_mask"].bool()
     words, temporals, received = [], [], []
     for call in prefill:
@@ -551,3 +557,102 @@ def test_per_head_maps(family: str) -> None:
         "vision/received per head",
         atol=1e-5,
     )
+
+
+# -- what a flash-attention function is given ---------------------------------------------------
+def _flash_like(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: Any = None,
+    sliding_window: Any = None,
+    softcap: Any = None,
+    is_causal: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """What transformers' flash-attention function computes from what it is given: a 2-D key-padding
+    mask ``[B, nk]`` (or None), causality aligned to the last query and the sliding window added by
+    the function itself (here through an explicit mask to SDPA; a row that keeps no key gives 0)."""
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    b, h, nq, _ = query.shape
+    nk = key.shape[2]
+    keep = torch.ones(b, nk, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    at = torch.arange(nq)[:, None] + nk - nq
+    j = torch.arange(nk)[None]
+    allowed = keep[:, None, None, :] & ((j <= at) if causal else torch.ones(nq, nk, dtype=torch.bool))
+    if sliding_window is not None:
+        allowed = allowed & (j > at - sliding_window)
+    rep = h // key.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key.repeat_interleave(rep, 1),
+        value.repeat_interleave(rep, 1),
+        attn_mask=allowed,
+        scale=scaling,
+    )
+    return torch.nan_to_num(out).transpose(1, 2).contiguous(), None
+
+
+@pytest.fixture
+def flash_like() -> Iterator[str]:
+    """An attention implementation that transformers gives its flash-attention masks (2-D padding)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register("attnmap_flash_like", _flash_like)
+    AttentionMaskInterface.register("attnmap_flash_like", flash_attention_mask)
+    try:
+        yield "attnmap_flash_like"
+    finally:
+        del AttentionInterface._global_mapping["attnmap_flash_like"]
+        del AttentionMaskInterface._global_mapping["attnmap_flash_like"]
+
+
+def test_a_padding_mask_under_a_causal_call_reads_causal_rows_as_the_oracle(flash_like: str) -> None:
+    """A left-padded batch whose language model gets flash attention's 2-D padding mask: its prefill
+    rows are causal (the call's causality on top of the padding), as the SDPA run's 4-D masks say."""
+    vlm = BUILDERS["qwen2_vl"](attn="sdpa", batch=2)
+    with logged(vlm.model) as log:
+        plain = _generate(vlm)
+    vlm.model.config.text_config._attn_implementation = flash_like  # the language model only
+    with logged(vlm.model) as seen:
+        assert torch.equal(_generate(vlm), plain)
+    masks = [c.mask for c in seen.of(vlm.llm)]
+    assert all(isinstance(m, torch.Tensor) and m.dim() == 2 for m in masks)  # [B, nk]: padding only
+    rec, out = _captured(vlm)
+    assert torch.equal(out, plain)
+    assert sorted(rec.metadata["entry_points"]) == sorted([f"transformers:{flash_like}", "transformers:sdpa"])
+    _prefill_equals_the_oracle(vlm, log.calls, rec)
+    _answer_equals_the_oracle(vlm, log.calls, rec)
+
+
+def test_key_ranges_of_a_padding_mask_or_none_add_causality_and_the_sliding_window() -> None:
+    """A 2-D padding mask (or none) with a causal call and a sliding window: the ranges a dense 4-D
+    mask of the same pattern gives (as transformers builds it for SDPA: padding, causal, window)."""
+    from attnmap.capture.sequence import key_ranges
+
+    nk = 9
+    pad = torch.tensor([[False] * 3 + [True] * 6, [True] * 9])  # row 0 left-padded by 3
+    for nq in (nk, 1, 4):  # a prefill, a decode step, a chunk after a cache
+        for causal in (True, False):
+            for window in (None, 2, 4):
+                at = torch.arange(nq)[:, None] + nk - nq
+                j = torch.arange(nk)[None]
+                dense = pad[:, None, None, :] & (
+                    (j <= at) if causal else torch.ones(nq, nk, dtype=torch.bool)
+                )
+                if window is not None:
+                    dense = dense & (j > at - window) & ((j < at + window) if not causal else True)
+                want = key_ranges(dense, batch=2, nq=nq, nk=nk, causal=causal)
+                got = key_ranges(pad, batch=2, nq=nq, nk=nk, causal=causal, window=window)
+                what = f"nq={nq} causal={causal} window={window}"
+                assert isinstance(got, tuple) and isinstance(want, tuple), what
+                assert [t.tolist() for t in got] == [t.tolist() for t in want], what
+                # no mask: row 1's pattern (it has no padding)
+                none = key_ranges(None, batch=1, nq=nq, nk=nk, causal=causal, window=window)
+                whole = key_ranges(dense[1:], batch=1, nq=nq, nk=nk, causal=causal)
+                assert isinstance(none, tuple) and isinstance(whole, tuple), what
+                assert [t.tolist() for t in none] == [t.tolist() for t in whole], what

@@ -107,7 +107,8 @@ class Intercepted:
     forward; ``lse`` the rows' logsumexp when the call ran through :func:`attnmap.reduce.sdpa_with_lse`;
     ``shard`` where a context-parallel rank's call sits in the whole call (its query rows, heads);
     ``refused`` why a call cannot be read (a framework's sharding attnmap cannot see); ``softcap``
-    the cap transformers' interface was asked to put on the scores (``cap * tanh(s / cap)``).
+    the cap transformers' interface was asked to put on the scores (``cap * tanh(s / cap)``);
+    ``window`` the ``sliding_window`` it was given (a flash-attention function applies it itself).
     """
 
     query: torch.Tensor
@@ -122,6 +123,7 @@ class Intercepted:
     shard: Optional[Shard] = None
     refused: Optional[str] = None
     softcap: Optional[float] = None
+    window: Optional[int] = None
 
 
 Emit = Callable[[Site, Intercepted], None]
@@ -385,6 +387,7 @@ class Interceptor:
         shard: Optional[Shard] = None,
         refused: Optional[str] = None,
         softcap: Optional[float] = None,
+        window: Optional[int] = None,
     ) -> None:
         """One call of the innermost site: delivered now, or, inside a graph being compiled, through
         the opaque ``attnmap::observe`` when the graph runs."""
@@ -417,6 +420,7 @@ class Interceptor:
             shard=shard,
             refused=refused,
             softcap=cap,
+            window=None if window is None else int(window),
         )
         self._deliver(site, call)
 
@@ -748,6 +752,8 @@ class Interceptor:
         mask = _readable_mask(attention_mask, int(key.shape[2]))
         scale = kwargs.get("scaling", kwargs.get("scale"))
         cap = kwargs.get("softcap")
+        window = kwargs.get("sliding_window")
+        window = int(window) if isinstance(window, int) and window > 0 else None
         causal = bool(kwargs.get("is_causal", False)) and query.shape[2] > 1
         cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
         if isinstance(cu_q, torch.Tensor) and isinstance(cu_k, torch.Tensor) and query.shape[0] == 1:
@@ -755,9 +761,9 @@ class Interceptor:
             bq, bk = cu_q.tolist(), cu_k.tolist()
             for i in range(len(bq) - 1):
                 q_i, k_i = query[:, :, bq[i] : bq[i + 1]], key[:, :, bk[i] : bk[i + 1]]
-                self._hand_over(q_i, k_i, None, scale, causal, f"transformers:{name}:varlen")
+                self._hand_over(q_i, k_i, None, scale, causal, f"transformers:{name}:varlen", window=window)
             return
-        self._hand_over(query, key, mask, scale, causal, f"transformers:{name}", softcap=cap)
+        self._hand_over(query, key, mask, scale, causal, f"transformers:{name}", softcap=cap, window=window)
 
 
 def _context_position(module: torch.nn.Module) -> tuple[bool, Optional[int]]:

@@ -318,11 +318,20 @@ class VideoLLMReader:
             nq,
             nk,
             causal,
+            call.window,
             None if rows is None else tuple(rows.tolist()),
         )
         kept = self._ranges.get(key)
         if kept is None:
-            found = key_ranges(mask, batch=int(call.query.shape[0]), nq=nq, nk=nk, causal=causal, rows=rows)
+            found = key_ranges(
+                mask,
+                batch=int(call.query.shape[0]),
+                nq=nq,
+                nk=nk,
+                causal=causal,
+                rows=rows,
+                window=call.window,
+            )
             self._ranges[key] = (found, mask)  # the mask kept alive: its id stays its own
         else:
             found = kept[0]
