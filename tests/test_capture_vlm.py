@@ -656,3 +656,40 @@ def test_key_ranges_of_a_padding_mask_or_none_add_causality_and_the_sliding_wind
                 whole = key_ranges(dense[1:], batch=1, nq=nq, nk=nk, causal=causal)
                 assert isinstance(none, tuple) and isinstance(whole, tuple), what
                 assert [t.tolist() for t in none] == [t.tolist() for t in whole], what
+
+
+# -- what reaches the interface, by its own signature ---------------------------------------------
+def _interface_calls(register: Any, call: Any) -> list[Any]:
+    """The calls an :class:`Interceptor` hands over when a module calls the attention function
+    ``register`` (registered in transformers' ``AttentionInterface``) as ``call(fn, module, q, k)``."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    from attnmap.capture.interception import Interceptor, Site
+
+    class Attention(torch.nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor) -> Any:
+            return call(ALL_ATTENTION_FUNCTIONS["attnmap_probe"], self, q, k)
+
+    seen: list[Any] = []
+    AttentionInterface.register("attnmap_probe", register)
+    try:
+        model = Attention()
+        with Interceptor([Site("attn", model, 0)], lambda site, c: seen.append(c)):
+            model(torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 4))
+    finally:
+        del AttentionInterface._global_mapping["attnmap_probe"]
+    return seen
+
+
+def test_a_varlen_call_keeps_its_softcap() -> None:
+    def packed(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, **kw: Any) -> Any:
+        return v, None  # stands for flash-attn's varlen kernel
+
+    cu = torch.tensor([0, 3, 7])
+    seen = _interface_calls(
+        packed,
+        lambda fn, m, q, k: fn(
+            m, q, k, k, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, scaling=0.5, softcap=30.0
+        ),
+    )
+    assert [(c.entry, c.softcap) for c in seen] == [("transformers:attnmap_probe:varlen", 30.0)] * 2

@@ -761,7 +761,9 @@ class Interceptor:
             bq, bk = cu_q.tolist(), cu_k.tolist()
             for i in range(len(bq) - 1):
                 q_i, k_i = query[:, :, bq[i] : bq[i + 1]], key[:, :, bk[i] : bk[i + 1]]
-                self._hand_over(q_i, k_i, None, scale, causal, f"transformers:{name}:varlen", window=window)
+                self._hand_over(
+                    q_i, k_i, None, scale, causal, f"transformers:{name}:varlen", softcap=cap, window=window
+                )
             return
         self._hand_over(query, key, mask, scale, causal, f"transformers:{name}", softcap=cap, window=window)
 
