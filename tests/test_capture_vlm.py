@@ -693,3 +693,14 @@ def test_a_varlen_call_keeps_its_softcap() -> None:
         ),
     )
     assert [(c.entry, c.softcap) for c in seen] == [("transformers:attnmap_probe:varlen", 30.0)] * 2
+
+
+def test_positional_arguments_are_named_by_the_called_functions_signature() -> None:
+    def eager(
+        module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, scaling: float,
+        dropout: float = 0.0, **kw: Any,
+    ) -> Any:  # fmt: skip
+        return v, None  # transformers' eager_attention_forward takes (scaling, dropout) in this order
+
+    seen = _interface_calls(eager, lambda fn, m, q, k: fn(m, q, k, k, None, 0.25, 0.0))
+    assert [c.scale for c in seen] == [0.25]

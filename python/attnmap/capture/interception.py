@@ -45,6 +45,7 @@ and the output stays bit-identical.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import sys
@@ -712,6 +713,7 @@ class Interceptor:
 
     def _interface_wrapper(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         sdpa = name in _TRANSFORMERS_SDPA
+        after = _positional_after_mask(original)
 
         def attention(
             module: torch.nn.Module,
@@ -730,7 +732,7 @@ class Interceptor:
                 out = original(module, query, key, value, attention_mask, *args, **kwargs)
             finally:
                 self._busy = busy
-            named = dict(zip(("dropout", "scaling"), args))
+            named = dict(zip(after, args))
             self.seen_interface(name, query, key, attention_mask, {**named, **kwargs})
             return out
 
@@ -766,6 +768,20 @@ class Interceptor:
                 )
             return
         self._hand_over(query, key, mask, scale, causal, f"transformers:{name}", softcap=cap, window=window)
+
+
+@functools.cache
+def _positional_after_mask(fn: Callable[..., Any]) -> tuple[str, ...]:
+    """The names of an attention function's positional parameters after its ``attention_mask`` (an
+    eager function takes ``scaling, dropout``, transformers' SDPA and flash ones ``dropout, scaling``),
+    to name the extra positional arguments of a call by the function's own signature."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return ("dropout", "scaling")  # transformers' own order for its interface functions
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in params if p.kind in kinds]
+    return tuple(names[5:])
 
 
 def _context_position(module: torch.nn.Module) -> tuple[bool, Optional[int]]:
