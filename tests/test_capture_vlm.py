@@ -704,3 +704,24 @@ def test_positional_arguments_are_named_by_the_called_functions_signature() -> N
 
     seen = _interface_calls(eager, lambda fn, m, q, k: fn(m, q, k, k, None, 0.25, 0.0))
     assert [c.scale for c in seen] == [0.25]
+
+
+def test_a_refused_call_is_skipped_with_its_reason() -> None:
+    """A call a framework computes its own way (a ParaAttention function mode) is not read as whole."""
+    from torch.overrides import TorchFunctionMode
+
+    class UlyssesAttnMode(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            return func(*args, **(kwargs or {}))
+
+    UlyssesAttnMode.__module__ = "para_attn.para_attn_interface"
+    vlm = BUILDERS["qwen2_vl"](batch=1)
+    model, inputs = vlm
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with pytest.warns(UserWarning, match="ParaAttention's UlyssesAttnMode") as seen:
+            with attnmap.capture(model) as rec, UlyssesAttnMode():
+                logits = model(**inputs).logits
+    assert torch.equal(logits, ref)
+    assert all("ParaAttention" in str(w.message) for w in seen)
+    assert rec.names == [] and rec.steps == []  # nothing of the refused calls recorded as whole

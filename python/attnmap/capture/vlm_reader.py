@@ -300,6 +300,15 @@ class VideoLLMReader:
                 self.warn(site, f"the model's inputs give no video to map its tokens onto: {self._silent}")
                 self._silent = None
             return
+        if call.refused is not None:
+            self.warn(site, call.refused)
+            return
+        if call.shard is not None:
+            self.warn(
+                site,
+                "it is a context-parallel rank's shard of a call, which a video LLM's capture does not read",
+            )
+            return
         if call.softcap is not None:
             self.warn(site, "its scores are soft-capped (softcap), which attention_sums does not reproduce")
             return
