@@ -725,3 +725,51 @@ def test_a_refused_call_is_skipped_with_its_reason() -> None:
     assert torch.equal(logits, ref)
     assert all("ParaAttention" in str(w.message) for w in seen)
     assert rec.names == [] and rec.steps == []  # nothing of the refused calls recorded as whole
+
+
+# -- inputs the reader cannot place: a reason, never an error inside the model's forward -----------
+def test_a_model_without_a_language_model_is_refused_naming_the_argument() -> None:
+    from attnmap.capture import vlm
+
+    with pytest.raises(attnmap.AttnmapError, match=r"^model: a Linear has no language model"):
+        vlm.parts(torch.nn.Linear(2, 2))
+
+
+def test_a_window_of_no_merged_token_is_a_reason_and_generate_runs_on() -> None:
+    vlm = BUILDERS["qwen2_5_vl"](batch=1)
+    plain = _generate(vlm)
+    vlm.model.config.vision_config.window_size = 1  # smaller than one merged token (the tower read its own)
+    with pytest.warns(UserWarning, match="a window_size of 1 holds no merged token") as seen:
+        rec, out = _captured(vlm)
+    assert torch.equal(out, plain)
+    assert len(seen) == 1 and rec.steps == []
+
+
+@pytest.mark.parametrize(
+    ("family", "change", "reason"),
+    [
+        ("llava_next_video", {"spatial_pool_stride": 0}, "give 0 x 0 video tokens a frame"),
+        ("smolvlm", {"scale_factor": 0}, "give 0 x 0 video tokens a frame"),
+        ("gemma4", {"video_position_ids": -1}, "video_position_ids hold no real patch position"),
+    ],
+)
+def test_inputs_that_give_no_token_grid_are_a_reason(
+    family: str, change: dict[str, int], reason: str
+) -> None:
+    import copy
+    import types
+
+    from attnmap.capture import vlm as vlm_inputs
+
+    vlm = BUILDERS[family](batch=1)
+    spec = vlm_inputs.spec_of(vlm.model)
+    assert spec is not None
+    config = copy.deepcopy(vlm.model.config)
+    args = dict(vlm.inputs)
+    for name, value in change.items():
+        if name in args:
+            args[name] = torch.full_like(args[name], value)
+        else:
+            setattr(config, name, value)
+    found = vlm_inputs.read(spec, types.SimpleNamespace(config=config), args)
+    assert isinstance(found, str) and reason in found, found

@@ -134,6 +134,7 @@ class VideoLLMReader:
         self._ranges: dict[tuple[Any, ...], tuple[Ranges, Optional[torch.Tensor]]] = {}
         self._closers: list[Callable[[], None]] = []
         self._silent: Optional[str] = None
+        self._refused: Optional[str] = None  # why generate() could not read its inputs, until its prefill
 
     # -- opening ------------------------------------------------------------------------------
     def open(self) -> None:
@@ -211,6 +212,7 @@ class VideoLLMReader:
         """``generate`` starts: read its inputs (the vision tower runs before the first forward)."""
         self._start(self._build(args))
         self._announced = self.inputs is not None
+        self._refused = self._silent  # why generate()'s inputs were not read: kept for its prefill
 
     def finish(self, sequences: torch.Tensor) -> None:
         """``generate`` returned ``sequences [B, N + steps]``: the last step's token is its word."""
@@ -234,6 +236,7 @@ class VideoLLMReader:
         seq = None if self.inputs is None else self.inputs.seq
         past = total - ids.shape[1] if total is not None else _cache_length(given)
         announced, self._announced = self._announced, False
+        refused, self._refused = self._refused, None
         if announced and seq is not None and ids.shape[0] != seq.batch:
             self.inputs = None  # generate() expanded its rows: they cannot be told apart
             self._silent = (
@@ -267,6 +270,8 @@ class VideoLLMReader:
                 )
             return
         if new is None or new.shape[1] == 0:
+            if refused is not None and past == 0:
+                return  # the prefill of inputs generate() could not read: its reason stands, named once
             self._start(self._build(given))  # a prefill: a new prompt (or the same one again)
             return
         assert seq is not None
