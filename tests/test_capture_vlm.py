@@ -773,3 +773,36 @@ def test_inputs_that_give_no_token_grid_are_a_reason(
             setattr(config, name, value)
     found = vlm_inputs.read(spec, types.SimpleNamespace(config=config), args)
     assert isinstance(found, str) and reason in found, found
+
+
+def test_a_second_prompt_says_what_the_store_keeps(tmp_path: Any) -> None:
+    """Two generate() calls in one capture: memory holds the two answers' average step by step, the
+    store each step as the first answer wrote it, as the warning says."""
+    import numpy as np
+
+    first = BUILDERS["qwen2_vl"](batch=1)
+    other = BUILDERS["qwen2_vl"](batch=1, question="where is the (dog) ?")  # the same weights
+    alone = []
+    for inputs in (first.inputs, other.inputs):
+        with attnmap.capture(first.model, tokenizer=TOKENIZER) as rec:
+            with torch.no_grad():
+                first.model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+        alone.append(rec)
+    root = tmp_path / "maps"
+    with pytest.warns(UserWarning) as seen:
+        with attnmap.capture(first.model, tokenizer=TOKENIZER, store=root, video_id="a") as rec:
+            with torch.no_grad():
+                for inputs in (first.inputs, other.inputs):
+                    first.model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+    [warning] = [str(w.message) for w in seen]
+    assert (
+        "a store keeps each step as it was first written: the first answer's steps hold its maps alone"
+        in warning
+    )
+    store = attnmap.open_store(root)
+    assert store.steps("a") == list(range(STEPS))
+    for step in range(STEPS):
+        a, b = (r.get("answer", step=step) for r in alone)
+        assert not torch.allclose(a, b, equal_nan=True), "the two answers differ"
+        _close(rec.get("answer", step=step), (a + b) / 2, f"answer in memory, step {step}")
+        np.testing.assert_allclose(store.load("a", "answer", step), a[0].numpy(), rtol=2e-3, atol=1e-4)

@@ -193,7 +193,9 @@ class VideoLLMReader:
         if self.answer_starts and inputs is not None:
             warnings.warn(
                 "attnmap.capture: a second prompt in one capture: its answer's maps are averaged with the "
-                "first's step by step; open one capture per generate() to keep them apart",
+                "first's step by step in memory (what the recorder's get() returns), but a store keeps each "
+                "step as it was first written: the first answer's steps hold its maps alone, and only steps "
+                "past its last one get this answer's; open one capture per generate() to keep them apart",
                 stacklevel=4,
             )
         self.answer_starts += inputs is not None
