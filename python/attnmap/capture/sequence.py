@@ -11,7 +11,8 @@ sequence of ``total`` positions holds positions ``total - nk ..`` as keys (a sli
 keeps the last ones) and ``total - nq ..`` as queries (a decode step's query is the last).
 
 :func:`key_ranges` reads, from a call's mask as transformers passes it (None with a causal module, a
-bool mask, or an additive float mask of 0 and the dtype's minimum, ``[B, 1, nq, nk]``), the keys each
+bool mask, or an additive float mask of 0 and the dtype's minimum, ``[B, 1, nq, nk]``; a flash-attention
+call's key-padding mask ``[B, nk]`` with the call's causality and sliding window), the keys each
 query row attends as one range ``[lo, hi)`` of key indices: the contract of
 ``attnmap.attention_sums(key_range=...)``. Private to :mod:`attnmap.capture`.
 """
