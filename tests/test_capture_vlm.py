@@ -121,9 +121,12 @@ def test_capture_leaves_the_answer_unchanged(sdpa: dict[str, Any]) -> None:
 
 
 def test_answer_and_its_rest_equal_the_oracle(sdpa: dict[str, Any]) -> None:
-    vlm, rec = sdpa["vlm"], sdpa["rec"]
+    _answer_equals_the_oracle(sdpa["vlm"], sdpa["log"].calls, sdpa["rec"])
+
+
+def _answer_equals_the_oracle(vlm: TinyVLM, log: list[Call], rec: Any) -> None:
     n = vlm.inputs["input_ids"].shape[1]
-    for step, calls in enumerate(_llm_steps(vlm, sdpa["log"].calls)):
+    for step, calls in enumerate(_llm_steps(vlm, log)):
         total = n + step
         maps, rests, parts = [], [], {p: [] for p in ("sink", "system", "video_text", "text", "generated")}
         for layer, call in enumerate(calls):
@@ -153,8 +156,11 @@ def test_answer_and_its_rest_equal_the_oracle(sdpa: dict[str, Any]) -> None:
 
 
 def test_prompt_words_temporal_and_received_equal_the_oracle(sdpa: dict[str, Any]) -> None:
-    vlm, rec = sdpa["vlm"], sdpa["rec"]
-    prefill = _llm_steps(vlm, sdpa["log"].calls)[0]
+    _prefill_equals_the_oracle(sdpa["vlm"], sdpa["log"].calls, sdpa["rec"])
+
+
+def _prefill_equals_the_oracle(vlm: TinyVLM, log: list[Call], rec: Any) -> None:
+    prefill = _llm_steps(vlm, log)[0]
     real = vlm.inputs["attention_mask"].bool()
     words, temporals, received = [], [], []
     for call in prefill:
@@ -174,9 +180,10 @@ def test_prompt_words_temporal_and_received_equal_the_oracle(sdpa: dict[str, Any
     cells = torch.stack([c.clamp_min(0) for c in vlm.cells]).flatten(1)
     on_grid = ref.gather(1, cells).view(-1, *vlm.grid)
     _close(rec.get("received/video", step=0), _grid_ref(vlm, on_grid), "received/video")
-    assert "token/dog" not in rec.names or set(rec.steps) >= {0}
-    with pytest.raises(attnmap.AttnmapError, match="no map 'token/dog' recorded for step=1"):
-        rec.get("token/dog", step=1)  # prompt words are read in the prefill only
+    assert "token/dog" in rec.names and rec.steps == list(range(STEPS))
+    for step in range(1, STEPS):  # prompt words are read in the prefill only
+        with pytest.raises(attnmap.AttnmapError, match=f"no map 'token/dog' recorded for step={step}"):
+            rec.get("token/dog", step=step)
 
 
 def _vision_rows(vlm: TinyVLM, calls: list[Call]) -> list[torch.Tensor]:
@@ -551,3 +558,252 @@ def test_per_head_maps(family: str) -> None:
         "vision/received per head",
         atol=1e-5,
     )
+
+
+# -- what a flash-attention function is given ---------------------------------------------------
+def _flash_like(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: Any = None,
+    sliding_window: Any = None,
+    softcap: Any = None,
+    is_causal: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """What transformers' flash-attention function computes from what it is given: a 2-D key-padding
+    mask ``[B, nk]`` (or None), causality aligned to the last query and the sliding window added by
+    the function itself (here through an explicit mask to SDPA; a row that keeps no key gives 0)."""
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    b, h, nq, _ = query.shape
+    nk = key.shape[2]
+    keep = torch.ones(b, nk, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    at = torch.arange(nq)[:, None] + nk - nq
+    j = torch.arange(nk)[None]
+    allowed = keep[:, None, None, :] & ((j <= at) if causal else torch.ones(nq, nk, dtype=torch.bool))
+    if sliding_window is not None:
+        allowed = allowed & (j > at - sliding_window)
+    rep = h // key.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key.repeat_interleave(rep, 1),
+        value.repeat_interleave(rep, 1),
+        attn_mask=allowed,
+        scale=scaling,
+    )
+    return torch.nan_to_num(out).transpose(1, 2).contiguous(), None
+
+
+@pytest.fixture
+def flash_like() -> Iterator[str]:
+    """An attention implementation that transformers gives its flash-attention masks (2-D padding)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register("attnmap_flash_like", _flash_like)
+    AttentionMaskInterface.register("attnmap_flash_like", flash_attention_mask)
+    try:
+        yield "attnmap_flash_like"
+    finally:
+        del AttentionInterface._global_mapping["attnmap_flash_like"]
+        del AttentionMaskInterface._global_mapping["attnmap_flash_like"]
+
+
+def test_a_padding_mask_under_a_causal_call_reads_causal_rows_as_the_oracle(flash_like: str) -> None:
+    """A left-padded batch whose language model gets flash attention's 2-D padding mask: its prefill
+    rows are causal (the call's causality on top of the padding), as the SDPA run's 4-D masks say."""
+    vlm = BUILDERS["qwen2_vl"](attn="sdpa", batch=2)
+    with logged(vlm.model) as log:
+        plain = _generate(vlm)
+    vlm.model.config.text_config._attn_implementation = flash_like  # the language model only
+    with logged(vlm.model) as seen:
+        assert torch.equal(_generate(vlm), plain)
+    masks = [c.mask for c in seen.of(vlm.llm)]
+    assert all(isinstance(m, torch.Tensor) and m.dim() == 2 for m in masks)  # [B, nk]: padding only
+    rec, out = _captured(vlm)
+    assert torch.equal(out, plain)
+    assert sorted(rec.metadata["entry_points"]) == sorted([f"transformers:{flash_like}", "transformers:sdpa"])
+    _prefill_equals_the_oracle(vlm, log.calls, rec)
+    _answer_equals_the_oracle(vlm, log.calls, rec)
+
+
+def test_key_ranges_of_a_padding_mask_or_none_add_causality_and_the_sliding_window() -> None:
+    """A 2-D padding mask (or none) with a causal call and a sliding window: the ranges a dense 4-D
+    mask of the same pattern gives (as transformers builds it for SDPA: padding, causal, window)."""
+    from attnmap.capture.sequence import key_ranges
+
+    nk = 9
+    pad = torch.tensor([[False] * 3 + [True] * 6, [True] * 9])  # row 0 left-padded by 3
+    for nq in (nk, 1, 4):  # a prefill, a decode step, a chunk after a cache
+        for causal in (True, False):
+            for window in (None, 2, 4):
+                at = torch.arange(nq)[:, None] + nk - nq
+                j = torch.arange(nk)[None]
+                dense = pad[:, None, None, :] & (
+                    (j <= at) if causal else torch.ones(nq, nk, dtype=torch.bool)
+                )
+                if window is not None:
+                    dense = dense & (j > at - window) & ((j < at + window) if not causal else True)
+                want = key_ranges(dense, batch=2, nq=nq, nk=nk, causal=causal)
+                got = key_ranges(pad, batch=2, nq=nq, nk=nk, causal=causal, window=window)
+                what = f"nq={nq} causal={causal} window={window}"
+                assert isinstance(got, tuple) and isinstance(want, tuple), what
+                assert [t.tolist() for t in got] == [t.tolist() for t in want], what
+                # no mask: row 1's pattern (it has no padding)
+                none = key_ranges(None, batch=1, nq=nq, nk=nk, causal=causal, window=window)
+                whole = key_ranges(dense[1:], batch=1, nq=nq, nk=nk, causal=causal)
+                assert isinstance(none, tuple) and isinstance(whole, tuple), what
+                assert [t.tolist() for t in none] == [t.tolist() for t in whole], what
+
+
+# -- what reaches the interface, by its own signature ---------------------------------------------
+def _interface_calls(register: Any, call: Any) -> list[Any]:
+    """The calls an :class:`Interceptor` hands over when a module calls the attention function
+    ``register`` (registered in transformers' ``AttentionInterface``) as ``call(fn, module, q, k)``."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    from attnmap.capture.interception import Interceptor, Site
+
+    class Attention(torch.nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor) -> Any:
+            return call(ALL_ATTENTION_FUNCTIONS["attnmap_probe"], self, q, k)
+
+    seen: list[Any] = []
+    AttentionInterface.register("attnmap_probe", register)
+    try:
+        model = Attention()
+        with Interceptor([Site("attn", model, 0)], lambda site, c: seen.append(c)):
+            model(torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 4))
+    finally:
+        del AttentionInterface._global_mapping["attnmap_probe"]
+    return seen
+
+
+def test_a_varlen_call_keeps_its_softcap() -> None:
+    def packed(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, **kw: Any) -> Any:
+        return v, None  # stands for flash-attn's varlen kernel
+
+    cu = torch.tensor([0, 3, 7])
+    seen = _interface_calls(
+        packed,
+        lambda fn, m, q, k: fn(
+            m, q, k, k, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, scaling=0.5, softcap=30.0
+        ),
+    )
+    assert [(c.entry, c.softcap) for c in seen] == [("transformers:attnmap_probe:varlen", 30.0)] * 2
+
+
+def test_positional_arguments_are_named_by_the_called_functions_signature() -> None:
+    def eager(
+        module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, scaling: float,
+        dropout: float = 0.0, **kw: Any,
+    ) -> Any:  # fmt: skip
+        return v, None  # transformers' eager_attention_forward takes (scaling, dropout) in this order
+
+    seen = _interface_calls(eager, lambda fn, m, q, k: fn(m, q, k, k, None, 0.25, 0.0))
+    assert [c.scale for c in seen] == [0.25]
+
+
+def test_a_refused_call_is_skipped_with_its_reason() -> None:
+    """A call a framework computes its own way (a ParaAttention function mode) is not read as whole."""
+    from torch.overrides import TorchFunctionMode
+
+    class UlyssesAttnMode(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            return func(*args, **(kwargs or {}))
+
+    UlyssesAttnMode.__module__ = "para_attn.para_attn_interface"
+    vlm = BUILDERS["qwen2_vl"](batch=1)
+    model, inputs = vlm
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with pytest.warns(UserWarning, match="ParaAttention's UlyssesAttnMode") as seen:
+            with attnmap.capture(model) as rec, UlyssesAttnMode():
+                logits = model(**inputs).logits
+    assert torch.equal(logits, ref)
+    assert all("ParaAttention" in str(w.message) for w in seen)
+    assert rec.names == [] and rec.steps == []  # nothing of the refused calls recorded as whole
+
+
+# -- inputs the reader cannot place: a reason, never an error inside the model's forward -----------
+def test_a_model_without_a_language_model_is_refused_naming_the_argument() -> None:
+    from attnmap.capture import vlm
+
+    with pytest.raises(attnmap.AttnmapError, match=r"^model: a Linear has no language model"):
+        vlm.parts(torch.nn.Linear(2, 2))
+
+
+def test_a_window_of_no_merged_token_is_a_reason_and_generate_runs_on() -> None:
+    vlm = BUILDERS["qwen2_5_vl"](batch=1)
+    plain = _generate(vlm)
+    vlm.model.config.vision_config.window_size = 1  # smaller than one merged token (the tower read its own)
+    with pytest.warns(UserWarning, match="a window_size of 1 holds no merged token") as seen:
+        rec, out = _captured(vlm)
+    assert torch.equal(out, plain)
+    assert len(seen) == 1 and rec.steps == []
+
+
+@pytest.mark.parametrize(
+    ("family", "change", "reason"),
+    [
+        ("llava_next_video", {"spatial_pool_stride": 0}, "give 0 x 0 video tokens a frame"),
+        ("smolvlm", {"scale_factor": 0}, "give 0 x 0 video tokens a frame"),
+        ("gemma4", {"video_position_ids": -1}, "video_position_ids hold no real patch position"),
+    ],
+)
+def test_inputs_that_give_no_token_grid_are_a_reason(
+    family: str, change: dict[str, int], reason: str
+) -> None:
+    import copy
+    import types
+
+    from attnmap.capture import vlm as vlm_inputs
+
+    vlm = BUILDERS[family](batch=1)
+    spec = vlm_inputs.spec_of(vlm.model)
+    assert spec is not None
+    config = copy.deepcopy(vlm.model.config)
+    args = dict(vlm.inputs)
+    for name, value in change.items():
+        if name in args:
+            args[name] = torch.full_like(args[name], value)
+        else:
+            setattr(config, name, value)
+    found = vlm_inputs.read(spec, types.SimpleNamespace(config=config), args)
+    assert isinstance(found, str) and reason in found, found
+
+
+def test_a_second_prompt_says_what_the_store_keeps(tmp_path: Any) -> None:
+    """Two generate() calls in one capture: memory holds the two answers' average step by step, the
+    store each step as the first answer wrote it, as the warning says."""
+    import numpy as np
+
+    first = BUILDERS["qwen2_vl"](batch=1)
+    other = BUILDERS["qwen2_vl"](batch=1, question="where is the (dog) ?")  # the same weights
+    alone = []
+    for inputs in (first.inputs, other.inputs):
+        with attnmap.capture(first.model, tokenizer=TOKENIZER) as rec:
+            with torch.no_grad():
+                first.model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+        alone.append(rec)
+    root = tmp_path / "maps"
+    with pytest.warns(UserWarning) as seen:
+        with attnmap.capture(first.model, tokenizer=TOKENIZER, store=root, video_id="a") as rec:
+            with torch.no_grad():
+                for inputs in (first.inputs, other.inputs):
+                    first.model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+    [warning] = [str(w.message) for w in seen]
+    assert (
+        "a store keeps each step as it was first written: the first answer's steps hold its maps alone"
+        in warning
+    )
+    store = attnmap.open_store(root)
+    assert store.steps("a") == list(range(STEPS))
+    for step in range(STEPS):
+        a, b = (r.get("answer", step=step) for r in alone)
+        assert not torch.allclose(a, b, equal_nan=True), "the two answers differ"
+        _close(rec.get("answer", step=step), (a + b) / 2, f"answer in memory, step {step}")
+        np.testing.assert_allclose(store.load("a", "answer", step), a[0].numpy(), rtol=2e-3, atol=1e-4)

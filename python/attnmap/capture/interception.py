@@ -45,6 +45,7 @@ and the output stays bit-identical.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import sys
@@ -107,7 +108,8 @@ class Intercepted:
     forward; ``lse`` the rows' logsumexp when the call ran through :func:`attnmap.reduce.sdpa_with_lse`;
     ``shard`` where a context-parallel rank's call sits in the whole call (its query rows, heads);
     ``refused`` why a call cannot be read (a framework's sharding attnmap cannot see); ``softcap``
-    the cap transformers' interface was asked to put on the scores (``cap * tanh(s / cap)``).
+    the cap transformers' interface was asked to put on the scores (``cap * tanh(s / cap)``);
+    ``window`` the ``sliding_window`` it was given (a flash-attention function applies it itself).
     """
 
     query: torch.Tensor
@@ -122,6 +124,7 @@ class Intercepted:
     shard: Optional[Shard] = None
     refused: Optional[str] = None
     softcap: Optional[float] = None
+    window: Optional[int] = None
 
 
 Emit = Callable[[Site, Intercepted], None]
@@ -385,6 +388,7 @@ class Interceptor:
         shard: Optional[Shard] = None,
         refused: Optional[str] = None,
         softcap: Optional[float] = None,
+        window: Optional[int] = None,
     ) -> None:
         """One call of the innermost site: delivered now, or, inside a graph being compiled, through
         the opaque ``attnmap::observe`` when the graph runs."""
@@ -417,6 +421,7 @@ class Interceptor:
             shard=shard,
             refused=refused,
             softcap=cap,
+            window=None if window is None else int(window),
         )
         self._deliver(site, call)
 
@@ -708,6 +713,7 @@ class Interceptor:
 
     def _interface_wrapper(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         sdpa = name in _TRANSFORMERS_SDPA
+        after = _positional_after_mask(original)
 
         def attention(
             module: torch.nn.Module,
@@ -726,7 +732,7 @@ class Interceptor:
                 out = original(module, query, key, value, attention_mask, *args, **kwargs)
             finally:
                 self._busy = busy
-            named = dict(zip(("dropout", "scaling"), args))
+            named = dict(zip(after, args))
             self.seen_interface(name, query, key, attention_mask, {**named, **kwargs})
             return out
 
@@ -748,6 +754,8 @@ class Interceptor:
         mask = _readable_mask(attention_mask, int(key.shape[2]))
         scale = kwargs.get("scaling", kwargs.get("scale"))
         cap = kwargs.get("softcap")
+        window = kwargs.get("sliding_window")
+        window = int(window) if isinstance(window, int) and window > 0 else None
         causal = bool(kwargs.get("is_causal", False)) and query.shape[2] > 1
         cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
         if isinstance(cu_q, torch.Tensor) and isinstance(cu_k, torch.Tensor) and query.shape[0] == 1:
@@ -755,9 +763,25 @@ class Interceptor:
             bq, bk = cu_q.tolist(), cu_k.tolist()
             for i in range(len(bq) - 1):
                 q_i, k_i = query[:, :, bq[i] : bq[i + 1]], key[:, :, bk[i] : bk[i + 1]]
-                self._hand_over(q_i, k_i, None, scale, causal, f"transformers:{name}:varlen")
+                self._hand_over(
+                    q_i, k_i, None, scale, causal, f"transformers:{name}:varlen", softcap=cap, window=window
+                )
             return
-        self._hand_over(query, key, mask, scale, causal, f"transformers:{name}", softcap=cap)
+        self._hand_over(query, key, mask, scale, causal, f"transformers:{name}", softcap=cap, window=window)
+
+
+@functools.cache
+def _positional_after_mask(fn: Callable[..., Any]) -> tuple[str, ...]:
+    """The names of an attention function's positional parameters after its ``attention_mask`` (an
+    eager function takes ``scaling, dropout``, transformers' SDPA and flash ones ``dropout, scaling``),
+    to name the extra positional arguments of a call by the function's own signature."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return ("dropout", "scaling")  # transformers' own order for its interface functions
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in params if p.kind in kinds]
+    return tuple(names[5:])
 
 
 def _context_position(module: torch.nn.Module) -> tuple[bool, Optional[int]]:

@@ -11,7 +11,8 @@ sequence of ``total`` positions holds positions ``total - nk ..`` as keys (a sli
 keeps the last ones) and ``total - nq ..`` as queries (a decode step's query is the last).
 
 :func:`key_ranges` reads, from a call's mask as transformers passes it (None with a causal module, a
-bool mask, or an additive float mask of 0 and the dtype's minimum, ``[B, 1, nq, nk]``), the keys each
+bool mask, or an additive float mask of 0 and the dtype's minimum, ``[B, 1, nq, nk]``; a flash-attention
+call's key-padding mask ``[B, nk]`` with the call's causality and sliding window), the keys each
 query row attends as one range ``[lo, hi)`` of key indices: the contract of
 ``attnmap.attention_sums(key_range=...)``. Private to :mod:`attnmap.capture`.
 """
@@ -157,6 +158,7 @@ def key_ranges(
     nk: int,
     causal: bool,
     rows: Optional[torch.Tensor] = None,
+    window: Optional[int] = None,
 ) -> Union[tuple[torch.Tensor, torch.Tensor], str]:
     """The keys each query row of a call attends, as ``(lo, hi)`` ``[B, R]`` key indices (R = ``nq``,
     or the chosen ``rows``), or the reason the mask is not one range per row.
@@ -166,12 +168,19 @@ def key_ranges(
     entries and masks those at or below half the dtype's minimum (transformers' eager masks); any
     other value is an additive bias, which one range cannot say. A row that keeps no key gets the
     empty range ``[0, 0)`` (a left pad's query row).
+
+    A 2-D mask ``[B, nk]`` is a key-padding mask (what transformers passes a flash-attention
+    function, which adds causality and the sliding window itself): the call's causality and
+    ``window`` (the ``sliding_window`` its keyword arguments name: a query sees its last ``window``
+    keys, itself included; either side of it when not causal) narrow each row's range as they do with
+    no mask. A 4-D mask is the whole pattern (transformers' SDPA and eager functions ignore both).
     """
     index = torch.arange(nq) if rows is None else rows.cpu()
+    at = index + (nk - nq)  # each query row's own key: a decode step's query is the last row
     if mask is None:
-        lo = torch.zeros(index.shape[0], dtype=torch.long)
-        hi = index + 1 + (nk - nq) if causal else torch.full_like(index, nk)
-        return lo.expand(batch, -1), hi.clamp(0, nk).expand(batch, -1)
+        lo, hi = _bounded(torch.zeros_like(index), torch.full_like(index, nk), at, nk, causal, window)
+        return lo.expand(batch, -1), hi.expand(batch, -1)
+    padding = mask.dim() == 2
     m = _rows_of(mask, batch, nq, nk)
     if isinstance(m, str):
         return m
@@ -199,4 +208,23 @@ def key_ranges(
         his.append(torch.where(some, hi, 0))
     lo_all = torch.cat(los, dim=1).cpu().expand(batch, -1)
     hi_all = torch.cat(his, dim=1).cpu().expand(batch, -1)
+    if padding:
+        lo_all, hi_all = _bounded(lo_all, hi_all, at.expand(batch, -1), nk, causal, window)
     return lo_all, hi_all
+
+
+def _bounded(
+    lo: torch.Tensor, hi: torch.Tensor, at: torch.Tensor, nk: int, causal: bool, window: Optional[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key ranges ``[lo, hi)`` narrowed to what a query at key position ``at`` sees under causality
+    and a sliding ``window``; a range left empty becomes ``[0, 0)``."""
+    first, last = torch.zeros_like(at), torch.full_like(at, nk)
+    if causal:
+        last = at + 1
+    if window is not None:
+        first = at + 1 - window
+        if not causal:
+            last = at + window
+    lo, hi = torch.maximum(lo, first.clamp(0, nk)), torch.minimum(hi, last.clamp(0, nk))
+    empty = hi <= lo
+    return lo.masked_fill(empty, 0), hi.masked_fill(empty, 0)

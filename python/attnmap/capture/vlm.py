@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from attnmap.capture.sequence import RowTokens, SequenceMap
+from attnmap.errors import AttnmapError
 
 Grid = tuple[int, int, int]
 
@@ -32,11 +33,13 @@ def _half_up(cfg: Any, side: int) -> int:
 
 
 def _pool_stride(cfg: Any, side: int) -> int:
-    return side // int(getattr(cfg, "spatial_pool_stride", 2))
+    stride = int(getattr(cfg, "spatial_pool_stride", 2))
+    return side // stride if stride > 0 else 0  # 0 tokens: the reader says why
 
 
 def _scale_factor(cfg: Any, side: int) -> int:
-    return side // int(getattr(cfg, "scale_factor", 2))
+    factor = int(getattr(cfg, "scale_factor", 2))
+    return side // factor if factor > 0 else 0  # 0 tokens: the reader says why
 
 
 def _downsample(cfg: Any, side: int) -> int:
@@ -155,7 +158,10 @@ def parts(model: torch.nn.Module) -> tuple[str, str]:
         None,
     )
     if llm is None or vision is None:
-        raise ValueError(f"{type(model).__name__}: no language model or vision tower found among its modules")
+        raise AttnmapError(
+            f"model: a {type(model).__name__} has no language model (language_model, text_model) or vision "
+            "tower (visual, vision_tower, vision_model) among its modules"
+        )
     return llm, vision
 
 
@@ -297,6 +303,8 @@ def _thw(spec: VLMSpec, model: Any, args: Mapping[str, Any], counts: list[int]) 
         tp = 1
     else:
         merge = int(_config(vc, "spatial_merge_size", 2))
+    if merge < 1 or patch < 1:
+        return f"a merge size of {merge} and a patch size of {patch} (expected both >= 1)"
     llm = (t, hv // merge, wv // merge)
     n = llm[0] * llm[1] * llm[2]
     if spec.grid == "compressed":
@@ -315,7 +323,12 @@ def _thw(spec: VLMSpec, model: Any, args: Mapping[str, Any], counts: list[int]) 
         cells.append(index.view(llm))
     rows = block_major((t, hv, wv), merge)
     if spec.vision == "window":
-        window = _int(_config(vc, "window_size", 112)) // patch // merge
+        size = _int(_config(vc, "window_size", 112))
+        window = size // patch // merge
+        if window < 1:
+            return (
+                f"a window_size of {size} holds no merged token of {patch * merge} x {patch * merge} pixels"
+            )
         rows = rows[window_order((t, hv, wv), merge, window)]
     tower = torch.cat([torch.cat([torch.full((rows.shape[0], 1), b), rows], dim=1) for b in range(batch)])
     return _Layout(
@@ -333,9 +346,13 @@ def _frames(spec: VLMSpec, model: Any, args: Mapping[str, Any], counts: list[int
         return "no pixel tensor [B, F, 3, H, W] or [B*F, 3, H, W] among its inputs"
     vc = model.config.vision_config
     patch = _int(_config(vc, "patch_size", 14))
+    if patch < 1:
+        return f"a patch size of {patch} (expected >= 1)"
     hv, wv = int(pixels.shape[-2]) // patch, int(pixels.shape[-1]) // patch
     nh, nw = spec.side(model.config, hv), spec.side(model.config, wv)
     per = nh * nw
+    if per < 1:
+        return f"frames of {hv} x {wv} patches give {nh} x {nw} video tokens a frame (expected >= 1 each)"
     frames = {(n - spec.tail) // per for n in counts}
     if len(frames) != 1 or any((n - spec.tail) % per or n <= spec.tail for n in counts):
         return f"rows of {counts} video tokens are not one video of {nh} x {nw} tokens a frame each"
@@ -363,6 +380,8 @@ def _positions(spec: VLMSpec, model: Any, args: Mapping[str, Any], counts: list[
     vc = model.config.vision_config
     k = int(_config(vc, "pooling_kernel_size", 1))
     real = pos[..., 0] >= 0
+    if k < 1 or not bool(real.any()):
+        return f"video_position_ids hold no real patch position (all < 0), or a pooling_kernel_size of {k}"
     hv, wv = int(pos[..., 1][real].max()) + 1, int(pos[..., 0][real].max()) + 1
     f = int(per_video[0])
     llm = (f, hv // k, wv // k)

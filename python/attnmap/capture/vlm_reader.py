@@ -134,6 +134,7 @@ class VideoLLMReader:
         self._ranges: dict[tuple[Any, ...], tuple[Ranges, Optional[torch.Tensor]]] = {}
         self._closers: list[Callable[[], None]] = []
         self._silent: Optional[str] = None
+        self._refused: Optional[str] = None  # why generate() could not read its inputs, until its prefill
 
     # -- opening ------------------------------------------------------------------------------
     def open(self) -> None:
@@ -192,7 +193,9 @@ class VideoLLMReader:
         if self.answer_starts and inputs is not None:
             warnings.warn(
                 "attnmap.capture: a second prompt in one capture: its answer's maps are averaged with the "
-                "first's step by step; open one capture per generate() to keep them apart",
+                "first's step by step in memory (what the recorder's get() returns), but a store keeps each "
+                "step as it was first written: the first answer's steps hold its maps alone, and only steps "
+                "past its last one get this answer's; open one capture per generate() to keep them apart",
                 stacklevel=4,
             )
         self.answer_starts += inputs is not None
@@ -211,6 +214,7 @@ class VideoLLMReader:
         """``generate`` starts: read its inputs (the vision tower runs before the first forward)."""
         self._start(self._build(args))
         self._announced = self.inputs is not None
+        self._refused = self._silent  # why generate()'s inputs were not read: kept for its prefill
 
     def finish(self, sequences: torch.Tensor) -> None:
         """``generate`` returned ``sequences [B, N + steps]``: the last step's token is its word."""
@@ -234,6 +238,7 @@ class VideoLLMReader:
         seq = None if self.inputs is None else self.inputs.seq
         past = total - ids.shape[1] if total is not None else _cache_length(given)
         announced, self._announced = self._announced, False
+        refused, self._refused = self._refused, None
         if announced and seq is not None and ids.shape[0] != seq.batch:
             self.inputs = None  # generate() expanded its rows: they cannot be told apart
             self._silent = (
@@ -267,6 +272,8 @@ class VideoLLMReader:
                 )
             return
         if new is None or new.shape[1] == 0:
+            if refused is not None and past == 0:
+                return  # the prefill of inputs generate() could not read: its reason stands, named once
             self._start(self._build(given))  # a prefill: a new prompt (or the same one again)
             return
         assert seq is not None
@@ -300,6 +307,15 @@ class VideoLLMReader:
                 self.warn(site, f"the model's inputs give no video to map its tokens onto: {self._silent}")
                 self._silent = None
             return
+        if call.refused is not None:
+            self.warn(site, call.refused)
+            return
+        if call.shard is not None:
+            self.warn(
+                site,
+                "it is a context-parallel rank's shard of a call, which a video LLM's capture does not read",
+            )
+            return
         if call.softcap is not None:
             self.warn(site, "its scores are soft-capped (softcap), which attention_sums does not reproduce")
             return
@@ -318,11 +334,20 @@ class VideoLLMReader:
             nq,
             nk,
             causal,
+            call.window,
             None if rows is None else tuple(rows.tolist()),
         )
         kept = self._ranges.get(key)
         if kept is None:
-            found = key_ranges(mask, batch=int(call.query.shape[0]), nq=nq, nk=nk, causal=causal, rows=rows)
+            found = key_ranges(
+                mask,
+                batch=int(call.query.shape[0]),
+                nq=nq,
+                nk=nk,
+                causal=causal,
+                rows=rows,
+                window=call.window,
+            )
             self._ranges[key] = (found, mask)  # the mask kept alive: its id stays its own
         else:
             found = kept[0]
