@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from attnmap.capture.sequence import RowTokens, SequenceMap
+from attnmap.capture.tokens import run_positions
 from attnmap.errors import AttnmapError
 
 Grid = tuple[int, int, int]
@@ -520,10 +521,7 @@ def word_positions(
     """A row's marked words: the longest prompt whose tokens (``(ids, {word: indices among them})``)
     run inside the row, looked for after its video first, gives its words' positions."""
     for plain, found in sorted(prompts, key=lambda p: -len(p[0])):
-        n = len(plain)
-        if not n:
-            continue
-        starts = [i for i in range(len(row) - n + 1) if list(row[i : i + n]) == plain]
+        starts = run_positions(row, plain)
         if not starts:
             continue
         start = next((s for s in starts if s >= after), starts[0])
