@@ -325,10 +325,13 @@ class VideoInputs:
     joint_context: Optional[int] = None  # tokens a joint call holds besides the video (and history)
 
 
-def bind_inputs(core: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The core's forward arguments by name."""
+def bind_arguments(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A call's arguments by name, its ``**kwargs`` spread among them (the keywords alone where the
+    signature cannot be read or does not take them)."""
     try:
-        bound = inspect.signature(core.forward).bind_partial(*args, **kwargs)
+        bound = inspect.signature(fn).bind_partial(*args, **kwargs)
     except (TypeError, ValueError):
         return dict(kwargs)
     out = dict(bound.arguments)
@@ -336,6 +339,11 @@ def bind_inputs(core: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping[st
     if isinstance(extra, dict):
         out.update(extra)
     return out
+
+
+def bind_inputs(core: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The core's forward arguments by name."""
+    return bind_arguments(core.forward, args, kwargs)
 
 
 def _config(core: torch.nn.Module, *names: str) -> Any:

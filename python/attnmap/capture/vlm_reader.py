@@ -25,7 +25,6 @@ Private to :mod:`attnmap.capture`.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import torch
 from attnmap import reduce
 from attnmap.capture.accumulate import Rows
 from attnmap.capture.interception import Intercepted, Site
-from attnmap.capture.layouts import key_padding
+from attnmap.capture.layouts import bind_arguments, key_padding
 from attnmap.capture.sequence import SEGMENTS, key_ranges
 from attnmap.capture.vlm import VideoLLMInputs, VLMSpec, read, word_positions
 from attnmap.layout import Layout
@@ -600,13 +599,7 @@ class VideoLLMReader:
 
 def _bind(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """A call's arguments by name (``inputs`` of ``generate`` as ``input_ids``)."""
-    try:
-        bound = dict(inspect.signature(fn).bind_partial(*args, **kwargs).arguments)
-    except (TypeError, ValueError):
-        bound = dict(kwargs)
-    extra = bound.pop("kwargs", None)
-    if isinstance(extra, dict):
-        bound.update(extra)
+    bound = bind_arguments(fn, args, kwargs)
     if "input_ids" not in bound and isinstance(bound.get("inputs"), torch.Tensor):
         bound["input_ids"] = bound["inputs"]
     return bound
