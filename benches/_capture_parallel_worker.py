@@ -11,7 +11,6 @@ interleaved (``_timing.timed``; the ranks keep in step through the model's colle
 
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 import warnings
@@ -83,7 +82,7 @@ def main(argv: list[str]) -> None:
     rank, world, rendezvous, out = int(argv[0]), int(argv[1]), argv[2], Path(argv[3])
     size, rounds, modes = argv[4], int(argv[5]), argv[6:]
     warnings.simplefilter("ignore", FutureWarning)
-    from capture_parallel_worker import shim
+    from capture_parallel_worker import join_group, shim
 
     shim()
     import torch.distributed as dist
@@ -91,14 +90,7 @@ def main(argv: list[str]) -> None:
 
     from _timing import timed
 
-    dist.init_process_group(
-        "cpu:gloo",
-        init_method=rendezvous,
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
-    torch.set_num_threads(1)  # one core per rank
+    join_group(rank, world, rendezvous, 120)  # one core per rank
     found: dict[str, Any] = {}
     try:
         for mode in modes:

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from _timing import machine, record
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the ranks' launcher and shims
+from capture_parallel_worker import run_ranks
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_capture_parallel_worker.py"
@@ -40,28 +41,14 @@ def launch(out: Path, size: str, rounds: int, deadline: float) -> dict[str, Any]
         "RAYON_NUM_THREADS": "1",  # one core per rank: the kernels' threads too
         "OMP_NUM_THREADS": "1",
     }
-    procs = []
-    logs = [out / f"log{rank}.txt" for rank in range(2)]
-    try:
-        for rank in range(2):
-            with open(logs[rank], "wb") as log:
-                cmd = [sys.executable, str(WORKER), str(rank), "2", f"file://{out}/rendezvous", str(out), size,
-                       str(rounds), *MODES.values()]  # fmt: skip
-                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
-        end = time.monotonic() + deadline
-        while any(p.poll() is None for p in procs) and time.monotonic() < end:
-            if any(p.poll() not in (None, 0) for p in procs):
-                break
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(timeout=30)
-    codes = [p.returncode for p in procs]
-    if codes != [0, 0]:
-        tails = "\n".join(f"--- rank {r}:\n{logs[r].read_text()[-3000:]}" for r in range(2))
-        pytest.fail(f"the parallel bench failed (exit codes {codes}):\n{tails}")
+    commands = [
+        [sys.executable, str(WORKER), str(rank), "2", f"file://{out}/rendezvous", str(out), size, str(rounds),
+         *MODES.values()]
+        for rank in range(2)
+    ]  # fmt: skip
+    failed = run_ranks(commands, [out / f"log{rank}.txt" for rank in range(2)], env, deadline)
+    if failed:
+        pytest.fail(f"the parallel bench failed ({failed})")
     found: dict[str, Any] = json.loads((out / "timings.json").read_text())
     return found
 

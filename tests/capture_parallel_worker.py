@@ -24,10 +24,12 @@ import datetime
 import json
 import logging
 import os
+import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -64,6 +66,56 @@ def shim() -> None:
         return out.permute(0, 2, 1, 3), lse.permute(0, 2, 1)  # [B, S, H, D], [B, S, H]
 
     attention_dispatch._native_attention_forward_op = lse_forward_op
+
+
+def join_group(rank: int, world: int, rendezvous: str, timeout_s: float) -> None:
+    """Join the ranks' gloo group on the CPU (every collective gives up after ``timeout_s``), one
+    torch thread per rank."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "cpu:gloo",
+        init_method=rendezvous,
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    torch.set_num_threads(1)
+
+
+def run_ranks(
+    commands: list[list[str]],
+    logs: list[Path],
+    env: dict[str, str],
+    deadline: float,
+    cwd: Optional[Path] = None,
+) -> Optional[str]:
+    """Start one process per rank (``commands[r]``, its output into ``logs[r]``) and wait for them all,
+    ``deadline`` seconds at most: the first to fail ends the wait (the others would wait for it until the
+    group's timeout), and every process still running is then killed. None when every rank exits 0, else
+    each rank's exit code and the tail of its log."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for command, path in zip(commands, logs):
+            with open(path, "wb") as log:
+                procs.append(
+                    subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+                )
+        end = time.monotonic() + deadline
+        while any(p.poll() is None for p in procs) and time.monotonic() < end:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
+    codes = [p.returncode for p in procs]
+    if codes == [0] * len(commands):
+        return None
+    tails = "\n".join(f"--- rank {r} (exit {c}):\n{logs[r].read_text()[-3000:]}" for r, c in enumerate(codes))
+    return f"exit codes {codes}:\n{tails}"
 
 
 def build(family: str, batch: int = 1) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -206,14 +258,7 @@ def main(argv: list[str]) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    dist.init_process_group(
-        "cpu:gloo",
-        init_method=rendezvous,
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    torch.set_num_threads(1)
+    join_group(rank, world, rendezvous, 60)
     try:
         found: dict[str, torch.Tensor] = {}
         said: dict[str, list[str]] = {}

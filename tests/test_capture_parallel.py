@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 import attnmap
 import tiny_models
+from capture_parallel_worker import run_ranks
 from tiny_models import softmax64
 
 HERE = Path(__file__).resolve().parent
@@ -60,44 +59,15 @@ def _launch(world: int, cases: tuple[str, ...], out: Path) -> None:
     the group outlives :data:`DEADLINE` (every process is then killed)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "python"), str(HERE)])}
     env.pop("TRITON_INTERPRET", None)
-    logs = [out / f"log{rank}.txt" for rank in range(world)]
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        for rank in range(world):
-            with open(logs[rank], "wb") as log:
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            str(WORKER),
-                            str(rank),
-                            str(world),
-                            f"file://{out}/rendezvous",
-                            str(out),
-                            *cases,
-                        ],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                        cwd=HERE.parent,
-                    )
-                )
-        end = time.monotonic() + DEADLINE
-        while any(p.poll() is None for p in procs) and time.monotonic() < end:
-            if any(p.poll() not in (None, 0) for p in procs):
-                break  # one rank failed: the others would wait for it until the group's timeout
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(timeout=30)
-    codes = [p.returncode for p in procs]
-    if codes != [0] * world:
-        tails = "\n".join(
-            f"--- rank {r} (exit {c}):\n{logs[r].read_text()[-3000:]}" for r, c in enumerate(codes)
-        )
-        pytest.fail(f"the context-parallel run of {cases} failed (exit codes {codes}):\n{tails}")
+    commands = [
+        [sys.executable, str(WORKER), str(rank), str(world), f"file://{out}/rendezvous", str(out), *cases]
+        for rank in range(world)
+    ]
+    failed = run_ranks(
+        commands, [out / f"log{rank}.txt" for rank in range(world)], env, DEADLINE, HERE.parent
+    )
+    if failed:
+        pytest.fail(f"the context-parallel run of {cases} failed ({failed})")
 
 
 @pytest.fixture(scope="module")
