@@ -43,7 +43,9 @@ from attnmap.reduce.contract import (
     _check_qk,
     _check_reductions,
     _check_text_groups,
+    frame_sums,
     means,
+    place_rows,
 )
 
 #: The reductions that stay per query row, so that key shards merge exactly.
@@ -264,35 +266,17 @@ def finish_partial(part: Partial, *, per_head: bool = False) -> dict[str, torch.
             f"part covers the keys {list(part.keys)} of 0..{lay.num_keys}: merge the partial sums of "
             "every shard of the keys first (merge_partials)"
         )
-    lo = part.rows[0]
-    b, h = int(part.lse.shape[0]), int(part.lse.shape[1])
-    dev, f32 = part.lse.device, torch.float32
+    lo, h = part.rows[0], int(part.lse.shape[1])
+    every = slice(0, lay.num_queries)
     raw: dict[str, torch.Tensor] = {}
     for name in part.reductions:
         t = part.sums[name]
-        span = row_span(lay, part.rows, name)
-        at = slice(span.start + lo, span.stop + lo)  # layout positions
-        if name in ("cross", "temporal"):
-            v = slice(at.start - lay.video_q.start, at.stop - lay.video_q.start)
-            if name == "cross":
-                out = torch.zeros(b, h, lay.num_video, int(t.shape[-1]), dtype=f32, device=dev)
-                out[:, :, v] = t
-            else:
-                frame = torch.arange(v.start, v.stop, device=dev) // lay.frame_tokens
-                out = torch.zeros(b, h, lay.frames, lay.frames, dtype=f32, device=dev)
-                out.index_add_(2, frame, t)
-        elif name == "text":
-            tq = lay.text_q
-            assert tq is not None
-            out = torch.zeros(b, h, lay.text, lay.text, dtype=f32, device=dev)
-            out[:, :, at.start - tq.start : at.stop - tq.start] = t
-        elif name == "full":
-            out = torch.zeros(b, h, lay.num_queries, lay.num_keys, dtype=f32, device=dev)
-            out[:, :, at] = t
-        else:  # entropy
-            out = torch.zeros(b, h, lay.num_queries, dtype=f32, device=dev)
-            out[:, :, at] = t
-        raw[name] = out if per_head else out.sum(dim=1, keepdim=True)
+        at = row_span(lay, part.rows, name).start + lo  # the layout position of t's first row
+        if name == "temporal":
+            out = frame_sums(t, at, lay)
+        else:
+            out = place_rows(t, at, {"cross": lay.video_q, "text": lay.text_q}.get(name) or every)
+        raw[name] = out.clone() if per_head else out.sum(dim=1, keepdim=True)  # never a view of part
     return means(raw, part.reductions, lay, heads=h, per_head=per_head, num_queries=lay.num_queries)
 
 
