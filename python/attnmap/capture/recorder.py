@@ -79,7 +79,7 @@ from attnmap.capture.pipeline import (
 )
 from attnmap.capture.plan import Forward, ModelRow, Options, RowText
 from attnmap.capture.sinks import Sink, StoreSink, store_sinks
-from attnmap.capture.tokens import Targets, find, parse_targets, resolve
+from attnmap.capture.tokens import Targets, find, has_word, parse_targets, resolve
 from attnmap.capture.vlm_reader import VideoLLMReader
 from attnmap.config import Config
 from attnmap.errors import AttnmapError
@@ -345,9 +345,7 @@ class Recorder:
         given = [targets] if isinstance(targets, str) else list(targets or [])
         for marked in prompts:
             clean, marks = parse_targets(marked)
-            words = [
-                w for w in given if re.search(r"(?<!\w)" + re.escape(w.strip()) + r"(?!\w)", clean, re.I)
-            ]
+            words = [w for w in given if has_word(clean, w.strip())]
             words = words if given else marks
             if not words:
                 continue
@@ -378,7 +376,7 @@ class Recorder:
             self._since_step = 0
 
     def _alias(self, step: int, name: str, new: str, rows: list[int]) -> None:
-        self._acc.alias(step, name, new, rows)
+        self._acc.alias(step, name, new, rows)  # the accumulator is made after the reader is
 
     def _check_names(self) -> None:
         names = {s.name for d in self._denoisers for s in d.sites}
@@ -604,9 +602,7 @@ class Recorder:
         clean, marks = parse_targets(marked)
         words = [given] if isinstance(given, str) else list(given or marks)
         if given is not None and not isinstance(given, Mapping):
-            words = [
-                w for w in words if re.search(r"(?<!\w)" + re.escape(w.strip()) + r"(?!\w)", clean, re.I)
-            ]
+            words = [w for w in words if has_word(clean, w.strip())]
         if not words or self._tokenizer is None:
             return {}
         return find(marked, self._tokenizer, words)

@@ -58,9 +58,17 @@ def parse_targets(prompt: str) -> tuple[str, list[str]]:
     return clean, words
 
 
+def _word_pattern(word: str) -> re.Pattern[str]:
+    return re.compile(r"(?<!\w)" + re.escape(word) + r"(?!\w)", flags=re.IGNORECASE)
+
+
+def has_word(text: str, word: str) -> bool:
+    """Whether ``word`` stands in ``text`` as a whole word (in any case)."""
+    return _word_pattern(word).search(text) is not None
+
+
 def _word_spans(text: str, word: str) -> list[tuple[int, int]]:
-    pattern = r"(?<!\w)" + re.escape(word) + r"(?!\w)"
-    return [(m.start(), m.end()) for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
+    return [(m.start(), m.end()) for m in _word_pattern(word).finditer(text)]
 
 
 def _encode(tokenizer: Any, text: str) -> dict[str, Any]:
