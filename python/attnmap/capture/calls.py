@@ -134,7 +134,7 @@ class CallReader:
         cubes = self.options.block_size is not None and "blocks" in reductions
         extra: dict[str, Any] = {"block_size": self.options.block_size} if cubes else {}
         if plan.shard is not None:  # a context-parallel rank's rows of the whole call
-            extra["rows"] = (plan.q_offset, plan.q_offset + int(q.shape[2]))
+            extra["rows"] = (plan.shard.rows[0], plan.shard.rows[0] + int(q.shape[2]))
         out = reduce.attention_sums(
             q,
             k,
@@ -194,7 +194,7 @@ class CallReader:
     def _text_maps(self, plan: CallPlan, group: RowGroup, value: torch.Tensor) -> dict[str, torch.Tensor]:
         """Token maps, padding and the cross map from a cross map ``[r, (H,) Nv, Nk]`` over the group's
         own text."""
-        span, grid = group.span, plan.grid or plan.layout.grid
+        span, grid = group.span, plan.grid
         assert span is not None
         text = value[..., span.start : span.start + span.length]
         maps: dict[str, torch.Tensor] = {}

@@ -317,7 +317,6 @@ class VideoInputs:
     latent: Optional[Grid] = None  # the input's (F, H, W) before patching
     text_len: Optional[int] = None  # text tokens of the text input (padded)
     text_real: Optional[list[int]] = None  # real (unpadded) text tokens per batch row
-    text_masked: bool = False  # text_real comes from a mask the model was given (else from zero padding)
     text_offset: Optional[list[int]] = (
         None  # where the prompt's tokens start in a joint call's context, per row
     )
@@ -458,7 +457,6 @@ def read_inputs(core: torch.nn.Module, spec: FamilySpec, args: Mapping[str, Any]
         out.text_len = int(text.shape[1])
         mask = args.get("encoder_attention_mask", args.get("attention_mask"))
         out.text_real = _real_lengths(text, mask)
-        out.text_masked = isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape == text.shape[:2]
     elif (
         isinstance(given, (list, tuple))
         and given

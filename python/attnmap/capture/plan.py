@@ -10,8 +10,7 @@ among the keys, how many of its tokens are real) and one set of target words. Th
 Each model batch row is a :class:`ModelRow`: its branch, its place among the branch's rows and its
 text (:class:`RowText`: the prompt it holds, its real length, its target words), so rows that differ
 (the positive and the negative prompt under guidance, a batch of prompts, padded text) are each read
-over their own tokens. A plan's ``q_offset`` is where its first query sits in the whole sequence (the
-query rows of a shard of a longer sequence, or a decode step's rows at the end of the keys). A call of
+over their own tokens. A call of
 a context-parallel rank (:mod:`attnmap.capture.parallel`) is placed as the whole call it is a shard of
 (its :class:`~attnmap.capture.parallel.Shard`, or its rows found at the rank's chunk of the video) and
 read at its rows. Private to :mod:`attnmap.capture`.
@@ -140,7 +139,6 @@ class CallPlan:
     fold: Optional[str] = None
     grid: Optional[layouts.Grid] = None
     text_groups: bool = False
-    q_offset: int = 0
     shard: Optional[Shard] = None  # a context-parallel rank's rows and heads of the whole call
     warnings: tuple[str, ...] = ()
 
@@ -228,7 +226,7 @@ def _model_rows(forward: Forward, place: Placement, b: int) -> list[tuple[int, M
     return [(r.index, r) for r in forward.rows]
 
 
-def _span(place: Placement, position: int, row: ModelRow, nk: int) -> Optional[Span]:
+def _span(place: Placement, position: int, row: ModelRow) -> Optional[Span]:
     """Where a call row's prompt sits among its keys (None for keys that are not text)."""
     lay = place.layout
     if place.context != "text" or lay.text == 0:
@@ -356,7 +354,7 @@ def plan_call(
     else:
         select, lo = slice(None), 0
     group = group_of(site, place)
-    spans = [_span(place, p, r, nk) for p, r in members]
+    spans = [_span(place, p, r) for p, r in members]
     widths = _widths(forward.rows, spans[0], trimmed=place.row is not None)
     buckets: dict[tuple[Any, ...], tuple[list[int], list[int], ModelRow, Optional[Span]]] = {}
     warnings: list[str] = []
@@ -400,7 +398,6 @@ def plan_call(
         fold=place.fold,
         grid=place.grid or lay.grid,
         text_groups=not group and place.fold is None and all(g.span is not None for g in groups),
-        q_offset=0 if shard is None else shard.rows[0],
         shard=shard,
         warnings=tuple(dict.fromkeys(warnings)),
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -196,8 +196,6 @@ class VideoLLMInputs:
     slot_frames: list[list[int]]
     timestamps: list[Optional[float]]
     fps: Optional[float] = None
-    kept: Optional[torch.Tensor] = None  # [B, F, H, W] bool: the cells with a token (VideoLLaMA3)
-    notes: list[str] = field(default_factory=list)
 
     @property
     def grid(self) -> Grid:
@@ -282,7 +280,6 @@ class _Layout:
         torch.Tensor
     ]  # per row [F, H, W]: the index of each cell's token among the row's video tokens
     vision: VisionOrder
-    kept: Optional[torch.Tensor] = None
 
 
 def _thw(spec: VLMSpec, model: Any, args: Mapping[str, Any], counts: list[int]) -> Union[_Layout, str]:
@@ -334,7 +331,7 @@ def _thw(spec: VLMSpec, model: Any, args: Mapping[str, Any], counts: list[int]) 
     tower = torch.cat([torch.cat([torch.full((rows.shape[0], 1), b), rows], dim=1) for b in range(batch)])
     return _Layout(
         llm=llm, vision_grid=(t, hv, wv), patch=patch, merge=merge, temporal=tp, cells=cells,
-        vision=VisionOrder("sequence", cells=tower), kept=kept if spec.grid == "compressed" else None,
+        vision=VisionOrder("sequence", cells=tower),
     )  # fmt: skip
 
 
@@ -511,7 +508,7 @@ def read(
             fps = laid.temporal / steps[0]
     return VideoLLMInputs(
         seq=seq, vision=laid.vision, vision_grid=laid.vision_grid, patch=laid.patch, merge=laid.merge,
-        temporal=laid.temporal, slot_frames=slot_frames, timestamps=stamps, fps=fps, kept=laid.kept,
+        temporal=laid.temporal, slot_frames=slot_frames, timestamps=stamps, fps=fps,
     )  # fmt: skip
 
 
