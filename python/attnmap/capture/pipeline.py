@@ -180,18 +180,17 @@ class PromptBook:
     def match(self, text: torch.Tensor) -> list[Optional[tuple[Prompt, bool]]]:
         """The prompt of each row of a denoiser's text input ``[B, L, D]``, and whether it is a negative
         prompt (None: no encoded row equals it)."""
-        out: list[Optional[tuple[Prompt, bool]]] = []
-        for row in text.detach():
-            found = None
-            for embeds, prompts, negative in reversed(self._entries):  # the latest encoding first
-                if embeds.shape[1:] != row.shape:
-                    continue
-                cast = embeds.to(device=row.device, dtype=row.dtype)
-                hits = (cast == row).flatten(1).all(1).nonzero().flatten().tolist()
-                if hits:
-                    found = (prompts[hits[0]], negative)
-                    break
-            out.append(found)
+        rows = text.detach()
+        out: list[Optional[tuple[Prompt, bool]]] = [None] * int(rows.shape[0])
+        for embeds, prompts, negative in reversed(self._entries):  # the latest encoding first
+            if embeds.shape[1:] != rows.shape[1:] or all(o is not None for o in out):
+                continue
+            cast = embeds.to(device=rows.device, dtype=rows.dtype)
+            # [B, n]: row b equals encoded row i; one transfer for the whole batch
+            equal = (cast[None] == rows[:, None]).flatten(2).all(2).tolist()
+            for b, hits in enumerate(equal):
+                if out[b] is None and True in hits:
+                    out[b] = (prompts[hits.index(True)], negative)
         return out
 
 
