@@ -431,9 +431,22 @@ def top_regions(m: ArrayLike, k: int = 3, *, mask_top_fraction: float = 0.1) -> 
 # ------------------------------------------------------------------------------------------
 # word masks and tracks on the video's own frames
 # ------------------------------------------------------------------------------------------
-def _positive(value: Any) -> Optional[int]:
+def positive_int(value: Any) -> Optional[int]:
+    """``value`` as an int when it is an integer >= 1 (not a bool), else None."""
     ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
     return int(value) if ok else None
+
+
+def video_info(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``video`` dict of a video's metadata (empty when missing or malformed)."""
+    video = meta.get("video")
+    return video if isinstance(video, dict) else {}
+
+
+def vae_stride(meta: Mapping[str, Any]) -> Optional[int]:
+    """The VAE temporal stride of the metadata's ``vae_stride`` [t, h, w], or None."""
+    stride = meta.get("vae_stride")
+    return positive_int(stride[0]) if isinstance(stride, (list, tuple)) and stride else None
 
 
 def frame_latents(meta: Mapping[str, Any], latent_frames: int) -> np.ndarray:
@@ -452,13 +465,10 @@ def frame_latents(meta: Mapping[str, Any], latent_frames: int) -> np.ndarray:
     Returns:
         int64 ``[T]``: latent frame per video frame, non-decreasing, 0 first and F - 1 last.
     """
-    f = _positive(latent_frames)
+    f = positive_int(latent_frames)
     if f is None:
         raise AttnmapError(f"latent_frames must be an int >= 1, got {latent_frames!r}")
-    video = meta.get("video")
-    frames = _positive(video.get("frames")) if isinstance(video, dict) else None
-    stride = meta.get("vae_stride")
-    s = _positive(stride[0]) if isinstance(stride, (list, tuple)) and stride else None
+    frames, s = positive_int(video_info(meta).get("frames")), vae_stride(meta)
     t = np.arange(frames or f)
     if frames is None or frames == f:
         return t
@@ -599,7 +609,8 @@ def summarize(
         video's pixels (``x``, ``y`` None where the mask is empty).
     """
     meta = store.metadata(video_id)
-    video: dict[str, Any] = meta["video"] if isinstance(meta.get("video"), dict) else {}
+    video = video_info(meta)
+    height, width = positive_int(video.get("height")), positive_int(video.get("width"))
     rule: dict[str, Any] = (
         {"threshold": float(mask_threshold), "normalize": "global", "per": "latent frame"}
         if mask_threshold is not None
@@ -617,7 +628,6 @@ def summarize(
             top_fraction=None if mask_threshold is not None else mask_top_fraction,
             name=f"token map {word!r} of video {video_id!r}",
         )
-        height, width = _positive(video.get("height")), _positive(video.get("width"))
         size = (height, width) if height is not None and width is not None else m.shape[1:]
         points = [
             {"frame": i, "latent_frame": int(j), **(p or {"x": None, "y": None, "area": 0.0})}

@@ -36,7 +36,15 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 import numpy as np
 
 from attnmap._checks import integer
-from attnmap.analysis.maps import aggregated_map, on_input_frames, real_text_length, real_text_words
+from attnmap.analysis.maps import (
+    aggregated_map,
+    on_input_frames,
+    positive_int,
+    real_text_length,
+    real_text_words,
+    vae_stride,
+    video_info,
+)
 from attnmap.analysis.normalization import bounds
 from attnmap.errors import AttnmapError
 from attnmap.render.codec import FPS_RANGE
@@ -106,33 +114,15 @@ class _Plan:
         return len(self.labels)
 
 
-def video_info(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``video`` dict of a video's metadata (empty when missing or malformed)."""
-    video = meta.get("video")
-    return video if isinstance(video, dict) else {}
-
-
 def _video_meta(store: Store, video_id: str) -> dict[str, Any]:
     return video_info(store.metadata(video_id))
-
-
-def vae_stride(meta: Mapping[str, Any]) -> Optional[int]:
-    """The VAE temporal stride of the metadata's ``vae_stride`` [t, h, w], or None."""
-    stride = meta.get("vae_stride")
-    return _positive_int(stride[0]) if isinstance(stride, (list, tuple)) and stride else None
-
-
-def _positive_int(value: Any) -> Optional[int]:
-    """``value`` as an int when it is an integer >= 1 (not a bool), else None."""
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
-    return int(value) if ok else None
 
 
 def size_from_meta(meta: Mapping[str, Any], map_hw: tuple[int, int]) -> tuple[int, int]:
     """The frame size (H, W) of a video's renders: the generated video's size from the metadata, else the
     map scaled up to at least 256 pixels high; both rounded up to even (what H.264 needs)."""
     video = video_info(meta)
-    height, width = _positive_int(video.get("height")), _positive_int(video.get("width"))
+    height, width = positive_int(video.get("height")), positive_int(video.get("width"))
     if height is None or width is None:
         scale = max(1, math.ceil(_MIN_SIDE / max(1, map_hw[0])))
         height, width = map_hw[0] * scale, map_hw[1] * scale
@@ -222,7 +212,7 @@ def frame_plan(
     if latent_frames == 1:
         frames = max(1, round(options.static_duration * fps))
         return _bounded(frames, "static_duration"), None
-    meta_frames = _positive_int(video_info(meta).get("frames"))
+    meta_frames = positive_int(video_info(meta).get("frames"))
     if meta_frames is not None and (stride is None or meta_frames != 1 + (latent_frames - 1) * stride):
         return _bounded(meta_frames, "metadata video.frames"), None
     if stride is None:
