@@ -315,10 +315,8 @@ class Interceptor:
                 self._handles.append(push)
                 pop = site.module.register_forward_hook(self._pop(site), always_call=not self.compiled)
                 self._handles.append(pop)
-            self._patch_sdpa()
-            self._patch_diffusers()
+            self._patch_everywhere([self._sdpa_patch(), *self._diffusers_patches(), *self._xdit_patches()])
             self._patch_transformers()
-            self._patch_xdit()
             if self.softmax_roles:
                 self._mode = _Mode(self)
                 self._mode.__enter__()
@@ -478,20 +476,26 @@ class Interceptor:
         finally:
             self._busy = False
 
-    # -- torch SDPA --------------------------------------------------------------------------
-    def _patch_sdpa(self) -> None:
-        functional = torch.nn.functional
-        previous = functional.scaled_dot_product_attention  # torch's, or an open capture's wrapper
-        wrapper = self._sdpa_wrapper(previous)
-        for module in [functional, *list(sys.modules.values())]:
+    # -- patching ------------------------------------------------------------------------------
+    def _patch_everywhere(self, patches: Sequence[tuple[str, Any, Any]]) -> None:
+        """Each ``(name, original, wrapper)``: the wrapper in every loaded module that holds the original
+        under that name. One pass over the modules' own namespaces: a lazy module's ``__getattr__``
+        (which may import, and costs microseconds for every name it lacks) is never asked. torch's C
+        modules are left as they are: torch hands a function mode the SDPA of torch._C._nn, where
+        :meth:`_beside_a_mode` puts torch's own back on functional for it."""
+        for module in list(sys.modules.values()):
             namespace = getattr(module, "__dict__", None)
-            if getattr(module, "__name__", "").startswith("torch._C"):
-                # torch hands a function mode the function of this name in torch._C._nn: left as it is,
-                # a mode sees torch's own SDPA, which _beside_a_mode puts back on functional for it
+            if not isinstance(namespace, dict) or str(namespace.get("__name__", "")).startswith("torch._C"):
                 continue
-            if isinstance(namespace, dict) and namespace.get("scaled_dot_product_attention") is previous:
-                self._patches.append(_Patch(module, "scaled_dot_product_attention", previous))
-                setattr(module, "scaled_dot_product_attention", wrapper)  # noqa: B010
+            for name, original, wrapper in patches:
+                if namespace.get(name) is original:
+                    self._patches.append(_Patch(module, name, original))
+                    setattr(module, name, wrapper)
+
+    # -- torch SDPA --------------------------------------------------------------------------
+    def _sdpa_patch(self) -> tuple[str, Any, Any]:
+        previous = torch.nn.functional.scaled_dot_product_attention  # torch's, or an open capture's wrapper
+        return "scaled_dot_product_attention", previous, self._sdpa_wrapper(previous)
 
     def _sdpa_wrapper(self, previous: Callable[..., Any]) -> Callable[..., Any]:
         last = previous is _SDPA  # the capture opened first: nothing of attnmap's below it
@@ -557,24 +561,19 @@ class Interceptor:
         return out
 
     # -- diffusers' dispatcher ---------------------------------------------------------------
-    def _patch_diffusers(self) -> None:
+    def _diffusers_patches(self) -> list[tuple[str, Any, Any]]:
         dispatch = sys.modules.get("diffusers.models.attention_dispatch")
         if dispatch is None:
-            return
+            return []
+        patches = []
         for name, make in (
             ("dispatch_attention_fn", self._dispatch_wrapper),
             (_TEMPLATED, self._templated_wrapper),
         ):
             original = getattr(dispatch, name, None)
             if original is not None:
-                self._replace(name, original, make(original))
-
-    def _replace(self, name: str, original: Any, wrapper: Any) -> None:
-        """``wrapper`` for ``original`` in every loaded module that holds it as ``name``."""
-        for module in list(sys.modules.values()):
-            if getattr(module, name, None) is original:
-                self._patches.append(_Patch(module, name, original))
-                setattr(module, name, wrapper)
+                patches.append((name, original, make(original)))
+        return patches
 
     def _dispatch_wrapper(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def dispatch_attention_fn(*args: Any, **kwargs: Any) -> Any:
@@ -662,11 +661,13 @@ class Interceptor:
         )
 
     # -- xDiT ----------------------------------------------------------------------------------
-    def _patch_xdit(self) -> None:
+    def _xdit_patches(self) -> list[tuple[str, Any, Any]]:
+        patches = []
         for modname, name in parallel.XDIT:
             original = getattr(sys.modules.get(modname), name, None)
             if callable(original):
-                self._replace(name, original, self._xdit_wrapper(original))
+                patches.append((name, original, self._xdit_wrapper(original)))
+        return patches
 
     def _xdit_wrapper(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def USP(query: Any, key: Any, *args: Any, **kwargs: Any) -> Any:  # xDiT's name
