@@ -558,13 +558,32 @@ impl Rows {
         }
     }
 
+    /// Make `col` the pending column of rows `i0..i0 + n`, which walk the same tiles and so share
+    /// their pending column (flushing the one pending before where it is another); their lanes
+    /// then take further exponentials by vector adds.
+    #[inline(always)]
+    fn pend_rows(&mut self, i0: usize, n: usize, c: usize, col: usize) {
+        if self.pend_col[i0] != col {
+            for i in i0..i0 + n {
+                self.flush(i, c);
+                self.pend16[i * NR..(i + 1) * NR].fill(0.0);
+                self.pend_col[i] = col;
+            }
+        }
+    }
+
     /// Fold the lane sums and pending columns of the first `rows` rows into `sum`, `ent` and
-    /// their columns (`c` of them).
+    /// their columns (`c` of them). With a given logsumexp, a row with a non-finite column is
+    /// flagged: its exponentials met a NaN or `+inf` logit that no test looked for per tile (a P
+    /// past `f32::MAX`, from a logsumexp far below a logit, is no number either).
     fn settle(&mut self, rows: usize, c: usize) {
         for i in 0..rows {
             self.flush(i, c);
             self.sum[i] += sum16(self.sum16[i * NR..(i + 1) * NR].try_into().expect("NR"));
             self.ent[i] += sum16(self.ent16[i * NR..(i + 1) * NR].try_into().expect("NR"));
+            if self.given && !self.acc[i * c..(i + 1) * c].iter().all(|v| v.is_finite()) {
+                self.bad[i] = true;
+            }
         }
     }
 
@@ -712,7 +731,7 @@ impl Work<'_, '_> {
 
     /// One head's online softmax over every key for rows `r0..r0 + rows` of batch element `b`,
     /// left in `st` (relative column sums, max, sum, and with `ENT` the entropy sums); `q` is
-    /// scratch for the scaled query rows (`[padded rows][D]`).
+    /// scratch for the scaled query rows (`[padded rows / MR][D][MR]`).
     #[inline(always)]
     fn softmax_head<const B: u8, const ENT: bool>(
         &self,
@@ -729,9 +748,15 @@ impl Work<'_, '_> {
         let hm = self.biases.len() / p.q.dim().0;
         let padded = rows.div_ceil(MR) * MR;
         assert!(st.max.len() >= padded && q.len() >= padded * d);
-        for (i, dst) in q.chunks_exact_mut(d).enumerate().take(rows) {
+        // q packed per micro tile of rows, `[padded / MR][d][MR]`: a tile's rows at one depth are
+        // adjacent, so its broadcasts walk one pointer (the rows past `rows` stay 0)
+        for i in 0..rows {
             let src = p.q.slice(ndarray::s![b, head, r0 + i, ..]);
-            dst.iter_mut().zip(src).for_each(|(x, &v)| *x = v * p.scale);
+            let (tile, lane) = (i / MR, i % MR);
+            let dst = &mut q[tile * d * MR..(tile + 1) * d * MR];
+            for (e, &v) in src.iter().enumerate() {
+                dst[e * MR + lane] = v * p.scale;
+            }
         }
         let given = p
             .lse
@@ -766,8 +791,9 @@ impl Work<'_, '_> {
                     }
                     continue;
                 }
-                for m in (m0..m0 + MR).step_by(HALF) {
-                    let qt = &q[m * d..(m + HALF) * d];
+                let qt = &q[m0 * d..(m0 + MR) * d];
+                for (half, m) in (m0..m0 + MR).step_by(HALF).enumerate() {
+                    let lane = half * HALF;
                     for t in t0..t1 {
                         let kt = &keys[t * d * NR..(t + 1) * d * NR];
                         let bt = &bias[t * NR..(t + 1) * NR];
@@ -775,10 +801,10 @@ impl Work<'_, '_> {
                         if B == AVX2 {
                             // SAFETY: B is AVX2 only in a function compiled for AVX2 + FMA, run
                             // on a CPU that has both.
-                            unsafe { avx2::fold_tile::<ENT>(self, qt, kt, d, t, bt, st, m) };
+                            unsafe { avx2::fold_tile::<ENT>(self, qt, lane, kt, d, t, bt, st, m) };
                             continue;
                         }
-                        let mut s = micro(qt, kt, d);
+                        let mut s = micro(qt, lane, kt, d);
                         self.epilogue::<ENT>(&mut s, t, bt, st, m);
                     }
                 }
@@ -910,14 +936,15 @@ fn scatter(acc: &mut [f32], cols: &[i64], e: &[f32; NR]) {
     }
 }
 
-/// Logits of `HALF` rows (`q`, `[HALF][d]`, scaled) against one tile of keys (`[d][NR]`).
+/// Logits of the `HALF` rows from lane `lane` of a micro tile of rows (`q`, `[d][MR]`, scaled)
+/// against one tile of keys (`[d][NR]`).
 #[inline(always)]
-fn micro(q: &[f32], k: &[f32], d: usize) -> [[f32; NR]; HALF] {
+fn micro(q: &[f32], lane: usize, k: &[f32], d: usize) -> [[f32; NR]; HALF] {
     let mut acc = [[0.0f32; NR]; HALF];
     for p in 0..d {
         let kv: &[f32; NR] = k[p * NR..(p + 1) * NR].try_into().expect("NR lanes");
         for (r, row) in acc.iter_mut().enumerate() {
-            let a = q[r * d + p];
+            let a = q[p * MR + lane + r];
             for (x, &kj) in row.iter_mut().zip(kv) {
                 *x += a * kj;
             }
@@ -932,7 +959,7 @@ fn micro(q: &[f32], k: &[f32], d: usize) -> [[f32; NR]; HALF] {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Rows, Tile, Work, HALF, NR};
+    use super::{Rows, Tile, Work, HALF, MR, NR};
 
     /// [`Work::epilogue`] of [`super::micro`]'s tile, vectorised; same arguments.
     ///
@@ -943,6 +970,7 @@ mod avx2 {
     pub(super) unsafe fn fold_tile<const ENT: bool>(
         work: &Work,
         q: &[f32],
+        lane: usize,
         k: &[f32],
         d: usize,
         t: usize,
@@ -950,11 +978,12 @@ mod avx2 {
         st: &mut Rows,
         m0: usize,
     ) {
-        assert!(q.len() >= HALF * d && k.len() >= d * NR && bias.len() >= NR);
+        assert!(lane + HALF <= MR && q.len() >= MR * d && k.len() >= d * NR && bias.len() >= NR);
         let (qp, kp) = (q.as_ptr(), k.as_ptr());
         let mut acc = [[_mm256_setzero_ps(); 2]; HALF];
         for p in 0..d {
-            // SAFETY: p < d, so p * NR + 16 <= d * NR and r * d + p < HALF * d (asserted above).
+            // SAFETY: p < d, so p * NR + 16 <= d * NR and p * MR + lane + r < MR * d (asserted
+            // above).
             let (k0, k1) = unsafe {
                 (
                     _mm256_loadu_ps(kp.add(p * NR)),
@@ -962,7 +991,7 @@ mod avx2 {
                 )
             };
             for (r, row) in acc.iter_mut().enumerate() {
-                let a = unsafe { _mm256_broadcast_ss(&*qp.add(r * d + p)) };
+                let a = unsafe { _mm256_broadcast_ss(&*qp.add(p * MR + lane + r)) };
                 row[0] = _mm256_fmadd_ps(a, k0, row[0]);
                 row[1] = _mm256_fmadd_ps(a, k1, row[1]);
             }
@@ -1145,7 +1174,7 @@ mod avx512 {
 
     use super::{Rows, Tile, Work, MR, NR};
 
-    /// The logits of the `MR` rows `q` (`[MR][d]`, scaled) against the `TILES` tiles from tile `t`
+    /// The logits of the `MR` rows `q` (`[d][MR]`, scaled) against the `TILES` tiles from tile `t`
     /// (`k`: `[TILES][d][NR]`, `bias`: `[TILES * NR]`), folded into rows `m0..m0 + MR` of `st`,
     /// tile after tile for each row.
     ///
@@ -1173,8 +1202,8 @@ mod avx512 {
                 *v = unsafe { _mm512_loadu_ps(kp.add((j * d + p) * NR)) };
             }
             for (r, row) in acc.iter_mut().enumerate() {
-                // SAFETY: r * d + p < MR * d (asserted above).
-                let a = _mm512_set1_ps(unsafe { *qp.add(r * d + p) });
+                // SAFETY: p * MR + r < MR * d (asserted above).
+                let a = _mm512_set1_ps(unsafe { *qp.add(p * MR + r) });
                 for (x, &kj) in row.iter_mut().zip(&kv) {
                     *x = _mm512_fmadd_ps(a, kj, *x);
                 }
@@ -1185,10 +1214,58 @@ mod avx512 {
             // SAFETY: bias holds TILES * NR floats (asserted above).
             *v = unsafe { _mm512_loadu_ps(bias.as_ptr().add(j * NR)) };
         }
+        if !ENT && st.given {
+            if let Some(col) = one_column(&work.groups.tiles[t..t + TILES]) {
+                // SAFETY: this function's CPU features.
+                unsafe { fold_given_sum(st, m0, work.groups.num_columns, col, &acc, &bv) };
+                return;
+            }
+        }
         for (ri, row) in acc.iter().enumerate() {
             for (j, (&x, &b)) in row.iter().zip(&bv).enumerate() {
                 unsafe { fold_row::<ENT>(work, st, m0 + ri, t + j, _mm512_add_ps(x, b)) };
             }
+        }
+    }
+
+    /// The column that every key of `tiles` adds to, if they all add to one.
+    #[inline(always)]
+    fn one_column(tiles: &[Tile]) -> Option<usize> {
+        match tiles.first() {
+            Some(&Tile::Sum(col)) if tiles.iter().all(|&x| x == Tile::Sum(col)) => Some(col),
+            _ => None,
+        }
+    }
+
+    /// [`fold_row`] of a micro tile whose keys all add to column `col`, for rows whose logsumexp
+    /// was given: each row's exponentials of every tile summed as one vector into its pending
+    /// column, with no per-tile test for NaN or `+inf` logits. [`exp`] carries a NaN on and turns
+    /// `+inf` into `+inf`, so such a logit leaves its column non-finite, which [`Rows::settle`]
+    /// flags.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 (F), AVX2 and FMA.
+    #[inline(always)]
+    unsafe fn fold_given_sum<const TILES: usize>(
+        st: &mut Rows,
+        m0: usize,
+        c: usize,
+        col: usize,
+        logits: &[[__m512; TILES]; MR],
+        bias: &[__m512; TILES],
+    ) {
+        st.pend_rows(m0, MR, c, col);
+        let lse = &st.max[m0..m0 + MR];
+        let pend = &mut st.pend16[m0 * NR..(m0 + MR) * NR];
+        for (ri, (row, &m)) in logits.iter().zip(lse).enumerate() {
+            let m = _mm512_set1_ps(m);
+            let mut e = _mm512_setzero_ps();
+            for (&x, &b) in row.iter().zip(bias) {
+                e = _mm512_add_ps(e, unsafe { exp(_mm512_sub_ps(_mm512_add_ps(x, b), m)) });
+            }
+            let lanes = pend[ri * NR..(ri + 1) * NR].as_mut_ptr();
+            // SAFETY: lanes points at NR = 16 floats.
+            unsafe { _mm512_storeu_ps(lanes, _mm512_add_ps(_mm512_loadu_ps(lanes), e)) };
         }
     }
 
@@ -1272,14 +1349,15 @@ mod avx512 {
     }
 
     /// [`super::exp_small`] on 16 lanes, with `2^n` applied by `scalef` (which overflows to
-    /// `+inf` past `ln f32::MAX` by itself).
+    /// `+inf` past `ln f32::MAX` by itself); NaN in, NaN out.
     ///
     /// # Safety
     /// The CPU must have AVX-512 (F) (inlined into such a function).
     #[inline(always)]
     unsafe fn exp(x: __m512) -> __m512 {
         let low = _mm512_set1_ps(super::EXP_LOW);
-        let xc = _mm512_min_ps(_mm512_max_ps(x, low), _mm512_set1_ps(89.0));
+        // max and min give their second operand where either is NaN: a NaN x stays NaN
+        let xc = _mm512_min_ps(_mm512_set1_ps(89.0), _mm512_max_ps(low, x));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E)),
         );
@@ -1777,6 +1855,70 @@ pub(crate) mod tests {
         case(2, 3, 3, 12, 32, &cols, 10, Some(bias.clone()), true, 6);
         let shared = bias.slice(ndarray::s![.., 0..1, ..]).to_owned();
         case(2, 3, 3, 12, 32, &cols, 10, Some(shared), false, 7);
+    }
+
+    #[test]
+    fn given_lse_over_whole_frames() {
+        // frames of 64 keys: pairs of tiles whose keys all add to one column, which the AVX-512
+        // build sums as vectors with no per-tile test for NaN or +inf logits
+        let cols = joint_columns(0, 3, 64);
+        let (b, h, r, nk) = (1, 2, 30, cols.len());
+        let (mut q, mut k) = random_qk((b, h, r, 16), (h, nk), 21);
+        let groups = Groups::new(Array1::from(cols.clone()).view(), 3).unwrap();
+        let (q0, k0) = (q.clone(), k.clone());
+        let p = Problem {
+            q: q0.view(),
+            k: k0.view(),
+            bias: None,
+            lse: None,
+            scale: 0.5,
+            per_head: true,
+        };
+        let want = reference(&p, &cols, 3);
+        let mut exact = Array3::<f32>::zeros((b, h, r));
+        for ((bi, hi, i), x) in exact.indexed_iter_mut() {
+            *x = logsumexp(&p, bi, hi, i) as f32;
+        }
+        let given = |q: &Array4<f32>, k: &Array4<f32>, build: Build| {
+            let p = Problem {
+                q: q.view(),
+                k: k.view(),
+                bias: None,
+                lse: Some(exact.view()),
+                scale: 0.5,
+                per_head: true,
+            };
+            run(&p, &groups, build, false).unwrap().0
+        };
+        for build in builds() {
+            assert_close(&given(&q, &k, build), &want, 4e-6);
+        }
+        // a NaN in one query row of head 0, and a +inf logit in a frame key of head 1 (every
+        // row's q . k there is +inf): those rows are NaN in every column, the others as before
+        q[[0, 0, 13, 3]] = f32::NAN;
+        k[[0, 1, 70, 0]] = f32::INFINITY;
+        q.slice_mut(ndarray::s![0, 1, .., 0]).fill(0.5);
+        for build in builds() {
+            let out = given(&q, &k, build);
+            for i in 0..r {
+                let row = out.slice(ndarray::s![0, 0, i, ..]);
+                if i == 13 {
+                    assert!(row.iter().all(|x| x.is_nan()), "{build:?}: row 13 {row}");
+                } else {
+                    for (g, w) in row.iter().zip(want.slice(ndarray::s![0, 0, i, ..])) {
+                        assert!(
+                            (*g as f64 - w).abs() <= 4e-6,
+                            "{build:?}: row {i}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+            let head1 = out.slice(ndarray::s![0, 1, .., ..]);
+            assert!(
+                head1.iter().all(|x| x.is_nan()),
+                "{build:?}: head 1 {head1}"
+            );
+        }
     }
 
     #[test]
