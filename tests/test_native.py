@@ -336,3 +336,45 @@ def test_kernel_info_names_the_kernels_threads_and_build() -> None:
         )
         assert info["build"] == want, flags & {"avx512f", "avx2", "fma"}
     assert _native.kernel_info()["build"] == info["build"]
+    assert info["pool"] == "rayon"  # no OpenMP runtime in a process without torch
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenMP team is looked up on Linux")
+def test_kernels_run_on_torchs_threads_and_give_the_same_bits_on_either_pool() -> None:
+    # with torch loaded, the kernels run on its OpenMP team, as many threads as torch.set_num_threads
+    code = (
+        "import torch, json; from attnmap import _native; torch.set_num_threads(1); a = _native.kernel_info(); "
+        "_native.set_kernel_pool(True); print(json.dumps([a, _native.kernel_info()]))"
+    )
+    env = {**os.environ, "RAYON_NUM_THREADS": "3", "PYTHONPATH": str(Path(_native.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    team, rayon = json.loads(done.stdout)
+    assert (team["pool"], team["threads"]) == ("openmp", 1)
+    assert (rayon["pool"], rayon["threads"]) == ("rayon", 3)
+    # the tasks and their order do not depend on the pool: the same bits, and the f64 reference's numbers
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, 3, 131, 32), dtype=np.float32)
+    k = rng.standard_normal((1, 3, 200, 32), dtype=np.float32)
+    cols = np.arange(200, dtype=np.int64) // 50  # four groups of 50 keys
+    logits = np.einsum("bhrd,bhkd->bhrk", q.astype(np.float64), k.astype(np.float64)) * 0.2
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.stack([p[..., cols == c].sum(-1) for c in range(4)], -1)
+    torch_threads = torch.get_num_threads()
+    try:
+        _native.set_kernel_pool(True)
+        torch.set_num_threads(_native.kernel_info()["threads"])  # the same thread count: the same pieces
+        got = {}
+        for rayon_only in (False, True):
+            _native.set_kernel_pool(rayon_only)
+            assert _native.kernel_info()["pool"] == ("rayon" if rayon_only else "openmp")
+            got[rayon_only] = _native.attention_groups(q, k, cols, 4, scale=0.2, per_head=True)
+            stats = _native.attention_stats(q, k, scale=0.2, per_head=True, received=True, entropy=True)
+            got[rayon_only, "stats"] = (stats["received"], stats["entropy"])
+    finally:
+        _native.set_kernel_pool(False)
+        torch.set_num_threads(torch_threads)
+    np.testing.assert_array_equal(got[False], got[True])
+    for a, b in zip(got[False, "stats"], got[True, "stats"]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(got[False], want, rtol=0, atol=2e-6)

@@ -19,6 +19,7 @@ __all__ = [
     "render",
     "resize",
     "rgb_to_yuv420",
+    "set_kernel_pool",
 ]
 
 class AttnmapError(ValueError):
@@ -101,3 +102,4 @@ def attention_stats(
     return_lse: bool = False,
 ) -> dict[str, Any]: ...
 def kernel_info() -> dict[str, Any]: ...
+def set_kernel_pool(rayon_only: bool) -> None: ...

@@ -19,7 +19,6 @@
 //! plain, for AVX2 + FMA and for AVX-512 ([`Build`], chosen at run time).
 
 use ndarray::{Array3, Array4, ArrayView1, ArrayView3, ArrayView4};
-use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
@@ -260,7 +259,7 @@ pub(crate) struct Task {
 /// `MR`, one run per piece, and each run into tasks of at most `chunk` rows. The cut depends only
 /// on the sizes, `pieces` and the pool's thread count, so the same call always gives the same tasks.
 pub(crate) fn split(b: usize, h: usize, r: usize, pieces: usize, chunk: usize) -> Vec<Vec<Task>> {
-    let want = rayon::current_num_threads().max(1) * 2 * MR;
+    let want = crate::pool::threads() * 2 * MR;
     let rows = b.saturating_mul(r);
     let wanted_groups = if rows >= want || rows == 0 {
         1
@@ -350,16 +349,16 @@ fn run(
         build,
         prefix: false,
     };
-    // each task writes its own rows: many small pieces, balanced by rayon's work stealing
-    let pieces = 4 * rayon::current_num_threads().max(1);
+    // each task writes its own rows: many small pieces, handed to whichever thread is free
+    let pieces = 4 * crate::pool::threads();
     let tasks: Vec<Task> = split(b, h, r, pieces, ROW_CHUNK)
         .into_iter()
         .flatten()
         .collect();
-    let parts: Vec<(Vec<f32>, Vec<f32>)> = tasks
-        .par_iter()
-        .map(|&t| work.task(t, with_lse))
-        .collect::<Result<_>>()?;
+    let parts: Vec<(Vec<f32>, Vec<f32>)> =
+        crate::pool::map(tasks.len(), |i| work.task(tasks[i], with_lse))
+            .into_iter()
+            .collect::<Result<_>>()?;
     for (t, (part, rows_lse)) in tasks.iter().zip(&parts) {
         let rows = t.rows;
         if c > 0 {
@@ -393,10 +392,9 @@ pub(crate) struct Packed {
 impl Packed {
     pub fn new(p: &Problem, ntiles: usize) -> Self {
         let (b, hk, nk, _) = p.k.dim();
-        let keys = (0..b * hk)
-            .into_par_iter()
-            .map(|i| pack_keys(p.k.slice(ndarray::s![i / hk, i % hk, .., ..]), ntiles))
-            .collect();
+        let keys = crate::pool::map(b * hk, |i| {
+            pack_keys(p.k.slice(ndarray::s![i / hk, i % hk, .., ..]), ntiles)
+        });
         let hm = p.bias.as_ref().map_or(1, |x| x.dim().1);
         let biases = (0..b * hm)
             .map(|i| {

@@ -12,6 +12,7 @@ mod colormap_tables;
 pub mod error;
 pub mod groups;
 pub mod normalize;
+pub mod pool;
 pub mod render;
 pub mod resize;
 pub mod stats;
@@ -430,14 +431,25 @@ mod bindings {
         Ok(dict)
     }
 
-    /// The CPU attention kernels' threads (rayon's pool: RAYON_NUM_THREADS, else one per logical CPU)
-    /// and the copy of their loops this CPU runs: {"threads": n, "build": "avx512" | "avx2" | "plain"}.
+    /// The CPU attention kernels' pool and threads (the OpenMP team torch's operators use, sized by
+    /// torch.set_num_threads, where an OpenMP runtime is loaded; else rayon's pool:
+    /// RAYON_NUM_THREADS, else one per logical CPU) and the copy of their loops this CPU runs:
+    /// {"pool": "openmp" | "rayon", "threads": n, "build": "avx512" | "avx2" | "plain"}.
     #[pyfunction]
     fn kernel_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         let dict = PyDict::new(py);
-        dict.set_item("threads", rayon::current_num_threads())?;
+        dict.set_item("pool", crate::pool::pool().name())?;
+        dict.set_item("threads", crate::pool::threads())?;
         dict.set_item("build", crate::groups::Build::best().name())?;
         Ok(dict)
+    }
+
+    /// Run the CPU attention kernels on rayon's pool even where an OpenMP runtime is loaded
+    /// (`rayon_only=True`), or on the OpenMP team where one is (False, the default): for
+    /// comparisons of the two.
+    #[pyfunction]
+    fn set_kernel_pool(rayon_only: bool) {
+        crate::pool::set_rayon_only(rayon_only);
     }
 
     /// Names of the built-in colormaps.
@@ -460,6 +472,7 @@ mod bindings {
         m.add_function(wrap_pyfunction!(attention_groups, m)?)?;
         m.add_function(wrap_pyfunction!(attention_stats, m)?)?;
         m.add_function(wrap_pyfunction!(kernel_info, m)?)?;
+        m.add_function(wrap_pyfunction!(set_kernel_pool, m)?)?;
         Ok(())
     }
 }

@@ -17,7 +17,6 @@
 use std::ops::Range;
 
 use ndarray::{Array3, Array4, Array5, ArrayView1};
-use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::groups::{
@@ -329,9 +328,10 @@ fn total(x: &[f32]) -> f32 {
 /// (`p.lse`), P = exp(logit - lse) and the entropy is `sum P (lse - logit)`.
 ///
 /// The rows are cut into [`PIECES_PER_THREAD`] pieces per thread of the pool (fewer where their
-/// summed statistics would cost more than [`PIECE_MEMORY`] of the materialised map), which rayon
-/// hands to whichever thread is free; each piece sums into its own accumulators, merged in piece
-/// order at the end, so the same call on the same pool always gives the same bits.
+/// summed statistics would cost more than [`PIECE_MEMORY`] of the materialised map), which the
+/// pool ([`crate::pool`]) hands to whichever thread is free; each piece sums into its own
+/// accumulators, merged in piece order at the end, so the same call with the same thread count
+/// always gives the same bits.
 pub fn attention_stats(p: &Problem, spec: &Spec) -> Result<Stats> {
     run(p, spec, Build::best())
 }
@@ -362,11 +362,11 @@ fn run(p: &Problem, spec: &Spec, build: Build) -> Result<Stats> {
         build,
         prefix: true,
     };
-    let threads = rayon::current_num_threads().max(1);
+    let threads = crate::pool::threads();
     let map = (b * h * r) as f64 * nk as f64 * 4.0;
     let afford = (PIECE_MEMORY * map / Acc::bytes(&plan).max(1) as f64) as usize;
     // a few pieces per thread, so that a thread held up by other work on a shared machine does
-    // not hold up the call: rayon hands the next piece to whichever thread is free
+    // not hold up the call: the pool hands the next piece to whichever thread is free
     let pieces = (PIECES_PER_THREAD * threads).min(afford).max(1);
     // the rows of P (and their head sums) of the pieces running at once within ROW_MEMORY of the map
     let buffers = if p.per_head { 1.0 } else { 2.0 };
@@ -374,17 +374,16 @@ fn run(p: &Problem, spec: &Spec, build: Build) -> Result<Stats> {
     let chunk = ((rows as usize) / MR * MR).clamp(2 * MR, ROW_CHUNK);
     let plan = Plan { chunk, ..plan };
     let pieces = split(b, h, r, pieces, chunk);
-    let accs: Vec<Acc> = pieces
-        .par_iter()
-        .map(|tasks| {
-            let mut acc = Acc::new(&plan)?;
-            for &t in tasks {
-                work_task(&work, &plan, &mut acc, t)?;
-            }
-            acc.scratch = None;
-            Ok(acc)
-        })
-        .collect::<Result<_>>()?;
+    let accs: Vec<Acc> = crate::pool::map(pieces.len(), |i| {
+        let mut acc = Acc::new(&plan)?;
+        for &t in &pieces[i] {
+            work_task(&work, &plan, &mut acc, t)?;
+        }
+        acc.scratch = None;
+        Ok(acc)
+    })
+    .into_iter()
+    .collect::<Result<_>>()?;
     let mut accs = accs.into_iter();
     let acc = match accs.next() {
         Some(first) => accs.fold(first, Acc::merge),
