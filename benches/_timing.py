@@ -4,8 +4,8 @@
   alike), best of n, each with its wall time, the process CPU time of the same round and the cores
   it kept busy (CPU time / wall): a ratio between a method on every core and one on a single core
   shows as such.
-- :func:`machine`: the logical CPUs, torch's and the attention kernels' (rayon's) threads, the
-  kernels' build and the load average, taken when a bench starts.
+- :func:`machine`: the logical CPUs, torch's threads, the attention kernels' pool (torch's OpenMP
+  team, or rayon's) and threads, the kernels' build and the load average, taken when a bench starts.
 - :func:`record`: one bench's figures with its machine, into pytest-benchmark's ``extra_info`` and
   printed as one JSON line; a run that started with a load average above :data:`LOAD_LIMIT` says
   ``LOADED`` there, and :func:`quiet` tells a bench whether it may assert time targets that depend
@@ -88,7 +88,7 @@ def _cpu_model() -> str:
 
 def machine() -> dict[str, Any]:
     """The machine a bench runs on, taken at its start: logical CPUs and the model, torch's threads,
-    the attention kernels' threads and build, and the 1-, 5- and 15-minute load averages."""
+    the attention kernels' pool, threads and build, and the 1-, 5- and 15-minute load averages."""
     from attnmap import _native
 
     kernel = _native.kernel_info()
@@ -96,6 +96,7 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "cpu_model": _cpu_model(),
         "torch_threads": torch.get_num_threads(),
+        "kernel_pool": kernel["pool"],
         "kernel_threads": kernel["threads"],
         "kernel_build": kernel["build"],
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],

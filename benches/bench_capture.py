@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import attnmap
-from _timing import machine, record, timed
+from _timing import Timing, machine, record, timed
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -110,6 +110,28 @@ def captured_run(s: dict[str, Any], keep: list[Any], one_pass: bool) -> Callable
     return run
 
 
+def on_rayon_pool(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``fn`` with the CPU kernels on rayon's pool, not torch's OpenMP team (see rust/src/pool.rs):
+    two pools on the same cores, as before 2026-12-07."""
+    from attnmap import _native
+
+    def run() -> torch.Tensor:
+        _native.set_kernel_pool(True)
+        try:
+            return fn()
+        finally:
+            _native.set_kernel_pool(False)
+
+    return run
+
+
+def rayon_pool(timings: list[Timing], plain: Timing) -> dict[str, float]:
+    """The figures of :func:`on_rayon_pool`'s run, where there was one."""
+    if not timings:
+        return {}
+    return {**timings[0].as_dict("capture_rayon_pool"), "ratio_rayon_pool": timings[0].wall / plain.wall}
+
+
 def peak_bytes(fn: Callable[[], Any]) -> int:
     if not CUDA:
         return 0
@@ -148,7 +170,10 @@ def test_capture_overhead(benchmark: Any, setup: dict[str, Any], one_pass: bool)
 
     rounds = {"smoke": 1, "cpu-scaled": 5}.get(setup["label"], 7)
     benchmark.pedantic(captured, rounds=rounds, iterations=1, warmup_rounds=0)
-    t_plain, t_capture = timed([plain, captured], rounds)
+    methods = [plain, captured]
+    if not CUDA:  # beside it, the kernels on rayon's pool instead of torch's OpenMP team
+        methods.append(on_rayon_pool(captured))
+    t_plain, t_capture, *t_rayon = timed(methods, rounds)
     m_plain, m_capture = peak_bytes(plain), peak_bytes(captured)
     kept = sum(
         rec.get(n, step=s).numel() * 4 for s in rec.steps for n in rec.names
@@ -161,6 +186,7 @@ def test_capture_overhead(benchmark: Any, setup: dict[str, Any], one_pass: bool)
         **t_capture.as_dict("capture"),
         "ratio": t_capture.wall / t_plain.wall,
         "cpu_ratio": t_capture.cpu_best / t_plain.cpu_best,
+        **rayon_pool(t_rayon, t_plain),
         "peak_plain_MiB": m_plain / 2**20,
         "peak_capture_MiB": m_capture / 2**20,
         "extra_MiB": (m_capture - m_plain) / 2**20,
@@ -221,7 +247,8 @@ def test_capture_floor(benchmark: Any, setup: dict[str, Any]) -> None:
     uncaptured forward; one block's self-attention SDPA call; the reduction capture runs on it
     (``temporal``, with the lse SDPA gave: one pass); the same q k^T products alone through torch's
     BLAS (``torch.mm`` in chunks of 256 rows that stay in cache: what any exact reduction must
-    compute, without its exponentials and sums); and the cross call's reduction over the targets.
+    compute, without its exponentials and sums); and the cross call's reduction over the targets
+    (one pass too, as capture runs both on the CPU).
     ``floor`` = 1 + blocks * (self + cross reductions) / forward: capture's ratio if nothing but the
     reduction cost anything."""
     if CUDA:
@@ -237,6 +264,7 @@ def test_capture_floor(benchmark: Any, setup: dict[str, Any]) -> None:
     q, k, v = (torch.randn(1, heads, n, dim) for _ in range(3))
     kt, vt = torch.randn(1, heads, text, dim), torch.randn(1, heads, text, dim)
     _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+    _, lse_cross = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kt, vt)[:2]
     self_layout = attnmap.Layout.self_attn(grid=grid)
     cross_layout = attnmap.Layout.cross(grid=grid, text=text)
     groups = [[3], [5, 6], list(range(12, text))]  # the bench's two targets and the padded tail
@@ -257,7 +285,9 @@ def test_capture_floor(benchmark: Any, setup: dict[str, Any]) -> None:
         return attnmap.attention_sums(q, k, self_layout, ("temporal",), lse=lse, check_finite=False)
 
     def reduce_cross() -> dict[str, torch.Tensor]:
-        return attnmap.attention_sums(q, kt, cross_layout, ("cross",), text_groups=groups, check_finite=False)
+        return attnmap.attention_sums(
+            q, kt, cross_layout, ("cross",), text_groups=groups, lse=lse_cross, check_finite=False
+        )
 
     def products() -> None:
         for h in range(heads):
