@@ -1214,8 +1214,10 @@ mod avx512 {
         }
         if !ENT && st.given {
             if let Some(col) = one_column(&work.groups.tiles[t..t + TILES]) {
+                // without a bias, a tile whose keys all have a column is 0 there: nothing to add
+                let bias = bv.map(|b| work.p.bias.as_ref().map(|_| b));
                 // SAFETY: this function's CPU features.
-                unsafe { fold_given_sum(st, m0, work.groups.num_columns, col, &acc, &bv) };
+                unsafe { fold_given_sum(st, m0, work.groups.num_columns, col, &acc, &bias) };
                 return;
             }
         }
@@ -1250,7 +1252,7 @@ mod avx512 {
         c: usize,
         col: usize,
         logits: &[[__m512; TILES]; MR],
-        bias: &[__m512; TILES],
+        bias: &[Option<__m512>; TILES],
     ) {
         st.pend_rows(m0, MR, c, col);
         let lse = &st.max[m0..m0 + MR];
@@ -1258,8 +1260,9 @@ mod avx512 {
         for (ri, (row, &m)) in logits.iter().zip(lse).enumerate() {
             let m = _mm512_set1_ps(m);
             let mut e = _mm512_setzero_ps();
-            for (&x, &b) in row.iter().zip(bias) {
-                e = _mm512_add_ps(e, unsafe { exp(_mm512_sub_ps(_mm512_add_ps(x, b), m)) });
+            for (&x, b) in row.iter().zip(bias) {
+                let s = b.map_or(x, |b| _mm512_add_ps(x, b));
+                e = _mm512_add_ps(e, unsafe { exp(_mm512_sub_ps(s, m)) });
             }
             let lanes = pend[ri * NR..(ri + 1) * NR].as_mut_ptr();
             // SAFETY: lanes points at NR = 16 floats.
@@ -1353,9 +1356,10 @@ mod avx512 {
     /// The CPU must have AVX-512 (F) (inlined into such a function).
     #[inline(always)]
     unsafe fn exp(x: __m512) -> __m512 {
+        // clamped above only: below EXP_LOW (-inf included) x is masked to 0 at the end, and
+        // scalef takes any n; min gives its second operand where either is NaN, so NaN stays NaN
         let low = _mm512_set1_ps(super::EXP_LOW);
-        // max and min give their second operand where either is NaN: a NaN x stays NaN
-        let xc = _mm512_min_ps(_mm512_set1_ps(89.0), _mm512_max_ps(low, x));
+        let xc = _mm512_min_ps(_mm512_set1_ps(89.0), x);
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E)),
         );
