@@ -465,6 +465,9 @@ pub(crate) struct Rows {
     pub bad: Vec<bool>,
     /// The rows' logsumexp was given: P = exp(logit - max), no running max, no sum.
     pub given: bool,
+    /// Tiles were folded with no per-tile test for NaN or `+inf` logits (the AVX-512 build's
+    /// one-column fold): [`Rows::settle`] looks for them in the columns instead.
+    unchecked: bool,
 }
 
 /// No pending column (see [`Rows`]).
@@ -493,6 +496,7 @@ impl Rows {
             pend_col: vec![NO_COLUMN; rows],
             bad: vec![false; rows],
             given: false,
+            unchecked: false,
         })
     }
 
@@ -510,6 +514,7 @@ impl Rows {
         self.pend_col.fill(NO_COLUMN);
         self.bad.fill(false);
         self.given = given.is_some();
+        self.unchecked = false;
         match given {
             None => self.max.fill(f32::NEG_INFINITY),
             Some(lse) => {
@@ -571,15 +576,15 @@ impl Rows {
     }
 
     /// Fold the lane sums and pending columns of the first `rows` rows into `sum`, `ent` and
-    /// their columns (`c` of them). With a given logsumexp, a row with a non-finite column is
-    /// flagged: its exponentials met a NaN or `+inf` logit that no test looked for per tile (a P
-    /// past `f32::MAX`, from a logsumexp far below a logit, is no number either).
+    /// their columns (`c` of them). Where tiles were folded `unchecked`, a row with a non-finite
+    /// column is flagged: its exponentials met a NaN or `+inf` logit that no test looked for per
+    /// tile (a P past `f32::MAX`, from a logsumexp far below a logit, is no number either).
     fn settle(&mut self, rows: usize, c: usize) {
         for i in 0..rows {
             self.flush(i, c);
             self.sum[i] += sum16(self.sum16[i * NR..(i + 1) * NR].try_into().expect("NR"));
             self.ent[i] += sum16(self.ent16[i * NR..(i + 1) * NR].try_into().expect("NR"));
-            if self.given && !self.acc[i * c..(i + 1) * c].iter().all(|v| v.is_finite()) {
+            if self.unchecked && !self.acc[i * c..(i + 1) * c].iter().all(|v| v.is_finite()) {
                 self.bad[i] = true;
             }
         }
@@ -1255,6 +1260,7 @@ mod avx512 {
         bias: &[Option<__m512>; TILES],
     ) {
         st.pend_rows(m0, MR, c, col);
+        st.unchecked = true;
         let lse = &st.max[m0..m0 + MR];
         let pend = &mut st.pend16[m0 * NR..(m0 + MR) * NR];
         for (ri, (row, &m)) in logits.iter().zip(lse).enumerate() {
