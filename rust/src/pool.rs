@@ -113,11 +113,15 @@ pub fn threads() -> usize {
     }
 }
 
-/// `f(0), .., f(n - 1)` on the pool's threads, in task order.
+/// `f(0), .., f(n - 1)` on the pool's threads, in task order (a single task on the calling thread:
+/// no pool is woken for it).
 pub fn map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    if n <= 1 {
+        return (0..n).map(f).collect();
+    }
     match chosen() {
-        Some(omp) if n > 1 => on_team(omp, n, &f),
-        _ => (0..n).into_par_iter().map(&f).collect(),
+        Some(omp) => on_team(omp, n, &f),
+        None => (0..n).into_par_iter().map(&f).collect(),
     }
 }
 
