@@ -405,7 +405,6 @@ class Interceptor:
             )  # fmt: skip
             return
         context = None if site.context == UNKNOWN else site.context
-        cap = None if softcap is None else float(softcap)
         call = Intercepted(
             query,
             key,
@@ -418,8 +417,8 @@ class Interceptor:
             context,
             shard=shard,
             refused=refused,
-            softcap=cap,
-            window=None if window is None else int(window),
+            softcap=None if softcap is None else float(softcap),
+            window=window,  # an int or None: seen_interface reads it
         )
         self._deliver(site, call)
 
