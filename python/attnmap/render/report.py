@@ -86,6 +86,18 @@ class _Source:
     def get(
         self, name: str, *, step: Optional[int] = None, block: Optional[int] = None, branch: str = "cond"
     ) -> Optional[np.ndarray]:
+        """The map as recorded, a token map over the input frames (a video LLM's temporal slots spread
+        onto the frames each covers: ``time.slot_frames``)."""
+        from attnmap.analysis.maps import on_input_frames
+
+        arr = self._read(name, step=step, block=block, branch=branch)
+        if arr is None or not name.startswith("token/"):
+            return arr
+        return on_input_frames(arr, self.metadata)
+
+    def _read(
+        self, name: str, *, step: Optional[int], block: Optional[int], branch: str
+    ) -> Optional[np.ndarray]:
         raise NotImplementedError
 
 
@@ -121,26 +133,22 @@ class _StoreSource(_Source):
         found = {br for br, name, _ in self._parts() if name.startswith("token/")}
         return [b for b in ("cond", "uncond") if b in found] or ["cond"]
 
-    def get(
-        self, name: str, *, step: Optional[int] = None, block: Optional[int] = None, branch: str = "cond"
+    def _read(
+        self, name: str, *, step: Optional[int], block: Optional[int], branch: str
     ) -> Optional[np.ndarray]:
-        from attnmap.analysis.maps import aggregated_map, on_input_frames
+        from attnmap.analysis.maps import aggregated_map
 
         full = ("uncond/" if branch == "uncond" else "") + name + ("" if block is None else f"/block{block}")
         if full not in self._stored:
             return None
         try:
             if step is None:
-                arr: Optional[np.ndarray] = aggregated_map(self.store, self.video_id, full)
-            else:
-                # through the store's read over steps: a step whose map fails its checksum is left out
-                # (the store names its file in one warning) and the page shows the nearest map it carries
-                arr = next((a for _, a in self.store.step_maps(self.video_id, full, [step])), None)
+                return aggregated_map(self.store, self.video_id, full)
+            # through the store's read over steps: a step whose map fails its checksum is left out
+            # (the store names its file in one warning) and the page shows the nearest map it carries
+            return next((a for _, a in self.store.step_maps(self.video_id, full, [step])), None)
         except KeyError:
             return None
-        if arr is None or not name.startswith("token/"):
-            return arr
-        return on_input_frames(arr, self.metadata)  # a video LLM's slots onto the input frames
 
 
 class _RecorderSource(_Source):
@@ -166,8 +174,8 @@ class _RecorderSource(_Source):
     def branches(self) -> list[str]:
         return ["cond", "uncond"] if self.metadata.get("branch") == "both" else ["cond"]
 
-    def get(
-        self, name: str, *, step: Optional[int] = None, block: Optional[int] = None, branch: str = "cond"
+    def _read(
+        self, name: str, *, step: Optional[int], block: Optional[int], branch: str
     ) -> Optional[np.ndarray]:
         try:
             value = self.rec.get(name, step=step, block=block, branch=branch)
@@ -175,12 +183,7 @@ class _RecorderSource(_Source):
             return None
         if value.shape[0] <= self.row:
             raise AttnmapError(f"batch_index: expected < {value.shape[0]}, got {self.row}")
-        arr = np.asarray(value[self.row].detach().float().cpu().numpy(), dtype=np.float32)
-        if name.startswith("token/"):
-            from attnmap.analysis.maps import on_input_frames
-
-            arr = on_input_frames(arr, self.metadata)
-        return arr
+        return np.asarray(value[self.row].detach().float().cpu().numpy(), dtype=np.float32)
 
 
 # -- encoding ---------------------------------------------------------------------------------------
