@@ -110,26 +110,32 @@ def captured_run(s: dict[str, Any], keep: list[Any], one_pass: bool) -> Callable
     return run
 
 
-def on_rayon_pool(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """``fn`` with the CPU kernels on rayon's pool, not torch's OpenMP team (see rust/src/pool.rs):
-    two pools on the same cores, as before 2026-12-07."""
+def has_amx() -> bool:
     from attnmap import _native
 
-    def run() -> torch.Tensor:
-        _native.set_kernel_pool(True)
+    return not CUDA and "amx" in _native.kernel_info()["builds"]
+
+
+def on_fma_build(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` with the CPU kernels' AVX-512 build, whose q k^T products are f32 FMAs, instead of the
+    AMX build's tiles (see rust/src/amx.rs): the kernels as they were before 2026-12-07, 09:00."""
+    from attnmap import _native
+
+    def run() -> Any:
+        _native.set_kernel_build("avx512")
         try:
             return fn()
         finally:
-            _native.set_kernel_pool(False)
+            _native.set_kernel_build(None)
 
     return run
 
 
-def rayon_pool(timings: list[Timing], plain: Timing) -> dict[str, float]:
-    """The figures of :func:`on_rayon_pool`'s run, where there was one."""
+def fma_build(timings: list[Timing], plain: Timing) -> dict[str, float]:
+    """The figures of :func:`on_fma_build`'s run, where there was one."""
     if not timings:
         return {}
-    return {**timings[0].as_dict("capture_rayon_pool"), "ratio_rayon_pool": timings[0].wall / plain.wall}
+    return {**timings[0].as_dict("capture_fma_build"), "ratio_fma_build": timings[0].wall / plain.wall}
 
 
 def peak_bytes(fn: Callable[[], Any]) -> int:
@@ -171,9 +177,9 @@ def test_capture_overhead(benchmark: Any, setup: dict[str, Any], one_pass: bool)
     rounds = {"smoke": 1, "cpu-scaled": 8}.get(setup["label"], 7)
     benchmark.pedantic(captured, rounds=rounds, iterations=1, warmup_rounds=0)
     methods = [plain, captured]
-    if not CUDA:  # beside it, the kernels on rayon's pool instead of torch's OpenMP team
-        methods.append(on_rayon_pool(captured))
-    t_plain, t_capture, *t_rayon = timed(methods, rounds)
+    if has_amx():  # beside it, the kernels' products as f32 FMAs instead of on AMX tiles
+        methods.append(on_fma_build(captured))
+    t_plain, t_capture, *t_fma = timed(methods, rounds)
     m_plain, m_capture = peak_bytes(plain), peak_bytes(captured)
     kept = sum(
         rec.get(n, step=s).numel() * 4 for s in rec.steps for n in rec.names
@@ -186,7 +192,7 @@ def test_capture_overhead(benchmark: Any, setup: dict[str, Any], one_pass: bool)
         **t_capture.as_dict("capture"),
         "ratio": t_capture.wall / t_plain.wall,
         "cpu_ratio": t_capture.cpu_best / t_plain.cpu_best,
-        **rayon_pool(t_rayon, t_plain),
+        **fma_build(t_fma, t_plain),
         "peak_plain_MiB": m_plain / 2**20,
         "peak_capture_MiB": m_capture / 2**20,
         "extra_MiB": (m_capture - m_plain) / 2**20,
@@ -297,9 +303,10 @@ def test_capture_floor(benchmark: Any, setup: dict[str, Any]) -> None:
 
     rounds = {"smoke": 1}.get(setup["label"], 5)
     benchmark.pedantic(reduce_self, rounds=rounds, iterations=1, warmup_rounds=0)
-    t_fwd, t_sdpa, t_self, t_mm, t_cross, t_sdpa_cross = timed(
-        [forward, sdpa, reduce_self, products, reduce_cross, sdpa_cross], rounds, warmup=True
-    )
+    methods = [forward, sdpa, reduce_self, products, reduce_cross, sdpa_cross]
+    if has_amx():  # beside it, the self reduction with f32 FMA products instead of AMX tiles
+        methods.append(on_fma_build(reduce_self))
+    t_fwd, t_sdpa, t_self, t_mm, t_cross, t_sdpa_cross, *t_fma = timed(methods, rounds, warmup=True)
     blocks = cfg.num_layers
     per_forward = STEPS  # plain_run runs STEPS forwards
     extra = per_forward * blocks * (t_self.wall + t_cross.wall)
@@ -321,4 +328,7 @@ def test_capture_floor(benchmark: Any, setup: dict[str, Any]) -> None:
         "attention_share_of_forward": per_forward * blocks * (t_sdpa.wall + t_sdpa_cross.wall) / t_fwd.wall,
         "floor": 1 + extra / t_fwd.wall,
     }
+    if t_fma:
+        info.update(t_fma[0].as_dict("reduce_self_fma_build"))
+        info["reduce_self_vs_fma_build"] = t_self.wall / t_fma[0].wall
     record(benchmark, info, start)

@@ -327,14 +327,15 @@ def test_kernel_info_names_the_kernels_threads_and_build() -> None:
     if Path("/proc/cpuinfo").exists():  # the build follows the CPU's instruction sets
         flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
                  for f in line.split(":", 1)[1].split()}  # fmt: skip
-        want = (
-            "avx512"
-            if {"avx512f", "avx2", "fma"} <= flags
-            else "avx2"
-            if {"avx2", "fma"} <= flags
-            else "plain"
-        )
-        assert info["build"] == want, flags & {"avx512f", "avx2", "fma"}
+        # AMX needs Linux to hand the process its tile state too, which a Linux with AMX flags does
+        sets = [("avx2", {"avx2", "fma"}), ("avx512", {"avx512f"}), ("amx", {"amx_tile", "amx_bf16"})]
+        want = ["plain"]
+        for name, needs in sets:
+            if not needs <= flags:
+                break
+            want.append(name)
+        assert info["builds"] == want, flags & {"avx512f", "avx2", "fma", "amx_tile", "amx_bf16"}
+        assert info["build"] == want[-1]
     assert _native.kernel_info()["build"] == info["build"]
     assert info["pool"] == "rayon"  # no OpenMP runtime in a process without torch
 
@@ -378,3 +379,35 @@ def test_kernels_run_on_torchs_threads_and_give_the_same_bits_on_either_pool() -
     for a, b in zip(got[False, "stats"], got[True, "stats"]):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(got[False], want, rtol=0, atol=2e-6)
+
+
+def test_every_build_gives_the_float64_sums_and_a_named_error_for_another() -> None:
+    # the AMX build's products come from bf16 parts of q and k: as exact as the FMA builds' f32 ones
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, 2, 77, 80), dtype=np.float32) * 2
+    k = rng.standard_normal((2, 1, 300, 80), dtype=np.float32) * 2
+    k[1, 0, 7, 3] = np.nan  # batch element 1 has a NaN key: every row there is NaN, in every build
+    cols = (np.arange(300, dtype=np.int64) * 7) % 5 - 1  # -1: keys in no group
+    scale = 80**-0.5
+    logits = np.einsum("bhrd,bkd->bhrk", q.astype(np.float64), k[:, 0].astype(np.float64)) * scale
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.stack([p[..., cols == c].sum(-1) for c in range(4)], -1)
+    builds = _native.kernel_info()["builds"]
+    try:
+        for build in builds:
+            _native.set_kernel_build(build)
+            assert _native.kernel_info()["build"] == build
+            got = _native.attention_groups(q, k, cols, 4, scale=scale, per_head=True)
+            np.testing.assert_allclose(got[0], want[0], rtol=0, atol=2e-6, err_msg=build)
+            assert np.isnan(got[1]).all(), build
+            stats = _native.attention_stats(q[:1], k[:1], scale=scale, entropy=True)
+            ent = -(p[0] * np.log(np.maximum(p[0], 1e-300))).sum(-1).sum(0)
+            np.testing.assert_allclose(stats["entropy"][0, 0], ent, rtol=1e-5, err_msg=build)
+    finally:
+        _native.set_kernel_build(None)
+    assert _native.kernel_info()["build"] == builds[-1]
+    with pytest.raises(
+        _native.AttnmapError, match=r"^name: expected one of the builds this CPU runs \(plain"
+    ):
+        _native.set_kernel_build("sse9")

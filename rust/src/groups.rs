@@ -16,7 +16,10 @@
 //! its rows through its heads, and per head walks the keys in blocks of [`KEY_BLOCK`] (kept in
 //! cache) and, within a block, micro tiles of rows x [`NR`] keys whose logits live in registers.
 //! Keys are packed once per call as `[tile][d][NR]`. The loops are plain Rust compiled three times,
-//! plain, for AVX2 + FMA and for AVX-512 ([`Build`], chosen at run time).
+//! plain, for AVX2 + FMA and for AVX-512 ([`Build`], chosen at run time). Where the CPU has AMX
+//! tiles, the AVX-512 copy takes its q k^T products from them instead ([`crate::amx`]: as exact as
+//! f32 products, from bf16 parts), [`AMX_KEYS`] keys at a time for tasks of [`AMX_ROW_CHUNK`] rows,
+//! and folds them as it folds its own.
 
 use ndarray::{Array3, Array4, ArrayView1, ArrayView3, ArrayView4};
 
@@ -35,6 +38,12 @@ pub(crate) const ROW_CHUNK: usize = 60;
 /// Keys walked per pass over a task's rows (a multiple of `2 NR`), so that their packed copy stays
 /// in the L2 cache while every row of the task uses it.
 const KEY_BLOCK: usize = 256;
+/// Query rows per task of the AMX build (a multiple of `MR` and of [`crate::amx::ROWS`]): each
+/// pass over the keys serves more rows than in the FMA builds, as their products take less time.
+const AMX_ROW_CHUNK: usize = 192;
+/// Keys per AMX pass over a task's rows (a multiple of `2 NR`): their logits, `[rows][AMX_KEYS]`,
+/// stay in the L1 cache until folded.
+const AMX_KEYS: usize = 32;
 
 /// Which compiled copy of the kernel loops runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +54,9 @@ pub enum Build {
     Avx2,
     /// AVX-512 (F) on top of AVX2 + FMA: 12 rows x 32 keys per micro tile.
     Avx512,
+    /// The AVX-512 build with the q k^T products on AMX tiles ([`crate::amx`]): blocks of 32 rows
+    /// x 32 keys, folded in micro tiles as the AVX-512 build folds its own.
+    Amx,
 }
 
 /// [`Build`] as a const parameter of the generic loops.
@@ -53,24 +65,56 @@ pub(crate) const PLAIN: u8 = 0;
 pub(crate) const AVX2: u8 = 1;
 #[cfg(target_arch = "x86_64")]
 pub(crate) const AVX512: u8 = 2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) const AMX: u8 = 3;
+
+/// The build [`Build::best`] gives instead of the fastest, as its index in [`Build::available`]
+/// plus one (0: none).
+static CHOSEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl Build {
-    /// The fastest copy this CPU runs.
+    /// The copy the kernels run: the fastest this CPU runs, unless [`Build::choose`] chose another.
     pub fn best() -> Build {
-        Build::available().pop().unwrap_or(Build::Plain)
+        let mut all = Build::available();
+        match CHOSEN.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => all.pop().unwrap_or(Build::Plain),
+            i => all[i - 1],
+        }
     }
 
-    /// The name of the copy: `"plain"`, `"avx2"` or `"avx512"`.
+    /// Run the copy named `name` (for comparisons of the builds), or the fastest (`None`).
+    pub fn choose(name: Option<&str>) -> Result<()> {
+        let all = Build::available();
+        let index = match name {
+            None => 0,
+            Some(name) => match all.iter().position(|b| b.name() == name) {
+                Some(i) => i + 1,
+                None => {
+                    let names: Vec<&str> = all.iter().map(|b| b.name()).collect();
+                    let msg = format!(
+                        "expected one of the builds this CPU runs ({}) or None, got {name:?}",
+                        names.join(", ")
+                    );
+                    return Err(Error::invalid("name", msg));
+                }
+            },
+        };
+        CHOSEN.store(index, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The name of the copy: `"plain"`, `"avx2"`, `"avx512"` or `"amx"`.
     pub fn name(self) -> &'static str {
         match self {
             Build::Plain => "plain",
             Build::Avx2 => "avx2",
             Build::Avx512 => "avx512",
+            Build::Amx => "amx",
         }
     }
 
     /// Every copy this CPU runs, slowest first (the tests compare them).
-    pub(crate) fn available() -> Vec<Build> {
+    pub fn available() -> Vec<Build> {
         #[allow(unused_mut)]
         let mut out = vec![Build::Plain];
         #[cfg(target_arch = "x86_64")]
@@ -79,6 +123,9 @@ impl Build {
             out.push(Build::Avx2);
             if std::arch::is_x86_feature_detected!("avx512f") {
                 out.push(Build::Avx512);
+                if crate::amx::available() {
+                    out.push(Build::Amx);
+                }
             }
         }
         out
@@ -340,18 +387,23 @@ fn run(
     if r == 0 || (c == 0 && !with_lse) {
         return Ok((out, lse));
     }
-    let packed = Packed::new(p, groups.tiles.len());
+    let packed = Packed::new(p, groups.tiles.len(), build);
     let work = Work {
         p,
         groups,
         keys: &packed.keys,
         biases: &packed.biases,
+        amx_keys: &packed.amx_keys,
         build,
         prefix: false,
     };
     // each task writes its own rows: many small pieces, handed to whichever thread is free
     let pieces = 4 * crate::pool::threads();
-    let tasks: Vec<Task> = split(b, h, r, pieces, ROW_CHUNK)
+    let chunk = match build {
+        Build::Amx => AMX_ROW_CHUNK,
+        _ => ROW_CHUNK,
+    };
+    let tasks: Vec<Task> = split(b, h, r, pieces, chunk)
         .into_iter()
         .flatten()
         .collect();
@@ -387,14 +439,28 @@ pub(crate) struct Packed {
     pub keys: Vec<Vec<f32>>,
     /// Bias per `(b, bias head)` over `ntiles * NR` keys, `-inf` past `Nk`.
     pub biases: Vec<Vec<f32>>,
+    /// The keys of the AMX build per `(b, key head)`, in bf16 parts (that build only; it leaves
+    /// `keys` empty).
+    pub amx_keys: Vec<crate::amx::Parts>,
 }
 
 impl Packed {
-    pub fn new(p: &Problem, ntiles: usize) -> Self {
+    pub fn new(p: &Problem, ntiles: usize, build: Build) -> Self {
         let (b, hk, nk, _) = p.k.dim();
-        let keys = crate::pool::map(b * hk, |i| {
-            pack_keys(p.k.slice(ndarray::s![i / hk, i % hk, .., ..]), ntiles)
-        });
+        let head = |i: usize| p.k.slice(ndarray::s![i / hk, i % hk, .., ..]);
+        let (keys, amx_keys) = match build {
+            Build::Amx => {
+                let tiles = ntiles.div_ceil(2) * 2;
+                // SAFETY: the AMX build runs only on CPUs with AVX-512 (`Build::available`).
+                let amx =
+                    crate::pool::map(b * hk, |i| unsafe { crate::amx::pack_keys(head(i), tiles) });
+                (Vec::new(), amx)
+            }
+            _ => (
+                crate::pool::map(b * hk, |i| pack_keys(head(i), ntiles)),
+                Vec::new(),
+            ),
+        };
         let hm = p.bias.as_ref().map_or(1, |x| x.dim().1);
         let biases = (0..b * hm)
             .map(|i| {
@@ -409,7 +475,11 @@ impl Packed {
                 row
             })
             .collect();
-        Packed { keys, biases }
+        Packed {
+            keys,
+            biases,
+            amx_keys,
+        }
     }
 }
 
@@ -434,6 +504,8 @@ pub(crate) struct Work<'a, 'v> {
     pub keys: &'a [Vec<f32>],
     /// Bias per `(b, bias head)`, `-inf` past `Nk`.
     pub biases: &'a [Vec<f32>],
+    /// The AMX build's keys per `(b, key head)`: [`crate::amx::pack_keys`] (else empty).
+    pub amx_keys: &'a [crate::amx::Parts],
     /// The compiled copy of the loops to run (only one the CPU has).
     pub build: Build,
     /// Column `j` is key `j` (every key its own column): while the keys are walked in order, only
@@ -657,6 +729,7 @@ impl Work<'_, '_> {
         #[cfg(target_arch = "x86_64")]
         match self.build {
             // SAFETY: `build` is one that `Build::available` found on this CPU.
+            Build::Amx => return unsafe { self.task_amx(t, with_lse) },
             Build::Avx512 => return unsafe { self.task_avx512(t, with_lse) },
             Build::Avx2 => return unsafe { self.task_avx2(t, with_lse) },
             Build::Plain => {}
@@ -678,17 +751,37 @@ impl Work<'_, '_> {
         self.task_any::<AVX512>(t, with_lse)
     }
 
+    /// [`Work::task_any`] compiled for AVX-512, its products on AMX (which needs no compiler
+    /// feature: [`crate::amx`] is assembly).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn task_amx(&self, t: Task, with_lse: bool) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.task_any::<AMX>(t, with_lse)
+    }
+
+    /// The length of the scratch [`Work::softmax_any`] packs `padded` query rows into.
+    pub(crate) fn q_len(&self, padded: usize) -> usize {
+        let d = self.p.q.dim().3;
+        match self.build {
+            // three bf16 parts of rows padded to AMX blocks, two to an f32, from a 64-byte boundary
+            Build::Amx => {
+                let tall = padded.div_ceil(crate::amx::ROWS) * crate::amx::ROWS;
+                (3 * tall * crate::amx::depth(d)).div_ceil(2) + crate::amx::slack::<f32>()
+            }
+            _ => padded * d,
+        }
+    }
+
     #[inline(always)]
     fn task_any<const B: u8>(&self, t: Task, with_lse: bool) -> Result<(Vec<f32>, Vec<f32>)> {
         let p = self.p;
-        let d = p.q.dim().3;
         let c = self.groups.num_columns;
         let padded = t.rows.div_ceil(MR) * MR;
         let heads = t.h1 - t.h0;
         let hs = if p.per_head { heads } else { 1 };
         let mut out = zeroed(hs * t.rows * c, "num_columns")?;
         let mut lse = zeroed(if with_lse { heads * t.rows } else { 0 }, "lse")?;
-        let mut q = zeroed(padded * d, "q")?;
+        let mut q = zeroed(self.q_len(padded), "q")?;
         let mut st = Rows::new(padded, c, "num_columns")?;
         for head in t.h0..t.h1 {
             self.softmax_any::<B>(t.b, head, t.r0, t.rows, &mut q, &mut st, false);
@@ -750,7 +843,18 @@ impl Work<'_, '_> {
         let hk = p.k.dim().1;
         let hm = self.biases.len() / p.q.dim().0;
         let padded = rows.div_ceil(MR) * MR;
-        assert!(st.max.len() >= padded && q.len() >= padded * d);
+        assert!(st.max.len() >= padded && q.len() >= self.q_len(padded));
+        let given = p
+            .lse
+            .as_ref()
+            .map(|l| l.slice(ndarray::s![b, head, r0..r0 + rows]));
+        st.reset(self.prefix, given);
+        #[cfg(target_arch = "x86_64")]
+        if B == AMX {
+            self.amx_head::<ENT>(b, head, r0, rows, q, st);
+            st.settle(padded, self.groups.num_columns);
+            return;
+        }
         // q packed per micro tile of rows, `[padded / MR][d][MR]`: a tile's rows at one depth are
         // adjacent, so its broadcasts walk one pointer (the rows past `rows` stay 0)
         for i in 0..rows {
@@ -761,11 +865,6 @@ impl Work<'_, '_> {
                 dst[e * MR + lane] = v * p.scale;
             }
         }
-        let given = p
-            .lse
-            .as_ref()
-            .map(|l| l.slice(ndarray::s![b, head, r0..r0 + rows]));
-        st.reset(self.prefix, given);
         let ntiles = self.groups.tiles.len();
         let block = KEY_BLOCK / NR;
         let keys = &self.keys[b * hk + head / (h / hk)];
@@ -814,6 +913,85 @@ impl Work<'_, '_> {
             }
         }
         st.settle(padded, self.groups.num_columns);
+    }
+
+    /// [`Work::softmax_head`]'s walk over the keys in the AMX build: per [`AMX_KEYS`] keys, the
+    /// logits of all the rows from AMX blocks (32 rows x 32 keys), then folded micro tile by micro
+    /// tile (`MR` rows x 32 keys) as the AVX-512 build folds the logits of its own products.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn amx_head<const ENT: bool>(
+        &self,
+        b: usize,
+        head: usize,
+        r0: usize,
+        rows: usize,
+        q: &mut [f32],
+        st: &mut Rows,
+    ) {
+        let p = self.p;
+        let (_, h, _, d) = p.q.dim();
+        let hk = p.k.dim().1;
+        let hm = self.biases.len() / p.q.dim().0;
+        let padded = rows.div_ceil(MR) * MR;
+        let tall = padded.div_ceil(crate::amx::ROWS) * crate::amx::ROWS;
+        let depth = crate::amx::depth(d);
+        // SAFETY: any bits are a u16, whose alignment (2) divides f32's.
+        let (_, parts, _) = unsafe { q.align_to_mut::<u16>() };
+        let parts = crate::amx::align(parts);
+        let src = p.q.slice(ndarray::s![b, head, r0..r0 + rows, ..]);
+        // SAFETY: this function is compiled for AVX-512 and runs on a CPU with it.
+        unsafe { crate::amx::pack_rows(src, p.scale, tall, parts) };
+        let ntiles = self.groups.tiles.len();
+        let keys = self.amx_keys[b * hk + head / (h / hk)].as_slice();
+        let k_part = ntiles.div_ceil(2) * 2 * depth * NR;
+        assert!(keys.len() == 3 * k_part && parts.len() >= 3 * tall * depth);
+        let bias = &self.biases[b * hm + if hm == 1 { 0 } else { head }];
+        let mut logits = vec![0.0f32; tall * AMX_KEYS + crate::amx::slack::<f32>()];
+        let logits = crate::amx::align(&mut logits);
+        // SAFETY: this build runs only where `amx::available` said yes (`Build::available`).
+        let _tiles = unsafe { crate::amx::Tiles::new() };
+        let block = AMX_KEYS / NR;
+        for t0 in (0..ntiles).step_by(block) {
+            let t1 = (t0 + block).min(ntiles);
+            for r in (0..tall).step_by(crate::amx::ROWS) {
+                for t in (t0..t1).step_by(2) {
+                    // SAFETY: rows r..r + 32 < tall of each part and tiles t, t + 1 < the keys'
+                    // even tile count (asserted above); the block's logits end within `logits`
+                    // (t - t0 + 2 <= block); the thread holds the tiles.
+                    unsafe {
+                        crate::amx::block(
+                            parts.as_ptr().add(r * depth),
+                            tall * depth,
+                            depth,
+                            keys.as_ptr().add(t * depth * NR),
+                            k_part,
+                            logits.as_mut_ptr().add(r * AMX_KEYS + (t - t0) * NR),
+                            AMX_KEYS,
+                        );
+                    }
+                }
+            }
+            for m0 in (0..padded).step_by(MR) {
+                let mut t = t0;
+                while t < t1 {
+                    let at = &logits[m0 * AMX_KEYS + (t - t0) * NR..];
+                    // SAFETY: AMX runs only with AVX-512 (`Build::available`), and this function
+                    // is compiled for it.
+                    unsafe {
+                        if t + 2 <= t1 {
+                            let acc = avx512::load_logits::<2>(at, AMX_KEYS);
+                            avx512::fold_logits::<2, ENT>(self, &acc, t, &bias[t * NR..], st, m0);
+                        } else {
+                            let acc = avx512::load_logits::<1>(at, AMX_KEYS);
+                            avx512::fold_logits::<1, ENT>(self, &acc, t, &bias[t * NR..], st, m0);
+                        }
+                    }
+                    t += 2;
+                }
+            }
+        }
     }
 
     /// The columns of row state that may hold mass while tile `t` is folded in.
@@ -1212,6 +1390,46 @@ mod avx512 {
                 }
             }
         }
+        // SAFETY: this function's CPU features; `bias` holds TILES * NR floats (asserted above).
+        unsafe { fold_logits::<TILES, ENT>(work, &acc, t, bias, st, m0) }
+    }
+
+    /// The logits of `MR` rows from row `i` of `logits` (`[rows][stride]`, from its start)
+    /// against `TILES` tiles, as [`fold_tiles`] holds them.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 (F).
+    #[inline(always)]
+    pub(super) unsafe fn load_logits<const TILES: usize>(
+        logits: &[f32],
+        stride: usize,
+    ) -> [[__m512; TILES]; MR] {
+        assert!(TILES * NR <= stride && logits.len() >= (MR - 1) * stride + TILES * NR);
+        let mut out = [[_mm512_setzero_ps(); TILES]; MR];
+        for (r, row) in out.iter_mut().enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                // SAFETY: r * stride + j * NR + 16 <= logits.len() (asserted above).
+                *v = unsafe { _mm512_loadu_ps(logits.as_ptr().add(r * stride + j * NR)) };
+            }
+        }
+        out
+    }
+
+    /// Fold the logits `acc` of rows `m0..m0 + MR` against the `TILES` tiles from tile `t`
+    /// (`bias`: `[TILES * NR]`) into `st`, tile after tile for each row.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 (F), AVX2 and FMA.
+    #[inline(always)]
+    pub(super) unsafe fn fold_logits<const TILES: usize, const ENT: bool>(
+        work: &Work,
+        acc: &[[__m512; TILES]; MR],
+        t: usize,
+        bias: &[f32],
+        st: &mut Rows,
+        m0: usize,
+    ) {
+        assert!(bias.len() >= TILES * NR);
         let mut bv = [_mm512_setzero_ps(); TILES];
         for (j, v) in bv.iter_mut().enumerate() {
             // SAFETY: bias holds TILES * NR floats (asserted above).
@@ -1222,7 +1440,7 @@ mod avx512 {
                 // without a bias, a tile whose keys all have a column is 0 there: nothing to add
                 let bias = bv.map(|b| work.p.bias.as_ref().map(|_| b));
                 // SAFETY: this function's CPU features.
-                unsafe { fold_given_sum(st, m0, work.groups.num_columns, col, &acc, &bias) };
+                unsafe { fold_given_sum(st, m0, work.groups.num_columns, col, acc, &bias) };
                 return;
             }
         }

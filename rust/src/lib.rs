@@ -6,6 +6,7 @@
 //! The modules are plain Rust on `ndarray` views and know nothing of Python; this file only binds
 //! them as `attnmap._native` (feature `python`). Every binding releases the GIL while it works.
 
+mod amx;
 pub mod blend;
 pub mod colormap;
 mod colormap_tables;
@@ -434,13 +435,19 @@ mod bindings {
     /// The CPU attention kernels' pool and threads (the OpenMP team torch's operators use, sized by
     /// torch.set_num_threads, where an OpenMP runtime is loaded; else rayon's pool:
     /// RAYON_NUM_THREADS, else one per logical CPU) and the copy of their loops this CPU runs:
-    /// {"pool": "openmp" | "rayon", "threads": n, "build": "avx512" | "avx2" | "plain"}.
+    /// {"pool": "openmp" | "rayon", "threads": n, "build": "amx" | "avx512" | "avx2" | "plain",
+    /// "builds": every copy this CPU runs, slowest first}.
     #[pyfunction]
     fn kernel_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         let dict = PyDict::new(py);
         dict.set_item("pool", crate::pool::pool().name())?;
         dict.set_item("threads", crate::pool::threads())?;
         dict.set_item("build", crate::groups::Build::best().name())?;
+        let builds: Vec<&str> = crate::groups::Build::available()
+            .iter()
+            .map(|b| b.name())
+            .collect();
+        dict.set_item("builds", builds)?;
         Ok(dict)
     }
 
@@ -450,6 +457,14 @@ mod bindings {
     #[pyfunction]
     fn set_kernel_pool(rayon_only: bool) {
         crate::pool::set_rayon_only(rayon_only);
+    }
+
+    /// Run the CPU attention kernels' copy of their loops named `name` (one this CPU runs:
+    /// "plain", "avx2", "avx512", "amx"), or the fastest (None, the default): for comparisons.
+    #[pyfunction]
+    #[pyo3(signature = (name=None))]
+    fn set_kernel_build(name: Option<&str>) -> PyResult<()> {
+        Ok(crate::groups::Build::choose(name)?)
     }
 
     /// Names of the built-in colormaps.
@@ -473,6 +488,7 @@ mod bindings {
         m.add_function(wrap_pyfunction!(attention_stats, m)?)?;
         m.add_function(wrap_pyfunction!(kernel_info, m)?)?;
         m.add_function(wrap_pyfunction!(set_kernel_pool, m)?)?;
+        m.add_function(wrap_pyfunction!(set_kernel_build, m)?)?;
         Ok(())
     }
 }

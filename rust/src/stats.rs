@@ -353,12 +353,13 @@ fn run(p: &Problem, spec: &Spec, build: Build) -> Result<Stats> {
     p.check(&groups)?;
     let plan = Plan::new(p, spec)?;
     let (b, h, r) = (plan.b, p.q.dim().1, plan.r);
-    let packed = Packed::new(p, ntiles);
+    let packed = Packed::new(p, ntiles, build);
     let work = Work {
         p,
         groups: &groups,
         keys: &packed.keys,
         biases: &packed.biases,
+        amx_keys: &packed.amx_keys,
         build,
         prefix: true,
     };
@@ -472,6 +473,7 @@ fn work_task(work: &Work, plan: &Plan, acc: &mut Acc, t: Task) -> Result<()> {
     #[cfg(target_arch = "x86_64")]
     match work.build {
         // SAFETY: `build` is one that `Build::available` found on this CPU.
+        Build::Amx => return unsafe { work_task_amx(work, plan, acc, t) },
         Build::Avx512 => return unsafe { work_task_avx512(work, plan, acc, t) },
         Build::Avx2 => return unsafe { work_task_avx2(work, plan, acc, t) },
         Build::Plain => {}
@@ -491,10 +493,15 @@ fn work_task_avx512(work: &Work, plan: &Plan, acc: &mut Acc, t: Task) -> Result<
     work_task_any::<{ crate::groups::AVX512 }>(work, plan, acc, t)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn work_task_amx(work: &Work, plan: &Plan, acc: &mut Acc, t: Task) -> Result<()> {
+    work_task_any::<{ crate::groups::AMX }>(work, plan, acc, t)
+}
+
 /// Rows `t.r0..t.r0 + t.rows` of batch element `t.b` through heads `t.h0..t.h1` into `acc`.
 #[inline(always)]
 fn work_task_any<const B: u8>(work: &Work, plan: &Plan, acc: &mut Acc, t: Task) -> Result<()> {
-    let d = work.p.q.dim().3;
     let c = work.groups.num_columns;
     let per_head = work.p.per_head;
     let chunk = plan.chunk;
@@ -507,7 +514,7 @@ fn work_task_any<const B: u8>(work: &Work, plan: &Plan, acc: &mut Acc, t: Task) 
             } else {
                 zeroed(chunk * c, "k")?
             },
-            q: zeroed(padded * d, "q")?,
+            q: zeroed(work.q_len(padded), "q")?,
             tmp: zeroed(if plan.blocks.is_empty() { 0 } else { c }, "k")?,
             scale: vec![0.0; padded],
             order: Vec::with_capacity(padded),
