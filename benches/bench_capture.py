@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import attnmap
-from _timing import Timing, machine, record, timed
+from _timing import Timing, machine, quiet, record, timed
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -197,8 +197,13 @@ def test_capture_overhead(benchmark: Any, setup: dict[str, Any], one_pass: bool)
         "peak_capture_MiB": m_capture / 2**20,
         "extra_MiB": (m_capture - m_plain) / 2**20,
         "kept_maps_MiB": kept / 2**20,
+        # the target, capture within 1.3x of the forward, holds on the CPU model in the CPU's default
+        # mode, on a machine that nothing else shares
+        "targets_asserted": setup["label"] == "cpu-scaled" and one_pass and quiet(start),
     }
     record(benchmark, info, start)
+    if info["targets_asserted"]:
+        assert info["ratio"] <= 1.3, info
 
 
 @pytest.mark.benchmark(group="capture")

@@ -920,7 +920,6 @@ impl Work<'_, '_> {
     /// tile (`MR` rows x 32 keys) as the AVX-512 build folds the logits of its own products.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     fn amx_head<const ENT: bool>(
         &self,
         b: usize,
@@ -1394,8 +1393,8 @@ mod avx512 {
         unsafe { fold_logits::<TILES, ENT>(work, &acc, t, bias, st, m0) }
     }
 
-    /// The logits of `MR` rows from row `i` of `logits` (`[rows][stride]`, from its start)
-    /// against `TILES` tiles, as [`fold_tiles`] holds them.
+    /// The logits of the first `MR` rows of `logits` (`[rows][stride]`) against `TILES` tiles, as
+    /// [`fold_tiles`] holds them.
     ///
     /// # Safety
     /// The CPU must have AVX-512 (F).

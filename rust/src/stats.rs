@@ -333,7 +333,29 @@ fn total(x: &[f32]) -> f32 {
 /// accumulators, merged in piece order at the end, so the same call with the same thread count
 /// always gives the same bits.
 pub fn attention_stats(p: &Problem, spec: &Spec) -> Result<Stats> {
-    run(p, spec, Build::best())
+    run(p, spec, within_memory(p, Build::best()))
+}
+
+/// The share of the materialised map that the AMX build's keys may take beyond the f32 keys of
+/// the other builds.
+const AMX_KEY_MEMORY: f64 = 0.0025;
+
+/// `build`, or the AVX-512 build where `build` is the AMX one and its keys (three bf16 parts: half
+/// again the f32 keys) would take more than [`AMX_KEY_MEMORY`] of the map beyond the f32 keys: the
+/// statistics keep under 2% of the map, and at short sequences the keys are a share of it (at
+/// D = 64 and 8,192 keys, the f32 keys are 0.8%).
+fn within_memory(p: &Problem, build: Build) -> Build {
+    let (b, h, r, d) = p.q.dim();
+    let (_, hk, nk, _) = p.k.dim();
+    let map = (b * h * r) as f64 * nk as f64 * 4.0;
+    let tiles = nk.div_ceil(NR);
+    let keys = (b * hk * NR) as f64;
+    let amx = 6.0 * keys * (tiles.div_ceil(2) * 2 * crate::amx::depth(d)) as f64;
+    let f32_keys = 4.0 * keys * (tiles * d) as f64;
+    match build {
+        Build::Amx if amx - f32_keys > AMX_KEY_MEMORY * map => Build::Avx512,
+        _ => build,
+    }
 }
 
 /// The share of the materialised map (`B H R Nk` floats) that the pieces' accumulators may take
@@ -1024,6 +1046,21 @@ mod tests {
                 close(entropy[[0, 0, i]], want, 1e-5, "entropy");
             }
             assert!(entropy[[0, 0, 0]] > 1e-4 && entropy[[0, 0, 1]] == 0.0);
+        }
+    }
+
+    #[test]
+    fn the_amx_build_runs_where_its_keys_fit_the_memory_budget() {
+        // beyond the f32 keys, the AMX keys take 2 bytes per key and depth: 0.25% of the map
+        // (4 bytes per row and key) from 200 rows per depth on
+        let k = A4::zeros((1, 1, 64, 64));
+        for (rows, want) in [(12_000, Build::Avx512), (14_000, Build::Amx)] {
+            let q = A4::zeros((1, 1, rows, 64));
+            assert_eq!(within_memory(&unbiased(&q, &k, false), Build::Amx), want);
+            assert_eq!(
+                within_memory(&unbiased(&q, &k, false), Build::Avx2),
+                Build::Avx2
+            );
         }
     }
 
