@@ -167,6 +167,16 @@ impl Parts {
     }
 }
 
+/// The logits of one [`block`], `[ROWS][2 KEYS]`, on 64-byte lines.
+#[repr(C, align(64))]
+pub(crate) struct Block(pub [f32; ROWS * 2 * KEYS]);
+
+impl Default for Block {
+    fn default() -> Self {
+        Block([0.0; ROWS * 2 * KEYS])
+    }
+}
+
 /// Keys `[Nk, d]` as parts `[3][tiles][depth(d) / 2][KEYS][2]` for `tiles` tiles of 16 keys (a
 /// whole number of [`block`]s: even), 0 past `Nk`: a tile step of one tile is 1 KiB in a row.
 /// Compiled for AVX-512, which AMX CPUs have.

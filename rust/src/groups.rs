@@ -41,9 +41,13 @@ const KEY_BLOCK: usize = 256;
 /// Query rows per task of the AMX build (a multiple of `MR` and of [`crate::amx::ROWS`]): each
 /// pass over the keys serves more rows than in the FMA builds, as their products take less time.
 const AMX_ROW_CHUNK: usize = 192;
-/// Keys per AMX pass over a task's rows (a multiple of `2 NR`): their logits, `[rows][AMX_KEYS]`,
-/// stay in the L1 cache until folded.
+/// Keys per AMX pass over a task's rows (a multiple of `2 NR`): their parts stay in the L1 cache
+/// while every block of the task's rows takes them.
 const AMX_KEYS: usize = 32;
+/// Rows of one AMX block of logits, `[AMX_ROWS][2 NR]`.
+const AMX_ROWS: usize = crate::amx::ROWS;
+/// Rows the AMX build folds at a time: half a block, right after the block.
+const AMX_FOLD: usize = 16;
 
 /// Which compiled copy of the kernel loops runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -759,13 +763,22 @@ impl Work<'_, '_> {
         self.task_any::<AMX>(t, with_lse)
     }
 
+    /// The rows of the [`Rows`] state [`Work::softmax_any`] takes for `padded` query rows: the AMX
+    /// build folds whole blocks of [`crate::amx::ROWS`].
+    pub(crate) fn state_rows(&self, padded: usize) -> usize {
+        match self.build {
+            Build::Amx => padded.div_ceil(crate::amx::ROWS) * crate::amx::ROWS,
+            _ => padded,
+        }
+    }
+
     /// The length of the scratch [`Work::softmax_any`] packs `padded` query rows into.
     pub(crate) fn q_len(&self, padded: usize) -> usize {
         let d = self.p.q.dim().3;
         match self.build {
             // three bf16 parts of rows padded to AMX blocks, two to an f32, from a 64-byte boundary
             Build::Amx => {
-                let tall = padded.div_ceil(crate::amx::ROWS) * crate::amx::ROWS;
+                let tall = self.state_rows(padded);
                 (3 * tall * crate::amx::depth(d)).div_ceil(2) + crate::amx::slack::<f32>()
             }
             _ => padded * d,
@@ -782,7 +795,7 @@ impl Work<'_, '_> {
         let mut out = zeroed(hs * t.rows * c, "num_columns")?;
         let mut lse = zeroed(if with_lse { heads * t.rows } else { 0 }, "lse")?;
         let mut q = zeroed(self.q_len(padded), "q")?;
-        let mut st = Rows::new(padded, c, "num_columns")?;
+        let mut st = Rows::new(self.state_rows(padded), c, "num_columns")?;
         for head in t.h0..t.h1 {
             self.softmax_any::<B>(t.b, head, t.r0, t.rows, &mut q, &mut st, false);
             let slot = if p.per_head { head - t.h0 } else { 0 };
@@ -915,9 +928,10 @@ impl Work<'_, '_> {
         st.settle(padded, self.groups.num_columns);
     }
 
-    /// [`Work::softmax_head`]'s walk over the keys in the AMX build: per [`AMX_KEYS`] keys, the
-    /// logits of all the rows from AMX blocks (32 rows x 32 keys), then folded micro tile by micro
-    /// tile (`MR` rows x 32 keys) as the AVX-512 build folds the logits of its own products.
+    /// [`Work::softmax_head`]'s walk over the keys in the AMX build: per [`AMX_KEYS`] keys, each
+    /// block of 32 rows x 32 keys from AMX, its logits folded right away, 16 rows at a time, as the
+    /// AVX-512 build folds the logits of its own products (the [`Rows`] state has whole blocks of
+    /// rows: [`Work::state_rows`]).
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     fn amx_head<const ENT: bool>(
@@ -934,7 +948,7 @@ impl Work<'_, '_> {
         let hk = p.k.dim().1;
         let hm = self.biases.len() / p.q.dim().0;
         let padded = rows.div_ceil(MR) * MR;
-        let tall = padded.div_ceil(crate::amx::ROWS) * crate::amx::ROWS;
+        let tall = self.state_rows(padded);
         let depth = crate::amx::depth(d);
         // SAFETY: any bits are a u16, whose alignment (2) divides f32's.
         let (_, parts, _) = unsafe { q.align_to_mut::<u16>() };
@@ -945,49 +959,49 @@ impl Work<'_, '_> {
         let ntiles = self.groups.tiles.len();
         let keys = self.amx_keys[b * hk + head / (h / hk)].as_slice();
         let k_part = ntiles.div_ceil(2) * 2 * depth * NR;
-        assert!(keys.len() == 3 * k_part && parts.len() >= 3 * tall * depth);
+        assert!(
+            keys.len() == 3 * k_part && parts.len() >= 3 * tall * depth && st.max.len() >= tall
+        );
         let bias = &self.biases[b * hm + if hm == 1 { 0 } else { head }];
-        let mut logits = vec![0.0f32; tall * AMX_KEYS + crate::amx::slack::<f32>()];
-        let logits = crate::amx::align(&mut logits);
+        let mut logits = crate::amx::Block::default();
         // SAFETY: this build runs only where `amx::available` said yes (`Build::available`).
         let _tiles = unsafe { crate::amx::Tiles::new() };
         let block = AMX_KEYS / NR;
         for t0 in (0..ntiles).step_by(block) {
             let t1 = (t0 + block).min(ntiles);
-            for r in (0..tall).step_by(crate::amx::ROWS) {
+            for r in (0..tall).step_by(AMX_ROWS) {
                 for t in (t0..t1).step_by(2) {
+                    let out = logits.0.as_mut_ptr();
                     // SAFETY: rows r..r + 32 < tall of each part and tiles t, t + 1 < the keys'
-                    // even tile count (asserted above); the block's logits end within `logits`
-                    // (t - t0 + 2 <= block); the thread holds the tiles.
+                    // even tile count (asserted above); `logits` holds 32 x 32; the thread holds
+                    // the tiles.
                     unsafe {
-                        crate::amx::block(
+                        let (q, k) = (
                             parts.as_ptr().add(r * depth),
-                            tall * depth,
-                            depth,
                             keys.as_ptr().add(t * depth * NR),
-                            k_part,
-                            logits.as_mut_ptr().add(r * AMX_KEYS + (t - t0) * NR),
-                            AMX_KEYS,
                         );
+                        crate::amx::block(q, tall * depth, depth, k, k_part, out, AMX_ROWS);
                     }
-                }
-            }
-            for m0 in (0..padded).step_by(MR) {
-                let mut t = t0;
-                while t < t1 {
-                    let at = &logits[m0 * AMX_KEYS + (t - t0) * NR..];
-                    // SAFETY: AMX runs only with AVX-512 (`Build::available`), and this function
-                    // is compiled for it.
-                    unsafe {
-                        if t + 2 <= t1 {
-                            let acc = avx512::load_logits::<2>(at, AMX_KEYS);
-                            avx512::fold_logits::<2, ENT>(self, &acc, t, &bias[t * NR..], st, m0);
-                        } else {
-                            let acc = avx512::load_logits::<1>(at, AMX_KEYS);
-                            avx512::fold_logits::<1, ENT>(self, &acc, t, &bias[t * NR..], st, m0);
+                    for half in 0..AMX_ROWS / AMX_FOLD {
+                        let (m0, at) =
+                            (r + half * AMX_FOLD, &logits.0[half * AMX_FOLD * AMX_ROWS..]);
+                        let bias = &bias[t * NR..];
+                        // SAFETY: AMX runs only with AVX-512 (`Build::available`), and this
+                        // function is compiled for it.
+                        unsafe {
+                            if t + 2 <= t1 {
+                                let acc = avx512::load_logits::<2, AMX_FOLD>(at, AMX_ROWS);
+                                avx512::fold_logits::<2, ENT, AMX_FOLD>(
+                                    self, &acc, t, bias, st, m0,
+                                );
+                            } else {
+                                let acc = avx512::load_logits::<1, AMX_FOLD>(at, AMX_ROWS);
+                                avx512::fold_logits::<1, ENT, AMX_FOLD>(
+                                    self, &acc, t, bias, st, m0,
+                                );
+                            }
                         }
                     }
-                    t += 2;
                 }
             }
         }
@@ -1390,21 +1404,21 @@ mod avx512 {
             }
         }
         // SAFETY: this function's CPU features; `bias` holds TILES * NR floats (asserted above).
-        unsafe { fold_logits::<TILES, ENT>(work, &acc, t, bias, st, m0) }
+        unsafe { fold_logits::<TILES, ENT, MR>(work, &acc, t, bias, st, m0) }
     }
 
-    /// The logits of the first `MR` rows of `logits` (`[rows][stride]`) against `TILES` tiles, as
+    /// The logits of the first `R` rows of `logits` (`[rows][stride]`) against `TILES` tiles, as
     /// [`fold_tiles`] holds them.
     ///
     /// # Safety
     /// The CPU must have AVX-512 (F).
     #[inline(always)]
-    pub(super) unsafe fn load_logits<const TILES: usize>(
+    pub(super) unsafe fn load_logits<const TILES: usize, const R: usize>(
         logits: &[f32],
         stride: usize,
-    ) -> [[__m512; TILES]; MR] {
-        assert!(TILES * NR <= stride && logits.len() >= (MR - 1) * stride + TILES * NR);
-        let mut out = [[_mm512_setzero_ps(); TILES]; MR];
+    ) -> [[__m512; TILES]; R] {
+        assert!(TILES * NR <= stride && logits.len() >= (R - 1) * stride + TILES * NR);
+        let mut out = [[_mm512_setzero_ps(); TILES]; R];
         for (r, row) in out.iter_mut().enumerate() {
             for (j, v) in row.iter_mut().enumerate() {
                 // SAFETY: r * stride + j * NR + 16 <= logits.len() (asserted above).
@@ -1414,15 +1428,15 @@ mod avx512 {
         out
     }
 
-    /// Fold the logits `acc` of rows `m0..m0 + MR` against the `TILES` tiles from tile `t`
+    /// Fold the logits `acc` of rows `m0..m0 + R` against the `TILES` tiles from tile `t`
     /// (`bias`: `[TILES * NR]`) into `st`, tile after tile for each row.
     ///
     /// # Safety
     /// The CPU must have AVX-512 (F), AVX2 and FMA.
     #[inline(always)]
-    pub(super) unsafe fn fold_logits<const TILES: usize, const ENT: bool>(
+    pub(super) unsafe fn fold_logits<const TILES: usize, const ENT: bool, const R: usize>(
         work: &Work,
-        acc: &[[__m512; TILES]; MR],
+        acc: &[[__m512; TILES]; R],
         t: usize,
         bias: &[f32],
         st: &mut Rows,
@@ -1468,18 +1482,18 @@ mod avx512 {
     /// # Safety
     /// The CPU must have AVX-512 (F), AVX2 and FMA.
     #[inline(always)]
-    unsafe fn fold_given_sum<const TILES: usize>(
+    unsafe fn fold_given_sum<const TILES: usize, const R: usize>(
         st: &mut Rows,
         m0: usize,
         c: usize,
         col: usize,
-        logits: &[[__m512; TILES]; MR],
+        logits: &[[__m512; TILES]; R],
         bias: &[Option<__m512>; TILES],
     ) {
-        st.pend_rows(m0, MR, c, col);
+        st.pend_rows(m0, R, c, col);
         st.unchecked = true;
-        let lse = &st.max[m0..m0 + MR];
-        let pend = &mut st.pend16[m0 * NR..(m0 + MR) * NR];
+        let lse = &st.max[m0..m0 + R];
+        let pend = &mut st.pend16[m0 * NR..(m0 + R) * NR];
         for (ri, (row, &m)) in logits.iter().zip(lse).enumerate() {
             let m = _mm512_set1_ps(m);
             let mut e = _mm512_setzero_ps();

@@ -530,7 +530,7 @@ fn work_task_any<const B: u8>(work: &Work, plan: &Plan, acc: &mut Acc, t: Task) 
     if acc.scratch.is_none() {
         let padded = chunk.div_ceil(MR) * MR;
         acc.scratch = Some(Scratch {
-            st: Rows::new(padded, c, "k")?,
+            st: Rows::new(work.state_rows(padded), c, "k")?,
             summed: if per_head {
                 Vec::new()
             } else {
