@@ -862,26 +862,27 @@ impl Work<'_, '_> {
             .as_ref()
             .map(|l| l.slice(ndarray::s![b, head, r0..r0 + rows]));
         st.reset(self.prefix, given);
+        let kv = b * hk + head / (h / hk);
+        let bias = &self.biases[b * hm + if hm == 1 { 0 } else { head }];
+        let src = p.q.slice(ndarray::s![b, head, r0..r0 + rows, ..]);
         #[cfg(target_arch = "x86_64")]
         if B == AMX {
-            self.amx_head::<ENT>(b, head, r0, rows, q, st);
+            self.amx_head::<ENT>(src, kv, bias, q, st);
             st.settle(padded, self.groups.num_columns);
             return;
         }
         // q packed per micro tile of rows, `[padded / MR][d][MR]`: a tile's rows at one depth are
         // adjacent, so its broadcasts walk one pointer (the rows past `rows` stay 0)
-        for i in 0..rows {
-            let src = p.q.slice(ndarray::s![b, head, r0 + i, ..]);
+        for (i, row) in src.outer_iter().enumerate() {
             let (tile, lane) = (i / MR, i % MR);
             let dst = &mut q[tile * d * MR..(tile + 1) * d * MR];
-            for (e, &v) in src.iter().enumerate() {
+            for (e, &v) in row.iter().enumerate() {
                 dst[e * MR + lane] = v * p.scale;
             }
         }
         let ntiles = self.groups.tiles.len();
         let block = KEY_BLOCK / NR;
-        let keys = &self.keys[b * hk + head / (h / hk)];
-        let bias = &self.biases[b * hm + if hm == 1 { 0 } else { head }];
+        let keys = &self.keys[kv];
         for t0 in (0..ntiles).step_by(block) {
             let t1 = (t0 + block).min(ntiles);
             for m0 in (0..padded).step_by(MR) {
@@ -928,41 +929,35 @@ impl Work<'_, '_> {
         st.settle(padded, self.groups.num_columns);
     }
 
-    /// [`Work::softmax_head`]'s walk over the keys in the AMX build: per [`AMX_KEYS`] keys, each
-    /// block of 32 rows x 32 keys from AMX, its logits folded right away, 16 rows at a time, as the
-    /// AVX-512 build folds the logits of its own products (the [`Rows`] state has whole blocks of
-    /// rows: [`Work::state_rows`]).
+    /// [`Work::softmax_head`]'s walk over the keys in the AMX build for the query rows `src`
+    /// (`[rows, D]`), key head `kv` and `bias`: per [`AMX_KEYS`] keys, each block of 32 rows x 32
+    /// keys from AMX, its logits folded right away, 16 rows at a time, as the AVX-512 build folds
+    /// the logits of its own products (the [`Rows`] state has whole blocks of rows:
+    /// [`Work::state_rows`]).
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     fn amx_head<const ENT: bool>(
         &self,
-        b: usize,
-        head: usize,
-        r0: usize,
-        rows: usize,
+        src: ndarray::ArrayView2<f32>,
+        kv: usize,
+        bias: &[f32],
         q: &mut [f32],
         st: &mut Rows,
     ) {
-        let p = self.p;
-        let (_, h, _, d) = p.q.dim();
-        let hk = p.k.dim().1;
-        let hm = self.biases.len() / p.q.dim().0;
-        let padded = rows.div_ceil(MR) * MR;
-        let tall = self.state_rows(padded);
+        let (rows, d) = src.dim();
+        let tall = self.state_rows(rows.div_ceil(MR) * MR);
         let depth = crate::amx::depth(d);
         // SAFETY: any bits are a u16, whose alignment (2) divides f32's.
         let (_, parts, _) = unsafe { q.align_to_mut::<u16>() };
         let parts = crate::amx::align(parts);
-        let src = p.q.slice(ndarray::s![b, head, r0..r0 + rows, ..]);
         // SAFETY: this function is compiled for AVX-512 and runs on a CPU with it.
-        unsafe { crate::amx::pack_rows(src, p.scale, tall, parts) };
+        unsafe { crate::amx::pack_rows(src, self.p.scale, tall, parts) };
         let ntiles = self.groups.tiles.len();
-        let keys = self.amx_keys[b * hk + head / (h / hk)].as_slice();
+        let keys = self.amx_keys[kv].as_slice();
         let k_part = ntiles.div_ceil(2) * 2 * depth * NR;
         assert!(
             keys.len() == 3 * k_part && parts.len() >= 3 * tall * depth && st.max.len() >= tall
         );
-        let bias = &self.biases[b * hm + if hm == 1 { 0 } else { head }];
         let mut logits = crate::amx::Block::default();
         // SAFETY: this build runs only where `amx::available` said yes (`Build::available`).
         let _tiles = unsafe { crate::amx::Tiles::new() };
