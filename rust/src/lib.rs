@@ -461,6 +461,8 @@ mod bindings {
 
     /// Run the CPU attention kernels' copy of their loops named `name` (one this CPU runs:
     /// "plain", "avx2", "avx512", "amx"), or the fastest (None, the default): for comparisons.
+    /// attention_stats takes the "amx" build only where its keys fit its memory budget (else
+    /// "avx512").
     #[pyfunction]
     #[pyo3(signature = (name=None))]
     fn set_kernel_build(name: Option<&str>) -> PyResult<()> {
