@@ -6,9 +6,10 @@
 //! what is left, which fits a bf16 exactly (`|x2| <= 2^-8 |x|`, `|x3| <= 2^-16 |x|`). The product
 //! `q k` is taken as the six part products `q_i k_j` with `i + j <= 4`, each exact in f32, added in
 //! f32; what is left out, `q2 k3 + q3 k2 + q3 k3`, is under `2^-23 |q| |k|` per depth, the size of
-//! f32's own rounding of one product. AMX reads a bf16 below 2^-126 as 0 (a part of a
-//! value below about 2^-110: nothing a logit notices); NaN and inf parts give NaN logits, as NaN and
-//! inf in q or k must.
+//! f32's own rounding of one product. AMX reads a bf16 below 2^-126 as 0 (a part of a value below
+//! about 2^-110): a product's error stays under 2^-126 |k|, which a logit notices only where the
+//! other factor is near f32's largest. NaN and inf parts give NaN logits, as NaN and inf in q or k
+//! must.
 //!
 //! One [`block`] is 32 query rows x 32 keys: four f32 accumulator tiles (`tmm0..tmm3`), two tiles
 //! of 16 rows x 32 depths of q's parts (`tmm4`, `tmm5`) and two of 32 depths x 16 keys of k's parts
@@ -76,10 +77,17 @@ fn widen(x: u16) -> f32 {
     f32::from_bits((x as u32) << 16)
 }
 
-/// `x` as three bf16 parts that add up to it exactly (for finite `x` below bf16's largest).
+/// `x` as three bf16 parts that add up to it exactly (finite `x` from 2^-111 on; below, the parts
+/// hold what bf16 can). Where `x` would round to an infinite bf16 (|x| >= 3.3961776e38), the first
+/// part is `x` cut, not rounded, to bf16: the rest still fits the other two.
 #[inline(always)]
 pub(crate) fn split(x: f32) -> [u16; 3] {
-    let first = bf16(x);
+    let rounded = bf16(x);
+    let first = if widen(rounded).is_infinite() && x.is_finite() {
+        (x.to_bits() >> 16) as u16
+    } else {
+        rounded
+    };
     let rest = x - widen(first);
     let second = bf16(rest);
     [first, second, bf16(rest - widen(second))]
@@ -205,8 +213,9 @@ pub(crate) fn pack_keys(k: ArrayView2<f32>, tiles: usize) -> Parts {
     parts
 }
 
-/// The tile configuration of [`block`] on this thread, released when dropped.
-pub(crate) struct Tiles(());
+/// The tile configuration of [`block`] on this thread, released when dropped (on this thread: not
+/// `Send`).
+pub(crate) struct Tiles(std::marker::PhantomData<*const ()>);
 
 /// AMX's tile configuration (palette 1): bytes per row and rows of each of the 16 tiles.
 #[repr(C, align(64))]
@@ -222,9 +231,14 @@ impl Tiles {
     /// Configure tiles 0-7 as 16 rows of 64 bytes.
     ///
     /// # Safety
-    /// [`available`] must have said yes.
+    /// The CPU must have AMX (which [`available`], asked here, says with the process's permission).
     #[cfg(target_arch = "x86_64")]
     pub(crate) unsafe fn new() -> Tiles {
+        // without the permission, which `available` asks for once, ldtilecfg faults (SIGILL)
+        assert!(
+            available(),
+            "AMX tiles used without the process's permission"
+        );
         let mut config = Config {
             palette: 1,
             start_row: 0,
@@ -239,7 +253,7 @@ impl Tiles {
         unsafe {
             std::arch::asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly));
         }
-        Tiles(())
+        Tiles(std::marker::PhantomData)
     }
 }
 
@@ -253,7 +267,7 @@ impl Drop for Tiles {
     }
 }
 
-/// The logits of the 32 rows of `q` against the 32 keys of `k`, into `out[r * stride + j]`.
+/// The logits of the 32 rows of `q` against the 32 keys of `k`, into `out` (`[32][32]`).
 ///
 /// `q` points at a block's first rows in parts as [`pack_rows`] lays them (`q_part` values from one
 /// part to the next), `k` at a block's first tile in parts as [`pack_keys`] does (`k_part` apart).
@@ -261,10 +275,13 @@ impl Drop for Tiles {
 /// for 24 products, not 24): q1 k1, q1 k2, q2 k2, q2 k1, q3 k1, q1 k3. Tiles are not renamed, so a
 /// load waits for the products that read its tile: each load comes right after the last product
 /// that reads the tile it fills, and the products that do not wait for it run while it loads.
+/// One assembly block from the first tile zeroed to the last stored, so that no tile is meant to
+/// hold a value from one block to the next (rustc may assume a register it was not told of keeps
+/// its value across a block, not that it keeps one between blocks).
 ///
 /// # Safety
-/// The thread holds a [`Tiles`]; `q` has 32 rows of `depth` values in each part, `k` two tiles in
-/// each part, and `out` 32 rows of `stride` >= 32 values.
+/// The thread holds a [`Tiles`]; `q` has 32 rows of `depth` (a multiple of 32) values in each part,
+/// and `k` two tiles in each part.
 #[cfg(target_arch = "x86_64")]
 pub(crate) unsafe fn block(
     q: *const u16,
@@ -272,89 +289,114 @@ pub(crate) unsafe fn block(
     depth: usize,
     k: *const u16,
     k_part: usize,
-    out: *mut f32,
-    stride: usize,
+    out: &mut Block,
 ) {
-    use std::arch::asm;
-    let (half, tile) = (16 * depth, depth * KEYS);
-    // SAFETY (every asm block): rustc never allocates the tile registers, so what one block leaves
-    // in tmm0..tmm7 holds into the next; the loads read 16 rows of 64 bytes within what the caller
-    // promises, and the stores write 16 rows of 16 values within `out`.
-    // tmm4, tmm5: rows 0-15, 16-31; tmm6, tmm7: keys 0-15, 16-31; tmm0..3: (4, 6) (4, 7) (5, 6) (5, 7)
-    let both = |a: *const u16, b: *const u16| unsafe {
-        asm!(
-            "tileloadd tmm4, [{a0} + {row}*1]",
-            "tileloadd tmm6, [{b0} + {row}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tileloadd tmm7, [{b1} + {row}*1]",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm5, [{a1} + {row}*1]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            a0 = in(reg) a,
-            a1 = in(reg) a.add(half),
-            b0 = in(reg) b,
-            b1 = in(reg) b.add(tile),
-            row = in(reg) 64usize,
-            options(nostack, readonly)
-        )
-    };
-    let rows = |a: *const u16| unsafe {
-        asm!(
-            "tileloadd tmm4, [{a0} + {row}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm5, [{a1} + {row}*1]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            a0 = in(reg) a,
-            a1 = in(reg) a.add(half),
-            row = in(reg) 64usize,
-            options(nostack, readonly)
-        )
-    };
-    let keys = |b: *const u16| unsafe {
-        asm!(
-            "tileloadd tmm6, [{b0} + {row}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tileloadd tmm7, [{b1} + {row}*1]",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            b0 = in(reg) b,
-            b1 = in(reg) b.add(tile),
-            row = in(reg) 64usize,
-            options(nostack, readonly)
-        )
-    };
+    assert!(
+        depth >= STEP && depth.is_multiple_of(STEP),
+        "depth {depth}: whole tile steps"
+    );
+    // bytes: a tile row is 64; a tile step of 16 rows or of 16 keys is 1 KiB
+    let (half, tile) = (16 * depth * 2, depth * KEYS * 2);
+    // SAFETY: the loads read 16 rows of 64 bytes each at q + i q_part + step KiB (+ half) and at
+    // k + j k_part + step KiB (+ tile), i, j < 3 and step < depth / 32: within what the caller
+    // promises; the stores write the 4 KiB of `out` (rows of 128 bytes). The tiles are declared
+    // clobbered; rbx and rbp are not used.
     unsafe {
-        asm!(
+        std::arch::asm!(
             "tilezero tmm0",
             "tilezero tmm1",
             "tilezero tmm2",
             "tilezero tmm3",
-            options(nostack, nomem)
-        );
-        for step in 0..depth / STEP {
-            let a = |i: usize| q.add(i * q_part + step * 16 * STEP);
-            let b = |j: usize| k.add(j * k_part + step * STEP * KEYS);
-            both(a(0), b(0));
-            keys(b(1));
-            rows(a(1));
-            keys(b(0));
-            rows(a(2));
-            both(a(0), b(2));
-        }
-        asm!(
-            "tilestored [{o0} + {row}*1], tmm0",
-            "tilestored [{o1} + {row}*1], tmm1",
-            "tilestored [{o2} + {row}*1], tmm2",
-            "tilestored [{o3} + {row}*1], tmm3",
-            o0 = in(reg) out,
-            o1 = in(reg) out.add(16),
-            o2 = in(reg) out.add(16 * stride),
-            o3 = in(reg) out.add(16 * stride + 16),
-            row = in(reg) stride * 4,
+            "2:",
+            // q1 k1: rows and keys
+            "tileloadd tmm4, [{qp} + {row}*1]",
+            "tileloadd tmm6, [{kp} + {row}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "lea {t}, [{kp} + {tile}]",
+            "tileloadd tmm7, [{t} + {row}*1]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "lea {t}, [{qp} + {half}]",
+            "tileloadd tmm5, [{t} + {row}*1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            // q1 k2: keys
+            "lea {b}, [{kp} + {kpart}]",
+            "tileloadd tmm6, [{b} + {row}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "lea {t}, [{b} + {tile}]",
+            "tileloadd tmm7, [{t} + {row}*1]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            // q2 k2: rows
+            "lea {a}, [{qp} + {qpart}]",
+            "tileloadd tmm4, [{a} + {row}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "lea {t}, [{a} + {half}]",
+            "tileloadd tmm5, [{t} + {row}*1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            // q2 k1: keys
+            "tileloadd tmm6, [{kp} + {row}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "lea {t}, [{kp} + {tile}]",
+            "tileloadd tmm7, [{t} + {row}*1]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            // q3 k1: rows
+            "add {a}, {qpart}",
+            "tileloadd tmm4, [{a} + {row}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "lea {t}, [{a} + {half}]",
+            "tileloadd tmm5, [{t} + {row}*1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            // q1 k3: rows and keys
+            "add {b}, {kpart}",
+            "tileloadd tmm4, [{qp} + {row}*1]",
+            "tileloadd tmm6, [{b} + {row}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "lea {t}, [{b} + {tile}]",
+            "tileloadd tmm7, [{t} + {row}*1]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "lea {t}, [{qp} + {half}]",
+            "tileloadd tmm5, [{t} + {row}*1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            // the next tile step
+            "add {qp}, 1024",
+            "add {kp}, 1024",
+            "dec {steps}",
+            "jnz 2b",
+            // rows of 32 f32 (128 bytes); rows 16-31 from byte 2048
+            "mov {t}, 128",
+            "tilestored [{out} + {t}*1], tmm0",
+            "tilestored [{out} + {t}*1 + 64], tmm1",
+            "tilestored [{out} + {t}*1 + 2048], tmm2",
+            "tilestored [{out} + {t}*1 + 2112], tmm3",
+            qp = inout(reg) q => _,
+            kp = inout(reg) k => _,
+            steps = inout(reg) depth / STEP => _,
+            row = in(reg) 64usize,
+            half = in(reg) half,
+            tile = in(reg) tile,
+            qpart = in(reg) q_part * 2,
+            kpart = in(reg) k_part * 2,
+            out = in(reg) out.0.as_mut_ptr(),
+            a = out(reg) _,
+            b = out(reg) _,
+            t = out(reg) _,
+            out("tmm0") _,
+            out("tmm1") _,
+            out("tmm2") _,
+            out("tmm3") _,
+            out("tmm4") _,
+            out("tmm5") _,
+            out("tmm6") _,
+            out("tmm7") _,
             options(nostack)
         );
     }
@@ -374,6 +416,17 @@ mod tests {
             assert_eq!(sum, x as f64, "{x}: {parts:?}");
             assert!(widen(parts[1]).abs() <= x.abs() / 256.0);
             assert!(widen(parts[2]).abs() <= x.abs() / 65536.0);
+        }
+        for x in [
+            f32::MAX,
+            -f32::MAX,
+            3.396_178e38,
+            f32::from_bits(0x7f7f_c000),
+            1e-30,
+            -0.0,
+        ] {
+            let sum = split(x).iter().map(|&p| widen(p) as f64).sum::<f64>();
+            assert_eq!(sum, x as f64, "{x}: {:?}", split(x));
         }
         assert!(split(f32::NAN).iter().all(|&p| widen(p).is_nan()));
         assert!(widen(split(f32::INFINITY)[0]).is_infinite());

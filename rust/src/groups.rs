@@ -970,7 +970,6 @@ impl Work<'_, '_> {
             let t1 = (t0 + block).min(ntiles);
             for r in (0..tall).step_by(AMX_ROWS) {
                 for t in (t0..t1).step_by(2) {
-                    let out = logits.0.as_mut_ptr();
                     // SAFETY: rows r..r + 32 < tall of each part and tiles t, t + 1 < the keys'
                     // even tile count (asserted above); `logits` holds 32 x 32; the thread holds
                     // the tiles.
@@ -979,7 +978,7 @@ impl Work<'_, '_> {
                             parts.as_ptr().add(r * depth),
                             keys.as_ptr().add(t * depth * NR),
                         );
-                        crate::amx::block(q, tall * depth, depth, k, k_part, out, AMX_ROWS);
+                        crate::amx::block(q, tall * depth, depth, k, k_part, &mut logits);
                     }
                     for half in 0..AMX_ROWS / AMX_FOLD {
                         let (m0, at) =
