@@ -297,6 +297,54 @@ pub(crate) unsafe fn block(
     );
     // bytes: a tile row is 64; a tile step of 16 rows or of 16 keys is 1 KiB
     let (half, tile) = (16 * depth * 2, depth * KEYS * 2);
+    // One tile step's four products after new rows of q (tmm4, tmm5, at `a` and `a` + half), new
+    // keys (tmm6, tmm7, at `b` and `b` + tile) or both: each load right after the last product that
+    // reads its tile.
+    #[rustfmt::skip]
+    macro_rules! rows {
+        ($a:literal) => {
+            concat!(
+                "tileloadd tmm4, [", $a, " + {row}*1]\n",
+                "tdpbf16ps tmm0, tmm4, tmm6\n",
+                "tdpbf16ps tmm1, tmm4, tmm7\n",
+                "lea {t}, [", $a, " + {half}]\n",
+                "tileloadd tmm5, [{t} + {row}*1]\n",
+                "tdpbf16ps tmm2, tmm5, tmm6\n",
+                "tdpbf16ps tmm3, tmm5, tmm7\n",
+            )
+        };
+    }
+    #[rustfmt::skip]
+    macro_rules! keys {
+        ($b:literal) => {
+            concat!(
+                "tileloadd tmm6, [", $b, " + {row}*1]\n",
+                "tdpbf16ps tmm0, tmm4, tmm6\n",
+                "tdpbf16ps tmm2, tmm5, tmm6\n",
+                "lea {t}, [", $b, " + {tile}]\n",
+                "tileloadd tmm7, [{t} + {row}*1]\n",
+                "tdpbf16ps tmm1, tmm4, tmm7\n",
+                "tdpbf16ps tmm3, tmm5, tmm7\n",
+            )
+        };
+    }
+    #[rustfmt::skip]
+    macro_rules! both {
+        ($a:literal, $b:literal) => {
+            concat!(
+                "tileloadd tmm4, [", $a, " + {row}*1]\n",
+                "tileloadd tmm6, [", $b, " + {row}*1]\n",
+                "tdpbf16ps tmm0, tmm4, tmm6\n",
+                "lea {t}, [", $b, " + {tile}]\n",
+                "tileloadd tmm7, [{t} + {row}*1]\n",
+                "tdpbf16ps tmm1, tmm4, tmm7\n",
+                "lea {t}, [", $a, " + {half}]\n",
+                "tileloadd tmm5, [{t} + {row}*1]\n",
+                "tdpbf16ps tmm2, tmm5, tmm6\n",
+                "tdpbf16ps tmm3, tmm5, tmm7\n",
+            )
+        };
+    }
     // SAFETY: the loads read 16 rows of 64 bytes each at q + i q_part + step KiB (+ half) and at
     // k + j k_part + step KiB (+ tile), i, j < 3 and step < depth / 32: within what the caller
     // promises; the stores write the 4 KiB of `out` (rows of 128 bytes). The tiles are declared
@@ -308,64 +356,17 @@ pub(crate) unsafe fn block(
             "tilezero tmm2",
             "tilezero tmm3",
             "2:",
-            // q1 k1: rows and keys
-            "tileloadd tmm4, [{qp} + {row}*1]",
-            "tileloadd tmm6, [{kp} + {row}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "lea {t}, [{kp} + {tile}]",
-            "tileloadd tmm7, [{t} + {row}*1]",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "lea {t}, [{qp} + {half}]",
-            "tileloadd tmm5, [{t} + {row}*1]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            // q1 k2: keys
+            // {a}: q's rows of the second part, then the third; {b}: the keys likewise
+            both!("{qp}", "{kp}"), // q1 k1
             "lea {b}, [{kp} + {kpart}]",
-            "tileloadd tmm6, [{b} + {row}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "lea {t}, [{b} + {tile}]",
-            "tileloadd tmm7, [{t} + {row}*1]",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            // q2 k2: rows
+            keys!("{b}"), // q1 k2
             "lea {a}, [{qp} + {qpart}]",
-            "tileloadd tmm4, [{a} + {row}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "lea {t}, [{a} + {half}]",
-            "tileloadd tmm5, [{t} + {row}*1]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            // q2 k1: keys
-            "tileloadd tmm6, [{kp} + {row}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "lea {t}, [{kp} + {tile}]",
-            "tileloadd tmm7, [{t} + {row}*1]",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            // q3 k1: rows
+            rows!("{a}"),  // q2 k2
+            keys!("{kp}"), // q2 k1
             "add {a}, {qpart}",
-            "tileloadd tmm4, [{a} + {row}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "lea {t}, [{a} + {half}]",
-            "tileloadd tmm5, [{t} + {row}*1]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            // q1 k3: rows and keys
+            rows!("{a}"), // q3 k1
             "add {b}, {kpart}",
-            "tileloadd tmm4, [{qp} + {row}*1]",
-            "tileloadd tmm6, [{b} + {row}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "lea {t}, [{b} + {tile}]",
-            "tileloadd tmm7, [{t} + {row}*1]",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "lea {t}, [{qp} + {half}]",
-            "tileloadd tmm5, [{t} + {row}*1]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
+            both!("{qp}", "{b}"), // q1 k3
             // the next tile step
             "add {qp}, 1024",
             "add {kp}, 1024",
