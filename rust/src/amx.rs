@@ -185,15 +185,21 @@ impl Default for Block {
     }
 }
 
-/// Keys `[Nk, d]` as parts `[3][tiles][depth(d) / 2][KEYS][2]` for `tiles` tiles of 16 keys (a
-/// whole number of [`block`]s: even), 0 past `Nk`: a tile step of one tile is 1 KiB in a row.
+/// The values of one part of [`pack_keys`]' keys for `tiles` tiles of 16 keys of depth `d`: the
+/// tiles rounded up to whole [`block`]s (pairs of tiles), at [`depth`].
+pub(crate) fn part_len(tiles: usize, d: usize) -> usize {
+    tiles.div_ceil(2) * 2 * depth(d) * KEYS
+}
+
+/// Keys `[Nk, d]` in `tiles` tiles of 16 as parts `[3][tiles, even][depth(d) / 2][KEYS][2]`
+/// ([`part_len`] values each), 0 past `Nk`: a tile step of one tile is 1 KiB in a row.
 /// Compiled for AVX-512, which AMX CPUs have.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f"))]
 pub(crate) fn pack_keys(k: ArrayView2<f32>, tiles: usize) -> Parts {
     let (nk, d) = k.dim();
-    assert!(nk <= tiles * KEYS && tiles.is_multiple_of(2));
+    assert!(nk <= tiles * KEYS);
     let tile = depth(d) * KEYS;
-    let part = tiles * tile;
+    let part = part_len(tiles, d);
     let mut parts = Parts::zeroed(3 * part);
     let out = parts.as_mut_slice();
     for (j, row) in k.outer_iter().enumerate() {

@@ -458,10 +458,10 @@ impl Packed {
         let head = |i: usize| p.k.slice(ndarray::s![i / hk, i % hk, .., ..]);
         let (keys, amx_keys) = match build {
             Build::Amx => {
-                let tiles = ntiles.div_ceil(2) * 2;
                 // SAFETY: the AMX build runs only on CPUs with AVX-512 (`Build::available`).
-                let amx =
-                    crate::pool::map(b * hk, |i| unsafe { crate::amx::pack_keys(head(i), tiles) });
+                let amx = crate::pool::map(b * hk, |i| unsafe {
+                    crate::amx::pack_keys(head(i), ntiles)
+                });
                 (Vec::new(), amx)
             }
             _ => (
@@ -958,7 +958,7 @@ impl Work<'_, '_> {
         unsafe { crate::amx::pack_rows(src, self.p.scale, tall, parts) };
         let ntiles = self.groups.tiles.len();
         let keys = self.amx_keys[kv].as_slice();
-        let k_part = ntiles.div_ceil(2) * 2 * depth * NR;
+        let k_part = crate::amx::part_len(ntiles, d);
         assert!(
             keys.len() == 3 * k_part && parts.len() >= 3 * tall * depth && st.max.len() >= tall
         );
@@ -980,10 +980,10 @@ impl Work<'_, '_> {
                         );
                         crate::amx::block(q, tall * depth, depth, k, k_part, &mut logits);
                     }
+                    let bias = &bias[t * NR..];
                     for half in 0..AMX_ROWS / AMX_FOLD {
                         let (m0, at) =
                             (r + half * AMX_FOLD, &logits.0[half * AMX_FOLD * AMX_ROWS..]);
-                        let bias = &bias[t * NR..];
                         // SAFETY: AMX runs only with AVX-512 (`Build::available`), and this
                         // function is compiled for it.
                         unsafe {

@@ -349,9 +349,9 @@ fn within_memory(p: &Problem, build: Build) -> Build {
     let (_, hk, nk, _) = p.k.dim();
     let map = (b * h * r) as f64 * nk as f64 * 4.0;
     let tiles = nk.div_ceil(NR);
-    let keys = (b * hk * NR) as f64;
-    let amx = 6.0 * keys * (tiles.div_ceil(2) * 2 * crate::amx::depth(d)) as f64;
-    let f32_keys = 4.0 * keys * (tiles * d) as f64;
+    // bytes: three bf16 parts against one f32, per (batch element, key head)
+    let amx = 6.0 * (b * hk * crate::amx::part_len(tiles, d)) as f64;
+    let f32_keys = 4.0 * (b * hk * tiles * NR * d) as f64;
     match build {
         Build::Amx if amx - f32_keys > AMX_KEY_MEMORY * map => Build::Avx512,
         _ => build,
