@@ -1837,6 +1837,12 @@ pub(crate) mod tests {
         m + logits.iter().map(|&l| (l - m).exp()).sum::<f64>().ln()
     }
 
+    /// Every row's logsumexp (`[B, H, R]`, as the kernels take it), from [`logsumexp`].
+    pub(crate) fn logsumexps(p: &Problem) -> Array3<f32> {
+        let (b, h, r, _) = p.q.dim();
+        Array3::from_shape_fn((b, h, r), |(bi, hi, i)| logsumexp(p, bi, hi, i) as f32)
+    }
+
     /// Run `f` on a pool of `threads` threads.
     pub(crate) fn on_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
         rayon::ThreadPoolBuilder::new()
@@ -1918,10 +1924,7 @@ pub(crate) mod tests {
             per_head: true,
         };
         let want = reference(&p, &cols, 11);
-        let mut exact = Array3::<f32>::zeros((b, h, r));
-        for ((bi, hi, i), x) in exact.indexed_iter_mut() {
-            *x = logsumexp(&p, bi, hi, i) as f32;
-        }
+        let exact = logsumexps(&p);
         for build in builds() {
             let (sums, lse) = per_head_sums(&p, &groups, build);
             assert_close(&sums, &want, 2e-6);
@@ -2112,10 +2115,7 @@ pub(crate) mod tests {
             per_head: true,
         };
         let want = reference(&p, &cols, 3);
-        let mut exact = Array3::<f32>::zeros((b, h, r));
-        for ((bi, hi, i), x) in exact.indexed_iter_mut() {
-            *x = logsumexp(&p, bi, hi, i) as f32;
-        }
+        let exact = logsumexps(&p);
         let given = |q: &Array4<f32>, k: &Array4<f32>, build: Build| {
             let p = Problem {
                 q: q.view(),
